@@ -1,0 +1,38 @@
+"""Fixtures shared by the unit, conformance and cluster tests."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edgebft.micropython import find_micropython
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def micropython() -> Path:
+    """The MicroPython Unix-port binary (tests need it: conformance runs on real MicroPython)."""
+    return find_micropython()
+
+
+@pytest.fixture(scope="session")
+def mp_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder laid out like a device's /lib: edgebft/__init__.py, protocol/ and firmware/."""
+    from edgebft.image import build_lib
+
+    lib = tmp_path_factory.mktemp("mp_lib")
+    build_lib(lib)
+    return lib
+
+
+def run_mp(micropython: Path, lib: Path, code: str, timeout: float = 60,
+           heap: str = "100k") -> subprocess.CompletedProcess[str]:
+    """Run ``code`` on MicroPython with ``lib`` on its import path; return the finished process."""
+    return subprocess.run(
+        [str(micropython), "-X", f"heapsize={heap}", "-c", code],
+        env={"MICROPYPATH": f"{lib}:.frozen"},
+        capture_output=True, text=True, timeout=timeout,
+    )
