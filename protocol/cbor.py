@@ -1,0 +1,328 @@
+# Deterministic CBOR (RFC 8949 section 4.2.1), the wire encoding of every EdgeBFT message.
+#
+# Rules:
+# - Exactly these types: int in [-2**64, 2**64 - 1], bytes (encode also takes bytearray and a
+#   memoryview of bytes), str, list (encode also takes tuple; decode always gives list), dict
+#   with int/str/bytes keys, True, False, None. No floats, tags, undefined or other simple values.
+# - Encoding is deterministic: shortest heads, definite lengths, map keys sorted by the bytewise
+#   order of their encodings (4.2.1, not the length-first order of 4.2.3 that cbor2's
+#   canonical=True uses: the two differ only for maps whose keys encode to different lengths
+#   with the shorter one sorting later bytewise, e.g. {"a": 1, 256: 2}).
+# - Decoding accepts only what encode produces, so decode(data) succeeds exactly when
+#   encode(decode(data)) == data. Peer bytes are untrusted: every malformed input raises
+#   DecodeError and nothing else, lengths are checked against the buffer before anything is
+#   allocated, and nesting is bounded by _DEPTH_MAX (recursion depth is bounded too).
+# - Portable: runs unchanged on MicroPython and CPython; imports only struct. MicroPython's str()
+#   accepts overlong forms, surrogates and code points above U+10FFFF, so non-ASCII text is
+#   checked here (RFC 3629 section 4).
+# - Heads are appended byte by byte to one bytearray; decoding indexes into the input bytes.
+
+import struct
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# Containers nested in one item. Our messages nest 3 deep (message, batch, request); 16 leaves
+# room for the ledger's values and keeps recursion far from MicroPython's stack limit.
+_DEPTH_MAX = const(16)
+_UINT_END = 1 << 64  # ints must lie in [-_UINT_END, _UINT_END)
+
+_MT_UINT = const(0x00)
+_MT_NINT = const(0x20)
+_MT_BYTES = const(0x40)
+_MT_TEXT = const(0x60)
+_MT_ARRAY = const(0x80)
+_MT_MAP = const(0xA0)
+_FALSE = const(0xF4)
+_TRUE = const(0xF5)
+_NULL = const(0xF6)
+
+
+class EncodeError(ValueError):
+    """The value holds an unsupported type, an int out of range or nests too deep."""
+
+
+class DecodeError(ValueError):
+    """The bytes are not exactly one deterministic CBOR item of the supported types."""
+
+
+def encode(obj):
+    """Encode ``obj`` as deterministic CBOR.
+
+    Args:
+        obj: a value of the supported types (module header), nested at most _DEPTH_MAX deep.
+    Returns:
+        bytes; decode() of them gives ``obj`` back (tuples and bytearrays come back as list
+        and bytes).
+    Raises:
+        EncodeError: unsupported type, int out of range, dict key not int/str/bytes, too deep.
+    """
+    buf = bytearray()
+    _enc(buf, obj, 0)
+    return bytes(buf)
+
+
+def _head(buf, mt, n):
+    # The shortest head for major type ``mt`` (already shifted) and argument 0 <= n < 2**64.
+    if n < 24:
+        buf.append(mt | n)
+    elif n < 0x100:
+        buf.append(mt | 24)
+        buf.append(n)
+    elif n < 0x10000:
+        buf.append(mt | 25)
+        buf.append(n >> 8)
+        buf.append(n & 0xFF)
+    elif n < 0x100000000:
+        buf += struct.pack(">BI", mt | 26, n)
+    else:
+        buf += struct.pack(">BQ", mt | 27, n)
+
+
+def _key0(pair):
+    return pair[0]
+
+
+def _enc(buf, obj, depth):
+    t = type(obj)
+    if t is int:
+        if obj >= 0:
+            if obj >= _UINT_END:
+                raise EncodeError("int above 2**64 - 1")
+            _head(buf, _MT_UINT, obj)
+        else:
+            if obj < -_UINT_END:
+                raise EncodeError("int below -2**64")
+            _head(buf, _MT_NINT, -1 - obj)
+    elif t is bytes or t is bytearray:
+        _head(buf, _MT_BYTES, len(obj))
+        buf += obj
+    elif t is memoryview:
+        if getattr(obj, "itemsize", 1) != 1:  # CPython: len() counts items, not bytes
+            raise EncodeError("memoryview of items wider than a byte")
+        _head(buf, _MT_BYTES, len(obj))
+        buf += obj
+    elif t is str:
+        try:
+            b = obj.encode()
+        except UnicodeError:  # CPython: lone surrogates
+            raise EncodeError("str not encodable as UTF-8") from None
+        _head(buf, _MT_TEXT, len(b))
+        buf += b
+    elif t is list or t is tuple:
+        if depth >= _DEPTH_MAX:
+            raise EncodeError("nested deeper than _DEPTH_MAX")
+        _head(buf, _MT_ARRAY, len(obj))
+        for x in obj:
+            _enc(buf, x, depth + 1)
+    elif t is dict:
+        if depth >= _DEPTH_MAX:
+            raise EncodeError("nested deeper than _DEPTH_MAX")
+        pairs = []
+        for k, v in obj.items():
+            tk = type(k)
+            if tk is not int and tk is not str and tk is not bytes:
+                raise EncodeError("dict key not int, str or bytes")
+            kb = bytearray()
+            _enc(kb, k, depth + 1)
+            pairs.append((bytes(kb), v))
+        # Distinct keys of these types have distinct encodings: the order is strict.
+        pairs.sort(key=_key0)
+        _head(buf, _MT_MAP, len(pairs))
+        for kb, v in pairs:
+            buf += kb
+            _enc(buf, v, depth + 1)
+    elif obj is True:
+        buf.append(_TRUE)
+    elif obj is False:
+        buf.append(_FALSE)
+    elif obj is None:
+        buf.append(_NULL)
+    else:
+        raise EncodeError("unsupported type " + t.__name__)
+
+
+def decode(data):
+    """Decode ``data``, which must hold exactly one item.
+
+    Args:
+        data: bytes, bytearray or memoryview (the latter two are copied once).
+    Returns:
+        the value; byte strings come back as bytes, arrays as list.
+    Raises:
+        DecodeError: malformed, non-deterministic, unsupported or trailing bytes.
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    obj, end = _item(data, 0, 0)
+    if end != len(data):
+        raise DecodeError("trailing bytes")
+    return obj
+
+
+def decode_prefix(data, offset=0):
+    """Decode the one item starting at ``offset``; bytes after it are left alone.
+
+    Used for a CBOR message followed by a trailing authenticator.
+
+    Returns:
+        (value, end): ``end`` is the offset just past the item.
+    Raises:
+        DecodeError: as decode() (but trailing bytes are fine), or offset outside ``data``.
+    """
+    if type(data) is not bytes:
+        data = bytes(data)
+    if offset < 0 or offset > len(data):
+        raise DecodeError("offset outside the buffer")
+    return _item(data, offset, 0)
+
+
+def _item(b, i, depth):
+    # Contract: decode the item at b[i:] (b is bytes); return (value, offset past it) or raise
+    # DecodeError. Every length is checked against len(b) before it is used.
+    end = len(b)
+    if i >= end:
+        raise DecodeError("truncated")
+    ib = b[i]
+    i += 1
+    if ib < 24:  # fast path: small uint, the commonest item in our messages
+        return ib, i
+    mt = ib >> 5
+    ai = ib & 31
+    if mt == 7:
+        if ai == 20:
+            return False, i
+        if ai == 21:
+            return True, i
+        if ai == 22:
+            return None, i
+        raise DecodeError("float, break or simple value other than false/true/null")
+    if ai < 24:
+        n = ai
+    elif ai == 24:
+        if i >= end:
+            raise DecodeError("truncated head")
+        n = b[i]
+        i += 1
+        if n < 24:
+            raise DecodeError("non-shortest head")
+    elif ai == 25:
+        if i + 2 > end:
+            raise DecodeError("truncated head")
+        n = (b[i] << 8) | b[i + 1]
+        i += 2
+        if n < 0x100:
+            raise DecodeError("non-shortest head")
+    elif ai == 26:
+        if i + 4 > end:
+            raise DecodeError("truncated head")
+        n = struct.unpack_from(">I", b, i)[0]
+        i += 4
+        if n < 0x10000:
+            raise DecodeError("non-shortest head")
+    elif ai == 27:
+        if i + 8 > end:
+            raise DecodeError("truncated head")
+        n = struct.unpack_from(">Q", b, i)[0]
+        i += 8
+        if n < 0x100000000:
+            raise DecodeError("non-shortest head")
+    else:
+        raise DecodeError("indefinite length or reserved head")
+    if mt == 0:
+        return n, i
+    if mt == 1:
+        return -1 - n, i
+    if mt == 2 or mt == 3:
+        j = i + n
+        if j > end:
+            raise DecodeError("string longer than the buffer")
+        if mt == 2:
+            return b[i:j], j
+        return _text(b[i:j]), j
+    if mt == 6:
+        raise DecodeError("tag")
+    if depth >= _DEPTH_MAX:
+        raise DecodeError("nested deeper than _DEPTH_MAX")
+    if mt == 4:
+        if n > end - i:  # every item takes at least one byte
+            raise DecodeError("array longer than the buffer")
+        out = []
+        for _ in range(n):
+            x, i = _item(b, i, depth + 1)
+            out.append(x)
+        return out, i
+    return _map(b, i, n, depth)
+
+
+def _map(b, i, n, depth):
+    # A map of n pairs at b[i:]; keys must be int/str/bytes (major types 0-3, lead byte < 0x80)
+    # and their encodings strictly increasing, which also rules out duplicates.
+    end = len(b)
+    if 2 * n > end - i:
+        raise DecodeError("map longer than the buffer")
+    out = {}
+    prev = b""  # below every encoded key
+    for _ in range(n):
+        if i >= end:
+            raise DecodeError("truncated")
+        if b[i] >= 0x80:
+            raise DecodeError("map key not int, str or bytes")
+        k0 = i
+        k, i = _item(b, i, depth + 1)
+        kb = b[k0:i]
+        if kb <= prev:
+            raise DecodeError("map keys unsorted or duplicated")
+        prev = kb
+        v, i = _item(b, i, depth + 1)
+        out[k] = v
+    return out, i
+
+
+def _text(raw):
+    # Strict UTF-8 to str. The len() test skips the byte-by-byte check for ASCII text.
+    try:
+        s = str(raw, "utf-8")
+    except UnicodeError:
+        raise DecodeError("invalid UTF-8") from None
+    if len(s) != len(raw):
+        _check_utf8(raw)
+    return s
+
+
+def _check_utf8(s):
+    # Well-formed UTF-8 byte sequences, RFC 3629 section 4 (table of lead and second bytes).
+    i = 0
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c < 0x80:
+            i += 1
+            continue
+        lo = 0x80
+        hi = 0xBF
+        if 0xC2 <= c <= 0xDF:
+            k = 1
+        elif 0xE0 <= c <= 0xEF:
+            k = 2
+            if c == 0xE0:
+                lo = 0xA0  # overlong
+            elif c == 0xED:
+                hi = 0x9F  # surrogates
+        elif 0xF0 <= c <= 0xF4:
+            k = 3
+            if c == 0xF0:
+                lo = 0x90  # overlong
+            elif c == 0xF4:
+                hi = 0x8F  # above U+10FFFF
+        else:
+            raise DecodeError("invalid UTF-8")
+        if i + k >= n or not lo <= s[i + 1] <= hi:
+            raise DecodeError("invalid UTF-8")
+        for j in range(i + 2, i + k + 1):
+            if not 0x80 <= s[j] <= 0xBF:
+                raise DecodeError("invalid UTF-8")
+        i += k + 1
