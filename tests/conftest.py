@@ -36,3 +36,19 @@ def run_mp(micropython: Path, lib: Path, code: str, timeout: float = 60,
         env={"MICROPYPATH": f"{lib}:.frozen"},
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[edgebft.broker.Broker]
+    """One MQTT broker for the whole suite, stopped at the end.
+
+    Kind from ``$EDGEBFT_TEST_BROKER``: auto (default: mosquitto if installed, else embedded),
+    mosquitto, embedded or mqtt://HOST:PORT.
+    """
+    import os
+
+    from edgebft.broker import start_broker
+
+    spec = os.environ.get("EDGEBFT_TEST_BROKER", "auto")
+    with start_broker(spec, tmp_path_factory.mktemp("broker")) as running:
+        yield running

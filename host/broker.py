@@ -1,0 +1,479 @@
+"""Start and stop the MQTT broker for a lab run: mosquitto, amqtt (embedded) or an external one.
+
+``parse_broker`` turns the ``--broker`` option into a ``BrokerSpec``; ``start_broker`` turns a
+spec into a running ``Broker``. Brokers that we start run as a subprocess in their own process
+group (their own session, so a Ctrl-C at the terminal reaches only the host, which then stops
+them), and stopping kills the whole group. Every started broker is also stopped at interpreter
+exit (``atexit``) and, when the host did not install its own, SIGTERM and SIGHUP handlers turn
+those signals into ``SystemExit`` so that ``with`` blocks and ``atexit`` run. Only a SIGKILL of
+the host itself can leave a broker behind.
+
+The process-group helpers here (``kill_process_group``, ``signal_process_group``,
+``track_process``) are shared with
+``edgebft.cluster``.
+
+amqtt 0.12.1 (the embedded broker) deviates from MQTT 3.1.1 in ways EdgeBFT can live with:
+
+- it delivers every message at the subscription's QoS, ignoring the publisher's QoS
+  (3.1.1 section 3.8.4 says the minimum of the two): QoS 0 publishes reach QoS 1 subscribers
+  as QoS 1, which costs a PUBACK each;
+- a client whose subscriptions overlap (``a/#`` and ``a/b``) gets one copy per matching filter;
+- it is MQTT 3.1.1 only and much slower than mosquitto: fine for tests, wrong for latency.
+
+Round trips at QoS 0/1, retained messages and the Last Will on an abrupt disconnect work
+(tests/test_broker.py checks them).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+BrokerKind = Literal["mosquitto", "embedded", "external"]
+
+MOSQUITTO_ENV_VAR = "EDGEBFT_MOSQUITTO"
+MOSQUITTO_FALLBACKS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+MQTT_DEFAULT_PORT = 1883
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_S = 10.0  # amqtt imports in ~1 s; mosquitto binds in milliseconds
+REACH_TIMEOUT_S = 3.0  # external broker: TCP connect plus CONNECT/CONNACK
+STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
+START_ATTEMPTS = 3  # a free port can be taken between probing it and the broker binding it
+LOG_TAIL_LINES = 20
+# Per-client queue bound for QoS 1 messages while a client is slow or paused (fault injection
+# pauses nodes for seconds at a time); the default (1000) would drop messages that PBFT then
+# has to recover by view change, which is a test of the wrong thing.
+MOSQUITTO_MAX_QUEUED_MESSAGES = 100_000
+# QoS 1 messages in flight per client before queueing: mosquitto's default is 20; a replica
+# broadcasting prepares and commits to n-1 peers needs a few rounds' worth without stalling.
+MOSQUITTO_MAX_INFLIGHT_MESSAGES = 100
+
+SPEC_HELP = "'mosquitto', 'embedded', 'auto' or 'mqtt://HOST[:PORT]'"
+
+
+class BrokerError(RuntimeError):
+    """A broker cannot be parsed, started or reached; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class BrokerSpec:
+    """What broker to use. ``auto`` is resolved when parsed: mosquitto if found, else embedded.
+
+    ``host``/``port`` are set only for ``external``; ``mosquitto`` is the binary's path for
+    ``mosquitto``.
+    """
+
+    kind: BrokerKind
+    host: str | None = None
+    port: int | None = None
+    mosquitto: Path | None = None
+
+
+def find_mosquitto() -> Path | None:
+    """Return the mosquitto binary: ``$EDGEBFT_MOSQUITTO``, PATH, /usr/sbin, /usr/local/sbin.
+
+    Returns None when there is none.
+
+    Raises:
+        BrokerError: ``$EDGEBFT_MOSQUITTO`` is set but is not an executable file.
+    """
+    explicit = os.environ.get(MOSQUITTO_ENV_VAR)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise BrokerError(f"${MOSQUITTO_ENV_VAR}={explicit!r} is not an executable file")
+        return path
+    candidates: list[str] = []
+    on_path = shutil.which("mosquitto")
+    if on_path:
+        candidates.append(on_path)
+    candidates.extend(MOSQUITTO_FALLBACKS)
+    for candidate in candidates:
+        path = Path(candidate)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def parse_broker(spec: str) -> BrokerSpec:
+    """Parse a ``--broker`` value.
+
+    Accepts ``mosquitto``, ``embedded``, ``auto`` and ``mqtt://HOST[:PORT]`` (port 1883 by
+    default).
+
+    Raises:
+        BrokerError: for anything else, or ``mosquitto`` when no mosquitto binary is found.
+    """
+    text = spec.strip()
+    if text == "auto":
+        found = find_mosquitto()
+        return BrokerSpec("mosquitto", mosquitto=found) if found else BrokerSpec("embedded")
+    if text == "mosquitto":
+        found = find_mosquitto()
+        if found is None:
+            raise BrokerError(
+                "mosquitto not found on PATH, /usr/sbin or /usr/local/sbin; install it, set "
+                f"${MOSQUITTO_ENV_VAR}, or use --broker embedded"
+            )
+        return BrokerSpec("mosquitto", mosquitto=found)
+    if text == "embedded":
+        return BrokerSpec("embedded")
+    match = re.fullmatch(r"mqtt://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?/?", text)
+    if match:
+        host = match.group(1).strip("[]")
+        port = int(match.group(2)) if match.group(2) else MQTT_DEFAULT_PORT
+        if 0 < port < 65536:
+            return BrokerSpec("external", host=host, port=port)
+    raise BrokerError(f"bad broker {spec!r}: expected {SPEC_HELP}")
+
+
+# --- process groups shared with edgebft.cluster -------------------------------------------------
+
+_tracked: dict[int, subprocess.Popen[bytes]] = {}
+_tracked_lock = threading.Lock()
+_handlers_installed = False
+
+
+def kill_process_group(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace_s``, reap ``proc``.
+
+    ``proc`` must have been started with ``start_new_session=True`` (its pid is its group id).
+    Idempotent; never raises for a process or group that is already gone. A process already
+    reaped (by ``poll()``) is not signalled again, as its pid may have been reused.
+    """
+    if proc.returncode is not None:
+        untrack_process(proc)
+        return
+    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        signal_process_group(proc, signum)
+        if signum == signal.SIGTERM:
+            signal_process_group(proc, signal.SIGCONT)  # a paused group handles SIGTERM too
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is reaped; kill anything it left in the group without waiting for it.
+        signal_process_group(proc, signal.SIGKILL)
+        break
+    untrack_process(proc)
+
+
+def signal_process_group(proc: subprocess.Popen[bytes], signum: int) -> bool:
+    """Send ``signum`` to ``proc``'s process group; return False if the group is gone."""
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        return False  # the whole group is gone
+    except PermissionError:
+        return False  # pid reused by someone else's group: nothing of ours is left in it
+    return True
+
+
+def track_process(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc``'s process group at interpreter exit unless untracked before."""
+    _install_exit_handlers()
+    with _tracked_lock:
+        _tracked[proc.pid] = proc
+
+
+def untrack_process(proc: subprocess.Popen[bytes]) -> None:
+    """Forget ``proc`` (it has been stopped)."""
+    with _tracked_lock:
+        _tracked.pop(proc.pid, None)
+
+
+def _kill_all_tracked() -> None:
+    with _tracked_lock:
+        procs = list(_tracked.values())
+    for proc in procs:  # SIGKILL at once: at exit nobody waits for a graceful stop
+        if proc.poll() is None:  # an exited, reaped leader's pid may belong to someone else now
+            signal_process_group(proc, signal.SIGKILL)
+    for proc in procs:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        untrack_process(proc)
+
+
+def _exit_on_signal(signum: int, frame: types.FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _install_exit_handlers() -> None:
+    """Register the atexit hook; map SIGTERM/SIGHUP to SystemExit where nobody else handles them.
+
+    Signal handlers can only be set from the main thread; from other threads only atexit
+    applies.
+    """
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    _handlers_installed = True
+    atexit.register(_kill_all_tracked)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _exit_on_signal)
+
+
+# --- brokers ------------------------------------------------------------------------------------
+
+
+class Broker:
+    """A running (or reachable) MQTT broker. Use as a context manager or call ``stop()``.
+
+    Attributes:
+        kind: "mosquitto", "embedded" or "external".
+        host, port: where clients connect.
+        url: ``mqtt://host:port``.
+        version: the broker's version string, or "" when unknown (external).
+    """
+
+    def __init__(self, kind: BrokerKind, host: str, port: int, version: str = "",
+                 proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+        self.kind: BrokerKind = kind
+        self.host = host
+        self.port = port
+        self.version = version
+        self.log = log
+        self._proc = proc
+
+    @property
+    def url(self) -> str:
+        """``mqtt://host:port`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The broker process's pid (also its process group id), or None if not ours."""
+        return self._proc.pid if self._proc is not None else None
+
+    def running(self) -> bool:
+        """True while a broker we started is alive; for external brokers always True."""
+        return self._proc is None or self._proc.poll() is None
+
+    def describe(self) -> str:
+        """One line for humans, e.g. ``mosquitto 2.0.11 on 127.0.0.1:41883``."""
+        name = f"{self.kind} {self.version}".strip() if self.kind != "external" else "external"
+        return f"{name} on {self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop the broker process group if we started it. Idempotent; external: no-op."""
+        if self._proc is not None:
+            kill_process_group(self._proc)
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<Broker {self.describe()}>"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port on ``host`` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+
+
+def _port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], host: str, port: int,
+                    timeout_s: float) -> bool:
+    """True once ``host:port`` accepts; False if ``proc`` exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if _port_open(host, port):
+            return proc.poll() is None  # not someone else's listener on a recycled port
+        time.sleep(0.02)
+    return False
+
+
+def mosquitto_version(binary: Path) -> str:
+    """Return mosquitto's version (``2.0.11``) from ``mosquitto -h``, or "" if unknown."""
+    try:
+        out = subprocess.run([str(binary), "-h"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    match = re.search(r"mosquitto version (\S+)", out.stdout + out.stderr)
+    return match.group(1) if match else ""
+
+
+def mosquitto_config(port: int, log: Path) -> str:
+    """Return a mosquitto.conf for one anonymous loopback listener on ``port`` logging to ``log``.
+
+    Running as root, mosquitto would drop to user ``mosquitto``, which may not be able to write
+    ``log``; so as root it stays root (the broker listens on loopback only).
+    """
+    lines = [
+        f"listener {port} {LOOPBACK}",
+        "allow_anonymous true",
+        "persistence false",
+        f"log_dest file {log}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        f"max_queued_messages {MOSQUITTO_MAX_QUEUED_MESSAGES}",
+        f"max_inflight_messages {MOSQUITTO_MAX_INFLIGHT_MESSAGES}",
+        "set_tcp_nodelay true",  # small messages, latency measured: no Nagle delay
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")
+    return "\n".join(lines) + "\n"
+
+
+def _start_mosquitto(binary: Path, workdir: Path) -> Broker:
+    version = mosquitto_version(binary)
+    log = workdir / "mosquitto.log"
+    conf = workdir / "mosquitto.conf"
+    for _attempt in range(START_ATTEMPTS):
+        port = free_port()
+        conf.write_text(mosquitto_config(port, log))
+        with open(workdir / "mosquitto.out", "ab") as out:
+            proc = subprocess.Popen([str(binary), "-c", str(conf)], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        track_process(proc)
+        if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
+            return Broker("mosquitto", LOOPBACK, port, version, proc, log)
+        kill_process_group(proc)
+        if "in use" not in _tail(log) + _tail(workdir / "mosquitto.out"):
+            break
+    raise BrokerError(
+        f"mosquitto did not start listening on {LOOPBACK}:{port} within {START_TIMEOUT_S:g} s "
+        f"(exit code {proc.returncode}); log tail: {_tail(log)} {_tail(workdir / 'mosquitto.out')}"
+    )
+
+
+def _start_embedded(workdir: Path) -> Broker:
+    try:
+        from amqtt import __version__ as version
+    except ImportError as exc:
+        raise BrokerError(
+            "the embedded broker needs amqtt: pip install 'edgebft[embedded-broker]', "
+            "or use --broker mosquitto"
+        ) from exc
+    log = workdir / "embedded-broker.log"
+    for _attempt in range(START_ATTEMPTS):
+        port = free_port()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgebft.embedded_broker", "--host", LOOPBACK,
+                 "--port", str(port)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        track_process(proc)
+        if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
+            return Broker("embedded", LOOPBACK, port, f"amqtt {version}", proc, log)
+        kill_process_group(proc)
+        if "in use" not in _tail(log):
+            break
+    raise BrokerError(
+        f"embedded broker (amqtt) did not start listening on {LOOPBACK}:{port} within "
+        f"{START_TIMEOUT_S:g} s (exit code {proc.returncode}); log tail: {_tail(log)}"
+    )
+
+
+def check_reachable(host: str, port: int, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Connect to ``host:port`` and complete an MQTT CONNECT/CONNACK within ``timeout_s``.
+
+    Raises:
+        BrokerError: "cannot reach MQTT broker at mqtt://h:p: <reason>; start one or use ...".
+    """
+    import paho.mqtt.client as mqtt
+
+    url = f"mqtt://{host}:{port}"
+    connected = threading.Event()
+    reason: list[str] = []
+
+    def on_connect(client: mqtt.Client, userdata: object, flags: object, rc: object,
+                   props: object = None) -> None:
+        if getattr(rc, "is_failure", False):
+            reason.append(f"CONNACK refused: {rc}")
+        connected.set()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="",
+                         protocol=mqtt.MQTTv311)
+    client.on_connect = on_connect
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+        client.connect(host, port, keepalive=10)
+        client.loop_start()
+        if not connected.wait(timeout_s):
+            reason.append(f"no CONNACK within {timeout_s:g} s")
+    except OSError as exc:
+        reason.append(exc.strerror or str(exc) or type(exc).__name__)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if reason:
+        raise BrokerError(f"cannot reach MQTT broker at {url}: {reason[0]}; start one or use "
+                          "--broker mosquitto|embedded")
+
+
+def start_broker(spec: BrokerSpec | str, workdir: Path) -> Broker:
+    """Start (or, for ``external``, check) the broker ``spec`` describes; return it running.
+
+    Args:
+        spec: a ``BrokerSpec`` or a string ``parse_broker`` accepts.
+        workdir: an existing folder for the broker's config and log (``mosquitto.conf``,
+            ``mosquitto.log``, ``embedded-broker.log``).
+
+    Raises:
+        BrokerError: the spec is bad, the broker does not come up (the message includes the
+            log tail), or the external broker is unreachable.
+    """
+    if isinstance(spec, str):
+        spec = parse_broker(spec)
+    if spec.kind == "external":
+        assert spec.host is not None
+        assert spec.port is not None
+        check_reachable(spec.host, spec.port)
+        return Broker("external", spec.host, spec.port)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if spec.kind == "mosquitto":
+        binary = spec.mosquitto or find_mosquitto()
+        if binary is None:
+            raise BrokerError("mosquitto not found; install it or use --broker embedded")
+        return _start_mosquitto(binary, workdir)
+    assert spec.kind == "embedded"
+    return _start_embedded(workdir)

@@ -1,0 +1,208 @@
+"""The emulated cluster: one MicroPython Unix-port process per node, each in its image folder.
+
+Node ``i`` runs ``micropython -X heapsize=<heap> main.py`` with its image folder (built by
+``edgebft.image.build_image``) as working directory, so the folder's files are the node's flash
+and survive ``kill``/``restart``. Its stdout and stderr go to ``<log_dir>/node<i>.log``,
+appended across restarts; the host adds one ``# edgebft: ...`` line at each start and stop.
+
+Every node runs in its own session and process group, and every signal goes to the group, so
+nothing a node starts survives it. (``.venv/bin/micropython`` is a CPython console script that
+runs MicroPython in-process; killing the group kills both.) Nodes are stopped by ``stop()``, by
+leaving the ``with`` block, at interpreter exit, and on SIGTERM/SIGHUP of the host (see
+``edgebft.broker``); only a SIGKILL of the host can leave nodes behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgebft.broker import (
+    STOP_GRACE_S,
+    kill_process_group,
+    signal_process_group,
+    track_process,
+    untrack_process,
+)
+from edgebft.micropython import HEAP_DEFAULT, find_micropython
+
+__all__ = ["ClusterError", "EmulatedCluster"]
+
+
+class ClusterError(RuntimeError):
+    """The cluster was misused or misconfigured; the message says how."""
+
+
+KILL_WAIT_S = 5.0  # SIGKILL is not ignorable; this only bounds a wait that never takes long
+_HEAP_RE = re.compile(r"[1-9][0-9]*[kKmM]?")
+
+
+class EmulatedCluster:
+    """Start, stop, crash, restart, pause and resume emulated nodes.
+
+    Nodes are numbered by their position in ``images``. Methods taking ``i`` raise
+    ``IndexError`` for a bad index. Use as a context manager (``start()`` on entry, ``stop()``
+    on exit) or call ``start()``/``stop()`` yourself.
+    """
+
+    def __init__(self, images: Sequence[Path], log_dir: Path, heap: str = HEAP_DEFAULT, *,
+                 micropython: str | os.PathLike[str] | None = None,
+                 stop_grace_s: float = STOP_GRACE_S,
+                 env: dict[str, str] | None = None) -> None:
+        """Check the images and find MicroPython; start nothing yet.
+
+        Args:
+            images: one image folder per node, each holding ``main.py``.
+            log_dir: where ``node<i>.log`` files go (created if missing).
+            heap: MicroPython heap size, e.g. ``"100k"`` (an ESP32's free heap).
+            micropython: explicit binary; else ``find_micropython``'s defaults.
+            stop_grace_s: how long ``stop()`` waits after SIGTERM before SIGKILL.
+            env: extra environment variables for the nodes.
+
+        Raises:
+            ClusterError: no images, an image without ``main.py``, or a malformed heap size.
+            edgebft.micropython.MicroPythonNotFound: no MicroPython binary.
+        """
+        if not images:
+            raise ClusterError("an emulated cluster needs at least one image folder")
+        for image in images:
+            if not (Path(image) / "main.py").is_file():
+                raise ClusterError(f"image folder {str(image)!r} has no main.py; build it with "
+                                   "edgebft.image.build_image")
+        if not _HEAP_RE.fullmatch(heap):
+            raise ClusterError(f"bad heap size {heap!r}: expected e.g. 100k, 2m or 65536")
+        self.images = [Path(image).resolve() for image in images]
+        self.log_dir = Path(log_dir)
+        self.heap = heap
+        self.micropython = find_micropython(micropython)
+        self.stop_grace_s = stop_grace_s
+        self._env = {**os.environ, **(env or {})}
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def log_path(self, i: int) -> Path:
+        """The file node ``i``'s stdout and stderr are appended to."""
+        self._check_index(i)
+        return self.log_dir / f"node{i}.log"
+
+    def pid(self, i: int) -> int | None:
+        """Node ``i``'s current (or last) process id, or None if never started."""
+        proc = self._procs[self._check_index(i)]
+        return proc.pid if proc is not None else None
+
+    def start(self) -> None:
+        """Start every node that is not running."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(len(self)):
+            if not self.alive(i):
+                self._spawn(i)
+
+    def stop(self) -> None:
+        """Stop every node: SIGTERM (and SIGCONT) to each group, SIGKILL after the grace period.
+
+        All nodes get the signal together, so the wait is one grace period, not one per node.
+        Idempotent; never raises for nodes already gone.
+        """
+        running = [(i, p) for i, p in enumerate(self._procs) if p is not None and p.poll() is None]
+        for _i, proc in running:
+            signal_process_group(proc, signal.SIGTERM)
+            signal_process_group(proc, signal.SIGCONT)  # a paused node must see the SIGTERM
+        deadline = time.monotonic() + self.stop_grace_s
+        for _i, proc in running:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for i, proc in running:
+            if proc.poll() is None:
+                kill_process_group(proc, grace_s=0)
+            else:  # the leader is gone; sweep anything it left in its group
+                signal_process_group(proc, signal.SIGKILL)
+                untrack_process(proc)
+            self._note(i, f"stopped, exit code {proc.returncode}")
+
+    def kill(self, i: int) -> None:
+        """Crash node ``i``: SIGKILL its process group and reap it. No-op if it is not running."""
+        proc = self._procs[self._check_index(i)]
+        if proc is None or proc.poll() is not None:
+            return
+        signal_process_group(proc, signal.SIGKILL)
+        try:
+            proc.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:  # cannot happen short of a hung kernel
+            raise ClusterError(f"node {i} (pid {proc.pid}) survived SIGKILL") from None
+        untrack_process(proc)
+        self._note(i, f"killed, exit code {proc.returncode}")
+
+    def restart(self, i: int) -> None:
+        """Start node ``i`` again from its image folder (its flash); crash it first if running."""
+        self.kill(i)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._spawn(i)
+
+    def pause(self, i: int) -> None:
+        """Freeze node ``i`` (SIGSTOP to its group); its sockets stay open, it just stops."""
+        proc = self._require_running(i, "pause")
+        signal_process_group(proc, signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        """Unfreeze node ``i`` (SIGCONT to its group)."""
+        proc = self._require_running(i, "resume")
+        signal_process_group(proc, signal.SIGCONT)
+
+    def alive(self, i: int) -> bool:
+        """True while node ``i``'s process exists (paused counts as alive)."""
+        proc = self._procs[self._check_index(i)]
+        return proc is not None and proc.poll() is None
+
+    def returncode(self, i: int) -> int | None:
+        """Node ``i``'s exit status (negative: killed by that signal); None if running or never
+        started."""
+        proc = self._procs[self._check_index(i)]
+        return proc.poll() if proc is not None else None
+
+    def __enter__(self) -> EmulatedCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _check_index(self, i: int) -> int:
+        if not 0 <= i < len(self.images):
+            raise IndexError(f"node {i} out of range: the cluster has nodes 0..{len(self) - 1}")
+        return i
+
+    def _require_running(self, i: int, verb: str) -> subprocess.Popen[bytes]:
+        proc = self._procs[self._check_index(i)]
+        if proc is None or proc.poll() is not None:
+            raise ClusterError(f"cannot {verb} node {i}: it is not running")
+        return proc
+
+    def _note(self, i: int, what: str) -> None:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        with open(self.log_path(i), "a") as log:
+            log.write(f"# edgebft: {stamp} node{i} {what}\n")
+
+    def _spawn(self, i: int) -> None:
+        assert self._procs[i] is None or self._procs[i].poll() is not None
+        argv = [str(self.micropython), "-X", f"heapsize={self.heap}", "main.py"]
+        self._note(i, f"start: {' '.join(argv)} in {self.images[i]}")
+        with open(self.log_path(i), "ab") as log:
+            proc = subprocess.Popen(argv, cwd=self.images[i], env=self._env,
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        track_process(proc)
+        self._procs[i] = proc
