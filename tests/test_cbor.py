@@ -7,10 +7,11 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from conftest import run_mp
-from edgebft.protocol import cbor
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
+from conftest import run_mp
+from edgebft.protocol import cbor
 
 VECTORS = Path(str(resources.files("edgebft.protocol"))) / "vectors"
 VALID = VECTORS / "cbor.txt"

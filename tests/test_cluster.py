@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from edgebft.cluster import ClusterError, EmulatedCluster
 from edgebft.image import build_image
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cbor2
+
 from edgebft.image import build_lib
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
 from edgebft.protocol import cbor

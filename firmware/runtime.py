@@ -1,0 +1,127 @@
+# The node runtime: drives one protocol/ replica from MQTT on MicroPython (board or Unix port).
+#
+# Rules:
+# - All protocol decisions live in protocol/; this module only moves bytes between MQTT topics
+#   and Replica.receive(), publishes what the replica outputs, and reports status.
+# - Topics (DESIGN.md section 2), cluster c, node i:
+#     ebft/c/from/i            broadcast by i; every node subscribes ebft/c/from/+
+#     ebft/c/to/j/from/i       point to point
+#     ebft/c/req/<client>      requests (every replica subscribes ebft/c/req/+)
+#     ebft/c/rep/<client>      replies
+#     ebft/c/status/i          retained CBOR status map; the Last Will sets it to b"offline"
+# - Memory stays bounded: no per-message state here; status keeps a ring of CHECKPOINTS_KEPT.
+import gc
+import json
+import time
+
+import asyncio
+from binascii import unhexlify
+
+from edgebft.firmware.mqtt import MQTTClient
+from edgebft.protocol import cbor
+from edgebft.protocol import messages
+from edgebft.protocol import replica as rp
+from edgebft.protocol.stake import Stake
+
+CONFIG_PATH = "edgebft.json"
+OFFLINE = b"offline"
+CHECKPOINTS_KEPT = 8
+_STATUS_INTERVAL_MS = 500
+_MQTT_HEADER_BYTES_MAX = 128  # fixed header, topic and packet id around a message
+
+
+def load_config(path=CONFIG_PATH):
+    """Read the node's configuration (written by the host's image builder)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+class Node:
+    """One replica attached to the broker named in its configuration."""
+
+    def __init__(self, config):
+        self.me = config["node"]
+        cluster = config["cluster"]
+        self.prefix = "ebft/%s/" % cluster
+        self.topic_all = "%sfrom/%d" % (self.prefix, self.me)
+        self.topic_status = "%sstatus/%d" % (self.prefix, self.me)
+        self.status_interval_ms = config.get("status_interval_ms", _STATUS_INTERVAL_MS)
+        self.replica = rp.Replica(
+            self.me, Stake(config["stake"]), [unhexlify(k) for k in config["keys"]],
+            unhexlify(config["client_secret"]), genesis=config.get("genesis"),
+            checkpoint_interval=config.get("checkpoint_interval", 32),
+            batch_max=config.get("batch_max", 16), pipeline_max=config.get("pipeline_max", 4))
+        broker = config["broker"]
+        self.mqtt = MQTTClient(
+            "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
+            keepalive=config.get("keepalive_s", 10),
+            will=(self.topic_status, OFFLINE, True, 0), on_message=self.on_message,
+            max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
+            tx_max=messages.MESSAGE_BYTES_MAX)
+        self.checkpoints = []  # [[seq, digest]], the newest CHECKPOINTS_KEPT executed
+        self.heap_peak = 0
+        self.started_ms = time.ticks_ms()
+
+    def on_message(self, topic, payload, retain):
+        if topic == self.topic_all:
+            return  # our own broadcast, echoed by the broker
+        self.replica.receive(bytes(payload), time.ticks_ms())
+        self.drain()
+
+    def drain(self):
+        """Publish the replica's outputs and fold its events into the status."""
+        r = self.replica
+        for dest, wire in r.out:
+            if dest == rp.TO_ALL:
+                self.mqtt.publish(self.topic_all, wire)
+            elif type(dest) is tuple:
+                self.mqtt.publish("%srep/%d" % (self.prefix, dest[1]), wire)
+            else:
+                self.mqtt.publish("%sto/%d/from/%d" % (self.prefix, dest, self.me), wire)
+        del r.out[:]
+        for event in r.events:
+            if event[0] == "executed" and event[1] % r.K == 0:
+                self.checkpoints.append([event[1], event[2]])
+                if len(self.checkpoints) > CHECKPOINTS_KEPT:
+                    self.checkpoints.pop(0)
+            elif event[0] == "equivocation":
+                self.mqtt.publish("%sevent/%d" % (self.prefix, self.me),
+                                  cbor.encode(["equivocation", event[1], event[2], event[3]]))
+        del r.events[:]
+
+    def status(self):
+        """The status map published on ebft/c/status/i (CBOR, canonical)."""
+        gc.collect()
+        used = gc.mem_alloc()
+        if used > self.heap_peak:
+            self.heap_peak = used
+        r = self.replica
+        return {
+            "node": self.me, "view": r.view, "primary": r.primary(), "seq": r.seq,
+            "last_exec": r.last_exec, "digest": r.ledger.digest, "stable": r.h,
+            "checkpoints": self.checkpoints, "heap_used": used, "heap_free": gc.mem_free(),
+            "heap_peak": self.heap_peak, "rx": r.counts["rx"], "tx": r.counts["tx"],
+            "executed_requests": r.counts["executed_requests"], "drops": r.drops,
+            "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
+            "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
+            "uptime_ms": time.ticks_diff(time.ticks_ms(), self.started_ms),
+        }
+
+    async def report(self):
+        while True:
+            self.mqtt.publish(self.topic_status, cbor.encode(self.status()), retain=True)
+            await asyncio.sleep_ms(self.status_interval_ms)
+
+    async def run(self):
+        await self.mqtt.connect()
+        for topic in ("from/+", "req/+", "to/%d/from/+" % self.me):
+            await self.mqtt.subscribe(self.prefix + topic)
+        print("edgebft node %d up: %d replicas, broker %s:%d" % (
+            self.me, self.replica.stake.n, self.mqtt.host, self.mqtt.port))
+        asyncio.create_task(self.report())
+        await self.mqtt.run()
+
+
+def main():
+    node = Node(load_config())
+    asyncio.run(node.run())

@@ -1,0 +1,186 @@
+"""``edgebft demo``: an emulated cluster on a real broker, a client workload, a summary.
+
+A run is a folder (Maelstrom's model): ``config.json``, ``nodes/node<i>/`` (each node's image,
+its flash), ``logs/node<i>.log``, ``events.jsonl`` (every request's outcome with host
+timestamps) and ``summary.json``. The verdict on safety comes from the ledger digests the nodes
+report (``edgebft.observer``), not from the nodes' own claims.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgebft.broker import start_broker
+from edgebft.cluster import EmulatedCluster
+from edgebft.image import build_image
+from edgebft.keys import generate_keys
+from edgebft.metrics import availability, latency_summary
+from edgebft.micropython import HEAP_DEFAULT, find_micropython
+from edgebft.observer import Observer
+from edgebft.protocol.stake import Stake
+from edgebft.workload import DEADLINE_S, Outcome, Workload, genesis
+
+NODES_MIN = 4  # n = 3f+1 with f >= 1
+STARTUP_TIMEOUT_S = 20.0
+CONVERGE_TIMEOUT_S = 5.0
+
+
+class DemoError(RuntimeError):
+    """A run could not be set up or did not come up; the message says what to do."""
+
+
+@dataclass
+class DemoOptions:
+    """What ``edgebft demo`` runs. ``out=None`` makes a fresh folder under ./runs/demo/."""
+
+    nodes: int = 4
+    duration_s: float = 10.0
+    clients: int = 4
+    broker: str = "auto"
+    out: Path | None = None
+    micropython: str | None = None
+    heap: str = HEAP_DEFAULT
+    checkpoint_interval: int = 32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise DemoError for options no run can satisfy."""
+        if self.nodes < NODES_MIN:
+            raise DemoError(f"--nodes {self.nodes}: PBFT needs at least {NODES_MIN} replicas "
+                            "(n = 3f+1 with f >= 1); use --nodes 4 or more")
+        if self.duration_s <= 0:
+            raise DemoError("--duration must be positive")
+        if self.clients < 1:
+            raise DemoError("--clients must be at least 1")
+
+
+def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:
+    """A fresh ``base/kind/<timestamp>`` folder, with ``base/kind/latest`` pointing at it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = base / kind / stamp
+    suffix = 1
+    while run.exists():
+        suffix += 1
+        run = base / kind / f"{stamp}-{suffix}"
+    run.mkdir(parents=True)
+    latest = base / kind / "latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run.name)
+    return run
+
+
+def node_config(i: int, cluster: str, stake: Stake, broker_host: str, broker_port: int,
+                key_row: dict[str, object], options: DemoOptions) -> dict[str, Any]:
+    """The edgebft.json of node ``i``."""
+    return {
+        "node": i, "cluster": cluster, "stake": stake.weights,
+        "broker": {"host": broker_host, "port": broker_port},
+        "genesis": genesis(), "checkpoint_interval": options.checkpoint_interval,
+        "wifi": None, **key_row, **options.extra,
+    }
+
+
+def run_demo(options: DemoOptions,
+             progress: Callable[[float, int, int], None] | None = None) -> dict[str, Any]:
+    """Run the demo and return its summary (also written to ``<out>/summary.json``).
+
+    ``progress(elapsed_s, ok, failed)`` is called about every 0.2 s while the workload runs.
+
+    Raises:
+        DemoError, BrokerError, MicroPythonNotFound, ClusterError: setup failed (one line).
+    """
+    options.check()
+    micropython = find_micropython(options.micropython)
+    run = Path(options.out) if options.out else new_run_dir("demo")
+    run.mkdir(parents=True, exist_ok=True)
+    cluster_id = "demo" + os.urandom(3).hex()
+    stake = Stake([1] * options.nodes)
+    keys = generate_keys(options.nodes)
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(start_broker(options.broker, run / "broker"))
+        images = [build_image(run / "nodes" / f"node{i}",
+                              node_config(i, cluster_id, stake, broker.host, broker.port,
+                                          keys.row(i), options))
+                  for i in range(options.nodes)]
+        config = {**asdict(options), "out": str(run), "cluster": cluster_id,
+                  "broker": broker.describe(), "micropython": str(micropython)}
+        (run / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        observer = Observer(broker.host, broker.port, cluster_id, options.nodes)
+        stack.callback(observer.close)
+        cluster = stack.enter_context(EmulatedCluster(
+            images, run / "logs", options.heap, micropython=micropython))
+        started = time.time()
+        if not observer.wait_all_online(STARTUP_TIMEOUT_S, since=started):
+            missing = sorted(set(range(options.nodes)) - set(observer.snapshot()))
+            raise DemoError(f"nodes {missing} did not come up within {STARTUP_TIMEOUT_S:.0f} s; "
+                            f"see {run / 'logs'}")
+        workload = Workload(broker.host, broker.port, cluster_id, stake, keys, options.clients)
+        stack.callback(workload.close)
+        t0 = time.time()
+        workload.start()
+        _wait(options.duration_s, workload, progress)
+        issuing_s = time.time() - t0
+        workload.drain(DEADLINE_S + 1.0)
+        converged = observer.wait_converged(CONVERGE_TIMEOUT_S)
+        alive = [cluster.alive(i) for i in range(options.nodes)]
+        summary = summarize(options, broker.describe(), workload.outcomes, observer,
+                            issuing_s, converged)
+        summary["nodes_alive_at_end"] = alive
+    _write_events(run / "events.jsonl", workload.outcomes)
+    (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary["out"] = str(run)
+    return summary
+
+
+def _wait(duration_s: float, workload: Workload,
+          progress: Callable[[float, int, int], None] | None) -> None:
+    start = time.monotonic()
+    while (elapsed := time.monotonic() - start) < duration_s:
+        time.sleep(min(0.2, duration_s - elapsed))
+        if progress:
+            outcomes = list(workload.outcomes)
+            ok = sum(1 for o in outcomes if o.outcome == "ok")
+            progress(min(elapsed + 0.2, duration_s), ok, len(outcomes) - ok)
+
+
+def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observer: Observer,
+              issuing_s: float, converged: bool) -> dict[str, Any]:
+    """The summary.json contract of ``edgebft demo`` (see README)."""
+    ok = [o for o in outcomes if o.outcome == "ok"]
+    violations = observer.violations()
+    statuses = observer.snapshot()
+    return {
+        "nodes": options.nodes,
+        "f": (options.nodes - 1) // 3,
+        "broker": broker,
+        "duration_s": options.duration_s,
+        "clients": options.clients,
+        "requests": len(outcomes),
+        "committed": len(ok),
+        "timed_out": len(outcomes) - len(ok),
+        "throughput_rps": round(len(ok) / issuing_s, 1) if issuing_s > 0 else 0.0,
+        "latency_ms": latency_summary([o.latency_ms for o in ok]),
+        "availability": availability(len(ok), len(outcomes)),
+        "safety_ok": not violations and observer.sequences_compared() > 0,
+        "safety": {"violations": violations, "converged": converged,
+                   "sequences_compared": observer.sequences_compared()},
+        "last_executed": {str(n): s.get("last_exec") for n, s in sorted(statuses.items())},
+        "heap_peak_bytes": {str(n): v for n, v in sorted(observer.heap_peak.items())},
+        "view": max((s.get("view", 0) for s in statuses.values()), default=0),
+    }
+
+
+def _write_events(path: Path, outcomes: list[Outcome]) -> None:
+    with path.open("w") as f:
+        for o in outcomes:
+            f.write(json.dumps({"type": "request", **asdict(o),
+                                "latency_ms": round(o.latency_ms, 3)}) + "\n")

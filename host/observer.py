@@ -1,0 +1,121 @@
+"""Watch a cluster's status topics and check safety from what the nodes report.
+
+Nodes publish a retained CBOR status map on ``ebft/<c>/status/<i>`` (see firmware/runtime.py)
+with their last executed sequence and its ledger digest, and the digests of their newest
+checkpoints. The ledger digest is a hash chain over executed batches, so two nodes that report
+the same digest at a sequence executed the same batches in the same order up to it; a different
+digest at one sequence is a safety violation. The observer records every (sequence, digest)
+any node reports and flags a sequence with two digests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import cbor2
+import paho.mqtt.client as paho
+
+OFFLINE = b"offline"
+
+
+class Observer:
+    """Collects node statuses of cluster ``cluster`` from the broker at ``host:port``."""
+
+    def __init__(self, host: str, port: int, cluster: str, nodes: int) -> None:
+        self.cluster = cluster
+        self.nodes = nodes
+        self.latest: dict[int, dict[str, Any]] = {}
+        self.online: dict[int, bool] = {}
+        self.digests: dict[int, dict[int, bytes]] = {}  # seq -> node -> digest
+        self.heap_peak: dict[int, int] = {}
+        self.events: list[tuple[float, int, list[Any]]] = []
+        self._lock = threading.Lock()
+        self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                                 client_id=f"ebft-{cluster}-observer")
+        self._mqtt.on_message = self._on_message
+        self._mqtt.connect(host, port, keepalive=30)
+        self._mqtt.subscribe([(f"ebft/{cluster}/status/+", 0), (f"ebft/{cluster}/event/+", 0)])
+        self._mqtt.loop_start()
+
+    def close(self) -> None:
+        self._mqtt.loop_stop()
+        self._mqtt.disconnect()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        try:
+            node = int(parts[3])
+        except (IndexError, ValueError):
+            return
+        if parts[2] == "event":
+            try:
+                self.events.append((time.time(), node, cbor2.loads(msg.payload)))
+            except (ValueError, cbor2.CBORDecodeError):
+                pass
+            return
+        if msg.payload == OFFLINE:
+            with self._lock:
+                self.online[node] = False
+            return
+        try:
+            status = cbor2.loads(msg.payload)
+        except (ValueError, cbor2.CBORDecodeError):
+            return
+        if not isinstance(status, dict):
+            return
+        with self._lock:
+            self._record(node, status)
+
+    def _record(self, node: int, status: dict[str, Any]) -> None:
+        status["received"] = time.time()
+        self.latest[node] = status
+        self.online[node] = True
+        self.heap_peak[node] = max(self.heap_peak.get(node, 0), int(status.get("heap_peak", 0)))
+        seen = [(status.get("last_exec", 0), status.get("digest"))]
+        seen += [tuple(pair) for pair in status.get("checkpoints", [])]
+        for seq, digest in seen:
+            if seq and isinstance(digest, bytes):
+                self.digests.setdefault(int(seq), {})[node] = digest
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        """The newest status of each node that has reported."""
+        with self._lock:
+            return {n: dict(s) for n, s in self.latest.items()}
+
+    def wait_all_online(self, timeout_s: float, since: float = 0.0) -> bool:
+        """Wait until every node has published a status after ``since`` (time.time())."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            snap = self.snapshot()
+            if len(snap) == self.nodes and all(
+                    s["received"] >= since and self.online.get(n) for n, s in snap.items()):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def wait_converged(self, timeout_s: float) -> bool:
+        """Wait until every node reports the same last executed sequence and digest."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            snap = self.snapshot()
+            heads = {(s.get("last_exec"), s.get("digest")) for s in snap.values()}
+            if len(snap) == self.nodes and len(heads) == 1:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def violations(self) -> list[dict[str, Any]]:
+        """Sequences at which two nodes reported different ledger digests."""
+        with self._lock:
+            bad = []
+            for seq, by_node in sorted(self.digests.items()):
+                if len(set(by_node.values())) > 1:
+                    bad.append({"seq": seq, "digests": {n: d.hex() for n, d in by_node.items()}})
+            return bad
+
+    def sequences_compared(self) -> int:
+        """How many sequences at least two nodes reported (what the safety check rests on)."""
+        with self._lock:
+            return sum(1 for by_node in self.digests.values() if len(by_node) > 1)

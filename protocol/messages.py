@@ -1,0 +1,119 @@
+# EdgeBFT wire messages: encode, decode and validate (protocol/SPEC.md is the normative text).
+#
+# Rules:
+# - A message on the wire is ONE deterministic-CBOR array, the body, followed by its
+#   authenticator: the raw bytes of one TAG_BYTES tag per receiver (a broadcast), or one tag
+#   (a reply, to its client). The tags cover the body bytes exactly as received.
+# - Every body starts [VERSION, type, sender, ...]; the remaining fields are fixed per type.
+# - decode() checks shape and field types and raises MessageError (never anything else) for
+#   any input. It does not check MACs: that needs keys and is the replica's job.
+from . import cbor
+
+VERSION = 1
+
+REQUEST = 1      # [v, 1, client, timestamp, op]                      auth: one tag per replica
+PRE_PREPARE = 2  # [v, 2, replica, view, seq, digest, batch]          batch: [request wire...]
+PREPARE = 3      # [v, 3, replica, view, seq, digest]
+COMMIT = 4       # [v, 4, replica, view, seq, digest]
+REPLY = 5        # [v, 5, replica, view, client, timestamp, result]  auth: one tag (the client's)
+CHECKPOINT = 6   # [v, 6, replica, seq, digest]
+
+NAMES = {REQUEST: "request", PRE_PREPARE: "pre-prepare", PREPARE: "prepare", COMMIT: "commit",
+         REPLY: "reply", CHECKPOINT: "checkpoint"}
+
+DIGEST_BYTES = 32
+MESSAGE_BYTES_MAX = 2048  # an MQTT payload the device buffers whole; bounds a batch too
+_ID_MAX = 0xFFFF
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+# Field kinds for validation.
+_U = 0    # unsigned int < 2**64
+_D = 1    # digest: bytes of DIGEST_BYTES
+_ANY = 2  # any CBOR value (op, result)
+_B = 3    # batch: list of bytes
+
+_FIELDS = {
+    REQUEST: (("timestamp", _U), ("op", _ANY)),
+    PRE_PREPARE: (("view", _U), ("seq", _U), ("digest", _D), ("batch", _B)),
+    PREPARE: (("view", _U), ("seq", _U), ("digest", _D)),
+    COMMIT: (("view", _U), ("seq", _U), ("digest", _D)),
+    REPLY: (("view", _U), ("client", _U), ("timestamp", _U), ("result", _ANY)),
+    CHECKPOINT: (("seq", _U), ("digest", _D)),
+}
+
+
+class MessageError(ValueError):
+    """Malformed, truncated, oversized or unknown input from the network."""
+
+
+class Message:
+    """A decoded message. ``kind`` and ``sender`` always; the type's fields as attributes.
+
+    ``body`` is the exact body bytes the authenticator covers; ``auth`` the trailing tag bytes.
+    Treat instances as immutable.
+    """
+
+    def __init__(self, kind, sender, body, auth):
+        self.kind = kind
+        self.sender = sender
+        self.body = body
+        self.auth = auth
+
+    def __repr__(self):
+        names = [name for name, _ in _FIELDS[self.kind] if name != "batch"]
+        parts = ["%s=%r" % (name, getattr(self, name)) for name in names]
+        return "<%s from %d %s>" % (NAMES[self.kind], self.sender, " ".join(parts))
+
+
+def _check(kind_of_field, value):
+    if kind_of_field == _U:
+        return type(value) is int and 0 <= value <= _U64_MAX
+    if kind_of_field == _D:
+        return type(value) is bytes and len(value) == DIGEST_BYTES
+    if kind_of_field == _B:
+        if type(value) is not list:
+            return False
+        for item in value:
+            if type(item) is not bytes:
+                return False
+        return True
+    return True
+
+
+def decode(wire):
+    """Parse ``wire`` into a Message; raise MessageError when it is not a valid message."""
+    if len(wire) > MESSAGE_BYTES_MAX:
+        raise MessageError("oversized message: %d bytes" % len(wire))
+    try:
+        fields, end = cbor.decode_prefix(wire, 0)
+    except cbor.DecodeError as e:
+        raise MessageError("bad CBOR: %s" % e)
+    if type(fields) is not list or len(fields) < 3:
+        raise MessageError("not a message array")
+    if fields[0] != VERSION:
+        raise MessageError("unknown version %r" % (fields[0],))
+    kind = fields[1]
+    spec = _FIELDS.get(kind) if type(kind) is int else None
+    if spec is None:
+        raise MessageError("unknown message type %r" % (kind,))
+    sender = fields[2]
+    if type(sender) is not int or not 0 <= sender <= _ID_MAX:
+        raise MessageError("bad sender %r" % (sender,))
+    if len(fields) != 3 + len(spec):
+        raise MessageError("%s: %d fields, want %d" % (NAMES[kind], len(fields), 3 + len(spec)))
+    msg = Message(kind, sender, bytes(wire[:end]), bytes(wire[end:]))
+    i = 3
+    for name, kind_of_field in spec:
+        value = fields[i]
+        if not _check(kind_of_field, value):
+            raise MessageError("%s: bad field %s" % (NAMES[kind], name))
+        setattr(msg, name, value)
+        i += 1
+    return msg
+
+
+def body(kind, sender, *fields):
+    """Encode the body of a message of ``kind`` (its fields in the order of _FIELDS)."""
+    spec = _FIELDS[kind]
+    assert len(fields) == len(spec)
+    return cbor.encode([VERSION, kind, sender] + list(fields))

@@ -1,0 +1,160 @@
+"""PBFT normal case: replicas wired in memory, a client, the ledger (DESIGN.md section 6.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+
+from edgebft.keys import generate_keys
+from edgebft.protocol import auth
+from edgebft.protocol import messages as m
+from edgebft.protocol import replica as rp
+from edgebft.protocol.client import ClientCore
+from edgebft.protocol.stake import Stake
+
+
+class Net:
+    """Replicas and clients in one process; messages go through a FIFO queue, bytes only."""
+
+    def __init__(self, n: int = 4, k: int = 4, seed: int = 1, **kwargs: int) -> None:
+        self.stake = Stake([1] * n)
+        self.keys = generate_keys(n)
+        self.replicas = [
+            rp.Replica(i, self.stake, self.keys.pairwise[i], self.keys.client_secrets[i],
+                       genesis={"a": 100, "b": 0}, checkpoint_interval=k, **kwargs)
+            for i in range(n)]
+        self.queue: list[tuple[int | tuple[int, int], bytes]] = []  # (to, wire)
+        self.replies: dict[int, list[bytes]] = {}
+        self.down: set[int] = set()
+        self.rng = random.Random(seed)
+
+    def client(self, c: int) -> ClientCore:
+        return ClientCore(c, self.stake, self.keys.client_keys(c))
+
+    def submit(self, wire: bytes) -> None:
+        for i in range(len(self.replicas)):
+            self.queue.append((i, wire))
+
+    def _collect(self, i: int) -> None:
+        r = self.replicas[i]
+        for dest, wire in r.out:
+            if dest == rp.TO_ALL:
+                self.queue.extend((j, wire) for j in range(len(self.replicas)) if j != i)
+            elif isinstance(dest, tuple):
+                self.replies.setdefault(dest[1], []).append(wire)
+            else:
+                self.queue.append((dest, wire))
+        r.out.clear()
+
+    def run(self, shuffle: bool = False) -> None:
+        while self.queue:
+            k = self.rng.randrange(len(self.queue)) if shuffle else 0
+            to, wire = self.queue.pop(k)
+            assert isinstance(to, int)
+            if to in self.down:
+                continue
+            self.replicas[to].receive(wire, 0)
+            self._collect(to)
+
+    def call(self, core: ClientCore, op: list, shuffle: bool = False) -> object:
+        self.submit(core.request(op))
+        self.run(shuffle)
+        for wire in self.replies.pop(core.client, []):
+            accepted, result = core.on_reply(wire)
+            if accepted:
+                return result
+        raise AssertionError("no accepted reply")
+
+
+def test_requests_commit_and_execute_in_order_on_every_replica() -> None:
+    net = Net()
+    alice = net.client(7)
+    assert net.call(alice, ["transfer", "a", "b", 30]) == [True, 70]
+    assert net.call(alice, ["balance", "b"]) == [True, 30]
+    assert net.call(alice, ["transfer", "a", "b", 71]) == [False, "insufficient funds"]
+    assert net.call(alice, ["put", "k", [1, "x"]]) == [True, None]
+    assert net.call(alice, ["get", "k"]) == [True, [1, "x"]]
+    digests = {r.ledger.digest for r in net.replicas}
+    assert len(digests) == 1
+    assert {r.last_exec for r in net.replicas} == {5}
+
+
+def test_batches_form_while_the_pipeline_is_full_and_all_commit() -> None:
+    net = Net(pipeline_max=1, batch_max=4)
+    clients = [net.client(c) for c in range(10)]
+    for c in clients:
+        net.submit(c.request(["put", f"k{c.client}", c.client]))
+    net.run(shuffle=True)
+    primary = net.replicas[0]
+    assert primary.last_exec < 10, "requests should have been batched"
+    assert primary.counts["executed_requests"] == 10
+    for c in clients:
+        results = [c.on_reply(w) for w in net.replies.get(c.client, [])]
+        assert (True, [True, None]) in results
+    assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
+
+
+def test_one_silent_backup_does_not_stop_commits_and_checkpoints_become_stable() -> None:
+    net = Net(k=2)
+    net.down.add(3)
+    alice = net.client(1)
+    for i in range(9):
+        assert net.call(alice, ["put", "k", i]) == [True, None]
+    live = net.replicas[:3]
+    assert {r.last_exec for r in live} == {9}
+    assert {r.h for r in live} == {8}
+    assert all(r.live_slots() == [9] for r in live), "slots at or below h are free for reuse"
+
+
+def test_two_silent_backups_block_progress() -> None:
+    net = Net()
+    net.down.update({2, 3})
+    alice = net.client(1)
+    with pytest.raises(AssertionError, match="no accepted reply"):
+        net.call(alice, ["put", "k", 1])
+    assert net.replicas[0].last_exec == 0
+
+
+def test_retransmitted_request_executes_once_and_gets_the_cached_reply() -> None:
+    net = Net()
+    alice = net.client(2)
+    assert net.call(alice, ["transfer", "a", "b", 10]) == [True, 90]
+    net.submit(alice.request_wire(["transfer", "a", "b", 10]))
+    net.run()
+    assert all(r.ledger.balances["a"] == 90 for r in net.replicas)
+    replies = net.replies.pop(2)
+    assert len(replies) == 4
+    assert all(m.decode(w).result == [True, 90] for w in replies)
+
+
+def test_forged_and_malformed_input_is_dropped_and_counted() -> None:
+    net = Net()
+    r = net.replicas[1]
+    body = m.body(m.PREPARE, 2, 0, 1, hashlib.sha256(b"x").digest())
+    r.receive(body + b"\x00" * 32, 0)  # wrong tags
+    r.receive(b"\xff\x00garbage", 0)
+    r.receive(b"", 0)
+    assert r.drops == {"unauthentic": 1, "malformed": 2}
+    assert r.live_slots() == []
+
+
+def test_pre_prepare_from_a_backup_and_a_tampered_batch_are_rejected() -> None:
+    net = Net()
+    alice = net.client(3)
+    request = alice.request(["put", "k", 1])
+    backup = net.replicas[1]
+    batch = [request]
+    body = m.body(m.PRE_PREPARE, 2, 0, 1, rp.batch_digest(batch), batch)
+    macs = [auth.Mac(k) for k in net.keys.pairwise[2]]
+    backup.receive(body + auth.authenticator(macs, body), 0)
+    assert backup.drops == {"pre-prepare not from primary": 1}
+    at = len(request) - 4 * auth.TAG_BYTES - 1  # the last body byte: the value put
+    tampered = [request[:at] + bytes([request[at] ^ 1]) + request[at + 1:]]
+    assert m.decode(tampered[0]).op == ["put", "k", 0]
+    body = m.body(m.PRE_PREPARE, 0, 0, 1, rp.batch_digest(tampered), tampered)
+    macs = [auth.Mac(k) for k in net.keys.pairwise[0]]
+    backup.receive(body + auth.authenticator(macs, body), 0)
+    assert backup.drops["bad batch"] == 1
+    assert backup.out == []
