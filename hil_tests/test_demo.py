@@ -1,0 +1,102 @@
+"""`edgebft demo` end to end: Unix-port nodes at 100 KB heaps, a real broker, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgebft.broker import find_mosquitto
+
+EDGEBFT = [sys.executable, "-m", "edgebft"]
+HEAP_BYTES = 100 * 1024
+
+
+def run_demo(out: Path, *args: str, timeout: float = 120) -> dict:
+    done = subprocess.run([*EDGEBFT, "demo", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("nodes", "f", "broker", "duration_s", "requests", "committed",
+                 "throughput_rps", "latency_ms", "availability", "safety_ok",
+                 "heap_peak_bytes"):
+        assert name in summary, name
+    assert "Traceback" not in done.stderr
+    return summary
+
+
+def check_healthy_run(summary: dict, nodes: int) -> None:
+    assert summary["safety_ok"] is True
+    assert summary["safety"]["violations"] == []
+    assert summary["safety"]["converged"] is True
+    assert summary["committed"] > 0
+    assert summary["committed"] == summary["requests"]
+    assert summary["availability"] == 1.0
+    assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["max"]
+    assert sorted(summary["heap_peak_bytes"]) == [str(i) for i in range(nodes)]
+    assert all(0 < b < HEAP_BYTES for b in summary["heap_peak_bytes"].values())
+    assert all(summary["nodes_alive_at_end"])
+    assert len(set(summary["last_executed"].values())) == 1
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_demo_on_mosquitto(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path / "run", "--duration", "8", "--broker", "mosquitto")
+    assert summary["broker"].startswith("mosquitto")
+    check_healthy_run(summary, 4)
+    events = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
+    assert len(events) == summary["requests"]
+    logs = sorted(p.name for p in (tmp_path / "run" / "logs").iterdir())
+    assert logs == [f"node{i}.log" for i in range(4)]
+
+
+def test_demo_on_the_embedded_broker(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path / "run", "--duration", "6", "--broker", "embedded",
+                       "--nodes", "5", "--clients", "2")
+    assert summary["broker"].startswith("embedded amqtt")
+    assert summary["nodes"] == 5
+    assert summary["f"] == 1
+    check_healthy_run(summary, 5)
+
+
+def _fails_cleanly(args: list[str], env: dict[str, str] | None = None) -> str:
+    done = subprocess.run([*EDGEBFT, *args], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return lines[0]
+
+
+def test_too_few_nodes_is_a_one_line_error(tmp_path: Path) -> None:
+    line = _fails_cleanly(["demo", "--nodes", "2", "--out", str(tmp_path / "r")])
+    assert "at least 4" in line
+
+
+def test_unreachable_broker_is_a_one_line_error(tmp_path: Path) -> None:
+    line = _fails_cleanly(["demo", "--broker", "mqtt://127.0.0.1:9", "--out",
+                           str(tmp_path / "r")])
+    assert "cannot reach MQTT broker" in line
+    assert not list((tmp_path / "r").glob("logs/*")), "no node was started"
+
+
+def test_missing_micropython_is_a_one_line_error(tmp_path: Path) -> None:
+    import os
+    env = {**os.environ, "EDGEBFT_MICROPYTHON": str(tmp_path / "nope")}
+    line = _fails_cleanly(["demo", "--out", str(tmp_path / "r")], env=env)
+    assert "MicroPython" in line
+    line = _fails_cleanly(["demo", "--micropython", "/nonexistent/mp", "--out",
+                           str(tmp_path / "r")])
+    assert "--micropython" in line
+
+
+def test_help_lists_every_demo_option() -> None:
+    done = subprocess.run([*EDGEBFT, "demo", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for option in ("--nodes", "--duration", "--clients", "--broker", "--out", "--micropython",
+                   "--heap"):
+        assert option in done.stdout

@@ -1,0 +1,5 @@
+"""``python -m edgebft`` runs the CLI."""
+
+from edgebft.cli import main
+
+main()
