@@ -1,0 +1,97 @@
+"""Ledger semantics, stake arithmetic and message validation."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgebft.protocol import cbor
+from edgebft.protocol import messages as m
+from edgebft.protocol.ledger import KEYS_MAX, Ledger
+from edgebft.protocol.stake import Stake
+
+DIGEST = hashlib.sha256(b"d").digest()
+
+
+def test_ledger_ops_and_failures() -> None:
+    ledger = Ledger({"a": 10})
+    assert ledger.execute(["transfer", "a", "b", 4]) == [True, 6]
+    assert ledger.execute(["balance", "b"]) == [True, 4]
+    assert ledger.execute(["transfer", "b", "a", 5]) == [False, "insufficient funds"]
+    assert ledger.execute(["transfer", "a", "b", 0]) == [False, "bad transfer"]
+    assert ledger.execute(["transfer", "a", "b", -1]) == [False, "bad transfer"]
+    assert ledger.execute(["put", "k", b"v"]) == [True, None]
+    assert ledger.execute(["get", "k"]) == [True, b"v"]
+    assert ledger.execute(["get", "missing"]) == [True, None]
+    assert ledger.execute(["put", "big", b"x" * 300]) == [False, "value too large"]
+    assert ledger.execute(["nope"]) == [False, "bad op"]
+    assert ledger.execute("put") == [False, "bad op"]
+    assert ledger.execute(["put", "", 1]) == [False, "bad op"]
+    assert ledger.balances == {"a": 6, "b": 4}
+
+
+def test_ledger_store_is_bounded() -> None:
+    ledger = Ledger()
+    for i in range(KEYS_MAX):
+        assert ledger.execute(["put", f"k{i}", i]) == [True, None]
+    assert ledger.execute(["put", "one-more", 1]) == [False, "store full"]
+    assert ledger.execute(["put", "k0", 7]) == [True, None], "overwriting stays possible"
+
+
+def test_ledger_digest_chains_history() -> None:
+    a, b = Ledger(), Ledger()
+    da = a.commit_batch(1, DIGEST, [[0, 1, [True, None]]])
+    db = b.commit_batch(1, DIGEST, [[0, 1, [True, None]]])
+    assert da == db
+    assert a.commit_batch(2, DIGEST, []) != b.commit_batch(2, DIGEST, [[0, 2, [True, 1]]])
+
+
+@pytest.mark.parametrize("weights,quorum,weak", [
+    ([1, 1, 1, 1], 3, 2),         # n = 3f+1, f = 1: 2f+1 and f+1
+    ([1] * 7, 5, 3),              # f = 2
+    ([30, 25, 25, 20], 67, 34),   # by stake: > 2/3 and > 1/3 of 100
+])
+def test_stake_thresholds_are_strict(weights: list[int], quorum: int, weak: int) -> None:
+    stake = Stake(weights)
+    assert stake.is_quorum(quorum) and not stake.is_quorum(quorum - 1)
+    assert stake.is_weak(weak) and not stake.is_weak(weak - 1)
+
+
+def test_stake_rejects_bad_sets_and_rotates_primary() -> None:
+    for bad in ([], [0, 0], [1, -1], [1.5]):
+        with pytest.raises(ValueError):
+            Stake(bad)
+    stake = Stake([1, 0, 1, 1])
+    assert [stake.primary(v) for v in range(4)] == [0, 2, 3, 0]
+
+
+def test_message_round_trip_and_field_checks() -> None:
+    body = m.body(m.PREPARE, 2, 5, 9, DIGEST)
+    msg = m.decode(body + b"T" * 32)
+    assert (msg.kind, msg.sender, msg.view, msg.seq, msg.digest) == (m.PREPARE, 2, 5, 9, DIGEST)
+    assert msg.body == body and msg.auth == b"T" * 32
+    bad = [
+        cbor.encode([2, m.PREPARE, 2, 5, 9, DIGEST]),       # version
+        cbor.encode([1, 99, 2, 5, 9, DIGEST]),              # type
+        cbor.encode([1, m.PREPARE, 2, 5, 9]),               # field count
+        cbor.encode([1, m.PREPARE, 2, 5, 9, b"short"]),     # digest size
+        cbor.encode([1, m.PREPARE, 2, -5, 9, DIGEST]),      # negative view
+        cbor.encode([1, m.PREPARE, 70000, 5, 9, DIGEST]),   # sender id
+        cbor.encode([1, m.PRE_PREPARE, 0, 0, 1, DIGEST, [1]]),  # batch of non-bytes
+        cbor.encode({"a": 1}),
+        b"\x00" * (m.MESSAGE_BYTES_MAX + 1),
+    ]
+    for wire in bad:
+        with pytest.raises(m.MessageError):
+            m.decode(wire)
+
+
+@given(st.binary(max_size=300))
+def test_decode_of_any_bytes_raises_only_message_error(data: bytes) -> None:
+    try:
+        m.decode(data)
+    except m.MessageError:
+        pass
