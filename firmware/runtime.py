@@ -25,7 +25,7 @@ from edgebft.protocol.stake import Stake
 
 CONFIG_PATH = "edgebft.json"
 OFFLINE = b"offline"
-CHECKPOINTS_KEPT = 8
+CHECKPOINTS_KEPT = 4
 _STATUS_INTERVAL_MS = 500
 _MQTT_HEADER_BYTES_MAX = 128  # fixed header, topic and packet id around a message
 
@@ -57,9 +57,11 @@ class Node:
             keepalive=config.get("keepalive_s", 10),
             will=(self.topic_status, OFFLINE, True, 0), on_message=self.on_message,
             max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
+            rx_chunk=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             tx_max=messages.MESSAGE_BYTES_MAX)
         self.checkpoints = []  # [[seq, digest]], the newest CHECKPOINTS_KEPT executed
         self.heap_peak = 0
+        self.status_skipped = 0
         self.started_ms = time.ticks_ms()
 
     def on_message(self, topic, payload, retain):
@@ -102,14 +104,19 @@ class Node:
             "checkpoints": self.checkpoints, "heap_used": used, "heap_free": gc.mem_free(),
             "heap_peak": self.heap_peak, "rx": r.counts["rx"], "tx": r.counts["tx"],
             "executed_requests": r.counts["executed_requests"], "drops": r.drops,
+            "pending": len(r.pending), "slots": len(r.live_slots()), "clients": len(r.replies),
             "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
             "uptime_ms": time.ticks_diff(time.ticks_ms(), self.started_ms),
+            "status_skipped": self.status_skipped,
         }
 
     async def report(self):
         while True:
-            self.mqtt.publish(self.topic_status, cbor.encode(self.status()), retain=True)
+            try:
+                self.mqtt.publish(self.topic_status, cbor.encode(self.status()), retain=True)
+            except MemoryError:
+                self.status_skipped += 1  # a fragmented heap: try again next interval
             await asyncio.sleep_ms(self.status_interval_ms)
 
     async def run(self):

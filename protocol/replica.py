@@ -8,17 +8,16 @@
 #   counts why in self.drops. Asserts guard only our own invariants.
 # - Every quorum is by stake (stake.Stake): prepared = pre-prepare + matching prepares,
 #   committed = prepared + matching commits, stable = matching checkpoints, each > 2/3 stake.
-# - Memory is bounded by the window and allocated once: the log is a ring of `window` slots
-#   (slot for seq at seq % window, valid while h < seq <= h + window), each with one vote
-#   cell per replica; a slot drops its batch and votes once executed; checkpoint votes only
-#   for multiples of K inside the window; the reply cache holds at most CLIENTS_MAX clients
-#   (evicted deterministically). Long-lived allocations up front keep a 100 KB heap from
-#   fragmenting.
+# - Memory is bounded by the window and allocated once: the log (protocol/log.py) is a ring
+#   of `window` = 2K slots in preallocated arrays; a slot drops its batch once executed;
+#   checkpoint votes only for multiples of K inside the window; the reply cache holds at most
+#   CLIENTS_MAX clients (evicted deterministically).
 import hashlib
 
 from . import auth, cbor
 from . import messages as m
 from .ledger import Ledger
+from .log import Log
 
 TO_ALL = -1
 TO_CLIENT = -2
@@ -38,40 +37,6 @@ def batch_digest(batch):
 def client_key(client_secret, client):
     """The key client ``client`` shares with the replica whose client secret is given."""
     return auth.derive(client_secret, ("client:%d" % client).encode())
-
-
-class Slot:
-    """What one replica knows about one sequence number in the current view.
-
-    ``prepares[j]``/``commits[j]`` hold the digest replica j voted for, or None.
-    """
-
-    def __init__(self, n):
-        self.prepares = [None] * n
-        self.commits = [None] * n
-        self.reset(0)
-
-    def reset(self, seq):
-        self.seq = seq
-        self.digest = None     # of the accepted pre-prepare
-        self.batch = None      # its request wires, until executed
-        self.prepared = False
-        self.committed = False
-        self._clear_votes()
-
-    def _clear_votes(self):
-        for j in range(len(self.prepares)):
-            self.prepares[j] = None
-            self.commits[j] = None
-
-    def same(self, digest):
-        """``digest``, or the accepted one when equal: votes share one bytes object."""
-        return self.digest if digest == self.digest else digest
-
-    def executed(self):
-        """Keep only what outlives execution: the digest (votes and batch are done)."""
-        self.batch = None
-        self._clear_votes()
 
 
 class Replica:
@@ -96,7 +61,7 @@ class Replica:
         self.seq = 0            # last sequence number assigned (primary)
         self.h = 0              # last stable checkpoint
         self.last_exec = 0
-        self.log = [None] * self.window  # ring of Slot, allocated on first use, reused
+        self.log = Log(self.window, stake.n)
         self.checkpoints = {}   # seq -> {replica: digest}
         self.own_checkpoints = {}  # seq -> digest, for seq > h, and h itself
         self.own_checkpoints[0] = self.ledger.digest
@@ -144,28 +109,9 @@ class Replica:
     def _in_window(self, seq):
         return self.h < seq <= self.h + self.window
 
-    def slot_at(self, seq):
-        """The slot of ``seq`` if anything is logged for it, else None."""
-        slot = self.log[seq % self.window]
-        if slot is None or slot.seq != seq:
-            return None
-        return slot
-
-    def _slot(self, seq):
-        """The slot of ``seq`` (inside the window), reusing a stale one."""
-        assert self._in_window(seq)
-        i = seq % self.window
-        slot = self.log[i]
-        if slot is None:
-            slot = self.log[i] = Slot(self.stake.n)
-        if slot.seq != seq:
-            assert slot.seq <= self.h  # the ring never holds two live sequence numbers
-            slot.reset(seq)
-        return slot
-
     def live_slots(self):
         """Sequence numbers with a live slot (h < seq), for tests and status."""
-        return [s.seq for s in self.log if s is not None and s.seq > self.h]
+        return self.log.live(self.h)
 
     # ----------------------------------------------------------------- input
 
@@ -224,24 +170,27 @@ class Replica:
         if msg.sender != self.primary():
             self._drop("pre-prepare not from primary")
             return
-        slot = self._slot(msg.seq)
-        if slot.digest is not None:
-            if slot.digest != msg.digest:
+        log = self.log
+        i = log.claim(msg.seq)
+        if log.accepted(i):
+            if log.digests[i] != msg.digest:
                 self._drop("conflicting pre-prepare")
                 self.events.append(("equivocation", msg.sender, self.view, msg.seq))
             return
         if batch_digest(msg.batch) != msg.digest or not self._batch_valid(msg.batch):
             self._drop("bad batch")
             return
-        slot.digest = msg.digest
-        slot.batch = msg.batch
-        for votes in (slot.prepares, slot.commits):
-            for j in range(len(votes)):
-                if votes[j] is not None:
-                    votes[j] = slot.same(votes[j])
-        slot.prepares[self.me] = msg.digest
+        self._accept(i, msg.seq, msg.digest, msg.batch)
         self._broadcast(m.PREPARE, self.view, msg.seq, msg.digest)
-        self._check_prepared(msg.seq, slot)
+        self._check_prepared(msg.seq, i)
+
+    def _accept(self, i, seq, digest, batch):
+        log = self.log
+        log.accept(i, digest, batch)
+        # The primary's pre-prepare stands for its prepare (PBFT-NOTES N3).
+        log.vote(log.prepares, i, self.primary(), digest)
+        if not self.is_primary():
+            log.vote(log.prepares, i, self.me, digest)
 
     def _batch_valid(self, batch):
         if len(batch) > self.batch_max:
@@ -261,18 +210,25 @@ class Replica:
         if msg.sender == self.primary():
             self._drop("prepare from primary")
             return
-        slot = self._slot(msg.seq)
-        if slot.prepares[msg.sender] is None and not slot.committed:
-            slot.prepares[msg.sender] = slot.same(msg.digest)
-            self._check_prepared(msg.seq, slot)
+        self._on_vote(msg, self.log.prepares)
 
     def on_commit(self, msg):
         if self.ignore_phase(msg):
             return
-        slot = self._slot(msg.seq)
-        if slot.commits[msg.sender] is None and not slot.committed:
-            slot.commits[msg.sender] = slot.same(msg.digest)
-            self._check_committed(msg.seq, slot)
+        self._on_vote(msg, self.log.commits)
+
+    def _on_vote(self, msg, votes):
+        log = self.log
+        i = log.claim(msg.seq)
+        if log.committed(i) or log.voted(votes, i, msg.sender):
+            return
+        if not log.vote(votes, i, msg.sender, msg.digest):
+            self._drop("vote for another digest")
+            return
+        if votes is log.prepares:
+            self._check_prepared(msg.seq, i)
+        else:
+            self._check_committed(msg.seq, i)
 
     def on_checkpoint(self, msg):
         if msg.seq <= self.h or msg.seq > self.h + self.window or msg.seq % self.K:
@@ -287,39 +243,31 @@ class Replica:
     # ----------------------------------------------------------------- certificates
 
     def _stake_matching(self, votes, digest):
-        """Stake of the replicas whose vote in ``votes`` (a list or dict by id) is ``digest``."""
+        """Stake of the replicas whose vote in ``votes`` (replica -> digest) is ``digest``."""
         s = 0
-        weights = self.stake.weights
-        if type(votes) is dict:
-            for j in votes:
-                if votes[j] == digest:
-                    s += weights[j]
-            return s
-        for j in range(len(votes)):
+        for j in votes:
             if votes[j] == digest:
-                s += weights[j]
+                s += self.stake.weights[j]
         return s
 
-    def _check_prepared(self, seq, slot):
-        if slot.prepared or slot.digest is None:
+    def _check_prepared(self, seq, i):
+        log = self.log
+        if log.prepared(i) or not log.accepted(i):
             return
-        # The primary's pre-prepare stands for its prepare (PBFT-NOTES N3).
-        s = self._stake_matching(slot.prepares, slot.digest)
-        if slot.prepares[self.primary()] is None:
-            s += self.stake.weights[self.primary()]
-        if not self.stake.is_quorum(s):
+        if not self.stake.is_quorum(log.stake(log.prepares, i, self.stake.weights)):
             return
-        slot.prepared = True
-        slot.commits[self.me] = slot.digest
-        self._broadcast(m.COMMIT, self.view, seq, slot.digest)
-        self._check_committed(seq, slot)
+        log.mark_prepared(i)
+        log.vote(log.commits, i, self.me, log.digests[i])
+        self._broadcast(m.COMMIT, self.view, seq, log.digests[i])
+        self._check_committed(seq, i)
 
-    def _check_committed(self, seq, slot):
-        if slot.committed or not slot.prepared:
+    def _check_committed(self, seq, i):
+        log = self.log
+        if log.committed(i) or not log.prepared(i):
             return
-        if not self.stake.is_quorum(self._stake_matching(slot.commits, slot.digest)):
+        if not self.stake.is_quorum(log.stake(log.commits, i, self.stake.weights)):
             return
-        slot.committed = True
+        log.mark_committed(i)
         self._execute_ready()
 
     def _check_stable(self, seq):
@@ -340,18 +288,20 @@ class Replica:
     # ----------------------------------------------------------------- execution
 
     def _execute_ready(self):
+        log = self.log
         while True:
-            slot = self.slot_at(self.last_exec + 1)
-            if slot is None or not slot.committed:
+            i = log.find(self.last_exec + 1)
+            if i < 0 or not log.committed(i):
                 return
-            self._execute(self.last_exec + 1, slot)
+            self._execute(self.last_exec + 1, i)
             self._cut_batches()
 
-    def _execute(self, seq, slot):
+    def _execute(self, seq, i):
+        log = self.log
         assert seq == self.last_exec + 1
-        assert slot.committed
+        assert log.committed(i)
         results = []
-        for wire in slot.batch:
+        for wire in log.batches[i]:
             req = m.decode(wire)  # validated when the pre-prepare was accepted
             cached = self.replies.get(req.sender)
             if cached is not None and req.timestamp <= cached[0]:
@@ -362,9 +312,9 @@ class Replica:
             results.append([req.sender, req.timestamp, result])
             self.pending_ids.pop((req.sender, req.timestamp), None)
         self.counts["executed_requests"] += len(results)
-        slot.executed()
+        log.mark_executed(i)
         self.last_exec = seq
-        digest = self.ledger.commit_batch(seq, slot.digest, results)
+        digest = self.ledger.commit_batch(seq, log.digests[i], results)
         self.events.append(("executed", seq, digest))
         if seq % self.K == 0:
             self.own_checkpoints[seq] = digest
@@ -407,12 +357,9 @@ class Replica:
             del self.pending[:count]
             self.seq += 1
             digest = batch_digest(batch)
-            slot = self._slot(self.seq)
-            slot.digest = digest
-            slot.batch = batch
-            slot.prepares[self.me] = digest
+            self._accept(self.log.claim(self.seq), self.seq, digest, batch)
             self._broadcast(m.PRE_PREPARE, self.view, self.seq, digest, batch)
-            self._check_prepared(self.seq, slot)
+            self._check_prepared(self.seq, self.seq % self.window)
 
     # ----------------------------------------------------------------- invariants
 

@@ -1,0 +1,131 @@
+# The message log of one view: a ring of `window` slots in preallocated parallel arrays.
+#
+# Rules:
+# - Slot i holds sequence number seq with i = seq % window, live while h < seq <= h + window
+#   (the caller owns h and only asks for sequence numbers inside the window).
+# - A slot records ONE digest: the accepted pre-prepare's, or before it arrives, the digest of
+#   the first vote. Votes are bits per replica (so at most 32 replicas): a vote for the slot's
+#   digest sets its sender's bit; a vote for another digest is refused (the caller counts it).
+#   A pre-prepare that contradicts the provisional digest replaces it and clears the votes:
+#   correct replicas of one view only ever vote for the primary's digest.
+# - Memory is allocated once here (about 40 bytes a slot, plus the digests and batches it
+#   refers to); a 100 KB heap cannot afford an object per slot (about 300 bytes each on a
+#   64-bit port).
+from array import array
+
+_ACCEPTED = 1   # the pre-prepare is here (digest and batch are the primary's)
+_PREPARED = 2
+_COMMITTED = 4
+_EXECUTED = 8
+
+REPLICAS_MAX = 32
+
+
+class Log:
+    """Slots for ``window`` consecutive sequence numbers of ``n`` replicas."""
+
+    def __init__(self, window, n):
+        assert window > 0
+        assert 0 < n <= REPLICAS_MAX
+        self.window = window
+        zeros = [0] * window
+        self.seqs = array("Q", zeros)
+        self.digests = [None] * window
+        self.batches = [None] * window
+        self.flags = bytearray(window)
+        self.prepares = array("I", zeros)  # bit j: replica j's prepare for digests[i]
+        self.commits = array("I", zeros)   # bit j: replica j's commit for digests[i]
+
+    def find(self, seq):
+        """The slot index of ``seq`` if anything is logged for it, else -1."""
+        i = seq % self.window
+        if seq and self.seqs[i] == seq:
+            return i
+        return -1
+
+    def claim(self, seq):
+        """The slot index of ``seq``, reset first if it held an older sequence number."""
+        i = seq % self.window
+        if self.seqs[i] != seq:
+            assert self.seqs[i] < seq
+            self.seqs[i] = seq
+            self.digests[i] = None
+            self.batches[i] = None
+            self.flags[i] = 0
+            self.prepares[i] = 0
+            self.commits[i] = 0
+        return i
+
+    def live(self, h):
+        """Sequence numbers above ``h`` with a slot, ascending."""
+        return sorted(s for s in self.seqs if s > h)
+
+    # ---- the pre-prepare
+
+    def accepted(self, i):
+        return self.flags[i] & _ACCEPTED != 0
+
+    def accept(self, i, digest, batch):
+        """Record the pre-prepare; votes for another provisional digest are discarded."""
+        assert not self.flags[i] & _ACCEPTED
+        if self.digests[i] != digest:
+            self.prepares[i] = 0
+            self.commits[i] = 0
+        self.digests[i] = digest
+        self.batches[i] = batch
+        self.flags[i] |= _ACCEPTED
+
+    # ---- votes
+
+    def vote(self, votes, i, sender, digest):
+        """Record ``sender``'s vote in ``votes`` (self.prepares or self.commits).
+
+        Returns False when it is refused: a different digest from the slot's.
+        """
+        d = self.digests[i]
+        if d is None:
+            self.digests[i] = digest
+        elif d != digest:
+            return False
+        votes[i] |= 1 << sender
+        return True
+
+    def voted(self, votes, i, sender):
+        return votes[i] >> sender & 1 == 1
+
+    def stake(self, votes, i, weights):
+        """The stake of the replicas with a bit in ``votes[i]``."""
+        mask = votes[i]
+        s = 0
+        j = 0
+        while mask:
+            if mask & 1:
+                s += weights[j]
+            mask >>= 1
+            j += 1
+        return s
+
+    # ---- progress flags
+
+    def prepared(self, i):
+        return self.flags[i] & _PREPARED != 0
+
+    def committed(self, i):
+        return self.flags[i] & _COMMITTED != 0
+
+    def executed(self, i):
+        return self.flags[i] & _EXECUTED != 0
+
+    def mark_prepared(self, i):
+        assert self.flags[i] & _ACCEPTED
+        self.flags[i] |= _PREPARED
+
+    def mark_committed(self, i):
+        assert self.flags[i] & _PREPARED
+        self.flags[i] |= _COMMITTED
+
+    def mark_executed(self, i):
+        """Executed: the batch is no longer needed here (the digest stays for the view)."""
+        assert self.flags[i] & _COMMITTED
+        self.flags[i] |= _EXECUTED
+        self.batches[i] = None
