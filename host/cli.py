@@ -20,8 +20,10 @@ from edgebft.broker import BrokerError
 from edgebft.cluster import ClusterError
 from edgebft.demo import DemoError, DemoOptions, run_demo
 from edgebft.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
+from edgebft.sim import SimError, SimOptions, SimSummary, parse_faults, run_many
+from edgebft.sim import SimOptions as _SimDefaults
 
-USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound)
+USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound, SimError)
 EXIT_CHECKS_FAILED = 1
 EXIT_USER_ERROR = 2
 
@@ -88,6 +90,130 @@ def print_summary(summary: dict[str, Any]) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+SIM_SEEDS_DEFAULT = 100
+SIM_FAILURES_SHOWN = 10
+
+
+@cli.command()
+@click.option("--nodes", default=_SimDefaults.nodes, show_default=True,
+              help="Replicas (n = 3f+1 survives f down).")
+@click.option("--seeds", "seed_count", default=None, type=int,
+              help=f"How many seeds to run: START, START+1, ... [default: {SIM_SEEDS_DEFAULT}]")
+@click.option("--start", default=1, show_default=True, help="First seed of a --seeds run.")
+@click.option("--seed", default=None, type=int,
+              help="Run this one seed only (replays a failure exactly).")
+@click.option("--faults", "faults_text", default="all", show_default=True, metavar="KINDS",
+              help="Comma list of crash,partition,loss,delay,reboot; or all, or none.")
+@click.option("--requests", default=_SimDefaults.requests, show_default=True,
+              help="Client requests per seed (all must be accepted for liveness).")
+@click.option("--clients", default=_SimDefaults.clients, show_default=True,
+              help="Closed-loop clients per seed.")
+@click.option("--loss", "loss_max", default=_SimDefaults.loss_max, show_default=True,
+              type=float,
+              help="Highest drop probability of a loss fault.")
+@click.option("--delay-ms", "delay_ms_max", default=_SimDefaults.delay_ms_max,
+              show_default=True,
+              help="Highest extra latency of a delay fault (ms, on one replica's links).")
+@click.option("--fault-ms", default=_SimDefaults.fault_ms, show_default=True,
+              help="Simulated ms during which faults happen; everything heals at its end.")
+@click.option("--liveness-ms", default=_SimDefaults.liveness_ms, show_default=True,
+              help="Simulated ms after healing within which every request must be accepted.")
+@click.option("--checkpoint-interval", default=_SimDefaults.checkpoint_interval,
+              show_default=True,
+              help="Replicas' checkpoint interval K (small: short runs cross checkpoints).")
+@click.option("--view-timeout-ms", default=_SimDefaults.view_timeout_ms,
+              show_default=True,
+              help="Replicas' first view-change timeout (ms; it doubles per failed view).")
+@click.option("--safety-only", is_flag=True,
+              help="Report liveness failures but exit 0 when every seed is safe.")
+@click.option("--plant-divergence", "plant", default=None, metavar="REPLICA:SEQ",
+              help="Plant a bug: REPLICA executes a different op at SEQ (proves the checker).")
+def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults_text: str,
+        requests: int, clients: int, loss_max: float, delay_ms_max: int, fault_ms: int,
+        liveness_ms: int, checkpoint_interval: int, view_timeout_ms: int, safety_only: bool,
+        plant: str | None) -> None:
+    """Deterministic simulation: whole clusters in-process on a simulated network and clock.
+
+    Each seed draws keys, latencies, faults and client timing from random.Random(seed), runs
+    the replicas of edgebft.protocol until every request is accepted or the liveness bound
+    passes, and checks the history: safety (replicas agree on every executed and stable
+    digest), client safety and liveness. A failing seed prints the command that replays it.
+    Exits 0 when every seed is ok, 1 on any violation, 2 on bad options.
+    """
+    if seed is not None and seed_count is not None:
+        raise SimError("--seed runs one seed; do not combine it with --seeds")
+    if seed_count is not None and seed_count < 1:
+        raise SimError(f"--seeds must be at least 1, got {seed_count}")
+    options = SimOptions(nodes=nodes, requests=requests, clients=clients,
+                         faults=parse_faults(faults_text), loss_max=loss_max,
+                         delay_ms_max=delay_ms_max, fault_ms=fault_ms, liveness_ms=liveness_ms,
+                         checkpoint_interval=checkpoint_interval,
+                         view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant))
+    options.check()
+    seeds = [seed] if seed is not None else list(
+        range(start, start + (seed_count or SIM_SEEDS_DEFAULT)))
+    with Progress(TextColumn("[bold]sim"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  TextColumn("{task.fields[bad]} failing"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("seeds", total=len(seeds), bad=0)
+        failing = [0]
+
+        def progress(result: Any) -> None:
+            failing[0] += not result.ok
+            bar.update(task, advance=1, bad=failing[0])
+
+        summary = run_many(options, seeds, progress)
+    print_sim_summary(summary)
+    violated = [r for r in summary.failures if not (safety_only and r.verdict == "not-live")]
+    if violated:
+        sys.exit(EXIT_CHECKS_FAILED)
+
+
+def _parse_plant(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        replica, seq = text.split(":")
+        return int(replica), int(seq)
+    except ValueError:
+        raise SimError(f"--plant-divergence wants REPLICA:SEQ, got {text!r}") from None
+
+
+def print_sim_summary(summary: SimSummary) -> None:
+    """Print a simulation summary (edgebft.sim.SimSummary) and each failing seed's replay."""
+    results = summary.results
+    table = Table(title="EdgeBFT deterministic simulation", show_header=False)
+    verdicts = ("ok", "unsafe", "not-live", "error")
+    rows = [
+        ("seeds", f"{len(results)} in {summary.elapsed_s:.1f} s "
+                  f"({summary.seeds_per_s:.1f} seeds/s)"),
+        ("verdicts", "  ".join(f"{v} {summary.count(v)}" for v in verdicts)),
+        ("faults", ",".join(summary.options.faults) or "none"),
+        ("requests accepted", f"{sum(r.accepted for r in results)} / "
+                              f"{sum(r.requests for r in results)}"),
+        ("messages", f"{sum(r.delivered for r in results)} delivered, "
+                     f"{sum(r.dropped for r in results)} dropped"),
+        ("view changes", str(sum(r.view_changes for r in results))),
+        ("simulated time", f"{sum(r.sim_ms for r in results) / 1000:.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    severity = {"error": 0, "unsafe": 1, "not-live": 2}
+    failures = sorted(summary.failures, key=lambda r: (severity.get(r.verdict, 3), r.seed))
+    for result in failures[:SIM_FAILURES_SHOWN]:
+        console.print(f"seed {result.seed}: {result.verdict}", style="bold red",
+                      highlight=False)
+        for reason in result.reasons:
+            console.print(f"  {reason}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"  replay: {result.replay}", markup=False, highlight=False,
+                      soft_wrap=True)
+    hidden = len(summary.failures) - SIM_FAILURES_SHOWN
+    if hidden > 0:
+        console.print(f"... and {hidden} more failing seeds", highlight=False)
 
 
 def main(argv: list[str] | None = None) -> None:

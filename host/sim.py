@@ -1,0 +1,730 @@
+"""Deterministic simulation of a whole cluster from one seed (DESIGN.md section 6, layer 3).
+
+FoundationDB and TigerBeetle style: the replicas of ``edgebft.protocol`` run in one process on a
+simulated network and clock. Everything random (keys, latencies, losses, the fault schedule,
+client think times) comes from one ``random.Random(seed)``, and every input reaches a replica
+through an event queue ordered by (simulated ms, insertion number), so a seed replays exactly.
+
+Rules:
+- Faults are benign here (crash, partition, loss, delay, reboot): every replica is correct, so
+  any disagreement between replicas is a protocol bug. At most f replicas are down at once;
+  partitions may cut any group. Everything heals at ``fault_ms``; from then the run goes on until
+  every request is accepted or ``liveness_ms`` more have passed.
+- Verdicts come from checkers over the run's history (Jepsen's model), never from what the
+  replicas claim about themselves: safety (executed and stable digests agree per sequence
+  number), client safety (one accepted result per request) and liveness (all accepted in time).
+- A replica exception (an assert is our own invariant) ends the seed with verdict ``error``
+  (unless the history up to it is already unsafe: ``unsafe`` outranks ``error``).
+
+The replica contract this module drives (protocol/replica.py): ``receive(wire, now_ms)``,
+``tick(now_ms)`` at ``next_timer()``, the ``out`` and ``events`` lists (drained and cleared
+after every call), and ``durable()`` / ``Replica.restore(...)`` for a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from edgebft.keys import KEY_BYTES, ClusterKeys
+from edgebft.protocol import replica as rp
+from edgebft.protocol.client import ClientCore
+from edgebft.protocol.stake import Stake
+from edgebft.workload import genesis, operation
+
+FAULT_KINDS = ("crash", "partition", "loss", "delay", "reboot")
+VERDICT_OK = "ok"
+VERDICT_UNSAFE = "unsafe"        # a safety checker failed
+VERDICT_NOT_LIVE = "not-live"    # safe, but requests were not all accepted in time
+VERDICT_ERROR = "error"          # a replica raised (an internal invariant failed)
+
+LATENCY_MS = (1, 20)             # one MQTT hop on WiFi is ~10 ms (DESIGN.md section 8)
+RETRANSMIT_MS = 500              # host/workload.py's RETRANSMIT_S
+RETRANSMIT_MS_MAX = 4_000        # doubling stops here, so a healed cluster is retried soon
+FAULT_GAP_MS = (100, 1_000)      # between the starts of two faults
+FAULT_LENGTH_MS = (200, 2_500)   # crash, partition, loss and delay windows
+REBOOT_DOWN_MS = (0, 200)        # a power cycle: down briefly, then restore from flash
+DEFAULT_NODES = 4
+DEFAULT_REQUESTS = 30
+DEFAULT_CLIENTS = 4
+DEFAULT_LOSS_MAX = 0.3
+DEFAULT_DELAY_MS_MAX = 500
+DEFAULT_FAULT_MS = 5_000
+DEFAULT_LIVENESS_MS = 30_000
+DEFAULT_CHECKPOINT_INTERVAL = 4  # small, so runs of ~30 requests cross checkpoints and GC
+DEFAULT_VIEW_TIMEOUT_MS = 1_000  # the replica's default (DESIGN.md section 8: view change < 1 s)
+
+
+class SimError(ValueError):
+    """Bad simulation options (a user mistake: the CLI prints it on one line, exit 2)."""
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """What one seed simulates; ``check()`` validates it.
+
+    ``plant_divergence`` = (replica, seq) makes that replica's ledger execute a different op at
+    sequence ``seq``: a planted bug that the safety checker must report (tests and demos only).
+    """
+
+    nodes: int = DEFAULT_NODES
+    requests: int = DEFAULT_REQUESTS
+    clients: int = DEFAULT_CLIENTS
+    faults: tuple[str, ...] = FAULT_KINDS
+    loss_max: float = DEFAULT_LOSS_MAX
+    delay_ms_max: int = DEFAULT_DELAY_MS_MAX
+    fault_ms: int = DEFAULT_FAULT_MS
+    liveness_ms: int = DEFAULT_LIVENESS_MS
+    checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL
+    view_timeout_ms: int = DEFAULT_VIEW_TIMEOUT_MS
+    plant_divergence: tuple[int, int] | None = None
+
+    def check(self) -> None:
+        """Raise SimError naming the first bad option."""
+        if self.nodes < 4 or self.nodes > 32:
+            raise SimError(f"--nodes must be 4..32 (n = 3f+1 needs f >= 1), got {self.nodes}")
+        if self.requests < 1:
+            raise SimError(f"--requests must be at least 1, got {self.requests}")
+        if self.clients < 1:
+            raise SimError(f"--clients must be at least 1, got {self.clients}")
+        unknown = [k for k in self.faults if k not in FAULT_KINDS]
+        if unknown:
+            raise SimError(f"unknown fault kind {unknown[0]!r}: choose from "
+                           f"{','.join(FAULT_KINDS)} or none")
+        if not 0.0 <= self.loss_max < 1.0:
+            raise SimError(f"--loss must be in [0, 1), got {self.loss_max}")
+        if self.delay_ms_max < 0 or self.fault_ms < 0 or self.liveness_ms < 0:
+            raise SimError("--delay-ms, --fault-ms and --liveness-ms must be >= 0")
+        if self.checkpoint_interval < 1:
+            raise SimError("--checkpoint-interval must be at least 1")
+        if self.view_timeout_ms < 1:
+            raise SimError("--view-timeout-ms must be at least 1")
+        if self.plant_divergence is not None:
+            replica, seq = self.plant_divergence
+            if not 0 <= replica < self.nodes or seq < 1:
+                raise SimError(f"--plant-divergence wants REPLICA:SEQ with REPLICA < "
+                               f"{self.nodes} and SEQ >= 1, got {replica}:{seq}")
+
+    def replay_command(self, seed: int) -> str:
+        """The exact command line that replays ``seed`` with these options."""
+        faults = ",".join(self.faults) or "none"
+        cmd = (f"edgebft sim --seed {seed} --nodes {self.nodes} --faults {faults} "
+               f"--requests {self.requests}")
+        extra = [("--clients", self.clients, DEFAULT_CLIENTS),
+                 ("--loss", self.loss_max, DEFAULT_LOSS_MAX),
+                 ("--delay-ms", self.delay_ms_max, DEFAULT_DELAY_MS_MAX),
+                 ("--fault-ms", self.fault_ms, DEFAULT_FAULT_MS),
+                 ("--liveness-ms", self.liveness_ms, DEFAULT_LIVENESS_MS),
+                 ("--checkpoint-interval", self.checkpoint_interval,
+                  DEFAULT_CHECKPOINT_INTERVAL),
+                 ("--view-timeout-ms", self.view_timeout_ms, DEFAULT_VIEW_TIMEOUT_MS)]
+        for flag, value, default in extra:
+            if value != default:
+                cmd += f" {flag} {value}"
+        if self.plant_divergence is not None:
+            cmd += " --plant-divergence {}:{}".format(*self.plant_divergence)
+        return cmd
+
+
+@dataclass(frozen=True)
+class Check:
+    """One checker's verdict: ``valid`` and, when not, a reason naming the evidence."""
+
+    name: str       # "safety", "client-safety" or "liveness"
+    valid: bool
+    reason: str = ""
+
+
+@dataclass
+class SeedResult:
+    """The outcome of one seed; ``history_digest`` fingerprints the whole run (replays match)."""
+
+    seed: int
+    verdict: str
+    reasons: list[str]
+    checks: list[Check]
+    sim_ms: int
+    delivered: int
+    dropped: int
+    view_changes: int
+    accepted: int
+    requests: int
+    faults: int
+    history_digest: str
+    replay: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == VERDICT_OK
+
+
+@dataclass
+class SimSummary:
+    """The results of many seeds, with the wall time they took."""
+
+    options: SimOptions
+    results: list[SeedResult]
+    elapsed_s: float
+
+    @property
+    def failures(self) -> list[SeedResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def seeds_per_s(self) -> float:
+        return len(self.results) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def count(self, verdict: str) -> int:
+        return sum(1 for r in self.results if r.verdict == verdict)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scheduled fault, active on [start_ms, end_ms)."""
+
+    kind: str
+    start_ms: int
+    end_ms: int
+    replica: int = -1                 # crash, reboot, delay
+    side: frozenset[int] = frozenset()  # partition: one group; the rest is the other
+    loss_p: float = 0.0
+    delay_ms: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "partition":
+            return f"partition {sorted(self.side)}"
+        if self.kind == "loss":
+            return f"loss p={self.loss_p:.2f}"
+        if self.kind == "delay":
+            return f"delay replica {self.replica} +{self.delay_ms} ms"
+        return f"{self.kind} replica {self.replica}"
+
+
+def seeded_keys(n: int, rng: random.Random) -> ClusterKeys:
+    """Cluster keys shaped like ``edgebft.keys.generate_keys(n)`` but drawn from ``rng``."""
+    pairwise = [[b""] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            key = rng.randbytes(KEY_BYTES)
+            pairwise[i][j] = key
+            pairwise[j][i] = key
+    return ClusterKeys(pairwise=pairwise,
+                       client_secrets=[rng.randbytes(KEY_BYTES) for _ in range(n)])
+
+
+def fault_schedule(options: SimOptions, rng: random.Random) -> list[Fault]:
+    """Draw the faults of one run: at most one of each window kind at a time, at most f down.
+
+    Every fault ends by ``options.fault_ms`` (the heal point).
+    """
+    kinds = list(options.faults)
+    if not kinds or options.fault_ms <= 0:
+        return []
+    f = (options.nodes - 1) // 3
+    faults: list[Fault] = []
+    t = 0
+    while True:
+        t += rng.randint(*FAULT_GAP_MS)
+        if t >= options.fault_ms:
+            break
+        kind = rng.choice(kinds)
+        length = rng.randint(*(REBOOT_DOWN_MS if kind == "reboot" else FAULT_LENGTH_MS))
+        end = min(t + length, options.fault_ms)
+        active = [x for x in faults if x.start_ms < end and t < x.end_ms]
+        fault = _draw_fault(kind, t, end, active, f, options, rng)
+        if fault is not None:
+            faults.append(fault)
+    for fault in faults:
+        assert fault.start_ms <= fault.end_ms <= options.fault_ms
+    return faults
+
+
+def _draw_fault(kind: str, start: int, end: int, active: list[Fault], f: int,
+                options: SimOptions, rng: random.Random) -> Fault | None:
+    """One fault of ``kind`` that fits beside the overlapping ``active`` ones, or None."""
+    n = options.nodes
+    if kind in ("crash", "reboot"):
+        down = {x.replica for x in active if x.kind in ("crash", "reboot")}
+        if len(down) >= f:
+            return None
+        return Fault(kind, start, end, replica=rng.choice([i for i in range(n) if i not in down]))
+    if any(x.kind == kind for x in active):
+        return None
+    if kind == "partition":
+        size = rng.randint(1, n // 2)
+        return Fault(kind, start, end, side=frozenset(rng.sample(range(n), size)))
+    if kind == "loss":
+        return Fault(kind, start, end, loss_p=rng.uniform(0.0, options.loss_max))
+    assert kind == "delay"
+    return Fault(kind, start, end, replica=rng.randrange(n),
+                 delay_ms=rng.randint(0, options.delay_ms_max))
+
+
+# Event queue kinds: (time_ms, order, kind, a, b).
+_DELIVER = 0       # a: replica, b: (incarnation, wire)
+_REPLY = 1         # a: client, b: wire
+_TIMER = 2         # a: replica, b: incarnation
+_RETRANSMIT = 3    # a: client, b: timestamp
+_ISSUE = 4         # a: client, b: None
+_FAULT_START = 5   # a: fault index
+_FAULT_END = 6     # a: fault index
+_EVENT_NAMES = {_DELIVER: "delivery", _REPLY: "reply", _TIMER: "tick", _RETRANSMIT: "retransmit",
+                _ISSUE: "issue", _FAULT_START: "fault start", _FAULT_END: "heal"}
+
+
+class _Client:
+    """One closed-loop client: a ClientCore, its outstanding op and its retransmission timer."""
+
+    __slots__ = ("core", "op", "backoff_ms", "issued", "think_ms")
+
+    def __init__(self, core: ClientCore, think_ms: int) -> None:
+        self.core = core
+        self.op: list[Any] | None = None
+        self.backoff_ms = RETRANSMIT_MS
+        self.issued = 0
+        self.think_ms = think_ms
+
+
+class Simulation:
+    """One seed: replicas, clients, network and faults. ``run()`` returns its SeedResult."""
+
+    def __init__(self, seed: int, options: SimOptions) -> None:
+        options.check()
+        self.seed = seed
+        self.options = options
+        self.rng = random.Random(seed)
+        n = options.nodes
+        self.stake = Stake([1] * n)
+        self.keys = seeded_keys(n, self.rng)
+        self.genesis = genesis()
+        self.replicas = [self._new_replica(i) for i in range(n)]
+        self.incarnation = [0] * n
+        self.up = [True] * n
+        self.timer_at: list[int | None] = [None] * n
+        self.faults = fault_schedule(options, self.rng)
+        self.side: frozenset[int] | None = None  # active partition
+        self.loss_p = 0.0
+        self.delay_ms = [0] * n
+        # Closed-loop clients whose think times spread the requests over the fault period.
+        think_ms = 2 * options.fault_ms * options.clients // options.requests
+        self.clients = [_Client(ClientCore(c, self.stake, self.keys.client_keys(c)), think_ms)
+                        for c in range(options.clients)]
+        self.queue: list[tuple[int, int, int, Any, Any]] = []
+        self.order = 0
+        self.now = 0
+        self.current: tuple[int, Any] = (-1, None)  # the event being handled (error reports)
+        self.history: list[tuple[Any, ...]] = []
+        self.delivered = 0
+        self.dropped = 0
+        self.accepted = 0
+        self.scheduled = 0  # requests issued or waiting out a think time
+
+    # ------------------------------------------------------------------ replicas
+
+    def _replica_kwargs(self) -> dict[str, Any]:
+        return {"genesis": self.genesis,
+                "checkpoint_interval": self.options.checkpoint_interval,
+                "view_timeout_ms": self.options.view_timeout_ms}
+
+    def _new_replica(self, i: int) -> rp.Replica:
+        r = rp.Replica(i, self.stake, self.keys.pairwise[i], self.keys.client_secrets[i],
+                       **self._replica_kwargs())
+        self._plant(r)
+        return r
+
+    def _restarted_replica(self, i: int) -> rp.Replica:
+        """Replica i rebuilt from what it persisted (crash-recovery, DESIGN.md section 3).
+
+        Its old object has received nothing since the crash, so its ``durable()`` now is what
+        a runtime saving after every call would have on flash at the crash.
+        """
+        saved = self.replicas[i].durable()
+        r = rp.Replica.restore(saved, i, self.stake, self.keys.pairwise[i],
+                               self.keys.client_secrets[i], **self._replica_kwargs())
+        self._plant(r)
+        return r
+
+    def _plant(self, r: rp.Replica) -> None:
+        """Apply ``plant_divergence`` to ``r`` if it names it: a deliberately wrong ledger."""
+        plant = self.options.plant_divergence
+        if plant is None or plant[0] != r.me:
+            return
+        seq = plant[1]
+        execute = r.ledger.execute
+
+        def divergent(op: Any) -> Any:
+            if r.last_exec + 1 == seq:  # _execute bumps last_exec after the batch
+                # Always fails (no such account), so its result differs from any workload op.
+                return execute(["transfer", "planted-src", "planted-dst", 1])
+            return execute(op)
+
+        r.ledger.execute = divergent  # type: ignore[method-assign]
+
+    def _drain(self, i: int) -> None:
+        """Route replica i's outbox and record its events, then clear both lists."""
+        r = self.replicas[i]
+        for dest, wire in r.out:
+            if dest == rp.TO_ALL:
+                for j in range(len(self.replicas)):
+                    if j != i:
+                        self._send_to_replica(i, j, wire)
+            elif type(dest) is tuple:
+                self._send_to_client(i, dest[1], wire)
+            else:
+                self._send_to_replica(i, dest, wire)
+        del r.out[:]
+        for event in r.events:
+            self.history.append((event[0], self.now, i) + tuple(event[1:]))
+        del r.events[:]
+        deadline = r.next_timer()
+        if deadline is not None:
+            # At least 1 ms ahead: a deadline already due fires next ms, never in a loop at now.
+            deadline = max(deadline, self.now + 1)
+            current = self.timer_at[i]
+            if current is None or deadline < current:
+                self.timer_at[i] = deadline
+                self._push(deadline, _TIMER, i, self.incarnation[i])
+
+    # ------------------------------------------------------------------ network
+
+    def _push(self, at_ms: int, kind: int, a: Any, b: Any) -> None:
+        self.order += 1
+        heapq.heappush(self.queue, (at_ms, self.order, kind, a, b))
+
+    def _latency(self, replica: int) -> int | None:
+        """Latency of one message on a link of ``replica``, or None when the message is lost."""
+        if self.loss_p and self.rng.random() < self.loss_p:
+            return None
+        return self.rng.randint(*LATENCY_MS) + self.delay_ms[replica]
+
+    def _send_to_replica(self, src: int, dst: int, wire: bytes) -> None:
+        side = self.side
+        if side is not None and (src in side) != (dst in side):
+            self.dropped += 1
+            return
+        latency = self._latency(src)
+        if latency is None:
+            self.dropped += 1
+            return
+        self._push(self.now + latency + self.delay_ms[dst], _DELIVER, dst,
+                   (self.incarnation[dst], wire))
+
+    def _send_to_client(self, src: int, client: int, wire: bytes) -> None:
+        latency = self._latency(src)
+        if latency is None or client >= len(self.clients):
+            self.dropped += 1
+            return
+        self._push(self.now + latency, _REPLY, client, wire)
+
+    def _client_broadcast(self, wire: bytes) -> None:
+        """A request goes to every replica (on MQTT each subscribes the request topic)."""
+        for j in range(len(self.replicas)):
+            latency = self._latency(j)
+            if latency is None:
+                self.dropped += 1
+            else:
+                self._push(self.now + latency, _DELIVER, j, (self.incarnation[j], wire))
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_deliver(self, i: int, incarnation: int, wire: bytes) -> None:
+        if not self.up[i] or incarnation != self.incarnation[i]:
+            self.dropped += 1  # sent to a crashed replica, or to its previous life
+            return
+        self.delivered += 1
+        self.replicas[i].receive(wire, self.now)
+        self._drain(i)
+
+    def _on_timer(self, i: int, incarnation: int) -> None:
+        if not self.up[i] or incarnation != self.incarnation[i]:
+            return
+        if self.timer_at[i] != self.now:
+            return  # superseded by an earlier deadline that already fired
+        self.timer_at[i] = None
+        self.replicas[i].tick(self.now)
+        self._drain(i)
+
+    def _on_issue(self, c: int) -> None:
+        client = self.clients[c]
+        assert client.op is None
+        assert self.scheduled <= self.options.requests
+        client.op = operation(c, client.issued)
+        client.issued += 1
+        client.backoff_ms = RETRANSMIT_MS
+        wire = client.core.request(client.op)
+        self.history.append(("invoke", self.now, c, client.core.timestamp, client.op))
+        self._client_broadcast(wire)
+        self._push(self.now + client.backoff_ms, _RETRANSMIT, c, client.core.timestamp)
+
+    def _on_retransmit(self, c: int, timestamp: int) -> None:
+        client = self.clients[c]
+        if client.op is None or client.core.timestamp != timestamp:
+            return
+        self._client_broadcast(client.core.request_wire(client.op))
+        client.backoff_ms = min(2 * client.backoff_ms, RETRANSMIT_MS_MAX)
+        self._push(self.now + client.backoff_ms, _RETRANSMIT, c, timestamp)
+
+    def _on_reply(self, c: int, wire: bytes) -> None:
+        client = self.clients[c]
+        self.delivered += 1
+        accepted, result = client.core.on_reply(wire)
+        if not accepted:
+            return
+        assert client.op is not None
+        self.history.append(("ok", self.now, c, client.core.timestamp, result))
+        self.accepted += 1
+        client.op = None
+        self._schedule_issue(c)
+
+    def _schedule_issue(self, c: int) -> None:
+        """Client c's next request after a think time, while requests remain to issue."""
+        if self.scheduled >= self.options.requests:
+            return
+        self.scheduled += 1
+        self._push(self.now + self.rng.randint(0, self.clients[c].think_ms), _ISSUE, c, None)
+
+    def _on_fault(self, index: int, start: bool) -> None:
+        fault = self.faults[index]
+        self.history.append(("fault" if start else "heal", self.now, fault.describe()))
+        kind = fault.kind
+        if kind == "partition":
+            self.side = fault.side if start else None
+        elif kind == "loss":
+            self.loss_p = fault.loss_p if start else 0.0
+        elif kind == "delay":
+            self.delay_ms[fault.replica] = fault.delay_ms if start else 0
+        elif start:
+            self.up[fault.replica] = False
+        else:
+            self._restart(fault.replica)
+
+    def _restart(self, i: int) -> None:
+        assert not self.up[i]
+        self.incarnation[i] += 1
+        self.replicas[i] = self._restarted_replica(i)
+        self.up[i] = True
+        self.timer_at[i] = None
+        self._drain(i)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> SeedResult:
+        """Simulate until all requests are accepted or the liveness bound passes; check."""
+        options = self.options
+        for index, fault in enumerate(self.faults):
+            self._push(fault.start_ms, _FAULT_START, index, None)
+            self._push(fault.end_ms, _FAULT_END, index, None)
+        for c in range(len(self.clients)):
+            self._schedule_issue(c)
+        for i in range(len(self.replicas)):
+            self._drain(i)  # arms the first timers
+        deadline_ms = options.fault_ms + options.liveness_ms
+        error = None
+        try:
+            self._loop(deadline_ms)
+        except Exception as e:  # a replica's invariant or our own: report, do not crash
+            error = self._describe_error(e)
+            self.history.append(("error", self.now, error))
+        return self._result(error)
+
+    def _describe_error(self, e: Exception) -> str:
+        """One line: what was being handled, the exception and where it was raised."""
+        kind, target = self.current
+        what = _EVENT_NAMES.get(kind, "event")
+        who = "client" if kind in (_REPLY, _RETRANSMIT, _ISSUE) else "replica"
+        if kind in (_FAULT_START, _FAULT_END):
+            who, target = "fault", self.faults[target].describe()
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        text = "".join(traceback.format_exception_only(type(e), e)).strip()
+        return (f"{text} at {where.filename.rsplit('/', 1)[-1]}:{where.lineno} "
+                f"in {where.name}, {what} for {who} {target} at {self.now} ms")
+
+    def _loop(self, deadline_ms: int) -> None:
+        queue = self.queue
+        requests = self.options.requests
+        while queue and self.accepted < requests:
+            at_ms, _, kind, a, b = heapq.heappop(queue)
+            if at_ms > deadline_ms:
+                self.now = deadline_ms
+                return
+            assert at_ms >= self.now
+            self.now = at_ms
+            self.current = (kind, a)
+            if kind == _DELIVER:
+                self._on_deliver(a, b[0], b[1])
+            elif kind == _REPLY:
+                self._on_reply(a, b)
+            elif kind == _TIMER:
+                self._on_timer(a, b)
+            elif kind == _RETRANSMIT:
+                self._on_retransmit(a, b)
+            elif kind == _ISSUE:
+                self._on_issue(a)
+            elif kind == _FAULT_START:
+                self._on_fault(a, True)
+            else:
+                self._on_fault(a, False)
+
+    def _result(self, error: str | None) -> SeedResult:
+        options = self.options
+        checks = [check_safety(self.history), check_client_safety(self.history),
+                  check_liveness(self.history, options.requests,
+                                 options.fault_ms + options.liveness_ms)]
+        reasons = [f"{c.name}: {c.reason}" for c in checks if not c.valid]
+        if error is not None:  # the run stopped early: liveness says nothing
+            reasons = [r for r in reasons if not r.startswith("liveness")] + [f"error: {error}"]
+        # Severity: a safety violation outranks a replica error, which outranks liveness.
+        if not (checks[0].valid and checks[1].valid):
+            verdict = VERDICT_UNSAFE
+        elif error is not None:
+            verdict = VERDICT_ERROR
+        elif not checks[2].valid:
+            verdict = VERDICT_NOT_LIVE
+        else:
+            verdict = VERDICT_OK
+        views = {e[3] for e in self.history if e[0] == "view"}
+        return SeedResult(
+            seed=self.seed, verdict=verdict, reasons=reasons, checks=checks, sim_ms=self.now,
+            delivered=self.delivered, dropped=self.dropped, view_changes=len(views),
+            accepted=self.accepted, requests=options.requests, faults=len(self.faults),
+            history_digest=history_digest(self.history),
+            replay=options.replay_command(self.seed))
+
+
+# ---------------------------------------------------------------------- checkers
+# Each takes the history (tuples whose first two fields are kind and simulated ms) and returns a
+# Check. Replica events are (kind, ms, replica, *event fields); client ones (kind, ms, client,
+# timestamp, op or result).
+
+
+def history_digest(history: list[tuple[Any, ...]]) -> str:
+    """SHA-256 over the whole history, hex: equal digests mean identical runs."""
+    h = hashlib.sha256()
+    for entry in history:
+        h.update(repr(entry).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+_CHECKPOINT_EVENTS = ("checkpoint", "stable", "transferred")
+
+
+def check_safety(history: list[tuple[Any, ...]]) -> Check:
+    """No two replicas executed different ledger digests at one sequence number (the digest is
+    a hash chain: equal means the same history), and every checkpoint digest of a sequence
+    number (taken, stable or transferred: a snapshot's hash) is the same everywhere.
+    """
+    executed: dict[int, tuple[int, bytes]] = {}     # seq -> (first replica, ledger digest)
+    checkpoints: dict[int, tuple[int, bytes]] = {}  # seq -> (first replica, snapshot digest)
+    for entry in history:
+        kind = entry[0]
+        if kind == "executed":
+            seen = executed
+        elif kind in _CHECKPOINT_EVENTS:
+            seen = checkpoints
+        else:
+            continue
+        _, at_ms, replica, seq, digest = entry
+        first = seen.get(seq)
+        if first is None:
+            seen[seq] = (replica, digest)
+        elif first[1] != digest:
+            what = "executed" if kind == "executed" else "checkpoint"
+            return Check("safety", False,
+                         f"seq {seq}: {what} digests differ: replica {first[0]} has "
+                         f"{first[1].hex()[:12]}, replica {replica} {kind} "
+                         f"{digest.hex()[:12]} (at {at_ms} ms)")
+    return Check("safety", True)
+
+
+def check_client_safety(history: list[tuple[Any, ...]]) -> Check:
+    """Every accepted result of one (client, timestamp) is the same."""
+    results: dict[tuple[int, int], Any] = {}
+    for entry in history:
+        if entry[0] != "ok":
+            continue
+        _, at_ms, client, timestamp, result = entry
+        key = (client, timestamp)
+        if key in results and results[key] != result:
+            return Check("client-safety", False,
+                         f"client {client} request {timestamp}: accepted {results[key]!r} "
+                         f"and {result!r} (at {at_ms} ms)")
+        results[key] = result
+    return Check("client-safety", True)
+
+
+def check_liveness(history: list[tuple[Any, ...]], requests: int, bound_ms: int) -> Check:
+    """All ``requests`` requests were accepted by ``bound_ms`` (healing + the liveness bound)."""
+    invoked = {(e[2], e[3]): e[1] for e in history if e[0] == "invoke"}
+    done = {(e[2], e[3]) for e in history if e[0] == "ok" and e[1] <= bound_ms}
+    if len(done) >= requests:
+        return Check("liveness", True)
+    waiting = sorted(set(invoked) - done, key=lambda k: invoked[k])
+    detail = ""
+    if waiting:
+        c, ts = waiting[0]
+        detail = f"; oldest: client {c} request {ts} invoked at {invoked[(c, ts)]} ms"
+    return Check("liveness", False, f"{len(done)}/{requests} requests accepted by "
+                                    f"{bound_ms} ms{detail}")
+
+
+# ---------------------------------------------------------------------- entry points
+
+
+def run_seed(seed: int, options: SimOptions) -> SeedResult:
+    """Simulate one seed and check its history.
+
+    Raises:
+        SimError: the options are invalid.
+    """
+    return Simulation(seed, options).run()
+
+
+def run_many(options: SimOptions, seeds: Iterable[int],
+             progress: Callable[[SeedResult], None] | None = None) -> SimSummary:
+    """Run every seed in ``seeds`` (in order); call ``progress`` after each.
+
+    Raises:
+        SimError: the options are invalid (checked before the first seed).
+    """
+    options.check()
+    results: list[SeedResult] = []
+    start = time.perf_counter()
+    for seed in seeds:
+        result = run_seed(seed, options)
+        results.append(result)
+        if progress is not None:
+            progress(result)
+    return SimSummary(options=options, results=results,
+                      elapsed_s=time.perf_counter() - start)
+
+
+def parse_faults(text: str) -> tuple[str, ...]:
+    """``"crash,loss"`` -> ("crash", "loss"); ``"none"`` or ``""`` -> (); "all" -> every kind.
+
+    Raises:
+        SimError: an unknown kind.
+    """
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return ()
+    if text == "all":
+        return FAULT_KINDS
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    for k in kinds:
+        if k not in FAULT_KINDS:
+            raise SimError(f"unknown fault kind {k!r}: choose from {','.join(FAULT_KINDS)} "
+                           f"or none")
+    return kinds
+
+
+__all__ = ["FAULT_KINDS", "Check", "Fault", "SeedResult", "SimError", "SimOptions",
+           "SimSummary", "Simulation", "check_client_safety", "check_liveness", "check_safety",
+           "fault_schedule", "history_digest", "parse_faults", "run_many", "run_seed",
+           "seeded_keys"]
