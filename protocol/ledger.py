@@ -6,16 +6,17 @@
 # - Every op returns a result [ok, value]; a bad op is a failed result, never an exception.
 # - digest is a hash chain over (sequence, batch digest, results) of every executed batch:
 #   equal digests at a sequence mean equal histories, hence equal states, up to there.
-# - Memory is bounded: at most KEYS_MAX keys and ACCOUNTS_MAX accounts.
+# - Memory is bounded: at most KEYS_MAX keys and ACCOUNTS_MAX accounts, so a snapshot (what a
+#   checkpoint's digest covers and state transfer ships) stays within a few KB.
 import hashlib
 import struct
 
 from . import cbor
 
-KEYS_MAX = 256
-ACCOUNTS_MAX = 256
-_NAME_BYTES_MAX = 64
-_VALUE_BYTES_MAX = 256
+KEYS_MAX = 64
+ACCOUNTS_MAX = 64
+_NAME_BYTES_MAX = 32
+_VALUE_BYTES_MAX = 64
 _GENESIS_DIGEST = b"\x00" * 32
 
 
@@ -71,6 +72,22 @@ class Ledger:
         self.balances[src] = have - amount
         self.balances[dst] = self.balances.get(dst, 0) + amount
         return [True, self.balances[src]]
+
+    def state(self):
+        """The canonical state: [digest, [[account, balance]...], [[key, value]...]], sorted."""
+        return [self.digest, sorted([a, b] for a, b in self.balances.items()),
+                sorted([k, v] for k, v in self.kv.items())]
+
+    def load(self, state):
+        """Replace the state with one that state() produced (checked by the caller's digest)."""
+        digest, balances, kv = state
+        self.digest = digest
+        self.balances = {}
+        for account, amount in balances:
+            self.balances[account] = amount
+        self.kv = {}
+        for key, value in kv:
+            self.kv[key] = value
 
     def commit_batch(self, seq, batch_digest, results):
         """Fold one executed batch into the history digest; return the new digest."""

@@ -56,6 +56,16 @@ class Log:
             self.commits[i] = 0
         return i
 
+    def clear(self):
+        """Forget every slot (a new view starts from an empty log)."""
+        for i in range(self.window):
+            self.seqs[i] = 0
+            self.digests[i] = None
+            self.batches[i] = None
+            self.flags[i] = 0
+            self.prepares[i] = 0
+            self.commits[i] = 0
+
     def live(self, h):
         """Sequence numbers above ``h`` with a slot, ascending."""
         return sorted(s for s in self.seqs if s > h)
@@ -74,6 +84,12 @@ class Log:
         self.digests[i] = digest
         self.batches[i] = batch
         self.flags[i] |= _ACCEPTED
+
+    def attach(self, i, batch):
+        """Give the slot its batch when it came from elsewhere than the pre-prepare (the caller
+        checked it hashes to the slot's digest)."""
+        assert self.digests[i] is not None
+        self.batches[i] = batch
 
     # ---- votes
 
@@ -121,7 +137,9 @@ class Log:
         self.flags[i] |= _PREPARED
 
     def mark_committed(self, i):
-        assert self.flags[i] & _PREPARED
+        """Committed: our prepared certificate plus commits, or a commit certificate alone
+        (a lagging replica), either way with the batch in hand."""
+        assert self.batches[i] is not None
         self.flags[i] |= _COMMITTED
 
     def mark_executed(self, i):

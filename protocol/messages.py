@@ -17,9 +17,18 @@ PREPARE = 3      # [v, 3, replica, view, seq, digest]
 COMMIT = 4       # [v, 4, replica, view, seq, digest]
 REPLY = 5        # [v, 5, replica, view, client, timestamp, result]  auth: one tag (the client's)
 CHECKPOINT = 6   # [v, 6, replica, seq, digest]
+VIEW_CHANGE = 7  # [v, 7, replica, view, h, C, P, Q]                 see viewchange.py
+VC_ACK = 8       # [v, 8, replica, view, owner, vc digest]          VIEW-CHANGE-ACK
+NEW_VIEW = 9     # [v, 9, replica, view, [[sender, vc digest]...], min, [digest...]]
+STATUS = 10      # [v, 10, replica, view, limbo, h, last executed, [seq missing a batch...]]
+BATCH = 11       # [v, 11, replica, seq, digest, batch]             a batch body, by digest
+FETCH = 12       # [v, 12, replica, seq, digest, offset]             state transfer request
+CHUNK = 13       # [v, 13, replica, seq, digest, offset, total, data]  state transfer reply
 
 NAMES = {REQUEST: "request", PRE_PREPARE: "pre-prepare", PREPARE: "prepare", COMMIT: "commit",
-         REPLY: "reply", CHECKPOINT: "checkpoint"}
+         REPLY: "reply", CHECKPOINT: "checkpoint", VIEW_CHANGE: "view-change",
+         VC_ACK: "view-change-ack", NEW_VIEW: "new-view", STATUS: "status", BATCH: "batch",
+         FETCH: "fetch", CHUNK: "chunk"}
 
 DIGEST_BYTES = 32
 MESSAGE_BYTES_MAX = 2048  # an MQTT payload the device buffers whole; bounds a batch too
@@ -31,6 +40,9 @@ _U = 0    # unsigned int < 2**64
 _D = 1    # digest: bytes of DIGEST_BYTES
 _ANY = 2  # any CBOR value (op, result)
 _B = 3    # batch: list of bytes
+_L = 4    # list (its items are checked by the consumer)
+_BYTES = 5
+_BOOL = 6
 
 _FIELDS = {
     REQUEST: (("timestamp", _U), ("op", _ANY)),
@@ -39,6 +51,13 @@ _FIELDS = {
     COMMIT: (("view", _U), ("seq", _U), ("digest", _D)),
     REPLY: (("view", _U), ("client", _U), ("timestamp", _U), ("result", _ANY)),
     CHECKPOINT: (("seq", _U), ("digest", _D)),
+    VIEW_CHANGE: (("view", _U), ("h", _U), ("c", _L), ("p", _L), ("q", _L)),
+    VC_ACK: (("view", _U), ("owner", _U), ("digest", _D)),
+    NEW_VIEW: (("view", _U), ("vcs", _L), ("low", _U), ("chosen", _L)),
+    STATUS: (("view", _U), ("limbo", _BOOL), ("h", _U), ("last_exec", _U), ("missing", _L)),
+    BATCH: (("seq", _U), ("digest", _D), ("batch", _B)),
+    FETCH: (("seq", _U), ("digest", _D), ("offset", _U)),
+    CHUNK: (("seq", _U), ("digest", _D), ("offset", _U), ("total", _U), ("data", _BYTES)),
 }
 
 
@@ -77,6 +96,12 @@ def _check(kind_of_field, value):
             if type(item) is not bytes:
                 return False
         return True
+    if kind_of_field == _L:
+        return type(value) is list
+    if kind_of_field == _BYTES:
+        return type(value) is bytes
+    if kind_of_field == _BOOL:
+        return value is True or value is False
     return True
 
 

@@ -1,37 +1,68 @@
-# The PBFT replica, normal case (Castro and Liskov, TOCS 2002, section 4.2; PBFT-NOTES N1-N7).
+# The PBFT replica (Castro and Liskov, TOCS 2002; shared/PBFT-NOTES.md gives the rules cited).
 #
 # Rules:
-# - Sans-I/O: receive(wire, now_ms) is the only input. Outputs accumulate in self.out as
-#   (dest, wire) pairs (dest: TO_ALL, a replica id >= 0, or (TO_CLIENT, client id)) and
-#   events in self.events as tuples; the caller drains both after every call.
-# - Peer input never raises and never trips an assert: an ignore_* predicate drops it and
-#   counts why in self.drops. Asserts guard only our own invariants.
-# - Every quorum is by stake (stake.Stake): prepared = pre-prepare + matching prepares,
-#   committed = prepared + matching commits, stable = matching checkpoints, each > 2/3 stake.
-# - Memory is bounded by the window and allocated once: the log (protocol/log.py) is a ring
-#   of `window` = 2K slots in preallocated arrays; a slot drops its batch once executed;
-#   checkpoint votes only for multiples of K inside the window; the reply cache holds at most
-#   CLIENTS_MAX clients (evicted deterministically).
+# - Sans-I/O: receive(wire, now_ms), tick(now_ms) and suspect(now_ms) are the only inputs.
+#   Outputs accumulate in self.out as (dest, wire) pairs (dest: TO_ALL, a replica id >= 0, or
+#   (TO_CLIENT, client id)) and events in self.events as tuples; the caller drains both after
+#   every call. next_timer() says when tick() is next due.
+# - Peer input never raises and never trips an assert: a check drops it and counts why in
+#   self.drops. Asserts guard only our own invariants.
+# - Every quorum is by stake (stake.Stake): "2f+1" is more than 2/3 of stake, "f+1" more
+#   than 1/3 (PBFT-NOTES preamble).
+# - Normal case N1-N7; view change V1-V2, VC1-3, ACK1-4, NV1-3, BV1-4, AF1-3 with the
+#   decision procedure in viewchange.py; timers T1-T5 (doubling); STATUS as a negative
+#   acknowledgement (RT1-2); state transfer of a stable checkpoint's snapshot in chunks.
+# - A replica that lags executes a sequence number on a commit certificate (matching
+#   commits over 2/3 of stake in its view) plus a batch that hashes to the certified digest,
+#   even without its own prepare: the certificate proves correct replicas prepared it.
+# - Crash recovery (PBFT-NOTES RC3, the "bound" variant): durable() holds the view entered
+#   and the stable checkpoint; it changes once per view and per checkpoint (bounded flash
+#   writes). A restored replica never votes in its persisted view for a sequence number up
+#   to h + window, the most it may have voted on before the crash.
+# - Memory is bounded by the window: the log is a ring of 2K slots in preallocated arrays
+#   (protocol/log.py); batch bodies are kept until stable, within BODY_BYTES_MAX: a batch
+#   holds at most BODY_BYTES_MAX / (K + pipeline_max) bytes of requests, so the bodies up to
+#   the next checkpoint always fit and the primary can always reach it.
 import hashlib
 
 from . import auth, cbor
 from . import messages as m
+from . import viewchange as vc
 from .ledger import Ledger
 from .log import Log
 
 TO_ALL = -1
 TO_CLIENT = -2
 
-CLIENTS_MAX = 256
-PENDING_MAX = 512  # primary: requests waiting for a batch; beyond it clients retransmit
-REQUEST_BYTES_MAX = 512  # a request wire; a pre-prepare of batch_max requests must fit
-_PRE_PREPARE_OVERHEAD_BYTES = 128  # body fields and authenticator besides the batch
-_MACS_CLIENT_MAX = 64  # derived client keys kept; more are derived again on demand
+CLIENTS_MAX = 64         # reply cache entries: part of the snapshot, so bounded
+PENDING_MAX = 64         # primary: requests waiting for a batch; beyond it clients retransmit
+WAITING_MAX = 64         # requests seen and not executed (view-change timer, T1)
+REQUEST_BYTES_MAX = 256  # a request wire (a batch holds at least one)
+BODY_BYTES_MAX = 8192    # batch bodies kept until stable (re-proposal after a view change)
+CHUNK_BYTES = 1024       # state transfer chunk
+SNAPSHOT_BYTES_MAX = 32768
+STATUS_MS = 100          # retransmission period (RT1: at most once per 100 ms)
+VC_TIMEOUT_FACTOR_MAX = 32  # the doubling view-change timeout stops at 32 T
+CATCH_UP_MAX = 8         # sequence numbers answered per STATUS
+_PRE_PREPARE_OVERHEAD_BYTES = 128
+_MACS_CLIENT_MAX = 64
 
 
 def batch_digest(batch):
     """The digest a pre-prepare carries: SHA-256 of the CBOR array of request wires."""
     return hashlib.sha256(cbor.encode(batch)).digest()
+
+
+def presized(n):
+    """An empty dict whose table already holds ``n`` entries. MicroPython never shrinks a
+    dict's table on delete, so a long-lived table allocated once at start does not grow
+    in steps later, when a fragmented 100 KB heap may have no block that large."""
+    d = {}
+    for i in range(n):
+        d[-1 - i] = None
+    for i in range(n):
+        del d[-1 - i]
+    return d
 
 
 def client_key(client_secret, client):
@@ -42,8 +73,8 @@ def client_key(client_secret, client):
 class Replica:
     """One PBFT replica. ``keys[j]`` is the key shared with replica j (keys[me] unused)."""
 
-    def __init__(self, me, stake, keys, client_secret, genesis=None,
-                 checkpoint_interval=32, batch_max=16, pipeline_max=4):
+    def __init__(self, me, stake, keys, client_secret, genesis=None, checkpoint_interval=32,
+                 batch_max=16, pipeline_max=4, view_timeout_ms=1000):
         assert 0 <= me < stake.n
         assert len(keys) == stake.n
         assert checkpoint_interval > 0
@@ -51,32 +82,61 @@ class Replica:
         self.stake = stake
         self.macs = [auth.Mac(k) for k in keys]
         self.client_secret = client_secret
-        self.client_macs = {}
+        self.client_macs = presized(_MACS_CLIENT_MAX)
         self.ledger = Ledger(genesis)
         self.K = checkpoint_interval
         self.window = 2 * checkpoint_interval
         self.batch_max = batch_max
         self.pipeline_max = pipeline_max
+        self.view_timeout_ms = view_timeout_ms
+        self.batch_bytes_max = min(m.MESSAGE_BYTES_MAX - _PRE_PREPARE_OVERHEAD_BYTES,
+                                   BODY_BYTES_MAX // (checkpoint_interval + pipeline_max))
+        self.now = 0
         self.view = 0
-        self.seq = 0            # last sequence number assigned (primary)
-        self.h = 0              # last stable checkpoint
+        self.limbo = False        # between sending VIEW-CHANGE and installing the new view
+        self.no_vote_view = -1    # after a restore: no votes in this view ...
+        self.no_vote_seq = 0      # ... for sequence numbers up to this one
+        self.seq = 0              # last sequence number assigned (primary)
+        self.h = 0                # last stable checkpoint
         self.last_exec = 0
         self.log = Log(self.window, stake.n)
-        self.checkpoints = {}   # seq -> {replica: digest}
-        self.own_checkpoints = {}  # seq -> digest, for seq > h, and h itself
-        self.own_checkpoints[0] = self.ledger.digest
-        self.replies = {}       # client -> [timestamp, result, seq executed]
-        self.pending = []       # primary: request wires waiting for a batch
-        self.pending_ids = {}   # (client, timestamp) -> True for requests in pending
+        self.bodies = presized(self.window)     # digest -> [seq, batch], seq > h
+        self.body_bytes = 0
+        self.prepared_at = presized(self.window)  # seq -> [digest, view]: prepared (P)
+        self.voted_for = presized(self.window)    # seq -> [[digest, view]...] voted (Q), <= 2
+        self.checkpoints = {}     # seq -> {replica: digest}
+        self.snapshots = {}       # seq -> snapshot bytes (own checkpoints at and above h)
+        self.own_checkpoints = {}  # seq -> digest
+        self.replies = presized(CLIENTS_MAX)    # client -> [timestamp, result, seq executed]
+        self.pending = []         # primary: request wires waiting for a batch
+        self.pending_ids = presized(PENDING_MAX)  # (client, timestamp) of requests in pending
+        self.waiting = presized(WAITING_MAX)      # (client, timestamp): seen, not executed
+        self.vc_timeout = view_timeout_ms
+        self.vc_deadline = None   # view-change timer (T1-T3)
+        self.vcs = {}             # replica -> vc.ViewChange, its highest view
+        self.vc_wires = {}        # replica -> that VIEW-CHANGE's wire (to relay on STATUS)
+        self.acks = {}            # owner -> {acker: vc digest}, for self.view
+        self.acked = {}           # owner -> vc digest acknowledged by me in self.view
+        self.new_view = None      # NEW-VIEW of self.view waiting for its VIEW-CHANGEs
+        self.nv_wire = None       # primary: the NEW-VIEW it sent for self.view
+        self.missing = {}         # seq -> digest whose batch we lack (A3, BV5)
+        self.transfer = None      # [seq, digest, buffer, offset, source] while fetching state
+        self.status_due = 0
+        self.progress_mark = 0    # last_exec at the previous tick
+        self.answered = {}        # replica -> time of our last answer to its STATUS
+        self.behind = False       # saw a message of a higher view
+        self.dirty = True         # durable() changed since the caller last saved it
         self.out = []
         self.events = []
-        self.drops = {}         # reason -> count
-        self.counts = {"rx": 0, "tx": 0, "executed_requests": 0}
+        self.drops = {}
+        self.counts = {"rx": 0, "tx": 0, "executed_requests": 0, "view_changes": 0}
+        self._checkpoint(0)
+        self.h = 0
 
     # ----------------------------------------------------------------- helpers
 
-    def primary(self):
-        return self.stake.primary(self.view)
+    def primary(self, view=None):
+        return self.stake.primary(self.view if view is None else view)
 
     def is_primary(self):
         return self.primary() == self.me
@@ -85,16 +145,20 @@ class Replica:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         return True
 
-    def _broadcast(self, kind, *fields):
+    def _send(self, dest, kind, *fields):
         body = m.body(kind, self.me, *fields)
-        self.out.append((TO_ALL, body + auth.authenticator(self.macs, body)))
+        self.out.append((dest, body + auth.authenticator(self.macs, body)))
         self.counts["tx"] += 1
+
+    def _broadcast(self, kind, *fields):
+        self._send(TO_ALL, kind, *fields)
 
     def _client_mac(self, client):
         mac = self.client_macs.get(client)
         if mac is None:
             if len(self.client_macs) >= _MACS_CLIENT_MAX:
-                self.client_macs.clear()
+                for c in list(self.client_macs):
+                    del self.client_macs[c]
             mac = auth.Mac(client_key(self.client_secret, client))
             self.client_macs[client] = mac
         return mac
@@ -109,14 +173,24 @@ class Replica:
     def _in_window(self, seq):
         return self.h < seq <= self.h + self.window
 
+    def _may_vote(self, seq):
+        return not (self.view == self.no_vote_view and seq <= self.no_vote_seq)
+
+    def recovering(self):
+        """True after a restore until every sequence number it may have voted on before the
+        crash is stable. Until then it counts toward f: its VIEW-CHANGEs may omit what it
+        prepared before the crash (PBFT-NOTES RC2, RC3)."""
+        return self.h < self.no_vote_seq
+
     def live_slots(self):
         """Sequence numbers with a live slot (h < seq), for tests and status."""
         return self.log.live(self.h)
 
-    # ----------------------------------------------------------------- input
+    # ----------------------------------------------------------------- inputs
 
     def receive(self, wire, now_ms):
         """Handle one message from the network (any bytes)."""
+        self.now = now_ms
         self.counts["rx"] += 1
         try:
             msg = m.decode(wire)
@@ -133,6 +207,30 @@ class Replica:
         handler(self, msg)
         self._check_invariants()
 
+    def tick(self, now_ms):
+        """Fire the timers due at ``now_ms``: view change (T1-T3) and retransmission (RT1)."""
+        self.now = now_ms
+        if self.vc_deadline is not None and now_ms >= self.vc_deadline:
+            self._start_view_change(self.view + 1)
+        if now_ms >= self.status_due:
+            self.status_due = now_ms + STATUS_MS
+            self._retransmit()
+        self._check_invariants()
+
+    def next_timer(self):
+        """When tick() is next due (ms)."""
+        if self.vc_deadline is not None and self.vc_deadline < self.status_due:
+            return self.vc_deadline
+        return self.status_due
+
+    def suspect(self, now_ms):
+        """The failure detector suspects the primary: start a view change (V1)."""
+        self.now = now_ms
+        if not self.limbo and not self.is_primary():
+            self._start_view_change(self.view + 1)
+
+    # ----------------------------------------------------------------- requests
+
     def on_request(self, msg):
         cached = self.replies.get(msg.sender)
         if cached is not None and msg.timestamp <= cached[0]:
@@ -141,13 +239,17 @@ class Replica:
             else:
                 self._drop("old request")
             return
-        if not self.is_primary():
-            return  # the primary batches it; backups watch it later (view-change timers)
-        key = (msg.sender, msg.timestamp)
-        if key in self.pending_ids:
-            return
         if len(msg.body) + len(msg.auth) > REQUEST_BYTES_MAX:
             self._drop("request too large")
+            return
+        key = (msg.sender, msg.timestamp)
+        if key not in self.waiting and len(self.waiting) < WAITING_MAX:
+            self.waiting[key] = True
+        if not self.is_primary() or self.limbo:
+            if self.vc_deadline is None and not self.limbo and key in self.waiting:
+                self.vc_deadline = self.now + self.vc_timeout  # T1
+            return
+        if key in self.pending_ids:
             return
         if len(self.pending) >= PENDING_MAX:
             self._drop("pending full")
@@ -156,9 +258,35 @@ class Replica:
         self.pending.append(msg.body + msg.auth)
         self._cut_batches()
 
+    def _cut_batches(self):
+        """Primary: turn pending requests into pre-prepares while the pipeline has room."""
+        if not self.is_primary() or self.limbo:
+            return
+        while (self.pending and self.seq - self.last_exec < self.pipeline_max
+               and self.seq + 1 <= self.h + self.window and self._may_vote(self.seq + 1)):
+            count = 0
+            size = 0
+            while count < min(self.batch_max, len(self.pending)):
+                size += len(self.pending[count])
+                if size > self.batch_bytes_max and count:
+                    break
+                count += 1
+            batch = self.pending[:count]
+            del self.pending[:count]
+            self.seq += 1
+            digest = batch_digest(batch)
+            i = self.log.claim(self.seq)
+            self._accept(i, self.seq, digest, batch)
+            self._broadcast(m.PRE_PREPARE, self.view, self.seq, digest, batch)
+            self._check_prepared(self.seq, i)
+
+    # ----------------------------------------------------------------- normal case
+
     def ignore_phase(self, msg):
-        """Common checks for pre-prepare, prepare and commit; True to drop."""
-        if msg.view != self.view:
+        """Common checks for pre-prepare, prepare and commit (N2, N6); True to drop."""
+        if msg.view != self.view or self.limbo:
+            if msg.view > self.view:
+                self.behind = True  # N6: a higher view exists: ask with STATUS
             return self._drop("wrong view")
         if not self._in_window(msg.seq):
             return self._drop("outside window")
@@ -181,16 +309,39 @@ class Replica:
             self._drop("bad batch")
             return
         self._accept(i, msg.seq, msg.digest, msg.batch)
-        self._broadcast(m.PREPARE, self.view, msg.seq, msg.digest)
         self._check_prepared(msg.seq, i)
 
     def _accept(self, i, seq, digest, batch):
+        """Log the pre-prepare of ``seq``; a backup multicasts its PREPARE (N2, N3)."""
         log = self.log
         log.accept(i, digest, batch)
-        # The primary's pre-prepare stands for its prepare (PBFT-NOTES N3).
-        log.vote(log.prepares, i, self.primary(), digest)
+        if batch is not None:
+            self._keep_body(seq, digest, batch)
+        log.vote(log.prepares, i, self.primary(), digest)  # the pre-prepare is its prepare
+        if not self._may_vote(seq):
+            return
+        self._voted(seq, digest)
         if not self.is_primary():
             log.vote(log.prepares, i, self.me, digest)
+            self._broadcast(m.PREPARE, self.view, seq, digest)
+
+    def _keep_body(self, seq, digest, batch):
+        if digest not in self.bodies:
+            self.bodies[digest] = [seq, batch]
+            for wire in batch:
+                self.body_bytes += len(wire)
+
+    def _voted(self, seq, digest):
+        """Record a pre-prepare or prepare sent for (seq, digest) in this view (Q)."""
+        entries = self.voted_for.get(seq)
+        if entries is None:
+            entries = self.voted_for[seq] = []
+        for entry in entries:
+            if entry[0] == digest:
+                entry[1] = self.view
+                return
+        entries.insert(0, [digest, self.view])
+        del entries[2:]
 
     def _batch_valid(self, batch):
         if len(batch) > self.batch_max:
@@ -220,7 +371,7 @@ class Replica:
     def _on_vote(self, msg, votes):
         log = self.log
         i = log.claim(msg.seq)
-        if log.committed(i) or log.voted(votes, i, msg.sender):
+        if log.executed(i) or log.voted(votes, i, msg.sender):
             return
         if not log.vote(votes, i, msg.sender, msg.digest):
             self._drop("vote for another digest")
@@ -230,26 +381,6 @@ class Replica:
         else:
             self._check_committed(msg.seq, i)
 
-    def on_checkpoint(self, msg):
-        if msg.seq <= self.h or msg.seq > self.h + self.window or msg.seq % self.K:
-            self._drop("checkpoint outside window")
-            return
-        votes = self.checkpoints.get(msg.seq)
-        if votes is None:
-            votes = self.checkpoints[msg.seq] = {}
-        votes[msg.sender] = msg.digest
-        self._check_stable(msg.seq)
-
-    # ----------------------------------------------------------------- certificates
-
-    def _stake_matching(self, votes, digest):
-        """Stake of the replicas whose vote in ``votes`` (replica -> digest) is ``digest``."""
-        s = 0
-        for j in votes:
-            if votes[j] == digest:
-                s += self.stake.weights[j]
-        return s
-
     def _check_prepared(self, seq, i):
         log = self.log
         if log.prepared(i) or not log.accepted(i):
@@ -257,33 +388,27 @@ class Replica:
         if not self.stake.is_quorum(log.stake(log.prepares, i, self.stake.weights)):
             return
         log.mark_prepared(i)
-        log.vote(log.commits, i, self.me, log.digests[i])
-        self._broadcast(m.COMMIT, self.view, seq, log.digests[i])
+        self.prepared_at[seq] = [log.digests[i], self.view]
+        if self._may_vote(seq):
+            log.vote(log.commits, i, self.me, log.digests[i])
+            self._broadcast(m.COMMIT, self.view, seq, log.digests[i])
         self._check_committed(seq, i)
 
     def _check_committed(self, seq, i):
         log = self.log
-        if log.committed(i) or not log.prepared(i):
+        if log.committed(i) or log.digests[i] is None:
             return
         if not self.stake.is_quorum(log.stake(log.commits, i, self.stake.weights)):
             return
+        if log.batches[i] is None:
+            body = self.bodies.get(log.digests[i])
+            if body is None:
+                if seq > self.last_exec:
+                    self.missing[seq] = log.digests[i]
+                return
+            log.attach(i, body[1])
         log.mark_committed(i)
         self._execute_ready()
-
-    def _check_stable(self, seq):
-        own = self.own_checkpoints.get(seq)
-        votes = self.checkpoints.get(seq)
-        if own is None or votes is None:
-            return
-        if not self.stake.is_quorum(self._stake_matching(votes, own)):
-            return
-        self.h = seq
-        for old in [s for s in self.checkpoints if s <= seq]:
-            del self.checkpoints[old]
-        for old in [s for s in self.own_checkpoints if s < seq]:
-            del self.own_checkpoints[old]
-        self.events.append(("stable", seq, own))
-        self._cut_batches()
 
     # ----------------------------------------------------------------- execution
 
@@ -303,6 +428,9 @@ class Replica:
         results = []
         for wire in log.batches[i]:
             req = m.decode(wire)  # validated when the pre-prepare was accepted
+            key = (req.sender, req.timestamp)
+            self.waiting.pop(key, None)
+            self.pending_ids.pop(key, None)
             cached = self.replies.get(req.sender)
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
@@ -310,19 +438,22 @@ class Replica:
             self._cache_reply(req.sender, req.timestamp, result, seq)
             self._send_reply(req.sender, req.timestamp, result)
             results.append([req.sender, req.timestamp, result])
-            self.pending_ids.pop((req.sender, req.timestamp), None)
         self.counts["executed_requests"] += len(results)
         log.mark_executed(i)
+        self.missing.pop(seq, None)
         self.last_exec = seq
+        if self.seq < seq:
+            self.seq = seq  # never assign a sequence number that executed already
         digest = self.ledger.commit_batch(seq, log.digests[i], results)
         self.events.append(("executed", seq, digest))
+        if results:
+            self.vc_timeout = self.view_timeout_ms  # T5: reset once a request executes
+        self.vc_deadline = None  # T1: stop, restart below if requests still wait
+        if self.waiting and not self.is_primary():
+            self.vc_deadline = self.now + self.vc_timeout
         if seq % self.K == 0:
-            self.own_checkpoints[seq] = digest
-            votes = self.checkpoints.get(seq)
-            if votes is None:
-                votes = self.checkpoints[seq] = {}
-            votes[self.me] = digest
-            self._broadcast(m.CHECKPOINT, seq, digest)
+            self._checkpoint(seq)
+            self._broadcast(m.CHECKPOINT, seq, self.own_checkpoints[seq])
             self._check_stable(seq)
 
     def _cache_reply(self, client, timestamp, result, seq):
@@ -334,32 +465,456 @@ class Replica:
 
     def _send_reply(self, client, timestamp, result):
         body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
-        tag = self._client_mac(client).tag(body)
-        self.out.append(((TO_CLIENT, client), body + tag))
+        self.out.append(((TO_CLIENT, client), body + self._client_mac(client).tag(body)))
         self.counts["tx"] += 1
 
-    # ----------------------------------------------------------------- primary
+    # ----------------------------------------------------------------- checkpoints
 
-    def _cut_batches(self):
-        """Primary: turn pending requests into pre-prepares while the pipeline has room."""
-        if not self.is_primary():
+    def snapshot(self):
+        """The canonical bytes of the executed state: ledger and reply cache (sorted)."""
+        replies = sorted([c] + self.replies[c] for c in self.replies)
+        return cbor.encode([self.last_exec, self.ledger.state(), replies])
+
+    def _checkpoint(self, seq):
+        """Take the checkpoint of ``seq`` (just executed): its snapshot and digest (N7)."""
+        snap = self.snapshot()
+        digest = hashlib.sha256(snap).digest()
+        self.snapshots[seq] = snap
+        self.own_checkpoints[seq] = digest
+        votes = self.checkpoints.get(seq)
+        if votes is None:
+            votes = self.checkpoints[seq] = {}
+        votes[self.me] = digest
+        self.events.append(("checkpoint", seq, digest))
+
+    def on_checkpoint(self, msg):
+        if msg.seq <= self.h or msg.seq % self.K:
             return
-        while (self.pending and self.seq - self.last_exec < self.pipeline_max
-               and self.seq + 1 <= self.h + self.window):
-            count = 0
-            size = _PRE_PREPARE_OVERHEAD_BYTES
-            while count < min(self.batch_max, len(self.pending)):
-                size += len(self.pending[count]) + 3
-                if size > m.MESSAGE_BYTES_MAX:
-                    break
-                count += 1
-            batch = self.pending[:count]
-            del self.pending[:count]
-            self.seq += 1
-            digest = batch_digest(batch)
-            self._accept(self.log.claim(self.seq), self.seq, digest, batch)
-            self._broadcast(m.PRE_PREPARE, self.view, self.seq, digest, batch)
-            self._check_prepared(self.seq, self.seq % self.window)
+        if msg.seq > self.h + 2 * self.window:
+            self._drop("checkpoint far ahead")
+            return
+        votes = self.checkpoints.get(msg.seq)
+        if votes is None:
+            votes = self.checkpoints[msg.seq] = {}
+        votes[msg.sender] = msg.digest
+        self._check_stable(msg.seq)
+        self._maybe_fetch_state(msg.seq, msg.digest)
+
+    def _stake_matching(self, votes, digest):
+        """Stake of the replicas whose vote in ``votes`` (replica -> digest) is ``digest``."""
+        s = 0
+        for j in votes:
+            if votes[j] == digest:
+                s += self.stake.weights[j]
+        return s
+
+    def _check_stable(self, seq):
+        own = self.own_checkpoints.get(seq)
+        votes = self.checkpoints.get(seq)
+        if own is None or votes is None or seq <= self.h:
+            return
+        if self.stake.is_quorum(self._stake_matching(votes, own)):
+            self._mark_stable(seq)
+
+    def _mark_stable(self, seq):
+        """Checkpoint ``seq`` is stable: move h and collect everything at or below it."""
+        assert seq >= self.h
+        assert seq in self.own_checkpoints
+        self.h = seq
+        for table in (self.checkpoints, self.prepared_at, self.voted_for, self.missing):
+            for old in [s for s in table if s <= seq]:
+                del table[old]
+        for table in (self.snapshots, self.own_checkpoints):
+            for old in [s for s in table if s < seq]:
+                del table[old]
+        for digest in [d for d in self.bodies if self.bodies[d][0] <= seq]:
+            for wire in self.bodies.pop(digest)[1]:
+                self.body_bytes -= len(wire)
+        if self.transfer is not None and self.transfer[0] <= seq:
+            self.transfer = None  # caught up by executing: the fetch is moot
+        self.dirty = True
+        self.events.append(("stable", seq, self.own_checkpoints[seq]))
+        self._cut_batches()
+
+    # ----------------------------------------------------------------- state transfer
+
+    def _maybe_fetch_state(self, seq, digest):
+        """Fetch checkpoint (seq, digest) once replicas with over 1/3 of stake vouch for it
+        and we have not executed up to it (N7: a lagging replica)."""
+        if self.transfer is not None or seq <= self.last_exec:
+            return
+        stuck = self.last_exec == self.progress_mark
+        if seq <= self.last_exec + self.K and not (self.limbo or stuck):
+            return  # close behind and moving: normal catch-up gets us there
+        votes = self.checkpoints.get(seq, {})
+        if self.stake.is_weak(self._stake_matching(votes, digest)):
+            sources = [j for j in votes if votes[j] == digest and j != self.me]
+            self._start_transfer(seq, digest, sources)
+
+    def _start_transfer(self, seq, digest, sources):
+        self.transfer = [seq, digest, bytearray(), 0, sources, 0]
+        self._fetch_next()
+
+    def _fetch_next(self):
+        t = self.transfer
+        source = t[4][t[5] % len(t[4])]
+        self._send(source, m.FETCH, t[0], t[1], len(t[2]))
+
+    def on_fetch(self, msg):
+        snap = self.snapshots.get(msg.seq)
+        if snap is None or self.own_checkpoints.get(msg.seq) != msg.digest:
+            self._drop("fetch of a state not held")
+            return
+        if msg.offset > len(snap):
+            return
+        data = snap[msg.offset:msg.offset + CHUNK_BYTES]
+        self._send(msg.sender, m.CHUNK, msg.seq, msg.digest, msg.offset, len(snap), data)
+
+    def on_chunk(self, msg):
+        t = self.transfer
+        if t is None or msg.seq != t[0] or msg.digest != t[1] or msg.offset != len(t[2]):
+            return
+        if msg.total > SNAPSHOT_BYTES_MAX or len(t[2]) + len(msg.data) > msg.total:
+            self._drop("bad chunk")
+            return
+        t[2].extend(msg.data)
+        if len(t[2]) < msg.total:
+            self._fetch_next()
+            return
+        snap = bytes(t[2])
+        self.transfer = None
+        if hashlib.sha256(snap).digest() != t[1]:
+            self._drop("state digest mismatch")
+            return
+        if t[0] > self.last_exec:
+            self._install_snapshot(t[0], t[1], snap)
+
+    def _install_snapshot(self, seq, digest, snap):
+        """Adopt a verified snapshot of checkpoint ``seq`` as our executed and stable state."""
+        last_exec, state, replies = cbor.decode(snap)
+        assert last_exec == seq
+        assert seq > self.last_exec or seq == 0
+        self.ledger.load(state)
+        for c in list(self.replies):
+            del self.replies[c]
+        for entry in replies:
+            self.replies[entry[0]] = entry[1:]
+        self.last_exec = seq
+        self.snapshots[seq] = snap
+        self.own_checkpoints[seq] = digest
+        votes = self.checkpoints.get(seq)
+        if votes is None:
+            votes = self.checkpoints[seq] = {}
+        votes[self.me] = digest
+        if self.seq < seq:
+            self.seq = seq
+        for key in list(self.waiting):
+            del self.waiting[key]
+        self.events.append(("transferred", seq, digest))
+        self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
+        self._mark_stable(seq)
+        self._execute_ready()
+
+    # ----------------------------------------------------------------- view change
+
+    def _start_view_change(self, view):
+        """Move to ``view`` and multicast VIEW-CHANGE (V2); also T3 and T4 come here."""
+        assert view > self.view or (view == self.view and not self.limbo)
+        self.view = view
+        self.limbo = True
+        self.counts["view_changes"] += 1
+        self.vc_timeout = min(2 * self.vc_timeout,  # T5: T, 2T, 4T ...
+                              VC_TIMEOUT_FACTOR_MAX * self.view_timeout_ms)
+        self.vc_deadline = None                   # T2: not until 2f+1 VIEW-CHANGEs
+        self.log.clear()
+        del self.pending[:]
+        for key in list(self.pending_ids):
+            del self.pending_ids[key]
+        self.acks = {}
+        self.acked = {}
+        self.new_view = None
+        self.nv_wire = None
+        self.dirty = True
+        c = [[s, self.own_checkpoints[s]] for s in sorted(self.own_checkpoints)]
+        p = [[s, e[0], e[1]] for s, e in sorted(self.prepared_at.items())]
+        q = []
+        for s in sorted(self.voted_for):
+            for d, v in self.voted_for[s]:
+                q.append([s, d, v])
+        body = m.body(m.VIEW_CHANGE, self.me, view, self.h, c, p, q)
+        wire = body + auth.authenticator(self.macs, body)
+        self.out.append((TO_ALL, wire))
+        self.counts["tx"] += 1
+        own = vc.ViewChange(self.me, view, self.h, c, p, q, hashlib.sha256(body).digest())
+        self.vcs[self.me] = own
+        self.vc_wires[self.me] = wire
+        self.events.append(("view_change", view))
+        for j in self.vcs:
+            if j != self.me and self.vcs[j].view == view:
+                self._ack(self.vcs[j])
+        self._after_view_change_input()
+
+    def on_view_change(self, msg):
+        if not vc.valid_shape(msg.view, msg.h, msg.c, msg.p, msg.q, self.K, self.window):
+            self._drop("bad view-change")
+            return
+        known = self.vcs.get(msg.sender)
+        if known is not None and msg.view <= known.view:
+            if msg.view == self.view and not self.limbo and self.is_primary():
+                self._resend_new_view(msg.sender)
+            return
+        digest = hashlib.sha256(msg.body).digest()
+        self.vcs[msg.sender] = vc.ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p,
+                                             msg.q, digest)
+        self.vc_wires[msg.sender] = msg.body + msg.auth
+        if msg.view == self.view:
+            self._ack(self.vcs[msg.sender])
+            if not self.limbo and self.is_primary():
+                self._resend_new_view(msg.sender)
+        self._after_view_change_input()
+
+    def _ack(self, change):
+        """ACK1: acknowledge a VIEW-CHANGE of our view (broadcast: PBFT-NOTES 7.2)."""
+        if self.me == self.primary() or change.sender == self.primary():
+            return
+        if change.sender in self.acked:
+            return
+        self.acked[change.sender] = change.digest
+        self._broadcast(m.VC_ACK, self.view, change.sender, change.digest)
+
+    def on_vc_ack(self, msg):
+        if msg.view != self.view or msg.sender == msg.owner or msg.owner >= self.stake.n:
+            return
+        if msg.sender == self.primary():
+            return
+        acks = self.acks.get(msg.owner)
+        if acks is None:
+            acks = self.acks[msg.owner] = {}
+        acks[msg.sender] = msg.digest
+        self._after_view_change_input()
+
+    def _after_view_change_input(self):
+        self._join_higher_view()
+        if not self.limbo:
+            return
+        if self.vc_deadline is None and not self.is_primary():
+            at_or_above = [j for j in self.vcs if self.vcs[j].view >= self.view]
+            if self.stake.is_quorum(self.stake.of(at_or_above)):
+                self.vc_deadline = self.now + self.vc_timeout  # T2
+        if self.is_primary():
+            self._try_new_view()
+        elif self.new_view is not None:
+            self._try_install(self.new_view)
+
+    def _join_higher_view(self):
+        """T4: if replicas with over 1/3 of stake are in higher views, join the lowest."""
+        views = sorted([(self.vcs[j].view, j) for j in self.vcs if j != self.me], reverse=True)
+        s = 0
+        for view, j in views:
+            s += self.stake.weights[j]
+            if self.stake.is_weak(s):
+                if view > self.view:
+                    self._start_view_change(view)
+                return
+
+    def _in_set(self, change):
+        """ACK4: a VIEW-CHANGE enters S when its sender, the primary and ackers that saw the
+        same digest hold over 2/3 of stake (the primary's own enters at once)."""
+        if change.view != self.view:
+            return False
+        if change.sender == self.primary():
+            return True
+        acks = self.acks.get(change.sender, {})
+        holders = [change.sender, self.primary()]
+        for j in acks:
+            if acks[j] == change.digest and j not in holders:
+                holders.append(j)
+        return self.stake.is_quorum(self.stake.of(holders))
+
+    def _try_new_view(self):
+        """NV1-NV3: the new primary decides and installs as soon as S allows."""
+        members = [self.vcs[j] for j in sorted(self.vcs) if self._in_set(self.vcs[j])]
+        decision = vc.decide(members, self.stake)
+        if decision is None:
+            return
+        listed = [[c.sender, c.digest] for c in members]
+        body = m.body(m.NEW_VIEW, self.me, self.view, listed, decision[0], decision[2])
+        self.nv_wire = body + auth.authenticator(self.macs, body)
+        self.out.append((TO_ALL, self.nv_wire))
+        self.counts["tx"] += 1
+        self._install(decision)
+
+    def _resend_new_view(self, dest):
+        if self.nv_wire is not None:
+            self.out.append((dest, self.nv_wire))
+            self.counts["tx"] += 1
+
+    def on_new_view(self, msg):
+        if msg.view < self.view or msg.sender != self.primary(msg.view):
+            return
+        if msg.view == self.view and not self.limbo:
+            return
+        if msg.view > self.view:
+            self._start_view_change(msg.view)
+        self.new_view = msg
+        self._try_install(msg)
+
+    def _try_install(self, msg):
+        """BV1-BV3: install once we hold every listed VIEW-CHANGE and the decision matches."""
+        members = []
+        for entry in msg.vcs:
+            if type(entry) is not list or len(entry) != 2:
+                self.new_view = None
+                return
+            change = self.vcs.get(entry[0])
+            if change is None or change.view != msg.view or change.digest != entry[1]:
+                return  # wait: STATUS gets it retransmitted (BV2)
+            members.append(change)
+        decision = vc.decide(members, self.stake)
+        if decision is None or decision[0] != msg.low or decision[2] != msg.chosen:
+            self._drop("bad new-view")  # BV4: let the timer move us on
+            self.new_view = None
+            return
+        self._install(decision)
+
+    def _install(self, decision):
+        """AF1-AF3: leave limbo and re-prepare the chosen batches in the new view."""
+        low, low_digest, chosen = decision
+        self.limbo = False
+        self.new_view = None
+        self.missing = {}
+        self.vc_deadline = None
+        if self.waiting and not self.is_primary():
+            self.vc_deadline = self.now + self.vc_timeout
+        self.events.append(("view", self.view))
+        if self.last_exec < low and self.transfer is None:
+            sources = [j for j in self.vcs if j != self.me and
+                       [low, low_digest] in self.vcs[j].c]
+            self._start_transfer(low, low_digest, sources)
+        seq = low
+        for digest in chosen:
+            seq += 1
+            if not self._in_window(seq):
+                continue  # at or below our stable checkpoint: nothing to re-prepare
+            i = self.log.claim(seq)
+            body = self.bodies.get(digest)
+            if digest == vc.NULL_DIGEST:
+                batch = []
+            elif body is not None:
+                batch = body[1]
+            else:
+                batch = None
+                if seq > self.last_exec:
+                    self.missing[seq] = digest
+            self._accept(i, seq, digest, batch)
+            self._check_prepared(seq, i)
+        if self.is_primary():
+            self.seq = max(seq, self.last_exec, self.h)
+            self._cut_batches()
+
+    # ----------------------------------------------------------------- retransmission
+
+    def _retransmit(self):
+        """RT1: when stuck, multicast STATUS; in limbo also repeat our VIEW-CHANGE."""
+        stuck = self.last_exec == self.progress_mark
+        self.progress_mark = self.last_exec
+        if self.transfer is not None:
+            t = self.transfer
+            t[5] += 1  # try the next source
+            self._fetch_next()
+            return
+        if self.limbo:
+            self.out.append((TO_ALL, self.vc_wires[self.me]))
+            self.counts["tx"] += 1
+        elif not (self.behind or stuck and (self.waiting or self.missing or self.live_slots())):
+            return
+        self.behind = False
+        missing = sorted(self.missing)[:CATCH_UP_MAX]
+        self._broadcast(m.STATUS, self.view, self.limbo, self.h, self.last_exec, missing)
+
+    def on_status(self, msg):
+        """RT2: answer a replica that is behind with what it lacks."""
+        last = self.answered.get(msg.sender, -STATUS_MS)
+        if self.now - last < STATUS_MS:
+            return
+        self.answered[msg.sender] = self.now
+        j = msg.sender
+        if msg.view < self.view or (msg.view == self.view and msg.limbo):
+            if self.me in self.vc_wires and self.vcs[self.me].view == self.view:
+                self.out.append((j, self.vc_wires[self.me]))
+            for k in self.vcs:
+                if k != self.me and self.vcs[k].view == self.view:
+                    self.out.append((j, self.vc_wires[k]))  # BV2: relay what we verified
+            if self.is_primary() and not self.limbo:
+                self._resend_new_view(j)
+            return
+        if msg.view != self.view or self.limbo:
+            return
+        if msg.h < self.h and self.h in self.own_checkpoints:
+            self._send(j, m.CHECKPOINT, self.h, self.own_checkpoints[self.h])
+        for seq in msg.missing:
+            if type(seq) is int:
+                self._send_batch(j, seq)
+        top = min(self.last_exec, msg.last_exec + CATCH_UP_MAX)
+        for seq in range(max(msg.last_exec, self.h) + 1, self.h + self.window + 1):
+            i = self.log.find(seq)
+            if i < 0:
+                continue
+            d = self.log.digests[i]
+            if self.log.committed(i) and seq <= top:
+                self._send(j, m.COMMIT, self.view, seq, d)
+                self._send_batch(j, seq)
+            elif self.log.voted(self.log.prepares, i, self.me) and self._may_vote(seq):
+                if self.is_primary():
+                    self._send(j, m.PRE_PREPARE, self.view, seq, d, self.log.batches[i])
+                else:
+                    self._send(j, m.PREPARE, self.view, seq, d)
+            if self.log.voted(self.log.commits, i, self.me) and seq > top:
+                self._send(j, m.COMMIT, self.view, seq, d)
+
+    def _send_batch(self, dest, seq):
+        i = self.log.find(seq)
+        if i < 0 or self.log.digests[i] is None:
+            return
+        body = self.bodies.get(self.log.digests[i])
+        if body is not None:
+            self._send(dest, m.BATCH, seq, self.log.digests[i], body[1])
+
+    def on_batch(self, msg):
+        i = self.log.find(msg.seq)
+        if i < 0 or self.log.digests[i] != msg.digest or self.log.batches[i] is not None:
+            return
+        if batch_digest(msg.batch) != msg.digest or not self._batch_valid(msg.batch):
+            self._drop("bad batch")
+            return
+        self._keep_body(msg.seq, msg.digest, msg.batch)
+        self.missing.pop(msg.seq, None)
+        if self.log.accepted(i):
+            self.log.attach(i, msg.batch)
+            self._check_prepared(msg.seq, i)
+        self._check_committed(msg.seq, i)
+
+    # ----------------------------------------------------------------- durability
+
+    def durable(self):
+        """What must survive a crash (RC3): [view, h, snapshot of h]; see the header."""
+        self.dirty = False
+        return cbor.encode([self.view, self.h, self.snapshots[self.h]])
+
+    @classmethod
+    def restore(cls, saved, me, stake, keys, client_secret, **kwargs):
+        """Rebuild a replica from durable() bytes after a reboot."""
+        r = cls(me, stake, keys, client_secret, **kwargs)
+        view, h, snap = cbor.decode(saved)
+        r.view = view
+        r.no_vote_view = view
+        r.no_vote_seq = h + r.window
+        if h:
+            r.checkpoints = {}
+            r._install_snapshot(h, hashlib.sha256(snap).digest(), snap)
+        r.vc_timeout = r.view_timeout_ms
+        r.events.append(("restored", view, h))
+        return r
 
     # ----------------------------------------------------------------- invariants
 
@@ -368,8 +923,11 @@ class Replica:
         assert self.h % self.K == 0
         assert len(self.replies) <= CLIENTS_MAX
         assert len(self.pending) <= PENDING_MAX
-        if self.is_primary():
+        assert len(self.waiting) <= WAITING_MAX
+        if self.is_primary() and not self.limbo:
             assert self.seq >= self.last_exec
+        if self.transfer is not None:
+            assert self.transfer[0] > self.h
 
 
 _HANDLERS = {
@@ -378,4 +936,11 @@ _HANDLERS = {
     m.PREPARE: Replica.on_prepare,
     m.COMMIT: Replica.on_commit,
     m.CHECKPOINT: Replica.on_checkpoint,
+    m.VIEW_CHANGE: Replica.on_view_change,
+    m.VC_ACK: Replica.on_vc_ack,
+    m.NEW_VIEW: Replica.on_new_view,
+    m.STATUS: Replica.on_status,
+    m.BATCH: Replica.on_batch,
+    m.FETCH: Replica.on_fetch,
+    m.CHUNK: Replica.on_chunk,
 }

@@ -21,7 +21,8 @@ def _run(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
 def test_cluster_scenario_is_identical_on_micropython_and_cpython(
         micropython: Path, mp_lib: Path, requests: int, seed: int) -> None:
     on_cpython = _run([sys.executable, str(SCRIPT), str(requests), str(seed)])
-    on_mp = _run([str(micropython), "-X", "heapsize=100k", str(SCRIPT), str(requests),
+    # Four replicas in one process: four heaps of a node's worth.
+    on_mp = _run([str(micropython), "-X", "heapsize=400k", str(SCRIPT), str(requests),
                   str(seed)], env={"MICROPYPATH": f"{mp_lib}:.frozen"})
     assert on_mp == on_cpython
     rows = [line.split() for line in on_cpython if line and not line.startswith("accepted")]

@@ -26,7 +26,7 @@ def test_ledger_ops_and_failures() -> None:
     assert ledger.execute(["put", "k", b"v"]) == [True, None]
     assert ledger.execute(["get", "k"]) == [True, b"v"]
     assert ledger.execute(["get", "missing"]) == [True, None]
-    assert ledger.execute(["put", "big", b"x" * 300]) == [False, "value too large"]
+    assert ledger.execute(["put", "big", b"x" * 100]) == [False, "value too large"]
     assert ledger.execute(["nope"]) == [False, "bad op"]
     assert ledger.execute("put") == [False, "bad op"]
     assert ledger.execute(["put", "", 1]) == [False, "bad op"]
