@@ -30,6 +30,9 @@ CHECKPOINTS_KEPT = 4
 _STATUS_INTERVAL_MS = 500
 _MQTT_HEADER_BYTES_MAX = 128  # fixed header, topic and packet id around a message
 _TICK_MS = 20
+# Collect after this many bytes allocated, not only when the heap is full: garbage then never
+# spreads over the whole heap between long-lived objects, which keeps free space contiguous.
+_GC_THRESHOLD_BYTES = 8192
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored")
 
 
@@ -80,11 +83,9 @@ class Node:
         try:
             self.replica.receive(bytes(payload), time.ticks_ms())
         except MemoryError:
-            import micropython
             gc.collect()
-            print("OOM", gc.mem_free())
-            micropython.mem_info(1)
-            raise
+            print("out of memory: %d bytes free after collection" % gc.mem_free())
+            raise  # a board's watchdog reboots it; it restores from flash
         self.drain()
 
     def drain(self):
@@ -161,5 +162,6 @@ class Node:
 
 
 def main():
+    gc.threshold(_GC_THRESHOLD_BYTES)
     node = Node(load_config())
     asyncio.run(node.run())

@@ -147,3 +147,100 @@ class Log:
         assert self.flags[i] & _COMMITTED
         self.flags[i] |= _EXECUTED
         self.batches[i] = None
+
+
+class Oplog:
+    """What outlives a view, per sequence number in the window (PBFT-NOTES VC1, BM1).
+
+    For seq (slot seq % window): P, the digest and view it last prepared in; Q, up to two
+    (digest, view) it sent a pre-prepare or prepare for, newest first; and the batch body of
+    one digest, kept until the sequence number is stable (re-proposal after a view change).
+    Preallocated parallel arrays, like Log; digests are shared with the messages they came in.
+    """
+
+    def __init__(self, window):
+        self.window = window
+        zeros = [0] * window
+        self.seqs = array("Q", zeros)
+        self.p_digest = [None] * window
+        self.p_view = array("q", zeros)
+        self.q_digest = [None] * (2 * window)
+        self.q_view = array("q", [0] * (2 * window))
+        self.body_digest = [None] * window
+        self.body = [None] * window
+        self.body_bytes = 0
+
+    def _slot(self, seq):
+        """The index of ``seq``, resetting a slot that held an older sequence number."""
+        i = seq % self.window
+        if self.seqs[i] != seq:
+            assert self.seqs[i] < seq
+            self._free(i)
+            self.seqs[i] = seq
+        return i
+
+    def _free(self, i):
+        batch = self.body[i]
+        if batch is not None:
+            for wire in batch:
+                self.body_bytes -= len(wire)
+        self.p_digest[i] = None
+        self.q_digest[2 * i] = None
+        self.q_digest[2 * i + 1] = None
+        self.body_digest[i] = None
+        self.body[i] = None
+        self.seqs[i] = 0
+
+    def collect(self, h):
+        """Forget every sequence number at or below ``h`` (stable)."""
+        for i in range(self.window):
+            if 0 < self.seqs[i] <= h:
+                self._free(i)
+
+    def prepared(self, seq, digest, view):
+        i = self._slot(seq)
+        self.p_digest[i] = digest
+        self.p_view[i] = view
+
+    def voted(self, seq, digest, view):
+        i = self._slot(seq)
+        k = 2 * i
+        if self.q_digest[k] == digest:
+            self.q_view[k] = view
+            return
+        self.q_digest[k + 1] = self.q_digest[k]
+        self.q_view[k + 1] = self.q_view[k]
+        self.q_digest[k] = digest
+        self.q_view[k] = view
+
+    def keep_body(self, seq, digest, batch):
+        i = self._slot(seq)
+        if self.body_digest[i] == digest:
+            return
+        if self.body[i] is not None:
+            for wire in self.body[i]:
+                self.body_bytes -= len(wire)
+        self.body_digest[i] = digest
+        self.body[i] = batch
+        for wire in batch:
+            self.body_bytes += len(wire)
+
+    def body_of(self, seq, digest):
+        """The batch of (seq, digest) if held, else None."""
+        i = seq % self.window
+        if self.seqs[i] != seq or self.body_digest[i] != digest:
+            return None
+        return self.body[i]
+
+    def entries(self, h):
+        """P and Q lists for a VIEW-CHANGE: [[seq, digest, view]...] for h < seq, ascending."""
+        p = []
+        q = []
+        for seq in sorted(s for s in self.seqs if s > h):
+            i = seq % self.window
+            if self.p_digest[i] is not None:
+                p.append([seq, self.p_digest[i], self.p_view[i]])
+            for k in (2 * i, 2 * i + 1):
+                if self.q_digest[k] is not None:
+                    q.append([seq, self.q_digest[k], self.q_view[k]])
+        return p, q

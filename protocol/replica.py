@@ -29,14 +29,14 @@ from . import auth, cbor
 from . import messages as m
 from . import viewchange as vc
 from .ledger import Ledger
-from .log import Log
+from .log import Log, Oplog
 
 TO_ALL = -1
 TO_CLIENT = -2
 
 CLIENTS_MAX = 64         # reply cache entries: part of the snapshot, so bounded
-PENDING_MAX = 64         # primary: requests waiting for a batch; beyond it clients retransmit
-WAITING_MAX = 64         # requests seen and not executed (view-change timer, T1)
+PENDING_MAX = 32         # primary: requests waiting for a batch; beyond it clients retransmit
+WAITING_MAX = 32         # requests seen and not executed (view-change timer, T1)
 REQUEST_BYTES_MAX = 256  # a request wire (a batch holds at least one)
 BODY_BYTES_MAX = 8192    # batch bodies kept until stable (re-proposal after a view change)
 CHUNK_BYTES = 1024       # state transfer chunk
@@ -45,7 +45,7 @@ STATUS_MS = 100          # retransmission period (RT1: at most once per 100 ms)
 VC_TIMEOUT_FACTOR_MAX = 32  # the doubling view-change timeout stops at 32 T
 CATCH_UP_MAX = 8         # sequence numbers answered per STATUS
 _PRE_PREPARE_OVERHEAD_BYTES = 128
-_MACS_CLIENT_MAX = 64
+_MACS_CLIENT_MAX = 16
 
 
 def batch_digest(batch):
@@ -100,17 +100,14 @@ class Replica:
         self.h = 0                # last stable checkpoint
         self.last_exec = 0
         self.log = Log(self.window, stake.n)
-        self.bodies = presized(self.window)     # digest -> [seq, batch], seq > h
-        self.body_bytes = 0
-        self.prepared_at = presized(self.window)  # seq -> [digest, view]: prepared (P)
-        self.voted_for = presized(self.window)    # seq -> [[digest, view]...] voted (Q), <= 2
+        self.oplog = Oplog(self.window)  # P, Q and batch bodies across views, seq > h
         self.checkpoints = {}     # seq -> {replica: digest}
         self.snapshots = {}       # seq -> snapshot bytes (own checkpoints at and above h)
         self.own_checkpoints = {}  # seq -> digest
         self.replies = presized(CLIENTS_MAX)    # client -> [timestamp, result, seq executed]
         self.pending = []         # primary: request wires waiting for a batch
-        self.pending_ids = presized(PENDING_MAX)  # (client, timestamp) of requests in pending
-        self.waiting = presized(WAITING_MAX)      # (client, timestamp): seen, not executed
+        self.pending_ids = presized(PENDING_MAX)  # client -> timestamp of its request in pending
+        self.waiting = presized(WAITING_MAX)      # client -> timestamp seen, not executed (T1)
         self.vc_timeout = view_timeout_ms
         self.vc_deadline = None   # view-change timer (T1-T3)
         self.vcs = {}             # replica -> vc.ViewChange, its highest view
@@ -242,19 +239,19 @@ class Replica:
         if len(msg.body) + len(msg.auth) > REQUEST_BYTES_MAX:
             self._drop("request too large")
             return
-        key = (msg.sender, msg.timestamp)
-        if key not in self.waiting and len(self.waiting) < WAITING_MAX:
-            self.waiting[key] = True
+        client = msg.sender
+        if client in self.waiting or len(self.waiting) < WAITING_MAX:
+            self.waiting[client] = msg.timestamp  # one outstanding request per client
         if not self.is_primary() or self.limbo:
-            if self.vc_deadline is None and not self.limbo and key in self.waiting:
+            if self.vc_deadline is None and not self.limbo and client in self.waiting:
                 self.vc_deadline = self.now + self.vc_timeout  # T1
             return
-        if key in self.pending_ids:
+        if self.pending_ids.get(client) == msg.timestamp:
             return
         if len(self.pending) >= PENDING_MAX:
             self._drop("pending full")
             return
-        self.pending_ids[key] = True
+        self.pending_ids[client] = msg.timestamp
         self.pending.append(msg.body + msg.auth)
         self._cut_batches()
 
@@ -326,22 +323,11 @@ class Replica:
             self._broadcast(m.PREPARE, self.view, seq, digest)
 
     def _keep_body(self, seq, digest, batch):
-        if digest not in self.bodies:
-            self.bodies[digest] = [seq, batch]
-            for wire in batch:
-                self.body_bytes += len(wire)
+        self.oplog.keep_body(seq, digest, batch)
 
     def _voted(self, seq, digest):
         """Record a pre-prepare or prepare sent for (seq, digest) in this view (Q)."""
-        entries = self.voted_for.get(seq)
-        if entries is None:
-            entries = self.voted_for[seq] = []
-        for entry in entries:
-            if entry[0] == digest:
-                entry[1] = self.view
-                return
-        entries.insert(0, [digest, self.view])
-        del entries[2:]
+        self.oplog.voted(seq, digest, self.view)
 
     def _batch_valid(self, batch):
         if len(batch) > self.batch_max:
@@ -388,7 +374,7 @@ class Replica:
         if not self.stake.is_quorum(log.stake(log.prepares, i, self.stake.weights)):
             return
         log.mark_prepared(i)
-        self.prepared_at[seq] = [log.digests[i], self.view]
+        self.oplog.prepared(seq, log.digests[i], self.view)
         if self._may_vote(seq):
             log.vote(log.commits, i, self.me, log.digests[i])
             self._broadcast(m.COMMIT, self.view, seq, log.digests[i])
@@ -401,12 +387,12 @@ class Replica:
         if not self.stake.is_quorum(log.stake(log.commits, i, self.stake.weights)):
             return
         if log.batches[i] is None:
-            body = self.bodies.get(log.digests[i])
+            body = self.oplog.body_of(seq, log.digests[i])
             if body is None:
                 if seq > self.last_exec:
                     self.missing[seq] = log.digests[i]
                 return
-            log.attach(i, body[1])
+            log.attach(i, body)
         log.mark_committed(i)
         self._execute_ready()
 
@@ -428,9 +414,9 @@ class Replica:
         results = []
         for wire in log.batches[i]:
             req = m.decode(wire)  # validated when the pre-prepare was accepted
-            key = (req.sender, req.timestamp)
-            self.waiting.pop(key, None)
-            self.pending_ids.pop(key, None)
+            for table in (self.waiting, self.pending_ids):
+                if table.get(req.sender, -1) <= req.timestamp:
+                    table.pop(req.sender, None)
             cached = self.replies.get(req.sender)
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
@@ -521,15 +507,13 @@ class Replica:
         assert seq >= self.h
         assert seq in self.own_checkpoints
         self.h = seq
-        for table in (self.checkpoints, self.prepared_at, self.voted_for, self.missing):
+        for table in (self.checkpoints, self.missing):
             for old in [s for s in table if s <= seq]:
                 del table[old]
+        self.oplog.collect(seq)
         for table in (self.snapshots, self.own_checkpoints):
             for old in [s for s in table if s < seq]:
                 del table[old]
-        for digest in [d for d in self.bodies if self.bodies[d][0] <= seq]:
-            for wire in self.bodies.pop(digest)[1]:
-                self.body_bytes -= len(wire)
         if self.transfer is not None and self.transfer[0] <= seq:
             self.transfer = None  # caught up by executing: the fetch is moot
         self.dirty = True
@@ -608,8 +592,8 @@ class Replica:
         votes[self.me] = digest
         if self.seq < seq:
             self.seq = seq
-        for key in list(self.waiting):
-            del self.waiting[key]
+        for client in list(self.waiting):
+            del self.waiting[client]
         self.events.append(("transferred", seq, digest))
         self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
         self._mark_stable(seq)
@@ -628,19 +612,15 @@ class Replica:
         self.vc_deadline = None                   # T2: not until 2f+1 VIEW-CHANGEs
         self.log.clear()
         del self.pending[:]
-        for key in list(self.pending_ids):
-            del self.pending_ids[key]
+        for client in list(self.pending_ids):
+            del self.pending_ids[client]
         self.acks = {}
         self.acked = {}
         self.new_view = None
         self.nv_wire = None
         self.dirty = True
         c = [[s, self.own_checkpoints[s]] for s in sorted(self.own_checkpoints)]
-        p = [[s, e[0], e[1]] for s, e in sorted(self.prepared_at.items())]
-        q = []
-        for s in sorted(self.voted_for):
-            for d, v in self.voted_for[s]:
-                q.append([s, d, v])
+        p, q = self.oplog.entries(self.h)
         body = m.body(m.VIEW_CHANGE, self.me, view, self.h, c, p, q)
         wire = body + auth.authenticator(self.macs, body)
         self.out.append((TO_ALL, wire))
@@ -797,11 +777,11 @@ class Replica:
             if not self._in_window(seq):
                 continue  # at or below our stable checkpoint: nothing to re-prepare
             i = self.log.claim(seq)
-            body = self.bodies.get(digest)
+            body = self.oplog.body_of(seq, digest)
             if digest == vc.NULL_DIGEST:
                 batch = []
             elif body is not None:
-                batch = body[1]
+                batch = body
             else:
                 batch = None
                 if seq > self.last_exec:
@@ -876,9 +856,9 @@ class Replica:
         i = self.log.find(seq)
         if i < 0 or self.log.digests[i] is None:
             return
-        body = self.bodies.get(self.log.digests[i])
+        body = self.oplog.body_of(seq, self.log.digests[i])
         if body is not None:
-            self._send(dest, m.BATCH, seq, self.log.digests[i], body[1])
+            self._send(dest, m.BATCH, seq, self.log.digests[i], body)
 
     def on_batch(self, msg):
         i = self.log.find(msg.seq)
