@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgebft import romboot
 from edgebft.broker import (
     STOP_GRACE_S,
     kill_process_group,
@@ -31,7 +32,6 @@ from edgebft.broker import (
     track_process,
     untrack_process,
 )
-from edgebft import romboot
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
 
 __all__ = ["ClusterError", "EmulatedCluster"]
