@@ -55,7 +55,7 @@ class Node:
         args = (self.me, Stake(config["stake"]), [unhexlify(k) for k in config["keys"]],
                 unhexlify(config["client_secret"]))
         kwargs = {"genesis": config.get("genesis"),
-                  "checkpoint_interval": config.get("checkpoint_interval", 32),
+                  "checkpoint_interval": config.get("checkpoint_interval", rp.CHECKPOINT_INTERVAL),
                   "batch_max": config.get("batch_max", 16),
                   "pipeline_max": config.get("pipeline_max", 4),
                   "view_timeout_ms": config.get("view_timeout_ms", 1000)}

@@ -23,7 +23,9 @@ from edgebft.image import build_image
 from edgebft.keys import generate_keys
 from edgebft.metrics import availability, latency_summary
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
+from edgebft.nemesis import NEMESES, CrashPrimary, Fault, make_nemesis
 from edgebft.observer import Observer
+from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
 from edgebft.workload import DEADLINE_S, Outcome, Workload, genesis
 
@@ -47,7 +49,8 @@ class DemoOptions:
     out: Path | None = None
     micropython: str | None = None
     heap: str = HEAP_DEFAULT
-    checkpoint_interval: int = 32
+    checkpoint_interval: int = CHECKPOINT_INTERVAL
+    nemesis: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -59,6 +62,8 @@ class DemoOptions:
             raise DemoError("--duration must be positive")
         if self.clients < 1:
             raise DemoError("--clients must be at least 1")
+        if self.nemesis not in NEMESES:
+            raise DemoError(f"--nemesis {self.nemesis}: expected one of {', '.join(NEMESES)}")
 
 
 def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:
@@ -125,35 +130,49 @@ def run_demo(options: DemoOptions,
                             f"see {run / 'logs'}")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys, options.clients)
         stack.callback(workload.close)
+        nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s)
         t0 = time.time()
         workload.start()
-        _wait(options.duration_s, workload, progress)
+        _wait(options.duration_s, workload, progress, nemesis)
         issuing_s = time.time() - t0
+        if nemesis is not None:
+            nemesis.heal()  # always healed before the end (Jepsen)
         workload.drain(DEADLINE_S + 1.0)
-        converged = observer.wait_converged(CONVERGE_TIMEOUT_S)
+        converged = observer.wait_converged(CONVERGE_TIMEOUT_S + (5.0 if nemesis else 0.0))
         alive = [cluster.alive(i) for i in range(options.nodes)]
+        faults = nemesis.faults if nemesis is not None else []
         summary = summarize(options, broker.describe(), workload.outcomes, observer,
-                            issuing_s, converged)
+                            issuing_s, converged, faults)
         summary["nodes_alive_at_end"] = alive
-    _write_events(run / "events.jsonl", workload.outcomes)
+    _write_events(run / "events.jsonl", workload.outcomes, faults)
     (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     summary["out"] = str(run)
     return summary
 
 
 def _wait(duration_s: float, workload: Workload,
-          progress: Callable[[float, int, int], None] | None) -> None:
+          progress: Callable[[float, int, int], None] | None,
+          nemesis: CrashPrimary | None) -> None:
     start = time.monotonic()
     while (elapsed := time.monotonic() - start) < duration_s:
-        time.sleep(min(0.2, duration_s - elapsed))
+        time.sleep(min(0.1, duration_s - elapsed))
+        if nemesis is not None:
+            nemesis.step(time.monotonic() - start)
         if progress:
             outcomes = list(workload.outcomes)
             ok = sum(1 for o in outcomes if o.outcome == "ok")
             progress(min(elapsed + 0.2, duration_s), ok, len(outcomes) - ok)
 
 
+def recovery_ms(fault: Fault, outcomes: list[Outcome]) -> float | None:
+    """Fault start to the first request accepted from a view after the fault's view."""
+    ends = [o.end for o in outcomes
+            if o.outcome == "ok" and o.view > fault.view and o.end > fault.start]
+    return round((min(ends) - fault.start) * 1000.0, 1) if ends else None
+
+
 def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observer: Observer,
-              issuing_s: float, converged: bool) -> dict[str, Any]:
+              issuing_s: float, converged: bool, faults: list[Fault]) -> dict[str, Any]:
     """The summary.json contract of ``edgebft demo`` (see README)."""
     ok = [o for o in outcomes if o.outcome == "ok"]
     violations = observer.violations()
@@ -176,11 +195,18 @@ def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observ
         "last_executed": {str(n): s.get("last_exec") for n, s in sorted(statuses.items())},
         "heap_peak_bytes": {str(n): v for n, v in sorted(observer.heap_peak.items())},
         "view": max((s.get("view", 0) for s in statuses.values()), default=0),
+        "view_changes": max((s.get("view", 0) for s in statuses.values()), default=0),
+        "nemesis": options.nemesis,
+        "faults": [{"kind": f.kind, "node": f.node, "start": f.start, "end": f.end,
+                    "view": f.view, "recovery_ms": recovery_ms(f, outcomes)} for f in faults],
+        "recovery_ms": [recovery_ms(f, outcomes) for f in faults],
     }
 
 
-def _write_events(path: Path, outcomes: list[Outcome]) -> None:
+def _write_events(path: Path, outcomes: list[Outcome], faults: list[Fault]) -> None:
     with path.open("w") as f:
+        for fault in faults:
+            f.write(json.dumps({"type": "fault", **asdict(fault)}) + "\n")
         for o in outcomes:
             f.write(json.dumps({"type": "request", **asdict(o),
                                 "latency_ms": round(o.latency_ms, 3)}) + "\n")

@@ -295,7 +295,8 @@ class _Client:
 class Simulation:
     """One seed: replicas, clients, network and faults. ``run()`` returns its SeedResult."""
 
-    def __init__(self, seed: int, options: SimOptions) -> None:
+    def __init__(self, seed: int, options: SimOptions, faults: list[Fault] | None = None) -> None:
+        """``faults`` replaces the schedule drawn from the seed (targeted scenarios)."""
         options.check()
         self.seed = seed
         self.options = options
@@ -309,7 +310,8 @@ class Simulation:
         self.up = [True] * n
         self.skipped: set[int] = set()  # crash/reboot faults not started: one was recovering
         self.timer_at: list[int | None] = [None] * n
-        self.faults = fault_schedule(options, self.rng)
+        drawn = fault_schedule(options, self.rng)
+        self.faults = drawn if faults is None else faults
         self.side: frozenset[int] | None = None  # active partition
         self.loss_p = 0.0
         self.delay_ms = [0] * n

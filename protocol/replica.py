@@ -34,6 +34,9 @@ from .log import Log, Oplog
 TO_ALL = -1
 TO_CLIENT = -2
 
+# K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
+# (a window of 64) runs out of heap during a view change, K = 16 does not.
+CHECKPOINT_INTERVAL = 16
 CLIENTS_MAX = 64         # reply cache entries: part of the snapshot, so bounded
 PENDING_MAX = 32         # primary: requests waiting for a batch; beyond it clients retransmit
 WAITING_MAX = 32         # requests seen and not executed (view-change timer, T1)
@@ -73,7 +76,8 @@ def client_key(client_secret, client):
 class Replica:
     """One PBFT replica. ``keys[j]`` is the key shared with replica j (keys[me] unused)."""
 
-    def __init__(self, me, stake, keys, client_secret, genesis=None, checkpoint_interval=32,
+    def __init__(self, me, stake, keys, client_secret, genesis=None,
+                 checkpoint_interval=CHECKPOINT_INTERVAL,
                  batch_max=16, pipeline_max=4, view_timeout_ms=1000):
         assert 0 <= me < stake.n
         assert len(keys) == stake.n
@@ -101,7 +105,8 @@ class Replica:
         self.last_exec = 0
         self.log = Log(self.window, stake.n)
         self.oplog = Oplog(self.window)  # P, Q and batch bodies across views, seq > h
-        self.checkpoints = {}     # seq -> {replica: digest}
+        self.checkpoints = {}     # seq -> {replica: digest}, h < seq <= h + window
+        self.ahead = {}           # replica -> (seq, digest) of its newest checkpoint beyond
         self.snapshots = {}       # seq -> snapshot bytes (own checkpoints at and above h)
         self.own_checkpoints = {}  # seq -> digest
         self.replies = presized(CLIENTS_MAX)    # client -> [timestamp, result, seq executed]
@@ -110,8 +115,9 @@ class Replica:
         self.waiting = presized(WAITING_MAX)      # client -> timestamp seen, not executed (T1)
         self.vc_timeout = view_timeout_ms
         self.vc_deadline = None   # view-change timer (T1-T3)
-        self.vcs = {}             # replica -> vc.ViewChange, its highest view
-        self.vc_wires = {}        # replica -> that VIEW-CHANGE's wire (to relay on STATUS)
+        self.vc_views = {}        # replica -> the highest view of its VIEW-CHANGEs we verified
+        self.vcs = {}             # replica -> vc.ViewChange for a view not yet installed
+        self.vc_wires = {}        # replica -> its VIEW-CHANGE wire (relayed on STATUS, BV2)
         self.acks = {}            # owner -> {acker: vc digest}, for self.view
         self.acked = {}           # owner -> vc digest acknowledged by me in self.view
         self.new_view = None      # NEW-VIEW of self.view waiting for its VIEW-CHANGEs
@@ -476,8 +482,13 @@ class Replica:
     def on_checkpoint(self, msg):
         if msg.seq <= self.h or msg.seq % self.K:
             return
-        if msg.seq > self.h + 2 * self.window:
-            self._drop("checkpoint far ahead")
+        if msg.seq > self.h + self.window:
+            # Beyond the window: keep only each replica's newest (bounded by n); when over
+            # 1/3 of stake agree on one, we are behind for good and fetch its state (N7).
+            self.ahead[msg.sender] = (msg.seq, msg.digest)
+            agree = [j for j in self.ahead if self.ahead[j] == (msg.seq, msg.digest)]
+            if self.transfer is None and self.stake.is_weak(self.stake.of(agree)):
+                self._start_transfer(msg.seq, msg.digest, agree)
             return
         votes = self.checkpoints.get(msg.seq)
         if votes is None:
@@ -510,6 +521,8 @@ class Replica:
         for table in (self.checkpoints, self.missing):
             for old in [s for s in table if s <= seq]:
                 del table[old]
+        for j in [j for j in self.ahead if self.ahead[j][0] <= seq]:
+            del self.ahead[j]
         self.oplog.collect(seq)
         for table in (self.snapshots, self.own_checkpoints):
             for old in [s for s in table if s < seq]:
@@ -536,6 +549,8 @@ class Replica:
             self._start_transfer(seq, digest, sources)
 
     def _start_transfer(self, seq, digest, sources):
+        if not sources:
+            sources = [j for j in range(self.stake.n) if j != self.me]
         self.transfer = [seq, digest, bytearray(), 0, sources, 0]
         self._fetch_next()
 
@@ -627,6 +642,7 @@ class Replica:
         self.counts["tx"] += 1
         own = vc.ViewChange(self.me, view, self.h, c, p, q, hashlib.sha256(body).digest())
         self.vcs[self.me] = own
+        self.vc_views[self.me] = view
         self.vc_wires[self.me] = wire
         self.events.append(("view_change", view))
         for j in self.vcs:
@@ -638,17 +654,19 @@ class Replica:
         if not vc.valid_shape(msg.view, msg.h, msg.c, msg.p, msg.q, self.K, self.window):
             self._drop("bad view-change")
             return
-        known = self.vcs.get(msg.sender)
-        if known is not None and msg.view <= known.view:
+        known = self.vc_views.get(msg.sender, -1)
+        if msg.view <= known:
             if msg.view == self.view and not self.limbo and self.is_primary():
                 self._resend_new_view(msg.sender)
             return
         digest = hashlib.sha256(msg.body).digest()
-        self.vcs[msg.sender] = vc.ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p,
-                                             msg.q, digest)
+        change = vc.ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p, msg.q, digest)
+        self.vc_views[msg.sender] = msg.view
         self.vc_wires[msg.sender] = msg.body + msg.auth
+        if msg.view > self.view or self.limbo:
+            self.vcs[msg.sender] = change  # needed to decide or check the new view
         if msg.view == self.view:
-            self._ack(self.vcs[msg.sender])
+            self._ack(change)
             if not self.limbo and self.is_primary():
                 self._resend_new_view(msg.sender)
         self._after_view_change_input()
@@ -678,7 +696,7 @@ class Replica:
         if not self.limbo:
             return
         if self.vc_deadline is None and not self.is_primary():
-            at_or_above = [j for j in self.vcs if self.vcs[j].view >= self.view]
+            at_or_above = [j for j in self.vc_views if self.vc_views[j] >= self.view]
             if self.stake.is_quorum(self.stake.of(at_or_above)):
                 self.vc_deadline = self.now + self.vc_timeout  # T2
         if self.is_primary():
@@ -688,7 +706,7 @@ class Replica:
 
     def _join_higher_view(self):
         """T4: if replicas with over 1/3 of stake are in higher views, join the lowest."""
-        views = sorted([(self.vcs[j].view, j) for j in self.vcs if j != self.me], reverse=True)
+        views = sorted([(v, j) for j, v in self.vc_views.items() if j != self.me], reverse=True)
         s = 0
         for view, j in views:
             s += self.stake.weights[j]
@@ -761,6 +779,11 @@ class Replica:
         """AF1-AF3: leave limbo and re-prepare the chosen batches in the new view."""
         low, low_digest, chosen = decision
         self.limbo = False
+        sources = [j for j in self.vcs if j != self.me and [low, low_digest] in self.vcs[j].c]
+        for j in [j for j in self.vcs if self.vcs[j].view <= self.view]:
+            del self.vcs[j]  # decided: only the wires stay, to relay to laggers (BV2)
+        for j in [j for j in self.vc_wires if self.vc_views[j] < self.view]:
+            del self.vc_wires[j]
         self.new_view = None
         self.missing = {}
         self.vc_deadline = None
@@ -768,8 +791,6 @@ class Replica:
             self.vc_deadline = self.now + self.vc_timeout
         self.events.append(("view", self.view))
         if self.last_exec < low and self.transfer is None:
-            sources = [j for j in self.vcs if j != self.me and
-                       [low, low_digest] in self.vcs[j].c]
             self._start_transfer(low, low_digest, sources)
         seq = low
         for digest in chosen:
@@ -820,10 +841,8 @@ class Replica:
         self.answered[msg.sender] = self.now
         j = msg.sender
         if msg.view < self.view or (msg.view == self.view and msg.limbo):
-            if self.me in self.vc_wires and self.vcs[self.me].view == self.view:
-                self.out.append((j, self.vc_wires[self.me]))
-            for k in self.vcs:
-                if k != self.me and self.vcs[k].view == self.view:
+            for k in self.vc_wires:
+                if self.vc_views[k] == self.view:
                     self.out.append((j, self.vc_wires[k]))  # BV2: relay what we verified
             if self.is_primary() and not self.limbo:
                 self._resend_new_view(j)
