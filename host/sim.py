@@ -29,7 +29,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from edgebft.keys import KEY_BYTES, ClusterKeys
@@ -555,10 +555,16 @@ class Simulation:
         return (f"{text} at {where.filename.rsplit('/', 1)[-1]}:{where.lineno} "
                 f"in {where.name}, {what} for {who} {target} at {self.now} ms")
 
-    def _loop(self, deadline_ms: int) -> None:
+    def settle(self, extra_ms: int) -> None:
+        """Go on for ``extra_ms`` after run(), without new requests, so replicas catch up."""
+        self.options = replace(self.options, requests=self.accepted)
+        end = self.now + extra_ms
+        self._loop(end, stop_when_accepted=False)
+
+    def _loop(self, deadline_ms: int, stop_when_accepted: bool = True) -> None:
         queue = self.queue
         requests = self.options.requests
-        while queue and self.accepted < requests:
+        while queue and (self.accepted < requests or not stop_when_accepted):
             at_ms, _, kind, a, b = heapq.heappop(queue)
             if at_ms > deadline_ms:
                 self.now = deadline_ms

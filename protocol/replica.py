@@ -118,7 +118,7 @@ class Replica:
         self.vc_views = {}        # replica -> the highest view of its VIEW-CHANGEs we verified
         self.vcs = {}             # replica -> vc.ViewChange for a view not yet installed
         self.vc_wires = {}        # replica -> its VIEW-CHANGE wire (relayed on STATUS, BV2)
-        self.acks = {}            # owner -> {acker: vc digest}, for self.view
+        self.acks = {}            # owner -> [view, {acker: vc digest}], newest view (ACK4)
         self.acked = {}           # owner -> vc digest acknowledged by me in self.view
         self.new_view = None      # NEW-VIEW of self.view waiting for its VIEW-CHANGEs
         self.nv_wire = None       # primary: the NEW-VIEW it sent for self.view
@@ -629,7 +629,8 @@ class Replica:
         del self.pending[:]
         for client in list(self.pending_ids):
             del self.pending_ids[client]
-        self.acks = {}
+        for owner in [o for o in self.acks if self.acks[o][0] < view]:
+            del self.acks[owner]
         self.acked = {}
         self.new_view = None
         self.nv_wire = None
@@ -681,15 +682,19 @@ class Replica:
         self._broadcast(m.VC_ACK, self.view, change.sender, change.digest)
 
     def on_vc_ack(self, msg):
-        if msg.view != self.view or msg.sender == msg.owner or msg.owner >= self.stake.n:
+        """ACK3-4: count acknowledgements; early ones (a view we have not reached) wait."""
+        if msg.view < self.view or msg.sender == msg.owner or msg.owner >= self.stake.n:
             return
-        if msg.sender == self.primary():
+        if msg.sender == self.primary(msg.view) or msg.view > self.view + self.stake.n:
             return
-        acks = self.acks.get(msg.owner)
-        if acks is None:
-            acks = self.acks[msg.owner] = {}
-        acks[msg.sender] = msg.digest
-        self._after_view_change_input()
+        entry = self.acks.get(msg.owner)
+        if entry is None or entry[0] < msg.view:
+            entry = self.acks[msg.owner] = [msg.view, {}]
+        elif entry[0] > msg.view:
+            return
+        entry[1][msg.sender] = msg.digest
+        if msg.view == self.view:
+            self._after_view_change_input()
 
     def _after_view_change_input(self):
         self._join_higher_view()
@@ -722,7 +727,8 @@ class Replica:
             return False
         if change.sender == self.primary():
             return True
-        acks = self.acks.get(change.sender, {})
+        entry = self.acks.get(change.sender)
+        acks = entry[1] if entry is not None and entry[0] == self.view else {}
         holders = [change.sender, self.primary()]
         for j in acks:
             if acks[j] == change.digest and j not in holders:
@@ -842,7 +848,7 @@ class Replica:
         j = msg.sender
         if msg.view < self.view or (msg.view == self.view and msg.limbo):
             for k in self.vc_wires:
-                if self.vc_views[k] == self.view:
+                if self.vc_views[k] == self.view and k != j:
                     self.out.append((j, self.vc_wires[k]))  # BV2: relay what we verified
             if self.is_primary() and not self.limbo:
                 self._resend_new_view(j)
