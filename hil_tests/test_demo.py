@@ -100,3 +100,22 @@ def test_help_lists_every_demo_option() -> None:
     for option in ("--nodes", "--duration", "--clients", "--broker", "--out", "--micropython",
                    "--heap"):
         assert option in done.stdout
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_demo_survives_a_primary_crash_and_the_restarted_node_catches_up(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path / "run", "--duration", "12", "--broker", "mosquitto",
+                       "--nemesis", "crash-primary")
+    assert summary["safety_ok"] is True
+    assert summary["safety"]["converged"] is True, "the restarted node caught up"
+    assert summary["view_changes"] >= 1
+    [fault] = summary["faults"]
+    assert fault["kind"] == "crash-primary"
+    assert fault["end"] > fault["start"]
+    assert summary["recovery_ms"] == [fault["recovery_ms"]]
+    assert 0 < fault["recovery_ms"] < 10_000
+    assert all(summary["nodes_alive_at_end"])
+    assert len(set(summary["last_executed"].values())) == 1
+    events = [json.loads(line) for line in
+              (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["node"] for e in events if e["type"] == "fault"] == [fault["node"]]
