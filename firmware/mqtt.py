@@ -272,7 +272,7 @@ class MQTTClient:
                     try:
                         await self._open()
                         await self._resubscribe()
-                    except (OSError, MQTTError, asyncio.TimeoutError) as ex:
+                    except (OSError, EOFError, MQTTError, asyncio.TimeoutError) as ex:
                         self.last_error = ex
                         self._drop()
                         continue

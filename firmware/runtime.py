@@ -18,7 +18,7 @@ import asyncio
 from binascii import unhexlify
 
 from edgebft.firmware import store
-from edgebft.firmware.mqtt import MQTTClient
+from edgebft.firmware.mqtt import MQTTClient, MQTTError
 from edgebft.protocol import cbor
 from edgebft.protocol import messages
 from edgebft.protocol import replica as rp
@@ -32,7 +32,7 @@ _MQTT_HEADER_BYTES_MAX = 128  # fixed header, topic and packet id around a messa
 _TICK_MS = 20
 # Collect after this many bytes allocated, not only when the heap is full: garbage then never
 # spreads over the whole heap between long-lived objects, which keeps free space contiguous.
-_GC_THRESHOLD_BYTES = 8192
+_GC_THRESHOLD_BYTES = 4096
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored")
 
 
@@ -151,14 +151,23 @@ class Node:
             await asyncio.sleep_ms(_TICK_MS)
 
     async def run(self):
-        await self.mqtt.connect()
+        # The client connects, reconnects with back-off and re-subscribes by itself; a
+        # subscription not acknowledged in time (a broker that is slow to start) is retried.
+        link = asyncio.create_task(self.mqtt.run())
+        await asyncio.sleep_ms(0)  # let the link task start
         for topic in ("from/+", "req/+", "to/%d/from/+" % self.me):
-            await self.mqtt.subscribe(self.prefix + topic)
+            while True:
+                try:
+                    await self.mqtt.subscribe(self.prefix + topic)
+                    break
+                except MQTTError as e:
+                    print("subscribe %s: %r; retrying" % (topic, e))
+                    await asyncio.sleep_ms(200)
         print("edgebft node %d up: %d replicas, broker %s:%d" % (
             self.me, self.replica.stake.n, self.mqtt.host, self.mqtt.port))
         asyncio.create_task(self.report())
         asyncio.create_task(self.timers())
-        await self.mqtt.run()
+        await link
 
 
 def main():

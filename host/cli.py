@@ -57,10 +57,15 @@ def cli() -> None:
               type=click.Choice(NEMESES),
               help="Fault to inject: crash-primary kills the primary's process a third of the "
                    "way in and restarts it (from its flash) two thirds of the way in.")
+@click.option("--nemesis-interval", "nemesis_interval_s", type=float, default=None,
+              metavar="SECONDS",
+              help="Repeat the fault every SECONDS (healing half an interval later) instead "
+                   "of once.")
 @click.option("--checkpoint-interval", default=CHECKPOINT_INTERVAL, show_default=True,
               help="K: a checkpoint every K sequence numbers (window 2K).")
 def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | None,
-         micropython: str | None, heap: str, nemesis: str, checkpoint_interval: int) -> None:
+         micropython: str | None, heap: str, nemesis: str, nemesis_interval_s: float | None,
+         checkpoint_interval: int) -> None:
     """Run an emulated cluster under client load; print and save a summary.
 
     Writes config.json, summary.json, events.jsonl and per-node logs to the run folder.
@@ -69,6 +74,7 @@ def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | N
     """
     options = DemoOptions(nodes=nodes, duration_s=duration_s, clients=clients, broker=broker,
                           out=out, micropython=micropython, heap=heap, nemesis=nemesis,
+                          nemesis_interval_s=nemesis_interval_s,
                           checkpoint_interval=checkpoint_interval)
     options.check()
     with Progress(TextColumn("[bold]demo"), BarColumn(), TimeElapsedColumn(),

@@ -21,7 +21,7 @@ from edgebft.broker import start_broker
 from edgebft.cluster import EmulatedCluster
 from edgebft.image import build_image
 from edgebft.keys import generate_keys
-from edgebft.metrics import availability, latency_summary
+from edgebft.metrics import availability, latency_summary, percentile
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
 from edgebft.nemesis import NEMESES, CrashPrimary, Fault, make_nemesis
 from edgebft.observer import Observer
@@ -51,6 +51,7 @@ class DemoOptions:
     heap: str = HEAP_DEFAULT
     checkpoint_interval: int = CHECKPOINT_INTERVAL
     nemesis: str = "none"
+    nemesis_interval_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -62,6 +63,8 @@ class DemoOptions:
             raise DemoError("--duration must be positive")
         if self.clients < 1:
             raise DemoError("--clients must be at least 1")
+        if self.nemesis_interval_s is not None and self.nemesis_interval_s <= 0:
+            raise DemoError("--nemesis-interval must be positive")
         if self.nemesis not in NEMESES:
             raise DemoError(f"--nemesis {self.nemesis}: expected one of {', '.join(NEMESES)}")
 
@@ -130,7 +133,8 @@ def run_demo(options: DemoOptions,
                             f"see {run / 'logs'}")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys, options.clients)
         stack.callback(workload.close)
-        nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s)
+        nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s,
+                               options.nemesis_interval_s)
         t0 = time.time()
         workload.start()
         _wait(options.duration_s, workload, progress, nemesis)
@@ -200,7 +204,15 @@ def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observ
         "faults": [{"kind": f.kind, "node": f.node, "start": f.start, "end": f.end,
                     "view": f.view, "recovery_ms": recovery_ms(f, outcomes)} for f in faults],
         "recovery_ms": [recovery_ms(f, outcomes) for f in faults],
+        "recovery": recovery_summary([recovery_ms(f, outcomes) for f in faults]),
     }
+
+
+def recovery_summary(values: list[float | None]) -> dict[str, float | int | None]:
+    """p50 and max of the recovery times, and how many faults never saw a new view commit."""
+    done = sorted(v for v in values if v is not None)
+    return {"p50": percentile(done, 0.5) if done else None, "max": done[-1] if done else None,
+            "unrecovered": len(values) - len(done)}
 
 
 def _write_events(path: Path, outcomes: list[Outcome], faults: list[Fault]) -> None:

@@ -34,24 +34,26 @@ class Fault:
 
 @dataclass
 class CrashPrimary:
-    """Kill the current primary's process at ``kill_at_s``, restart it at ``restart_at_s``.
-
-    The restarted node boots from its image folder, whose files persisted (its flash).
+    """Kill the current primary's process at each of ``kill_at_s`` (seconds into the run) and
+    restart it ``down_s`` later. The restarted node boots from its image folder, whose files
+    persisted (its flash).
     """
 
     cluster: EmulatedCluster
     observer: Observer
-    kill_at_s: float
-    restart_at_s: float
+    kill_at_s: list[float]
+    down_s: float
     faults: list[Fault] = field(default_factory=list)
 
     def step(self, elapsed_s: float) -> None:
-        if not self.faults and elapsed_s >= self.kill_at_s:
+        if self.faults and not self.faults[-1].end:
+            if elapsed_s >= self.kill_at_s[len(self.faults) - 1] + self.down_s:
+                self.heal()
+        elif len(self.faults) < len(self.kill_at_s) and elapsed_s >= self.kill_at_s[
+                len(self.faults)]:
             view, primary = current_primary(self.observer)
             self.cluster.kill(primary)
             self.faults.append(Fault("crash-primary", primary, time.time(), view))
-        elif self.faults and not self.faults[-1].end and elapsed_s >= self.restart_at_s:
-            self.heal()
 
     def heal(self) -> None:
         for fault in self.faults:
@@ -71,11 +73,21 @@ def current_primary(observer: Observer) -> tuple[int, int]:
 
 
 def make_nemesis(name: str, cluster: EmulatedCluster, observer: Observer,
-                 duration_s: float) -> CrashPrimary | None:
-    """The nemesis called ``name`` for a run of ``duration_s`` (None for "none")."""
+                 duration_s: float, interval_s: float | None = None) -> CrashPrimary | None:
+    """The nemesis called ``name`` for a run of ``duration_s`` (None for "none").
+
+    Without ``interval_s`` it strikes once, a third of the way in, and heals two thirds of
+    the way in; with it, at every multiple of ``interval_s``, healing half an interval later.
+    """
     if name == "none":
         return None
     if name == "crash-primary":
-        return CrashPrimary(cluster, observer, kill_at_s=duration_s / 3,
-                            restart_at_s=2 * duration_s / 3)
+        if interval_s is None:
+            return CrashPrimary(cluster, observer, [duration_s / 3], duration_s / 3)
+        kills = []
+        t = interval_s
+        while t + interval_s / 2 < duration_s:
+            kills.append(t)
+            t += interval_s
+        return CrashPrimary(cluster, observer, kills, interval_s / 2)
     raise NemesisError(f"unknown nemesis {name!r}: expected one of {', '.join(NEMESES)}")

@@ -233,7 +233,8 @@ class Oplog:
         return self.body[i]
 
     def entries(self, h):
-        """P and Q lists for a VIEW-CHANGE: [[seq, digest, view]...] for h < seq, ascending."""
+        """P and Q lists for a VIEW-CHANGE: [[seq, digest, view]...] for h < seq, ascending.
+        Q leaves out what a P entry already says (the same digest and view)."""
         p = []
         q = []
         for seq in sorted(s for s in self.seqs if s > h):
@@ -241,6 +242,8 @@ class Oplog:
             if self.p_digest[i] is not None:
                 p.append([seq, self.p_digest[i], self.p_view[i]])
             for k in (2 * i, 2 * i + 1):
-                if self.q_digest[k] is not None:
-                    q.append([seq, self.q_digest[k], self.q_view[k]])
+                d = self.q_digest[k]
+                if d is None or d == self.p_digest[i] and self.q_view[k] == self.p_view[i]:
+                    continue  # a P entry stands for the same Q entry (viewchange A2)
+                q.append([seq, d, self.q_view[k]])
         return p, q

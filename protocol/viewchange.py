@@ -19,7 +19,8 @@ class ViewChange:
     """A decoded VIEW-CHANGE: [1, 7, sender, view, h, C, P, Q] and its digest.
 
     C: [[seq, digest]] checkpoints held (h's included); P: [[seq, digest, view]] prepared;
-    Q: [[seq, digest, view]] pre-prepared or prepared (what the sender voted for).
+    Q: [[seq, digest, view]] pre-prepared or prepared (what the sender voted for), less the
+    entries its P entry already implies.
     """
 
     def __init__(self, sender, view, h, c, p, q, digest):
@@ -95,7 +96,10 @@ def _choose_request(vcs, stake, seq):
                 a1.append(vc.sender)
         a2 = []
         for vc in vcs:
-            for qd, qv in vc.q.get(seq, ()):
+            # A P entry (d, v') is also a Q entry: its sender voted for d in view v'.
+            entries = vc.q.get(seq, [])
+            prepared = vc.p.get(seq)
+            for qd, qv in entries + ([prepared] if prepared is not None else []):
                 if qd == d and qv >= v:
                     a2.append(vc.sender)
                     break
