@@ -113,6 +113,7 @@ class Replica:
         self.pending = []         # primary: request wires waiting for a batch
         self.pending_ids = presized(PENDING_MAX)  # client -> timestamp of its request in pending
         self.waiting = presized(WAITING_MAX)      # client -> timestamp seen, not executed (T1)
+        self.waiting_wires = presized(WAITING_MAX)  # client -> that request's wire
         self.vc_timeout = view_timeout_ms
         self.vc_deadline = None   # view-change timer (T1-T3)
         self.vc_views = {}        # replica -> the highest view of its VIEW-CHANGEs we verified
@@ -248,6 +249,7 @@ class Replica:
         client = msg.sender
         if client in self.waiting or len(self.waiting) < WAITING_MAX:
             self.waiting[client] = msg.timestamp  # one outstanding request per client
+            self.waiting_wires[client] = msg.body + msg.auth
         if not self.is_primary() or self.limbo:
             if self.vc_deadline is None and not self.limbo and client in self.waiting:
                 self.vc_deadline = self.now + self.vc_timeout  # T1
@@ -420,9 +422,11 @@ class Replica:
         results = []
         for wire in log.batches[i]:
             req = m.decode(wire)  # validated when the pre-prepare was accepted
-            for table in (self.waiting, self.pending_ids):
-                if table.get(req.sender, -1) <= req.timestamp:
-                    table.pop(req.sender, None)
+            if self.waiting.get(req.sender, -1) <= req.timestamp:
+                self.waiting.pop(req.sender, None)
+                self.waiting_wires.pop(req.sender, None)
+            if self.pending_ids.get(req.sender, -1) <= req.timestamp:
+                self.pending_ids.pop(req.sender, None)
             cached = self.replies.get(req.sender)
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
@@ -609,6 +613,7 @@ class Replica:
             self.seq = seq
         for client in list(self.waiting):
             del self.waiting[client]
+            del self.waiting_wires[client]
         self.events.append(("transferred", seq, digest))
         self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
         self._mark_stable(seq)
@@ -796,6 +801,9 @@ class Replica:
         if self.waiting and not self.is_primary():
             self.vc_deadline = self.now + self.vc_timeout
         self.events.append(("view", self.view))
+        if not self.is_primary():
+            for client in self.waiting_wires:  # T1: hand the new primary what still waits
+                self.out.append((self.primary(), self.waiting_wires[client]))
         if self.last_exec < low and self.transfer is None:
             self._start_transfer(low, low_digest, sources)
         seq = low
@@ -817,6 +825,8 @@ class Replica:
             self._check_prepared(seq, i)
         if self.is_primary():
             self.seq = max(seq, self.last_exec, self.h)
+            for wire in list(self.waiting_wires.values()):
+                self.on_request(m.decode(wire))  # requests we saw as a backup (T1)
             self._cut_batches()
 
     # ----------------------------------------------------------------- retransmission
@@ -929,6 +939,7 @@ class Replica:
         assert len(self.replies) <= CLIENTS_MAX
         assert len(self.pending) <= PENDING_MAX
         assert len(self.waiting) <= WAITING_MAX
+        assert len(self.waiting_wires) == len(self.waiting)
         if self.is_primary() and not self.limbo:
             assert self.seq >= self.last_exec
         if self.transfer is not None:
