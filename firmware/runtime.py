@@ -18,6 +18,7 @@ import asyncio
 from binascii import unhexlify
 
 from edgebft.firmware import store
+from edgebft.firmware.faults import Faults
 from edgebft.firmware.mqtt import MQTTClient, MQTTError
 from edgebft.protocol import cbor
 from edgebft.protocol import messages
@@ -51,6 +52,9 @@ class Node:
         self.prefix = "ebft/%s/" % cluster
         self.topic_all = "%sfrom/%d" % (self.prefix, self.me)
         self.topic_status = "%sstatus/%d" % (self.prefix, self.me)
+        self.topic_ctl = "%sctl/%d" % (self.prefix, self.me)
+        self.topic_req = "%sreq/" % self.prefix
+        self.faults = Faults(self.me, unhexlify(config["control_key"]))
         self.status_interval_ms = config.get("status_interval_ms", _STATUS_INTERVAL_MS)
         args = (self.me, Stake(config["stake"]), [unhexlify(k) for k in config["keys"]],
                 unhexlify(config["client_secret"]))
@@ -77,11 +81,22 @@ class Node:
         self.status_skipped = 0
         self.started_ms = time.ticks_ms()
 
+    def now(self):
+        return time.ticks_ms() + self.faults.skew_ms
+
     def on_message(self, topic, payload, retain):
         if topic == self.topic_all:
             return  # our own broadcast, echoed by the broker
+        if topic == self.topic_ctl:
+            command = self.faults.on_control(bytes(payload))
+            self.mqtt.publish("%sevent/%d" % (self.prefix, self.me),
+                              cbor.encode(["control", command or "rejected"]))
+            return
+        if not topic.startswith(self.topic_req):  # from a replica: .../from/<j>
+            if self.faults.drop(int(topic[topic.rfind("/") + 1:])):
+                return
         try:
-            self.replica.receive(bytes(payload), time.ticks_ms())
+            self.replica.receive(bytes(payload), self.now())
         except MemoryError:
             gc.collect()
             print("out of memory: %d bytes free after collection" % gc.mem_free())
@@ -94,13 +109,20 @@ class Node:
         r = self.replica
         if r.dirty:
             store.save(r.durable())
+        faults = self.faults
         for dest, wire in r.out:
             if dest == rp.TO_ALL:
-                self.mqtt.publish(self.topic_all, wire)
+                if faults.drop_permille and faults.drop_peers is None and faults.drop(-1):
+                    continue
+                topic = self.topic_all
             elif type(dest) is tuple:
-                self.mqtt.publish("%srep/%d" % (self.prefix, dest[1]), wire)
+                topic = "%srep/%d" % (self.prefix, dest[1])
             else:
-                self.mqtt.publish("%sto/%d/from/%d" % (self.prefix, dest, self.me), wire)
+                if faults.drop(dest):
+                    continue
+                topic = "%sto/%d/from/%d" % (self.prefix, dest, self.me)
+            if not faults.hold(self.now(), topic, wire):
+                self.mqtt.publish(topic, wire)
         del r.out[:]
         for event in r.events:
             if event[0] == "executed" and event[1] % r.K == 0:
@@ -130,6 +152,8 @@ class Node:
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
             "uptime_ms": time.ticks_diff(time.ticks_ms(), self.started_ms),
             "status_skipped": self.status_skipped,
+            "faults": self.faults.describe(), "fault_dropped": self.faults.dropped,
+            "ctl_rejected": self.faults.rejected,
         }
 
     async def report(self):
@@ -144,10 +168,12 @@ class Node:
         """Drive the replica's timers (view change, retransmission)."""
         r = self.replica
         while True:
-            now = time.ticks_ms()
+            now = self.now()
             if now >= r.next_timer():
                 r.tick(now)
                 self.drain()
+            for topic, wire in self.faults.due(now):
+                self.mqtt.publish(topic, wire)
             await asyncio.sleep_ms(_TICK_MS)
 
     async def run(self):
@@ -155,7 +181,7 @@ class Node:
         # subscription not acknowledged in time (a broker that is slow to start) is retried.
         link = asyncio.create_task(self.mqtt.run())
         await asyncio.sleep_ms(0)  # let the link task start
-        for topic in ("from/+", "req/+", "to/%d/from/+" % self.me):
+        for topic in ("from/+", "req/+", "to/%d/from/+" % self.me, "ctl/%d" % self.me):
             while True:
                 try:
                     await self.mqtt.subscribe(self.prefix + topic)

@@ -10,6 +10,7 @@ as any client.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgebft.protocol.replica import client_key
@@ -23,6 +24,7 @@ class ClusterKeys:
 
     pairwise: list[list[bytes]]  # pairwise[i][j] == pairwise[j][i]
     client_secrets: list[bytes]  # client_secrets[i] belongs to replica i
+    control: list[bytes]         # control[i]: the host's key for node i's control channel
 
     @property
     def n(self) -> int:
@@ -33,6 +35,7 @@ class ClusterKeys:
         return {
             "keys": [k.hex() for k in self.pairwise[i]],
             "client_secret": self.client_secrets[i].hex(),
+            "control_key": self.control[i].hex(),
         }
 
     def client_keys(self, client: int) -> list[bytes]:
@@ -40,12 +43,14 @@ class ClusterKeys:
         return [client_key(secret, client) for secret in self.client_secrets]
 
 
-def generate_keys(n: int) -> ClusterKeys:
-    """Fresh random keys for ``n`` replicas (os.urandom)."""
+def generate_keys(n: int, randbytes: Callable[[int], bytes] = os.urandom) -> ClusterKeys:
+    """Fresh keys for ``n`` replicas from ``randbytes`` (os.urandom; the simulator passes a
+    seeded generator's so a seed replays)."""
     pairwise = [[b""] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):
-            key = os.urandom(KEY_BYTES)
+            key = randbytes(KEY_BYTES)
             pairwise[i][j] = key
             pairwise[j][i] = key
-    return ClusterKeys(pairwise=pairwise, client_secrets=[os.urandom(KEY_BYTES) for _ in range(n)])
+    return ClusterKeys(pairwise=pairwise, client_secrets=[randbytes(KEY_BYTES) for _ in range(n)],
+                       control=[randbytes(KEY_BYTES) for _ in range(n)])

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from edgebft.keys import KEY_BYTES, ClusterKeys
+from edgebft.keys import ClusterKeys, generate_keys
 from edgebft.protocol import replica as rp
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
@@ -209,14 +209,7 @@ class Fault:
 
 def seeded_keys(n: int, rng: random.Random) -> ClusterKeys:
     """Cluster keys shaped like ``edgebft.keys.generate_keys(n)`` but drawn from ``rng``."""
-    pairwise = [[b""] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i, n):
-            key = rng.randbytes(KEY_BYTES)
-            pairwise[i][j] = key
-            pairwise[j][i] = key
-    return ClusterKeys(pairwise=pairwise,
-                       client_secrets=[rng.randbytes(KEY_BYTES) for _ in range(n)])
+    return generate_keys(n, rng.randbytes)
 
 
 def fault_schedule(options: SimOptions, rng: random.Random) -> list[Fault]:

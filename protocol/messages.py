@@ -24,11 +24,14 @@ STATUS = 10      # [v, 10, replica, view, limbo, h, last executed, [seq missing 
 BATCH = 11       # [v, 11, replica, seq, digest, batch]             a batch body, by digest
 FETCH = 12       # [v, 12, replica, seq, digest, offset]             state transfer request
 CHUNK = 13       # [v, 13, replica, seq, digest, offset, total, data]  state transfer reply
+CONTROL = 14     # [v, 14, HOST, nonce, command, args]  auth: one tag (the node's control key)
+
+HOST = 0xFFFF    # the sender id of the host's control commands
 
 NAMES = {REQUEST: "request", PRE_PREPARE: "pre-prepare", PREPARE: "prepare", COMMIT: "commit",
          REPLY: "reply", CHECKPOINT: "checkpoint", VIEW_CHANGE: "view-change",
          VC_ACK: "view-change-ack", NEW_VIEW: "new-view", STATUS: "status", BATCH: "batch",
-         FETCH: "fetch", CHUNK: "chunk"}
+         FETCH: "fetch", CHUNK: "chunk", CONTROL: "control"}
 
 DIGEST_BYTES = 32
 MESSAGE_BYTES_MAX = 2048  # an MQTT payload the device buffers whole; bounds a batch too
@@ -43,6 +46,7 @@ _B = 3    # batch: list of bytes
 _L = 4    # list (its items are checked by the consumer)
 _BYTES = 5
 _BOOL = 6
+_STR = 7
 
 _FIELDS = {
     REQUEST: (("timestamp", _U), ("op", _ANY)),
@@ -58,6 +62,7 @@ _FIELDS = {
     BATCH: (("seq", _U), ("digest", _D), ("batch", _B)),
     FETCH: (("seq", _U), ("digest", _D), ("offset", _U)),
     CHUNK: (("seq", _U), ("digest", _D), ("offset", _U), ("total", _U), ("data", _BYTES)),
+    CONTROL: (("nonce", _U), ("command", _STR), ("args", _L)),
 }
 
 
@@ -102,6 +107,8 @@ def _check(kind_of_field, value):
         return type(value) is bytes
     if kind_of_field == _BOOL:
         return value is True or value is False
+    if kind_of_field == _STR:
+        return type(value) is str
     return True
 
 

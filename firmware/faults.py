@@ -1,0 +1,148 @@
+# Fault hooks and the authenticated control channel of a node (DESIGN.md section 4).
+#
+# Rules:
+# - Commands arrive on ebft/<c>/ctl/<i> as CONTROL messages from the host, tagged with this
+#   node's control key; a command is applied only if its tag verifies and its nonce is above
+#   every nonce accepted before (the last one persists in flash, so a replay after a reboot
+#   is refused too). Anything else is counted in `rejected` and changes nothing.
+# - Faults act on replica-to-replica traffic only, at the edge of the runtime: the protocol
+#   code never knows. heal() undoes every fault.
+# - Bounded: at most DELAYED_MAX messages wait in the delay queue; beyond it they are dropped.
+from edgebft.firmware import store
+from edgebft.protocol import auth
+from edgebft.protocol import messages as m
+
+try:
+    from random import getrandbits
+except ImportError:  # pragma: no cover
+    from os import urandom
+
+    def getrandbits(bits):
+        return int.from_bytes(urandom(4), "big") & ((1 << bits) - 1)
+
+NONCE_PATH = "nonce"
+DELAYED_MAX = 64
+
+
+def _chance(permille):
+    """True with probability permille / 1000, from 16 random bits."""
+    return getrandbits(16) * 1000 < permille * 65536
+
+
+class Faults:
+    """The faults in force on one node, and its control-command checker."""
+
+    def __init__(self, me, control_key):
+        self.me = me
+        self.mac = auth.Mac(control_key)
+        self.nonce = _load_nonce()
+        self.rejected = 0
+        self.dropped = 0
+        self.delayed = []  # [due_ms, topic, wire], due order
+        self.heal()
+
+    def heal(self):
+        self.drop_permille = 0  # integers only: our CBOR has no floats
+        self.drop_peers = None    # None: every peer
+        self.delay_ms = 0
+        self.jitter_ms = 0
+        self.reachable = None     # None: no partition; else the replica ids we can talk to
+        self.skew_ms = 0
+
+    def describe(self):
+        return {"drop_permille": self.drop_permille, "drop_peers": self.drop_peers,
+                "delay_ms": self.delay_ms,
+                "jitter_ms": self.jitter_ms, "reachable": self.reachable,
+                "skew_ms": self.skew_ms}
+
+    # ---- the control channel
+
+    def on_control(self, wire):
+        """Apply an authentic, fresh command; return its name, or None if rejected."""
+        try:
+            msg = m.decode(wire)
+        except m.MessageError:
+            msg = None
+        if (msg is None or msg.kind != m.CONTROL or msg.sender != m.HOST
+                or not auth.check(msg.auth, 0, self.mac, msg.body) or msg.nonce <= self.nonce):
+            self.rejected += 1
+            return None
+        try:
+            self._apply(msg.command, msg.args)
+        except (ValueError, TypeError, IndexError):
+            self.rejected += 1
+            return None
+        self.nonce = msg.nonce
+        _save_nonce(msg.nonce)
+        return msg.command
+
+    def _apply(self, command, args):
+        if command == "heal":
+            self.heal()
+        elif command == "omission":  # [permille, [peers...] or null]
+            if not 0 <= args[0] <= 1000:
+                raise ValueError("permille")
+            self.drop_permille = args[0]
+            self.drop_peers = args[1] if len(args) > 1 else None
+        elif command == "delay":  # [ms, jitter ms]
+            if args[0] < 0 or (len(args) > 1 and args[1] < 0):
+                raise ValueError("delay")
+            self.delay_ms = args[0]
+            self.jitter_ms = args[1] if len(args) > 1 else 0
+        elif command == "partition":  # [[ids in our group...]]
+            self.reachable = [int(j) for j in args[0]]
+        elif command == "skew":  # [ms]
+            self.skew_ms = int(args[0])
+        elif command == "reboot":
+            import machine  # a board; the host restarts emulated nodes itself
+            machine.reset()
+        else:
+            raise ValueError("unknown command")
+
+    # ---- hooks
+
+    def drop(self, peer):
+        """Should a message to or from replica ``peer`` be lost now?"""
+        if self.reachable is not None and peer not in self.reachable:
+            self.dropped += 1
+            return True
+        if self.drop_permille and (self.drop_peers is None or peer in self.drop_peers):
+            if _chance(self.drop_permille):
+                self.dropped += 1
+                return True
+        return False
+
+    def hold(self, now_ms, topic, wire):
+        """Queue an outbound message when a delay is in force; True if it was taken."""
+        if not self.delay_ms and not self.jitter_ms:
+            return False
+        if len(self.delayed) >= DELAYED_MAX:
+            self.dropped += 1
+            return True
+        extra = getrandbits(16) % (self.jitter_ms + 1) if self.jitter_ms else 0
+        due = now_ms + self.delay_ms + extra
+        i = len(self.delayed)
+        while i and self.delayed[i - 1][0] > due:
+            i -= 1
+        self.delayed.insert(i, [due, topic, wire])
+        return True
+
+    def due(self, now_ms):
+        """Pop the delayed messages that are due: [(topic, wire)...]."""
+        out = []
+        while self.delayed and self.delayed[0][0] <= now_ms:
+            entry = self.delayed.pop(0)
+            out.append((entry[1], entry[2]))
+        return out
+
+
+def _load_nonce():
+    saved = store.load(NONCE_PATH)
+    try:
+        return int(saved) if saved else 0
+    except ValueError:
+        return 0
+
+
+def _save_nonce(nonce):
+    store.save(str(nonce).encode(), NONCE_PATH)
