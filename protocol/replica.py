@@ -37,7 +37,7 @@ TO_CLIENT = -2
 # K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
 # (a window of 64) runs out of heap during a view change, K = 16 does not.
 CHECKPOINT_INTERVAL = 16
-CLIENTS_MAX = 64         # reply cache entries: part of the snapshot, so bounded
+CLIENTS_MAX = 32         # reply cache entries: part of the snapshot, so bounded
 PENDING_MAX = 32         # primary: requests waiting for a batch; beyond it clients retransmit
 WAITING_MAX = 32         # requests seen and not executed (view-change timer, T1)
 REQUEST_BYTES_MAX = 256  # a request wire (a batch holds at least one)
