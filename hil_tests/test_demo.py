@@ -47,10 +47,15 @@ def test_demo_on_mosquitto(tmp_path: Path) -> None:
     summary = run_demo(tmp_path / "run", "--duration", "8", "--broker", "mosquitto")
     assert summary["broker"].startswith("mosquitto")
     check_healthy_run(summary, 4)
-    events = (tmp_path / "run" / "events.jsonl").read_text().splitlines()
-    assert len(events) == summary["requests"]
+    events = [json.loads(line) for line in
+              (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert len([e for e in events if e["type"] == "request"]) == summary["requests"]
     logs = sorted(p.name for p in (tmp_path / "run" / "logs").iterdir())
     assert logs == [f"node{i}.log" for i in range(4)]
+    html = (tmp_path / "run" / "report.html").read_text()
+    for png in ("latency-raw.png", "latency-quantiles.png", "rate.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 1000
+        assert png in html
 
 
 def test_demo_on_the_embedded_broker(tmp_path: Path) -> None:

@@ -22,10 +22,11 @@ from edgebft.demo import DemoError, DemoOptions, run_demo
 from edgebft.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
 from edgebft.nemesis import NEMESES
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
+from edgebft.report import ReportError, build_report
 from edgebft.sim import SimError, SimOptions, SimSummary, parse_faults, run_many
 from edgebft.sim import SimOptions as _SimDefaults
 
-USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound, SimError)
+USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, SimError)
 EXIT_CHECKS_FAILED = 1
 EXIT_USER_ERROR = 2
 
@@ -89,6 +90,14 @@ def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | N
         sys.exit(EXIT_CHECKS_FAILED)
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def report(run_dir: Path) -> None:
+    """Rebuild RUN_DIR's report (report.html and PNG plots) from its events.jsonl and
+    summary.json alone."""
+    console.print(f"report: {build_report(run_dir)}")
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """Print a run summary as a table."""
     table = Table(title=f"EdgeBFT demo: {summary['out']}", show_header=False)
@@ -105,6 +114,7 @@ def print_summary(summary: dict[str, Any]) -> None:
                   f"recovery ms {summary['recovery_ms']}"),
         ("heap peak (bytes)", " ".join(f"{n}:{b}" for n, b in
                                        summary["heap_peak_bytes"].items())),
+        ("report", summary.get("report", "-")),
     ]
     for name, value in rows:
         table.add_row(name, value)

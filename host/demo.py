@@ -1,8 +1,9 @@
 """``edgebft demo``: an emulated cluster on a real broker, a client workload, a summary.
 
 A run is a folder (Maelstrom's model): ``config.json``, ``nodes/node<i>/`` (each node's image,
-its flash), ``logs/node<i>.log``, ``events.jsonl`` (every request's outcome with host
-timestamps) and ``summary.json``. The verdict on safety comes from the ledger digests the nodes
+its flash), ``logs/node<i>.log``, ``events.jsonl`` (every request's outcome and every fault,
+with host timestamps), ``summary.json`` and the report (``report.html`` and its PNG plots,
+edgebft.report). The verdict on safety comes from the ledger digests the nodes
 report (``edgebft.observer``), not from the nodes' own claims.
 """
 
@@ -27,6 +28,7 @@ from edgebft.nemesis import NEMESES, CrashPrimary, Fault, make_nemesis
 from edgebft.observer import Observer
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
+from edgebft.report import build_report
 from edgebft.workload import DEADLINE_S, Outcome, Workload, genesis
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
@@ -148,9 +150,11 @@ def run_demo(options: DemoOptions,
         summary = summarize(options, broker.describe(), workload.outcomes, observer,
                             issuing_s, converged, faults)
         summary["nodes_alive_at_end"] = alive
-    _write_events(run / "events.jsonl", workload.outcomes, faults)
+    _write_events(run / "events.jsonl", workload.outcomes, faults, observer.events)
     (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     summary["out"] = str(run)
+    if summary["requests"]:
+        summary["report"] = str(build_report(run))
     return summary
 
 
@@ -215,10 +219,15 @@ def recovery_summary(values: list[float | None]) -> dict[str, float | int | None
             "unrecovered": len(values) - len(done)}
 
 
-def _write_events(path: Path, outcomes: list[Outcome], faults: list[Fault]) -> None:
+def _write_events(path: Path, outcomes: list[Outcome], faults: list[Fault],
+                  node_events: list[tuple[float, int, list[Any]]]) -> None:
     with path.open("w") as f:
         for fault in faults:
             f.write(json.dumps({"type": "fault", **asdict(fault)}) + "\n")
+        for at, node, event in node_events:
+            f.write(json.dumps({"type": "node", "time": at, "node": node,
+                                "event": [x.hex() if isinstance(x, bytes) else x
+                                          for x in event]}) + "\n")
         for o in outcomes:
             f.write(json.dumps({"type": "request", **asdict(o),
                                 "latency_ms": round(o.latency_ms, 3)}) + "\n")
