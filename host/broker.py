@@ -272,6 +272,12 @@ class Broker:
         name = f"{self.kind} {self.version}".strip() if self.kind != "external" else "external"
         return f"{name} on {self.host}:{self.port}"
 
+    def detach(self) -> None:
+        """Leave the broker running after this process exits (``edgebft cluster up``)."""
+        if self._proc is not None:
+            untrack_process(self._proc)
+            self._proc = None
+
     def stop(self) -> None:
         """Stop the broker process group if we started it. Idempotent; external: no-op."""
         if self._proc is not None:

@@ -19,6 +19,13 @@ from rich.table import Table
 from edgebft.broker import BrokerError
 from edgebft.cluster import ClusterError
 from edgebft.demo import DemoError, DemoOptions, run_demo
+from edgebft.lab import NETWORK_FAULTS, PROCESS_FAULTS, LabError, status_rows
+from edgebft.lab import down as lab_down
+from edgebft.lab import heal as lab_heal
+from edgebft.lab import inject as lab_inject
+from edgebft.lab import load as lab_load
+from edgebft.lab import status as lab_status
+from edgebft.lab import up as lab_up
 from edgebft.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
 from edgebft.nemesis import NEMESES
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
@@ -26,7 +33,8 @@ from edgebft.report import ReportError, build_report
 from edgebft.sim import SimError, SimOptions, SimSummary, parse_faults, run_many
 from edgebft.sim import SimOptions as _SimDefaults
 
-USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, SimError)
+USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
+               SimError)
 EXIT_CHECKS_FAILED = 1
 EXIT_USER_ERROR = 2
 
@@ -88,6 +96,108 @@ def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | N
     healthy = summary["safety_ok"] and summary["safety"]["converged"]
     if not healthy or (nemesis == "none" and summary["availability"] != 1.0):
         sys.exit(EXIT_CHECKS_FAILED)
+
+
+@cli.group()
+def cluster() -> None:
+    """A long-lived emulated cluster, driven from separate shells (state in its run folder)."""
+
+
+DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), default=None,
+                          help="The cluster's run folder (default: runs/cluster/latest).")
+
+
+@cluster.command("up")
+@click.option("--nodes", default=4, show_default=True, help="Replicas (at least 4).")
+@click.option("--stake", default=None, metavar="W1,W2,...",
+              help="Stake per node (default: equal).")
+@click.option("--broker", default="auto", show_default=True,
+              metavar="URL|mosquitto|embedded|auto", help="As for demo.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default: a fresh folder under runs/cluster/).")
+@click.option("--micropython", default=None, metavar="PATH",
+              help="MicroPython Unix-port binary.")
+@click.option("--heap", default=HEAP_DEFAULT, show_default=True, help="Heap per node.")
+def cluster_up(nodes: int, stake: str | None, broker: str, out: Path | None,
+               micropython: str | None, heap: str) -> None:
+    """Start a broker and NODES emulated nodes that keep running after this command."""
+    weights = _parse_stake(stake)
+    lab = lab_up(nodes, broker, out, weights, heap, micropython)
+    console.print(f"cluster {lab.state['cluster']} up: {lab.nodes} nodes, "
+                  f"{lab.state['broker']['describe']}; state in {lab.path}")
+
+
+def _parse_stake(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected integers like 30,25,25,20",
+                                 param_hint="--stake") from None
+
+
+@cluster.command("status")
+@DIR_OPTION
+def cluster_status(run_dir: Path | None) -> None:
+    """Show each node: role, view, last executed, stable checkpoint, heap, active faults."""
+    lab = lab_load(run_dir)
+    table = Table(title=f"cluster {lab.state['cluster']} ({lab.path})")
+    for name in ("node", "role", "view", "executed", "checkpoint", "heap", "faults"):
+        table.add_column(name)
+    for row in status_rows(lab_status(lab)):
+        table.add_row(*row)
+    console.print(table)
+
+
+@cluster.command("down")
+@DIR_OPTION
+def cluster_down(run_dir: Path | None) -> None:
+    """Stop every node and the broker of the cluster."""
+    lab = lab_load(run_dir)
+    lab_down(lab)
+    console.print(f"cluster {lab.state['cluster']} down")
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(PROCESS_FAULTS + NETWORK_FAULTS))
+@click.argument("node", type=int)
+@click.option("--p", "p", type=float, default=1.0, show_default=True,
+              help="omission: the fraction of messages dropped.")
+@click.option("--peers", default=None, metavar="J,K",
+              help="omission: only messages to and from these replicas (default: all).")
+@click.option("--ms", type=int, default=100, show_default=True,
+              help="delay: fixed delay; skew: clock offset.")
+@click.option("--jitter", "jitter_ms", type=int, default=0, show_default=True,
+              help="delay: extra random delay up to this many ms.")
+@click.option("--group", default=None, metavar="J,K",
+              help="partition: the replicas on NODE's side (NODE is always in it).")
+@DIR_OPTION
+def inject(kind: str, node: int, p: float, peers: str | None, ms: int, jitter_ms: int,
+           group: str | None, run_dir: Path | None) -> None:
+    """Inject fault KIND on NODE: kill, pause, resume, restart (process faults) or
+    omission, delay, partition, skew (authenticated control commands)."""
+    lab = lab_load(run_dir)
+    console.print(lab_inject(lab, kind, node, p=p, ms=ms, jitter_ms=jitter_ms,
+                             group=_parse_ids(group, "--group"),
+                             peers=_parse_ids(peers, "--peers")))
+
+
+def _parse_ids(text: str | None, hint: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected replica ids like 0,1",
+                                 param_hint=hint) from None
+
+
+@cli.command()
+@DIR_OPTION
+def heal(run_dir: Path | None) -> None:
+    """Undo every fault: resume paused nodes, restart killed ones, heal network faults."""
+    console.print(lab_heal(lab_load(run_dir)))
 
 
 @cli.command()

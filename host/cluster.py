@@ -135,6 +135,17 @@ class EmulatedCluster:
                 untrack_process(proc)
             self._note(i, f"stopped, exit code {proc.returncode}")
 
+    def detach(self) -> list[int]:
+        """Leave every running node running after this process exits; return their pids
+        (each is its process group's id: ``os.killpg`` stops one later)."""
+        pids = []
+        for proc in self._procs:
+            if proc is not None and proc.poll() is None:
+                untrack_process(proc)
+                pids.append(proc.pid)
+        self._procs = [None] * len(self.images)
+        return pids
+
     def kill(self, i: int) -> None:
         """Crash node ``i``: SIGKILL its process group and reap it. No-op if it is not running."""
         proc = self._procs[self._check_index(i)]

@@ -90,7 +90,10 @@ class Workload:
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._cores = [ClientCore(c, self.stake, self.keys.client_keys(c))
+        # Timestamps start at the host's clock in microseconds, so a later workload with the
+        # same client ids is never mistaken for old, already-executed requests.
+        first = time.time_ns() // 1000
+        self._cores = [ClientCore(c, self.stake, self.keys.client_keys(c), timestamp=first)
                        for c in range(self.clients)]
         self._outstanding: dict[int, _Outstanding] = {}
         self._issued = [0] * self.clients

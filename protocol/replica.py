@@ -46,6 +46,7 @@ BODY_BYTES_MAX = 6144    # batch bodies kept until stable (re-proposal after a v
 CHUNK_BYTES = 1024       # state transfer chunk
 SNAPSHOT_BYTES_MAX = 32768
 STATUS_MS = 100          # retransmission period (RT1: at most once per 100 ms)
+IDLE_STATUS_TICKS = 10   # an idle replica's STATUS period, in retransmission periods
 VC_TIMEOUT_FACTOR_MAX = 32  # the doubling view-change timeout stops at 32 T
 CATCH_UP_MAX = 8         # sequence numbers answered per STATUS
 _PRE_PREPARE_OVERHEAD_BYTES = 128
@@ -130,6 +131,7 @@ class Replica:
         self.progress_mark = 0    # last_exec at the previous tick
         self.answered = {}        # replica -> time of our last answer to its STATUS
         self.behind = False       # saw a message of a higher view
+        self.ticks = 0            # retransmission periods so far
         self.dirty = True         # durable() changed since the caller last saved it
         self.out = []
         self.events = []
@@ -833,9 +835,12 @@ class Replica:
     # ----------------------------------------------------------------- retransmission
 
     def _retransmit(self):
-        """RT1: when stuck, multicast STATUS; in limbo also repeat our VIEW-CHANGE."""
+        """RT1: when stuck, multicast STATUS; in limbo also repeat our VIEW-CHANGE. An idle
+        replica still sends one every IDLE_STATUS_TICKS, so peers can tell it what it missed
+        last before the traffic stopped."""
         stuck = self.last_exec == self.progress_mark
         self.progress_mark = self.last_exec
+        self.ticks += 1
         if self.transfer is not None:
             t = self.transfer
             t[5] += 1  # try the next source
@@ -844,7 +849,8 @@ class Replica:
         if self.limbo:
             self.out.append((TO_ALL, self.vc_wires[self.me]))
             self.counts["tx"] += 1
-        elif not (self.behind or stuck and (self.waiting or self.missing or self.live_slots())):
+        elif not (self.behind or stuck and (self.waiting or self.missing or self.live_slots())
+                  or self.ticks % IDLE_STATUS_TICKS == 0):
             return
         self.behind = False
         missing = sorted(self.missing)[:CATCH_UP_MAX]

@@ -1,0 +1,136 @@
+"""The fault lab against an emulated cluster: `edgebft cluster up/status/down`, `inject`,
+`heal`, and the authenticated control channel (forged and replayed commands do nothing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import paho.mqtt.client as paho
+import pytest
+
+from edgebft import lab
+from edgebft.protocol import auth
+from edgebft.protocol import messages as m
+from edgebft.protocol.stake import Stake
+from edgebft.workload import Workload
+
+EDGEBFT = [sys.executable, "-m", "edgebft"]
+
+
+def cli(*args: str) -> str:
+    done = subprocess.run([*EDGEBFT, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.LabCluster]:
+    run = tmp_path_factory.mktemp("lab") / "run"
+    cli("cluster", "up", "--out", str(run))
+    yield lab.load(run)
+    cli("cluster", "down", "--dir", str(run))
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout
+    assert left.strip() == "", "cluster down left processes behind"
+
+
+def load(cluster: lab.LabCluster, seconds: float) -> int:
+    b = cluster.state["broker"]
+    work = Workload(b["host"], b["port"], cluster.state["cluster"],
+                    Stake(cluster.state["stake"]), cluster.keys(), clients=2)
+    work.start()
+    time.sleep(seconds)
+    work.drain(3.0)
+    work.close()
+    return sum(1 for o in work.outcomes if o.outcome == "ok")
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> dict[int, dict]:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout_s
+    while True:
+        snap = lab.status(cluster_ref[0], wait_s=0.5)
+        if predicate(snap) or time.monotonic() > end:
+            return snap
+        time.sleep(0.2)
+
+
+cluster_ref: list[lab.LabCluster] = []
+
+
+def test_status_shows_every_node(cluster: lab.LabCluster) -> None:
+    out = cli("cluster", "status", "--dir", str(cluster.path))
+    assert "primary" in out
+    assert out.count("backup") == 3
+    snap = lab.status(cluster)
+    assert all(snap[n]["online"] for n in range(4))
+
+
+def test_omission_isolates_a_node_and_heal_lets_it_catch_up(cluster: lab.LabCluster) -> None:
+    cluster_ref[:] = [cluster]
+    cli("inject", "omission", "3", "--p", "1.0", "--dir", str(cluster.path))
+    snap = wait_for(lambda s: s[3].get("faults", {}).get("drop_permille") == 1000)
+    assert snap[3]["faults"]["drop_permille"] == 1000
+    assert load(cluster, 2.0) > 0, "three nodes still commit"
+    snap = lab.status(cluster)
+    assert snap[3]["last_exec"] < snap[0]["last_exec"]
+    assert snap[3]["fault_dropped"] > 0
+    isolated_at = snap[3]["last_exec"]
+    cli("heal", "--dir", str(cluster.path))
+    assert load(cluster, 1.0) > 0
+    snap = wait_for(lambda s: s[3]["last_exec"] >= s[0]["last_exec"] - 8)
+    assert snap[3]["faults"]["drop_permille"] == 0
+    assert snap[3]["last_exec"] > isolated_at, "the healed node executes again"
+    assert snap[3]["last_exec"] >= snap[0]["last_exec"] - 8, "within a checkpoint of the rest"
+
+
+def test_forged_and_replayed_control_commands_only_count(cluster: lab.LabCluster) -> None:
+    cluster_ref[:] = [cluster]
+    before = lab.status(cluster)[1]["ctl_rejected"]
+    b = cluster.state["broker"]
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.connect(b["host"], b["port"])
+    client.loop_start()
+    topic = f"ebft/{cluster.state['cluster']}/ctl/1"
+    forged_body = m.body(m.CONTROL, m.HOST, 2**62, "omission", [1000, None])
+    forged = forged_body + auth.Mac(b"not the key" * 3).tag(forged_body)
+    client.publish(topic, forged, qos=1).wait_for_publish(5)
+    # A genuine command, then the same bytes again (a replay).
+    nonce = time.time_ns() // 1000
+    body = m.body(m.CONTROL, m.HOST, nonce, "delay", [0, 0])
+    genuine = body + auth.Mac(cluster.keys().control[1]).tag(body)
+    client.publish(topic, genuine, qos=1).wait_for_publish(5)
+    client.publish(topic, genuine, qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+    snap = wait_for(lambda s: s[1]["ctl_rejected"] >= before + 2)
+    assert snap[1]["ctl_rejected"] == before + 2
+    assert snap[1]["faults"]["drop_permille"] == 0, "the forged omission did nothing"
+    cluster.state["nonce"] = nonce  # keep the lab's nonces above the one used here
+    cluster.save()
+
+
+def test_kill_shows_offline_and_heal_restarts_from_flash(cluster: lab.LabCluster) -> None:
+    cluster_ref[:] = [cluster]
+    cli("inject", "kill", "2", "--dir", str(cluster.path))
+    snap = wait_for(lambda s: not s[2]["online"])
+    assert not snap[2]["online"], "the Last Will marked it offline"
+    out = cli("heal", "--dir", str(cluster.path))
+    assert "restarted nodes [2]" in out
+    snap = wait_for(lambda s: s[2]["online"])
+    assert snap[2]["online"]
+    assert load(cluster, 1.0) > 0
+
+
+def test_bad_input_is_one_line(cluster: lab.LabCluster) -> None:
+    done = subprocess.run([*EDGEBFT, "inject", "omission", "9", "--dir", str(cluster.path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "edgebft: error: no node 9: the cluster has nodes 0..3"]
+    done = subprocess.run([*EDGEBFT, "cluster", "status", "--dir", "/nonexistent"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "no cluster in /nonexistent" in done.stderr
