@@ -478,13 +478,17 @@ class Replica:
         """Take the checkpoint of ``seq`` (just executed): its snapshot and digest (N7)."""
         snap = self.snapshot()
         digest = hashlib.sha256(snap).digest()
+        self._hold_checkpoint(seq, snap, digest)
+        self.events.append(("checkpoint", seq, digest))
+
+    def _hold_checkpoint(self, seq, snap, digest):
+        """Keep our snapshot of ``seq`` (to serve state transfer) and count our own vote."""
         self.snapshots[seq] = snap
         self.own_checkpoints[seq] = digest
         votes = self.checkpoints.get(seq)
         if votes is None:
             votes = self.checkpoints[seq] = {}
         votes[self.me] = digest
-        self.events.append(("checkpoint", seq, digest))
 
     def on_checkpoint(self, msg):
         if msg.seq <= self.h or msg.seq % self.K:
@@ -606,12 +610,7 @@ class Replica:
         for entry in replies:
             self.replies[entry[0]] = entry[1:]
         self.last_exec = seq
-        self.snapshots[seq] = snap
-        self.own_checkpoints[seq] = digest
-        votes = self.checkpoints.get(seq)
-        if votes is None:
-            votes = self.checkpoints[seq] = {}
-        votes[self.me] = digest
+        self._hold_checkpoint(seq, snap, digest)
         if self.seq < seq:
             self.seq = seq
         for client in list(self.waiting):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[edgebft.bro
     spec = os.environ.get("EDGEBFT_TEST_BROKER", "auto")
     with start_broker(spec, tmp_path_factory.mktemp("broker")) as running:
         yield running
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll ``predicate`` every 20 ms until it holds or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
