@@ -126,7 +126,7 @@ class Replica:
         self.new_view = None      # NEW-VIEW of self.view waiting for its VIEW-CHANGEs
         self.nv_wire = None       # primary: the NEW-VIEW it sent for self.view
         self.missing = {}         # seq -> digest whose batch we lack (A3, BV5)
-        self.transfer = None      # [seq, digest, buffer, offset, source] while fetching state
+        self.transfer = None      # see _start_transfer, while fetching state
         self.status_due = 0
         self.progress_mark = 0    # last_exec at the previous tick
         self.answered = {}        # replica -> time of our last answer to its STATUS
@@ -562,18 +562,32 @@ class Replica:
     def _start_transfer(self, seq, digest, sources):
         if not sources:
             sources = [j for j in range(self.stake.n) if j != self.me]
-        self.transfer = [seq, digest, bytearray(), 0, sources, 0]
+        # [seq, digest, bytes so far, sources, source index, vouched for already]
+        self.transfer = [seq, digest, bytearray(), sources, 0, True]
         self._fetch_next()
 
     def _fetch_next(self):
         t = self.transfer
-        source = t[4][t[5] % len(t[4])]
+        source = t[3][t[4] % len(t[3])]
         self._send(source, m.FETCH, t[0], t[1], len(t[2]))
+
+    def _vouched(self, seq, digest):
+        """Do replicas with over 1/3 of stake report checkpoint (seq, digest)?"""
+        votes = self.checkpoints.get(seq, {})
+        holders = [j for j in range(self.stake.n)
+                   if votes.get(j) == digest or self.ahead.get(j) == (seq, digest)]
+        return self.stake.is_weak(self.stake.of(holders))
 
     def on_fetch(self, msg):
         snap = self.snapshots.get(msg.seq)
         if snap is None or self.own_checkpoints.get(msg.seq) != msg.digest:
-            self._drop("fetch of a state not held")
+            if msg.offset == 0 and self.h > msg.seq and self.h in self.snapshots:
+                # That state is gone here (our window moved on): offer our stable one.
+                snap = self.snapshots[self.h]
+                self._send(msg.sender, m.CHUNK, self.h, self.own_checkpoints[self.h], 0,
+                           len(snap), snap[:CHUNK_BYTES])
+            else:
+                self._drop("fetch of a state not held")
             return
         if msg.offset > len(snap):
             return
@@ -582,6 +596,13 @@ class Replica:
 
     def on_chunk(self, msg):
         t = self.transfer
+        if t is not None and msg.offset == 0 and msg.seq > t[0] and msg.seq > self.last_exec:
+            # A newer stable checkpoint offered instead: assemble that one (it is checked
+            # against its digest and its vouchers when complete).
+            t[0], t[1], t[2] = msg.seq, msg.digest, bytearray()
+            t[3] = [msg.sender] + [j for j in t[3] if j != msg.sender]
+            t[4] = 0
+            t[5] = False
         if t is None or msg.seq != t[0] or msg.digest != t[1] or msg.offset != len(t[2]):
             return
         if msg.total > SNAPSHOT_BYTES_MAX or len(t[2]) + len(msg.data) > msg.total:
@@ -593,8 +614,8 @@ class Replica:
             return
         snap = bytes(t[2])
         self.transfer = None
-        if hashlib.sha256(snap).digest() != t[1]:
-            self._drop("state digest mismatch")
+        if hashlib.sha256(snap).digest() != t[1] or not (t[5] or self._vouched(t[0], t[1])):
+            self._drop("state not vouched for")
             return
         if t[0] > self.last_exec:
             self._install_snapshot(t[0], t[1], snap)
@@ -842,7 +863,7 @@ class Replica:
         self.ticks += 1
         if self.transfer is not None:
             t = self.transfer
-            t[5] += 1  # try the next source
+            t[4] += 1  # try the next source
             self._fetch_next()
             return
         if self.limbo:
