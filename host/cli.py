@@ -28,6 +28,7 @@ from edgebft.lab import status as lab_status
 from edgebft.lab import up as lab_up
 from edgebft.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
 from edgebft.nemesis import NEMESES
+from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.report import ReportError, build_report
 from edgebft.sim import SimError, SimOptions, SimSummary, parse_faults, run_many
@@ -269,10 +270,17 @@ SIM_FAILURES_SHOWN = 10
               help="Report liveness failures but exit 0 when every seed is safe.")
 @click.option("--plant-divergence", "plant", default=None, metavar="REPLICA:SEQ",
               help="Plant a bug: REPLICA executes a different op at SEQ (proves the checker).")
+@click.option("--stake", default=None, metavar="W1,W2,...",
+              help="Stake per replica (default: equal); quorums are by stake.")
+@click.option("--byzantine", default=None, metavar="J,K",
+              help="Replicas that misbehave (their own history is not checked).")
+@click.option("--behaviour", default="silent", show_default=True,
+              type=click.Choice(BEHAVIOURS),
+              help="What the Byzantine replicas do; equivocate is a coordinated attack.")
 def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults_text: str,
         requests: int, clients: int, loss_max: float, delay_ms_max: int, fault_ms: int,
         liveness_ms: int, checkpoint_interval: int, view_timeout_ms: int, safety_only: bool,
-        plant: str | None) -> None:
+        plant: str | None, stake: str | None, byzantine: str | None, behaviour: str) -> None:
     """Deterministic simulation: whole clusters in-process on a simulated network and clock.
 
     Each seed draws keys, latencies, faults and client timing from random.Random(seed), runs
@@ -289,7 +297,10 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
                          faults=parse_faults(faults_text), loss_max=loss_max,
                          delay_ms_max=delay_ms_max, fault_ms=fault_ms, liveness_ms=liveness_ms,
                          checkpoint_interval=checkpoint_interval,
-                         view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant))
+                         view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant),
+                         stake=tuple(_parse_stake(stake) or ()) or None,
+                         byzantine=tuple(_parse_ids(byzantine, "--byzantine") or ()),
+                         behaviour=behaviour)
     options.check()
     seeds = [seed] if seed is not None else list(
         range(start, start + (seed_count or SIM_SEEDS_DEFAULT)))

@@ -34,6 +34,7 @@ from typing import Any
 
 from edgebft.keys import ClusterKeys, generate_keys
 from edgebft.protocol import replica as rp
+from edgebft.protocol.byzantine import BEHAVIOURS, misbehave
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 from edgebft.workload import genesis, operation
@@ -84,6 +85,17 @@ class SimOptions:
     checkpoint_interval: int = DEFAULT_CHECKPOINT_INTERVAL
     view_timeout_ms: int = DEFAULT_VIEW_TIMEOUT_MS
     plant_divergence: tuple[int, int] | None = None
+    stake: tuple[int, ...] | None = None      # per replica; None: equal
+    byzantine: tuple[int, ...] = ()           # replica ids that misbehave
+    behaviour: str = "silent"                 # edgebft.protocol.byzantine.BEHAVIOURS
+
+    def weights(self) -> list[int]:
+        return list(self.stake) if self.stake is not None else [1] * self.nodes
+
+    def byzantine_share(self) -> tuple[int, int]:
+        """(Byzantine stake, total stake)."""
+        w = self.weights()
+        return sum(w[i] for i in self.byzantine), sum(w)
 
     def check(self) -> None:
         """Raise SimError naming the first bad option."""
@@ -105,6 +117,15 @@ class SimOptions:
             raise SimError("--checkpoint-interval must be at least 1")
         if self.view_timeout_ms < 1:
             raise SimError("--view-timeout-ms must be at least 1")
+        if self.stake is not None and (len(self.stake) != self.nodes or min(self.stake) < 0
+                                       or sum(self.stake) <= 0):
+            raise SimError(f"--stake needs {self.nodes} non-negative values with a positive "
+                           f"sum, got {','.join(map(str, self.stake))}")
+        if any(not 0 <= i < self.nodes for i in self.byzantine):
+            raise SimError(f"--byzantine ids must be in 0..{self.nodes - 1}")
+        if self.behaviour not in BEHAVIOURS:
+            raise SimError(f"unknown behaviour {self.behaviour!r}: choose from "
+                           f"{','.join(BEHAVIOURS)}")
         if self.plant_divergence is not None:
             replica, seq = self.plant_divergence
             if not 0 <= replica < self.nodes or seq < 1:
@@ -129,6 +150,11 @@ class SimOptions:
                 cmd += f" {flag} {value}"
         if self.plant_divergence is not None:
             cmd += " --plant-divergence {}:{}".format(*self.plant_divergence)
+        if self.stake is not None:
+            cmd += " --stake " + ",".join(map(str, self.stake))
+        if self.byzantine:
+            cmd += " --byzantine " + ",".join(map(str, self.byzantine))
+            cmd += f" --behaviour {self.behaviour}"
         return cmd
 
 
@@ -220,7 +246,8 @@ def fault_schedule(options: SimOptions, rng: random.Random) -> list[Fault]:
     kinds = list(options.faults)
     if not kinds or options.fault_ms <= 0:
         return []
-    f = (options.nodes - 1) // 3
+    # Byzantine replicas already use up part of f: benign crashes only get the rest.
+    f = (options.nodes - 1) // 3 - len(options.byzantine)
     faults: list[Fault] = []
     t = 0
     while True:
@@ -295,7 +322,9 @@ class Simulation:
         self.options = options
         self.rng = random.Random(seed)
         n = options.nodes
-        self.stake = Stake([1] * n)
+        self.stake = Stake(options.weights())
+        self.byzantine = set(options.byzantine)
+        self.sent: dict[int, list[bytes]] = {i: [] for i in self.byzantine}  # for "replay"
         self.keys = seeded_keys(n, self.rng)
         self.genesis = genesis()
         self.replicas = [self._new_replica(i) for i in range(n)]
@@ -364,8 +393,14 @@ class Simulation:
         r.ledger.execute = divergent  # type: ignore[method-assign]
 
     def _drain(self, i: int) -> None:
-        """Route replica i's outbox and record its events, then clear both lists."""
+        """Route replica i's outbox and record its events, then clear both lists. A Byzantine
+        replica's outbox is rewritten first, and its events are not history: the checkers
+        judge the correct replicas only."""
         r = self.replicas[i]
+        if i in self.byzantine:
+            misbehave(r, self.options.behaviour, self.rng.getrandbits,
+                      colluders=self.byzantine - {i}, sent=self.sent[i])
+            del r.events[:]
         for dest, wire in r.out:
             if dest == rp.TO_ALL:
                 for j in range(len(self.replicas)):

@@ -253,9 +253,11 @@ class Replica:
         if client in self.waiting or len(self.waiting) < WAITING_MAX:
             self.waiting[client] = msg.timestamp  # one outstanding request per client
             self.waiting_wires[client] = msg.body + msg.auth
+        if self.vc_deadline is None and not self.limbo and client in self.waiting:
+            # T1; on the primary the same timer makes it abdicate when its own requests do
+            # not execute (libbyz's V1(c)): the backups may be stuck in another view.
+            self.vc_deadline = self.now + self.vc_timeout
         if not self.is_primary() or self.limbo:
-            if self.vc_deadline is None and not self.limbo and client in self.waiting:
-                self.vc_deadline = self.now + self.vc_timeout  # T1
             return
         if self.pending_ids.get(client) == msg.timestamp:
             return
@@ -448,7 +450,7 @@ class Replica:
         if results:
             self.vc_timeout = self.view_timeout_ms  # T5: reset once a request executes
         self.vc_deadline = None  # T1: stop, restart below if requests still wait
-        if self.waiting and not self.is_primary():
+        if self.waiting:
             self.vc_deadline = self.now + self.vc_timeout
         if seq % self.K == 0:
             self._checkpoint(seq)
@@ -698,6 +700,9 @@ class Replica:
             self._ack(change)
             if not self.limbo and self.is_primary():
                 self._resend_new_view(msg.sender)
+        elif msg.sender == self.primary() and msg.view > self.view and not self.limbo:
+            self._start_view_change(msg.view)  # V1(c): our primary abdicated
+            return
         self._after_view_change_input()
 
     def _ack(self, change):
@@ -821,7 +826,7 @@ class Replica:
         self.new_view = None
         self.missing = {}
         self.vc_deadline = None
-        if self.waiting and not self.is_primary():
+        if self.waiting:
             self.vc_deadline = self.now + self.vc_timeout
         self.events.append(("view", self.view))
         if not self.is_primary():
