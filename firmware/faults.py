@@ -48,12 +48,15 @@ class Faults:
         self.jitter_ms = 0
         self.reachable = None     # None: no partition; else the replica ids we can talk to
         self.skew_ms = 0
+        self.byzantine = None     # a behaviour of edgebft.protocol.byzantine, or None
+        self.colluders = ()
+        self.sent = []            # what "replay" replays
 
     def describe(self):
         return {"drop_permille": self.drop_permille, "drop_peers": self.drop_peers,
                 "delay_ms": self.delay_ms,
                 "jitter_ms": self.jitter_ms, "reachable": self.reachable,
-                "skew_ms": self.skew_ms}
+                "skew_ms": self.skew_ms, "byzantine": self.byzantine}
 
     # ---- the control channel
 
@@ -93,6 +96,12 @@ class Faults:
             self.reachable = [int(j) for j in args[0]]
         elif command == "skew":  # [ms]
             self.skew_ms = int(args[0])
+        elif command == "byzantine":  # [behaviour, [colluders...]]
+            from edgebft.protocol.byzantine import BEHAVIOURS  # only when asked: heap
+            if args[0] not in BEHAVIOURS:
+                raise ValueError("behaviour")
+            self.byzantine = args[0]
+            self.colluders = tuple(args[1]) if len(args) > 1 else ()
         elif command == "reboot":
             import machine  # a board; the host restarts emulated nodes itself
             machine.reset()
@@ -126,6 +135,12 @@ class Faults:
             i -= 1
         self.delayed.insert(i, [due, topic, wire])
         return True
+
+    def misbehave(self, replica):
+        """Rewrite the replica's outbox when a Byzantine behaviour is in force."""
+        if self.byzantine is not None:
+            from edgebft.protocol.byzantine import misbehave
+            misbehave(replica, self.byzantine, getrandbits, self.colluders, self.sent)
 
     def due(self, now_ms):
         """Pop the delayed messages that are due: [(topic, wire)...]."""

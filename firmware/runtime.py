@@ -110,6 +110,7 @@ class Node:
         if r.dirty:
             store.save(r.durable())
         faults = self.faults
+        faults.misbehave(r)
         for dest, wire in r.out:
             if dest == rp.TO_ALL:
                 if faults.drop_permille and faults.drop_peers is None and faults.drop(-1):

@@ -124,3 +124,21 @@ def test_demo_survives_a_primary_crash_and_the_restarted_node_catches_up(tmp_pat
     events = [json.loads(line) for line in
               (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert [e["node"] for e in events if e["type"] == "fault"] == [fault["node"]]
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_demo_with_an_equivocating_primary_stays_safe_and_names_it(tmp_path: Path) -> None:
+    summary = run_demo(tmp_path / "run", "--duration", "12", "--broker", "mosquitto",
+                       "--stake", "30,25,25,20", "--nemesis", "byzantine-primary")
+    assert summary["safety_ok"] is True
+    assert summary["safety"]["converged"] is True
+    assert summary["stake"] == {"0": 30, "1": 25, "2": 25, "3": 20}
+    [fault] = summary["faults"]
+    assert fault["kind"] == "byzantine-primary"
+    assert summary["view_changes"] >= 1, "the equivocating primary was replaced"
+    assert fault["recovery_ms"] is not None
+    assert summary["byzantine_nodes"] == [fault["node"]]
+    offenders = {e["offender"] for e in summary["equivocations_detected"]}
+    assert offenders <= {fault["node"]}, "only the Byzantine primary is ever named"
+    correct = [n for n in summary["last_executed"] if int(n) != fault["node"]]
+    assert len({summary["last_executed"][n] for n in correct}) == 1

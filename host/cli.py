@@ -65,8 +65,12 @@ def cli() -> None:
               help="MicroPython heap per node (-X heapsize).")
 @click.option("--nemesis", default="none", show_default=True,
               type=click.Choice(NEMESES),
-              help="Fault to inject: crash-primary kills the primary's process a third of the "
-                   "way in and restarts it (from its flash) two thirds of the way in.")
+              help="Fault to inject a third of the way in, healed two thirds of the way in: "
+                   "crash-primary kills the primary's process and restarts it from its flash; "
+                   "byzantine-primary makes the primary equivocate (real and null "
+                   "pre-prepares to different replicas).")
+@click.option("--stake", default=None, metavar="W1,W2,...",
+              help="Stake per node (default: equal); every quorum is by stake.")
 @click.option("--nemesis-interval", "nemesis_interval_s", type=float, default=None,
               metavar="SECONDS",
               help="Repeat the fault every SECONDS (healing half an interval later) instead "
@@ -74,8 +78,8 @@ def cli() -> None:
 @click.option("--checkpoint-interval", default=CHECKPOINT_INTERVAL, show_default=True,
               help="K: a checkpoint every K sequence numbers (window 2K).")
 def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | None,
-         micropython: str | None, heap: str, nemesis: str, nemesis_interval_s: float | None,
-         checkpoint_interval: int) -> None:
+         micropython: str | None, heap: str, nemesis: str, stake: str | None,
+         nemesis_interval_s: float | None, checkpoint_interval: int) -> None:
     """Run an emulated cluster under client load; print and save a summary.
 
     Writes config.json, summary.json, events.jsonl and per-node logs to the run folder.
@@ -84,7 +88,7 @@ def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | N
     """
     options = DemoOptions(nodes=nodes, duration_s=duration_s, clients=clients, broker=broker,
                           out=out, micropython=micropython, heap=heap, nemesis=nemesis,
-                          nemesis_interval_s=nemesis_interval_s,
+                          nemesis_interval_s=nemesis_interval_s, stake=_parse_stake(stake),
                           checkpoint_interval=checkpoint_interval)
     options.check()
     with Progress(TextColumn("[bold]demo"), BarColumn(), TimeElapsedColumn(),

@@ -20,11 +20,12 @@ from typing import Any
 
 from edgebft.broker import start_broker
 from edgebft.cluster import EmulatedCluster
+from edgebft.control import fresh_nonce, send_command
 from edgebft.image import build_image
 from edgebft.keys import generate_keys
 from edgebft.metrics import availability, latency_summary, percentile
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
-from edgebft.nemesis import NEMESES, CrashPrimary, Fault, make_nemesis
+from edgebft.nemesis import NEMESES, Fault, PrimaryNemesis, make_nemesis
 from edgebft.observer import Observer
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
@@ -54,6 +55,7 @@ class DemoOptions:
     checkpoint_interval: int = CHECKPOINT_INTERVAL
     nemesis: str = "none"
     nemesis_interval_s: float | None = None
+    stake: list[int] | None = None  # per node; None: equal
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -67,6 +69,9 @@ class DemoOptions:
             raise DemoError("--clients must be at least 1")
         if self.nemesis_interval_s is not None and self.nemesis_interval_s <= 0:
             raise DemoError("--nemesis-interval must be positive")
+        if self.stake is not None and (len(self.stake) != self.nodes or min(self.stake) < 0
+                                       or sum(self.stake) <= 0):
+            raise DemoError(f"--stake needs {self.nodes} non-negative values with a positive sum")
         if self.nemesis not in NEMESES:
             raise DemoError(f"--nemesis {self.nemesis}: expected one of {', '.join(NEMESES)}")
 
@@ -113,7 +118,7 @@ def run_demo(options: DemoOptions,
     run = Path(options.out) if options.out else new_run_dir("demo")
     run.mkdir(parents=True, exist_ok=True)
     cluster_id = "demo" + os.urandom(3).hex()
-    stake = Stake([1] * options.nodes)
+    stake = Stake(options.stake or [1] * options.nodes)
     keys = generate_keys(options.nodes)
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(start_broker(options.broker, run / "broker"))
@@ -135,8 +140,15 @@ def run_demo(options: DemoOptions,
                             f"see {run / 'logs'}")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys, options.clients)
         stack.callback(workload.close)
+        nonces = [0]
+
+        def control(node: int, command: str, args: list[Any]) -> None:
+            nonces[0] = fresh_nonce(nonces[0])
+            send_command(broker.host, broker.port, cluster_id, node, keys.control[node],
+                         nonces[0], command, args)
+
         nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s,
-                               options.nemesis_interval_s)
+                               options.nemesis_interval_s, control)
         t0 = time.time()
         workload.start()
         _wait(options.duration_s, workload, progress, nemesis)
@@ -144,12 +156,16 @@ def run_demo(options: DemoOptions,
         if nemesis is not None:
             nemesis.heal()  # always healed before the end (Jepsen)
         workload.drain(DEADLINE_S + 1.0)
-        converged = observer.wait_converged(CONVERGE_TIMEOUT_S + (5.0 if nemesis else 0.0))
+        byzantine = sorted({f.node for f in (nemesis.faults if nemesis else [])
+                            if f.kind == "byzantine-primary"})
+        converged = observer.wait_converged(CONVERGE_TIMEOUT_S + (5.0 if nemesis else 0.0),
+                                            exclude=byzantine)
         alive = [cluster.alive(i) for i in range(options.nodes)]
         faults = nemesis.faults if nemesis is not None else []
         summary = summarize(options, broker.describe(), workload.outcomes, observer,
                             issuing_s, converged, faults)
         summary["nodes_alive_at_end"] = alive
+        summary["byzantine_nodes"] = byzantine
     _write_events(run / "events.jsonl", workload.outcomes, faults, observer.events)
     (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     summary["out"] = str(run)
@@ -160,7 +176,7 @@ def run_demo(options: DemoOptions,
 
 def _wait(duration_s: float, workload: Workload,
           progress: Callable[[float, int, int], None] | None,
-          nemesis: CrashPrimary | None) -> None:
+          nemesis: PrimaryNemesis | None) -> None:
     start = time.monotonic()
     while (elapsed := time.monotonic() - start) < duration_s:
         time.sleep(min(0.1, duration_s - elapsed))
@@ -209,7 +225,17 @@ def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observ
                     "view": f.view, "recovery_ms": recovery_ms(f, outcomes)} for f in faults],
         "recovery_ms": [recovery_ms(f, outcomes) for f in faults],
         "recovery": recovery_summary([recovery_ms(f, outcomes) for f in faults]),
+        "stake": stake_table(options),
+        "equivocations_detected": [
+            {"node": node, "offender": event[1], "view": event[2], "seq": event[3]}
+            for _, node, event in observer.events if event and event[0] == "equivocation"],
     }
+
+
+def stake_table(options: DemoOptions) -> dict[str, int]:
+    """The validator set's stake per node (one epoch: stake changes are future work)."""
+    weights = options.stake or [1] * options.nodes
+    return {str(i): w for i, w in enumerate(weights)}
 
 
 def recovery_summary(values: list[float | None]) -> dict[str, float | int | None]:

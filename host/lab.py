@@ -19,22 +19,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-
 from edgebft.broker import start_broker
 from edgebft.cluster import EmulatedCluster
+from edgebft.control import fresh_nonce, send_command
 from edgebft.demo import DemoOptions, new_run_dir, node_config
 from edgebft.image import build_image
 from edgebft.keys import ClusterKeys, generate_keys
 from edgebft.micropython import HEAP_DEFAULT
 from edgebft.observer import Observer
-from edgebft.protocol import auth
-from edgebft.protocol import messages as m
 from edgebft.protocol.stake import Stake
 
 NETWORK_FAULTS = ("omission", "delay", "partition", "skew")
@@ -194,21 +190,11 @@ def status(lab: LabCluster, wait_s: float = STATUS_WAIT_S) -> dict[int, dict[str
 def send_control(lab: LabCluster, node: int, command: str, args: list[Any]) -> None:
     """Publish one authenticated CONTROL command to ``node`` (QoS 1), with a fresh nonce."""
     lab.node(node)
-    nonce = max(lab.state["nonce"] + 1, time.time_ns() // 1000)
-    lab.state["nonce"] = nonce
+    lab.state["nonce"] = nonce = fresh_nonce(lab.state["nonce"])
     lab.save()
-    body = m.body(m.CONTROL, m.HOST, nonce, command, args)
-    wire = body + auth.Mac(lab.keys().control[node]).tag(body)
     b = lab.state["broker"]
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
-    client.connect(b["host"], b["port"], keepalive=10)
-    client.loop_start()
-    try:
-        info = client.publish(f"ebft/{lab.state['cluster']}/ctl/{node}", wire, qos=1)
-        info.wait_for_publish(5.0)
-    finally:
-        client.loop_stop()
-        client.disconnect()
+    send_command(b["host"], b["port"], lab.state["cluster"], node, lab.keys().control[node],
+                 nonce, command, args)
 
 
 def inject(lab: LabCluster, kind: str, node: int, p: float = 0.0, ms: int = 0,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgebft.cluster import EmulatedCluster
 from edgebft.observer import Observer
 
-NEMESES = ("none", "crash-primary")
+NEMESES = ("none", "crash-primary", "byzantine-primary")
 
 
 class NemesisError(ValueError):
@@ -33,32 +35,32 @@ class Fault:
 
 
 @dataclass
-class CrashPrimary:
-    """Kill the current primary's process at each of ``kill_at_s`` (seconds into the run) and
-    restart it ``down_s`` later. The restarted node boots from its image folder, whose files
-    persisted (its flash).
-    """
+class PrimaryNemesis:
+    """Strike the current primary at each of ``strike_at_s`` (seconds into the run) and heal
+    it ``down_s`` later: ``strike(node)`` and ``cure(node)`` do the work."""
 
-    cluster: EmulatedCluster
+    kind: str
     observer: Observer
-    kill_at_s: list[float]
+    strike: Callable[[int], None]
+    cure: Callable[[int], None]
+    strike_at_s: list[float]
     down_s: float
     faults: list[Fault] = field(default_factory=list)
 
     def step(self, elapsed_s: float) -> None:
         if self.faults and not self.faults[-1].end:
-            if elapsed_s >= self.kill_at_s[len(self.faults) - 1] + self.down_s:
+            if elapsed_s >= self.strike_at_s[len(self.faults) - 1] + self.down_s:
                 self.heal()
-        elif len(self.faults) < len(self.kill_at_s) and elapsed_s >= self.kill_at_s[
+        elif len(self.faults) < len(self.strike_at_s) and elapsed_s >= self.strike_at_s[
                 len(self.faults)]:
             view, primary = current_primary(self.observer)
-            self.cluster.kill(primary)
-            self.faults.append(Fault("crash-primary", primary, time.time(), view))
+            self.strike(primary)
+            self.faults.append(Fault(self.kind, primary, time.time(), view))
 
     def heal(self) -> None:
         for fault in self.faults:
             if not fault.end:
-                self.cluster.restart(fault.node)
+                self.cure(fault.node)
                 fault.end = time.time()
 
 
@@ -72,22 +74,33 @@ def current_primary(observer: Observer) -> tuple[int, int]:
     return votes.most_common(1)[0][0]
 
 
-def make_nemesis(name: str, cluster: EmulatedCluster, observer: Observer,
-                 duration_s: float, interval_s: float | None = None) -> CrashPrimary | None:
+def make_nemesis(name: str, cluster: EmulatedCluster, observer: Observer, duration_s: float,
+                 interval_s: float | None = None,
+                 control: Callable[[int, str, list[Any]], None] | None = None
+                 ) -> PrimaryNemesis | None:
     """The nemesis called ``name`` for a run of ``duration_s`` (None for "none").
 
     Without ``interval_s`` it strikes once, a third of the way in, and heals two thirds of
     the way in; with it, at every multiple of ``interval_s``, healing half an interval later.
+    crash-primary kills the primary's process and restarts it from its flash;
+    byzantine-primary makes the primary equivocate (``control`` sends the command) and heals
+    it.
     """
     if name == "none":
         return None
-    if name == "crash-primary":
-        if interval_s is None:
-            return CrashPrimary(cluster, observer, [duration_s / 3], duration_s / 3)
-        kills = []
-        t = interval_s
+    if name not in NEMESES:
+        raise NemesisError(f"unknown nemesis {name!r}: expected one of {', '.join(NEMESES)}")
+    if interval_s is None:
+        times, down = [duration_s / 3], duration_s / 3
+    else:
+        times, t = [], interval_s
         while t + interval_s / 2 < duration_s:
-            kills.append(t)
+            times.append(t)
             t += interval_s
-        return CrashPrimary(cluster, observer, kills, interval_s / 2)
-    raise NemesisError(f"unknown nemesis {name!r}: expected one of {', '.join(NEMESES)}")
+        down = interval_s / 2
+    if name == "crash-primary":
+        return PrimaryNemesis(name, observer, cluster.kill, cluster.restart, times, down)
+    assert control is not None
+    send = control
+    return PrimaryNemesis(name, observer, lambda node: send(node, "byzantine", ["equivocate"]),
+                          lambda node: send(node, "heal", []), times, down)

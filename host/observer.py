@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import cbor2
@@ -95,13 +96,16 @@ class Observer:
             time.sleep(0.05)
         return False
 
-    def wait_converged(self, timeout_s: float) -> bool:
-        """Wait until every node reports the same last executed sequence and digest."""
+    def wait_converged(self, timeout_s: float, exclude: Iterable[int] = ()) -> bool:
+        """Wait until every node but ``exclude`` (Byzantine ones: nothing is promised of
+        them) reports the same last executed sequence and digest."""
+        judged = set(range(self.nodes)) - set(exclude)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             snap = self.snapshot()
-            heads = {(s.get("last_exec"), s.get("digest")) for s in snap.values()}
-            if len(snap) == self.nodes and len(heads) == 1:
+            heads = {(snap[n].get("last_exec"), snap[n].get("digest")) for n in judged
+                     if n in snap}
+            if judged <= set(snap) and len(heads) == 1:
                 return True
             time.sleep(0.05)
         return False

@@ -1,0 +1,37 @@
+"""Authenticated control commands to nodes (``ebft/<c>/ctl/<i>``; firmware/faults.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from edgebft.protocol import auth
+from edgebft.protocol import messages as m
+
+
+def fresh_nonce(last: int) -> int:
+    """A nonce above ``last`` and above any issued before now (the host clock in us)."""
+    return max(last + 1, time.time_ns() // 1000)
+
+
+def command_wire(key: bytes, nonce: int, command: str, args: list[Any]) -> bytes:
+    """A CONTROL message from the host, tagged with the node's control ``key``."""
+    body = m.body(m.CONTROL, m.HOST, nonce, command, args)
+    return body + auth.Mac(key).tag(body)
+
+
+def send_command(host: str, port: int, cluster: str, node: int, key: bytes, nonce: int,
+                 command: str, args: list[Any]) -> None:
+    """Publish one command to ``node`` with QoS 1 and wait until the broker has it."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.connect(host, port, keepalive=10)
+    client.loop_start()
+    try:
+        info = client.publish(f"ebft/{cluster}/ctl/{node}",
+                              command_wire(key, nonce, command, args), qos=1)
+        info.wait_for_publish(5.0)
+    finally:
+        client.loop_stop()
+        client.disconnect()
