@@ -15,13 +15,14 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+
+from edgebft.mpprocess import MicroPythonProcess
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 HEAP = "100k"
@@ -159,47 +160,14 @@ asyncio.run(main())
 """
 
 
-class Node:
+class Node(MicroPythonProcess):
     """A MicroPython process running HARNESS: stdout lines are queued, stdin takes commands."""
 
     def __init__(self, micropython: Path, lib: Path, folder: Path, cfg: dict) -> None:
         script = folder / f"node_{cfg['id']}.py"
         script.write_text(HARNESS % {"cfg": cfg})
-        self.stderr = open(folder / f"node_{cfg['id']}.err", "w+")
-        self.proc = subprocess.Popen(
-            [str(micropython), "-X", f"heapsize={HEAP}", str(script)],
-            env={"MICROPYPATH": f"{lib}:.frozen"}, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-
-    def expect(self, word: str, timeout: float = 5.0) -> list[str]:
-        """Return the next line starting with ``word`` (split), skipping others."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                line = self.lines.get(timeout=max(left, 0.001))
-            except queue.Empty:
-                self.stderr.seek(0)
-                raise AssertionError(
-                    f"no {word!r} line within {timeout} s; exit={self.proc.poll()} "
-                    f"stderr={self.stderr.read()[-2000:]}"
-                ) from None
-            parts = line.split()
-            if parts and parts[0] == word:
-                return parts
-
-    def send(self, cmd: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
+        super().__init__(micropython, lib, script, HEAP,
+                         stderr=open(folder / f"node_{cfg['id']}.err", "w+"))
 
     def stats(self) -> dict[str, int]:
         self.send("stats")
@@ -211,6 +179,7 @@ class Node:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(5)
+        assert self.stderr is not None
         self.stderr.close()
 
 

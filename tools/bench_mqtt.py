@@ -35,6 +35,7 @@ import paho.mqtt.client as paho
 
 from edgebft.image import build_lib
 from edgebft.micropython import find_micropython
+from edgebft.mpprocess import MicroPythonProcess
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 
@@ -124,35 +125,12 @@ def _start_mosquitto(folder: Path) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError("mosquitto did not start")
 
 
-class _Node:
+class _Node(MicroPythonProcess):
     def __init__(self, micropython: Path, folder: Path, port: int, flood: int) -> None:
         lib = build_lib(folder / "lib")
         script = folder / "node.py"
         script.write_text(NODE % {"port": port, "flood": flood})
-        self.proc = subprocess.Popen(
-            [str(micropython), "-X", "heapsize=100k", str(script)],
-            env={"MICROPYPATH": f"{lib}:.frozen"}, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1,
-        )
-        self.lines: queue.Queue[list[str]] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.split())
-
-    def expect(self, word: str, timeout: float = 30) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            parts = self.lines.get(timeout=max(deadline - time.monotonic(), 0.001))
-            if parts and parts[0] == word:
-                return parts
-
-    def send(self, cmd: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
+        super().__init__(micropython, lib, script)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
