@@ -79,10 +79,15 @@ class Node:
         self.checkpoints = []  # [[seq, digest]], the newest CHECKPOINTS_KEPT executed
         self.heap_peak = 0
         self.status_skipped = 0
-        self.started_ms = time.ticks_ms()
+        self.ticks = time.ticks_ms()
+        self.clock_ms = 0  # ms since boot, never wrapping (ticks_ms wraps after ~12 days)
 
     def now(self):
-        return time.ticks_ms() + self.faults.skew_ms
+        """The replica's clock: monotonic ms since boot, plus an injected skew."""
+        t = time.ticks_ms()
+        self.clock_ms += time.ticks_diff(t, self.ticks)
+        self.ticks = t
+        return self.clock_ms + self.faults.skew_ms
 
     def on_message(self, topic, payload, retain):
         if topic == self.topic_all:
@@ -151,7 +156,7 @@ class Node:
             "pending": len(r.pending), "slots": len(r.live_slots()), "clients": len(r.replies),
             "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
-            "uptime_ms": time.ticks_diff(time.ticks_ms(), self.started_ms),
+            "uptime_ms": self.now() - self.faults.skew_ms,
             "status_skipped": self.status_skipped,
             "faults": self.faults.describe(), "fault_dropped": self.faults.dropped,
             "ctl_rejected": self.faults.rejected,
