@@ -218,7 +218,6 @@ def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observ
                    "sequences_compared": observer.sequences_compared()},
         "last_executed": {str(n): s.get("last_exec") for n, s in sorted(statuses.items())},
         "heap_peak_bytes": {str(n): v for n, v in sorted(observer.heap_peak.items())},
-        "view": max((s.get("view", 0) for s in statuses.values()), default=0),
         "view_changes": max((s.get("view", 0) for s in statuses.values()), default=0),
         "nemesis": options.nemesis,
         "faults": [{"kind": f.kind, "node": f.node, "start": f.start, "end": f.end,
