@@ -45,6 +45,15 @@ KILL_WAIT_S = 5.0  # SIGKILL is not ignorable; this only bounds a wait that neve
 _HEAP_RE = re.compile(r"[1-9][0-9]*[kKmM]?")
 
 
+def node_argv(image: Path, micropython: Path | str, heap: str, rom: bool) -> list[str]:
+    """The command that boots the node in ``image`` (run with the image as its cwd): through
+    edgebft.romboot when ``rom`` and the image has a rom.img, else the binary itself."""
+    argv = ["-X", f"heapsize={heap}", "main.py"]
+    if rom and (image / "rom.img").is_file():
+        return [sys.executable, "-m", "edgebft.romboot", str(image / "rom.img"), *argv]
+    return [str(micropython), *argv]
+
+
 class EmulatedCluster:
     """Start, stop, crash, restart, pause and resume emulated nodes.
 
@@ -215,12 +224,7 @@ class EmulatedCluster:
 
     def _spawn(self, i: int) -> None:
         assert self._procs[i] is None or self._procs[i].poll() is not None
-        argv = ["-X", f"heapsize={self.heap}", "main.py"]
-        rom = self.images[i] / "rom.img"
-        if self.rom and rom.is_file():
-            argv = [sys.executable, "-m", "edgebft.romboot", str(rom), *argv]
-        else:
-            argv = [str(self.micropython), *argv]
+        argv = node_argv(self.images[i], self.micropython, self.heap, self.rom)
         self._note(i, f"start: {' '.join(argv)} in {self.images[i]}")
         with open(self.log_path(i), "ab") as log:
             proc = subprocess.Popen(argv, cwd=self.images[i], env=self._env,

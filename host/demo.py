@@ -199,6 +199,7 @@ def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observ
               issuing_s: float, converged: bool, faults: list[Fault]) -> dict[str, Any]:
     """The summary.json contract of ``edgebft demo`` (see README)."""
     ok = [o for o in outcomes if o.outcome == "ok"]
+    recoveries = [recovery_ms(f, outcomes) for f in faults]
     violations = observer.violations()
     statuses = observer.snapshot()
     return {
@@ -221,9 +222,10 @@ def summarize(options: DemoOptions, broker: str, outcomes: list[Outcome], observ
         "view_changes": max((s.get("view", 0) for s in statuses.values()), default=0),
         "nemesis": options.nemesis,
         "faults": [{"kind": f.kind, "node": f.node, "start": f.start, "end": f.end,
-                    "view": f.view, "recovery_ms": recovery_ms(f, outcomes)} for f in faults],
-        "recovery_ms": [recovery_ms(f, outcomes) for f in faults],
-        "recovery": recovery_summary([recovery_ms(f, outcomes) for f in faults]),
+                    "view": f.view, "recovery_ms": r} for f, r in zip(faults, recoveries,
+                                                                     strict=True)],
+        "recovery_ms": recoveries,
+        "recovery": recovery_summary(recoveries),
         "stake": stake_table(options),
         "equivocations_detected": [
             {"node": node, "offender": event[1], "view": event[2], "seq": event[3]}

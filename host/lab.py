@@ -18,13 +18,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgebft.broker import start_broker
-from edgebft.cluster import EmulatedCluster
+from edgebft.cluster import EmulatedCluster, node_argv
 from edgebft.control import fresh_nonce, send_command
 from edgebft.demo import DemoOptions, new_run_dir, node_config
 from edgebft.image import build_image
@@ -262,11 +261,7 @@ def heal(lab: LabCluster) -> str:
 def _spawn(lab: LabCluster, i: int) -> int:
     """Start node i again from its image folder, detached; return its pid."""
     image = Path(lab.node(i)["image"])
-    argv = ["-X", f"heapsize={lab.state['heap']}", "main.py"]
-    if lab.state.get("rom") and (image / "rom.img").is_file():
-        argv = [sys.executable, "-m", "edgebft.romboot", str(image / "rom.img"), *argv]
-    else:
-        argv = [lab.state["micropython"], *argv]
+    argv = node_argv(image, lab.state["micropython"], lab.state["heap"], lab.state["rom"])
     with open(lab.path / "logs" / f"node{i}.log", "ab") as log:
         proc = subprocess.Popen(argv, cwd=image, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
