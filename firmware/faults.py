@@ -7,7 +7,9 @@
 #   is refused too). Anything else is counted in `rejected` and changes nothing.
 # - Faults act on replica-to-replica traffic only, at the edge of the runtime: the protocol
 #   code never knows. heal() undoes every fault.
-# - Bounded: at most DELAYED_MAX messages wait in the delay queue; beyond it they are dropped.
+# - Bounded: at most DELAYED_MAX messages and DELAYED_BYTES_MAX bytes (each message's wire plus
+#   ENTRY_BYTES of bookkeeping) wait in the delay queue; beyond it they are dropped. A loaded
+#   primary delayed by a few hundred ms would otherwise fill a 100 KB heap with its backlog.
 from edgebft.firmware import store
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
@@ -22,6 +24,8 @@ except ImportError:  # pragma: no cover
 
 NONCE_PATH = "nonce"
 DELAYED_MAX = 64
+DELAYED_BYTES_MAX = 2048
+ENTRY_BYTES = 96  # the entry list, its topic string, heap block rounding
 
 
 def _chance(permille):
@@ -39,6 +43,7 @@ class Faults:
         self.rejected = 0
         self.dropped = 0
         self.delayed = []  # [due_ms, topic, wire], due order
+        self.delayed_bytes = 0
         self.heal()
 
     def heal(self):
@@ -77,6 +82,8 @@ class Faults:
             return None
         self.nonce = msg.nonce
         _save_nonce(msg.nonce)
+        if msg.command == "reboot":
+            _reset()  # after the nonce is in flash: a replay after the reset is refused
         return msg.command
 
     def _apply(self, command, args):
@@ -103,8 +110,7 @@ class Faults:
             self.byzantine = args[0]
             self.colluders = tuple(args[1]) if len(args) > 1 else ()
         elif command == "reboot":
-            import machine  # a board; the host restarts emulated nodes itself
-            machine.reset()
+            pass  # on_control resets once the nonce is saved
         else:
             raise ValueError("unknown command")
 
@@ -125,7 +131,8 @@ class Faults:
         """Queue an outbound message when a delay is in force; True if it was taken."""
         if not self.delay_ms and not self.jitter_ms:
             return False
-        if len(self.delayed) >= DELAYED_MAX:
+        cost = len(wire) + ENTRY_BYTES
+        if len(self.delayed) >= DELAYED_MAX or self.delayed_bytes + cost > DELAYED_BYTES_MAX:
             self.dropped += 1
             return True
         extra = getrandbits(16) % (self.jitter_ms + 1) if self.jitter_ms else 0
@@ -134,6 +141,7 @@ class Faults:
         while i and self.delayed[i - 1][0] > due:
             i -= 1
         self.delayed.insert(i, [due, topic, wire])
+        self.delayed_bytes += cost
         return True
 
     def misbehave(self, replica):
@@ -147,8 +155,16 @@ class Faults:
         out = []
         while self.delayed and self.delayed[0][0] <= now_ms:
             entry = self.delayed.pop(0)
+            self.delayed_bytes -= len(entry[2]) + ENTRY_BYTES
             out.append((entry[1], entry[2]))
         return out
+
+
+def _reset():
+    """Reset the board (machine.reset). The Unix port has no reset: soft_reset raises
+    SystemExit, the process ends, and the host boots the node again from its image."""
+    import machine
+    getattr(machine, "reset", machine.soft_reset)()
 
 
 def _load_nonce():

@@ -33,5 +33,14 @@ def send_command(host: str, port: int, cluster: str, node: int, key: bytes, nonc
                               command_wire(key, nonce, command, args), qos=1)
         info.wait_for_publish(5.0)
     finally:
+        client.disconnect()  # before loop_stop, which otherwise waits out the loop's 1 s select
         client.loop_stop()
-        client.disconnect()
+
+
+def partition_reach(nodes: int, members: list[int]) -> dict[int, list[int]]:
+    """For a partition of ``members`` from the other replicas of ``nodes``: each replica's
+    "partition" argument, the replicas on its own side (every node must get one, since a
+    node's broadcasts are not filtered by its own partition)."""
+    side = sorted(set(members))
+    rest = [j for j in range(nodes) if j not in side]
+    return {j: side if j in side else rest for j in range(nodes)}

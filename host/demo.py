@@ -25,7 +25,7 @@ from edgebft.image import build_image
 from edgebft.keys import generate_keys
 from edgebft.metrics import availability, latency_summary, percentile
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
-from edgebft.nemesis import NEMESES, Fault, PrimaryNemesis, make_nemesis
+from edgebft.nemesis import Fault, PrimaryNemesis, make_nemesis, parse_nemesis
 from edgebft.observer import Observer
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
@@ -72,8 +72,7 @@ class DemoOptions:
         if self.stake is not None and (len(self.stake) != self.nodes or min(self.stake) < 0
                                        or sum(self.stake) <= 0):
             raise DemoError(f"--stake needs {self.nodes} non-negative values with a positive sum")
-        if self.nemesis not in NEMESES:
-            raise DemoError(f"--nemesis {self.nemesis}: expected one of {', '.join(NEMESES)}")
+        parse_nemesis(self.nemesis)  # raises NemesisError, a user error
 
 
 def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:

@@ -8,8 +8,13 @@ node's control key). Nodes and broker run in their own process groups, detached 
 command that started them.
 
 Faults reach nodes two ways: process faults (kill, pause, resume, restart) by signals to the
-node's process group, and network faults (omission, delay, partition, skew, heal) as
-authenticated CONTROL messages on ``ebft/<c>/ctl/<i>`` (firmware/faults.py).
+node's process group, and control faults (omission, delay, partition, skew, byzantine, reboot,
+heal) as authenticated CONTROL messages on ``ebft/<c>/ctl/<i>`` (firmware/faults.py). A
+rebooted emulated node exits and the lab boots it again from its image, as a board's reset
+would. ``heal`` undoes both kinds.
+
+With ``metrics_port``, ``up`` also starts a detached Prometheus exporter
+(``edgebft.prometheus``), recorded in ``cluster.json`` and stopped by ``down``.
 """
 
 from __future__ import annotations
@@ -17,26 +22,33 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgebft.broker import start_broker
 from edgebft.cluster import EmulatedCluster, node_argv
-from edgebft.control import fresh_nonce, send_command
+from edgebft.control import fresh_nonce, partition_reach, send_command
 from edgebft.demo import DemoOptions, new_run_dir, node_config
 from edgebft.image import build_image
 from edgebft.keys import ClusterKeys, generate_keys
 from edgebft.micropython import HEAP_DEFAULT
 from edgebft.observer import Observer
+from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.stake import Stake
 
-NETWORK_FAULTS = ("omission", "delay", "partition", "skew")
+CONTROL_FAULTS = ("omission", "delay", "partition", "skew", "byzantine", "reboot")
 PROCESS_FAULTS = ("kill", "pause", "resume", "restart")
 STATE_FILE = "cluster.json"
 KEYS_FILE = "keys.json"
 STATUS_WAIT_S = 1.5
+REBOOT_WAIT_S = 5.0  # from the reboot command to the node's process exiting
+EXPORTER_WAIT_S = 10.0  # from spawning the exporter to its port answering
+LOOPBACK = "127.0.0.1"
 
 
 class LabError(RuntimeError):
@@ -98,13 +110,16 @@ def _alive(pid: int) -> bool:
 
 def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
        stake: list[int] | None = None, heap: str = HEAP_DEFAULT,
-       micropython: str | None = None) -> LabCluster:
-    """Start a broker and ``nodes`` emulated nodes that outlive this process."""
+       micropython: str | None = None, metrics_port: int | None = None) -> LabCluster:
+    """Start a broker and ``nodes`` emulated nodes that outlive this process, and with
+    ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``."""
     options = DemoOptions(nodes=nodes, broker=broker, heap=heap, micropython=micropython)
     options.check()
     weights = stake or [1] * nodes
     if len(weights) != nodes:
         raise LabError(f"--stake lists {len(weights)} values for {nodes} nodes")
+    if metrics_port is not None:
+        _check_port_free(metrics_port)
     run = Path(out) if out else new_run_dir("cluster")
     run.mkdir(parents=True, exist_ok=True)
     cluster_id = "lab" + os.urandom(3).hex()
@@ -149,19 +164,58 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
     latest = run.parent / "latest"
     if run.parent.name == "cluster" and not latest.exists():
         latest.symlink_to(run.name)
+    if metrics_port is not None:
+        try:
+            _start_exporter(lab, metrics_port)
+        except LabError:
+            down(lab)
+            raise
     return lab
 
 
 def down(lab: LabCluster) -> None:
-    """Stop every node and the broker the cluster started (SIGKILL to each group)."""
+    """Stop every node, the broker and the exporter the cluster started (SIGKILL to each
+    group)."""
     for node in lab.state["nodes"]:
         _killpg(node["pid"], signal.SIGCONT)
         _killpg(node["pid"], signal.SIGKILL)
-    pid = lab.state["broker"].get("pid")
-    if pid:
-        _killpg(pid, signal.SIGKILL)
+    for part in ("broker", "exporter"):
+        pid = (lab.state.get(part) or {}).get("pid")
+        if pid:
+            _killpg(pid, signal.SIGKILL)
     lab.state["down"] = True
     lab.save()
+
+
+def _check_port_free(port: int) -> None:
+    if not 0 < port < 65536:
+        raise LabError(f"--metrics-port {port}: expected a TCP port, 1..65535")
+    with socket.socket() as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError as e:
+            raise LabError(f"--metrics-port {port}: cannot listen on {LOOPBACK}:{port} "
+                           f"({e.strerror})") from None
+
+
+def _start_exporter(lab: LabCluster, port: int) -> None:
+    """Start ``edgebft.prometheus`` detached, record it, and wait until its port answers."""
+    argv = [sys.executable, "-m", "edgebft.prometheus", "--dir", str(lab.path),
+            "--port", str(port)]
+    with open(lab.path / "logs" / "exporter.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    lab.state["exporter"] = {"pid": proc.pid, "port": port,
+                             "url": f"http://{LOOPBACK}:{port}/metrics"}
+    lab.save()
+    end = time.monotonic() + EXPORTER_WAIT_S
+    while time.monotonic() < end and proc.poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise LabError(f"the metrics exporter did not start on port {port}; see "
+                   f"{lab.path / 'logs' / 'exporter.log'}")
 
 
 def _killpg(pid: int, signum: int) -> bool:
@@ -196,29 +250,17 @@ def send_control(lab: LabCluster, node: int, command: str, args: list[Any]) -> N
                  nonce, command, args)
 
 
-def inject(lab: LabCluster, kind: str, node: int, p: float = 0.0, ms: int = 0,
+def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
            jitter_ms: int = 0, group: list[int] | None = None,
-           peers: list[int] | None = None) -> str:
-    """Inject fault ``kind`` on ``node``; return a one-line description."""
+           peers: list[int] | None = None, mode: str = "equivocate",
+           colluders: list[int] | None = None) -> str:
+    """Inject fault ``kind`` (PROCESS_FAULTS or CONTROL_FAULTS) on ``node``; return a
+    one-line description. Raises LabError for a bad kind, node or argument."""
     info = lab.node(node)
-    if kind == "kill":
-        _killpg(info["pid"], signal.SIGKILL)
-        return f"killed node {node}"
-    if kind == "pause":
-        _killpg(info["pid"], signal.SIGSTOP)
-        info["paused"] = True
-        lab.save()
-        return f"paused node {node}"
-    if kind == "resume":
-        _killpg(info["pid"], signal.SIGCONT)
-        info["paused"] = False
-        lab.save()
-        return f"resumed node {node}"
-    if kind == "restart":
-        _killpg(info["pid"], signal.SIGKILL)
-        info["pid"] = _spawn(lab, node)
-        lab.save()
-        return f"restarted node {node} from its flash"
+    for j in (group or []) + (peers or []) + (colluders or []):
+        lab.node(j)
+    if kind in PROCESS_FAULTS:
+        return _process_fault(lab, kind, node, info)
     if kind == "omission":
         if not 0 <= p <= 1:
             raise LabError("--p must be between 0 and 1")
@@ -231,20 +273,51 @@ def inject(lab: LabCluster, kind: str, node: int, p: float = 0.0, ms: int = 0,
         return f"node {node} delays its messages {ms} ms (+0..{jitter_ms} ms)"
     if kind == "partition":
         members = sorted(set(group or []) | {node})
-        for j in range(lab.nodes):
-            reachable = members if j in members else [x for x in range(lab.nodes)
-                                                      if x not in members]
-            send_control(lab, j, "partition", [reachable])
+        for j, reach in partition_reach(lab.nodes, members).items():
+            send_control(lab, j, "partition", [reach])
         return f"partitioned {members} from the rest"
     if kind == "skew":
         send_control(lab, node, "skew", [ms])
         return f"node {node} clock skewed by {ms} ms"
+    if kind == "byzantine":
+        if mode not in BEHAVIOURS:
+            raise LabError(f"--mode {mode}: expected one of {', '.join(BEHAVIOURS)}")
+        send_control(lab, node, "byzantine", [mode, colluders or []])
+        return f"node {node} is Byzantine: {mode}" + (
+            f" with colluders {colluders}" if colluders else "")
+    if kind == "reboot":
+        send_control(lab, node, "reboot", [])
+        if not _wait_exit(info["pid"], REBOOT_WAIT_S):
+            raise LabError(f"node {node} did not reboot within {REBOOT_WAIT_S:.0f} s "
+                           "(paused? 'edgebft heal' restarts it)")
+        info["pid"] = _spawn(lab, node)
+        lab.save()
+        return f"node {node} rebooted on command and booted again from its flash"
     raise LabError(f"unknown fault {kind!r}: expected one of "
-                   f"{', '.join(PROCESS_FAULTS + NETWORK_FAULTS)}")
+                   f"{', '.join(PROCESS_FAULTS + CONTROL_FAULTS)}")
+
+
+def _process_fault(lab: LabCluster, kind: str, node: int, info: dict[str, Any]) -> str:
+    """kill, pause, resume or restart ``node`` by signals to its process group."""
+    if kind == "kill":
+        _killpg(info["pid"], signal.SIGKILL)
+        return f"killed node {node}"
+    if kind == "restart":
+        _killpg(info["pid"], signal.SIGKILL)
+        _wait_exit(info["pid"], REBOOT_WAIT_S)
+        info["pid"] = _spawn(lab, node)
+        message = f"restarted node {node} from its flash"
+    else:
+        pause = kind == "pause"
+        _killpg(info["pid"], signal.SIGSTOP if pause else signal.SIGCONT)
+        message = f"{'paused' if pause else 'resumed'} node {node}"
+    info["paused"] = kind == "pause"
+    lab.save()
+    return message
 
 
 def heal(lab: LabCluster) -> str:
-    """Undo every fault: resume paused nodes, restart dead ones, heal the network faults."""
+    """Undo every fault: resume paused nodes, restart dead ones, heal the control faults."""
     restarted = []
     for i, info in enumerate(lab.state["nodes"]):
         _killpg(info["pid"], signal.SIGCONT)
@@ -256,6 +329,16 @@ def heal(lab: LabCluster) -> str:
     for i in range(lab.nodes):
         send_control(lab, i, "heal", [])
     return "healed" + (f"; restarted nodes {restarted}" if restarted else "")
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    """Wait until process ``pid`` is gone; False if it still runs after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _spawn(lab: LabCluster, i: int) -> int:

@@ -1,8 +1,16 @@
 """Faults injected into an emulated cluster while a workload runs (Jepsen's nemesis).
 
-A nemesis is stepped by the run loop with the elapsed time; it acts on the cluster when its
-schedule says so, records every fault start and stop with host timestamps, and always heals
-before the run ends (``heal()``).
+A nemesis is stepped by the run loop with the elapsed time; it strikes the current primary
+when its schedule says so, one fault kind per strike, taking the kinds of a comma list in
+turn; it records every fault (kind, node, start, end, view) with host timestamps, cures each
+fault before the next strike and always heals before the run ends (``heal()``).
+
+Kinds (``KINDS``): crash-primary (SIGKILL, restarted from its flash), pause (SIGSTOP, then
+SIGCONT), partition (the primary cut off from every other replica), delay (the primary's
+messages held ``DELAY_MS`` plus up to ``DELAY_JITTER_MS``), omission (the primary loses
+``OMISSION_PERMILLE``/1000 of its messages) and byzantine-primary (it equivocates). The last
+four are authenticated control commands (firmware/faults.py), sent by the caller's
+``control``.
 """
 
 from __future__ import annotations
@@ -14,13 +22,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgebft.cluster import EmulatedCluster
+from edgebft.control import partition_reach
 from edgebft.observer import Observer
 
-NEMESES = ("none", "crash-primary", "byzantine-primary")
+KINDS = ("crash-primary", "partition", "delay", "pause", "omission", "byzantine-primary")
+NEMESES = ("none", *KINDS)  # the single names; --nemesis also takes comma lists of KINDS
+CONTROL_KINDS = ("partition", "delay", "omission", "byzantine-primary")
+DELAY_MS = 300
+DELAY_JITTER_MS = 200
+OMISSION_PERMILLE = 500
+
+Control = Callable[[int, str, list[Any]], None]
 
 
 class NemesisError(ValueError):
-    """An unknown nemesis name; the message lists the known ones."""
+    """A bad --nemesis value; the one-line message lists the known kinds."""
+
+
+def parse_nemesis(text: str) -> list[str]:
+    """The fault kinds of a --nemesis value in turn order: [] for "none", else a comma list of
+    ``KINDS`` (a kind may repeat). Raises NemesisError for anything else."""
+    if text.strip() == "none":
+        return []
+    kinds = [k.strip() for k in text.split(",")]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise NemesisError(f"--nemesis {text}: unknown fault {kind!r}; expected none or a "
+                               f"comma list of {', '.join(KINDS)}")
+    return kinds
 
 
 @dataclass
@@ -34,15 +63,50 @@ class Fault:
     end: float = 0.0
 
 
-@dataclass
-class PrimaryNemesis:
-    """Strike the current primary at each of ``strike_at_s`` (seconds into the run) and heal
-    it ``down_s`` later: ``strike(node)`` and ``cure(node)`` do the work."""
+@dataclass(frozen=True)
+class Action:
+    """How one fault kind strikes a node, and how it is cured."""
 
-    kind: str
-    observer: Observer
     strike: Callable[[int], None]
     cure: Callable[[int], None]
+
+
+def actions(cluster: EmulatedCluster, control: Control | None) -> dict[str, Action]:
+    """Every kind's Action on ``cluster``; the control kinds only when ``control`` is given."""
+    table = {"crash-primary": Action(cluster.kill, cluster.restart),
+             "pause": Action(cluster.pause, cluster.resume)}
+    if control is None:
+        return table
+    send = control
+    nodes = len(cluster)
+
+    def command(name: str, args: list[Any]) -> Callable[[int], None]:
+        return lambda node: send(node, name, args)
+
+    def partition(node: int) -> None:
+        for j, reach in partition_reach(nodes, [node]).items():
+            send(j, "partition", [reach])
+
+    def heal_all(node: int) -> None:
+        for j in range(nodes):
+            send(j, "heal", [])
+
+    heal = command("heal", [])
+    return {**table,
+            "partition": Action(partition, heal_all),
+            "delay": Action(command("delay", [DELAY_MS, DELAY_JITTER_MS]), heal),
+            "omission": Action(command("omission", [OMISSION_PERMILLE, None]), heal),
+            "byzantine-primary": Action(command("byzantine", ["equivocate"]), heal)}
+
+
+@dataclass
+class PrimaryNemesis:
+    """Strike the current primary at each of ``strike_at_s`` (seconds into the run) with the
+    next of ``kinds`` (in turn) and cure it ``down_s`` later; ``actions`` does the work."""
+
+    kinds: list[str]
+    actions: dict[str, Action]
+    observer: Observer
     strike_at_s: list[float]
     down_s: float
     faults: list[Fault] = field(default_factory=list)
@@ -53,14 +117,17 @@ class PrimaryNemesis:
                 self.heal()
         elif len(self.faults) < len(self.strike_at_s) and elapsed_s >= self.strike_at_s[
                 len(self.faults)]:
+            kind = self.kinds[len(self.faults) % len(self.kinds)]
             view, primary = current_primary(self.observer)
-            self.strike(primary)
-            self.faults.append(Fault(self.kind, primary, time.time(), view))
+            fault = Fault(kind, primary, time.time(), view)  # start: before the first blow
+            self.actions[kind].strike(primary)
+            self.faults.append(fault)
 
     def heal(self) -> None:
+        """Cure every open fault (idempotent)."""
         for fault in self.faults:
             if not fault.end:
-                self.cure(fault.node)
+                self.actions[fault.kind].cure(fault.node)
                 fault.end = time.time()
 
 
@@ -74,33 +141,39 @@ def current_primary(observer: Observer) -> tuple[int, int]:
     return votes.most_common(1)[0][0]
 
 
-def make_nemesis(name: str, cluster: EmulatedCluster, observer: Observer, duration_s: float,
-                 interval_s: float | None = None,
-                 control: Callable[[int, str, list[Any]], None] | None = None
-                 ) -> PrimaryNemesis | None:
-    """The nemesis called ``name`` for a run of ``duration_s`` (None for "none").
+def schedule(duration_s: float, interval_s: float | None, strikes: int) -> tuple[list[float],
+                                                                                 float]:
+    """(strike times, time down) for a run of ``duration_s``.
 
-    Without ``interval_s`` it strikes once, a third of the way in, and heals two thirds of
-    the way in; with it, at every multiple of ``interval_s``, healing half an interval later.
-    crash-primary kills the primary's process and restarts it from its flash;
-    byzantine-primary makes the primary equivocate (``control`` sends the command) and heals
-    it.
+    With ``interval_s``: a strike at every multiple of it that leaves half an interval before
+    the end, each cured half an interval later. Without: ``strikes`` strikes (one per kind)
+    in the odd slots of 2·strikes+1 equal slots, each cured a slot later (one kind: a third
+    of the way in, cured two thirds of the way in).
     """
-    if name == "none":
-        return None
-    if name not in NEMESES:
-        raise NemesisError(f"unknown nemesis {name!r}: expected one of {', '.join(NEMESES)}")
     if interval_s is None:
-        times, down = [duration_s / 3], duration_s / 3
-    else:
-        times, t = [], interval_s
-        while t + interval_s / 2 < duration_s:
-            times.append(t)
-            t += interval_s
-        down = interval_s / 2
-    if name == "crash-primary":
-        return PrimaryNemesis(name, observer, cluster.kill, cluster.restart, times, down)
-    assert control is not None
-    send = control
-    return PrimaryNemesis(name, observer, lambda node: send(node, "byzantine", ["equivocate"]),
-                          lambda node: send(node, "heal", []), times, down)
+        slot = duration_s / (2 * strikes + 1)
+        return [slot * (2 * i + 1) for i in range(strikes)], slot
+    times, t = [], interval_s
+    while t + interval_s / 2 < duration_s:
+        times.append(t)
+        t += interval_s
+    return times, interval_s / 2
+
+
+def make_nemesis(name: str, cluster: EmulatedCluster, observer: Observer, duration_s: float,
+                 interval_s: float | None = None, control: Control | None = None
+                 ) -> PrimaryNemesis | None:
+    """The nemesis for the --nemesis value ``name`` (None for "none") over a run of
+    ``duration_s``, on the schedule of ``schedule()``. ``control(node, command, args)`` sends
+    an authenticated control command; kinds in CONTROL_KINDS need it.
+
+    Raises NemesisError for an unknown kind, or a control kind without ``control``.
+    """
+    kinds = parse_nemesis(name)
+    if not kinds:
+        return None
+    if control is None and set(kinds) & set(CONTROL_KINDS):
+        raise NemesisError(f"--nemesis {name}: {', '.join(CONTROL_KINDS)} need a control "
+                           "channel")
+    times, down = schedule(duration_s, interval_s, len(kinds))
+    return PrimaryNemesis(kinds, actions(cluster, control), observer, times, down)

@@ -1,0 +1,220 @@
+"""Each fault kind of the lab on a live emulated cluster: its effect, and that heal undoes it.
+
+One cluster (real MicroPython nodes, a real broker) serves every test of the module, under a
+steady client load; each test strikes one node, waits for the effect, heals, and waits for
+the node to execute past the point the others had reached when it was healed (it caught up).
+Omission, and kill healed by a restart, are in test_lab.py (through the CLI). No timing
+assertions: every wait is for a condition, with a deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from edgebft import lab
+from edgebft.broker import find_mosquitto
+from edgebft.protocol.stake import Stake
+from edgebft.workload import Outcome, Workload
+
+Snapshot = dict[int, dict]
+WAIT_S = 30.0
+PROGRESS = 10  # sequence numbers the others must execute to show they go on
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.LabCluster]:
+    run: Path = tmp_path_factory.mktemp("faults") / "run"
+    the_lab = lab.up(broker="mosquitto" if find_mosquitto() else "auto", out=run)
+    try:
+        yield the_lab
+    finally:
+        lab.down(the_lab)
+
+
+@pytest.fixture(scope="module")
+def load(cluster: lab.LabCluster) -> Iterator[Workload]:
+    """Two closed-loop clients, issuing for the whole module."""
+    b = cluster.state["broker"]
+    work = Workload(b["host"], b["port"], cluster.state["cluster"],
+                    Stake(cluster.state["stake"]), cluster.keys(), clients=2)
+    work.start()
+    try:
+        yield work
+    finally:
+        work.drain(3.0)
+        work.close()
+
+
+def wait_for(cluster: lab.LabCluster, what: str, predicate: Callable[[Snapshot], bool],
+             timeout_s: float = WAIT_S) -> Snapshot:
+    """The first status snapshot that satisfies ``predicate``; fail after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while True:
+        snap = lab.status(cluster, wait_s=0.3)
+        if predicate(snap):
+            return snap
+        if time.monotonic() > end:
+            brief = {n: (s.get("online"), s.get("view"), s.get("last_exec"))
+                     for n, s in snap.items()}
+            pytest.fail(f"no {what} within {timeout_s:.0f} s; (online, view, last_exec): {brief}")
+        time.sleep(0.2)
+
+
+def executed(snap: Snapshot, n: int) -> int:
+    return snap[n].get("last_exec", -1) if snap[n].get("online") else -1
+
+
+def head(snap: Snapshot, nodes: list[int]) -> int:
+    """The highest sequence any of ``nodes`` executed."""
+    return max(executed(snap, n) for n in nodes)
+
+
+def primary(snap: Snapshot) -> int:
+    return Counter(s["primary"] for s in snap.values() if s.get("online")).most_common(1)[0][0]
+
+
+def others(cluster: lab.LabCluster, node: int) -> list[int]:
+    return [j for j in range(cluster.nodes) if j != node]
+
+
+def a_backup(cluster: lab.LabCluster) -> tuple[int, Snapshot]:
+    """A backup of a healthy cluster (every node online), and the snapshot that shows it."""
+    snap = wait_for(cluster, "healthy cluster", lambda s: all(x.get("online") for x in
+                                                                s.values()))
+    return max(others(cluster, primary(snap))), snap
+
+
+def others_go_on(cluster: lab.LabCluster, node: int, since: Snapshot) -> Snapshot:
+    rest = others(cluster, node)
+    mark = head(since, rest) + PROGRESS
+    return wait_for(cluster, f"progress of {rest} without node {node}",
+                    lambda s: min(executed(s, j) for j in rest) >= mark)
+
+
+def heal_and_catch_up(cluster: lab.LabCluster, node: int) -> Snapshot:
+    """Heal everything, then wait until ``node`` is clear of faults and executed past the
+    others' head at the time of healing."""
+    mark = head(lab.status(cluster, wait_s=0.3), others(cluster, node))
+    lab.heal(cluster)
+    return wait_for(cluster, f"node {node} healed and caught up past {mark}",
+                    lambda s: executed(s, node) > mark and not any(
+                        v for v in s[node].get("faults", {}).values()))
+
+
+def test_partition_stops_a_node_until_healed(cluster: lab.LabCluster, load: Workload) -> None:
+    node, _ = a_backup(cluster)
+    print(lab.inject(cluster, "partition", node))
+    rest = others(cluster, node)
+    cut = wait_for(cluster, "partition in force on every node",
+                   lambda s: s[node].get("faults", {}).get("reachable") == [node]
+                   and all(s[j].get("faults", {}).get("reachable") == rest for j in rest))
+    stalled = others_go_on(cluster, node, cut)
+    later = others_go_on(cluster, node, stalled)
+    assert executed(later, node) == executed(stalled, node), "the cut-off node executes nothing"
+    assert executed(later, node) < min(executed(later, j) for j in rest)
+    assert later[node]["fault_dropped"] > 0
+    healed = heal_and_catch_up(cluster, node)
+    assert all(healed[j]["faults"]["reachable"] is None for j in range(cluster.nodes))
+
+
+def test_delay_on_the_primary_raises_latency(cluster: lab.LabCluster, load: Workload) -> None:
+    _, snap = a_backup(cluster)
+    node, view = primary(snap), snap[primary(snap)]["view"]
+    delay_ms = 200
+    lab.inject(cluster, "delay", node, ms=delay_ms, jitter_ms=0)
+    wait_for(cluster, "delay in force",
+             lambda s: s[node].get("faults", {}).get("delay_ms") == delay_ms)
+    since = time.time()
+
+    def delayed(outcomes: list[Outcome]) -> list[Outcome]:
+        return [o for o in outcomes if o.outcome == "ok" and o.start > since and o.view == view]
+
+    wait_for(cluster, "requests committed under the delay",
+             lambda s: len(delayed(list(load.outcomes))) >= 5 or s[node].get("view") != view)
+    slow = delayed(list(load.outcomes))
+    assert slow, "the delayed primary was replaced before committing anything"
+    # Causal, not a timing bound: nothing commits before the backups get the pre-prepare.
+    assert min(o.latency_ms for o in slow) >= delay_ms
+    heal_and_catch_up(cluster, node)
+    healed_at = time.time()
+    wait_for(cluster, "a request faster than the delay after healing",
+             lambda s: any(o.outcome == "ok" and o.start > healed_at and o.latency_ms < delay_ms
+                           for o in list(load.outcomes)))
+
+
+def test_pause_freezes_a_node_and_resume_lets_it_catch_up(cluster: lab.LabCluster,
+                                                          load: Workload) -> None:
+    node, _ = a_backup(cluster)
+    lab.inject(cluster, "pause", node)
+    frozen = [-1]
+
+    def still(s: Snapshot) -> bool:  # two reads in a row with the same uptime: no more status
+        seen, frozen[0] = frozen[0], s[node].get("uptime_ms", -2)
+        return seen == frozen[0]
+
+    stopped = wait_for(cluster, "the paused node's status to stop", still)
+    later = others_go_on(cluster, node, stopped)
+    assert later[node].get("uptime_ms") == stopped[node]["uptime_ms"], "its status stopped"
+    assert executed(later, node) == executed(stopped, node)
+    mark = head(later, others(cluster, node))
+    lab.inject(cluster, "resume", node)
+    wait_for(cluster, "the resumed node to catch up",
+             lambda s: s[node].get("uptime_ms", 0) > stopped[node]["uptime_ms"]
+             and executed(s, node) > mark)
+    heal_and_catch_up(cluster, node)
+
+
+def test_restart_boots_from_flash(cluster: lab.LabCluster, load: Workload) -> None:
+    node, before = a_backup(cluster)
+    pid = cluster.state["nodes"][node]["pid"]
+    lab.inject(cluster, "restart", node)
+    cluster = lab.load(cluster.path)
+    assert cluster.state["nodes"][node]["pid"] != pid
+    booted = wait_for(cluster, "the restarted node back online",
+                      lambda s: s[node].get("online")
+                      and s[node]["uptime_ms"] < before[node]["uptime_ms"])
+    assert executed(booted, node) >= executed(before, node), "restored from its flash"
+    heal_and_catch_up(cluster, node)
+
+
+def test_reboot_command_resets_the_node(cluster: lab.LabCluster, load: Workload) -> None:
+    node, before = a_backup(cluster)
+    print(lab.inject(cluster, "reboot", node))
+    cluster = lab.load(cluster.path)
+    booted = wait_for(cluster, "the rebooted node back online",
+                      lambda s: s[node].get("online")
+                      and s[node]["uptime_ms"] < before[node]["uptime_ms"])
+    assert executed(booted, node) >= executed(before, node), "restored from its flash"
+    heal_and_catch_up(cluster, node)
+
+
+def test_skew_shows_in_status_and_heal_resets_it(cluster: lab.LabCluster,
+                                                 load: Workload) -> None:
+    node, _ = a_backup(cluster)
+    lab.inject(cluster, "skew", node, ms=-5000)
+    skewed = wait_for(cluster, "skew in force",
+                      lambda s: s[node].get("faults", {}).get("skew_ms") == -5000)
+    others_go_on(cluster, node, skewed)
+    healed = heal_and_catch_up(cluster, node)
+    assert healed[node]["faults"]["skew_ms"] == 0
+
+
+def test_byzantine_primary_is_replaced_until_healed(cluster: lab.LabCluster,
+                                                    load: Workload) -> None:
+    _, snap = a_backup(cluster)
+    node = primary(snap)
+    view = snap[node]["view"]
+    print(lab.inject(cluster, "byzantine", node, mode="equivocate"))
+    wait_for(cluster, "equivocation in force",
+             lambda s: s[node].get("faults", {}).get("byzantine") == "equivocate")
+    rest = others(cluster, node)
+    replaced = wait_for(cluster, "a view change away from the equivocating primary",
+                        lambda s: all(s[j].get("view", 0) > view for j in rest))
+    others_go_on(cluster, node, replaced)
+    healed = heal_and_catch_up(cluster, node)
+    assert healed[node]["faults"]["byzantine"] is None
