@@ -13,6 +13,13 @@ Rules:
 - Verdicts come from checkers over the run's history (Jepsen's model), never from what the
   replicas claim about themselves: safety (executed and stable digests agree per sequence
   number), client safety (one accepted result per request) and liveness (all accepted in time).
+- Byzantine replicas (``byzantine``) run a behaviour of edgebft.protocol.byzantine, or are
+  twins (Bano et al., "Twins", OPODIS 2021): two instances of one replica with the same id and
+  keys, each behaving correctly on its own. While faults last, a seeded sequence of twin phases
+  splits the correct replicas between the twins (each twin talks to its side only; in a "cut"
+  phase the correct replicas of the two sides cannot talk either, Twins' partitions); clients
+  reach both. At the heal point the second twins go silent and everyone talks to the first.
+  Byzantine replicas' events are not history: the checkers judge the correct replicas only.
 - A replica exception (an assert is our own invariant) ends the seed with verdict ``error``
   (unless the history up to it is already unsafe: ``unsafe`` outranks ``error``).
 
@@ -40,6 +47,8 @@ from edgebft.protocol.stake import Stake
 from edgebft.workload import genesis, operation
 
 FAULT_KINDS = ("crash", "partition", "loss", "delay", "reboot")
+TWINS = "twins"
+SIM_BEHAVIOURS = BEHAVIOURS + (TWINS,)  # what a Byzantine replica may do in the simulator
 VERDICT_OK = "ok"
 VERDICT_UNSAFE = "unsafe"        # a safety checker failed
 VERDICT_NOT_LIVE = "not-live"    # safe, but requests were not all accepted in time
@@ -87,7 +96,7 @@ class SimOptions:
     plant_divergence: tuple[int, int] | None = None
     stake: tuple[int, ...] | None = None      # per replica; None: equal
     byzantine: tuple[int, ...] = ()           # replica ids that misbehave
-    behaviour: str = "silent"                 # edgebft.protocol.byzantine.BEHAVIOURS
+    behaviour: str = "silent"                 # SIM_BEHAVIOURS
 
     def weights(self) -> list[int]:
         return list(self.stake) if self.stake is not None else [1] * self.nodes
@@ -123,9 +132,9 @@ class SimOptions:
                            f"sum, got {','.join(map(str, self.stake))}")
         if any(not 0 <= i < self.nodes for i in self.byzantine):
             raise SimError(f"--byzantine ids must be in 0..{self.nodes - 1}")
-        if self.behaviour not in BEHAVIOURS:
+        if self.behaviour not in SIM_BEHAVIOURS:
             raise SimError(f"unknown behaviour {self.behaviour!r}: choose from "
-                           f"{','.join(BEHAVIOURS)}")
+                           f"{','.join(SIM_BEHAVIOURS)}")
         if self.plant_divergence is not None:
             replica, seq = self.plant_divergence
             if not 0 <= replica < self.nodes or seq < 1:
@@ -215,17 +224,20 @@ class SimSummary:
 class Fault:
     """One scheduled fault, active on [start_ms, end_ms)."""
 
-    kind: str
+    kind: str                         # FAULT_KINDS or TWINS (a twin phase)
     start_ms: int
     end_ms: int
     replica: int = -1                 # crash, reboot, delay
-    side: frozenset[int] = frozenset()  # partition: one group; the rest is the other
+    side: frozenset[int] = frozenset()  # partition: one group; twins: the second twins' side
     loss_p: float = 0.0
     delay_ms: int = 0
+    cut: bool = False                 # twins: the correct replicas of the two sides are cut
 
     def describe(self) -> str:
         if self.kind == "partition":
             return f"partition {sorted(self.side)}"
+        if self.kind == TWINS:
+            return f"twins {sorted(self.side)}{' cut' if self.cut else ''}"
         if self.kind == "loss":
             return f"loss p={self.loss_p:.2f}"
         if self.kind == "delay":
@@ -266,6 +278,23 @@ def fault_schedule(options: SimOptions, rng: random.Random) -> list[Fault]:
     return faults
 
 
+def twin_phases(options: SimOptions, rng: random.Random) -> list[Fault]:
+    """Draw the twin phases of a twins run: back to back from 0 to ``options.fault_ms``, each
+    putting every correct replica on the first or the second twins' side (``side``: the
+    second's) and cutting the two sides apart or not. Empty unless twins and fault_ms > 0."""
+    if options.behaviour != TWINS or not options.byzantine or options.fault_ms <= 0:
+        return []
+    correct = [i for i in range(options.nodes) if i not in options.byzantine]
+    phases = []
+    t = 0
+    while t < options.fault_ms:
+        end = min(t + rng.randint(*FAULT_LENGTH_MS), options.fault_ms)
+        side = frozenset(i for i in correct if rng.random() < 0.5)
+        phases.append(Fault(TWINS, t, end, side=side, cut=rng.random() < 0.5))
+        t = end
+    return phases
+
+
 def _draw_fault(kind: str, start: int, end: int, active: list[Fault], f: int,
                 options: SimOptions, rng: random.Random) -> Fault | None:
     """One fault of ``kind`` that fits beside the overlapping ``active`` ones, or None."""
@@ -287,7 +316,7 @@ def _draw_fault(kind: str, start: int, end: int, active: list[Fault], f: int,
                  delay_ms=rng.randint(0, options.delay_ms_max))
 
 
-# Event queue kinds: (time_ms, order, kind, a, b).
+# Event queue kinds: (time_ms, order, kind, a, b). A replica there is an instance (below).
 _DELIVER = 0       # a: replica, b: (incarnation, wire)
 _REPLY = 1         # a: client, b: wire
 _TIMER = 2         # a: replica, b: incarnation
@@ -313,10 +342,17 @@ class _Client:
 
 
 class Simulation:
-    """One seed: replicas, clients, network and faults. ``run()`` returns its SeedResult."""
+    """One seed: replicas, clients, network and faults. ``run()`` returns its SeedResult.
+
+    Replica instances: 0..n-1 are the replicas (the first twin of a twinned one), then one
+    second twin per twinned replica; ``node[k]`` is instance k's replica id. Per-replica
+    network state (delays, partitions) is indexed by id; liveness state (up, incarnation,
+    timer) by instance. Faults that name a replica act on its instance of that index.
+    """
 
     def __init__(self, seed: int, options: SimOptions, faults: list[Fault] | None = None) -> None:
-        """``faults`` replaces the schedule drawn from the seed (targeted scenarios)."""
+        """``faults`` replaces the schedule drawn from the seed (targeted scenarios); twin
+        phases are drawn all the same."""
         options.check()
         self.seed = seed
         self.options = options
@@ -328,12 +364,21 @@ class Simulation:
         self.keys = seeded_keys(n, self.rng)
         self.genesis = genesis()
         self.replicas = [self._new_replica(i) for i in range(n)]
-        self.incarnation = [0] * n
-        self.up = [True] * n
-        self.skipped: set[int] = set()  # crash/reboot faults not started: one was recovering
-        self.timer_at: list[int | None] = [None] * n
         drawn = fault_schedule(options, self.rng)
-        self.faults = drawn if faults is None else faults
+        phases = twin_phases(options, self.rng)
+        self.faults = (drawn if faults is None else list(faults)) + phases
+        self.twinned = sorted(self.byzantine) if phases else []
+        self.replicas += [self._new_replica(i) for i in self.twinned]
+        self.node = list(range(n)) + self.twinned
+        self.instances = [[k for k, i in enumerate(self.node) if i == j] for j in range(n)]
+        # The twin side of every instance (0: the first twins' side) while a phase lasts.
+        self.twin_side: list[int] | None = None
+        self.twin_cut = False
+        count = len(self.replicas)
+        self.incarnation = [0] * count
+        self.up = [True] * count
+        self.skipped: set[int] = set()  # crash/reboot faults not started: one was recovering
+        self.timer_at: list[int | None] = [None] * count
         self.side: frozenset[int] | None = None  # active partition
         self.loss_p = 0.0
         self.delay_ms = [0] * n
@@ -384,32 +429,35 @@ class Simulation:
         seq = plant[1]
         execute = r.ledger.execute
 
-        def divergent(op: Any) -> Any:
+        def divergent(op: Any, *args: Any) -> Any:
             if r.last_exec + 1 == seq:  # _execute bumps last_exec after the batch
                 # Always fails (no such account), so its result differs from any workload op.
-                return execute(["transfer", "planted-src", "planted-dst", 1])
-            return execute(op)
+                return execute(["transfer", "planted-src", "planted-dst", 1], *args)
+            return execute(op, *args)
 
         r.ledger.execute = divergent  # type: ignore[method-assign]
 
-    def _drain(self, i: int) -> None:
-        """Route replica i's outbox and record its events, then clear both lists. A Byzantine
-        replica's outbox is rewritten first, and its events are not history: the checkers
-        judge the correct replicas only."""
-        r = self.replicas[i]
+    def _drain(self, k: int) -> None:
+        """Route instance k's outbox and record its events, then clear both lists. A Byzantine
+        replica's outbox is rewritten first (twins need no rewriting), and its events are not
+        history: the checkers judge the correct replicas only."""
+        r = self.replicas[k]
+        i = self.node[k]
         if i in self.byzantine:
-            misbehave(r, self.options.behaviour, self.rng.getrandbits,
-                      colluders=self.byzantine - {i}, sent=self.sent[i])
+            if self.options.behaviour != TWINS:
+                misbehave(r, self.options.behaviour, self.rng.getrandbits,
+                          colluders=self.byzantine - {i}, sent=self.sent[i])
             del r.events[:]
         for dest, wire in r.out:
             if dest == rp.TO_ALL:
-                for j in range(len(self.replicas)):
-                    if j != i:
-                        self._send_to_replica(i, j, wire)
+                for c in range(len(self.replicas)):
+                    if self.node[c] != i:
+                        self._send_to_replica(k, c, wire)
             elif type(dest) is tuple:
                 self._send_to_client(i, dest[1], wire)
             else:
-                self._send_to_replica(i, dest, wire)
+                for c in self.instances[dest]:
+                    self._send_to_replica(k, c, wire)
         del r.out[:]
         for event in r.events:
             self.history.append((event[0], self.now, i) + tuple(event[1:]))
@@ -418,10 +466,10 @@ class Simulation:
         if deadline is not None:
             # At least 1 ms ahead: a deadline already due fires next ms, never in a loop at now.
             deadline = max(deadline, self.now + 1)
-            current = self.timer_at[i]
+            current = self.timer_at[k]
             if current is None or deadline < current:
-                self.timer_at[i] = deadline
-                self._push(deadline, _TIMER, i, self.incarnation[i])
+                self.timer_at[k] = deadline
+                self._push(deadline, _TIMER, k, self.incarnation[k])
 
     # ------------------------------------------------------------------ network
 
@@ -435,16 +483,28 @@ class Simulation:
             return None
         return self.rng.randint(*LATENCY_MS) + self.delay_ms[replica]
 
-    def _send_to_replica(self, src: int, dst: int, wire: bytes) -> None:
+    def _linked(self, src: int, dst: int) -> bool:
+        """May instance src reach instance dst in the current partition and twin phase?"""
+        a, b = self.node[src], self.node[dst]
         side = self.side
-        if side is not None and (src in side) != (dst in side):
+        if side is not None and (a in side) != (b in side):
+            return False
+        twin_side = self.twin_side
+        if twin_side is None or twin_side[src] == twin_side[dst]:
+            return True
+        # Across twin sides only correct replicas talk, and only when the phase does not cut.
+        return not self.twin_cut and a not in self.twinned and b not in self.twinned
+
+    def _send_to_replica(self, src: int, dst: int, wire: bytes) -> None:
+        """Instance src sends ``wire`` to instance dst."""
+        if not self._linked(src, dst):
             self.dropped += 1
             return
-        latency = self._latency(src)
+        latency = self._latency(self.node[src])
         if latency is None:
             self.dropped += 1
             return
-        self._push(self.now + latency + self.delay_ms[dst], _DELIVER, dst,
+        self._push(self.now + latency + self.delay_ms[self.node[dst]], _DELIVER, dst,
                    (self.incarnation[dst], wire))
 
     def _send_to_client(self, src: int, client: int, wire: bytes) -> None:
@@ -456,12 +516,12 @@ class Simulation:
 
     def _client_broadcast(self, wire: bytes) -> None:
         """A request goes to every replica (on MQTT each subscribes the request topic)."""
-        for j in range(len(self.replicas)):
-            latency = self._latency(j)
+        for k in range(len(self.replicas)):
+            latency = self._latency(self.node[k])
             if latency is None:
                 self.dropped += 1
             else:
-                self._push(self.now + latency, _DELIVER, j, (self.incarnation[j], wire))
+                self._push(self.now + latency, _DELIVER, k, (self.incarnation[k], wire))
 
     # ------------------------------------------------------------------ handlers
 
@@ -531,7 +591,9 @@ class Simulation:
             self.skipped.add(index)
             return
         self.history.append(("fault" if start else "heal", self.now, fault.describe()))
-        if kind == "partition":
+        if kind == TWINS:
+            self._twin_phase(fault, start)
+        elif kind == "partition":
             self.side = fault.side if start else None
         elif kind == "loss":
             self.loss_p = fault.loss_p if start else 0.0
@@ -541,6 +603,21 @@ class Simulation:
             self.up[fault.replica] = False
         else:
             self._restart(fault.replica)
+
+    def _twin_phase(self, phase: Fault, start: bool) -> None:
+        """Start or end a twin phase; the end of the last (at the heal point) silences the
+        second twins for good."""
+        n = self.options.nodes
+        if start:
+            self.twin_side = [int(k >= n or self.node[k] in phase.side)
+                              for k in range(len(self.replicas))]
+            self.twin_cut = phase.cut
+            return
+        self.twin_side = None
+        self.twin_cut = False
+        if phase.end_ms >= self.options.fault_ms:
+            for k in range(n, len(self.replicas)):
+                self.up[k] = False
 
     def _restart(self, i: int) -> None:
         assert not self.up[i]

@@ -11,16 +11,26 @@
 #   replicas and for the null batch to odd-numbered ones. With colluders holding 1/3 of
 #   stake or more, the two halves can commit different batches at one sequence number;
 #   below 1/3 they cannot (the simulator checks both).
+# - "view-skew" votes for past and future views: every message that carries a view
+#   (pre-prepare, prepare, commit, view-change, its ack, new-view, status) also goes out as
+#   copies stamped view-1 (when there is one) and view+1..view+VIEW_SKEW_AHEAD, correctly
+#   authenticated; the message itself goes out only half the time, so the replica's votes
+#   in the current view cannot be relied on either. Correct replicas must count none of the
+#   copies toward a quorum of another view. Checkpoints, batches and state transfer carry
+#   no view and go out unchanged.
 # - randbits(k) is the caller's random source (seeded in the simulator).
 import hashlib
 
-from . import auth
+from . import auth, cbor
 from . import messages as m
 from .replica import TO_ALL
 from .viewchange import NULL_DIGEST
 
-BEHAVIOURS = ("silent", "wrong-digest", "forge", "replay", "flood", "equivocate")
+BEHAVIOURS = ("silent", "wrong-digest", "forge", "replay", "flood", "equivocate", "view-skew")
 REPLAY_KEPT = 32
+VIEW_SKEW_AHEAD = 2
+# The kinds whose body is [VERSION, kind, sender, view, ...] (replies to clients stay honest).
+_VIEWED = (m.PRE_PREPARE, m.PREPARE, m.COMMIT, m.VIEW_CHANGE, m.VC_ACK, m.NEW_VIEW, m.STATUS)
 
 
 def _signed(replica, kind, *fields):
@@ -60,6 +70,23 @@ def _wrong_digest(replica, dest, wire):
     return [(dest, _signed(replica, msg.kind, msg.view, msg.seq, wrong))]
 
 
+def _view_skew(replica, dest, wire, randbits):
+    try:
+        msg = m.decode(wire)
+    except m.MessageError:
+        return [(dest, wire)]
+    if msg.kind not in _VIEWED:
+        return [(dest, wire)]
+    result = [(dest, wire)] if randbits(1) else []
+    fields = cbor.decode(msg.body)
+    for view in range(max(msg.view - 1, 0), msg.view + VIEW_SKEW_AHEAD + 1):
+        if view != msg.view:
+            fields[3] = view
+            body = cbor.encode(fields)
+            result.append((dest, body + auth.authenticator(replica.macs, body)))
+    return result
+
+
 def _forge(dest, wire, randbits):
     # Flip one bit of the authenticator (the last n tags): receivers cannot verify it.
     i = len(wire) - 1 - randbits(8) % (auth.TAG_BYTES * 2)
@@ -86,6 +113,8 @@ def misbehave(replica, behaviour, randbits, colluders=(), sent=None):
             result.extend(_equivocate(replica, dest, wire, colluders))
         elif behaviour == "wrong-digest":
             result.extend(_wrong_digest(replica, dest, wire))
+        elif behaviour == "view-skew":
+            result.extend(_view_skew(replica, dest, wire, randbits))
         elif behaviour == "forge":
             result.extend(_forge(dest, wire, randbits))
         elif behaviour == "replay":

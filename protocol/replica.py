@@ -19,6 +19,17 @@
 #   and the stable checkpoint; it changes once per view and per checkpoint (bounded flash
 #   writes). A restored replica never votes in its persisted view for a sequence number up
 #   to h + window, the most it may have voted on before the crash.
+# - Epochs (DESIGN.md section 3): the validator set (self.stake) is the ledger's, put in force
+#   at a checkpoint B by Ledger.end_epoch(); every correct replica switches at the same B. A
+#   view installed from a checkpoint below B (self.view_low < self.epoch_seq) is "frozen": no
+#   replica executes past B in it and its primary assigns nothing past B, so nothing past B
+#   ever executes under the old set; a replica that executes B in such a view starts the view
+#   change at once, and the new view (decided by the new set, from checkpoint B: every
+#   replica that executed B lists it) runs the new epoch.
+# - Slashing: a replica that sees its primary equivocate (two pre-prepares for one slot, or
+#   its pre-prepare contradicted by prepares carrying over 1/3 of stake) accuses it with a
+#   request from its own client id REPLICA_CLIENT_BASE + me, authenticated like a replica
+#   message; the ledger slashes once accusers hold over 1/3 of stake (ledger.py).
 # - Memory is bounded by the window: the log is a ring of 2K slots in preallocated arrays
 #   (protocol/log.py); batch bodies are kept until stable, within BODY_BYTES_MAX: a batch
 #   holds at most BODY_BYTES_MAX / (K + pipeline_max) bytes of requests, so the bodies up to
@@ -30,6 +41,7 @@ from . import messages as m
 from . import viewchange as vc
 from .ledger import Ledger
 from .log import Log, Oplog
+from .stake import Stake
 
 TO_ALL = -1
 TO_CLIENT = -2
@@ -51,6 +63,7 @@ VC_TIMEOUT_FACTOR_MAX = 32  # the doubling view-change timeout stops at 32 T
 CATCH_UP_MAX = 8         # sequence numbers answered per STATUS
 _PRE_PREPARE_OVERHEAD_BYTES = 128
 _MACS_CLIENT_MAX = 16
+REPLICA_CLIENT_BASE = 0xF000  # replica i's own client id (its accusations) is this + i
 
 
 def batch_digest(batch):
@@ -89,7 +102,7 @@ class Replica:
         self.macs = [auth.Mac(k) for k in keys]
         self.client_secret = client_secret
         self.client_macs = presized(_MACS_CLIENT_MAX)
-        self.ledger = Ledger(genesis)
+        self.ledger = Ledger(genesis, stake.weights)
         self.K = checkpoint_interval
         self.window = 2 * checkpoint_interval
         self.batch_max = batch_max
@@ -100,6 +113,11 @@ class Replica:
         self.now = 0
         self.view = 0
         self.limbo = False        # between sending VIEW-CHANGE and installing the new view
+        self.view_low = 0         # the checkpoint the current view was installed from
+        self.epoch_seq = 0        # the checkpoint at which self.stake came into force
+        self.accused = []         # replicas this one accused in this epoch
+        self.accuse_ts = 0        # timestamp of its last accusation request
+        self.contra = {}          # seq -> mask of replicas that prepared another digest
         self.no_vote_view = -1    # after a restore: no votes in this view ...
         self.no_vote_seq = 0      # ... for sequence numbers up to this one
         self.seq = 0              # last sequence number assigned (primary)
@@ -121,7 +139,7 @@ class Replica:
         self.vc_views = {}        # replica -> the highest view of its VIEW-CHANGEs we verified
         self.vcs = {}             # replica -> vc.ViewChange for a view not yet installed
         self.vc_wires = {}        # replica -> its VIEW-CHANGE wire (relayed on STATUS, BV2)
-        self.acks = {}            # owner -> [view, {acker: vc digest}], newest view (ACK4)
+        self.acks = {}            # owner -> {view: {acker: vc digest}}, views >= self.view
         self.acked = {}           # owner -> vc digest acknowledged by me in self.view
         self.new_view = None      # NEW-VIEW of self.view waiting for its VIEW-CHANGEs
         self.nv_wire = None       # primary: the NEW-VIEW it sent for self.view
@@ -172,6 +190,9 @@ class Replica:
 
     def _authentic(self, msg):
         if msg.kind == m.REQUEST:
+            j = msg.sender - REPLICA_CLIENT_BASE
+            if j >= 0:
+                return j < self.stake.n and auth.check(msg.auth, self.me, self.macs[j], msg.body)
             return auth.check(msg.auth, self.me, self._client_mac(msg.sender), msg.body)
         if msg.sender >= self.stake.n or msg.sender == self.me:
             return False
@@ -179,6 +200,10 @@ class Replica:
 
     def _in_window(self, seq):
         return self.h < seq <= self.h + self.window
+
+    def _frozen(self):
+        """True in a view installed from below the current epoch's first checkpoint."""
+        return self.view_low < self.epoch_seq
 
     def _may_vote(self, seq):
         return not (self.view == self.no_vote_view and seq <= self.no_vote_seq)
@@ -212,6 +237,7 @@ class Replica:
             self._drop("unexpected type")
             return
         handler(self, msg)
+        self._leave_frozen_view()
         self._check_invariants()
 
     def tick(self, now_ms):
@@ -222,6 +248,7 @@ class Replica:
         if now_ms >= self.status_due:
             self.status_due = now_ms + STATUS_MS
             self._retransmit()
+        self._leave_frozen_view()
         self._check_invariants()
 
     def next_timer(self):
@@ -234,6 +261,11 @@ class Replica:
         """The failure detector suspects the primary: start a view change (V1)."""
         self.now = now_ms
         if not self.limbo and not self.is_primary():
+            self._start_view_change(self.view + 1)
+
+    def _leave_frozen_view(self):
+        """A new epoch is in force and our view is frozen: change view (see the header)."""
+        if self._frozen() and not self.limbo:
             self._start_view_change(self.view + 1)
 
     # ----------------------------------------------------------------- requests
@@ -270,7 +302,7 @@ class Replica:
 
     def _cut_batches(self):
         """Primary: turn pending requests into pre-prepares while the pipeline has room."""
-        if not self.is_primary() or self.limbo:
+        if not self.is_primary() or self.limbo or self._frozen():
             return
         while (self.pending and self.seq - self.last_exec < self.pipeline_max
                and self.seq + 1 <= self.h + self.window and self._may_vote(self.seq + 1)):
@@ -313,7 +345,7 @@ class Replica:
         if log.accepted(i):
             if log.digests[i] != msg.digest:
                 self._drop("conflicting pre-prepare")
-                self.events.append(("equivocation", msg.sender, self.view, msg.seq))
+                self._equivocation(msg.sender, msg.seq)
             return
         if batch_digest(msg.batch) != msg.digest or not self._batch_valid(msg.batch):
             self._drop("bad batch")
@@ -374,11 +406,40 @@ class Replica:
             return
         if not log.vote(votes, i, msg.sender, msg.digest):
             self._drop("vote for another digest")
+            if votes is log.prepares and log.accepted(i):
+                self._contradicted(msg.seq, msg.sender)
             return
         if votes is log.prepares:
             self._check_prepared(msg.seq, i)
         else:
             self._check_committed(msg.seq, i)
+
+    def _contradicted(self, seq, sender):
+        """``sender`` prepared another digest than our primary's pre-prepare for ``seq``: over
+        1/3 of stake doing so proves a correct replica got another pre-prepare."""
+        mask = self.contra.get(seq, 0)
+        if mask < 0 or (not mask and len(self.contra) >= self.window):
+            return  # reported already (once per slot), or a full table
+        mask |= 1 << sender
+        self.contra[seq] = mask
+        if self.stake.is_weak(self.stake.of([j for j in range(self.stake.n) if mask >> j & 1])):
+            self.contra[seq] = -1
+            self._equivocation(self.primary(), seq)
+
+    def _equivocation(self, offender, seq):
+        """Report ``offender`` (an event) and accuse it in the ledger, once per epoch."""
+        self.events.append(("equivocation", offender, self.view, seq))
+        if offender in self.accused or offender == self.me:
+            return
+        self.accused.append(offender)
+        client = REPLICA_CLIENT_BASE + self.me
+        cached = self.replies.get(client)
+        self.accuse_ts = max(self.accuse_ts, cached[0] if cached is not None else 0) + 1
+        body = m.body(m.REQUEST, client, self.accuse_ts, ["accuse", sorted(self.accused)])
+        wire = body + auth.authenticator(self.macs, body)
+        self.out.append((TO_ALL, wire))
+        self.counts["tx"] += 1
+        self.on_request(m.decode(wire))  # our own copy: T1 waits for it, a primary batches it
 
     def _check_prepared(self, seq, i):
         log = self.log
@@ -415,7 +476,7 @@ class Replica:
         log = self.log
         while True:
             i = log.find(self.last_exec + 1)
-            if i < 0 or not log.committed(i):
+            if i < 0 or not log.committed(i) or self._frozen():
                 return
             self._execute(self.last_exec + 1, i)
             self._cut_batches()
@@ -435,9 +496,11 @@ class Replica:
             cached = self.replies.get(req.sender)
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
-            result = self.ledger.execute(req.op)
+            replica = req.sender - REPLICA_CLIENT_BASE
+            result = self.ledger.execute(req.op, replica)
             self._cache_reply(req.sender, req.timestamp, result, seq)
-            self._send_reply(req.sender, req.timestamp, result)
+            if replica < 0:
+                self._send_reply(req.sender, req.timestamp, result)
             results.append([req.sender, req.timestamp, result])
         self.counts["executed_requests"] += len(results)
         log.mark_executed(i)
@@ -453,9 +516,22 @@ class Replica:
         if self.waiting:
             self.vc_deadline = self.now + self.vc_timeout
         if seq % self.K == 0:
+            new_epoch = self.ledger.end_epoch(seq)
             self._checkpoint(seq)
+            if new_epoch:
+                self._enter_epoch()
             self._broadcast(m.CHECKPOINT, seq, self.own_checkpoints[seq])
             self._check_stable(seq)
+
+    def _enter_epoch(self):
+        """Put the ledger's validator set in force (after executing or installing its first
+        checkpoint); the current view becomes frozen unless it started there."""
+        ledger = self.ledger
+        self.stake = Stake(ledger.validators)
+        self.epoch_seq = ledger.since
+        self.accused = []
+        self.contra = {}
+        self.events.append(("epoch", ledger.epoch, ledger.since, ledger.validators))
 
     def _cache_reply(self, client, timestamp, result, seq):
         if client not in self.replies and len(self.replies) >= CLIENTS_MAX:
@@ -628,6 +704,8 @@ class Replica:
         assert last_exec == seq
         assert seq > self.last_exec or seq == 0
         self.ledger.load(state)
+        if self.ledger.validators != self.stake.weights or self.ledger.since != self.epoch_seq:
+            self._enter_epoch()
         for c in list(self.replies):
             del self.replies[c]
         for entry in replies:
@@ -643,6 +721,8 @@ class Replica:
         self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
         self._mark_stable(seq)
         self._execute_ready()
+        if self.limbo:
+            self._after_view_change_input()  # a new view may have waited for this state
 
     # ----------------------------------------------------------------- view change
 
@@ -656,11 +736,14 @@ class Replica:
                               VC_TIMEOUT_FACTOR_MAX * self.view_timeout_ms)
         self.vc_deadline = None                   # T2: not until 2f+1 VIEW-CHANGEs
         self.log.clear()
+        self.contra = {}
         del self.pending[:]
         for client in list(self.pending_ids):
             del self.pending_ids[client]
-        for owner in [o for o in self.acks if self.acks[o][0] < view]:
-            del self.acks[owner]
+        for owner in self.acks:
+            entry = self.acks[owner]
+            for old in [v for v in entry if v < view]:
+                del entry[old]
         self.acked = {}
         self.new_view = None
         self.nv_wire = None
@@ -720,12 +803,15 @@ class Replica:
             return
         if msg.sender == self.primary(msg.view) or msg.view > self.view + self.stake.n:
             return
+        # Kept per view: acks for a later view (a Byzantine replica's, say) never displace
+        # those of ours. Bounded: views self.view .. self.view + n, n owners and ackers.
         entry = self.acks.get(msg.owner)
-        if entry is None or entry[0] < msg.view:
-            entry = self.acks[msg.owner] = [msg.view, {}]
-        elif entry[0] > msg.view:
-            return
-        entry[1][msg.sender] = msg.digest
+        if entry is None:
+            entry = self.acks[msg.owner] = {}
+        acks = entry.get(msg.view)
+        if acks is None:
+            acks = entry[msg.view] = {}
+        acks[msg.sender] = msg.digest
         if msg.view == self.view:
             self._after_view_change_input()
 
@@ -733,6 +819,7 @@ class Replica:
         self._join_higher_view()
         if not self.limbo:
             return
+        self._fetch_listed_checkpoint()
         if self.vc_deadline is None and not self.is_primary():
             at_or_above = [j for j in self.vc_views if self.vc_views[j] >= self.view]
             if self.stake.is_quorum(self.stake.of(at_or_above)):
@@ -741,6 +828,27 @@ class Replica:
             self._try_new_view()
         elif self.new_view is not None:
             self._try_install(self.new_view)
+
+    def _fetch_listed_checkpoint(self):
+        """In limbo, fetch the newest checkpoint above our state that VIEW-CHANGEs of our view
+        carrying over 1/3 of stake list: the new view may start there, and may need the
+        validator set in it to even tell who its primary is."""
+        if self.transfer is not None:
+            return
+        best = None
+        for j in self.vcs:
+            change = self.vcs[j]
+            if change.view != self.view:
+                continue
+            for seq, digest in change.c:
+                if seq <= self.last_exec or (best is not None and seq <= best[0]):
+                    continue
+                listed = [k for k in self.vcs if self.vcs[k].view == self.view
+                          and [seq, digest] in self.vcs[k].c]
+                if self.stake.is_weak(self.stake.of(listed)):
+                    best = (seq, digest, listed)
+        if best is not None:
+            self._start_transfer(best[0], best[1], [j for j in best[2] if j != self.me])
 
     def _join_higher_view(self):
         """T4: if replicas with over 1/3 of stake are in higher views, join the lowest."""
@@ -760,8 +868,7 @@ class Replica:
             return False
         if change.sender == self.primary():
             return True
-        entry = self.acks.get(change.sender)
-        acks = entry[1] if entry is not None and entry[0] == self.view else {}
+        acks = self.acks.get(change.sender, {}).get(self.view, {})
         holders = [change.sender, self.primary()]
         for j in acks:
             if acks[j] == change.digest and j not in holders:
@@ -772,7 +879,7 @@ class Replica:
         """NV1-NV3: the new primary decides and installs as soon as S allows."""
         members = [self.vcs[j] for j in sorted(self.vcs) if self._in_set(self.vcs[j])]
         decision = vc.decide(members, self.stake)
-        if decision is None:
+        if decision is None or self._state_first(decision):
             return
         listed = [[c.sender, c.digest] for c in members]
         body = m.body(m.NEW_VIEW, self.me, self.view, listed, decision[0], decision[2])
@@ -786,11 +893,23 @@ class Replica:
             self.out.append((dest, self.nv_wire))
             self.counts["tx"] += 1
 
+    def _state_first(self, decision):
+        """A view is judged by the validator set of the checkpoint it starts from: when we have
+        not reached that checkpoint, fetch its state first (True) and decide again after."""
+        low, low_digest = decision[0], decision[1]
+        if low <= self.last_exec:
+            return False
+        if self.transfer is None:
+            sources = [j for j in self.vcs if j != self.me and [low, low_digest] in self.vcs[j].c]
+            self._start_transfer(low, low_digest, sources)
+        return True
+
     def on_new_view(self, msg):
-        if msg.view < self.view or msg.sender != self.primary(msg.view):
+        if msg.view < self.view or (msg.view == self.view and not self.limbo):
             return
-        if msg.view == self.view and not self.limbo:
-            return
+        if msg.sender != self.primary(msg.view) and (msg.view != self.view
+                                                     or msg.low <= self.last_exec):
+            return  # below its checkpoint our validator set may be an older one: see below
         if msg.view > self.view:
             self._start_view_change(msg.view)
         self.new_view = msg
@@ -812,13 +931,21 @@ class Replica:
             self._drop("bad new-view")  # BV4: let the timer move us on
             self.new_view = None
             return
+        if self._state_first(decision):
+            return
+        if msg.sender != self.primary(msg.view):
+            self._drop("new-view not from primary")
+            self.new_view = None
+            return
         self._install(decision)
 
     def _install(self, decision):
         """AF1-AF3: leave limbo and re-prepare the chosen batches in the new view."""
-        low, low_digest, chosen = decision
+        low, chosen = decision[0], decision[2]
+        assert low <= self.last_exec
         self.limbo = False
-        sources = [j for j in self.vcs if j != self.me and [low, low_digest] in self.vcs[j].c]
+        self.view_low = low
+        self.dirty = True
         for j in [j for j in self.vcs if self.vcs[j].view <= self.view]:
             del self.vcs[j]  # decided: only the wires stay, to relay to laggers (BV2)
         for j in [j for j in self.vc_wires if self.vc_views[j] < self.view]:
@@ -832,8 +959,6 @@ class Replica:
         if not self.is_primary():
             for client in self.waiting_wires:  # T1: hand the new primary what still waits
                 self.out.append((self.primary(), self.waiting_wires[client]))
-        if self.last_exec < low and self.transfer is None:
-            self._start_transfer(low, low_digest, sources)
         seq = low
         for digest in chosen:
             seq += 1
@@ -944,21 +1069,24 @@ class Replica:
     # ----------------------------------------------------------------- durability
 
     def durable(self):
-        """What must survive a crash (RC3): [view, h, snapshot of h]; see the header."""
+        """What must survive a crash (RC3): [view, h, snapshot of h, view_low]; see the header.
+        view_low may be that of an earlier view (not yet installed): lower is safe, as it only
+        freezes more."""
         self.dirty = False
-        return cbor.encode([self.view, self.h, self.snapshots[self.h]])
+        return cbor.encode([self.view, self.h, self.snapshots[self.h], self.view_low])
 
     @classmethod
     def restore(cls, saved, me, stake, keys, client_secret, **kwargs):
         """Rebuild a replica from durable() bytes after a reboot."""
         r = cls(me, stake, keys, client_secret, **kwargs)
-        view, h, snap = cbor.decode(saved)
+        view, h, snap, view_low = cbor.decode(saved)
         r.view = view
         r.no_vote_view = view
         r.no_vote_seq = h + r.window
         if h:
             r.checkpoints = {}
             r._install_snapshot(h, hashlib.sha256(snap).digest(), snap)
+        r.view_low = view_low
         r.vc_timeout = r.view_timeout_ms
         r.events.append(("restored", view, h))
         return r
