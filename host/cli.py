@@ -19,7 +19,7 @@ from rich.table import Table
 from edgebft.broker import BrokerError
 from edgebft.cluster import ClusterError
 from edgebft.demo import DemoError, DemoOptions, run_demo
-from edgebft.lab import NETWORK_FAULTS, PROCESS_FAULTS, LabError, status_rows
+from edgebft.lab import CONTROL_FAULTS, PROCESS_FAULTS, LabError, status_rows
 from edgebft.lab import down as lab_down
 from edgebft.lab import heal as lab_heal
 from edgebft.lab import inject as lab_inject
@@ -27,7 +27,8 @@ from edgebft.lab import load as lab_load
 from edgebft.lab import status as lab_status
 from edgebft.lab import up as lab_up
 from edgebft.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
-from edgebft.nemesis import NEMESES
+from edgebft.nemesis import DELAY_JITTER_MS, DELAY_MS, OMISSION_PERMILLE, NemesisError
+from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.report import ReportError, build_report
 from edgebft.sim import (
@@ -41,7 +42,7 @@ from edgebft.sim import (
 from edgebft.sim import SimOptions as _SimDefaults
 
 USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
-               SimError)
+               SimError, NemesisError)
 EXIT_CHECKS_FAILED = 1
 EXIT_USER_ERROR = 2
 
@@ -69,18 +70,22 @@ def cli() -> None:
               help=f"MicroPython Unix-port binary (default: ${ENV_VAR}, the venv's, PATH).")
 @click.option("--heap", default=HEAP_DEFAULT, show_default=True,
               help="MicroPython heap per node (-X heapsize).")
-@click.option("--nemesis", default="none", show_default=True,
-              type=click.Choice(NEMESES),
-              help="Fault to inject a third of the way in, healed two thirds of the way in: "
-                   "crash-primary kills the primary's process and restarts it from its flash; "
-                   "byzantine-primary makes the primary equivocate (real and null "
-                   "pre-prepares to different replicas).")
+@click.option("--nemesis", default="none", show_default=True, metavar="KIND[,KIND...]",
+              help="Faults to inject on the primary, one kind per strike, in turn, each healed "
+                   "before the next and all at the end: crash-primary (kill, restart from its "
+                   "flash), partition (cut off from the other replicas), delay (its messages "
+                   f"held {DELAY_MS} ms + up to {DELAY_JITTER_MS} ms), pause (SIGSTOP, then "
+                   f"SIGCONT), omission (loses {OMISSION_PERMILLE / 10:g}% of its messages), "
+                   "byzantine-primary (equivocates: real and null pre-prepares to different "
+                   "replicas). Without --nemesis-interval each kind strikes once, spread over "
+                   "the run (one kind: a third of the way in, healed two thirds of the way "
+                   "in).")
 @click.option("--stake", default=None, metavar="W1,W2,...",
               help="Stake per node (default: equal); every quorum is by stake.")
 @click.option("--nemesis-interval", "nemesis_interval_s", type=float, default=None,
               metavar="SECONDS",
-              help="Repeat the fault every SECONDS (healing half an interval later) instead "
-                   "of once.")
+              help="Strike every SECONDS (healing half an interval later), taking the kinds "
+                   "in turn, instead of once per kind.")
 @click.option("--checkpoint-interval", default=CHECKPOINT_INTERVAL, show_default=True,
               help="K: a checkpoint every K sequence numbers (window 2K).")
 def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | None,
@@ -129,13 +134,19 @@ DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), d
 @click.option("--micropython", default=None, metavar="PATH",
               help="MicroPython Unix-port binary.")
 @click.option("--heap", default=HEAP_DEFAULT, show_default=True, help="Heap per node.")
+@click.option("--metrics-port", type=int, default=None, metavar="PORT",
+              help="Also serve live per-node metrics in the Prometheus text format at "
+                   "http://127.0.0.1:PORT/metrics (a detached exporter, stopped by 'cluster "
+                   "down').")
 def cluster_up(nodes: int, stake: str | None, broker: str, out: Path | None,
-               micropython: str | None, heap: str) -> None:
+               micropython: str | None, heap: str, metrics_port: int | None) -> None:
     """Start a broker and NODES emulated nodes that keep running after this command."""
     weights = _parse_stake(stake)
-    lab = lab_up(nodes, broker, out, weights, heap, micropython)
+    lab = lab_up(nodes, broker, out, weights, heap, micropython, metrics_port)
     console.print(f"cluster {lab.state['cluster']} up: {lab.nodes} nodes, "
-                  f"{lab.state['broker']['describe']}; state in {lab.path}")
+                  f"{lab.state['broker']['describe']}; state in {lab.path}", highlight=False)
+    if metrics_port is not None:
+        console.print(f"metrics: {lab.state['exporter']['url']}", highlight=False)
 
 
 def _parse_stake(text: str | None) -> list[int] | None:
@@ -171,27 +182,42 @@ def cluster_down(run_dir: Path | None) -> None:
 
 
 @cli.command()
-@click.argument("kind", type=click.Choice(PROCESS_FAULTS + NETWORK_FAULTS))
+@click.argument("kind", type=click.Choice(PROCESS_FAULTS + CONTROL_FAULTS))
 @click.argument("node", type=int)
 @click.option("--p", "p", type=float, default=1.0, show_default=True,
               help="omission: the fraction of messages dropped.")
 @click.option("--peers", default=None, metavar="J,K",
               help="omission: only messages to and from these replicas (default: all).")
 @click.option("--ms", type=int, default=100, show_default=True,
-              help="delay: fixed delay; skew: clock offset.")
+              help="delay: fixed delay; skew: clock offset (negative: behind).")
 @click.option("--jitter", "jitter_ms", type=int, default=0, show_default=True,
               help="delay: extra random delay up to this many ms.")
 @click.option("--group", default=None, metavar="J,K",
-              help="partition: the replicas on NODE's side (NODE is always in it).")
+              help="partition: the replicas on NODE's side (NODE is always in it); the "
+                   "others form the other side.")
+@click.option("--mode", default="equivocate", show_default=True, type=click.Choice(BEHAVIOURS),
+              help="byzantine: what NODE does (protocol/byzantine.py).")
+@click.option("--colluders", default=None, metavar="J,K",
+              help="byzantine equivocate: the replicas colluding with NODE.")
 @DIR_OPTION
 def inject(kind: str, node: int, p: float, peers: str | None, ms: int, jitter_ms: int,
-           group: str | None, run_dir: Path | None) -> None:
-    """Inject fault KIND on NODE: kill, pause, resume, restart (process faults) or
-    omission, delay, partition, skew (authenticated control commands)."""
+           group: str | None, mode: str, colluders: str | None, run_dir: Path | None) -> None:
+    """Inject fault KIND on NODE.
+
+    Process faults (signals to NODE's process group): kill (SIGKILL), pause (SIGSTOP), resume
+    (SIGCONT), restart (kill, then boot again from its flash).
+
+    Control faults (authenticated control commands): omission (--p, --peers), delay (--ms,
+    --jitter), partition (--group), skew (--ms), byzantine (--mode, --colluders), reboot (the
+    node resets itself; an emulated node exits and is booted again from its flash).
+
+    'edgebft heal' undoes them all.
+    """
     lab = lab_load(run_dir)
     console.print(lab_inject(lab, kind, node, p=p, ms=ms, jitter_ms=jitter_ms,
                              group=_parse_ids(group, "--group"),
-                             peers=_parse_ids(peers, "--peers")))
+                             peers=_parse_ids(peers, "--peers"), mode=mode,
+                             colluders=_parse_ids(colluders, "--colluders")), highlight=False)
 
 
 def _parse_ids(text: str | None, hint: str) -> list[int] | None:
@@ -207,7 +233,8 @@ def _parse_ids(text: str | None, hint: str) -> list[int] | None:
 @cli.command()
 @DIR_OPTION
 def heal(run_dir: Path | None) -> None:
-    """Undo every fault: resume paused nodes, restart killed ones, heal network faults."""
+    """Undo every fault: resume paused nodes, restart killed ones, heal control faults
+    (omission, delay, partition, skew, byzantine) on every node."""
     console.print(lab_heal(lab_load(run_dir)))
 
 
