@@ -1,17 +1,22 @@
 """The fault lab against an emulated cluster: `edgebft cluster up/status/down`, `inject`,
-`heal`, and the authenticated control channel (forged and replayed commands do nothing)."""
+`heal`, the authenticated control channel (forged and replayed commands do nothing) and the
+Prometheus exporter of `cluster up --metrics-port`. Each fault kind's effect: test_faults.py."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import paho.mqtt.client as paho
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgebft import lab
+from edgebft.broker import free_port
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 from edgebft.protocol.stake import Stake
@@ -29,7 +34,7 @@ def cli(*args: str) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.LabCluster]:
     run = tmp_path_factory.mktemp("lab") / "run"
-    cli("cluster", "up", "--out", str(run))
+    cli("cluster", "up", "--out", str(run), "--metrics-port", str(free_port()))
     yield lab.load(run)
     cli("cluster", "down", "--dir", str(run))
     time.sleep(0.5)
@@ -66,6 +71,38 @@ def test_status_shows_every_node(cluster: lab.LabCluster) -> None:
     assert out.count("backup") == 3
     snap = lab.status(cluster)
     assert all(snap[n]["online"] for n in range(4))
+
+
+NODE_GAUGES = ("edgebft_online", "edgebft_view", "edgebft_seq", "edgebft_last_executed",
+               "edgebft_stable_checkpoint", "edgebft_heap_used_bytes", "edgebft_heap_free_bytes",
+               "edgebft_heap_peak_bytes", "edgebft_rx_messages", "edgebft_tx_messages",
+               "edgebft_executed_requests")
+
+
+def test_metrics_endpoint_serves_every_nodes_gauges(cluster: lab.LabCluster) -> None:
+    load(cluster, 1.0)
+    url = cluster.state["exporter"]["url"]
+    with urllib.request.urlopen(url, timeout=30) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    nodes = {str(n) for n in range(cluster.nodes)}
+    value = {}
+    for name in NODE_GAUGES:
+        assert families[name].type == "gauge", name
+        value[name] = {s.labels["node"]: s.value for s in families[name].samples}
+        assert set(value[name]) == nodes, name
+    for n in nodes:
+        assert value["edgebft_online"][n] == 1
+        assert value["edgebft_view"][n] >= 0
+        assert 0 <= value["edgebft_stable_checkpoint"][n] <= value["edgebft_last_executed"][n]
+        assert value["edgebft_last_executed"][n] > 0, "the load executed"
+        assert value["edgebft_executed_requests"][n] > 0
+        heap = value["edgebft_heap_used_bytes"][n] + value["edgebft_heap_free_bytes"][n]
+        assert 0 < value["edgebft_heap_used_bytes"][n] <= value["edgebft_heap_peak_bytes"][n]
+        assert heap <= 100 * 1024, "within the -X heapsize=100k heap"
+        assert value["edgebft_rx_messages"][n] > 0 and value["edgebft_tx_messages"][n] > 0
+    assert "edgebft_drops" in families and "edgebft_phi" in families
 
 
 def test_omission_isolates_a_node_and_heal_lets_it_catch_up(cluster: lab.LabCluster) -> None:
@@ -134,3 +171,14 @@ def test_bad_input_is_one_line(cluster: lab.LabCluster) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "no cluster in /nonexistent" in done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([*EDGEBFT, "cluster", "up", "--metrics-port", str(port), "--out",
+                               str(cluster.path.parent / "never")], capture_output=True,
+                              text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"edgebft: error: --metrics-port {port}: cannot listen")
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (cluster.path.parent / "never" / "nodes").exists(), "nothing was started"
