@@ -18,8 +18,9 @@ from edgebft.protocol.stake import Stake
 class Net:
     """Replicas and clients in one process; messages go through a FIFO queue, bytes only."""
 
-    def __init__(self, n: int = 4, k: int = 4, seed: int = 1, **kwargs: int) -> None:
-        self.stake = Stake([1] * n)
+    def __init__(self, n: int = 4, k: int = 4, seed: int = 1, weights: list[int] | None = None,
+                 **kwargs: int) -> None:
+        self.stake = Stake(weights or [1] * n)
         self.keys = generate_keys(n)
         self.replicas = [
             rp.Replica(i, self.stake, self.keys.pairwise[i], self.keys.client_secrets[i],
@@ -29,6 +30,7 @@ class Net:
         self.replies: dict[int, list[bytes]] = {}
         self.down: set[int] = set()
         self.rng = random.Random(seed)
+        self.now = 0  # ms: the clock every replica sees
 
     def client(self, c: int) -> ClientCore:
         return ClientCore(c, self.stake, self.keys.client_keys(c))
@@ -48,6 +50,14 @@ class Net:
                 self.queue.append((dest, wire))
         r.out.clear()
 
+    def tick(self, now_ms: int) -> None:
+        """Fire every running replica's timers due at ``now_ms``."""
+        self.now = now_ms
+        for i, r in enumerate(self.replicas):
+            if i not in self.down:
+                r.tick(now_ms)
+                self._collect(i)
+
     def run(self, shuffle: bool = False) -> None:
         while self.queue:
             k = self.rng.randrange(len(self.queue)) if shuffle else 0
@@ -55,7 +65,7 @@ class Net:
             assert isinstance(to, int)
             if to in self.down:
                 continue
-            self.replicas[to].receive(wire, 0)
+            self.replicas[to].receive(wire, self.now)
             self._collect(to)
 
     def call(self, core: ClientCore, op: list, shuffle: bool = False) -> object:

@@ -1,0 +1,111 @@
+"""Proof-of-Stake epochs: stake and unstake, slashing, validator sets in force at checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+from test_replica import Net
+
+from edgebft.protocol import cbor
+from edgebft.protocol.ledger import Ledger
+from edgebft.protocol.replica import REPLICA_CLIENT_BASE
+from edgebft.sim import SimOptions, Simulation
+
+
+def test_bonds_change_at_once_and_the_set_only_at_the_epoch_end() -> None:
+    ledger = Ledger({"a": 100}, [10, 10, 10, 0])
+    assert ledger.execute(["stake", "a", 3, 20]) == [True, 20]
+    assert ledger.balances["a"] == 80
+    assert ledger.bonds == [10, 10, 10, 20]
+    assert ledger.validators == [10, 10, 10, 0], "not in force before the checkpoint"
+    assert ledger.execute(["validators"]) == [True, [0, [10, 10, 10, 0], [10, 10, 10, 20]]]
+    assert ledger.end_epoch(8) is True
+    assert (ledger.epoch, ledger.since, ledger.validators) == (1, 8, [10, 10, 10, 20])
+    assert ledger.end_epoch(16) is False, "no change, no new epoch"
+    assert ledger.execute(["unstake", 0, "b", 10]) == [True, 0]
+    assert ledger.balances["b"] == 10
+    assert ledger.end_epoch(24) is True
+    assert ledger.validators == [0, 10, 10, 20], "a zero bond leaves the set"
+
+
+def test_bad_stake_ops_fail_and_change_nothing() -> None:
+    ledger = Ledger({"a": 5}, [1, 1, 1, 1])
+    before = cbor.encode(ledger.state())
+    assert ledger.execute(["stake", "a", 0, 6]) == [False, "insufficient funds"]
+    assert ledger.execute(["stake", "a", 4, 1]) == [False, "bad stake"]
+    assert ledger.execute(["stake", "a", 0, 0]) == [False, "bad stake"]
+    assert ledger.execute(["unstake", 0, "a", 2]) == [False, "insufficient stake"]
+    assert ledger.execute(["unstake", 1.5, "a", 1]) == [False, "bad unstake"]
+    assert ledger.execute(["accuse", [0]]) == [False, "bad op"], "clients cannot accuse"
+    assert cbor.encode(ledger.state()) == before
+    for v in (1, 2, 3):
+        assert ledger.execute(["unstake", v, "a", 1])[0]
+    assert ledger.execute(["unstake", 0, "a", 1]) == [False, "last stake"]
+    assert ledger.bonds == [1, 0, 0, 0]
+
+
+def test_accusations_slash_once_over_a_third_of_stake_accuses() -> None:
+    ledger = Ledger({}, [30, 25, 25, 20])
+    assert ledger.execute(["accuse", [0]], replica=1) == [True, []], "25 of 100: not enough"
+    assert ledger.execute(["accuse", [0]], replica=1) == [True, []], "counted once"
+    assert ledger.execute(["accuse", [1]], replica=0) == [True, []]
+    assert ledger.execute(["accuse", [0]], replica=3) == [True, [0]], "45 of 100 accuse 0"
+    assert ledger.bonds == [0, 25, 25, 20]
+    assert ledger.validators == [30, 25, 25, 20], "slashed at the next epoch"
+    assert ledger.execute(["accuse", [2]], replica=2) == [True, []], "no self-accusation"
+    copy = Ledger()
+    copy.load(ledger.state())
+    assert copy.state() == ledger.state()
+
+
+def _epoch_events(net: Net) -> set[tuple[object, ...]]:
+    return {tuple(e[1:3]) + (tuple(e[3]),) for r in net.replicas for e in r.events
+            if e[0] == "epoch"}
+
+
+def test_a_validator_joins_with_stake_and_leaves_with_zero() -> None:
+    net = Net(n=5, k=4, weights=[1, 1, 1, 1, 0])
+    alice = net.client(7)
+    assert net.call(alice, ["stake", "a", 4, 3]) == [True, 3]
+    for _ in range(3):
+        net.call(alice, ["balance", "a"])
+    # Sequence 4 is the checkpoint: every replica puts [1, 1, 1, 1, 3] in force there.
+    assert {tuple(r.stake.weights) for r in net.replicas} == {(1, 1, 1, 1, 3)}
+    assert _epoch_events(net) == {(1, 4, (1, 1, 1, 1, 3))}
+    assert {r.view for r in net.replicas} == {1}, "the old view was frozen and changed"
+    # Replica 4's stake now counts: with two others down, the primary, the third and 4 hold
+    # 5 of 7 (> 2/3); under the old set the three left would hold 2 of 4.
+    primary = net.replicas[0].primary()
+    assert primary != 4
+    gone = {j for j in range(4) if j != primary}
+    gone.pop()
+    net.down |= gone
+    assert net.call(alice, ["transfer", "a", "b", 1]) == [True, 96]
+    net.down -= gone
+    assert net.call(alice, ["unstake", 4, "a", 3]) == [True, 0]
+    while net.replicas[primary].last_exec % 4:
+        net.call(alice, ["balance", "a"])
+    net.run()
+    live = [r for i, r in enumerate(net.replicas) if i not in gone]
+    assert {tuple(r.stake.weights) for r in live} == {(1, 1, 1, 1, 0)}
+    assert all(r.primary(v) != 4 for r in live for v in range(20)), "out of the set"
+
+
+def test_digests_cover_the_validator_set() -> None:
+    a, b = Ledger({"a": 10}, [1, 1, 1, 1]), Ledger({"a": 10}, [1, 1, 1, 1])
+    a.execute(["stake", "a", 0, 1])
+    b.execute(["stake", "a", 1, 1])
+    assert a.balances == b.balances
+    assert a.state() != b.state()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_an_equivocating_primary_is_slashed_and_the_cluster_stays_safe(seed: int) -> None:
+    options = SimOptions(stake=(30, 25, 25, 20), byzantine=(0,), behaviour="equivocate",
+                         faults=())
+    sim = Simulation(seed, options)
+    result = sim.run()
+    assert result.verdict == "ok", result.reasons
+    correct = sim.replicas[1:]
+    assert {tuple(r.stake.weights) for r in correct} == {(0, 25, 25, 20)}
+    accusers = {e[2] for e in sim.history if e[0] == "equivocation" and e[3] == 0}
+    assert accusers >= {1, 2, 3} or sum((25, 25, 20)[j - 1] for j in accusers) * 3 > 100
