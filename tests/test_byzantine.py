@@ -29,20 +29,7 @@ from edgebft.sim import SIM_BEHAVIOURS, TWINS, SimOptions, Simulation, run_many,
 JUST_UNDER_A_THIRD = (33, 23, 22, 22)  # replica 0 holds 33 of 100
 SEEDS_PER_BEHAVIOUR = 38               # x 8 behaviours: 304 seeds per CI run
 
-# Found by view-skew, not fixed yet (protocol/replica.py): on_vc_ack keeps one view's acks per
-# VIEW-CHANGE owner, the newest, so a Byzantine replica's ack for a future view evicts the acks
-# of the current view and the ones that follow are refused; no VIEW-CHANGE of a correct
-# replica enters the new primary's set S and no view installs. Strict: remove when fixed.
-VC_ACK_EVICTION = pytest.mark.xfail(strict=True, reason="on_vc_ack: a future-view ack evicts "
-                                                        "the acks of the current view")
-
-
-def _known_bugs(behaviours: tuple[str, ...]) -> list[object]:
-    return [pytest.param(b, marks=VC_ACK_EVICTION) if b == "view-skew" else b
-            for b in behaviours]
-
-
-@pytest.mark.parametrize("behaviour", _known_bugs(SIM_BEHAVIOURS))
+@pytest.mark.parametrize("behaviour", SIM_BEHAVIOURS)
 def test_byzantine_stake_just_under_a_third_is_safe_and_live(behaviour: str) -> None:
     """38 seeds per behaviour (304 per CI run), with crashes, partitions, loss, delay and
     reboots; the seeds differ between behaviours."""
@@ -54,7 +41,7 @@ def test_byzantine_stake_just_under_a_third_is_safe_and_live(behaviour: str) -> 
     assert [(r.seed, r.verdict, r.reasons) for r in summary.failures] == []
 
 
-@pytest.mark.parametrize("behaviour", _known_bugs(SIM_BEHAVIOURS))
+@pytest.mark.parametrize("behaviour", SIM_BEHAVIOURS)
 def test_a_byzantine_backup_with_equal_stake_changes_nothing_for_the_rest(behaviour: str) -> None:
     summary = run_many(SimOptions(byzantine=(3,), behaviour=behaviour), range(1, 21))
     assert [(r.seed, r.reasons) for r in summary.failures] == []
