@@ -22,6 +22,8 @@ from edgebft.sim import (
 
 FAULT_FREE = SimOptions(faults=())
 ALL_FAULTS = SimOptions()
+TWINS = SimOptions(stake=(33, 23, 22, 22), byzantine=(0,), behaviour="twins")
+VIEW_SKEW = SimOptions(stake=(33, 23, 22, 22), byzantine=(0,), behaviour="view-skew")
 
 
 def test_fault_free_seeds_are_safe_and_live() -> None:
@@ -52,7 +54,8 @@ def test_a_planted_divergence_at_a_checkpoint_is_caught_at_that_seq() -> None:
     assert result.checks[0].reason.startswith("seq 4: ")
 
 
-@pytest.mark.parametrize("options", [FAULT_FREE, ALL_FAULTS], ids=["fault-free", "faults"])
+@pytest.mark.parametrize("options", [FAULT_FREE, ALL_FAULTS, TWINS, VIEW_SKEW],
+                         ids=["fault-free", "faults", "twins", "view-skew"])
 def test_the_same_seed_replays_the_same_history(options: SimOptions) -> None:
     first = run_seed(7, options)
     again = run_seed(7, options)
@@ -108,7 +111,7 @@ def test_options_are_checked() -> None:
     with pytest.raises(SimError, match="unknown fault kind 'fire'"):
         parse_faults("crash,fire")
     for bad in (SimOptions(nodes=3), SimOptions(requests=0), SimOptions(loss_max=1.0),
-                SimOptions(plant_divergence=(4, 1))):
+                SimOptions(plant_divergence=(4, 1)), SimOptions(behaviour="twin")):
         with pytest.raises(SimError):
             bad.check()
 
