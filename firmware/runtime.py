@@ -9,6 +9,14 @@
 #     ebft/c/req/<client>      requests (every replica subscribes ebft/c/req/+)
 #     ebft/c/rep/<client>      replies
 #     ebft/c/status/i          retained CBOR status map; the Last Will sets it to b"offline"
+#     ebft/c/event/i           CBOR lists: replica events, control outcomes, suspicions
+# - Failure detection (protocol/detector.py): a peer's live (not retained) status messages are
+#   its heartbeats, so the heartbeat interval is status_interval_ms; its b"offline" (the
+#   broker's Last Will for it) suspects it at once. Network faults cut heartbeats like any
+#   other traffic from the peer. The detector is checked every timer tick; each suspicion and
+#   recovery is published as ["suspect", peer, phi * 100] or ["trust", peer], and a suspected
+#   primary starts a view change (Replica.suspect), again in each view it leads. Status maps
+#   carry "phi", every replica's phi * 100 (0 for ourselves).
 # - Memory stays bounded: no per-message state here; status keeps a ring of CHECKPOINTS_KEPT.
 import gc
 import json
@@ -23,6 +31,7 @@ from edgebft.firmware.mqtt import MQTTClient, MQTTError
 from edgebft.protocol import cbor
 from edgebft.protocol import messages
 from edgebft.protocol import replica as rp
+from edgebft.protocol.detector import Detector
 from edgebft.protocol.stake import Stake
 
 CONFIG_PATH = "edgebft.json"
@@ -31,6 +40,10 @@ CHECKPOINTS_KEPT = 4
 _STATUS_INTERVAL_MS = 500
 _MQTT_HEADER_BYTES_MAX = 128  # fixed header, topic and packet id around a message
 _TICK_MS = 20
+# A timer tick this late means the node itself stood still (a SIGSTOP, a long flash write):
+# the detector skips that tick, so that the peers' heartbeats queued meanwhile are read before
+# their silence is judged (never two ticks in a row: a slow loop still checks).
+_STALL_MS = 100
 # Collect after this many bytes allocated, not only when the heap is full: garbage then never
 # spreads over the whole heap between long-lived objects, which keeps free space contiguous.
 _GC_THRESHOLD_BYTES = 4096
@@ -52,6 +65,8 @@ class Node:
         self.prefix = "ebft/%s/" % cluster
         self.topic_all = "%sfrom/%d" % (self.prefix, self.me)
         self.topic_status = "%sstatus/%d" % (self.prefix, self.me)
+        self.topic_event = "%sevent/%d" % (self.prefix, self.me)
+        self.topic_statuses = "%sstatus/" % self.prefix
         self.topic_ctl = "%sctl/%d" % (self.prefix, self.me)
         self.topic_req = "%sreq/" % self.prefix
         self.faults = Faults(self.me, unhexlify(config["control_key"]))
@@ -68,6 +83,10 @@ class Node:
             self.replica = rp.Replica(*args, **kwargs)
         else:
             self.replica = rp.Replica.restore(saved, *args, **kwargs)
+        # "detector": Detector's keyword arguments (threshold as phi * 100, window, min_std_ms,
+        # pause_ms); the first heartbeat's seeds assume the status interval.
+        self.detector = Detector(self.replica.stake.n, self.me, first_ms=self.status_interval_ms,
+                                 **config.get("detector", {}))
         broker = config["broker"]
         self.mqtt = MQTTClient(
             "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
@@ -94,8 +113,18 @@ class Node:
             return  # our own broadcast, echoed by the broker
         if topic == self.topic_ctl:
             command = self.faults.on_control(bytes(payload))
-            self.mqtt.publish("%sevent/%d" % (self.prefix, self.me),
-                              cbor.encode(["control", command or "rejected"]))
+            self.mqtt.publish(self.topic_event, cbor.encode(["control", command or "rejected"]))
+            return
+        if topic.startswith(self.topic_statuses):
+            j = int(topic[topic.rfind("/") + 1:])
+            if j == self.me or self.faults.drop(j):
+                return
+            now = self.now()
+            if len(payload) == len(OFFLINE) and bytes(payload) == OFFLINE:
+                self.detector.offline(j, now)
+            elif not retain:  # a retained status is old news, not a heartbeat
+                self.detector.heartbeat(j, now)
+            self.detected(now)
             return
         if not topic.startswith(self.topic_req):  # from a replica: .../from/<j>
             if self.faults.drop(int(topic[topic.rfind("/") + 1:])):
@@ -136,8 +165,19 @@ class Node:
                 if len(self.checkpoints) > CHECKPOINTS_KEPT:
                     self.checkpoints.pop(0)
             elif event[0] in _PUBLISHED_EVENTS:
-                self.mqtt.publish("%sevent/%d" % (self.prefix, self.me), cbor.encode(list(event)))
+                self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
         del r.events[:]
+
+    def detected(self, now):
+        """Publish the detector's events; start a view change if the primary is suspected."""
+        d = self.detector
+        for event in d.events:
+            self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
+        del d.events[:]
+        r = self.replica
+        if d.suspects[r.primary()] and not r.limbo:
+            r.suspect(now)
+            self.drain()
 
     def status(self):
         """The status map published on ebft/c/status/i (CBOR, canonical)."""
@@ -146,6 +186,7 @@ class Node:
         if used > self.heap_peak:
             self.heap_peak = used
         r = self.replica
+        now = self.now()
         return {
             "node": self.me, "view": r.view, "limbo": r.limbo,
             "view_changes": r.counts["view_changes"], "primary": r.primary(), "seq": r.seq,
@@ -156,10 +197,11 @@ class Node:
             "pending": len(r.pending), "slots": len(r.live_slots()), "clients": len(r.replies),
             "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
-            "uptime_ms": self.now() - self.faults.skew_ms,
+            "uptime_ms": now - self.faults.skew_ms,
             "status_skipped": self.status_skipped,
             "faults": self.faults.describe(), "fault_dropped": self.faults.dropped,
             "ctl_rejected": self.faults.rejected,
+            "phi": [self.detector.phi(j, now) for j in range(r.stake.n)],
         }
 
     async def report(self):
@@ -171,13 +213,20 @@ class Node:
             await asyncio.sleep_ms(self.status_interval_ms)
 
     async def timers(self):
-        """Drive the replica's timers (view change, retransmission)."""
+        """Drive the replica's timers (view change, retransmission) and the failure detector."""
         r = self.replica
+        before = self.now()
+        stalled = False
         while True:
             now = self.now()
             if now >= r.next_timer():
                 r.tick(now)
                 self.drain()
+            stalled = not stalled and now - before >= _STALL_MS
+            if not stalled:
+                self.detector.check(now)
+                self.detected(now)
+            before = now
             for topic, wire in self.faults.due(now):
                 self.mqtt.publish(topic, wire)
             await asyncio.sleep_ms(_TICK_MS)
@@ -187,7 +236,8 @@ class Node:
         # subscription not acknowledged in time (a broker that is slow to start) is retried.
         link = asyncio.create_task(self.mqtt.run())
         await asyncio.sleep_ms(0)  # let the link task start
-        for topic in ("from/+", "req/+", "to/%d/from/+" % self.me, "ctl/%d" % self.me):
+        for topic in ("from/+", "req/+", "to/%d/from/+" % self.me, "ctl/%d" % self.me,
+                      "status/+"):
             while True:
                 try:
                     await self.mqtt.subscribe(self.prefix + topic)
