@@ -8,6 +8,7 @@ exits 1; success exits 0.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgebft.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
 from edgebft.broker import BrokerError
 from edgebft.cluster import ClusterError
-from edgebft.demo import DemoError, DemoOptions, run_demo
+from edgebft.demo import DemoOptions
 from edgebft.lab import CONTROL_FAULTS, PROCESS_FAULTS, LabError, status_rows
 from edgebft.lab import down as lab_down
 from edgebft.lab import heal as lab_heal
@@ -40,8 +42,9 @@ from edgebft.sim import (
     run_many,
 )
 from edgebft.sim import SimOptions as _SimDefaults
+from edgebft.workload import CLIENTS_LIMIT
 
-USER_ERRORS = (DemoError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
+USER_ERRORS = (BenchError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
                SimError, NemesisError)
 EXIT_CHECKS_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -55,63 +58,129 @@ def cli() -> None:
     """EdgeBFT: PBFT with Proof-of-Stake on MicroPython nodes over MQTT, and a lab to break it."""
 
 
+RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.bench.BenchOptions)
+    click.option("--nodes", default=4, show_default=True, help="Replicas to run (at least 4)."),
+    click.option("--duration", "duration_s", default=10.0, show_default=True, type=float,
+                 help="Seconds of client load."),
+    click.option("--broker", default="auto", show_default=True,
+                 metavar="URL|mosquitto|embedded",
+                 help="mosquitto (started on a free loopback port), embedded (amqtt, started by "
+                      "the host), mqtt://host:port (external), or auto: mosquitto if installed, "
+                      "else embedded."),
+    click.option("--micropython", default=None, metavar="PATH",
+                 help=f"MicroPython Unix-port binary (default: ${ENV_VAR}, the venv's, PATH)."),
+    click.option("--heap", default=HEAP_DEFAULT, show_default=True,
+                 help="MicroPython heap per node (-X heapsize)."),
+    click.option("--nemesis", default="none", show_default=True, metavar="KIND[,KIND...]",
+                 help="Faults to inject on the primary, one kind per strike, in turn, each healed "
+                      "before the next and all at the end: crash-primary (kill, restart from its "
+                      "flash), partition (cut off from the other replicas), delay (its messages "
+                      f"held {DELAY_MS} ms + up to {DELAY_JITTER_MS} ms), pause (SIGSTOP, then "
+                      f"SIGCONT), omission (loses {OMISSION_PERMILLE / 10:g}% of its messages), "
+                      "byzantine-primary (equivocates: real and null pre-prepares to different "
+                      "replicas). Without --nemesis-interval each kind strikes once, spread over "
+                      "the run (one kind: a third of the way in, healed two thirds of the way "
+                      "in)."),
+    click.option("--stake", default=None, metavar="W1,W2,...",
+                 help="Stake per node (default: equal); every quorum is by stake."),
+    click.option("--nemesis-interval", "nemesis_interval_s", type=float, default=None,
+                 metavar="SECONDS",
+                 help="Strike every SECONDS (healing half an interval later), taking the kinds "
+                      "in turn, instead of once per kind."),
+    click.option("--checkpoint-interval", default=CHECKPOINT_INTERVAL, show_default=True,
+                 help="K: a checkpoint every K sequence numbers (window 2K)."),
+]
+
+
+def run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add RUN_OPTIONS to a click command; they reach it as keyword arguments."""
+    for option in reversed(RUN_OPTIONS):
+        command = option(command)
+    return command
+
+
+def out_option(command: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    return click.option("--out", type=click.Path(path_type=Path), default=None,
+                        help=f"Run folder (default: a fresh folder under ./runs/{command}/).")
+
+
 @cli.command()
-@click.option("--nodes", default=4, show_default=True, help="Replicas to run (at least 4).")
-@click.option("--duration", "duration_s", default=10.0, show_default=True, type=float,
-              help="Seconds of client load.")
-@click.option("--clients", default=4, show_default=True, help="Closed-loop clients.")
-@click.option("--broker", default="auto", show_default=True, metavar="URL|mosquitto|embedded",
-              help="mosquitto (started on a free loopback port), embedded (amqtt, started by the "
-                   "host), mqtt://host:port (external), or auto: mosquitto if installed, "
-                   "else embedded.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Run folder (default: a fresh folder under ./runs/demo/).")
-@click.option("--micropython", default=None, metavar="PATH",
-              help=f"MicroPython Unix-port binary (default: ${ENV_VAR}, the venv's, PATH).")
-@click.option("--heap", default=HEAP_DEFAULT, show_default=True,
-              help="MicroPython heap per node (-X heapsize).")
-@click.option("--nemesis", default="none", show_default=True, metavar="KIND[,KIND...]",
-              help="Faults to inject on the primary, one kind per strike, in turn, each healed "
-                   "before the next and all at the end: crash-primary (kill, restart from its "
-                   "flash), partition (cut off from the other replicas), delay (its messages "
-                   f"held {DELAY_MS} ms + up to {DELAY_JITTER_MS} ms), pause (SIGSTOP, then "
-                   f"SIGCONT), omission (loses {OMISSION_PERMILLE / 10:g}% of its messages), "
-                   "byzantine-primary (equivocates: real and null pre-prepares to different "
-                   "replicas). Without --nemesis-interval each kind strikes once, spread over "
-                   "the run (one kind: a third of the way in, healed two thirds of the way "
-                   "in).")
-@click.option("--stake", default=None, metavar="W1,W2,...",
-              help="Stake per node (default: equal); every quorum is by stake.")
-@click.option("--nemesis-interval", "nemesis_interval_s", type=float, default=None,
-              metavar="SECONDS",
-              help="Strike every SECONDS (healing half an interval later), taking the kinds "
-                   "in turn, instead of once per kind.")
-@click.option("--checkpoint-interval", default=CHECKPOINT_INTERVAL, show_default=True,
-              help="K: a checkpoint every K sequence numbers (window 2K).")
-def demo(nodes: int, duration_s: float, clients: int, broker: str, out: Path | None,
-         micropython: str | None, heap: str, nemesis: str, stake: str | None,
-         nemesis_interval_s: float | None, checkpoint_interval: int) -> None:
+@click.option("--clients", default=CLIENTS_DEFAULT, show_default=True,
+              help=f"Closed-loop clients (at most {CLIENTS_LIMIT}; more than about 6 need a "
+                   "bigger --heap).")
+@out_option("demo")
+@run_options
+def demo(clients: int, out: Path | None, **run: Any) -> None:
     """Run an emulated cluster under client load; print and save a summary.
 
-    Writes config.json, summary.json, events.jsonl and per-node logs to the run folder.
-    Exits 0 when the run was safe, every node converged on one ledger digest and (without a
-    nemesis) every request committed; 1 otherwise.
+    'edgebft bench' with closed-loop clients and runs/demo/. Writes config.json, summary.json,
+    events.jsonl, per-node logs and report.html to the run folder. Exits 0 when the run was
+    safe, every node converged on one ledger digest and (without a nemesis) every request
+    committed; 1 otherwise.
     """
-    options = DemoOptions(nodes=nodes, duration_s=duration_s, clients=clients, broker=broker,
-                          out=out, micropython=micropython, heap=heap, nemesis=nemesis,
-                          nemesis_interval_s=nemesis_interval_s, stake=_parse_stake(stake),
-                          checkpoint_interval=checkpoint_interval)
-    options.check()
-    with Progress(TextColumn("[bold]demo"), BarColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[ok]} ok, {task.fields[failed]} failed"),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("load", total=duration_s, ok=0, failed=0)
-        summary = run_demo(options, lambda t, ok, failed: bar.update(
-            task, completed=t, ok=ok, failed=failed))
-    print_summary(summary)
-    healthy = summary["safety_ok"] and summary["safety"]["converged"]
-    if not healthy or (nemesis == "none" and summary["availability"] != 1.0):
+    summary = run_with_progress(DemoOptions(clients=clients, out=out, **_run_kwargs(run)))
+    if not healthy(summary) or (run["nemesis"] == "none" and summary["availability"] != 1.0):
         sys.exit(EXIT_CHECKS_FAILED)
+
+
+@cli.command()
+@click.option("--clients", default=CLIENTS_DEFAULT, show_default=True,
+              help=f"Client ids (at most {CLIENTS_LIMIT}; more than about 6 need a bigger "
+                   "--heap): the closed-loop clients, or with --rate the pool open-loop "
+                   "requests are sent from (a request waits while every id has one "
+                   "outstanding).")
+@click.option("--rate", type=float, default=None, metavar="R",
+              help="Open loop: R requests per second in total, intended on a fixed schedule "
+                   "whatever the replies; latency runs from each request's intended send time. "
+                   "Without it: closed loop.")
+@out_option("bench")
+@run_options
+def bench(clients: int, rate: float | None, out: Path | None, **run: Any) -> None:
+    """Benchmark an emulated cluster under closed- or open-loop load, with faults.
+
+    Writes events.jsonl (every request with its intended send time, first send and outcome;
+    every fault; every node event), summary.json (HDR-style latency percentiles, availability
+    overall and per second, detection and recovery times, view changes, messages per commit,
+    heap per node), report.html with PNG plots, config.json and per-node logs to the run
+    folder; shows progress while it runs and a summary table at the end. Exits 0 when the run
+    was safe and every node converged on one ledger digest, 1 otherwise (availability and
+    latency are measured, not judged).
+    """
+    summary = run_with_progress(BenchOptions(clients=clients, rate=rate, out=out,
+                                             **_run_kwargs(run)))
+    if not healthy(summary):
+        sys.exit(EXIT_CHECKS_FAILED)
+
+
+def _run_kwargs(run: dict[str, Any]) -> dict[str, Any]:
+    """RUN_OPTIONS' values as BenchOptions fields."""
+    return {**run, "stake": _parse_stake(run["stake"])}
+
+
+def healthy(summary: dict[str, Any]) -> bool:
+    """Safe, and every correct node converged on one ledger digest."""
+    return bool(summary["safety_ok"] and summary["safety"]["converged"])
+
+
+def run_with_progress(options: BenchOptions) -> dict[str, Any]:
+    """edgebft.bench.run_bench with a progress bar; prints the summary table at the end."""
+    options.check()
+    load = (f"open loop {options.rate:g}/s" if options.rate is not None
+            else f"{options.clients} closed-loop clients")
+    with Progress(TextColumn(f"[bold]{options.command}[/bold] {load}"), BarColumn(),
+                  TimeElapsedColumn(),
+                  TextColumn("{task.fields[ok]} ok, {task.fields[failed]} failed, "
+                             "{task.fields[queued]} queued, {task.fields[rps]:.0f} ok/s"),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("load", total=options.duration_s, ok=0, failed=0, queued=0, rps=0.0)
+
+        def progress(elapsed_s: float, ok: int, failed: int, queued: int) -> None:
+            bar.update(task, completed=elapsed_s, ok=ok, failed=failed, queued=queued,
+                       rps=ok / max(elapsed_s, 1e-3))
+
+        summary = run_bench(options, progress)
+    print_summary(summary)
+    return summary
 
 
 @cli.group()
@@ -247,19 +316,36 @@ def report(run_dir: Path) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """Print a run summary as a table."""
-    table = Table(title=f"EdgeBFT demo: {summary['out']}", show_header=False)
+    """Print a run summary (edgebft.bench.summarize) as a table."""
+    table = Table(title=f"EdgeBFT {summary['command']}: {summary['out']}", show_header=False)
     lat = summary["latency_ms"]
+    load = (f"open loop at {summary['rate_rps']:g} req/s over {summary['clients']} client ids"
+            if summary["mode"] == "open" else f"closed loop, {summary['clients']} clients")
+    windows = summary["availability_per_s"]
+    short = [w for w in windows if w["availability"] is not None and w["availability"] < 1.0]
+    worst = min((w["availability"] for w in short), default=1.0)
     rows = [
         ("nodes (f)", f"{summary['nodes']} (f={summary['f']})"),
         ("broker", summary["broker"]),
-        ("requests", f"{summary['committed']} committed / {summary['requests']} issued"),
-        ("throughput", f"{summary['throughput_rps']} req/s"),
-        ("latency ms", "p50 {p50}  p95 {p95}  p99 {p99}  max {max}".format(**lat)),
-        ("availability", str(summary["availability"])),
-        ("safety", "ok" if summary["safety_ok"] else "VIOLATED or unknown: see summary.json"),
-        ("views", f"{summary['view_changes']} view change(s); nemesis {summary['nemesis']}; "
-                  f"recovery ms {summary['recovery_ms']}"),
+        ("load", load),
+        ("requests", f"{summary['committed']} committed / {summary['requests']} issued "
+                     f"({summary['never_sent']} never sent)"),
+        ("throughput", f"{summary['throughput_rps']} req/s committed, "
+                       f"{summary['offered_rps']} req/s offered"),
+        ("latency ms", "p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}  "
+                       "mean {mean}".format(**lat)),
+        ("availability", f"{summary['availability']}; {len(short)} of {len(windows)} "
+                         f"1-s windows below 1 (worst {worst:g})"),
+        ("safety", ("ok" if summary["safety_ok"] else "VIOLATED or unknown: see summary.json")
+         + ("; converged" if summary["safety"]["converged"] else "; NOT converged")
+         + "".join(f"; node {i} down at the end" for i, up in
+                   enumerate(summary["nodes_alive_at_end"]) if not up)),
+        ("faults", f"nemesis {summary['nemesis']}: {len(summary['faults'])} fault(s); "
+                   f"detection ms {summary['detection_ms']}; "
+                   f"recovery ms {summary['recovery_ms']}"),
+        ("views", f"{summary['view_changes']} view change(s)"),
+        ("messages", f"{summary['messages_sent']} sent by replicas, "
+                     f"{summary['msgs_per_commit']} per commit"),
         ("heap peak (bytes)", " ".join(f"{n}:{b}" for n, b in
                                        summary["heap_peak_bytes"].items())),
         ("report", summary.get("report", "-")),

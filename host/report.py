@@ -3,6 +3,9 @@
 ``build_report(run_dir)`` reads ``events.jsonl`` (and ``summary.json`` when present) and writes
 into the same folder:
 
+A request's ``start`` is its intended send time (edgebft.workload: in an open-loop run a request
+may wait for an idle client id), and its latency runs from there.
+
 * ``latency-raw.png``: every request, x = its start in seconds since the first request, y = its
   latency in ms on a log scale; committed requests blue, timed-out ones red, drawn at the
   deadline.
@@ -18,7 +21,8 @@ never healed), labelled with the fault's kind and node.
 
 Windows are 1 s wide and aligned on the first request's start; a request belongs to the window
 its start falls in. Quantiles are nearest-rank (``edgebft.metrics.percentile``). The window
-functions are pure and shared by the plots and the tests.
+functions are pure and shared by the plots, the run's summary.json (``availability_per_s``)
+and the tests.
 
 matplotlib is imported only when plots are drawn (Agg canvas, no pyplot, no global backend).
 """
@@ -209,7 +213,7 @@ def availability_windows(events: Iterable[Mapping[str, Any]], window_s: float = 
 
     Windows run from ``origin`` (default: the first request's start) to the window holding the
     last request's start, with no gaps: an idle window is reported with zero counts. Each is
-    ``{"start": seconds since origin, "ok": n, "failed": n, "availability": ok / (ok + failed)}``,
+    ``{"t": seconds since origin, "ok": n, "failed": n, "availability": ok / (ok + failed)}``,
     availability rounded to 6 places and None when no request started in the window. Events that
     are not requests are ignored.
     """
@@ -226,7 +230,7 @@ def availability_windows(events: Iterable[Mapping[str, Any]], window_s: float = 
             ok[i] += 1
         else:
             failed[i] += 1
-    return [{"start": round(i * window_s, 6), "ok": ok[i], "failed": failed[i],
+    return [{"t": round(i * window_s, 6), "ok": ok[i], "failed": failed[i],
              "availability": availability(ok[i], ok[i] + failed[i])} for i in range(count)]
 
 
@@ -234,7 +238,7 @@ def latency_windows(events: Iterable[Mapping[str, Any]], window_s: float = WINDO
                     origin: float | None = None) -> list[dict[str, Any]]:
     """Latency quantiles of the committed (``ok``) requests per ``window_s`` window, by start.
 
-    Same windows as ``availability_windows``. Each is ``{"start": seconds since origin,
+    Same windows as ``availability_windows``. Each is ``{"t": seconds since origin,
     "count": committed requests, "failed": timed-out requests, "p50", "p95", "p99", "max"}``,
     the latencies in ms (nearest-rank, rounded to 3 places) and None when no committed request
     started in the window. Timed-out requests are only counted: their latency is the deadline,
@@ -253,7 +257,7 @@ def latency_windows(events: Iterable[Mapping[str, Any]], window_s: float = WINDO
             latencies[i].append(latency_of(r))
         else:
             failed[i] += 1
-    return [{"start": round(i * window_s, 6), "count": len(values), "failed": failed[i],
+    return [{"t": round(i * window_s, 6), "count": len(values), "failed": failed[i],
              **latency_summary(values)} for i, values in enumerate(latencies)]
 
 
@@ -342,7 +346,7 @@ def plot_latency_quantiles(path: Path, windows: Sequence[Mapping[str, Any]],
     """``latency-quantiles.png``: per-window quantile lines, gaps where nothing committed, and a
     red cross on the time axis for each window whose requests all timed out."""
     fig, ax = _figure()
-    xs = [w["start"] + WINDOW_S / 2 for w in windows]
+    xs = [w["t"] + WINDOW_S / 2 for w in windows]
     values = [w[name] for w in windows for name in (*QUANTILES, "max") if w[name] is not None]
     for name in (*QUANTILES, "max"):
         ys = [math.nan if w[name] is None else max(w[name], 1e-3) for w in windows]
@@ -369,7 +373,7 @@ def plot_rate(path: Path, windows: Sequence[Mapping[str, Any]],
     """``rate.png``: stacked bars of committed (blue) and failed (red) requests per second, and
     the window's availability as a black line on a right-hand 0-100 % axis."""
     fig, ax = _figure()
-    xs = [w["start"] + WINDOW_S / 2 for w in windows]
+    xs = [w["t"] + WINDOW_S / 2 for w in windows]
     ok = [w["ok"] / WINDOW_S for w in windows]
     failed = [w["failed"] / WINDOW_S for w in windows]
     ax.bar(xs, ok, width=WINDOW_S * 0.9, color=OK_COLOR, label="ok", zorder=2)
@@ -405,16 +409,19 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+OWN_TABLES = ("faults", "availability_per_s")  # summary lists the page shows as tables
+
+
 def _flatten(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, object]]:
     """Scalar fields of the summary, nested objects flattened with dotted names. Lists of
-    scalars are kept whole; lists of objects (faults) are shown in their own table."""
+    scalars and other lists of objects are kept whole; OWN_TABLES have their own table."""
     rows: list[tuple[str, object]] = []
     for key, value in summary.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             rows.extend(_flatten(value, name + "."))
         elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
-            if key != "faults":
+            if key not in OWN_TABLES:
                 rows.append((name, value))
         else:
             rows.append((name, value))
@@ -467,26 +474,26 @@ def render_html(run_dir: Path, events: Sequence[Mapping[str, Any]],
              f"<h2>Summary</h2><p class=\"note\">From {html.escape(source)}.</p>",
              _table(["field", "value"], summary_rows, "summary"),
              "<h2>Latency of committed requests (ms)</h2>",
-             _table([*QUANTILES, "max"], [[latency.get(k) for k in (*QUANTILES, "max")]],
-                    "latency")]
+             _table(list(latency), [list(latency.values())], "latency")]
     faults = fault_windows(events, origin)
     if faults:
-        recoveries: list[object] = []
+        per_fault: list[Any] = []
         if summary is not None and isinstance(summary.get("faults"), list):
-            recoveries = [f.get("recovery_ms") if isinstance(f, dict) else None
-                          for f in summary["faults"]]
+            per_fault = [f if isinstance(f, dict) else {} for f in summary["faults"]]
+        per_fault += [{}] * (len(faults) - len(per_fault))
         rows = [[f["kind"], f["node"], f["view"], round(f["start"], 3),
                  round(f["end"], 3) if f["healed"] else "never healed",
-                 recoveries[i] if i < len(recoveries) else None]
+                 per_fault[i].get("detection_ms"), per_fault[i].get("recovery_ms")]
                 for i, f in enumerate(faults)]
         parts += ["<h2>Faults</h2>",
-                  _table(["kind", "node", "view", "start (s)", "end (s)", "recovery (ms)"],
-                         rows, "faults")]
-        recovery = (summary or {}).get("recovery")
-        if isinstance(recovery, dict):
-            parts.append(_table(["recovery p50 (ms)", "recovery max (ms)", "unrecovered"],
-                                [[recovery.get("p50"), recovery.get("max"),
-                                  recovery.get("unrecovered")]], "recovery"))
+                  _table(["kind", "node", "view", "start (s)", "end (s)", "detection (ms)",
+                          "recovery (ms)"], rows, "faults")]
+        for name, missing in (("detection", "undetected"), ("recovery", "unrecovered")):
+            times = (summary or {}).get(name)
+            if isinstance(times, dict):
+                parts.append(_table([f"{name} p50 (ms)", f"{name} max (ms)", missing],
+                                    [[times.get("p50"), times.get("max"), times.get(missing)]],
+                                    name))
     for name, (heading, alt) in PLOTS.items():
         parts.append(f"<h2>{html.escape(heading)}</h2>"
                      f"<img src=\"{name}\" alt=\"{html.escape(alt)}\">")
@@ -495,7 +502,7 @@ def render_html(run_dir: Path, events: Sequence[Mapping[str, Any]],
     for w in windows:
         bad = w["failed"] > 0
         cells = "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in
-                        (w["start"], w["ok"], w["failed"], w["availability"]))
+                        (w["t"], w["ok"], w["failed"], w["availability"]))
         rows_html.append(f"<tr class=\"{'bad' if bad else ''}\">{cells}</tr>")
     parts += [f"<h2>Availability per {WINDOW_S:g} s window</h2>",
               "<p class=\"note\">ok / (ok + timeout) of the requests that started in the window; "

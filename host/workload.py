@@ -1,19 +1,32 @@
-"""Closed-loop clients that submit ledger operations to a cluster over MQTT and time them.
+"""Clients that submit ledger operations to a cluster over MQTT and time them.
 
-Each logical client (``edgebft.protocol.client.ClientCore``) keeps one request outstanding:
-it publishes on ``ebft/<c>/req/<client>``, collects replies on ``ebft/<c>/rep/<client>`` and
-accepts a result once matching authentic replies carry more than 1/3 of stake. It retransmits
-after ``retransmit_s`` (doubling) and gives up at ``deadline_s``: the request is then
-``timeout``. Latency runs from the first send to acceptance.
+Each logical client (``edgebft.protocol.client.ClientCore``, one client id) keeps at most one
+request outstanding: it publishes on ``ebft/<c>/req/<client>``, collects replies on
+``ebft/<c>/rep/<client>`` and accepts a result once matching authentic replies carry more than
+1/3 of stake. It retransmits after ``retransmit_s`` (doubling).
 
-All logical clients share one paho-mqtt connection; paho's network thread runs the callbacks.
+Two ways to load the cluster, with one dispatcher: requests wait in a backlog, each with its
+*intended* send time, and an idle client id takes the oldest one and sends it.
+
+* Closed loop (``rate=None``): each of ``clients`` ids sends a request, and the next one the
+  moment the previous one has an outcome (its intended time is that moment).
+* Open loop (``rate=R``): R requests per second in total are intended on a fixed schedule
+  (the k-th at ``k / R`` s after ``start()``), whether or not replies come; the ``clients`` ids
+  are a pool, and when all are busy a request waits in the backlog.
+
+Latency runs from the intended send time to acceptance, so time spent waiting for an idle id
+counts (no coordinated omission). A request has ``deadline_s`` from its intended time: then it
+is ``timeout``, whether it was sent or still waiting (then with ``sends`` 0 and no client).
+
+All logical clients share one paho-mqtt connection; paho's network thread runs the reply
+callbacks, one timer thread the retransmissions, deadlines and the open-loop schedule.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +34,17 @@ import paho.mqtt.client as paho
 
 from edgebft.keys import ClusterKeys
 from edgebft.protocol.client import ClientCore
+from edgebft.protocol.replica import CLIENTS_MAX
 from edgebft.protocol.stake import Stake
 
 RETRANSMIT_S = 0.5
 DEADLINE_S = 2.0  # DESIGN.md section 8: availability counts requests within a 2 s deadline
 ACCOUNTS = 16
 GENESIS_BALANCE = 1_000_000
+# Client ids one workload may use: the replicas cache the last reply of CLIENTS_MAX (32)
+# clients and evict the least recent beyond that; a quarter stays free for other clients.
+CLIENTS_LIMIT = CLIENTS_MAX * 3 // 4
+TICK_S = 0.005  # the timer thread's period: retransmissions, deadlines, the open-loop schedule
 
 
 def genesis(accounts: int = ACCOUNTS) -> dict[str, int]:
@@ -48,27 +66,34 @@ def operation(client: int, i: int) -> list[Any]:
 
 @dataclass
 class Outcome:
-    """One finished request: ``ok`` or ``timeout``, with host timestamps (time.time())."""
+    """One finished request, ``ok`` or ``timeout``, with host times (time.time() seconds).
 
-    client: int
-    timestamp: int
-    op: str
+    ``start`` is the intended send time, ``sent`` the first actual send (None when it never
+    left the backlog), ``end`` the acceptance (``start + deadline`` for a timeout). ``client``,
+    ``timestamp`` and ``op`` are None for a request that was never sent.
+    """
+
+    client: int | None
+    timestamp: int | None
+    op: str | None
     outcome: str
     start: float
+    sent: float | None
     end: float
     sends: int
     view: int
 
     @property
     def latency_ms(self) -> float:
+        """From the intended send time to acceptance (the deadline for a timeout)."""
         return (self.end - self.start) * 1000.0
 
 
 @dataclass
 class _Outstanding:
     op: list[Any]
-    start_mono: float
-    start_wall: float
+    intended: float  # monotonic
+    sent: float  # monotonic
     next_send: float
     backoff: float
     sends: int = 1
@@ -76,7 +101,8 @@ class _Outstanding:
 
 @dataclass
 class Workload:
-    """Drives ``clients`` closed-loop clients against cluster ``cluster`` until ``stop()``."""
+    """Loads cluster ``cluster`` through ``clients`` client ids until ``stop_issuing()``:
+    closed loop, or open loop at ``rate`` requests per second (see the module)."""
 
     host: str
     port: int
@@ -84,23 +110,32 @@ class Workload:
     stake: Stake
     keys: ClusterKeys
     clients: int
+    rate: float | None = None
     retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
-    on_outcome: Callable[[Outcome], None] | None = None
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not 1 <= self.clients <= CLIENTS_LIMIT:
+            raise ValueError(f"clients must be 1..{CLIENTS_LIMIT}, got {self.clients}")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"rate must be positive, got {self.rate}")
         # Timestamps start at the host's clock in microseconds, so a later workload with the
         # same client ids is never mistaken for old, already-executed requests.
         first = time.time_ns() // 1000
         self._cores = [ClientCore(c, self.stake, self.keys.client_keys(c), timestamp=first)
                        for c in range(self.clients)]
         self._outstanding: dict[int, _Outstanding] = {}
+        self._idle = deque(range(self.clients))
+        self._backlog: deque[float] = deque()  # intended send times (monotonic), oldest first
         self._issued = [0] * self.clients
+        self._scheduled = 0  # open loop: requests put on the schedule so far
         self._lock = threading.Lock()
         self._issuing = False
         self._closed = threading.Event()
         self._timer: threading.Thread | None = None
+        self._mono0 = time.monotonic()
+        self._wall0 = time.time()
         self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                  client_id=f"ebft-{self.cluster}-workload")
         self._mqtt.on_message = self._on_message
@@ -110,6 +145,9 @@ class Workload:
     def _topic(self, kind: str, client: int) -> str:
         return f"ebft/{self.cluster}/{kind}/{client}"
 
+    def _wall(self, mono: float) -> float:
+        return self._wall0 + (mono - self._mono0)
+
     def start(self) -> None:
         """Connect, subscribe to replies and start issuing requests."""
         self._mqtt.connect(self.host, self.port, keepalive=30)
@@ -117,23 +155,33 @@ class Workload:
         self._mqtt.subscribe(f"ebft/{self.cluster}/rep/+", qos=0)
         if not self._subscribed.wait(10):
             raise RuntimeError("workload: broker did not acknowledge the reply subscription")
-        self._issuing = True
+        with self._lock:
+            self._mono0, self._wall0 = time.monotonic(), time.time()
+            self._issuing = True
+            if self.rate is None:
+                self._backlog.extend([self._mono0] * self.clients)
+            self._dispatch(self._mono0)
         self._timer = threading.Thread(target=self._tick_loop, daemon=True)
         self._timer.start()
-        with self._lock:
-            for c in range(self.clients):
-                self._issue(c)
 
     def stop_issuing(self) -> None:
-        """Issue no new requests; outstanding ones finish or time out."""
-        self._issuing = False
+        """Intend no new requests; those intended already are still sent, and finish or time
+        out."""
+        with self._lock:
+            self._issuing = False
 
     def outstanding(self) -> int:
+        """Requests without an outcome yet: sent, or waiting for an idle client id."""
         with self._lock:
-            return len(self._outstanding)
+            return len(self._outstanding) + len(self._backlog)
+
+    def queued(self) -> int:
+        """Requests waiting for an idle client id."""
+        with self._lock:
+            return len(self._backlog)
 
     def drain(self, timeout_s: float) -> None:
-        """Stop issuing and wait until every outstanding request has an outcome."""
+        """Stop issuing and wait until every intended request has an outcome."""
         self.stop_issuing()
         end = time.monotonic() + timeout_s
         while self.outstanding() and time.monotonic() < end:
@@ -147,25 +195,32 @@ class Workload:
 
     # paho's network thread and the timer thread call these; self._lock serialises them.
 
-    def _issue(self, c: int) -> None:
-        op = operation(c, self._issued[c])
-        self._issued[c] += 1
-        now = time.monotonic()
-        self._outstanding[c] = _Outstanding(op, now, time.time(), now + self.retransmit_s,
-                                            self.retransmit_s)
-        self._mqtt.publish(self._topic("req", c), self._cores[c].request(op))
+    def _dispatch(self, now: float) -> None:
+        """Expire backlog requests past their deadline, then give the oldest waiting requests
+        to idle client ids and send them."""
+        while self._backlog and now - self._backlog[0] >= self.deadline_s:
+            intended = self._wall(self._backlog.popleft())
+            self.outcomes.append(Outcome(None, None, None, "timeout", intended, None,
+                                         intended + self.deadline_s, 0, 0))
+        while self._backlog and self._idle:
+            c = self._idle.popleft()
+            op = operation(c, self._issued[c])
+            self._issued[c] += 1
+            self._outstanding[c] = _Outstanding(op, self._backlog.popleft(), now,
+                                                now + self.retransmit_s, self.retransmit_s)
+            self._mqtt.publish(self._topic("req", c), self._cores[c].request(op))
 
-    def _finish(self, c: int, outcome: str) -> None:
+    def _finish(self, c: int, outcome: str, now: float) -> None:
         pending = self._outstanding.pop(c)
         core = self._cores[c]
-        elapsed = time.monotonic() - pending.start_mono if outcome == "ok" else self.deadline_s
-        done = Outcome(c, core.timestamp, pending.op[0], outcome, pending.start_wall,
-                       pending.start_wall + elapsed, pending.sends, core.view)
-        self.outcomes.append(done)
-        if self.on_outcome:
-            self.on_outcome(done)
-        if self._issuing:
-            self._issue(c)
+        end = now if outcome == "ok" else pending.intended + self.deadline_s
+        self.outcomes.append(Outcome(c, core.timestamp, pending.op[0], outcome,
+                                     self._wall(pending.intended), self._wall(pending.sent),
+                                     self._wall(end), pending.sends, core.view))
+        self._idle.append(c)
+        if self._issuing and self.rate is None:
+            self._backlog.append(now)
+        self._dispatch(now)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
@@ -173,22 +228,37 @@ class Workload:
         except ValueError:
             return
         with self._lock:
-            if c not in self._outstanding or c >= self.clients:
+            if c not in self._outstanding:
                 return
             accepted, _result = self._cores[c].on_reply(msg.payload)
             if accepted:
-                self._finish(c, "ok")
+                self._finish(c, "ok", time.monotonic())
+
+    def _schedule(self, now: float) -> None:
+        """Open loop: put every request whose intended time has come into the backlog."""
+        assert self.rate is not None
+        while self._issuing and (due := self._mono0 + self._scheduled / self.rate) <= now:
+            self._backlog.append(due)
+            self._scheduled += 1
 
     def _tick_loop(self) -> None:
-        while not self._closed.wait(0.01):
+        wait = TICK_S
+        while not self._closed.wait(wait):
             now = time.monotonic()
             with self._lock:
                 for c, pending in list(self._outstanding.items()):
-                    if now - pending.start_mono >= self.deadline_s:
-                        self._finish(c, "timeout")
+                    if now - pending.intended >= self.deadline_s:
+                        self._finish(c, "timeout", now)
                     elif now >= pending.next_send:
                         pending.backoff *= 2
                         pending.next_send = now + pending.backoff
                         pending.sends += 1
                         self._mqtt.publish(self._topic("req", c),
                                            self._cores[c].request_wire(pending.op))
+                if self.rate is not None:
+                    self._schedule(now)
+                self._dispatch(now)
+                wait = TICK_S
+                if self.rate is not None and self._issuing:  # wake for the next intended time
+                    due = self._mono0 + self._scheduled / self.rate
+                    wait = min(TICK_S, max(0.0, due - time.monotonic()))

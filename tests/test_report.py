@@ -106,11 +106,11 @@ def count(image: np.ndarray, color: str) -> int:
 
 def test_availability_windows_by_hand() -> None:
     assert availability_windows(FAULTS + REQUESTS) == [
-        {"start": 0.0, "ok": 4, "failed": 0, "availability": 1.0},
-        {"start": 1.0, "ok": 2, "failed": 2, "availability": 0.5},
-        {"start": 2.0, "ok": 0, "failed": 0, "availability": None},
-        {"start": 3.0, "ok": 0, "failed": 3, "availability": 0.0},
-        {"start": 4.0, "ok": 5, "failed": 0, "availability": 1.0},
+        {"t": 0.0, "ok": 4, "failed": 0, "availability": 1.0},
+        {"t": 1.0, "ok": 2, "failed": 2, "availability": 0.5},
+        {"t": 2.0, "ok": 0, "failed": 0, "availability": None},
+        {"t": 3.0, "ok": 0, "failed": 3, "availability": 0.0},
+        {"t": 4.0, "ok": 5, "failed": 0, "availability": 1.0},
     ]
 
 
@@ -118,15 +118,15 @@ def test_latency_windows_by_hand_nearest_rank() -> None:
     none = {"p50": None, "p95": None, "p99": None, "max": None}
     assert latency_windows(REQUESTS) == [
         # [10, 20, 30, 40]: p50 is rank ceil(0.5 * 4) = 2, p95 rank ceil(3.8) = 4
-        {"start": 0.0, "count": 4, "failed": 0, "p50": 20.0, "p95": 40.0, "p99": 40.0,
+        {"t": 0.0, "count": 4, "failed": 0, "p50": 20.0, "p95": 40.0, "p99": 40.0,
          "max": 40.0},
         # [5, 50]: rank 1 and rank 2; timeouts counted, not measured
-        {"start": 1.0, "count": 2, "failed": 2, "p50": 5.0, "p95": 50.0, "p99": 50.0,
+        {"t": 1.0, "count": 2, "failed": 2, "p50": 5.0, "p95": 50.0, "p99": 50.0,
          "max": 50.0},
-        {"start": 2.0, "count": 0, "failed": 0, **none},
-        {"start": 3.0, "count": 0, "failed": 3, **none},
+        {"t": 2.0, "count": 0, "failed": 0, **none},
+        {"t": 3.0, "count": 0, "failed": 3, **none},
         # [1, 2, 3, 4, 100]: p50 rank ceil(2.5) = 3, p95 rank ceil(4.75) = 5
-        {"start": 4.0, "count": 5, "failed": 0, "p50": 3.0, "p95": 100.0, "p99": 100.0,
+        {"t": 4.0, "count": 5, "failed": 0, "p50": 3.0, "p95": 100.0, "p99": 100.0,
          "max": 100.0},
     ]
 
@@ -140,7 +140,7 @@ def test_windows_do_not_depend_on_event_order_and_ignore_faults() -> None:
 
 def test_windows_of_another_width_and_origin() -> None:
     windows = availability_windows(REQUESTS, window_s=2.0, origin=T0 - 1.0)
-    assert [(w["start"], w["ok"], w["failed"]) for w in windows] == [
+    assert [(w["t"], w["ok"], w["failed"]) for w in windows] == [
         (0.0, 4, 0), (2.0, 2, 2), (4.0, 5, 3)]
 
 

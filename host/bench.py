@@ -1,0 +1,335 @@
+"""``edgebft bench``: an emulated cluster on a real broker under client load, measured.
+
+``edgebft demo`` is this run with the demo's defaults (``edgebft.demo``). A run is a folder
+(Maelstrom's model): ``config.json``, ``nodes/node<i>/`` (each node's image, its flash),
+``logs/node<i>.log``, ``events.jsonl`` (every request with its intended send time, first send
+and outcome; every fault with its start and end; every node event; host timestamps),
+``summary.json`` (``summarize``) and the report (``report.html`` and its PNG plots,
+edgebft.report). The load is closed loop, or open loop at a fixed rate (edgebft.workload). The
+verdict on safety comes from the ledger digests the nodes report (``edgebft.observer``), not
+from the nodes' own claims.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgebft.broker import start_broker
+from edgebft.cluster import EmulatedCluster
+from edgebft.control import fresh_nonce, send_command
+from edgebft.image import build_image
+from edgebft.keys import generate_keys
+from edgebft.metrics import availability, latency_percentiles, percentile
+from edgebft.micropython import HEAP_DEFAULT, find_micropython
+from edgebft.nemesis import NEMESES, Fault, NemesisError, PrimaryNemesis, make_nemesis
+from edgebft.observer import Observer
+from edgebft.protocol.replica import CHECKPOINT_INTERVAL
+from edgebft.protocol.stake import Stake
+from edgebft.report import availability_windows, build_report
+from edgebft.workload import CLIENTS_LIMIT, DEADLINE_S, Outcome, Workload, genesis
+
+NODES_MIN = 4  # n = 3f+1 with f >= 1
+STARTUP_TIMEOUT_S = 20.0
+CONVERGE_TIMEOUT_S = 5.0
+CLIENTS_DEFAULT = 4  # client ids: more than about 6 run 100 KB nodes out of memory at a
+#   checkpoint (each id's last reply is part of the snapshot); a bigger --heap takes more
+
+Progress = Callable[[float, int, int, int], None]  # (elapsed_s, ok, failed, queued)
+NodeEvent = tuple[float, int, list[Any]]  # (host time, node, event), as edgebft.observer has it
+
+
+class BenchError(RuntimeError):
+    """A run could not be set up or did not come up; the message says what to do."""
+
+
+@dataclass
+class BenchOptions:
+    """What a run does. ``out=None`` makes a fresh folder under ./runs/<command>/. ``clients``
+    is the number of client ids: closed-loop clients, or with a ``rate`` the open-loop pool."""
+
+    nodes: int = 4
+    duration_s: float = 10.0
+    clients: int = CLIENTS_DEFAULT
+    rate: float | None = None  # requests per second in total (open loop); None: closed loop
+    broker: str = "auto"
+    out: Path | None = None
+    micropython: str | None = None
+    heap: str = HEAP_DEFAULT
+    checkpoint_interval: int = CHECKPOINT_INTERVAL
+    nemesis: str = "none"
+    nemesis_interval_s: float | None = None
+    stake: list[int] | None = None  # per node; None: equal
+    extra: dict[str, Any] = field(default_factory=dict)
+    command: str = "bench"  # names the run folder family: runs/<command>/
+
+    def check(self) -> None:
+        """Raise BenchError for options no run can satisfy."""
+        if self.nodes < NODES_MIN:
+            raise BenchError(f"--nodes {self.nodes}: PBFT needs at least {NODES_MIN} replicas "
+                             "(n = 3f+1 with f >= 1); use --nodes 4 or more")
+        if self.duration_s <= 0:
+            raise BenchError("--duration must be positive")
+        if not 1 <= self.clients <= CLIENTS_LIMIT:
+            raise BenchError(f"--clients must be 1 to {CLIENTS_LIMIT} (the replicas cache "
+                             "replies for a bounded number of clients)")
+        if self.rate is not None and self.rate <= 0:
+            raise BenchError("--rate must be positive")
+        if self.nemesis_interval_s is not None and self.nemesis_interval_s <= 0:
+            raise BenchError("--nemesis-interval must be positive")
+        if self.stake is not None and (len(self.stake) != self.nodes or min(self.stake) < 0
+                                       or sum(self.stake) <= 0):
+            raise BenchError(f"--stake needs {self.nodes} non-negative values with a positive "
+                             "sum")
+        unknown = [n for n in self.nemesis.split(",") if n.strip() not in NEMESES]
+        if unknown:
+            raise BenchError(f"--nemesis {self.nemesis}: expected one of {', '.join(NEMESES)}")
+
+
+def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:
+    """A fresh ``base/kind/<timestamp>`` folder, with ``base/kind/latest`` pointing at it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = base / kind / stamp
+    suffix = 1
+    while run.exists():
+        suffix += 1
+        run = base / kind / f"{stamp}-{suffix}"
+    run.mkdir(parents=True)
+    latest = base / kind / "latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run.name)
+    return run
+
+
+def node_config(i: int, cluster: str, stake: Stake, broker_host: str, broker_port: int,
+                key_row: dict[str, object], options: BenchOptions) -> dict[str, Any]:
+    """The edgebft.json of node ``i``."""
+    return {
+        "node": i, "cluster": cluster, "stake": stake.weights,
+        "broker": {"host": broker_host, "port": broker_port},
+        "genesis": genesis(), "checkpoint_interval": options.checkpoint_interval,
+        "wifi": None, **key_row, **options.extra,
+    }
+
+
+class TxMeter:
+    """Messages the replicas sent, from the ``tx`` counter in each node's status map.
+
+    ``update(statuses)`` adds each node's growth since the previous update; a node whose
+    uptime or counter went back restarted, and its new count is added whole. The first update
+    of a node is its baseline. Messages a node sent after its last status before a crash are
+    missed (statuses come every 0.5 s).
+    """
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self._last: dict[int, tuple[int, int]] = {}  # node -> (tx, uptime_ms)
+
+    def update(self, statuses: Mapping[int, Mapping[str, Any]]) -> None:
+        for node, status in statuses.items():
+            tx, uptime = int(status.get("tx", 0)), int(status.get("uptime_ms", 0))
+            last = self._last.get(node)
+            if last is not None:
+                restarted = tx < last[0] or uptime < last[1]
+                self.sent += tx if restarted else tx - last[0]
+            self._last[node] = (tx, uptime)
+
+
+def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the cluster under load and return its summary (also ``<out>/summary.json``).
+
+    ``progress(elapsed_s, ok, failed, queued)`` is called about every 0.1 s while the workload
+    runs.
+
+    Raises:
+        BenchError, BrokerError, MicroPythonNotFound, ClusterError: setup failed (one line).
+    """
+    options.check()
+    micropython = find_micropython(options.micropython)
+    run = Path(options.out) if options.out else new_run_dir(options.command)
+    run.mkdir(parents=True, exist_ok=True)
+    cluster_id = options.command + os.urandom(3).hex()
+    stake = Stake(options.stake or [1] * options.nodes)
+    keys = generate_keys(options.nodes)
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(start_broker(options.broker, run / "broker"))
+        images = [build_image(run / "nodes" / f"node{i}",
+                              node_config(i, cluster_id, stake, broker.host, broker.port,
+                                          keys.row(i), options))
+                  for i in range(options.nodes)]
+        config = {**asdict(options), "out": str(run), "cluster": cluster_id,
+                  "broker": broker.describe(), "micropython": str(micropython)}
+        (run / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        observer = Observer(broker.host, broker.port, cluster_id, options.nodes)
+        stack.callback(observer.close)
+        cluster = stack.enter_context(EmulatedCluster(
+            images, run / "logs", options.heap, micropython=micropython))
+        started = time.time()
+        if not observer.wait_all_online(STARTUP_TIMEOUT_S, since=started):
+            missing = sorted(set(range(options.nodes)) - set(observer.snapshot()))
+            raise BenchError(f"nodes {missing} did not come up within "
+                             f"{STARTUP_TIMEOUT_S:.0f} s; see {run / 'logs'}")
+        workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
+                            options.clients, rate=options.rate)
+        stack.callback(workload.close)
+        nonces = [0]
+
+        def control(node: int, command: str, args: list[Any]) -> None:
+            nonces[0] = fresh_nonce(nonces[0])
+            send_command(broker.host, broker.port, cluster_id, node, keys.control[node],
+                         nonces[0], command, args)
+
+        try:
+            nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s,
+                                   options.nemesis_interval_s, control)
+        except NemesisError as e:
+            raise BenchError(str(e)) from None
+        tx = TxMeter()
+        tx.update(observer.snapshot())
+        t0 = time.time()
+        workload.start()
+        _drive(options.duration_s, workload, tx, observer, progress, nemesis)
+        issuing_s = time.time() - t0
+        if nemesis is not None:
+            nemesis.heal()  # always healed before the end (Jepsen)
+        workload.drain(DEADLINE_S + 1.0)
+        faults = nemesis.faults if nemesis is not None else []
+        byzantine = sorted({f.node for f in faults if f.kind == "byzantine-primary"})
+        converged = observer.wait_converged(CONVERGE_TIMEOUT_S + (5.0 if nemesis else 0.0),
+                                            exclude=byzantine)
+        tx.update(observer.snapshot())
+        summary = summarize(options, broker.describe(), workload.outcomes, observer,
+                            issuing_s, converged, faults, tx.sent)
+        summary["nodes_alive_at_end"] = [cluster.alive(i) for i in range(options.nodes)]
+        summary["byzantine_nodes"] = byzantine
+    write_events(run / "events.jsonl", workload.outcomes, faults, observer.events)
+    (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary["out"] = str(run)
+    if summary["requests"]:
+        summary["report"] = str(build_report(run))
+    return summary
+
+
+def _drive(duration_s: float, workload: Workload, tx: TxMeter, observer: Observer,
+           progress: Progress | None, nemesis: PrimaryNemesis | None) -> None:
+    """Step the nemesis, the message meter and the progress until ``duration_s`` has passed."""
+    start = time.monotonic()
+    seen = ok = 0
+    while (elapsed := time.monotonic() - start) < duration_s:
+        time.sleep(min(0.1, duration_s - elapsed))
+        if nemesis is not None:
+            nemesis.step(time.monotonic() - start)
+        tx.update(observer.snapshot())
+        if progress:
+            outcomes = workload.outcomes[seen:]
+            seen += len(outcomes)
+            ok += sum(1 for o in outcomes if o.outcome == "ok")
+            progress(min(time.monotonic() - start, duration_s), ok, seen - ok,
+                     workload.queued())
+
+
+def recovery_ms(fault: Fault, outcomes: list[Outcome]) -> float | None:
+    """Fault start to the first request accepted from a view after the fault's view."""
+    ends = [o.end for o in outcomes
+            if o.outcome == "ok" and o.view > fault.view and o.end > fault.start]
+    return round((min(ends) - fault.start) * 1000.0, 1) if ends else None
+
+
+def detection_ms(fault: Fault, node_events: list[NodeEvent]) -> float | None:
+    """Fault start to the first ``["suspect", <the faulted node>, ...]`` event another node
+    published after it (None when none did)."""
+    times = [at for at, node, event in node_events
+             if len(event) >= 2 and event[0] == "suspect" and event[1] == fault.node
+             and node != fault.node and at >= fault.start]
+    return round((min(times) - fault.start) * 1000.0, 1) if times else None
+
+
+def request_event(outcome: Outcome) -> dict[str, Any]:
+    """The events.jsonl line of a request: the Outcome's fields, ``type`` and ``latency_ms``."""
+    return {"type": "request", **asdict(outcome), "latency_ms": round(outcome.latency_ms, 3)}
+
+
+def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], observer: Observer,
+              issuing_s: float, converged: bool, faults: list[Fault],
+              messages_sent: int) -> dict[str, Any]:
+    """The summary.json contract of ``edgebft bench`` and ``edgebft demo`` (see README)."""
+    ok = [o for o in outcomes if o.outcome == "ok"]
+    recoveries = [recovery_ms(f, outcomes) for f in faults]
+    detections = [detection_ms(f, observer.events) for f in faults]
+    violations = observer.violations()
+    statuses = observer.snapshot()
+    return {
+        "command": options.command,
+        "nodes": options.nodes,
+        "f": (options.nodes - 1) // 3,
+        "broker": broker,
+        "duration_s": options.duration_s,
+        "mode": "closed" if options.rate is None else "open",
+        "rate_rps": options.rate,
+        "clients": options.clients,
+        "requests": len(outcomes),
+        "committed": len(ok),
+        "timed_out": len(outcomes) - len(ok),
+        "never_sent": sum(1 for o in outcomes if o.sent is None),
+        "offered_rps": round(len(outcomes) / issuing_s, 1) if issuing_s > 0 else 0.0,
+        "throughput_rps": round(len(ok) / issuing_s, 1) if issuing_s > 0 else 0.0,
+        "latency_ms": latency_percentiles([o.latency_ms for o in ok]),
+        "availability": availability(len(ok), len(outcomes)),
+        "availability_per_s": availability_windows([request_event(o) for o in outcomes]),
+        "safety_ok": not violations and observer.sequences_compared() > 0,
+        "safety": {"violations": violations, "converged": converged,
+                   "sequences_compared": observer.sequences_compared()},
+        "last_executed": {str(n): s.get("last_exec") for n, s in sorted(statuses.items())},
+        "heap_peak_bytes": {str(n): v for n, v in sorted(observer.heap_peak.items())},
+        "messages_sent": messages_sent,
+        "msgs_per_commit": round(messages_sent / len(ok), 2) if ok else None,
+        "view_changes": max((s.get("view", 0) for s in statuses.values()), default=0),
+        "nemesis": options.nemesis,
+        "faults": [{**asdict(f), "detection_ms": d, "recovery_ms": r}
+                   for f, d, r in zip(faults, detections, recoveries, strict=True)],
+        "detection_ms": detections,
+        "detection": times_summary(detections, "undetected"),
+        "recovery_ms": recoveries,
+        "recovery": times_summary(recoveries, "unrecovered"),
+        "stake": stake_table(options),
+        "equivocations_detected": [
+            {"node": node, "offender": event[1], "view": event[2], "seq": event[3]}
+            for _, node, event in observer.events if event and event[0] == "equivocation"],
+    }
+
+
+def stake_table(options: BenchOptions) -> dict[str, int]:
+    """The validator set's stake per node (one epoch: stake changes are future work)."""
+    weights = options.stake or [1] * options.nodes
+    return {str(i): w for i, w in enumerate(weights)}
+
+
+def times_summary(values: list[float | None], missing: str) -> dict[str, float | int | None]:
+    """p50 (nearest rank) and max of per-fault times in ms, and under ``missing`` how many
+    faults have none."""
+    done = sorted(v for v in values if v is not None)
+    return {"p50": percentile(done, 0.5) if done else None, "max": done[-1] if done else None,
+            missing: len(values) - len(done)}
+
+
+def write_events(path: Path, outcomes: list[Outcome], faults: list[Fault],
+                 node_events: list[NodeEvent]) -> None:
+    """events.jsonl: the faults, then the node events, then the requests in completion order;
+    one JSON object a line, bytes in node events as hex."""
+    with path.open("w") as f:
+        for fault in faults:
+            f.write(json.dumps({"type": "fault", **asdict(fault)}) + "\n")
+        for at, node, event in node_events:
+            f.write(json.dumps({"type": "node", "time": at, "node": node,
+                                "event": [x.hex() if isinstance(x, bytes) else x
+                                          for x in event]}) + "\n")
+        for o in outcomes:
+            f.write(json.dumps(request_event(o)) + "\n")
