@@ -231,10 +231,11 @@ def _parse_stake(text: str | None) -> list[int] | None:
 @cluster.command("status")
 @DIR_OPTION
 def cluster_status(run_dir: Path | None) -> None:
-    """Show each node: role, view, last executed, stable checkpoint, heap, active faults."""
+    """Show each node: role, view, last executed, stable checkpoint, heap, active faults, and
+    its phi of each peer (failure detector)."""
     lab = lab_load(run_dir)
     table = Table(title=f"cluster {lab.state['cluster']} ({lab.path})")
-    for name in ("node", "role", "view", "executed", "checkpoint", "heap", "faults"):
+    for name in ("node", "role", "view", "executed", "checkpoint", "heap", "faults", "phi"):
         table.add_column(name)
     for row in status_rows(lab_status(lab)):
         table.add_row(*row)
