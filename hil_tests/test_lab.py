@@ -102,7 +102,11 @@ def test_metrics_endpoint_serves_every_nodes_gauges(cluster: lab.LabCluster) -> 
         assert 0 < value["edgebft_heap_used_bytes"][n] <= value["edgebft_heap_peak_bytes"][n]
         assert heap <= 100 * 1024, "within the -X heapsize=100k heap"
         assert value["edgebft_rx_messages"][n] > 0 and value["edgebft_tx_messages"][n] > 0
-    assert "edgebft_drops" in families and "edgebft_phi" in families
+    assert families["edgebft_drops"].type == "gauge"
+    suspicion = {(s.labels["node"], s.labels["peer"]): s.value
+                 for s in families["edgebft_phi"].samples}
+    assert set(suspicion) == {(n, j) for n in nodes for j in nodes if j != n}
+    assert all(v >= 0 for v in suspicion.values())
 
 
 def test_omission_isolates_a_node_and_heal_lets_it_catch_up(cluster: lab.LabCluster) -> None:

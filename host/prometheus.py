@@ -10,8 +10,8 @@ gauges labelled ``node``:
 - one gauge per entry of ``GAUGES`` (view, sequence numbers, checkpoint, heap, traffic,
   executed requests);
 - ``edgebft_drops{node,reason}``: messages the replica refused, per reason;
-- ``edgebft_phi{node,peer}``: the node's phi-accrual suspicion of each peer, when its status
-  has a ``phi`` map (or list, indexed by peer).
+- ``edgebft_phi{node,peer}``: the node's phi-accrual suspicion of each other replica, from
+  its status's ``phi`` list (phi x 100 per replica id, firmware/runtime.py).
 
 Counts are since the node booted (a restart resets them), hence gauges rather than counters.
 """
@@ -74,11 +74,9 @@ def families(snap: dict[int, dict[str, Any]]) -> list[GaugeMetricFamily]:
                 gauge.add_metric([node], float(status[key]))
         for reason, count in sorted((status.get("drops") or {}).items()):
             drops.add_metric([node, str(reason)], float(count))
-        suspicion = status.get("phi") or {}
-        peers = suspicion.items() if isinstance(suspicion, dict) else enumerate(suspicion)
-        for peer, value in peers:
-            if isinstance(value, (int, float)):
-                phi.add_metric([node, str(peer)], float(value))
+        for peer, value in enumerate(status.get("phi") or []):
+            if peer != n and isinstance(value, (int, float)):
+                phi.add_metric([node, str(peer)], value / 100)
     return [online, *gauges.values(), drops, phi]
 
 
