@@ -7,12 +7,18 @@
 #   is refused too). Anything else is counted in `rejected` and changes nothing.
 # - Faults act on replica-to-replica traffic only, at the edge of the runtime: the protocol
 #   code never knows. heal() undoes every fault.
-# - Bounded: at most DELAYED_MAX messages and DELAYED_BYTES_MAX bytes (each message's wire plus
-#   ENTRY_BYTES of bookkeeping) wait in the delay queue; beyond it they are dropped. A loaded
+# - Bounded: at most _DELAYED_MAX messages and _DELAYED_BYTES_MAX bytes (each message's wire plus
+#   _ENTRY_BYTES of bookkeeping) wait in the delay queue; beyond it they are dropped. A loaded
 #   primary delayed by a few hundred ms would otherwise fill a 100 KB heap with its backlog.
 from edgebft.firmware import store
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
 
 try:
     from random import getrandbits
@@ -23,9 +29,9 @@ except ImportError:  # pragma: no cover
         return int.from_bytes(urandom(4), "big") & ((1 << bits) - 1)
 
 NONCE_PATH = "nonce"
-DELAYED_MAX = 64
-DELAYED_BYTES_MAX = 2048
-ENTRY_BYTES = 96  # the entry list, its topic string, heap block rounding
+_DELAYED_MAX = const(64)
+_DELAYED_BYTES_MAX = const(2048)
+_ENTRY_BYTES = const(96)  # the entry list, its topic string, heap block rounding
 
 
 def _chance(permille):
@@ -131,8 +137,8 @@ class Faults:
         """Queue an outbound message when a delay is in force; True if it was taken."""
         if not self.delay_ms and not self.jitter_ms:
             return False
-        cost = len(wire) + ENTRY_BYTES
-        if len(self.delayed) >= DELAYED_MAX or self.delayed_bytes + cost > DELAYED_BYTES_MAX:
+        cost = len(wire) + _ENTRY_BYTES
+        if len(self.delayed) >= _DELAYED_MAX or self.delayed_bytes + cost > _DELAYED_BYTES_MAX:
             self.dropped += 1
             return True
         extra = getrandbits(16) % (self.jitter_ms + 1) if self.jitter_ms else 0
@@ -155,7 +161,7 @@ class Faults:
         out = []
         while self.delayed and self.delayed[0][0] <= now_ms:
             entry = self.delayed.pop(0)
-            self.delayed_bytes -= len(entry[2]) + ENTRY_BYTES
+            self.delayed_bytes -= len(entry[2]) + _ENTRY_BYTES
             out.append((entry[1], entry[2]))
         return out
 

@@ -17,13 +17,19 @@
 #   recovery is published as ["suspect", peer, phi * 100] or ["trust", peer], and a suspected
 #   primary starts a view change (Replica.suspect), again in each view it leads. Status maps
 #   carry "phi", every replica's phi * 100 (0 for ourselves).
-# - Memory stays bounded: no per-message state here; status keeps a ring of CHECKPOINTS_KEPT.
+# - Memory stays bounded: no per-message state here; status keeps a ring of _CHECKPOINTS_KEPT.
 import gc
 import json
 import time
 
 import asyncio
 from binascii import unhexlify
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
 
 from edgebft.firmware import store
 from edgebft.firmware.faults import Faults
@@ -36,17 +42,17 @@ from edgebft.protocol.stake import Stake
 
 CONFIG_PATH = "edgebft.json"
 OFFLINE = b"offline"
-CHECKPOINTS_KEPT = 4
-_STATUS_INTERVAL_MS = 500
-_MQTT_HEADER_BYTES_MAX = 128  # fixed header, topic and packet id around a message
-_TICK_MS = 20
+_CHECKPOINTS_KEPT = const(4)
+_STATUS_INTERVAL_MS = const(500)
+_MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around a message
+_TICK_MS = const(20)
 # A timer tick this late means the node itself stood still (a SIGSTOP, a long flash write):
 # the detector skips that tick, so that the peers' heartbeats queued meanwhile are read before
 # their silence is judged (never two ticks in a row: a slow loop still checks).
-_STALL_MS = 100
+_STALL_MS = const(100)
 # Collect after this many bytes allocated, not only when the heap is full: garbage then never
 # spreads over the whole heap between long-lived objects, which keeps free space contiguous.
-_GC_THRESHOLD_BYTES = 4096
+_GC_THRESHOLD_BYTES = const(4096)
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored")
 
 
@@ -95,7 +101,7 @@ class Node:
             max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             rx_chunk=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             tx_max=messages.MESSAGE_BYTES_MAX)
-        self.checkpoints = []  # [[seq, digest]], the newest CHECKPOINTS_KEPT executed
+        self.checkpoints = []  # [[seq, digest]], the newest _CHECKPOINTS_KEPT executed
         self.heap_peak = 0
         self.status_skipped = 0
         self.ticks = time.ticks_ms()
@@ -162,7 +168,7 @@ class Node:
         for event in r.events:
             if event[0] == "executed" and event[1] % r.K == 0:
                 self.checkpoints.append([event[1], event[2]])
-                if len(self.checkpoints) > CHECKPOINTS_KEPT:
+                if len(self.checkpoints) > _CHECKPOINTS_KEPT:
                     self.checkpoints.pop(0)
             elif event[0] in _PUBLISHED_EVENTS:
                 self.mqtt.publish(self.topic_event, cbor.encode(list(event)))

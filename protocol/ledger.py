@@ -6,7 +6,7 @@
 # - Every op returns a result [ok, value]; a bad op is a failed result, never an exception.
 # - digest is a hash chain over (sequence, batch digest, results) of every executed batch:
 #   equal digests at a sequence mean equal histories, hence equal states, up to there.
-# - Memory is bounded: at most KEYS_MAX keys and ACCOUNTS_MAX accounts, so a snapshot (what a
+# - Memory is bounded: at most KEYS_MAX keys and _ACCOUNTS_MAX accounts, so a snapshot (what a
 #   checkpoint's digest covers and state transfer ships) stays within a few KB.
 # - Stake (DESIGN.md section 3): the ledger holds the validator set in force (`validators`, one
 #   stake per replica id, epoch `epoch`) and the bonded stake that will be in force next
@@ -20,13 +20,18 @@
 import hashlib
 import struct
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
+
 from . import cbor
 
 KEYS_MAX = 64
-ACCOUNTS_MAX = 64
-_NAME_BYTES_MAX = 32
-_VALUE_BYTES_MAX = 64
-_GENESIS_DIGEST = b"\x00" * 32
+_ACCOUNTS_MAX = const(64)
+_NAME_BYTES_MAX = const(32)
+_VALUE_BYTES_MAX = const(64)
 
 
 def _is_name(x):
@@ -48,9 +53,9 @@ class Ledger:
             if not _is_name(account) or type(amount) is not int or amount < 0:
                 raise ValueError("bad genesis entry %r" % (account,))
             self.balances[account] = amount
-        if len(self.balances) > ACCOUNTS_MAX:
+        if len(self.balances) > _ACCOUNTS_MAX:
             raise ValueError("too many genesis accounts")
-        self.digest = _GENESIS_DIGEST
+        self.digest = b"\x00" * 32  # the genesis digest
 
     def execute(self, op, replica=-1):
         """Apply one op and return its result [ok, value]. ``replica`` is the id of the replica
@@ -90,7 +95,7 @@ class Ledger:
         have = self.balances.get(src, 0)
         if have < amount:
             return [False, "insufficient funds"]
-        if dst not in self.balances and len(self.balances) >= ACCOUNTS_MAX:
+        if dst not in self.balances and len(self.balances) >= _ACCOUNTS_MAX:
             return [False, "too many accounts"]
         self.balances[src] = have - amount
         self.balances[dst] = self.balances.get(dst, 0) + amount
@@ -118,7 +123,7 @@ class Ledger:
             return [False, "insufficient stake"]
         if sum(self.bonds) == amount:
             return [False, "last stake"]  # the set never becomes empty
-        if account not in self.balances and len(self.balances) >= ACCOUNTS_MAX:
+        if account not in self.balances and len(self.balances) >= _ACCOUNTS_MAX:
             return [False, "too many accounts"]
         self.bonds[validator] -= amount
         self.balances[account] = self.balances.get(account, 0) + amount

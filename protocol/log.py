@@ -13,12 +13,18 @@
 #   64-bit port).
 from array import array
 
-_ACCEPTED = 1   # the pre-prepare is here (digest and batch are the primary's)
-_PREPARED = 2
-_COMMITTED = 4
-_EXECUTED = 8
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
 
-REPLICAS_MAX = 32
+_ACCEPTED = const(1)   # the pre-prepare is here (digest and batch are the primary's)
+_PREPARED = const(2)
+_COMMITTED = const(4)
+_EXECUTED = const(8)
+
+_REPLICAS_MAX = const(32)
 
 
 class Log:
@@ -26,7 +32,7 @@ class Log:
 
     def __init__(self, window, n):
         assert window > 0
-        assert 0 < n <= REPLICAS_MAX
+        assert 0 < n <= _REPLICAS_MAX
         self.window = window
         zeros = [0] * window
         self.seqs = array("Q", zeros)

@@ -9,6 +9,12 @@
 #   any input. It does not check MACs: that needs keys and is the replica's job.
 from . import cbor
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
+
 VERSION = 1
 
 REQUEST = 1      # [v, 1, client, timestamp, op]                      auth: one tag per replica
@@ -28,25 +34,20 @@ CONTROL = 14     # [v, 14, HOST, nonce, command, args]  auth: one tag (the node'
 
 HOST = 0xFFFF    # the sender id of the host's control commands
 
-NAMES = {REQUEST: "request", PRE_PREPARE: "pre-prepare", PREPARE: "prepare", COMMIT: "commit",
-         REPLY: "reply", CHECKPOINT: "checkpoint", VIEW_CHANGE: "view-change",
-         VC_ACK: "view-change-ack", NEW_VIEW: "new-view", STATUS: "status", BATCH: "batch",
-         FETCH: "fetch", CHUNK: "chunk", CONTROL: "control"}
-
 DIGEST_BYTES = 32
 MESSAGE_BYTES_MAX = 2048  # an MQTT payload the device buffers whole; bounds a batch too
-_ID_MAX = 0xFFFF
+_ID_MAX = const(0xFFFF)
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 # Field kinds for validation.
-_U = 0    # unsigned int < 2**64
-_D = 1    # digest: bytes of DIGEST_BYTES
-_ANY = 2  # any CBOR value (op, result)
-_B = 3    # batch: list of bytes
-_L = 4    # list (its items are checked by the consumer)
-_BYTES = 5
-_BOOL = 6
-_STR = 7
+_U = const(0)    # unsigned int < 2**64
+_D = const(1)    # digest: bytes of DIGEST_BYTES
+_ANY = const(2)  # any CBOR value (op, result)
+_B = const(3)    # batch: list of bytes
+_L = const(4)    # list (its items are checked by the consumer)
+_BYTES = const(5)
+_BOOL = const(6)
+_STR = const(7)
 
 _FIELDS = {
     REQUEST: (("timestamp", _U), ("op", _ANY)),
@@ -86,7 +87,7 @@ class Message:
     def __repr__(self):
         names = [name for name, _ in _FIELDS[self.kind] if name != "batch"]
         parts = ["%s=%r" % (name, getattr(self, name)) for name in names]
-        return "<%s from %d %s>" % (NAMES[self.kind], self.sender, " ".join(parts))
+        return "<type %d from %d %s>" % (self.kind, self.sender, " ".join(parts))
 
 
 def _check(kind_of_field, value):
@@ -132,13 +133,13 @@ def decode(wire):
     if type(sender) is not int or not 0 <= sender <= _ID_MAX:
         raise MessageError("bad sender %r" % (sender,))
     if len(fields) != 3 + len(spec):
-        raise MessageError("%s: %d fields, want %d" % (NAMES[kind], len(fields), 3 + len(spec)))
+        raise MessageError("type %d: %d fields, want %d" % (kind, len(fields), 3 + len(spec)))
     msg = Message(kind, sender, bytes(wire[:end]), bytes(wire[end:]))
     i = 3
     for name, kind_of_field in spec:
         value = fields[i]
         if not _check(kind_of_field, value):
-            raise MessageError("%s: bad field %s" % (NAMES[kind], name))
+            raise MessageError("type %d: bad field %s" % (kind, name))
         setattr(msg, name, value)
         i += 1
     return msg

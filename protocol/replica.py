@@ -3,7 +3,7 @@
 # Rules:
 # - Sans-I/O: receive(wire, now_ms), tick(now_ms) and suspect(now_ms) are the only inputs.
 #   Outputs accumulate in self.out as (dest, wire) pairs (dest: TO_ALL, a replica id >= 0, or
-#   (TO_CLIENT, client id)) and events in self.events as tuples; the caller drains both after
+#   (_TO_CLIENT, client id)) and events in self.events as tuples; the caller drains both after
 #   every call. next_timer() says when tick() is next due.
 # - Peer input never raises and never trips an assert: a check drops it and counts why in
 #   self.drops. Asserts guard only our own invariants.
@@ -31,10 +31,16 @@
 #   request from its own client id REPLICA_CLIENT_BASE + me, authenticated like a replica
 #   message; the ledger slashes once accusers hold over 1/3 of stake (ledger.py).
 # - Memory is bounded by the window: the log is a ring of 2K slots in preallocated arrays
-#   (protocol/log.py); batch bodies are kept until stable, within BODY_BYTES_MAX: a batch
-#   holds at most BODY_BYTES_MAX / (K + pipeline_max) bytes of requests, so the bodies up to
+#   (protocol/log.py); batch bodies are kept until stable, within _BODY_BYTES_MAX: a batch
+#   holds at most _BODY_BYTES_MAX / (K + pipeline_max) bytes of requests, so the bodies up to
 #   the next checkpoint always fit and the primary can always reach it.
 import hashlib
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    def const(x):
+        return x
 
 from . import auth, cbor
 from . import messages as m
@@ -44,25 +50,25 @@ from .log import Log, Oplog
 from .stake import Stake
 
 TO_ALL = -1
-TO_CLIENT = -2
+_TO_CLIENT = const(-2)
 
 # K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
 # (a window of 64) runs out of heap during a view change, and so does K = 16 now and then
 # under repeated primary crashes; K = 8 does not (tools/bench_memory.py: bytes per K).
 CHECKPOINT_INTERVAL = 8
-CLIENTS_MAX = 32         # reply cache entries: part of the snapshot, so bounded
-PENDING_MAX = 32         # primary: requests waiting for a batch; beyond it clients retransmit
-WAITING_MAX = 32         # requests seen and not executed (view-change timer, T1)
-REQUEST_BYTES_MAX = 256  # a request wire (a batch holds at least one)
-BODY_BYTES_MAX = 6144    # batch bodies kept until stable (re-proposal after a view change)
-CHUNK_BYTES = 1024       # state transfer chunk
-SNAPSHOT_BYTES_MAX = 32768
-STATUS_MS = 100          # retransmission period (RT1: at most once per 100 ms)
-IDLE_STATUS_TICKS = 10   # an idle replica's STATUS period, in retransmission periods
-VC_TIMEOUT_FACTOR_MAX = 32  # the doubling view-change timeout stops at 32 T
-CATCH_UP_MAX = 8         # sequence numbers answered per STATUS
-_PRE_PREPARE_OVERHEAD_BYTES = 128
-_MACS_CLIENT_MAX = 16
+CLIENTS_MAX = 32                  # reply cache entries: part of the snapshot, so bounded
+_PENDING_MAX = const(32)          # primary: requests waiting for a batch (then clients retry)
+_WAITING_MAX = const(32)          # requests seen and not executed (view-change timer, T1)
+_REQUEST_BYTES_MAX = const(256)   # a request wire (a batch holds at least one)
+_BODY_BYTES_MAX = const(6144)     # batch bodies kept until stable (re-proposed in a new view)
+_CHUNK_BYTES = const(1024)        # state transfer chunk
+_SNAPSHOT_BYTES_MAX = const(32768)
+_STATUS_MS = const(100)           # retransmission period (RT1: at most once per 100 ms)
+_IDLE_STATUS_TICKS = const(10)    # an idle replica's STATUS period, in retransmission periods
+_VC_TIMEOUT_FACTOR_MAX = const(32)  # the doubling view-change timeout stops at 32 T
+_CATCH_UP_MAX = const(8)          # sequence numbers answered per STATUS
+_PRE_PREPARE_OVERHEAD_BYTES = const(128)
+_MACS_CLIENT_MAX = const(16)
 REPLICA_CLIENT_BASE = 0xF000  # replica i's own client id (its accusations) is this + i
 
 
@@ -109,7 +115,7 @@ class Replica:
         self.pipeline_max = pipeline_max
         self.view_timeout_ms = view_timeout_ms
         self.batch_bytes_max = min(m.MESSAGE_BYTES_MAX - _PRE_PREPARE_OVERHEAD_BYTES,
-                                   BODY_BYTES_MAX // (checkpoint_interval + pipeline_max))
+                                   _BODY_BYTES_MAX // (checkpoint_interval + pipeline_max))
         self.now = 0
         self.view = 0
         self.limbo = False        # between sending VIEW-CHANGE and installing the new view
@@ -131,9 +137,9 @@ class Replica:
         self.own_checkpoints = {}  # seq -> digest
         self.replies = presized(CLIENTS_MAX)    # client -> [timestamp, result, seq executed]
         self.pending = []         # primary: request wires waiting for a batch
-        self.pending_ids = presized(PENDING_MAX)  # client -> timestamp of its request in pending
-        self.waiting = presized(WAITING_MAX)      # client -> timestamp seen, not executed (T1)
-        self.waiting_wires = presized(WAITING_MAX)  # client -> that request's wire
+        self.pending_ids = presized(_PENDING_MAX)  # client -> timestamp of its request in pending
+        self.waiting = presized(_WAITING_MAX)      # client -> timestamp seen, not executed (T1)
+        self.waiting_wires = presized(_WAITING_MAX)  # client -> that request's wire
         self.vc_timeout = view_timeout_ms
         self.vc_deadline = None   # view-change timer (T1-T3)
         self.vc_views = {}        # replica -> the highest view of its VIEW-CHANGEs we verified
@@ -246,7 +252,7 @@ class Replica:
         if self.vc_deadline is not None and now_ms >= self.vc_deadline:
             self._start_view_change(self.view + 1)
         if now_ms >= self.status_due:
-            self.status_due = now_ms + STATUS_MS
+            self.status_due = now_ms + _STATUS_MS
             self._retransmit()
         self._leave_frozen_view()
         self._check_invariants()
@@ -278,11 +284,11 @@ class Replica:
             else:
                 self._drop("old request")
             return
-        if len(msg.body) + len(msg.auth) > REQUEST_BYTES_MAX:
+        if len(msg.body) + len(msg.auth) > _REQUEST_BYTES_MAX:
             self._drop("request too large")
             return
         client = msg.sender
-        if client in self.waiting or len(self.waiting) < WAITING_MAX:
+        if client in self.waiting or len(self.waiting) < _WAITING_MAX:
             self.waiting[client] = msg.timestamp  # one outstanding request per client
             self.waiting_wires[client] = msg.body + msg.auth
         if self.vc_deadline is None and not self.limbo and client in self.waiting:
@@ -293,7 +299,7 @@ class Replica:
             return
         if self.pending_ids.get(client) == msg.timestamp:
             return
-        if len(self.pending) >= PENDING_MAX:
+        if len(self.pending) >= _PENDING_MAX:
             self._drop("pending full")
             return
         self.pending_ids[client] = msg.timestamp
@@ -542,7 +548,7 @@ class Replica:
 
     def _send_reply(self, client, timestamp, result):
         body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
-        self.out.append(((TO_CLIENT, client), body + self._client_mac(client).tag(body)))
+        self.out.append(((_TO_CLIENT, client), body + self._client_mac(client).tag(body)))
         self.counts["tx"] += 1
 
     # ----------------------------------------------------------------- checkpoints
@@ -663,13 +669,13 @@ class Replica:
                 # That state is gone here (our window moved on): offer our stable one.
                 snap = self.snapshots[self.h]
                 self._send(msg.sender, m.CHUNK, self.h, self.own_checkpoints[self.h], 0,
-                           len(snap), snap[:CHUNK_BYTES])
+                           len(snap), snap[:_CHUNK_BYTES])
             else:
                 self._drop("fetch of a state not held")
             return
         if msg.offset > len(snap):
             return
-        data = snap[msg.offset:msg.offset + CHUNK_BYTES]
+        data = snap[msg.offset:msg.offset + _CHUNK_BYTES]
         self._send(msg.sender, m.CHUNK, msg.seq, msg.digest, msg.offset, len(snap), data)
 
     def on_chunk(self, msg):
@@ -683,7 +689,7 @@ class Replica:
             t[5] = False
         if t is None or msg.seq != t[0] or msg.digest != t[1] or msg.offset != len(t[2]):
             return
-        if msg.total > SNAPSHOT_BYTES_MAX or len(t[2]) + len(msg.data) > msg.total:
+        if msg.total > _SNAPSHOT_BYTES_MAX or len(t[2]) + len(msg.data) > msg.total:
             self._drop("bad chunk")
             return
         t[2].extend(msg.data)
@@ -733,7 +739,7 @@ class Replica:
         self.limbo = True
         self.counts["view_changes"] += 1
         self.vc_timeout = min(2 * self.vc_timeout,  # T5: T, 2T, 4T ...
-                              VC_TIMEOUT_FACTOR_MAX * self.view_timeout_ms)
+                              _VC_TIMEOUT_FACTOR_MAX * self.view_timeout_ms)
         self.vc_deadline = None                   # T2: not until 2f+1 VIEW-CHANGEs
         self.log.clear()
         self.contra = {}
@@ -986,7 +992,7 @@ class Replica:
 
     def _retransmit(self):
         """RT1: when stuck, multicast STATUS; in limbo also repeat our VIEW-CHANGE. An idle
-        replica still sends one every IDLE_STATUS_TICKS, so peers can tell it what it missed
+        replica still sends one every _IDLE_STATUS_TICKS, so peers can tell it what it missed
         last before the traffic stopped."""
         stuck = self.last_exec == self.progress_mark
         self.progress_mark = self.last_exec
@@ -1000,16 +1006,16 @@ class Replica:
             self.out.append((TO_ALL, self.vc_wires[self.me]))
             self.counts["tx"] += 1
         elif not (self.behind or stuck and (self.waiting or self.missing or self.live_slots())
-                  or self.ticks % IDLE_STATUS_TICKS == 0):
+                  or self.ticks % _IDLE_STATUS_TICKS == 0):
             return
         self.behind = False
-        missing = sorted(self.missing)[:CATCH_UP_MAX]
+        missing = sorted(self.missing)[:_CATCH_UP_MAX]
         self._broadcast(m.STATUS, self.view, self.limbo, self.h, self.last_exec, missing)
 
     def on_status(self, msg):
         """RT2: answer a replica that is behind with what it lacks."""
-        last = self.answered.get(msg.sender, -STATUS_MS)
-        if self.now - last < STATUS_MS:
+        last = self.answered.get(msg.sender, -_STATUS_MS)
+        if self.now - last < _STATUS_MS:
             return
         self.answered[msg.sender] = self.now
         j = msg.sender
@@ -1027,7 +1033,7 @@ class Replica:
         for seq in msg.missing:
             if type(seq) is int:
                 self._send_batch(j, seq)
-        top = min(self.last_exec, msg.last_exec + CATCH_UP_MAX)
+        top = min(self.last_exec, msg.last_exec + _CATCH_UP_MAX)
         for seq in range(max(msg.last_exec, self.h) + 1, self.h + self.window + 1):
             i = self.log.find(seq)
             if i < 0:
@@ -1097,8 +1103,8 @@ class Replica:
         assert self.h <= self.last_exec
         assert self.h % self.K == 0
         assert len(self.replies) <= CLIENTS_MAX
-        assert len(self.pending) <= PENDING_MAX
-        assert len(self.waiting) <= WAITING_MAX
+        assert len(self.pending) <= _PENDING_MAX
+        assert len(self.waiting) <= _WAITING_MAX
         assert len(self.waiting_wires) == len(self.waiting)
         if self.is_primary() and not self.limbo:
             assert self.seq >= self.last_exec
