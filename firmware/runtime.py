@@ -53,7 +53,7 @@ _STALL_MS = const(100)
 # Collect after this many bytes allocated, not only when the heap is full: garbage then never
 # spreads over the whole heap between long-lived objects, which keeps free space contiguous.
 _GC_THRESHOLD_BYTES = const(4096)
-_PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored")
+_PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored", "epoch")
 
 
 def load_config(path=CONFIG_PATH):
