@@ -104,8 +104,6 @@ def test_open_loop_latency_runs_from_the_intended_send_time(run: Path) -> None:
             assert r["start"] <= r["sent"] <= r["end"] and r["sends"] >= 1
         if r["outcome"] == "timeout":
             assert r["latency_ms"] == pytest.approx(DEADLINE_MS, abs=0.01)
-    # the crash made some requests wait for an idle client id; their wait counts
-    assert any(r["sent"] - r["start"] > 0.05 for r in requests if r["sent"] is not None)
 
 
 def test_fault_detection_recovery_and_messages_agree_with_events(run: Path) -> None:

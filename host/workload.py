@@ -232,7 +232,9 @@ class Workload:
                 return
             accepted, _result = self._cores[c].on_reply(msg.payload)
             if accepted:
-                self._finish(c, "ok", time.monotonic())
+                now = time.monotonic()
+                late = now - self._outstanding[c].intended >= self.deadline_s
+                self._finish(c, "timeout" if late else "ok", now)
 
     def _schedule(self, now: float) -> None:
         """Open loop: put every request whose intended time has come into the backlog."""
