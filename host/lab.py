@@ -191,6 +191,7 @@ def _check_port_free(port: int) -> None:
     if not 0 < port < 65536:
         raise LabError(f"--metrics-port {port}: expected a TCP port, 1..65535")
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter binds
         try:
             probe.bind((LOOPBACK, port))
         except OSError as e:
