@@ -16,7 +16,8 @@ Two ways to load the cluster, with one dispatcher: requests wait in a backlog, e
 
 Latency runs from the intended send time to acceptance, so time spent waiting for an idle id
 counts (no coordinated omission). A request has ``deadline_s`` from its intended time: then it
-is ``timeout``, whether it was sent or still waiting (then with ``sends`` 0 and no client).
+is ``timeout``, whether it was sent or still waiting (then with ``sends`` 0 and no client), and
+a quorum of replies that comes later does not make it ``ok``.
 
 All logical clients share one paho-mqtt connection; paho's network thread runs the reply
 callbacks, one timer thread the retransmissions, deadlines and the open-loop schedule.
