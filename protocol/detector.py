@@ -24,9 +24,12 @@
 #   below the threshold when its heartbeat arrived (an outage does not skew the statistics).
 #   offline() (the peer's MQTT Last Will) suspects it at once; the heartbeat that ends an
 #   outage restarts its clock without recording the gap.
-# - Memory is fixed at construction: one flat ring of `window` intervals per peer (array 'H',
-#   2 bytes each, capped at 65535 ms) and a few per-peer ints; no input allocates, except the
-#   event tuple of a transition.
+# - Memory is fixed at construction and small (~0.9 KB live for 4 replicas, window 16, plus
+#   ~0.8 KB for the module, on the 64-bit Unix port): one flat ring of `window` intervals per
+#   peer (array 'H', 2 bytes each, capped at 65535 ms), one array of four ints per peer (array
+#   'i': reading 'q' allocates a long int on MicroPython) and a list of arrival times, in as
+#   few objects as possible (each costs its header and a 16-byte block minimum). No input
+#   allocates, except the event tuple of a transition.
 # - Lazy: heartbeat() stores an interval and marks the peer's statistics stale; they (mean,
 #   std and `delay`, the time since the last heartbeat at which phi reaches the threshold) are
 #   recomputed at most once per heartbeat, when next needed. check() then only compares
@@ -38,6 +41,22 @@
 # (Akka's): phi reaches 8 at y = 5.23, so a regular stream is suspected mean + pause +
 # 5.23 * min_std_ms after its last heartbeat. min_std_ms 100 and pause 0: a 500 ms stream is
 # suspected after ~1 s, and a node stalled up to ~520 ms (a collection, a busy host) is not.
+try:
+    from micropython import const
+except ImportError:  # CPython (a function here would cost heap on MicroPython, int does not)
+    const = int
+
+# Per peer j, four ints in `st` from 4 * j: mean + pause and max(std, min_std) (1/16 ms), the
+# delay (ms; phi reaches the threshold at last[j] + delay), and the state.
+_MU = const(0)
+_SD = const(1)
+_DELAY = const(2)
+_STATE = const(3)
+# state: the fill (bits 0-7: below window, the count of intervals and the next slot; from
+# window up, full, the oldest (next overwritten) slot at fill - window), and flags:
+_OFFLINE = const(0x100)  # offline announced, no heartbeat since
+_STALE = const(0x200)  # intervals recorded since mu, sd and delay were computed
+_FILL = const(0xFF)
 # 10000 * log10(1 + exp(-u)) at u = k / 4, k = 0..32, two bytes each (big-endian); the
 # log10(1 + exp(-|x|)) term of phi, interpolated linearly between entries, 0 for |x| >= 8.
 _G = (b"\x0b\xc2\t\xc5\x08\x0b\x06\x90\x05P\x04F\x03k\x02\xb8\x02'\x01\xb3\x01W\x01\r\x00\xd3"
@@ -94,25 +113,18 @@ class Detector:
         self.yk = lo
         from array import array
 
-        # Peer j's intervals are ring[j * window + i], i < min(fill[j], window); fill[j] < window
-        # counts them and is the next slot, fill[j] >= window means full with the oldest (the
-        # next overwritten) at fill[j] - window.
-        self.ring = array("H", bytearray(2 * n * window))
-        self.fill = bytearray(n)
-        self.last = [None] * n  # arrival of the last heartbeat; None: not monitored
-        # Per peer j, computed from its ring: stats[3j] mean + pause, stats[3j + 1]
-        # max(std, min_std), both in 1/16 ms, stats[3j + 2] the delay: phi reaches the
-        # threshold at last + delay.
-        self.stats = array("i", bytearray(12 * n))
-        self.flags = bytearray(n)  # 2: offline announced, no heartbeat since; 4: stats stale
+        self.ring = array("H", bytearray(2 * n * window))  # peer j's from j * window
+        self.st = array("i", bytearray(16 * n))
+        self.last = [None] * n  # the last heartbeat's arrival (ms); None: not monitored
         self.suspects = bytearray(n)
         self.events = []
 
     def _update(self, j):
-        """Recompute peer j's stats from its ring."""
+        """Recompute peer j's mu, sd and delay from its ring."""
         ring = self.ring
+        st = self.st
         w = self.window
-        c = self.fill[j]
+        c = st[4 * j + _STATE] & _FILL
         if c > w:
             c = w
         base = j * w
@@ -134,38 +146,38 @@ class Detector:
         if sd < self.min_sd:
             sd = self.min_sd
         mean += self.pause
-        st = self.stats
-        st[3 * j] = mean
-        st[3 * j + 1] = sd
+        st[4 * j + _MU] = mean
+        st[4 * j + _SD] = sd
         # y >= yk  <=>  ((t << 4) - mean) << 8 >= yk * sd  <=>  t >= ceil(...) = delay
-        st[3 * j + 2] = -(-(self.yk * sd + (mean << 8)) >> 12)
-        self.flags[j] &= ~4
+        st[4 * j + _DELAY] = -(-(self.yk * sd + (mean << 8)) >> 12)
+        st[4 * j + _STATE] &= ~_STALE
 
     def heartbeat(self, peer, now_ms):
         """Peer ``peer`` is alive at ``now_ms``: record the interval since its last heartbeat
         (unless phi had reached the threshold or it was offline); trust it if suspected."""
         if type(peer) is not int or not 0 <= peer < self.n or peer == self.me:
             return
-        last = self.last[peer]
+        st = self.st
+        k = 4 * peer
+        state = st[k + _STATE]
         w = self.window
+        last = self.last[peer]
         if last is None:  # the first heartbeat: seed the history
             self.ring[peer * w] = self.first - (self.first >> 2)
             self.ring[peer * w + 1] = self.first + (self.first >> 2)
-            self.fill[peer] = 2
-            self.flags[peer] = 4
+            state = _STALE | 2
         elif now_ms < last:
             return  # the clock does not move back
-        elif not self.flags[peer] & 2:
-            if self.flags[peer] & 4:
+        elif not state & _OFFLINE:
+            if state & _STALE:
                 self._update(peer)
             t = now_ms - last
-            if t < self.stats[3 * peer + 2]:
-                k = self.fill[peer]
-                self.fill[peer] = k + 1 if k + 1 < 2 * w else w
-                self.ring[peer * w + (k if k < w else k - w)] = t if t < 65535 else 65535
-                self.flags[peer] = 4
+            if t < st[k + _DELAY]:
+                f = state & _FILL
+                self.ring[peer * w + (f if f < w else f - w)] = t if t < 65535 else 65535
+                state = (state & ~_FILL) | _STALE | (f + 1 if f + 1 < 2 * w else w)
         self.last[peer] = now_ms
-        self.flags[peer] &= 4
+        st[k + _STATE] = state & ~_OFFLINE
         if self.suspects[peer]:
             self.suspects[peer] = 0
             self.events.append(("trust", peer))
@@ -174,20 +186,21 @@ class Detector:
         """Peer ``peer`` announced it is offline (its Last Will): suspected until it heartbeats."""
         if type(peer) is not int or not 0 <= peer < self.n or peer == self.me:
             return
-        self.flags[peer] |= 2
+        self.st[4 * peer + _STATE] |= _OFFLINE
         if not self.suspects[peer]:
             self.suspects[peer] = 1
             self.events.append(("suspect", peer, self.phi(peer, now_ms)))
 
     def check(self, now_ms):
         """Suspect every monitored peer whose phi has reached the threshold at ``now_ms``."""
+        st = self.st
         for j in range(self.n):
             last = self.last[j]
             if last is None or self.suspects[j]:
                 continue
-            if self.flags[j] & 4:
+            if st[4 * j + _STATE] & _STALE:
                 self._update(j)
-            if now_ms - last >= self.stats[3 * j + 2]:
+            if now_ms - last >= st[4 * j + _DELAY]:
                 self.suspects[j] = 1
                 self.events.append(("suspect", j, self.phi(j, now_ms)))
 
@@ -197,10 +210,11 @@ class Detector:
         last = self.last[peer]
         if last is None:
             return 0
-        if self.flags[peer] & 4:
+        st = self.st
+        if st[4 * peer + _STATE] & _STALE:
             self._update(peer)
         t = now_ms - last
         if t > 65535:  # y is clamped anyway; this keeps the products small ints
             t = 65535
-        y = (((t << 4) - self.stats[3 * peer]) << 8) // self.stats[3 * peer + 1]
+        y = (((t << 4) - st[4 * peer + _MU]) << 8) // st[4 * peer + _SD]
         return (phi_e4(y) + 50) // 100
