@@ -403,10 +403,15 @@ SIM_FAILURES_SHOWN = 10
               help="What the Byzantine replicas do (protocol/byzantine.py): equivocate is a "
                    "coordinated attack, view-skew votes for past and future views, twins runs "
                    "two correct instances with one identity on parts of the network.")
+@click.option("--churn", is_flag=True,
+              help="Every other request bonds or unbonds one token of stake, so the validator "
+                   "set changes (a new epoch) at nearly every checkpoint; use stakes of 100 or "
+                   "so (--stake 100,100,100,100) to keep each within a few tokens.")
 def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults_text: str,
         requests: int, clients: int, loss_max: float, delay_ms_max: int, fault_ms: int,
         liveness_ms: int, checkpoint_interval: int, view_timeout_ms: int, safety_only: bool,
-        plant: str | None, stake: str | None, byzantine: str | None, behaviour: str) -> None:
+        plant: str | None, stake: str | None, byzantine: str | None, behaviour: str,
+        churn: bool) -> None:
     """Deterministic simulation: whole clusters in-process on a simulated network and clock.
 
     Each seed draws keys, latencies, faults and client timing from random.Random(seed), runs
@@ -428,7 +433,7 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
                          view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant),
                          stake=tuple(_parse_stake(stake) or ()) or None,
                          byzantine=tuple(_parse_ids(byzantine, "--byzantine") or ()),
-                         behaviour=behaviour)
+                         behaviour=behaviour, churn=churn)
     options.check()
     seeds = [seed] if seed is not None else list(
         range(start, start + (seed_count or SIM_SEEDS_DEFAULT)))

@@ -44,7 +44,7 @@ from edgebft.protocol import replica as rp
 from edgebft.protocol.byzantine import BEHAVIOURS, misbehave
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
-from edgebft.workload import genesis, operation
+from edgebft.workload import ACCOUNTS, genesis, operation
 
 FAULT_KINDS = ("crash", "partition", "loss", "delay", "reboot")
 TWINS = "twins"
@@ -97,6 +97,7 @@ class SimOptions:
     stake: tuple[int, ...] | None = None      # per replica; None: equal
     byzantine: tuple[int, ...] = ()           # replica ids that misbehave
     behaviour: str = "silent"                 # SIM_BEHAVIOURS
+    churn: bool = False                       # every other request bonds or unbonds stake
 
     def weights(self) -> list[int]:
         return list(self.stake) if self.stake is not None else [1] * self.nodes
@@ -164,6 +165,8 @@ class SimOptions:
         if self.byzantine:
             cmd += " --byzantine " + ",".join(map(str, self.byzantine))
             cmd += f" --behaviour {self.behaviour}"
+        if self.churn:
+            cmd += " --churn"
         return cmd
 
 
@@ -339,6 +342,20 @@ class _Client:
         self.backoff_ms = RETRANSMIT_MS
         self.issued = 0
         self.think_ms = think_ms
+
+
+def churn_operation(client: int, i: int, nodes: int) -> list[Any]:
+    """The i-th operation of ``client`` under stake churn: every other one bonds one token to a
+    validator or unbonds one from another (in turn), so the validator set changes at nearly
+    every checkpoint (a new epoch) while each stake stays within a few tokens of its start."""
+    if i % 2:
+        return operation(client, i // 2)
+    k = i // 2
+    validator = (client + k) % nodes
+    account = f"acct{client % ACCOUNTS}"
+    if k % 2 == 0:
+        return ["stake", account, validator, 1]
+    return ["unstake", validator, account, 1]
 
 
 class Simulation:
@@ -546,7 +563,10 @@ class Simulation:
         client = self.clients[c]
         assert client.op is None
         assert self.scheduled <= self.options.requests
-        client.op = operation(c, client.issued)
+        if self.options.churn:
+            client.op = churn_operation(c, client.issued, self.options.nodes)
+        else:
+            client.op = operation(c, client.issued)
         client.issued += 1
         client.backoff_ms = RETRANSMIT_MS
         wire = client.core.request(client.op)
