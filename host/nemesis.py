@@ -72,9 +72,14 @@ class Action:
 
 
 def actions(cluster: EmulatedCluster, control: Control | None) -> dict[str, Action]:
-    """Every kind's Action on ``cluster``; the control kinds only when ``control`` is given."""
+    """Every kind's Action on ``cluster``; the control kinds only when ``control`` is given.
+    A pause of a node that is not running (it crashed by itself) does nothing."""
+
+    def if_running(signal: Callable[[int], None]) -> Callable[[int], None]:
+        return lambda node: signal(node) if cluster.alive(node) else None
+
     table = {"crash-primary": Action(cluster.kill, cluster.restart),
-             "pause": Action(cluster.pause, cluster.resume)}
+             "pause": Action(if_running(cluster.pause), if_running(cluster.resume))}
     if control is None:
         return table
     send = control
