@@ -124,6 +124,7 @@ class Replica:
         self.accused = []         # replicas this one accused in this epoch
         self.accuse_ts = 0        # timestamp of its last accusation request
         self.contra = {}          # seq -> mask of replicas that prepared another digest
+        self.caught = -1          # the last view whose primary we caught equivocating
         self.no_vote_view = -1    # after a restore: no votes in this view ...
         self.no_vote_seq = 0      # ... for sequence numbers up to this one
         self.seq = 0              # last sequence number assigned (primary)
@@ -243,7 +244,7 @@ class Replica:
             self._drop("unexpected type")
             return
         handler(self, msg)
-        self._leave_frozen_view()
+        self._change_view_if_needed()
         self._check_invariants()
 
     def tick(self, now_ms):
@@ -254,7 +255,7 @@ class Replica:
         if now_ms >= self.status_due:
             self.status_due = now_ms + _STATUS_MS
             self._retransmit()
-        self._leave_frozen_view()
+        self._change_view_if_needed()
         self._check_invariants()
 
     def next_timer(self):
@@ -269,9 +270,10 @@ class Replica:
         if not self.limbo and not self.is_primary():
             self._start_view_change(self.view + 1)
 
-    def _leave_frozen_view(self):
-        """A new epoch is in force and our view is frozen: change view (see the header)."""
-        if self._frozen() and not self.limbo:
+    def _change_view_if_needed(self):
+        """After each input: leave a frozen view (a new epoch is in force, see the header) or
+        a view whose primary we caught equivocating, at once rather than at a timeout."""
+        if not self.limbo and (self._frozen() or self.caught == self.view):
             self._start_view_change(self.view + 1)
 
     # ----------------------------------------------------------------- requests
@@ -356,7 +358,16 @@ class Replica:
         if batch_digest(msg.batch) != msg.digest or not self._batch_valid(msg.batch):
             self._drop("bad batch")
             return
+        # Prepares that came first for another digest are discarded by the pre-prepare; they
+        # contradict it all the same.
+        earlier = log.prepares[i] if log.digests[i] not in (None, msg.digest) else 0
         self._accept(i, msg.seq, msg.digest, msg.batch)
+        j = 0
+        while earlier:
+            if earlier & 1:
+                self._contradicted(msg.seq, j)
+            earlier >>= 1
+            j += 1
         self._check_prepared(msg.seq, i)
 
     def _accept(self, i, seq, digest, batch):
@@ -435,6 +446,8 @@ class Replica:
     def _equivocation(self, offender, seq):
         """Report ``offender`` (an event) and accuse it in the ledger, once per epoch."""
         self.events.append(("equivocation", offender, self.view, seq))
+        if offender == self.primary():
+            self.caught = self.view
         if offender in self.accused or offender == self.me:
             return
         self.accused.append(offender)
