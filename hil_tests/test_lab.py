@@ -4,6 +4,8 @@ Prometheus exporter of `cluster up --metrics-port`. Each fault kind's effect: te
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -186,3 +188,20 @@ def test_bad_input_is_one_line(cluster: lab.LabCluster) -> None:
     assert done.stderr.startswith(f"edgebft: error: --metrics-port {port}: cannot listen")
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (cluster.path.parent / "never" / "nodes").exists(), "nothing was started"
+    done = subprocess.run([*EDGEBFT, "cluster", "up", "--out", str(cluster.path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"edgebft: error: --out {cluster.path}: the folder is not empty; a cluster starts in a "
+        "fresh one (its nodes' flash would be another cluster's)"]
+    gone = cluster.path.parent / "gone"  # a cluster whose broker no longer runs
+    gone.mkdir()
+    state = {**cluster.state, "broker": {**cluster.state["broker"], "port": 9}}
+    (gone / lab.STATE_FILE).write_text(json.dumps(state))
+    shutil.copy(cluster.path / lab.KEYS_FILE, gone / lab.KEYS_FILE)
+    for args in (["cluster", "status"], ["inject", "delay", "1"], ["heal"]):
+        done = subprocess.run([*EDGEBFT, *args, "--dir", str(gone)], capture_output=True,
+                              text=True)
+        assert done.returncode == 2, args
+        [line] = done.stderr.strip().splitlines()
+        assert line.startswith("edgebft: error: cannot reach the cluster's broker at "), line

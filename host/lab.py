@@ -26,6 +26,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,9 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
     ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``."""
     options = DemoOptions(nodes=nodes, broker=broker, heap=heap, micropython=micropython)
     options.check()
+    if out is not None and Path(out).is_dir() and any(Path(out).iterdir()):
+        raise LabError(f"--out {out}: the folder is not empty; a cluster starts in a fresh one "
+                       "(its nodes' flash would be another cluster's)")
     weights = stake or [1] * nodes
     if len(weights) != nodes:
         raise LabError(f"--stake lists {len(weights)} values for {nodes} nodes")
@@ -227,10 +232,21 @@ def _killpg(pid: int, signum: int) -> bool:
         return False
 
 
+@contextmanager
+def _broker(lab: LabCluster) -> Iterator[dict[str, Any]]:
+    """The cluster's broker record; a connection refused or lost inside becomes a LabError."""
+    b = lab.state["broker"]
+    try:
+        yield b
+    except OSError as e:
+        raise LabError(f"cannot reach the cluster's broker at {b['host']}:{b['port']} "
+                       f"({e.strerror or e}); is the cluster in {lab.path} up?") from None
+
+
 def status(lab: LabCluster, wait_s: float = STATUS_WAIT_S) -> dict[int, dict[str, Any]]:
     """The newest status of each node (retained on the broker), waited for ``wait_s``."""
-    b = lab.state["broker"]
-    observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes)
+    with _broker(lab) as b:
+        observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes)
     try:
         observer.wait_all_online(wait_s)
         snap = observer.snapshot()
@@ -246,9 +262,9 @@ def send_control(lab: LabCluster, node: int, command: str, args: list[Any]) -> N
     lab.node(node)
     lab.state["nonce"] = nonce = fresh_nonce(lab.state["nonce"])
     lab.save()
-    b = lab.state["broker"]
-    send_command(b["host"], b["port"], lab.state["cluster"], node, lab.keys().control[node],
-                 nonce, command, args)
+    with _broker(lab) as b:
+        send_command(b["host"], b["port"], lab.state["cluster"], node,
+                     lab.keys().control[node], nonce, command, args)
 
 
 def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
