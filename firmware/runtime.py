@@ -72,7 +72,6 @@ class Node:
         self.topic_all = "%sfrom/%d" % (self.prefix, self.me)
         self.topic_status = "%sstatus/%d" % (self.prefix, self.me)
         self.topic_event = "%sevent/%d" % (self.prefix, self.me)
-        self.topic_statuses = "%sstatus/" % self.prefix
         self.topic_ctl = "%sctl/%d" % (self.prefix, self.me)
         self.topic_req = "%sreq/" % self.prefix
         self.faults = Faults(self.me, unhexlify(config["control_key"]))
@@ -121,7 +120,7 @@ class Node:
             command = self.faults.on_control(bytes(payload))
             self.mqtt.publish(self.topic_event, cbor.encode(["control", command or "rejected"]))
             return
-        if topic.startswith(self.topic_statuses):
+        if topic.startswith("status", len(self.prefix)):  # .../status/<j>
             j = int(topic[topic.rfind("/") + 1:])
             if j == self.me or self.faults.drop(j):
                 return
@@ -181,7 +180,7 @@ class Node:
             self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
         del d.events[:]
         r = self.replica
-        if d.suspects[r.primary()] and not r.limbo:
+        if d.suspect[r.primary()] and not r.limbo:
             r.suspect(now)
             self.drain()
 

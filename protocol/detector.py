@@ -24,16 +24,20 @@
 #   below the threshold when its heartbeat arrived (an outage does not skew the statistics).
 #   offline() (the peer's MQTT Last Will) suspects it at once; the heartbeat that ends an
 #   outage restarts its clock without recording the gap.
-# - Memory is fixed at construction and small (~0.9 KB live for 4 replicas, window 16, plus
-#   ~0.8 KB for the module, on the 64-bit Unix port): one flat ring of `window` intervals per
-#   peer (array 'H', 2 bytes each, capped at 65535 ms), one array of four ints per peer (array
-#   'i': reading 'q' allocates a long int on MicroPython) and a list of arrival times, in as
-#   few objects as possible (each costs its header and a 16-byte block minimum). No input
+# - Memory is fixed at construction and small (~0.8 KB live for 4 replicas, window 16, plus
+#   ~0.8 KB for the module, on the 64-bit Unix port), in as few objects as possible (each
+#   costs its header and a 16-byte block minimum): `buf`, one flat ring of `window` intervals
+#   per peer (array 'h', 2 bytes each, capped at 32767 ms); `state`, one array 'i' of the
+#   parameters and four ints per peer (not 'q': reading 'q' allocates a long int on
+#   MicroPython); `since`, the arrival times (a list: they outgrow 32 bits). No input
 #   allocates, except the event tuple of a transition.
+# - Names are few and mostly ones the node has already interned (since, state, buf, update,
+#   suspect...): every new name is a qstr, and the node sits a few qstrs below MicroPython's
+#   next qstr pool, which would cost ~7 KB at once.
 # - Lazy: heartbeat() stores an interval and marks the peer's statistics stale; they (mean,
-#   std and `delay`, the time since the last heartbeat at which phi reaches the threshold) are
-#   recomputed at most once per heartbeat, when next needed. check() then only compares
-#   now - last with delay; phi itself is computed only for a report (phi(), the events).
+#   std and the delay, the time since the last heartbeat at which phi reaches the threshold)
+#   are recomputed at most once per heartbeat, when next needed. check() then only compares
+#   now - since with the delay; phi itself is computed only for a report (phi(), the events).
 #
 # Defaults. window 16 instead of Akka's 1000: with 500 ms heartbeats that is 8 s of history,
 # enough for a mean and a deviation that min_std_ms floors anyway, and it forgets the seeds
@@ -46,22 +50,23 @@ try:
 except ImportError:  # CPython (a function here would cost heap on MicroPython, int does not)
     const = int
 
-# Per peer j, four ints in `st` from 4 * j: mean + pause and max(std, min_std) (1/16 ms), the
-# delay (ms; phi reaches the threshold at last[j] + delay), and the state.
-_MU = const(0)
-_SD = const(1)
-_DELAY = const(2)
-_STATE = const(3)
-# state: the fill (bits 0-7: below window, the count of intervals and the next slot; from
-# window up, full, the oldest (next overwritten) slot at fill - window), and flags:
+# state[0:4]: the parameters: first_ms, min_std_ms and pause_ms in 1/16 ms, yk (the least y,
+# in 1/256, at which phi reaches the threshold). Peer j's four ints from 4 + 4 * j: mean + pause
+# and max(std, min_std) (1/16 ms), the delay (ms; phi reaches the threshold at since[j] +
+# delay), and its flags.
+_FIRST = const(0)
+_MIN_SD = const(1)
+_PAUSE = const(2)
+_YK = const(3)
+_MU = const(4)
+_SD = const(5)
+_DELAY = const(6)
+_FLAGS = const(7)
+# flags: the fill (bits 0-7: below window, the count of intervals and the next slot; from
+# window up, full, the oldest (next overwritten) slot at fill - window), and:
 _OFFLINE = const(0x100)  # offline announced, no heartbeat since
-_STALE = const(0x200)  # intervals recorded since mu, sd and delay were computed
+_STALE = const(0x200)  # intervals recorded since mean, std and delay were computed
 _FILL = const(0xFF)
-# 10000 * log10(1 + exp(-u)) at u = k / 4, k = 0..32, two bytes each (big-endian); the
-# log10(1 + exp(-|x|)) term of phi, interpolated linearly between entries, 0 for |x| >= 8.
-_G = (b"\x0b\xc2\t\xc5\x08\x0b\x06\x90\x05P\x04F\x03k\x02\xb8\x02'\x01\xb3\x01W\x01\r\x00\xd3"
-      b"\x00\xa5\x00\x81\x00e\x00O\x00>\x000\x00%\x00\x1d\x00\x17\x00\x12\x00\x0e\x00\x0b\x00"
-      b"\x08\x00\x07\x00\x05\x00\x04\x00\x03\x00\x02\x00\x02\x00\x01")
 
 
 def phi_e4(y):
@@ -77,7 +82,11 @@ def phi_e4(y):
     k = u >> 6
     g = 0
     if k < 32:
-        t = _G
+        # 10000 * log10(1 + exp(-u)) at u = k / 4, k = 0..32, two bytes each (big-endian):
+        # the log10(1 + exp(-|x|)) term of phi, interpolated, 0 for |x| >= 8.
+        t = (b"\x0b\xc2\t\xc5\x08\x0b\x06\x90\x05P\x04F\x03k\x02\xb8\x02'\x01\xb3\x01W\x01\r"
+             b"\x00\xd3\x00\xa5\x00\x81\x00e\x00O\x00>\x000\x00%\x00\x1d\x00\x17\x00\x12\x00"
+             b"\x0e\x00\x0b\x00\x08\x00\x07\x00\x05\x00\x04\x00\x03\x00\x02\x00\x02\x00\x01")
         a = t[2 * k] << 8 | t[2 * k + 1]
         g = a + (((t[2 * k + 2] << 8 | t[2 * k + 3]) - a) * (u & 63) >> 6)
     return (x * 4343 >> 8) + g if x > 0 else g  # 4343: 10000 / ln 10
@@ -86,7 +95,7 @@ def phi_e4(y):
 class Detector:
     """Phi-accrual failure detector for the replicas ``range(n)`` but ``me``.
 
-    ``threshold`` is phi * 100 (800: Akka's 8.0); ``suspects[j]`` is 1 while replica j is
+    ``threshold`` is phi * 100 (800: Akka's 8.0); ``suspect[j]`` is 1 while replica j is
     suspected. Ids outside ``range(n)`` and ``me`` are ignored. Raises ValueError for a
     threshold phi cannot reach, a window outside 2..127, or a non-positive min_std_ms or
     first_ms.
@@ -96,45 +105,45 @@ class Detector:
                  first_ms=500):
         if not (2 <= window <= 127 and min_std_ms > 0 and first_ms > 0 and pause_ms >= 0
                 and 0 < threshold * 100 <= phi_e4(4096)):
-            raise ValueError("detector config")
+            raise ValueError("threshold")
+        from array import array
+
         self.n = n
         self.me = me
         self.window = window
-        self.first = first_ms
-        self.min_sd = min_std_ms << 4
-        self.pause = pause_ms << 4
-        lo, hi = -4096, 4096  # yk: the least y (1/256) with phi_e4(y) >= threshold * 100
+        self.buf = array("h", bytearray(2 * n * window))  # peer j's ring from j * window
+        self.state = st = array("i", bytearray(16 + 16 * n))
+        st[_FIRST] = first_ms
+        st[_MIN_SD] = min_std_ms << 4
+        st[_PAUSE] = pause_ms << 4
+        lo, hi = -4096, 4096  # bisection
         while lo < hi:
             mid = (lo + hi) >> 1
             if phi_e4(mid) < threshold * 100:
                 lo = mid + 1
             else:
                 hi = mid
-        self.yk = lo
-        from array import array
-
-        self.ring = array("H", bytearray(2 * n * window))  # peer j's from j * window
-        self.st = array("i", bytearray(16 * n))
-        self.last = [None] * n  # the last heartbeat's arrival (ms); None: not monitored
-        self.suspects = bytearray(n)
+        st[_YK] = lo
+        self.since = [None] * n  # the last heartbeat's arrival (ms); None: not monitored
+        self.suspect = bytearray(n)
         self.events = []
 
-    def _update(self, j):
-        """Recompute peer j's mu, sd and delay from its ring."""
-        ring = self.ring
-        st = self.st
+    def update(self, j):
+        """Recompute peer j's mean, std and delay from its ring."""
+        buf = self.buf
+        st = self.state
         w = self.window
-        c = st[4 * j + _STATE] & _FILL
+        c = st[4 * j + _FLAGS] & _FILL
         if c > w:
             c = w
         base = j * w
         s = 0
         for i in range(base, base + c):
-            s += ring[i]
+            s += buf[i]
         mean = (s << 4) // c
         v = 0
         for i in range(base, base + c):
-            d = (ring[i] << 4) - mean
+            d = (buf[i] << 4) - mean
             v += d * d
         v //= c
         sd = v  # the integer square root of v (Newton's method, from above)
@@ -143,76 +152,77 @@ class Detector:
             while r < sd:
                 sd = r
                 r = (r + v // r) >> 1
-        if sd < self.min_sd:
-            sd = self.min_sd
-        mean += self.pause
+        if sd < st[_MIN_SD]:
+            sd = st[_MIN_SD]
+        mean += st[_PAUSE]
         st[4 * j + _MU] = mean
         st[4 * j + _SD] = sd
         # y >= yk  <=>  ((t << 4) - mean) << 8 >= yk * sd  <=>  t >= ceil(...) = delay
-        st[4 * j + _DELAY] = -(-(self.yk * sd + (mean << 8)) >> 12)
-        st[4 * j + _STATE] &= ~_STALE
+        st[4 * j + _DELAY] = -(-(st[_YK] * sd + (mean << 8)) >> 12)
+        st[4 * j + _FLAGS] &= ~_STALE
 
     def heartbeat(self, peer, now_ms):
         """Peer ``peer`` is alive at ``now_ms``: record the interval since its last heartbeat
         (unless phi had reached the threshold or it was offline); trust it if suspected."""
         if type(peer) is not int or not 0 <= peer < self.n or peer == self.me:
             return
-        st = self.st
+        st = self.state
         k = 4 * peer
-        state = st[k + _STATE]
+        flags = st[k + _FLAGS]
         w = self.window
-        last = self.last[peer]
+        last = self.since[peer]
         if last is None:  # the first heartbeat: seed the history
-            self.ring[peer * w] = self.first - (self.first >> 2)
-            self.ring[peer * w + 1] = self.first + (self.first >> 2)
-            state = _STALE | 2
+            first = st[_FIRST]
+            self.buf[peer * w] = first - (first >> 2)
+            self.buf[peer * w + 1] = first + (first >> 2)
+            flags = _STALE | 2
         elif now_ms < last:
             return  # the clock does not move back
-        elif not state & _OFFLINE:
-            if state & _STALE:
-                self._update(peer)
+        elif not flags & _OFFLINE:
+            if flags & _STALE:
+                self.update(peer)
             t = now_ms - last
             if t < st[k + _DELAY]:
-                f = state & _FILL
-                self.ring[peer * w + (f if f < w else f - w)] = t if t < 65535 else 65535
-                state = (state & ~_FILL) | _STALE | (f + 1 if f + 1 < 2 * w else w)
-        self.last[peer] = now_ms
-        st[k + _STATE] = state & ~_OFFLINE
-        if self.suspects[peer]:
-            self.suspects[peer] = 0
+                f = flags & _FILL
+                self.buf[peer * w + (f if f < w else f - w)] = t if t < 32767 else 32767
+                flags = (flags & ~_FILL) | _STALE | (f + 1 if f + 1 < 2 * w else w)
+        self.since[peer] = now_ms
+        st[k + _FLAGS] = flags & ~_OFFLINE
+        if self.suspect[peer]:
+            self.suspect[peer] = 0
             self.events.append(("trust", peer))
 
     def offline(self, peer, now_ms):
         """Peer ``peer`` announced it is offline (its Last Will): suspected until it heartbeats."""
         if type(peer) is not int or not 0 <= peer < self.n or peer == self.me:
             return
-        self.st[4 * peer + _STATE] |= _OFFLINE
-        if not self.suspects[peer]:
-            self.suspects[peer] = 1
+        self.state[4 * peer + _FLAGS] |= _OFFLINE
+        if not self.suspect[peer]:
+            self.suspect[peer] = 1
             self.events.append(("suspect", peer, self.phi(peer, now_ms)))
 
     def check(self, now_ms):
         """Suspect every monitored peer whose phi has reached the threshold at ``now_ms``."""
-        st = self.st
+        st = self.state
         for j in range(self.n):
-            last = self.last[j]
-            if last is None or self.suspects[j]:
+            last = self.since[j]
+            if last is None or self.suspect[j]:
                 continue
-            if st[4 * j + _STATE] & _STALE:
-                self._update(j)
+            if st[4 * j + _FLAGS] & _STALE:
+                self.update(j)
             if now_ms - last >= st[4 * j + _DELAY]:
-                self.suspects[j] = 1
+                self.suspect[j] = 1
                 self.events.append(("suspect", j, self.phi(j, now_ms)))
 
     def phi(self, peer, now_ms):
         """Peer ``peer``'s phi at ``now_ms`` times 100, rounded (an int: CBOR status messages
         carry no floats); 0 before its first heartbeat, and for ``me``."""
-        last = self.last[peer]
+        last = self.since[peer]
         if last is None:
             return 0
-        st = self.st
-        if st[4 * peer + _STATE] & _STALE:
-            self._update(peer)
+        st = self.state
+        if st[4 * peer + _FLAGS] & _STALE:
+            self.update(peer)
         t = now_ms - last
         if t > 65535:  # y is clamped anyway; this keeps the products small ints
             t = 65535
