@@ -10,9 +10,9 @@
 #     ebft/c/rep/<client>      replies
 #     ebft/c/status/i          retained CBOR status map; the Last Will sets it to b"offline"
 #     ebft/c/event/i           CBOR lists: replica events, control outcomes, suspicions
-# - Failure detection (protocol/detector.py): a peer's live (not retained) status messages are
-#   its heartbeats, so the heartbeat interval is status_interval_ms; its b"offline" (the
-#   broker's Last Will for it) suspects it at once. Network faults cut heartbeats like any
+# - Failure detection (protocol/detector.py): a peer's status messages are its heartbeats, so
+#   the heartbeat interval is status_interval_ms; its b"offline" (the broker's Last Will for
+#   it) suspects it at once. Network faults cut heartbeats like any
 #   other traffic from the peer. The detector is checked every timer tick; each suspicion and
 #   recovery is published as ["suspect", peer, phi * 100] or ["trust", peer], and a suspected
 #   primary starts a view change (Replica.suspect), again in each view it leads. Status maps
@@ -127,8 +127,8 @@ class Node:
             now = self.now()
             if len(payload) == len(OFFLINE) and bytes(payload) == OFFLINE:
                 self.detector.offline(j, now)
-            elif not retain:  # a retained status is old news, not a heartbeat
-                self.detector.heartbeat(j, now)
+            else:  # a retained one too: it starts the clock of a peer silent since before
+                self.detector.heartbeat(j, now)  # we subscribed, so phi suspects it in time
             self.detected(now)
             return
         if not topic.startswith(self.topic_req):  # from a replica: .../from/<j>

@@ -1,0 +1,152 @@
+"""The failure detector on emulated nodes (real MicroPython, a real broker): a killed node is
+suspected by every live node (its Last Will), a paused one too (phi alone: a SIGSTOPped node
+keeps its connection, so no Last Will) and trusted again once resumed, and a suspected
+primary drives the view change even when the request timer could not (view_timeout_ms 60 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from edgebft.broker import start_broker
+from edgebft.cluster import EmulatedCluster
+from edgebft.demo import DemoOptions, node_config
+from edgebft.image import build_image
+from edgebft.keys import ClusterKeys, generate_keys
+from edgebft.observer import Observer
+from edgebft.protocol.detector import phi_e4
+from edgebft.protocol.stake import Stake
+from edgebft.workload import Workload
+
+NODES = 4
+STATUS_INTERVAL_MS = 500  # the heartbeat interval: peers' status messages are the heartbeats
+DETECTOR = {"threshold": 800, "window": 16, "min_std_ms": 100, "pause_ms": 0}
+VIEW_TIMEOUT_MS = 60_000  # so that only the detector can change the view within a test
+
+
+def suspicion_bound_s() -> float:
+    """When a node whose heartbeats stop is suspected at the latest, with regular heartbeats:
+    the interval plus pause plus y(threshold) standard deviations (at least min_std_ms)."""
+    y = next(y for y in range(4097) if phi_e4(y) >= DETECTOR["threshold"] * 100) / 256
+    return (STATUS_INTERVAL_MS + DETECTOR["pause_ms"] + y * DETECTOR["min_std_ms"]) / 1000
+
+
+# A loaded CI host delays heartbeats, widening their deviation: wait well past the bound.
+DEADLINE_S = 3 * suspicion_bound_s() + 2.0
+
+
+@dataclass
+class Cluster:
+    nodes: EmulatedCluster
+    observer: Observer
+    host: str
+    port: int
+    name: str
+    stake: Stake
+    keys: ClusterKeys
+
+    def events(self, kind: str, about: int, since: float) -> dict[int, list[Any]]:
+        """The first ``kind`` event naming node ``about`` after ``since``, per reporting node."""
+        first: dict[int, list[Any]] = {}
+        for at, node, event in list(self.observer.events):
+            if at >= since and event[:2] == [kind, about]:
+                first.setdefault(node, event)
+        return first
+
+    def primary(self) -> int:
+        return self.observer.snapshot()[0]["primary"]
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    run = tmp_path_factory.mktemp("detection")
+    options = DemoOptions(nodes=NODES, extra={"view_timeout_ms": VIEW_TIMEOUT_MS,
+                                              "status_interval_ms": STATUS_INTERVAL_MS,
+                                              "detector": DETECTOR})
+    name = "det" + os.urandom(3).hex()
+    stake = Stake([1] * NODES)
+    keys = generate_keys(NODES)
+    with contextlib.ExitStack() as stack:
+        broker = stack.enter_context(
+            start_broker(os.environ.get("EDGEBFT_TEST_BROKER", "auto"), run / "broker"))
+        images = [build_image(run / "nodes" / f"node{i}",
+                              node_config(i, name, stake, broker.host, broker.port, keys.row(i),
+                                          options))
+                  for i in range(NODES)]
+        observer = Observer(broker.host, broker.port, name, NODES)
+        stack.callback(observer.close)
+        nodes = stack.enter_context(EmulatedCluster(images, run / "logs"))
+        assert observer.wait_all_online(30.0), f"nodes did not come up; see {run / 'logs'}"
+        # Every node has heard every peer's heartbeats for a while (phi is 0 until then).
+        assert wait_for(lambda: all(len(s.get("phi", [])) == NODES and s["uptime_ms"] > 3000
+                                    for s in observer.snapshot().values()), 30.0)
+        yield Cluster(nodes, observer, broker.host, broker.port, name, stake, keys)
+        for i in range(NODES):
+            log = (run / "logs" / f"node{i}.log").read_text()
+            assert "MemoryError" not in log and "Traceback" not in log, log
+
+
+def test_a_killed_node_is_suspected_by_every_live_node(cluster: Cluster) -> None:
+    victim = (cluster.primary() + 2) % NODES
+    live = [i for i in range(NODES) if i != victim]
+    since = time.time()
+    cluster.nodes.kill(victim)
+    assert wait_for(lambda: sorted(cluster.events("suspect", victim, since)) == live,
+                    DEADLINE_S), cluster.events("suspect", victim, since)
+    cluster.nodes.restart(victim)
+    assert wait_for(lambda: sorted(cluster.events("trust", victim, since)) == live, 20.0)
+
+
+def test_a_paused_node_is_suspected_by_phi_and_trusted_when_resumed(cluster: Cluster) -> None:
+    victim = (cluster.primary() + 3) % NODES
+    live = [i for i in range(NODES) if i != victim]
+    since = time.time()
+    cluster.nodes.pause(victim)
+    try:
+        assert wait_for(lambda: sorted(cluster.events("suspect", victim, since)) == live,
+                        DEADLINE_S), cluster.events("suspect", victim, since)
+        for event in cluster.events("suspect", victim, since).values():
+            assert event[2] >= DETECTOR["threshold"]  # phi crossed: no Last Will came
+        # The live nodes' status maps carry the paused node's phi (times 100).
+        assert wait_for(lambda: all(s["phi"][victim] >= DETECTOR["threshold"]
+                                    for n, s in cluster.observer.snapshot().items()
+                                    if n != victim), 5.0)
+    finally:
+        resumed = time.time()
+        cluster.nodes.resume(victim)
+    assert wait_for(lambda: sorted(cluster.events("trust", victim, resumed)) == live, 10.0)
+
+
+def test_a_suspected_primary_drives_the_view_change(cluster: Cluster) -> None:
+    primary = cluster.primary()
+    view = cluster.observer.snapshot()[primary]["view"]
+    work = Workload(cluster.host, cluster.port, cluster.name, cluster.stake, cluster.keys,
+                    clients=2)
+    work.start()
+    try:
+        assert wait_for(lambda: any(o.outcome == "ok" for o in work.outcomes), 10.0)
+        killed = time.time()
+        cluster.nodes.kill(primary)
+        # Well inside view_timeout_ms: the request timer cannot have changed the view.
+        assert wait_for(lambda: any(o.outcome == "ok" and o.view > view and o.end > killed
+                                    for o in work.outcomes), 20.0)
+        suspicions = cluster.events("suspect", primary, killed)
+        assert sorted(suspicions) == [i for i in range(NODES) if i != primary]
+    finally:
+        work.close()
