@@ -214,12 +214,12 @@ def test_byzantine_primary_is_replaced_until_healed(cluster: lab.LabCluster,
     node = primary(snap)
     view = snap[node]["view"]
     print(lab.inject(cluster, "byzantine", node, mode="equivocate"))
-    wait_for(cluster, "equivocation in force",
-             lambda s: s[node].get("faults", {}).get("byzantine") == "equivocate")
     rest = others(cluster, node)
     replaced = wait_for(cluster, "a view change away from the equivocating primary",
                         lambda s: all(s[j].get("view", 0) > view for j in rest))
     others_go_on(cluster, node, replaced)
+    # Nothing is promised of a Byzantine node, not even that it survives its own misbehaving
+    # (copies per peer cost heap): heal restarts it if it died.
     healed = heal_and_catch_up(cluster, node)
     assert healed[node]["faults"]["byzantine"] is None
 
