@@ -3,9 +3,9 @@
 One cluster (real MicroPython nodes, a real broker) serves every test of the module, under a
 steady client load; each test strikes one node, waits for the effect, heals, and waits for
 the node to execute past the point the others had reached when it was healed (it caught up).
-Omission, and kill healed by a restart, are in test_lab.py (through the CLI). The last test
-runs the demo's nemesis through a list of kinds. No timing assertions: every wait is for a
-condition, with a deadline.
+Omission, and kill healed by a restart, are in test_lab.py (through the CLI). The first test,
+before the shared cluster starts, runs the demo's nemesis through a list of kinds. No timing
+assertions: every wait is for a condition, with a deadline.
 """
 
 from __future__ import annotations
@@ -108,6 +108,23 @@ def heal_and_catch_up(cluster: lab.LabCluster, node: int) -> Snapshot:
     return wait_for(cluster, f"node {node} healed and caught up past {mark}",
                     lambda s: executed(s, node) > mark and not any(
                         v for v in s[node].get("faults", {}).values()))
+
+
+def test_demo_nemesis_takes_the_kinds_in_turn_and_heals_them(tmp_path: Path) -> None:
+    kinds = ["partition", "delay", "pause", "omission"]
+    out = tmp_path / "demo"
+    done = subprocess.run([sys.executable, "-m", "edgebft", "demo", "--duration", "14",
+                           "--nemesis", ",".join(kinds), "--nemesis-interval", "3",
+                           "--broker", "mosquitto" if find_mosquitto() else "auto",
+                           "--out", str(out)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["safety_ok"] and summary["safety"]["converged"]
+    assert all(summary["nodes_alive_at_end"])
+    faults = summary["faults"]
+    assert [f["kind"] for f in faults] == kinds, "one kind per interval, in turn"
+    assert all(f["end"] > f["start"] for f in faults), "each healed"
+    assert all(faults[i + 1]["start"] >= faults[i]["end"] for i in range(len(faults) - 1))
 
 
 def test_partition_stops_a_node_until_healed(cluster: lab.LabCluster, load: Workload) -> None:
@@ -223,19 +240,3 @@ def test_byzantine_primary_is_replaced_until_healed(cluster: lab.LabCluster,
     healed = heal_and_catch_up(cluster, node)
     assert healed[node]["faults"]["byzantine"] is None
 
-
-def test_demo_nemesis_takes_the_kinds_in_turn_and_heals_them(tmp_path: Path) -> None:
-    kinds = ["partition", "delay", "pause", "omission"]
-    out = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "edgebft", "demo", "--duration", "14",
-                           "--nemesis", ",".join(kinds), "--nemesis-interval", "3",
-                           "--broker", "mosquitto" if find_mosquitto() else "auto",
-                           "--out", str(out)], capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["safety_ok"] and summary["safety"]["converged"]
-    assert all(summary["nodes_alive_at_end"])
-    faults = summary["faults"]
-    assert [f["kind"] for f in faults] == kinds, "one kind per interval, in turn"
-    assert all(f["end"] > f["start"] for f in faults), "each healed"
-    assert all(faults[i + 1]["start"] >= faults[i]["end"] for i in range(len(faults) - 1))
