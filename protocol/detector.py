@@ -24,8 +24,8 @@
 #   below the threshold when its heartbeat arrived (an outage does not skew the statistics).
 #   offline() (the peer's MQTT Last Will) suspects it at once; the heartbeat that ends an
 #   outage restarts its clock without recording the gap.
-# - Memory is fixed at construction and small (~0.8 KB live for 4 replicas, window 16, plus
-#   ~0.8 KB for the module, on the 64-bit Unix port), in as few objects as possible (each
+# - Memory is fixed at construction and small (0.7 KB live for 4 replicas, window 16, plus
+#   ~1 KB for the module, on the 64-bit Unix port), in as few objects as possible (each
 #   costs its header and a 16-byte block minimum): `buf`, one flat ring of `window` intervals
 #   per peer (array 'h', 2 bytes each, capped at 32767 ms); `state`, one array 'i' of the
 #   parameters and four ints per peer (not 'q': reading 'q' allocates a long int on
@@ -50,8 +50,8 @@ try:
 except ImportError:  # CPython (a function here would cost heap on MicroPython, int does not)
     const = int
 
-# state[0:4]: the parameters: first_ms, min_std_ms and pause_ms in 1/16 ms, yk (the least y,
-# in 1/256, at which phi reaches the threshold). Peer j's four ints from 4 + 4 * j: mean + pause
+# state[0:4]: the parameters: first_ms, min_std_ms and pause_ms (these two in 1/16 ms), yk (the
+# least y, in 1/256, at which phi reaches the threshold). Peer j's four ints from 4 + 4 * j: mean + pause
 # and max(std, min_std) (1/16 ms), the delay (ms; phi reaches the threshold at since[j] +
 # delay), and its flags.
 _FIRST = const(0)
@@ -129,7 +129,8 @@ class Detector:
         self.events = []
 
     def update(self, j):
-        """Recompute peer j's mean, std and delay from its ring."""
+        """Recompute peer j's mean, std and delay from its ring (the other methods call this
+        when they need them and they are stale)."""
         buf = self.buf
         st = self.state
         w = self.window
