@@ -4,7 +4,8 @@
 # - Commands arrive on ebft/<c>/ctl/<i> as CONTROL messages from the host, tagged with this
 #   node's control key; a command is applied only if its tag verifies and its nonce is above
 #   every nonce accepted before (the last one persists in flash, so a replay after a reboot
-#   is refused too). Anything else is counted in `rejected` and changes nothing.
+#   is refused too). Anything else is counted in `rejected` and changes nothing, as is a
+#   command the node has no heap for (loading a Byzantine behaviour on a full heap).
 # - Faults act on replica-to-replica traffic only, at the edge of the runtime: the protocol
 #   code never knows. heal() undoes every fault.
 # - Bounded: at most _DELAYED_MAX messages and _DELAYED_BYTES_MAX bytes (each message's wire plus
@@ -83,8 +84,8 @@ class Faults:
             return None
         try:
             self._apply(msg.command, msg.args)
-        except (ValueError, TypeError, IndexError):
-            self.rejected += 1
+        except (ValueError, TypeError, IndexError, MemoryError):
+            self.rejected += 1  # MemoryError: no heap to load a behaviour; the node goes on
             return None
         self.nonce = msg.nonce
         _save_nonce(msg.nonce)
