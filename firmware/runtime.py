@@ -12,11 +12,12 @@
 #     ebft/c/event/i           CBOR lists: replica events, control outcomes, suspicions
 # - Failure detection (protocol/detector.py): a peer's status messages are its heartbeats, so
 #   the heartbeat interval is status_interval_ms; its b"offline" (the broker's Last Will for
-#   it) suspects it at once. Network faults cut heartbeats like any
-#   other traffic from the peer. The detector is checked every timer tick; each suspicion and
-#   recovery is published as ["suspect", peer, phi * 100] or ["trust", peer], and a suspected
-#   primary starts a view change (Replica.suspect), again in each view it leads. Status maps
-#   carry "phi", every replica's phi * 100 (0 for ourselves).
+#   it) suspects it at once. Network faults cut heartbeats like any other traffic from the
+#   peer. The detector measures durations on the node's clock without the injected skew (a
+#   skew offsets the clock, it does not make time pass). It is checked every timer tick; each
+#   suspicion and recovery is published as ["suspect", peer, phi * 100] or ["trust", peer],
+#   and a suspected primary starts a view change (Replica.suspect), again in each view it
+#   leads. Status maps carry "phi", every replica's phi * 100 (0 for ourselves).
 # - Memory stays bounded: no per-message state here; status keeps a ring of _CHECKPOINTS_KEPT.
 import gc
 import json
@@ -126,9 +127,9 @@ class Node:
                 return
             now = self.now()
             if len(payload) == len(OFFLINE) and bytes(payload) == OFFLINE:
-                self.detector.offline(j, now)
+                self.detector.offline(j, now - self.faults.skew_ms)
             else:  # a retained one too: it starts the clock of a peer silent since before
-                self.detector.heartbeat(j, now)  # we subscribed, so phi suspects it in time
+                self.detector.heartbeat(j, now - self.faults.skew_ms)  # we subscribed
             self.detected(now)
             return
         if not topic.startswith(self.topic_req):  # from a replica: .../from/<j>
@@ -174,7 +175,8 @@ class Node:
         del r.events[:]
 
     def detected(self, now):
-        """Publish the detector's events; start a view change if the primary is suspected."""
+        """Publish the detector's events; start a view change (at replica time ``now``) if the
+        primary is suspected."""
         d = self.detector
         for event in d.events:
             self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
@@ -191,7 +193,7 @@ class Node:
         if used > self.heap_peak:
             self.heap_peak = used
         r = self.replica
-        now = self.now()
+        clock = self.now() - self.faults.skew_ms
         return {
             "node": self.me, "view": r.view, "limbo": r.limbo,
             "view_changes": r.counts["view_changes"], "primary": r.primary(), "seq": r.seq,
@@ -202,11 +204,11 @@ class Node:
             "pending": len(r.pending), "slots": len(r.live_slots()), "clients": len(r.replies),
             "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
-            "uptime_ms": now - self.faults.skew_ms,
+            "uptime_ms": clock,
             "status_skipped": self.status_skipped,
             "faults": self.faults.describe(), "fault_dropped": self.faults.dropped,
             "ctl_rejected": self.faults.rejected,
-            "phi": [self.detector.phi(j, now) for j in range(r.stake.n)],
+            "phi": [self.detector.phi(j, clock) for j in range(r.stake.n)],
         }
 
     async def report(self):
@@ -220,18 +222,19 @@ class Node:
     async def timers(self):
         """Drive the replica's timers (view change, retransmission) and the failure detector."""
         r = self.replica
-        before = self.now()
+        before = self.now() - self.faults.skew_ms
         stalled = False
         while True:
             now = self.now()
             if now >= r.next_timer():
                 r.tick(now)
                 self.drain()
-            stalled = not stalled and now - before >= _STALL_MS
+            clock = now - self.faults.skew_ms
+            stalled = not stalled and clock - before >= _STALL_MS
             if not stalled:
-                self.detector.check(now)
+                self.detector.check(clock)
                 self.detected(now)
-            before = now
+            before = clock
             for topic, wire in self.faults.due(now):
                 self.mqtt.publish(topic, wire)
             await asyncio.sleep_ms(_TICK_MS)

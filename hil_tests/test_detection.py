@@ -17,6 +17,7 @@ import pytest
 
 from edgebft.broker import start_broker
 from edgebft.cluster import EmulatedCluster
+from edgebft.control import fresh_nonce, send_command
 from edgebft.demo import DemoOptions, node_config
 from edgebft.image import build_image
 from edgebft.keys import ClusterKeys, generate_keys
@@ -61,7 +62,13 @@ class Cluster:
         return first
 
     def primary(self) -> int:
-        return self.observer.snapshot()[0]["primary"]
+        """The primary in the newest status of a running node."""
+        snap = self.observer.snapshot()
+        return next(snap[i]["primary"] for i in sorted(snap) if self.nodes.alive(i))
+
+    def control(self, node: int, command: str, args: list[Any]) -> None:
+        send_command(self.host, self.port, self.name, node, self.keys.control[node],
+                     fresh_nonce(0), command, args)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
@@ -133,6 +140,20 @@ def test_a_paused_node_is_suspected_by_phi_and_trusted_when_resumed(cluster: Clu
     assert wait_for(lambda: sorted(cluster.events("trust", victim, resumed)) == live, 10.0)
 
 
+def test_a_clock_skew_is_not_a_failure(cluster: Cluster) -> None:
+    node = (cluster.primary() + 1) % NODES
+    since = time.time()
+    cluster.control(node, "skew", [-5000])  # the clock jumps back 5 s, then forward 5 s
+    assert wait_for(lambda: cluster.observer.snapshot()[node]["faults"]["skew_ms"] == -5000,
+                    5.0)
+    time.sleep(1.0)
+    cluster.control(node, "heal", [])
+    assert wait_for(lambda: cluster.observer.snapshot()[node]["faults"]["skew_ms"] == 0, 5.0)
+    time.sleep(DEADLINE_S)
+    assert [e for at, n, e in list(cluster.observer.events)
+            if n == node and e[0] == "suspect" and at > since] == []
+
+
 def test_a_suspected_primary_drives_the_view_change(cluster: Cluster) -> None:
     primary = cluster.primary()
     view = cluster.observer.snapshot()[primary]["view"]
@@ -150,3 +171,4 @@ def test_a_suspected_primary_drives_the_view_change(cluster: Cluster) -> None:
         assert sorted(suspicions) == [i for i in range(NODES) if i != primary]
     finally:
         work.close()
+
