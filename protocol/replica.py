@@ -145,6 +145,7 @@ class Replica:
         self.vc_deadline = None   # view-change timer (T1-T3)
         self.vc_views = {}        # replica -> the highest view of its VIEW-CHANGEs we verified
         self.vcs = {}             # replica -> vc.ViewChange for a view not yet installed
+        self.vc_digests = {}      # digest -> the one copy the ViewChanges in self.vcs share
         self.vc_wires = {}        # replica -> its VIEW-CHANGE wire (relayed on STATUS, BV2)
         self.acks = {}            # owner -> {view: {acker: vc digest}}, views >= self.view
         self.acked = {}           # owner -> vc digest acknowledged by me in self.view
@@ -290,9 +291,10 @@ class Replica:
             self._drop("request too large")
             return
         client = msg.sender
+        wire = msg.body + msg.auth  # one copy, shared by the waiting and pending tables
         if client in self.waiting or len(self.waiting) < _WAITING_MAX:
             self.waiting[client] = msg.timestamp  # one outstanding request per client
-            self.waiting_wires[client] = msg.body + msg.auth
+            self.waiting_wires[client] = wire
         if self.vc_deadline is None and not self.limbo and client in self.waiting:
             # T1; on the primary the same timer makes it abdicate when its own requests do
             # not execute (libbyz's V1(c)): the backups may be stuck in another view.
@@ -305,7 +307,7 @@ class Replica:
             self._drop("pending full")
             return
         self.pending_ids[client] = msg.timestamp
-        self.pending.append(msg.body + msg.auth)
+        self.pending.append(wire)
         self._cut_batches()
 
     def _cut_batches(self):
@@ -659,14 +661,16 @@ class Replica:
     def _start_transfer(self, seq, digest, sources):
         if not sources:
             sources = [j for j in range(self.stake.n) if j != self.me]
-        # [seq, digest, bytes so far, sources, source index, vouched for already]
-        self.transfer = [seq, digest, bytearray(), sources, 0, True]
+        # [seq, digest, buffer (allocated whole with the first chunk, so a heap that is short
+        # of large blocks is not cut up by growing it), sources, source index, vouched for
+        # already, bytes received]
+        self.transfer = [seq, digest, None, sources, 0, True, 0]
         self._fetch_next()
 
     def _fetch_next(self):
         t = self.transfer
         source = t[3][t[4] % len(t[3])]
-        self._send(source, m.FETCH, t[0], t[1], len(t[2]))
+        self._send(source, m.FETCH, t[0], t[1], t[6])
 
     def _vouched(self, seq, digest):
         """Do replicas with over 1/3 of stake report checkpoint (seq, digest)?"""
@@ -696,17 +700,22 @@ class Replica:
         if t is not None and msg.offset == 0 and msg.seq > t[0] and msg.seq > self.last_exec:
             # A newer stable checkpoint offered instead: assemble that one (it is checked
             # against its digest and its vouchers when complete).
-            t[0], t[1], t[2] = msg.seq, msg.digest, bytearray()
+            t[0], t[1], t[2] = msg.seq, msg.digest, None
             t[3] = [msg.sender] + [j for j in t[3] if j != msg.sender]
             t[4] = 0
             t[5] = False
-        if t is None or msg.seq != t[0] or msg.digest != t[1] or msg.offset != len(t[2]):
+            t[6] = 0
+        if t is None or msg.seq != t[0] or msg.digest != t[1] or msg.offset != t[6]:
             return
-        if msg.total > _SNAPSHOT_BYTES_MAX or len(t[2]) + len(msg.data) > msg.total:
+        if t[2] is None and msg.total <= _SNAPSHOT_BYTES_MAX:
+            t[2] = bytearray(msg.total)
+        n = len(msg.data)
+        if t[2] is None or msg.total != len(t[2]) or t[6] + n > msg.total:
             self._drop("bad chunk")
             return
-        t[2].extend(msg.data)
-        if len(t[2]) < msg.total:
+        t[2][t[6]:t[6] + n] = msg.data
+        t[6] += n
+        if t[6] < msg.total:
             self._fetch_next()
             return
         snap = bytes(t[2])
@@ -793,7 +802,8 @@ class Replica:
                 self._resend_new_view(msg.sender)
             return
         digest = hashlib.sha256(msg.body).digest()
-        change = vc.ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p, msg.q, digest)
+        change = vc.ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p, msg.q, digest,
+                               self.vc_digests)
         self.vc_views[msg.sender] = msg.view
         self.vc_wires[msg.sender] = msg.body + msg.auth
         if msg.view > self.view or self.limbo:
@@ -967,6 +977,7 @@ class Replica:
         self.dirty = True
         for j in [j for j in self.vcs if self.vcs[j].view <= self.view]:
             del self.vcs[j]  # decided: only the wires stay, to relay to laggers (BV2)
+        self.vc_digests = {}
         for j in [j for j in self.vc_wires if self.vc_views[j] < self.view]:
             del self.vc_wires[j]
         self.new_view = None
