@@ -50,10 +50,10 @@ try:
 except ImportError:  # CPython (a function here would cost heap on MicroPython, int does not)
     const = int
 
-# state[0:4]: the parameters: first_ms, min_std_ms and pause_ms (these two in 1/16 ms), yk (the
-# least y, in 1/256, at which phi reaches the threshold). Peer j's four ints from 4 + 4 * j: mean + pause
-# and max(std, min_std) (1/16 ms), the delay (ms; phi reaches the threshold at since[j] +
-# delay), and its flags.
+# state[0:4]: the parameters: first_ms, min_std_ms and pause_ms (these two in 1/16 ms), yk
+# (the least y, in 1/256, at which phi reaches the threshold). Peer j's four ints from
+# 4 + 4 * j: mean + pause and max(std, min_std) (1/16 ms), the delay (ms; phi reaches the
+# threshold at since[j] + delay), and its flags.
 _FIRST = const(0)
 _MIN_SD = const(1)
 _PAUSE = const(2)
