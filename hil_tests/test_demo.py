@@ -140,5 +140,12 @@ def test_demo_with_an_equivocating_primary_stays_safe_and_names_it(tmp_path: Pat
     assert summary["byzantine_nodes"] == [fault["node"]]
     offenders = {e["offender"] for e in summary["equivocations_detected"]}
     assert offenders <= {fault["node"]}, "only the Byzantine primary is ever named"
+    epochs = summary["stake_epochs"]
+    assert epochs[0]["validators"] == summary["stake"]
+    for later in epochs[1:]:  # a slash (accusers over 1/3 of stake) only ever hits it
+        assert later["validators"][str(fault["node"])] == 0
+    if offenders:
+        report = (tmp_path / "run" / "report.html").read_text()
+        assert "<h2>Equivocations caught</h2>" in report
     correct = [n for n in summary["last_executed"] if int(n) != fault["node"]]
     assert len({summary["last_executed"][n] for n in correct}) == 1

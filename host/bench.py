@@ -244,11 +244,12 @@ def recovery_ms(fault: Fault, outcomes: list[Outcome]) -> float | None:
 
 
 def detection_ms(fault: Fault, node_events: list[NodeEvent]) -> float | None:
-    """Fault start to the first ``["suspect", <the faulted node>, ...]`` event another node
-    published after it (None when none did)."""
+    """Fault start to the first event another node published after it naming the faulted
+    node: ``["suspect", node, ...]`` (its failure detector) or ``["equivocation", node, ...]``
+    (caught sending conflicting messages); None when none did."""
     times = [at for at, node, event in node_events
-             if len(event) >= 2 and event[0] == "suspect" and event[1] == fault.node
-             and node != fault.node and at >= fault.start]
+             if len(event) >= 2 and event[0] in ("suspect", "equivocation")
+             and event[1] == fault.node and node != fault.node and at >= fault.start]
     return round((min(times) - fault.start) * 1000.0, 1) if times else None
 
 
@@ -299,17 +300,42 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "detection": times_summary(detections, "undetected"),
         "recovery_ms": recoveries,
         "recovery": times_summary(recoveries, "unrecovered"),
-        "stake": stake_table(options),
-        "equivocations_detected": [
-            {"node": node, "offender": event[1], "view": event[2], "seq": event[3]}
-            for _, node, event in observer.events if event and event[0] == "equivocation"],
+        "stake": stake_table(options.stake or [1] * options.nodes),
+        "stake_epochs": stake_epochs(options.stake or [1] * options.nodes, observer.events),
+        "equivocations_detected": equivocations(observer.events),
     }
 
 
-def stake_table(options: BenchOptions) -> dict[str, int]:
-    """The validator set's stake per node (one epoch: stake changes are future work)."""
-    weights = options.stake or [1] * options.nodes
+def stake_table(weights: list[int]) -> dict[str, int]:
+    """A validator set as {node id: stake}."""
     return {str(i): w for i, w in enumerate(weights)}
+
+
+def stake_epochs(genesis: list[int], node_events: list[NodeEvent]) -> list[dict[str, Any]]:
+    """The validator set of every epoch the nodes reported (``["epoch", epoch, first
+    checkpoint, validators]`` events; all correct nodes report the same ones), from the
+    genesis set (epoch 0): [{epoch, since, validators: {node id: stake}}] by epoch."""
+    epochs = {0: {"epoch": 0, "since": 0, "validators": stake_table(genesis)}}
+    for _, _, event in node_events:
+        if len(event) == 4 and event[0] == "epoch" and event[1] not in epochs:
+            epochs[event[1]] = {"epoch": event[1], "since": event[2],
+                                "validators": stake_table(list(event[3]))}
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def equivocations(node_events: list[NodeEvent]) -> list[dict[str, Any]]:
+    """Who caught whom equivocating in which view: one entry per (node, offender, view) with
+    the first sequence number and how many slots it saw."""
+    found: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for _, node, event in node_events:
+        if len(event) == 4 and event[0] == "equivocation":
+            key = (node, event[1], event[2])
+            if key in found:
+                found[key]["slots"] += 1
+            else:
+                found[key] = {"node": node, "offender": event[1], "view": event[2],
+                              "seq": event[3], "slots": 1}
+    return list(found.values())
 
 
 def times_summary(values: list[float | None], missing: str) -> dict[str, float | int | None]:

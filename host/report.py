@@ -409,7 +409,8 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-OWN_TABLES = ("faults", "availability_per_s")  # summary lists the page shows as tables
+# Summary lists the page shows as tables of their own.
+OWN_TABLES = ("faults", "availability_per_s", "equivocations_detected", "stake_epochs")
 
 
 def _flatten(summary: Mapping[str, Any], prefix: str = "") -> list[tuple[str, object]]:
@@ -457,6 +458,27 @@ img { max-width: 100%; border: 1px solid #ddd; margin: 0.4em 0; }
 """
 
 
+def _byzantine_tables(summary: Mapping[str, Any]) -> list[str]:
+    """Who caught whom equivocating, and the validator set of each epoch (stake slashed or
+    moved), when the summary has them."""
+    parts: list[str] = []
+    caught = [e for e in summary.get("equivocations_detected") or [] if isinstance(e, dict)]
+    if caught:
+        rows = [[e.get("offender"), e.get("node"), e.get("view"), e.get("seq"), e.get("slots")]
+                for e in caught]
+        parts += ["<h2>Equivocations caught</h2>",
+                  _table(["offender", "caught by node", "view", "first seq", "slots"], rows,
+                         "equivocations")]
+    epochs = [e for e in summary.get("stake_epochs") or [] if isinstance(e, dict)]
+    if len(epochs) > 1:
+        nodes = sorted({n for e in epochs for n in e.get("validators", {})}, key=int)
+        rows = [[e.get("epoch"), e.get("since")] + [e.get("validators", {}).get(n) for n in nodes]
+                for e in epochs]
+        parts += ["<h2>Validator set per epoch (stake)</h2>",
+                  _table(["epoch", "from seq"] + [f"node {n}" for n in nodes], rows, "epochs")]
+    return parts
+
+
 def render_html(run_dir: Path, events: Sequence[Mapping[str, Any]],
                 summary: Mapping[str, Any] | None) -> str:
     """The text of ``report.html`` for a run (pure: reads nothing, writes nothing)."""
@@ -494,6 +516,7 @@ def render_html(run_dir: Path, events: Sequence[Mapping[str, Any]],
                 parts.append(_table([f"{name} p50 (ms)", f"{name} max (ms)", missing],
                                     [[times.get("p50"), times.get("max"), times.get(missing)]],
                                     name))
+    parts += _byzantine_tables(summary or {})
     for name, (heading, alt) in PLOTS.items():
         parts.append(f"<h2>{html.escape(heading)}</h2>"
                      f"<img src=\"{name}\" alt=\"{html.escape(alt)}\">")

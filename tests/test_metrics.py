@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from edgebft.bench import TxMeter, detection_ms, recovery_ms, request_event
+from edgebft.bench import (
+    TxMeter,
+    detection_ms,
+    equivocations,
+    recovery_ms,
+    request_event,
+    stake_epochs,
+)
 from edgebft.metrics import PERCENTILES, latency_percentiles
 from edgebft.nemesis import Fault
 from edgebft.report import availability_windows
@@ -127,6 +134,25 @@ def test_detection_is_the_first_suspicion_of_the_faulted_node_by_another_node() 
     ]
     assert detection_ms(fault, events) == 750.0
     assert detection_ms(fault, events[:4]) is None
+    caught = [*events[:4], (T0 + 2.5, 2, ["equivocation", 0, 0, 17])]
+    assert detection_ms(fault, caught) == 500.0, "an equivocation names its offender too"
+
+
+def test_stake_epochs_and_equivocations_come_from_node_events() -> None:
+    events: list[tuple[float, int, list[Any]]] = [
+        (T0, 1, ["equivocation", 0, 0, 5]), (T0, 1, ["equivocation", 0, 0, 6]),
+        (T0, 2, ["equivocation", 0, 0, 5]),
+        (T0 + 1, 1, ["epoch", 1, 16, [0, 25, 25, 20]]),
+        (T0 + 1, 2, ["epoch", 1, 16, [0, 25, 25, 20]]),
+        (T0 + 2, 2, ["epoch", 2, 40, [0, 30, 25, 20]]),
+    ]
+    assert stake_epochs([30, 25, 25, 20], events) == [
+        {"epoch": 0, "since": 0, "validators": {"0": 30, "1": 25, "2": 25, "3": 20}},
+        {"epoch": 1, "since": 16, "validators": {"0": 0, "1": 25, "2": 25, "3": 20}},
+        {"epoch": 2, "since": 40, "validators": {"0": 0, "1": 30, "2": 25, "3": 20}}]
+    assert equivocations(events) == [
+        {"node": 1, "offender": 0, "view": 0, "seq": 5, "slots": 2},
+        {"node": 2, "offender": 0, "view": 0, "seq": 5, "slots": 1}]
 
 
 def test_recovery_is_the_first_commit_from_a_later_view_after_the_fault() -> None:

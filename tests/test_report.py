@@ -201,6 +201,20 @@ def test_report_html_is_self_contained_and_complete(run: Path) -> None:
     assert '<tr class="bad"><td>3</td><td>0</td><td>3</td><td>0</td></tr>' in text
 
 
+def test_report_names_the_equivocator_and_shows_each_epochs_stake(tmp_path: Path) -> None:
+    summary = {**SUMMARY,
+               "equivocations_detected": [
+                   {"node": 2, "offender": 0, "view": 0, "seq": 17, "slots": 3}],
+               "stake_epochs": [
+                   {"epoch": 0, "since": 0, "validators": {"0": 30, "1": 25, "2": 25}},
+                   {"epoch": 1, "since": 24, "validators": {"0": 0, "1": 25, "2": 25}}]}
+    text = build_report(write_run(tmp_path / "run", REQUESTS + FAULTS, summary)).read_text()
+    assert ("<h2>Equivocations caught</h2>" in text and
+            "<tr><td>0</td><td>2</td><td>0</td><td>17</td><td>3</td></tr>" in text)
+    assert "<tr><td>1</td><td>24</td><td>0</td><td>25</td><td>25</td></tr>" in text
+    assert "<td>equivocations_detected</td>" not in text, "a table of its own, not a cell"
+
+
 def test_without_summary_json_the_page_is_derived_from_events(tmp_path: Path) -> None:
     folder = write_run(tmp_path / "bare", FAULTS + REQUESTS, summary=None)
     text = build_report(folder).read_text()
