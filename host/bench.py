@@ -28,7 +28,7 @@ from edgebft.image import build_image
 from edgebft.keys import generate_keys
 from edgebft.metrics import availability, latency_percentiles, percentile
 from edgebft.micropython import HEAP_DEFAULT, find_micropython
-from edgebft.nemesis import NEMESES, Fault, NemesisError, PrimaryNemesis, make_nemesis
+from edgebft.nemesis import Fault, NemesisError, PrimaryNemesis, make_nemesis, parse_nemesis
 from edgebft.observer import Observer
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
@@ -87,9 +87,10 @@ class BenchOptions:
                                        or sum(self.stake) <= 0):
             raise BenchError(f"--stake needs {self.nodes} non-negative values with a positive "
                              "sum")
-        unknown = [n for n in self.nemesis.split(",") if n.strip() not in NEMESES]
-        if unknown:
-            raise BenchError(f"--nemesis {self.nemesis}: expected one of {', '.join(NEMESES)}")
+        try:
+            parse_nemesis(self.nemesis)
+        except NemesisError as e:
+            raise BenchError(str(e)) from None
 
 
 def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:
@@ -236,10 +237,13 @@ def _drive(duration_s: float, workload: Workload, tx: TxMeter, observer: Observe
                      workload.queued())
 
 
-def recovery_ms(fault: Fault, outcomes: list[Outcome]) -> float | None:
-    """Fault start to the first request accepted from a view after the fault's view."""
+def recovery_ms(fault: Fault, outcomes: list[Outcome],
+                before: float = float("inf")) -> float | None:
+    """Fault start to the first request accepted from a view after the fault's view, if one
+    was accepted before ``before`` (the next fault's start): a fault that changed no view (a
+    delay the cluster rode out) has none, rather than the next fault's."""
     ends = [o.end for o in outcomes
-            if o.outcome == "ok" and o.view > fault.view and o.end > fault.start]
+            if o.outcome == "ok" and o.view > fault.view and fault.start < o.end < before]
     return round((min(ends) - fault.start) * 1000.0, 1) if ends else None
 
 
@@ -263,7 +267,9 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
               messages_sent: int) -> dict[str, Any]:
     """The summary.json contract of ``edgebft bench`` and ``edgebft demo`` (see README)."""
     ok = [o for o in outcomes if o.outcome == "ok"]
-    recoveries = [recovery_ms(f, outcomes) for f in faults]
+    starts = sorted(f.start for f in faults)
+    recoveries = [recovery_ms(f, outcomes, min((t for t in starts if t > f.start),
+                                                default=float("inf"))) for f in faults]
     detections = [detection_ms(f, observer.events) for f in faults]
     violations = observer.violations()
     statuses = observer.snapshot()

@@ -58,10 +58,32 @@ def cli() -> None:
     """EdgeBFT: PBFT with Proof-of-Stake on MicroPython nodes over MQTT, and a lab to break it."""
 
 
+class Seconds(click.ParamType):
+    """A duration: plain seconds (10, 2.5) or with a unit (10s, 500ms, 1.5m)."""
+
+    name = "seconds"
+    UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0))  # "ms" before "s" and "m"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        scale = 1.0
+        for unit, factor in self.UNITS:
+            if text.endswith(unit):
+                text, scale = text[:-len(unit)], factor
+                break
+        try:
+            return float(text) * scale
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (e.g. 10, 10s, 500ms, 1m)", param, ctx)
+
+
 RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.bench.BenchOptions)
     click.option("--nodes", default=4, show_default=True, help="Replicas to run (at least 4)."),
-    click.option("--duration", "duration_s", default=10.0, show_default=True, type=float,
-                 help="Seconds of client load."),
+    click.option("--duration", "duration_s", default=10.0, show_default=True, type=Seconds(),
+                 help="Client load for this long (seconds; or 10s, 500ms, 1m)."),
     click.option("--broker", default="auto", show_default=True,
                  metavar="URL|mosquitto|embedded",
                  help="mosquitto (started on a free loopback port), embedded (amqtt, started by "
@@ -83,7 +105,7 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.bench.
                       "in)."),
     click.option("--stake", default=None, metavar="W1,W2,...",
                  help="Stake per node (default: equal); every quorum is by stake."),
-    click.option("--nemesis-interval", "nemesis_interval_s", type=float, default=None,
+    click.option("--nemesis-interval", "nemesis_interval_s", type=Seconds(), default=None,
                  metavar="SECONDS",
                  help="Strike every SECONDS (healing half an interval later), taking the kinds "
                       "in turn, instead of once per kind."),

@@ -10,6 +10,7 @@ any node reports and flags a sequence with two digests.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -34,7 +35,7 @@ class Observer:
         self.events: list[tuple[float, int, list[Any]]] = []
         self._lock = threading.Lock()
         self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                                 client_id=f"ebft-{cluster}-observer")
+                                 client_id=f"ebft-{cluster}-observer-{os.urandom(3).hex()}")
         self._mqtt.on_message = self._on_message
         self._mqtt.connect(host, port, keepalive=30)
         self._mqtt.subscribe([(f"ebft/{cluster}/status/+", 0), (f"ebft/{cluster}/event/+", 0)])

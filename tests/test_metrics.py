@@ -164,3 +164,7 @@ def test_recovery_is_the_first_commit_from_a_later_view_after_the_fault() -> Non
                 outcome(2.6, 2.6, "ok", 0.3, view=1)]
     assert recovery_ms(fault, outcomes) == 900.0
     assert recovery_ms(fault, outcomes[:3]) is None
+    # The next fault started at +2.95 s: the new view came first (+2.9 s), so it counts ...
+    assert recovery_ms(fault, outcomes, before=T0 + 2.95) == 900.0
+    # ... but a view change after the next fault started is that fault's, not this one's.
+    assert recovery_ms(fault, outcomes, before=T0 + 2.85) is None
