@@ -1,20 +1,38 @@
-"""Heap a replica takes on the MicroPython Unix port, by checkpoint interval K.
+"""Heap a node's code and a replica take on the MicroPython Unix port.
 
-For each K: the bytes one Replica allocates when built (its preallocated log, oplog and
-tables), and the most its live state (log, checkpoints, bodies, reply cache) grows above that
+First the node's code: the heap and the interned strings (qstrs) that importing the runtime
+from a ROMFS image takes, as on a node. MicroPython's qstr pools double in size: with at most
+QSTRS_IN_FIVE_POOLS qstrs they fit in five pools; one more allocates a sixth of ~7 KB.
+
+Then, for each checkpoint interval K: the bytes one Replica allocates when built (its
+preallocated log, oplog and tables), and the most its live state (log, checkpoints, bodies, reply cache) grows above that
 while four replicas in one MicroPython process commit requests (measured after a collection
 every 8 requests; per replica). Run: .venv/bin/python tools/bench_memory.py
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from edgebft.image import build_lib
+from edgebft.image import build_lib, build_rom
 from edgebft.micropython import find_micropython
+
+QSTRS_IN_FIVE_POOLS = 620  # pools of 20, 40, 80, 160 and 320 entries (measured)
+
+IMPORT_SCRIPT = r'''
+import gc, micropython, os, sys, uctypes, vfs
+address, size = os.getenv("EDGEBFT_ROM").split(":")
+vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(address), int(size))), "/rom")
+sys.path.insert(0, "/rom/lib")
+gc.collect(); before = gc.mem_alloc()
+from edgebft.firmware import runtime
+gc.collect(); print("heap", gc.mem_alloc() - before)
+micropython.qstr_info()
+'''
 
 SCRIPT = r'''
 import gc, hashlib, sys
@@ -59,10 +77,29 @@ print(K, built, peak, rs[0].last_exec, rs[0].h)
 '''
 
 
+def import_cost(lib: Path, tmp: Path) -> tuple[int, int, int]:
+    """(heap bytes, qstrs, qstr pools) after importing the runtime from a ROMFS image of
+    ``lib``, as edgebft.romboot runs a node."""
+    rom = tmp / "rom.img"
+    rom.write_bytes(build_rom(lib))
+    script = tmp / "import_cost.py"
+    script.write_text(IMPORT_SCRIPT)
+    done = subprocess.run([sys.executable, "-m", "edgebft.romboot", str(rom), "-X",
+                           "heapsize=1m", str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp, check=True)
+    heap = int(re.search(r"heap (\d+)", done.stdout).group(1))
+    pools = re.search(r"n_pool=(\d+), n_qstr=(\d+)", done.stdout)
+    return heap, int(pools.group(2)), int(pools.group(1))
+
+
 def main() -> int:
     micropython = find_micropython()
     with tempfile.TemporaryDirectory() as tmp:
-        lib = build_lib(Path(tmp))
+        lib = build_lib(Path(tmp) / "lib")
+        heap, qstrs, pools = import_cost(lib, Path(tmp))
+        verdict = "fits" if qstrs <= QSTRS_IN_FIVE_POOLS else "OVER: a sixth pool, ~7 KB more"
+        print(f"importing the runtime: {heap} B of heap, {qstrs} qstrs in {pools} pools "
+              f"({verdict}; five pools hold {QSTRS_IN_FIVE_POOLS})")
         script = Path(tmp) / "bench_memory_mp.py"
         script.write_text(SCRIPT)
         print(f"{'K':>4} {'built (B)':>10} {'live above (B)':>15} {'executed':>9} {'stable':>7}")
