@@ -5,9 +5,11 @@ from a ROMFS image takes, as on a node. MicroPython's qstr pools double in size:
 QSTRS_IN_FIVE_POOLS qstrs they fit in five pools; one more allocates a sixth of ~7 KB.
 
 Then, for each checkpoint interval K: the bytes one Replica allocates when built (its
-preallocated log, oplog and tables), and the most its live state (log, checkpoints, bodies, reply cache) grows above that
-while four replicas in one MicroPython process commit requests (measured after a collection
-every 8 requests; per replica). Run: .venv/bin/python tools/bench_memory.py
+preallocated log, oplog and tables), and the most its live state (log, checkpoints, bodies,
+reply cache) grows above that while four replicas in one MicroPython process commit requests
+(measured after a collection every 8 requests; per replica).
+
+Run: .venv/bin/python tools/bench_memory.py
 """
 
 from __future__ import annotations
