@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from edgebft.sim import (
     SimError,
     SimOptions,
     SimSummary,
+    parse_behaviours,
     parse_faults,
     run_many,
 )
@@ -420,11 +422,13 @@ SIM_FAILURES_SHOWN = 10
               help="Stake per replica (default: equal); quorums are by stake.")
 @click.option("--byzantine", default=None, metavar="J,K",
               help="Replicas that misbehave (their own history is not checked).")
-@click.option("--behaviour", default="silent", show_default=True,
-              type=click.Choice(SIM_BEHAVIOURS),
-              help="What the Byzantine replicas do (protocol/byzantine.py): equivocate is a "
-                   "coordinated attack, view-skew votes for past and future views, twins runs "
-                   "two correct instances with one identity on parts of the network.")
+@click.option("--behaviour", "behaviour_text", default="silent", show_default=True,
+              metavar="B[,B...]",
+              help="What the Byzantine replicas do, one of " + ", ".join(SIM_BEHAVIOURS)
+                   + " (protocol/byzantine.py): equivocate is a coordinated attack, view-skew "
+                   "votes for past and future views, twins runs two correct instances with one "
+                   "identity on parts of the network. A comma list takes them in turn, one per "
+                   "seed.")
 @click.option("--churn", is_flag=True,
               help="Every other request bonds or unbonds one token of stake, so the validator "
                    "set changes (a new epoch) at nearly every checkpoint; use stakes of 100 or "
@@ -432,7 +436,7 @@ SIM_FAILURES_SHOWN = 10
 def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults_text: str,
         requests: int, clients: int, loss_max: float, delay_ms_max: int, fault_ms: int,
         liveness_ms: int, checkpoint_interval: int, view_timeout_ms: int, safety_only: bool,
-        plant: str | None, stake: str | None, byzantine: str | None, behaviour: str,
+        plant: str | None, stake: str | None, byzantine: str | None, behaviour_text: str,
         churn: bool) -> None:
     """Deterministic simulation: whole clusters in-process on a simulated network and clock.
 
@@ -455,7 +459,9 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
                          view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant),
                          stake=tuple(_parse_stake(stake) or ()) or None,
                          byzantine=tuple(_parse_ids(byzantine, "--byzantine") or ()),
-                         behaviour=behaviour, churn=churn)
+                         churn=churn)
+    behaviours = parse_behaviours(behaviour_text)
+    options = replace(options, behaviour=behaviours[0])
     options.check()
     seeds = [seed] if seed is not None else list(
         range(start, start + (seed_count or SIM_SEEDS_DEFAULT)))
@@ -470,7 +476,7 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
             failing[0] += not result.ok
             bar.update(task, advance=1, bad=failing[0])
 
-        summary = run_many(options, seeds, progress)
+        summary = run_many(options, seeds, progress, behaviours)
     print_sim_summary(summary)
     violated = [r for r in summary.failures if not (safety_only and r.verdict == "not-live")]
     if violated:

@@ -35,7 +35,7 @@ import heapq
 import random
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -829,22 +829,42 @@ def run_seed(seed: int, options: SimOptions) -> SeedResult:
 
 
 def run_many(options: SimOptions, seeds: Iterable[int],
-             progress: Callable[[SeedResult], None] | None = None) -> SimSummary:
-    """Run every seed in ``seeds`` (in order); call ``progress`` after each.
+             progress: Callable[[SeedResult], None] | None = None,
+             behaviours: Sequence[str] = ()) -> SimSummary:
+    """Run every seed in ``seeds`` (in order); call ``progress`` after each. With
+    ``behaviours``, the k-th seed's Byzantine replicas do ``behaviours[k % len]`` (each
+    seed's replay command names its own).
 
     Raises:
         SimError: the options are invalid (checked before the first seed).
     """
-    options.check()
+    runs = [replace(options, behaviour=b) for b in behaviours] or [options]
+    for run in runs:
+        run.check()
     results: list[SeedResult] = []
     start = time.perf_counter()
-    for seed in seeds:
-        result = run_seed(seed, options)
+    for k, seed in enumerate(seeds):
+        result = run_seed(seed, runs[k % len(runs)])
         results.append(result)
         if progress is not None:
             progress(result)
     return SimSummary(options=options, results=results,
                       elapsed_s=time.perf_counter() - start)
+
+
+def parse_behaviours(text: str) -> tuple[str, ...]:
+    """``"equivocate,twins"`` -> ("equivocate", "twins"): what Byzantine replicas do, in turn
+    per seed.
+
+    Raises:
+        SimError: an unknown behaviour (the message lists the known ones).
+    """
+    behaviours = tuple(b.strip() for b in text.split(","))
+    for b in behaviours:
+        if b not in SIM_BEHAVIOURS:
+            raise SimError(f"--behaviour {text}: unknown behaviour {b!r}; choose from "
+                           f"{','.join(SIM_BEHAVIOURS)}")
+    return behaviours
 
 
 def parse_faults(text: str) -> tuple[str, ...]:

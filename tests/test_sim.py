@@ -14,6 +14,7 @@ from edgebft.sim import (
     SimError,
     SimOptions,
     fault_schedule,
+    parse_behaviours,
     parse_faults,
     run_many,
     run_seed,
@@ -166,3 +167,13 @@ def test_cli_bad_options_exit_2_with_one_line(args: list[str], message: str,
     assert err.count("\n") == 1
     assert err.startswith("edgebft: error: ")
     assert message in err
+
+
+def test_a_list_of_behaviours_takes_them_in_turn_per_seed() -> None:
+    options = SimOptions(stake=(33, 23, 22, 22), byzantine=(0,), requests=5)
+    summary = run_many(options, range(4), behaviours=parse_behaviours("equivocate,twins"))
+    assert [r.replay.split("--behaviour ")[1] for r in summary.results] == [
+        "equivocate", "twins", "equivocate", "twins"]
+    assert all(r.ok for r in summary.results)
+    with pytest.raises(SimError, match="unknown behaviour 'nope'"):
+        parse_behaviours("equivocate,nope")
