@@ -1,7 +1,8 @@
 """The failure detector on emulated nodes (real MicroPython, a real broker): a killed node is
 suspected by every live node (its Last Will), a paused one too (phi alone: a SIGSTOPped node
-keeps its connection, so no Last Will) and trusted again once resumed, and a suspected
-primary drives the view change even when the request timer could not (view_timeout_ms 60 s).
+keeps its connection, so no Last Will) and trusted again once resumed, a clock skew (the
+node's time jumping back and forth) is no failure, and a suspected primary drives the view
+change even when the request timer could not (view_timeout_ms 60 s).
 """
 
 from __future__ import annotations
