@@ -29,8 +29,7 @@ from binascii import unhexlify
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
-        return x
+    const = int  # CPython: const(x) is x
 
 from edgebft.firmware import store
 from edgebft.firmware.faults import Faults

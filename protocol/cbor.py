@@ -22,8 +22,7 @@ import struct
 try:
     from micropython import const
 except ImportError:
-    def const(x):
-        return x
+    const = int  # CPython: const(x) is x
 
 # Containers nested in one item. Our messages nest 3 deep (message, batch, request); 16 leaves
 # room for the ledger's values and keeps recursion far from MicroPython's stack limit.

@@ -23,8 +23,7 @@ import struct
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
-        return x
+    const = int  # CPython: const(x) is x
 
 from . import cbor
 
