@@ -149,3 +149,25 @@ def test_demo_with_an_equivocating_primary_stays_safe_and_names_it(tmp_path: Pat
         assert "<h2>Equivocations caught</h2>" in report
     correct = [n for n in summary["last_executed"] if int(n) != fault["node"]]
     assert len({summary["last_executed"][n] for n in correct}) == 1
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_demo_slashes_an_equivocating_primary_of_five(tmp_path: Path) -> None:
+    """Five equal stakes: the replicas the primary's real and null pre-prepares reached both
+    hold 2/5 of stake, so they prove the equivocation together; the accusations are ordered,
+    the offender's bond is slashed and the next epoch's validator set leaves it out."""
+    summary = run_demo(tmp_path / "run", "--nodes", "5", "--duration", "12", "--broker",
+                       "mosquitto", "--nemesis", "byzantine-primary")
+    assert summary["safety_ok"] is True
+    assert summary["safety"]["converged"] is True
+    [fault] = summary["faults"]
+    offender = str(fault["node"])
+    accusers = {e["node"] for e in summary["equivocations_detected"]
+                if e["offender"] == fault["node"]}
+    assert 3 * len(accusers) > 5, "over 1/3 of stake caught it"
+    epochs = summary["stake_epochs"]
+    assert len(epochs) >= 2, "the slash put a new validator set in force"
+    assert epochs[-1]["validators"][offender] == 0
+    assert all(v == 1 for n, v in epochs[-1]["validators"].items() if n != offender)
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Validator set per epoch" in report and "Equivocations caught" in report

@@ -446,10 +446,12 @@ class Replica:
 
     def _equivocation(self, offender, seq):
         """Report ``offender`` (an event) and accuse it in the ledger, once per epoch."""
+        if offender == self.me:
+            return  # our own pre-prepare contradicted: we are the one rewritten (Byzantine)
         self.events.append(("equivocation", offender, self.view, seq))
         if offender == self.primary():
             self.caught = self.view
-        if offender in self.accused or offender == self.me:
+        if offender in self.accused:
             return
         self.accused.append(offender)
         client = REPLICA_CLIENT_BASE + self.me
