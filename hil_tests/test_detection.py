@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from conftest import wait_until
 from edgebft.broker import start_broker
 from edgebft.cluster import EmulatedCluster
 from edgebft.control import fresh_nonce, send_command
@@ -72,15 +73,6 @@ class Cluster:
                      fresh_nonce(0), command, args)
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     run = tmp_path_factory.mktemp("detection")
@@ -102,7 +94,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         nodes = stack.enter_context(EmulatedCluster(images, run / "logs"))
         assert observer.wait_all_online(30.0), f"nodes did not come up; see {run / 'logs'}"
         # Every node has heard every peer's heartbeats for a while (phi is 0 until then).
-        assert wait_for(lambda: all(len(s.get("phi", [])) == NODES and s["uptime_ms"] > 3000
+        assert wait_until(lambda: all(len(s.get("phi", [])) == NODES and s["uptime_ms"] > 3000
                                     for s in observer.snapshot().values()), 30.0)
         yield Cluster(nodes, observer, broker.host, broker.port, name, stake, keys)
         for i in range(NODES):
@@ -115,10 +107,10 @@ def test_a_killed_node_is_suspected_by_every_live_node(cluster: Cluster) -> None
     live = [i for i in range(NODES) if i != victim]
     since = time.time()
     cluster.nodes.kill(victim)
-    assert wait_for(lambda: sorted(cluster.events("suspect", victim, since)) == live,
+    assert wait_until(lambda: sorted(cluster.events("suspect", victim, since)) == live,
                     DEADLINE_S), cluster.events("suspect", victim, since)
     cluster.nodes.restart(victim)
-    assert wait_for(lambda: sorted(cluster.events("trust", victim, since)) == live, 20.0)
+    assert wait_until(lambda: sorted(cluster.events("trust", victim, since)) == live, 20.0)
 
 
 def test_a_paused_node_is_suspected_by_phi_and_trusted_when_resumed(cluster: Cluster) -> None:
@@ -127,29 +119,29 @@ def test_a_paused_node_is_suspected_by_phi_and_trusted_when_resumed(cluster: Clu
     since = time.time()
     cluster.nodes.pause(victim)
     try:
-        assert wait_for(lambda: sorted(cluster.events("suspect", victim, since)) == live,
+        assert wait_until(lambda: sorted(cluster.events("suspect", victim, since)) == live,
                         DEADLINE_S), cluster.events("suspect", victim, since)
         for event in cluster.events("suspect", victim, since).values():
             assert event[2] >= DETECTOR["threshold"]  # phi crossed: no Last Will came
         # The live nodes' status maps carry the paused node's phi (times 100).
-        assert wait_for(lambda: all(s["phi"][victim] >= DETECTOR["threshold"]
+        assert wait_until(lambda: all(s["phi"][victim] >= DETECTOR["threshold"]
                                     for n, s in cluster.observer.snapshot().items()
                                     if n != victim), 5.0)
     finally:
         resumed = time.time()
         cluster.nodes.resume(victim)
-    assert wait_for(lambda: sorted(cluster.events("trust", victim, resumed)) == live, 10.0)
+    assert wait_until(lambda: sorted(cluster.events("trust", victim, resumed)) == live, 10.0)
 
 
 def test_a_clock_skew_is_not_a_failure(cluster: Cluster) -> None:
     node = (cluster.primary() + 1) % NODES
     since = time.time()
     cluster.control(node, "skew", [-5000])  # the clock jumps back 5 s, then forward 5 s
-    assert wait_for(lambda: cluster.observer.snapshot()[node]["faults"]["skew_ms"] == -5000,
+    assert wait_until(lambda: cluster.observer.snapshot()[node]["faults"]["skew_ms"] == -5000,
                     5.0)
     time.sleep(1.0)
     cluster.control(node, "heal", [])
-    assert wait_for(lambda: cluster.observer.snapshot()[node]["faults"]["skew_ms"] == 0, 5.0)
+    assert wait_until(lambda: cluster.observer.snapshot()[node]["faults"]["skew_ms"] == 0, 5.0)
     time.sleep(DEADLINE_S)
     assert [e for at, n, e in list(cluster.observer.events)
             if n == node and e[0] == "suspect" and at > since] == []
@@ -162,11 +154,11 @@ def test_a_suspected_primary_drives_the_view_change(cluster: Cluster) -> None:
                     clients=2)
     work.start()
     try:
-        assert wait_for(lambda: any(o.outcome == "ok" for o in work.outcomes), 10.0)
+        assert wait_until(lambda: any(o.outcome == "ok" for o in work.outcomes), 10.0)
         killed = time.time()
         cluster.nodes.kill(primary)
         # Well inside view_timeout_ms: the request timer cannot have changed the view.
-        assert wait_for(lambda: any(o.outcome == "ok" and o.view > view and o.end > killed
+        assert wait_until(lambda: any(o.outcome == "ok" and o.view > view and o.end > killed
                                     for o in work.outcomes), 20.0)
         suspicions = cluster.events("suspect", primary, killed)
         assert sorted(suspicions) == [i for i in range(NODES) if i != primary]

@@ -460,7 +460,10 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
                          stake=tuple(_parse_stake(stake) or ()) or None,
                          byzantine=tuple(_parse_ids(byzantine, "--byzantine") or ()),
                          churn=churn)
-    behaviours = parse_behaviours(behaviour_text)
+    try:
+        behaviours = parse_behaviours(behaviour_text)
+    except SimError as e:
+        raise click.BadParameter(str(e), param_hint="--behaviour") from None
     options = replace(options, behaviour=behaviours[0])
     options.check()
     seeds = [seed] if seed is not None else list(

@@ -862,8 +862,7 @@ def parse_behaviours(text: str) -> tuple[str, ...]:
     behaviours = tuple(b.strip() for b in text.split(","))
     for b in behaviours:
         if b not in SIM_BEHAVIOURS:
-            raise SimError(f"--behaviour {text}: unknown behaviour {b!r}; choose from "
-                           f"{','.join(SIM_BEHAVIOURS)}")
+            raise SimError(f"unknown behaviour {b!r}; choose from {','.join(SIM_BEHAVIOURS)}")
     return behaviours
 
 
