@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -73,6 +74,19 @@ def test_status_shows_every_node(cluster: lab.LabCluster) -> None:
     assert out.count("backup") == 3
     snap = lab.status(cluster)
     assert all(snap[n]["online"] for n in range(4))
+
+
+def test_status_watch_redraws_until_interrupted(cluster: lab.LabCluster) -> None:
+    watch = subprocess.Popen([*EDGEBFT, "cluster", "status", "--watch", "300ms", "--dir",
+                              str(cluster.path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(4.0)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    assert "Traceback" not in err
+    stamps = {line for line in out.splitlines() if f"cluster {cluster.state['cluster']}" in line}
+    assert len(stamps) >= 2, "the table was drawn again with a later time"
 
 
 NODE_GAUGES = ("edgebft_online", "edgebft_view", "edgebft_seq", "edgebft_last_executed",

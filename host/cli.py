@@ -7,7 +7,9 @@ exits 1; success exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -22,7 +25,7 @@ from edgebft.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
 from edgebft.broker import BrokerError
 from edgebft.cluster import ClusterError
 from edgebft.demo import DemoOptions
-from edgebft.lab import CONTROL_FAULTS, PROCESS_FAULTS, LabError, status_rows
+from edgebft.lab import CONTROL_FAULTS, PROCESS_FAULTS, LabCluster, LabError, status_rows
 from edgebft.lab import down as lab_down
 from edgebft.lab import heal as lab_heal
 from edgebft.lab import inject as lab_inject
@@ -254,16 +257,36 @@ def _parse_stake(text: str | None) -> list[int] | None:
 
 @cluster.command("status")
 @DIR_OPTION
-def cluster_status(run_dir: Path | None) -> None:
+@click.option("--watch", "watch_s", type=Seconds(), default=None, metavar="SECONDS",
+              help="Redraw the table every SECONDS (or 2s, 500ms) until Ctrl-C.")
+def cluster_status(run_dir: Path | None, watch_s: float | None) -> None:
     """Show each node: role, view, last executed, stable checkpoint, heap, active faults, and
     its phi of each peer (failure detector)."""
     lab = lab_load(run_dir)
-    table = Table(title=f"cluster {lab.state['cluster']} ({lab.path})")
+    if watch_s is None:
+        console.print(_status_table(lab))
+        return
+    if watch_s <= 0:
+        raise click.BadParameter("must be positive", param_hint="--watch")
+    with contextlib.suppress(KeyboardInterrupt):
+        if not console.is_terminal:  # a pipe or a file: one table after another
+            while True:
+                console.print(_status_table(lab))
+                time.sleep(watch_s)
+        with Live(_status_table(lab), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(watch_s)
+                live.update(_status_table(lab), refresh=True)
+
+
+def _status_table(lab: LabCluster) -> Table:
+    table = Table(title=f"cluster {lab.state['cluster']} ({lab.path}) at "
+                        f"{time.strftime('%H:%M:%S')}")
     for name in ("node", "role", "view", "executed", "checkpoint", "heap", "faults", "phi"):
         table.add_column(name)
     for row in status_rows(lab_status(lab)):
         table.add_row(*row)
-    console.print(table)
+    return table
 
 
 @cluster.command("down")
