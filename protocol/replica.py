@@ -1115,7 +1115,10 @@ class Replica:
     def restore(cls, saved, me, stake, keys, client_secret, **kwargs):
         """Rebuild a replica from durable() bytes after a reboot."""
         r = cls(me, stake, keys, client_secret, **kwargs)
-        view, h, snap, view_low = cbor.decode(saved)
+        fields = cbor.decode(saved)
+        view, h, snap = fields[0], fields[1], fields[2]
+        # Flash written before view_low was kept has three fields: 0 is safe (it only freezes).
+        view_low = fields[3] if len(fields) > 3 else 0
         r.view = view
         r.no_vote_view = view
         r.no_vote_seq = h + r.window
