@@ -181,8 +181,8 @@ class Node:
             self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
         del d.events[:]
         r = self.replica
-        if d.suspect[r.primary()]:
-            r.suspect(now)  # once per view (Replica.suspect)
+        if d.suspect[r.primary()] and not r.limbo:
+            r.suspect(now)
             self.drain()
 
     def status(self):

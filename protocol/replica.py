@@ -124,7 +124,6 @@ class Replica:
         self.accuse_ts = 0        # timestamp of its last accusation request
         self.contra = {}          # seq -> mask of replicas that prepared another digest
         self.caught = -1          # the last view whose primary we caught equivocating
-        self.suspected = -1       # the last view whose primary the failure detector suspected
         self.no_vote_view = -1    # after a restore: no votes in this view ...
         self.no_vote_seq = 0      # ... for sequence numbers up to this one
         self.seq = 0              # last sequence number assigned (primary)
@@ -266,14 +265,10 @@ class Replica:
         return self.status_due
 
     def suspect(self, now_ms):
-        """The failure detector suspects the primary of our view: change to the next view
-        (V1). Once per view, and in limbo too: when the view we are changing to has a dead
-        primary, move on rather than wait out the doubling view-change timer."""
+        """The failure detector suspects the primary: start a view change (V1)."""
         self.now = now_ms
-        if self.is_primary() or self.suspected == self.view:
-            return
-        self.suspected = self.view
-        self._start_view_change(self.view + 1)
+        if not self.limbo and not self.is_primary():
+            self._start_view_change(self.view + 1)
 
     def _change_view_if_needed(self):
         """After each input: leave a frozen view (a new epoch is in force, see the header) or

@@ -114,22 +114,3 @@ def test_a_gap_in_the_log_is_filled_with_a_null_request() -> None:
         assert r.last_exec == 2
     assert {r.ledger.kv.get("b") for r in net.replicas[1:]} == {2}
     assert {r.ledger.kv.get("a") for r in net.replicas[1:]} == {None}, "alice must retransmit"
-
-
-def test_a_suspected_primary_of_the_next_view_is_skipped_without_a_timer() -> None:
-    """n = 7: the primaries of views 0 and 1 are down. Like the runtime, each live replica calls
-    suspect() while its failure detector suspects the primary of its view: from view 0 to 1,
-    and, in limbo, from 1 on to 2 at once (no view-change timer fires: the clock never
-    moves); view 2 installs and commits."""
-    net = Net(n=7)
-    net.down |= {0, 1}
-    live = net.replicas[2:]
-    for r in live:
-        while r.primary() in net.down:
-            view = r.view
-            r.suspect(10)
-            assert r.view == view + 1
-        net._collect(r.me)
-    net.run()
-    assert {(r.view, r.limbo) for r in live} == {(2, False)}
-    assert net.call(net.client(7), ["put", "k", 1]) == [True, None]
