@@ -50,6 +50,10 @@ _TICK_MS = const(20)
 # the detector skips that tick, so that the peers' heartbeats queued meanwhile are read before
 # their silence is judged (never two ticks in a row: a slow loop still checks).
 _STALL_MS = const(100)
+# A suspected primary starts a view change only when requests wait and nothing executed for
+# this long: a primary that a lossy link hides from our detector while the cluster goes on
+# (an omission fault) is not worth leaving the others for, alone in a higher view.
+_NO_PROGRESS_MS = const(50)
 # Collect after this many bytes allocated, not only when the heap is full: garbage then never
 # spreads over the whole heap between long-lived objects, which keeps free space contiguous.
 _GC_THRESHOLD_BYTES = const(4096)
@@ -102,6 +106,8 @@ class Node:
             tx_max=messages.MESSAGE_BYTES_MAX)
         self.checkpoints = []  # [[seq, digest]], the newest _CHECKPOINTS_KEPT executed
         self.heap_peak = 0
+        self.executed = 0      # the replica's last_exec when it last moved ...
+        self.progress_ms = 0   # ... and when (replica time)
         self.status_skipped = 0
         self.ticks = time.ticks_ms()
         self.clock_ms = 0  # ms since boot, never wrapping (ticks_ms wraps after ~12 days)
@@ -132,8 +138,14 @@ class Node:
             self.detected(now)
             return
         if not topic.startswith(self.topic_req):  # from a replica: .../from/<j>
-            if self.faults.drop(int(topic[topic.rfind("/") + 1:])):
+            j = int(topic[topic.rfind("/") + 1:])
+            if self.faults.drop(j):
                 return
+            if self.detector.suspect[j]:
+                # Any message shows a suspected peer alive (the detector records no interval
+                # for it): a node that was cut off itself must not go on suspecting the
+                # primary of a view it just installed until that primary's next status.
+                self.detector.heartbeat(j, self.now() - self.faults.skew_ms)
         try:
             self.replica.receive(bytes(payload), self.now())
         except MemoryError:
@@ -175,13 +187,17 @@ class Node:
 
     def detected(self, now):
         """Publish the detector's events; start a view change (at replica time ``now``) if the
-        primary is suspected."""
+        primary is suspected and the replica is stuck (see _NO_PROGRESS_MS)."""
         d = self.detector
         for event in d.events:
             self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
         del d.events[:]
         r = self.replica
-        if d.suspect[r.primary()] and not r.limbo:
+        if r.last_exec != self.executed:
+            self.executed = r.last_exec
+            self.progress_ms = now
+        if (d.suspect[r.primary()] and not r.limbo and r.waiting
+                and now - self.progress_ms >= _NO_PROGRESS_MS):
             r.suspect(now)
             self.drain()
 
