@@ -266,6 +266,7 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
               issuing_s: float, converged: bool, faults: list[Fault],
               messages_sent: int) -> dict[str, Any]:
     """The summary.json contract of ``edgebft bench`` and ``edgebft demo`` (see README)."""
+    genesis_stake = options.stake or [1] * options.nodes
     ok = [o for o in outcomes if o.outcome == "ok"]
     starts = sorted(f.start for f in faults)
     recoveries = [recovery_ms(f, outcomes, min((t for t in starts if t > f.start),
@@ -306,8 +307,8 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "detection": times_summary(detections, "undetected"),
         "recovery_ms": recoveries,
         "recovery": times_summary(recoveries, "unrecovered"),
-        "stake": stake_table(options.stake or [1] * options.nodes),
-        "stake_epochs": stake_epochs(options.stake or [1] * options.nodes, observer.events),
+        "stake": stake_table(genesis_stake),
+        "stake_epochs": stake_epochs(genesis_stake, observer.events),
         "equivocations_detected": equivocations(observer.events),
     }
 

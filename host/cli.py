@@ -245,14 +245,19 @@ def cluster_up(nodes: int, stake: str | None, broker: str, out: Path | None,
         console.print(f"metrics: {lab.state['exporter']['url']}", highlight=False)
 
 
-def _parse_stake(text: str | None) -> list[int] | None:
+def _parse_ints(text: str | None, hint: str, example: str) -> list[int] | None:
+    """``"30,25,25,20"`` -> [30, 25, 25, 20] (None stays None); a usage error naming ``hint``
+    with ``example`` otherwise."""
     if text is None:
         return None
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected integers like 30,25,25,20",
-                                 param_hint="--stake") from None
+        raise click.BadParameter(f"{text!r}: expected {example}", param_hint=hint) from None
+
+
+def _parse_stake(text: str | None) -> list[int] | None:
+    return _parse_ints(text, "--stake", "integers like 30,25,25,20")
 
 
 @cluster.command("status")
@@ -338,13 +343,7 @@ def inject(kind: str, node: int, p: float, peers: str | None, ms: int, jitter_ms
 
 
 def _parse_ids(text: str | None, hint: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected replica ids like 0,1",
-                                 param_hint=hint) from None
+    return _parse_ints(text, hint, "replica ids like 0,1")
 
 
 @cli.command()

@@ -34,8 +34,7 @@ _VIEWED = (m.PRE_PREPARE, m.PREPARE, m.COMMIT, m.VIEW_CHANGE, m.VC_ACK, m.NEW_VI
 
 
 def _signed(replica, kind, *fields):
-    body = m.body(kind, replica.me, *fields)
-    return body + auth.authenticator(replica.macs, body)
+    return replica.authenticated(m.body(kind, replica.me, *fields))
 
 
 def _to_each(replica, wire_for):
@@ -82,8 +81,7 @@ def _view_skew(replica, dest, wire, randbits):
     for view in range(max(msg.view - 1, 0), msg.view + VIEW_SKEW_AHEAD + 1):
         if view != msg.view:
             fields[3] = view
-            body = cbor.encode(fields)
-            result.append((dest, body + auth.authenticator(replica.macs, body)))
+            result.append((dest, replica.authenticated(cbor.encode(fields))))
     return result
 
 

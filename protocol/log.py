@@ -26,6 +26,18 @@ _EXECUTED = const(8)
 _REPLICAS_MAX = const(32)
 
 
+def stake_of(mask, weights):
+    """The stake of the replicas with a bit in ``mask`` (bit j: replica j)."""
+    s = 0
+    j = 0
+    while mask:
+        if mask & 1:
+            s += weights[j]
+        mask >>= 1
+        j += 1
+    return s
+
+
 class Log:
     """Slots for ``window`` consecutive sequence numbers of ``n`` replicas."""
 
@@ -116,15 +128,7 @@ class Log:
 
     def stake(self, votes, i, weights):
         """The stake of the replicas with a bit in ``votes[i]``."""
-        mask = votes[i]
-        s = 0
-        j = 0
-        while mask:
-            if mask & 1:
-                s += weights[j]
-            mask >>= 1
-            j += 1
-        return s
+        return stake_of(votes[i], weights)
 
     # ---- progress flags
 

@@ -45,7 +45,7 @@ from . import auth, cbor
 from . import messages as m
 from . import viewchange as vc
 from .ledger import Ledger
-from .log import Log, Oplog
+from .log import Log, Oplog, stake_of
 from .stake import Stake
 
 TO_ALL = -1
@@ -177,9 +177,12 @@ class Replica:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         return True
 
+    def authenticated(self, body):
+        """``body`` with our authenticator: the wire of a message from us to every replica."""
+        return body + auth.authenticator(self.macs, body)
+
     def _send(self, dest, kind, *fields):
-        body = m.body(kind, self.me, *fields)
-        self.out.append((dest, body + auth.authenticator(self.macs, body)))
+        self.out.append((dest, self.authenticated(m.body(kind, self.me, *fields))))
         self.counts["tx"] += 1
 
     def _broadcast(self, kind, *fields):
@@ -363,12 +366,8 @@ class Replica:
         # contradict it all the same.
         earlier = log.prepares[i] if log.digests[i] not in (None, msg.digest) else 0
         self._accept(i, msg.seq, msg.digest, msg.batch)
-        j = 0
-        while earlier:
-            if earlier & 1:
-                self._contradicted(msg.seq, j)
-            earlier >>= 1
-            j += 1
+        if earlier:
+            self._contradicted(msg.seq, earlier)
         self._check_prepared(msg.seq, i)
 
     def _accept(self, i, seq, digest, batch):
@@ -425,22 +424,23 @@ class Replica:
         if not log.vote(votes, i, msg.sender, msg.digest):
             self._drop("vote for another digest")
             if votes is log.prepares and log.accepted(i):
-                self._contradicted(msg.seq, msg.sender)
+                self._contradicted(msg.seq, 1 << msg.sender)
             return
         if votes is log.prepares:
             self._check_prepared(msg.seq, i)
         else:
             self._check_committed(msg.seq, i)
 
-    def _contradicted(self, seq, sender):
-        """``sender`` prepared another digest than our primary's pre-prepare for ``seq``: over
-        1/3 of stake doing so proves a correct replica got another pre-prepare."""
+    def _contradicted(self, seq, senders):
+        """The replicas in the mask ``senders`` prepared another digest than our primary's
+        pre-prepare for ``seq``: over 1/3 of stake doing so proves a correct replica got
+        another pre-prepare."""
         mask = self.contra.get(seq, 0)
         if mask < 0 or (not mask and len(self.contra) >= self.window):
             return  # reported already (once per slot), or a full table
-        mask |= 1 << sender
+        mask |= senders
         self.contra[seq] = mask
-        if self.stake.is_weak(self.stake.of([j for j in range(self.stake.n) if mask >> j & 1])):
+        if self.stake.is_weak(stake_of(mask, self.stake.weights)):
             self.contra[seq] = -1
             self._equivocation(self.primary(), seq)
 
@@ -458,7 +458,7 @@ class Replica:
         cached = self.replies.get(client)
         self.accuse_ts = max(self.accuse_ts, cached[0] if cached is not None else 0) + 1
         body = m.body(m.REQUEST, client, self.accuse_ts, ["accuse", sorted(self.accused)])
-        wire = body + auth.authenticator(self.macs, body)
+        wire = self.authenticated(body)
         self.out.append((TO_ALL, wire))
         self.counts["tx"] += 1
         self.on_request(m.decode(wire))  # our own copy: T1 waits for it, a primary batches it
@@ -780,7 +780,7 @@ class Replica:
         c = [[s, self.own_checkpoints[s]] for s in sorted(self.own_checkpoints)]
         p, q = self.oplog.entries(self.h)
         body = m.body(m.VIEW_CHANGE, self.me, view, self.h, c, p, q)
-        wire = body + auth.authenticator(self.macs, body)
+        wire = self.authenticated(body)
         self.out.append((TO_ALL, wire))
         self.counts["tx"] += 1
         own = vc.ViewChange(self.me, view, self.h, c, p, q, hashlib.sha256(body).digest())
@@ -913,7 +913,7 @@ class Replica:
             return
         listed = [[c.sender, c.digest] for c in members]
         body = m.body(m.NEW_VIEW, self.me, self.view, listed, decision[0], decision[2])
-        self.nv_wire = body + auth.authenticator(self.macs, body)
+        self.nv_wire = self.authenticated(body)
         self.out.append((TO_ALL, self.nv_wire))
         self.counts["tx"] += 1
         self._install(decision)
