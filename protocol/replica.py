@@ -66,6 +66,7 @@ _STATUS_MS = const(100)           # retransmission period (RT1: at most once per
 _IDLE_STATUS_TICKS = const(10)    # an idle replica's STATUS period, in retransmission periods
 _VC_TIMEOUT_FACTOR_MAX = const(32)  # the doubling view-change timeout stops at 32 T
 _CATCH_UP_MAX = const(8)          # sequence numbers answered per STATUS
+_HEARD_MS = const(500)            # a replica heard from within this long is in reach
 _PRE_PREPARE_OVERHEAD_BYTES = const(128)
 _MACS_CLIENT_MAX = const(16)
 REPLICA_CLIENT_BASE = 0xF000  # replica i's own client id (its accusations) is this + i
@@ -155,6 +156,7 @@ class Replica:
         self.status_due = 0
         self.progress_mark = 0    # last_exec at the previous tick
         self.answered = {}        # replica -> time of our last answer to its STATUS
+        self.heard = [-1 << 62] * stake.n  # replica -> when we last got a message from it
         self.behind = False       # saw a message of a higher view
         self.ticks = 0            # retransmission periods so far
         self.dirty = True         # durable() changed since the caller last saved it
@@ -242,6 +244,8 @@ class Replica:
         if not self._authentic(msg):
             self._drop("unauthentic")
             return
+        if msg.kind != m.REQUEST:
+            self.heard[msg.sender] = now_ms
         handler = _HANDLERS.get(msg.kind)
         if handler is None:
             self._drop("unexpected type")
@@ -254,7 +258,10 @@ class Replica:
         """Fire the timers due at ``now_ms``: view change (T1-T3) and retransmission (RT1)."""
         self.now = now_ms
         if self.vc_deadline is not None and now_ms >= self.vc_deadline:
-            self._start_view_change(self.view + 1)
+            if self._connected() and not self._behind():
+                self._start_view_change(self.view + 1)
+            else:  # cut off, or catching up: try again later, without doubling the timeout
+                self.vc_deadline = now_ms + self.view_timeout_ms
         if now_ms >= self.status_due:
             self.status_due = now_ms + _STATUS_MS
             self._retransmit()
@@ -270,8 +277,27 @@ class Replica:
     def suspect(self, now_ms):
         """The failure detector suspects the primary: start a view change (V1)."""
         self.now = now_ms
-        if not self.limbo and not self.is_primary():
+        if not self.limbo and not self.is_primary() and self._connected():
             self._start_view_change(self.view + 1)
+
+    def _connected(self):
+        """Have we heard from replicas holding over 2/3 of stake (ourselves included) lately?
+        A replica cut off from a quorum cannot complete a view change; one that starts it
+        alone stays above the others' view after the cut heals, out of the protocol until
+        they change view too. Lately: the last _HEARD_MS. Replicas whose requests do not
+        execute multicast STATUS every _STATUS_MS (RT1), so when a timer or the failure
+        detector calls for a view change, the replicas in reach have been heard from."""
+        since = self.now - _HEARD_MS
+        heard = self.heard
+        return self.stake.is_quorum(stake_of(
+            sum(1 << j for j in range(self.stake.n) if j == self.me or heard[j] >= since),
+            self.stake.weights))
+
+    def _behind(self):
+        """Is the cluster ahead of us: a state transfer under way, or checkpoints beyond our
+        window reported by replicas with over 1/3 of stake? Then our requests wait because we
+        lag, not because the primary fails."""
+        return self.transfer is not None or self.stake.is_weak(self.stake.of(self.ahead))
 
     def _change_view_if_needed(self):
         """After each input: leave a frozen view (a new epoch is in force, see the header) or

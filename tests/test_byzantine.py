@@ -76,8 +76,7 @@ def _replicas(n: int = 4) -> list[rp.Replica]:
 
 
 def _wire(replica: rp.Replica, kind: int, *fields: object) -> bytes:
-    body = m.body(kind, replica.me, *fields)
-    return body + auth.authenticator(replica.macs, body)
+    return replica.authenticated(m.body(kind, replica.me, *fields))
 
 
 DIGEST = hashlib.sha256(b"batch").digest()
@@ -114,7 +113,10 @@ def test_view_skew_leaves_messages_without_a_view_and_client_replies_alone() -> 
 
 
 def test_view_skew_restamps_a_view_change_whole() -> None:
-    byzantine = _replicas()[1]
+    replicas = _replicas()
+    byzantine = replicas[1]
+    for peer in (0, 2, 3):  # it hears a quorum, so a suspicion starts a view change
+        byzantine.receive(_wire(replicas[peer], m.STATUS, 0, False, 0, 0, []), 0)
     byzantine.suspect(0)  # VIEW-CHANGE for view 1
     [(dest, wire)] = [(d, w) for d, w in byzantine.out if m.decode(w).kind == m.VIEW_CHANGE]
     byzantine.out[:] = [(dest, wire)]

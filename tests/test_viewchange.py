@@ -114,3 +114,21 @@ def test_a_gap_in_the_log_is_filled_with_a_null_request() -> None:
         assert r.last_exec == 2
     assert {r.ledger.kv.get("b") for r in net.replicas[1:]} == {2}
     assert {r.ledger.kv.get("a") for r in net.replicas[1:]} == {None}, "alice must retransmit"
+
+
+def test_a_replica_cut_off_from_a_quorum_does_not_change_view_alone() -> None:
+    """Its request timer expires, but it has heard no other replica for longer than a
+    view-change timeout: starting a view change alone would leave it above the others' view
+    once the cut heals. It waits, and changes view when it hears a quorum again."""
+    net = Net()
+    alice = net.client(7)
+    net.call(alice, ["balance", "a"])  # at 0 ms every replica hears every other
+    lone = net.replicas[3]
+    lone.receive(alice.request(["balance", "b"]), 5000)  # nobody else gets it: T1 starts
+    lone.tick(9000)
+    assert (lone.view, lone.limbo) == (0, False), "nothing heard since 0 ms"
+    for j in (0, 1, 2):
+        peer = net.replicas[j]
+        lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])), 9500)
+    lone.tick(10_000)
+    assert (lone.view, lone.limbo) == (1, True), "a quorum is in reach again"
