@@ -45,7 +45,7 @@ class Faults:
     def __init__(self, me, control_key):
         self.me = me
         self.mac = auth.Mac(control_key)
-        self.nonce = _load_nonce()
+        self.nonce = store.load_int(NONCE_PATH)
         self.rejected = 0
         self.dropped = 0
         self.delayed = []  # [due_ms, topic, wire], due order
@@ -87,7 +87,7 @@ class Faults:
             self.rejected += 1  # MemoryError: no heap to load a behaviour; the node goes on
             return None
         self.nonce = msg.nonce
-        _save_nonce(msg.nonce)
+        store.save_int(msg.nonce, NONCE_PATH)
         if msg.command == "reboot":
             _reset()  # after the nonce is in flash: a replay after the reset is refused
         return msg.command
@@ -172,14 +172,3 @@ def _reset():
     import machine
     getattr(machine, "reset", machine.soft_reset)()
 
-
-def _load_nonce():
-    saved = store.load(NONCE_PATH)
-    try:
-        return int(saved) if saved else 0
-    except ValueError:
-        return 0
-
-
-def _save_nonce(nonce):
-    store.save(str(nonce).encode(), NONCE_PATH)

@@ -41,14 +41,16 @@ from edgebft.protocol.detector import Detector
 from edgebft.protocol.stake import Stake
 
 CONFIG_PATH = "edgebft.json"
+BOOTS_PATH = "boots"
 OFFLINE = b"offline"
 _CHECKPOINTS_KEPT = const(4)
 _STATUS_INTERVAL_MS = const(500)
 _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around a message
 _TICK_MS = const(20)
 # A timer tick this late means the node itself stood still (a SIGSTOP, a long flash write):
-# the detector skips that tick, so that the peers' heartbeats queued meanwhile are read before
-# their silence is judged (never two ticks in a row: a slow loop still checks).
+# that time counts for none of the replica's timeouts nor the detector's, so that what the
+# peers sent meanwhile is read before they are judged (never two ticks in a row: a node that
+# is merely slow still times out).
 _STALL_MS = const(100)
 # A suspected primary starts a view change only when requests wait and nothing executed for
 # this long: a primary that a lossy link hides from our detector while the cluster goes on
@@ -87,6 +89,10 @@ class Node:
                   "batch_max": config.get("batch_max", 16),
                   "pipeline_max": config.get("pipeline_max", 4),
                   "view_timeout_ms": config.get("view_timeout_ms", 1000)}
+        # Boots counted in flash (this one included): a host tells a node that booted again (a
+        # reset, a crash, a watchdog) from one that merely went quiet, whatever its uptime.
+        self.boots = store.load_int(BOOTS_PATH) + 1
+        store.save_int(self.boots, BOOTS_PATH)
         saved = store.load()
         if saved is None:
             self.replica = rp.Replica(*args, **kwargs)
@@ -219,7 +225,7 @@ class Node:
             "pending": len(r.pending), "slots": len(r.live_slots()), "clients": len(r.replies),
             "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
-            "uptime_ms": clock,
+            "uptime_ms": clock, "boots": self.boots,
             "status_skipped": self.status_skipped,
             "faults": self.faults.describe(), "fault_dropped": self.faults.dropped,
             "ctl_rejected": self.faults.rejected,
@@ -241,14 +247,16 @@ class Node:
         stalled = False
         while True:
             now = self.now()
+            clock = now - self.faults.skew_ms
+            stalled = not stalled and clock - before >= _STALL_MS
+            if stalled:
+                r.stalled(clock - before)
+                self.detector.stalled(clock - before, clock)
             if now >= r.next_timer():
                 r.tick(now)
                 self.drain()
-            clock = now - self.faults.skew_ms
-            stalled = not stalled and clock - before >= _STALL_MS
-            if not stalled:
-                self.detector.check(clock)
-                self.detected(now)
+            self.detector.check(clock)
+            self.detected(now)
             before = clock
             for topic, wire in self.faults.due(now):
                 self.mqtt.publish(topic, wire)

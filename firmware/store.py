@@ -1,4 +1,5 @@
-# Flash store: the replica's durable state in one file, replaced atomically.
+# Flash store: the replica's durable state in one file, replaced atomically (and small
+# integers in files of their own, the same way).
 #
 # Rules:
 # - save() writes a temporary file and renames it over the old one, so a crash leaves either
@@ -24,3 +25,16 @@ def save(data, path=STATE_PATH):
     with open(tmp, "wb") as f:
         f.write(data)
     os.rename(tmp, path)
+
+
+def load_int(path):
+    """The integer saved at ``path``; 0 when none was saved (or the file is not one)."""
+    saved = load(path)
+    try:
+        return int(saved) if saved else 0
+    except ValueError:
+        return 0
+
+
+def save_int(n, path):
+    save(str(n).encode(), path)

@@ -63,9 +63,10 @@ def wait_for(cluster: lab.LabCluster, what: str, predicate: Callable[[Snapshot],
         if predicate(snap):
             return snap
         if time.monotonic() > end:
-            brief = {n: (s.get("online"), s.get("view"), s.get("last_exec"))
-                     for n, s in snap.items()}
-            pytest.fail(f"no {what} within {timeout_s:.0f} s; (online, view, last_exec): {brief}")
+            brief = {n: (s.get("online"), s.get("view"), s.get("limbo"), s.get("last_exec"),
+                         s.get("boots")) for n, s in snap.items()}
+            pytest.fail(f"no {what} within {timeout_s:.0f} s; "
+                        f"(online, view, limbo, last_exec, boots): {brief}")
         time.sleep(0.2)
 
 
@@ -202,7 +203,7 @@ def test_restart_boots_from_flash(cluster: lab.LabCluster, load: Workload) -> No
     assert cluster.state["nodes"][node]["pid"] != pid
     booted = wait_for(cluster, "the restarted node back online",
                       lambda s: s[node].get("online")
-                      and s[node]["uptime_ms"] < before[node]["uptime_ms"])
+                      and s[node]["boots"] == before[node]["boots"] + 1)
     assert executed(booted, node) >= executed(before, node), "restored from its flash"
     heal_and_catch_up(cluster, node)
 
@@ -213,7 +214,7 @@ def test_reboot_command_resets_the_node(cluster: lab.LabCluster, load: Workload)
     cluster = lab.load(cluster.path)
     booted = wait_for(cluster, "the rebooted node back online",
                       lambda s: s[node].get("online")
-                      and s[node]["uptime_ms"] < before[node]["uptime_ms"])
+                      and s[node]["boots"] == before[node]["boots"] + 1)
     assert executed(booted, node) >= executed(before, node), "restored from its flash"
     heal_and_catch_up(cluster, node)
 

@@ -92,7 +92,7 @@ def test_status_watch_redraws_until_interrupted(cluster: lab.LabCluster) -> None
 NODE_GAUGES = ("edgebft_online", "edgebft_view", "edgebft_seq", "edgebft_last_executed",
                "edgebft_stable_checkpoint", "edgebft_heap_used_bytes", "edgebft_heap_free_bytes",
                "edgebft_heap_peak_bytes", "edgebft_rx_messages", "edgebft_tx_messages",
-               "edgebft_executed_requests")
+               "edgebft_executed_requests", "edgebft_boots")
 
 
 def test_metrics_endpoint_serves_every_nodes_gauges(cluster: lab.LabCluster) -> None:
@@ -118,6 +118,7 @@ def test_metrics_endpoint_serves_every_nodes_gauges(cluster: lab.LabCluster) -> 
         assert 0 < value["edgebft_heap_used_bytes"][n] <= value["edgebft_heap_peak_bytes"][n]
         assert heap <= 100 * 1024, "within the -X heapsize=100k heap"
         assert value["edgebft_rx_messages"][n] > 0 and value["edgebft_tx_messages"][n] > 0
+        assert value["edgebft_boots"][n] >= 1
     assert families["edgebft_drops"].type == "gauge"
     suspicion = {(s.labels["node"], s.labels["peer"]): s.value
                  for s in families["edgebft_phi"].samples}

@@ -125,23 +125,22 @@ class TxMeter:
     """Messages the replicas sent, from the ``tx`` counter in each node's status map.
 
     ``update(statuses)`` adds each node's growth since the previous update; a node whose
-    uptime or counter went back restarted, and its new count is added whole. The first update
-    of a node is its baseline. Messages a node sent after its last status before a crash are
+    boot count changed restarted, and its new count is added whole. The first update of a
+    node is its baseline. Messages a node sent after its last status before a crash are
     missed (statuses come every 0.5 s).
     """
 
     def __init__(self) -> None:
         self.sent = 0
-        self._last: dict[int, tuple[int, int]] = {}  # node -> (tx, uptime_ms)
+        self._last: dict[int, tuple[int, int]] = {}  # node -> (tx, boots)
 
     def update(self, statuses: Mapping[int, Mapping[str, Any]]) -> None:
         for node, status in statuses.items():
-            tx, uptime = int(status.get("tx", 0)), int(status.get("uptime_ms", 0))
+            tx, boots = int(status.get("tx", 0)), int(status.get("boots", 0))
             last = self._last.get(node)
             if last is not None:
-                restarted = tx < last[0] or uptime < last[1]
-                self.sent += tx if restarted else tx - last[0]
-            self._last[node] = (tx, uptime)
+                self.sent += tx if boots != last[1] else tx - last[0]
+            self._last[node] = (tx, boots)
 
 
 def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:

@@ -42,6 +42,7 @@ GAUGES = (
     ("rx", "edgebft_rx_messages", "Protocol messages received since boot."),
     ("tx", "edgebft_tx_messages", "Protocol messages sent since boot."),
     ("executed_requests", "edgebft_executed_requests", "Client requests executed since boot."),
+    ("boots", "edgebft_boots", "Boots the node counted in its flash, this one included."),
 )
 
 

@@ -215,6 +215,14 @@ class Detector:
                 self.suspect[j] = 1
                 self.events.append(("suspect", j, self.phi(j, now_ms)))
 
+    def stalled(self, gap_ms, now_ms):
+        """We did not run for the last ``gap_ms`` before ``now_ms``: no peer's silence counts
+        that time (each last arrival moves on by it, never past ``now_ms``)."""
+        since = self.since
+        for j in range(self.n):
+            if since[j] is not None:
+                since[j] = min(since[j] + gap_ms, now_ms)
+
     def phi(self, peer, now_ms):
         """Peer ``peer``'s phi at ``now_ms`` times 100, rounded (an int: CBOR status messages
         carry no floats); 0 before its first heartbeat, and for ``me``."""

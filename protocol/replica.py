@@ -268,6 +268,13 @@ class Replica:
         self._change_view_if_needed()
         self._check_invariants()
 
+    def stalled(self, gap_ms):
+        """We did not run for the last ``gap_ms`` (the node stood still: a pause, a long flash
+        write): that time counts for no timeout. The view-change timer moves on by it, so a
+        replica that was frozen reads what its peers sent meanwhile before it judges them."""
+        if self.vc_deadline is not None:
+            self.vc_deadline += gap_ms
+
     def next_timer(self):
         """When tick() is next due (ms)."""
         if self.vc_deadline is not None and self.vc_deadline < self.status_due:

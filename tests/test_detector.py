@@ -256,6 +256,21 @@ def test_offline_suspects_at_once_and_next_heartbeat_trusts():
     assert intervals(det, 2) == samples + [200]
 
 
+def test_time_we_stood_still_is_no_peers_silence():
+    """stalled(gap, now) moves each last arrival on by the gap, never past now: a peer is
+    suspected exactly gap ms later than it would have been, and an unmonitored one stays so."""
+    plain, frozen = Detector(4, 0), Detector(4, 0)
+    last = regular(plain, 1, 200, 20)
+    regular(frozen, 1, 200, 20)
+    expected = first_suspect_ms(plain, 1, last)
+    frozen.stalled(3000, last + 3100)
+    assert frozen.since[1] == last + 3000
+    assert first_suspect_ms(frozen, 1, last + 3100) == expected + 3000
+    frozen.heartbeat(2, 50_000)  # read after we ran again: the gap was before it
+    frozen.stalled(5000, 50_010)
+    assert frozen.since[2] == 50_010 and frozen.since[3] is None and frozen.since[0] is None
+
+
 def test_phi_crossing_reported_once_and_trust_once():
     det = Detector(3, 1, min_std_ms=50)
     for t in range(0, 2801, 200):

@@ -104,22 +104,22 @@ def test_availability_per_second_counts_requests_by_intended_send_time() -> None
     assert events[2]["sent"] is None and events[2]["sends"] == 0
 
 
-def status(tx: int, uptime_ms: int) -> dict[str, Any]:
-    return {"tx": tx, "uptime_ms": uptime_ms}
+def status(tx: int, boots: int) -> dict[str, Any]:
+    return {"tx": tx, "boots": boots}
 
 
 def test_tx_meter_adds_growth_and_counts_a_restarted_node_from_zero() -> None:
     meter = TxMeter()
-    meter.update({0: status(100, 5000), 1: status(80, 5000)})  # baselines
+    meter.update({0: status(100, 1), 1: status(80, 1)})  # baselines
     assert meter.sent == 0
-    meter.update({0: status(130, 5500), 1: status(95, 5500)})
+    meter.update({0: status(130, 1), 1: status(95, 1)})
     assert meter.sent == 45
-    meter.update({0: status(12, 300), 1: status(95, 6000)})  # node 0 restarted
-    assert meter.sent == 57
-    meter.update({0: status(20, 800)})
-    assert meter.sent == 65
-    meter.update({2: status(40, 100)})  # first seen: a baseline only
-    assert meter.sent == 65
+    meter.update({0: status(140, 2), 1: status(95, 1)})  # node 0 restarted, sent 140 since
+    assert meter.sent == 185
+    meter.update({0: status(150, 2)})
+    assert meter.sent == 195
+    meter.update({2: status(40, 1)})  # first seen: a baseline only
+    assert meter.sent == 195
 
 
 def test_detection_is_the_first_suspicion_of_the_faulted_node_by_another_node() -> None:

@@ -132,3 +132,25 @@ def test_a_replica_cut_off_from_a_quorum_does_not_change_view_alone() -> None:
         lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])), 9500)
     lone.tick(10_000)
     assert (lone.view, lone.limbo) == (1, True), "a quorum is in reach again"
+
+
+def test_time_a_replica_stood_still_counts_for_no_view_change_timeout() -> None:
+    """A frozen node (SIGSTOP, a long flash write) reads what its peers sent meanwhile and
+    then ticks: the view-change timer must not have run while it stood still, or it leaves
+    the others alone for a higher view. The timer moves on by the stalled time, no more."""
+    net = Net()
+    alice = net.client(7)
+    net.call(alice, ["balance", "a"])
+    lone = net.replicas[3]
+    lone.receive(alice.request(["balance", "b"]), 100)  # only we got it: T1 starts
+    deadline = lone.vc_deadline
+    assert deadline is not None
+    lone.stalled(3000)  # we did not run for 3 s: all of it before the deadline
+    for j in (0, 1, 2):  # the peers' messages, queued while we stood still, now read
+        peer = net.replicas[j]
+        lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])),
+                     deadline + 2900)
+    lone.tick(deadline + 2900)
+    assert (lone.view, lone.limbo) == (0, False), "the timer did not count the 3 s"
+    lone.tick(deadline + 3000)
+    assert (lone.view, lone.limbo) == (1, True), "it runs on afterwards"
