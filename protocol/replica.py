@@ -816,7 +816,8 @@ class Replica:
         wire = self.authenticated(body)
         self.out.append((TO_ALL, wire))
         self.counts["tx"] += 1
-        own = vc.ViewChange(self.me, view, self.h, c, p, q, hashlib.sha256(body).digest())
+        own = vc.ViewChange(self.me, view, self.h, c, p, q, hashlib.sha256(body).digest(),
+                            self.vc_digests)  # others' equal digests share our log's objects
         self.vcs[self.me] = own
         self.vc_views[self.me] = view
         self.vc_wires[self.me] = wire
