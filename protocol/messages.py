@@ -73,18 +73,16 @@ class MessageError(ValueError):
 class Message:
     """A decoded message. ``kind`` and ``sender`` always; the type's fields as attributes.
 
-    ``body`` is the exact body bytes the authenticator covers; ``auth`` the trailing tag bytes;
-    ``wire`` the whole message (body + auth), the very bytes received when they were bytes:
-    keep it rather than a new concatenation. Treat instances as immutable, except that a
-    handler may set a field it has consumed to None, to free the heap early.
+    ``body`` is the exact body bytes the authenticator covers; ``auth`` the trailing tag bytes.
+    Treat instances as immutable, except that a handler may set a field it has consumed to
+    None, to free the heap early.
     """
 
-    def __init__(self, kind, sender, body, auth, wire):
+    def __init__(self, kind, sender, body, auth):
         self.kind = kind
         self.sender = sender
         self.body = body
         self.auth = auth
-        self.wire = wire
 
     def __repr__(self):
         names = [name for name, _ in _FIELDS[self.kind] if name != "batch"]
@@ -136,9 +134,7 @@ def decode(wire):
         raise MessageError("bad sender %r" % (sender,))
     if len(fields) != 3 + len(spec):
         raise MessageError("type %d: %d fields, want %d" % (kind, len(fields), 3 + len(spec)))
-    body = bytes(wire[:end])
-    auth = bytes(wire[end:])
-    msg = Message(kind, sender, body, auth, wire if type(wire) is bytes else body + auth)
+    msg = Message(kind, sender, bytes(wire[:end]), bytes(wire[end:]))
     i = 3
     for name, kind_of_field in spec:
         value = fields[i]

@@ -322,11 +322,11 @@ class Replica:
             else:
                 self._drop("old request")
             return
-        wire = msg.wire  # one object, shared by the waiting and pending tables
-        if len(wire) > _REQUEST_BYTES_MAX:
+        if len(msg.body) + len(msg.auth) > _REQUEST_BYTES_MAX:
             self._drop("request too large")
             return
         client = msg.sender
+        wire = msg.body + msg.auth  # one copy, shared by the waiting and pending tables
         if client in self.waiting or len(self.waiting) < _WAITING_MAX:
             self.waiting[client] = msg.timestamp  # one outstanding request per client
             self.waiting_wires[client] = wire
@@ -840,7 +840,7 @@ class Replica:
         change = vc.ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p, msg.q, digest,
                                self.vc_digests)
         self.vc_views[msg.sender] = msg.view
-        self.vc_wires[msg.sender] = msg.wire
+        self.vc_wires[msg.sender] = msg.body + msg.auth
         msg.p = msg.q = None  # the ViewChange holds them: free the heap before we act on it
         if msg.view > self.view or self.limbo:
             self.vcs[msg.sender] = change  # needed to decide or check the new view
