@@ -284,7 +284,7 @@ class Replica:
     def suspect(self, now_ms):
         """The failure detector suspects the primary: start a view change (V1)."""
         self.now = now_ms
-        if not self.limbo and not self.is_primary() and self._connected():
+        if not self.limbo and not self.is_primary() and self._connected() and not self._behind():
             self._start_view_change(self.view + 1)
 
     def _connected(self):
@@ -301,10 +301,20 @@ class Replica:
             self.stake.weights))
 
     def _behind(self):
-        """Is the cluster ahead of us: a state transfer under way, or checkpoints beyond our
-        window reported by replicas with over 1/3 of stake? Then our requests wait because we
-        lag, not because the primary fails."""
-        return self.transfer is not None or self.stake.is_weak(self.stake.of(self.ahead))
+        """Is the cluster ahead of us: a state transfer under way, checkpoints beyond our
+        window reported by replicas with over 1/3 of stake, or a checkpoint we have not
+        executed that replicas with over 1/3 of stake agree on? Then our requests wait because
+        we lag (a primary whose messages to us are lost still serves the others), not because
+        the primary fails; we catch up by state transfer (N7) instead."""
+        if self.transfer is not None or self.stake.is_weak(self.stake.of(self.ahead)):
+            return True
+        for seq in self.checkpoints:
+            if seq > self.last_exec:
+                votes = self.checkpoints[seq]
+                for j in votes:
+                    if self.stake.is_weak(self._stake_matching(votes, votes[j])):
+                        return True
+        return False
 
     def _change_view_if_needed(self):
         """After each input: leave a frozen view (a new epoch is in force, see the header) or

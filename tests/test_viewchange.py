@@ -154,3 +154,29 @@ def test_time_a_replica_stood_still_counts_for_no_view_change_timeout() -> None:
     assert (lone.view, lone.limbo) == (0, False), "the timer did not count the 3 s"
     lone.tick(deadline + 3000)
     assert (lone.view, lone.limbo) == (1, True), "it runs on afterwards"
+
+
+def test_a_replica_the_others_run_ahead_of_does_not_change_view_alone() -> None:
+    """Its request waits because it lags (the primary's messages to it are lost, say), not
+    because the primary fails: replicas with over 1/3 of stake agree on a checkpoint it has
+    not executed. One replica's word (1/4 of stake) would not be enough."""
+    net = Net()
+    alice = net.client(7)
+    net.call(alice, ["balance", "a"])
+    lone = net.replicas[3]
+    lone.receive(alice.request(["balance", "b"]), 100)  # only we got it: T1 starts
+    deadline = lone.vc_deadline
+    assert deadline is not None
+    seq, digest = (lone.last_exec // lone.K + 1) * lone.K, bytes(32)  # the next checkpoint
+    for j in (0, 1, 2):
+        peer = net.replicas[j]
+        lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])), deadline)
+    checkpoint = [net.replicas[j].authenticated(m.body(m.CHECKPOINT, j, seq, digest))
+                  for j in (0, 1)]
+    lone.receive(checkpoint[0], deadline)
+    assert lone._behind() is False, "1/4 of stake proves nothing"
+    lone.receive(checkpoint[1], deadline)  # 2 of 4 equal stakes: over 1/3
+    lone.tick(deadline)
+    assert (lone.view, lone.limbo) == (0, False), "the others are ahead in this view"
+    lone.suspect(deadline)
+    assert (lone.view, lone.limbo) == (0, False), "nor on the detector's word"
