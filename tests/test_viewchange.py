@@ -116,20 +116,33 @@ def test_a_gap_in_the_log_is_filled_with_a_null_request() -> None:
     assert {r.ledger.kv.get("a") for r in net.replicas[1:]} == {None}, "alice must retransmit"
 
 
+def lone_backup_waiting(at_ms: int) -> tuple[Net, rp.Replica]:
+    """Four replicas that all heard each other at 0 ms, and backup 3, the only one a
+    client's request reached at ``at_ms``: its request timer (T1) runs."""
+    net = Net()
+    alice = net.client(7)
+    net.call(alice, ["balance", "a"])
+    lone = net.replicas[3]
+    lone.receive(alice.request(["balance", "b"]), at_ms)
+    assert lone.vc_deadline is not None
+    return net, lone
+
+
+def hear_the_others(net: Net, lone: rp.Replica, at_ms: int) -> None:
+    """``lone`` reads a STATUS of view 0 from each other replica at ``at_ms``."""
+    for j in (0, 1, 2):
+        peer = net.replicas[j]
+        lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])), at_ms)
+
+
 def test_a_replica_cut_off_from_a_quorum_does_not_change_view_alone() -> None:
     """Its request timer expires, but it has heard no other replica for longer than a
     view-change timeout: starting a view change alone would leave it above the others' view
     once the cut heals. It waits, and changes view when it hears a quorum again."""
-    net = Net()
-    alice = net.client(7)
-    net.call(alice, ["balance", "a"])  # at 0 ms every replica hears every other
-    lone = net.replicas[3]
-    lone.receive(alice.request(["balance", "b"]), 5000)  # nobody else gets it: T1 starts
+    net, lone = lone_backup_waiting(5000)
     lone.tick(9000)
     assert (lone.view, lone.limbo) == (0, False), "nothing heard since 0 ms"
-    for j in (0, 1, 2):
-        peer = net.replicas[j]
-        lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])), 9500)
+    hear_the_others(net, lone, 9500)
     lone.tick(10_000)
     assert (lone.view, lone.limbo) == (1, True), "a quorum is in reach again"
 
@@ -138,18 +151,10 @@ def test_time_a_replica_stood_still_counts_for_no_view_change_timeout() -> None:
     """A frozen node (SIGSTOP, a long flash write) reads what its peers sent meanwhile and
     then ticks: the view-change timer must not have run while it stood still, or it leaves
     the others alone for a higher view. The timer moves on by the stalled time, no more."""
-    net = Net()
-    alice = net.client(7)
-    net.call(alice, ["balance", "a"])
-    lone = net.replicas[3]
-    lone.receive(alice.request(["balance", "b"]), 100)  # only we got it: T1 starts
+    net, lone = lone_backup_waiting(100)
     deadline = lone.vc_deadline
-    assert deadline is not None
     lone.stalled(3000)  # we did not run for 3 s: all of it before the deadline
-    for j in (0, 1, 2):  # the peers' messages, queued while we stood still, now read
-        peer = net.replicas[j]
-        lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])),
-                     deadline + 2900)
+    hear_the_others(net, lone, deadline + 2900)  # their messages, queued meanwhile, now read
     lone.tick(deadline + 2900)
     assert (lone.view, lone.limbo) == (0, False), "the timer did not count the 3 s"
     lone.tick(deadline + 3000)
@@ -160,17 +165,10 @@ def test_a_replica_the_others_run_ahead_of_does_not_change_view_alone() -> None:
     """Its request waits because it lags (the primary's messages to it are lost, say), not
     because the primary fails: replicas with over 1/3 of stake agree on a checkpoint it has
     not executed. One replica's word (1/4 of stake) would not be enough."""
-    net = Net()
-    alice = net.client(7)
-    net.call(alice, ["balance", "a"])
-    lone = net.replicas[3]
-    lone.receive(alice.request(["balance", "b"]), 100)  # only we got it: T1 starts
+    net, lone = lone_backup_waiting(100)
     deadline = lone.vc_deadline
-    assert deadline is not None
     seq, digest = (lone.last_exec // lone.K + 1) * lone.K, bytes(32)  # the next checkpoint
-    for j in (0, 1, 2):
-        peer = net.replicas[j]
-        lone.receive(peer.authenticated(m.body(m.STATUS, j, 0, False, 0, 1, [])), deadline)
+    hear_the_others(net, lone, deadline)
     checkpoint = [net.replicas[j].authenticated(m.body(m.CHECKPOINT, j, seq, digest))
                   for j in (0, 1)]
     lone.receive(checkpoint[0], deadline)
