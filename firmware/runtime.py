@@ -248,10 +248,11 @@ class Node:
         while True:
             now = self.now()
             clock = now - self.faults.skew_ms
-            stalled = not stalled and clock - before >= _STALL_MS
+            gap = clock - before
+            stalled = not stalled and gap >= _STALL_MS
             if stalled:
-                r.stalled(clock - before)
-                self.detector.stalled(clock - before, clock)
+                r.stalled(gap)
+                self.detector.stalled(gap, clock)
             if now >= r.next_timer():
                 r.tick(now)
                 self.drain()

@@ -296,9 +296,8 @@ class Replica:
         detector calls for a view change, the replicas in reach have been heard from."""
         since = self.now - _HEARD_MS
         heard = self.heard
-        return self.stake.is_quorum(stake_of(
-            sum(1 << j for j in range(self.stake.n) if j == self.me or heard[j] >= since),
-            self.stake.weights))
+        return self.stake.is_quorum(self.stake.of(
+            [j for j in range(self.stake.n) if j == self.me or heard[j] >= since]))
 
     def _behind(self):
         """Is the cluster ahead of us: a state transfer under way, checkpoints beyond our
