@@ -19,13 +19,19 @@
 #   and the stable checkpoint; it changes once per view and per checkpoint (bounded flash
 #   writes). A restored replica never votes in its persisted view for a sequence number up
 #   to h + window, the most it may have voted on before the crash.
-# - Epochs (DESIGN.md section 3): the validator set (self.stake) is the ledger's, put in force
-#   at a checkpoint B by Ledger.end_epoch(); every correct replica switches at the same B. A
-#   view installed from a checkpoint below B (self.view_low < self.epoch_seq) is "frozen": no
-#   replica executes past B in it and its primary assigns nothing past B, so nothing past B
-#   ever executes under the old set; a replica that executes B in such a view starts the view
-#   change at once, and the new view (decided by the new set, from checkpoint B: every
-#   replica that executed B lists it) runs the new epoch.
+# - Epochs (DESIGN.md section 3): the validator set is the ledger's, put in force at a
+#   checkpoint B by Ledger.end_epoch(); every correct replica switches at the same B. The sets
+#   of the sequence numbers in the window are kept (self.sets); the set of sequence number s
+#   is the one in force after the last epoch start below s, and a view installed from
+#   checkpoint L runs under the set in force after L (self.vstake). A view installed from
+#   below B (self.view_low < self.ledger.since) is "frozen": it ends the old epoch. No replica
+#   executes past B in it, and no correct replica votes past a checkpoint it has not executed
+#   (_may_vote), so in a view of the old set nothing past B prepares, commits or executes,
+#   and the sequence numbers of the two sets never meet in one certificate. A replica that
+#   executed B stays in the frozen view, voting under the old set for what the others still
+#   lack, until B is stable; then it starts the view change, and the new view (from checkpoint
+#   B, which over 2/3 of the old stake hold) runs the new epoch. A NEW-VIEW is judged by the
+#   set in force at its checkpoint, so replicas on both sides of B judge it alike.
 # - Slashing: a replica that sees its primary equivocate (two pre-prepares for one slot, or
 #   its pre-prepare contradicted by prepares carrying over 1/3 of stake) accuses it with a
 #   request from its own client id REPLICA_CLIENT_BASE + me, authenticated like a replica
@@ -104,7 +110,9 @@ class Replica:
         assert len(keys) == stake.n
         assert checkpoint_interval > 0
         self.me = me
-        self.stake = stake
+        self.stake = stake        # the set in force after last_exec (since ledger.since)
+        self.sets = [(0, stake)]  # (since, Stake) for the sets of the window, oldest first
+        self.vstake = stake       # the set the current view runs under
         self.macs = [auth.Mac(k) for k in keys]
         self.client_secret = client_secret
         self.client_macs = presized(_MACS_CLIENT_MAX)
@@ -120,7 +128,6 @@ class Replica:
         self.view = 0
         self.limbo = False        # between sending VIEW-CHANGE and installing the new view
         self.view_low = 0         # the checkpoint the current view was installed from
-        self.epoch_seq = 0        # the checkpoint at which self.stake came into force
         self.accused = []         # replicas this one accused in this epoch
         self.accuse_ts = 0        # timestamp of its last accusation request
         self.contra = {}          # seq -> mask of replicas that prepared another digest
@@ -170,7 +177,7 @@ class Replica:
     # ----------------------------------------------------------------- helpers
 
     def primary(self, view=None):
-        return self.stake.primary(self.view if view is None else view)
+        return self.vstake.primary(self.view if view is None else view)
 
     def is_primary(self):
         return self.primary() == self.me
@@ -215,10 +222,26 @@ class Replica:
 
     def _frozen(self):
         """True in a view installed from below the current epoch's first checkpoint."""
-        return self.view_low < self.epoch_seq
+        return self.view_low < self.ledger.since
+
+    def _set_at(self, seq):
+        """The validator set in force after checkpoint ``seq``: that of a view installed from
+        it, and of sequence number seq + 1. None if older than the sets we keep."""
+        found = None
+        for since, stake in self.sets:
+            if since <= seq:
+                found = stake
+        return found
 
     def _may_vote(self, seq):
-        return not (self.view == self.no_vote_view and seq <= self.no_vote_seq)
+        """May we pre-prepare, prepare or commit ``seq`` in this view? Never past a checkpoint
+        we have not executed (it may start an epoch), nor past the epoch's first checkpoint
+        in a frozen view, nor what a restore forbids (RC3)."""
+        if self._frozen():
+            limit = self.ledger.since
+        else:
+            limit = (self.last_exec // self.K + 1) * self.K
+        return seq <= limit and not (self.view == self.no_vote_view and seq <= self.no_vote_seq)
 
     def recovering(self):
         """True after a restore until every sequence number it may have voted on before the
@@ -311,14 +334,16 @@ class Replica:
             if seq > self.last_exec:
                 votes = self.checkpoints[seq]
                 for j in votes:
-                    if self.stake.is_weak(self._stake_matching(votes, votes[j])):
+                    if self._backed(seq, votes, votes[j]):
                         return True
         return False
 
     def _change_view_if_needed(self):
-        """After each input: leave a frozen view (a new epoch is in force, see the header) or
-        a view whose primary we caught equivocating, at once rather than at a timeout."""
-        if not self.limbo and (self._frozen() or self.caught == self.view):
+        """After each input: leave a frozen view once the epoch's first checkpoint is stable
+        (see the header), or a view whose primary we caught equivocating, at once rather than
+        at a timeout."""
+        if not self.limbo and (self._frozen() and self.h >= self.ledger.since
+                               or self.caught == self.view):
             self._start_view_change(self.view + 1)
 
     # ----------------------------------------------------------------- requests
@@ -356,7 +381,7 @@ class Replica:
 
     def _cut_batches(self):
         """Primary: turn pending requests into pre-prepares while the pipeline has room."""
-        if not self.is_primary() or self.limbo or self._frozen():
+        if not self.is_primary() or self.limbo:
             return
         while (self.pending and self.seq - self.last_exec < self.pipeline_max
                and self.seq + 1 <= self.h + self.window and self._may_vote(self.seq + 1)):
@@ -400,6 +425,9 @@ class Replica:
             if log.digests[i] != msg.digest:
                 self._drop("conflicting pre-prepare")
                 self._equivocation(msg.sender, msg.seq)
+            else:  # retransmitted (RT2): our vote may have been held back (_may_vote)
+                self._prepare(msg.seq, i)
+                self._check_prepared(msg.seq, i)
             return
         if batch_digest(msg.batch) != msg.digest or not self._batch_valid(msg.batch):
             self._drop("bad batch")
@@ -417,21 +445,22 @@ class Replica:
         log = self.log
         log.accept(i, digest, batch)
         if batch is not None:
-            self._keep_body(seq, digest, batch)
+            self.oplog.keep_body(seq, digest, batch)
         log.vote(log.prepares, i, self.primary(), digest)  # the pre-prepare is its prepare
-        if not self._may_vote(seq):
+        self._prepare(seq, i)
+
+    def _prepare(self, seq, i):
+        """Vote for the accepted slot ``i`` of ``seq``: record it (Q), and a backup multicasts
+        PREPARE; once only, and not before _may_vote allows (then _execute comes back)."""
+        log = self.log
+        if not self._may_vote(seq) or (log.voted(log.prepares, i, self.me)
+                                       and not self.is_primary()):
             return
-        self._voted(seq, digest)
+        digest = log.digests[i]
+        self.oplog.voted(seq, digest, self.view)
         if not self.is_primary():
             log.vote(log.prepares, i, self.me, digest)
             self._broadcast(m.PREPARE, self.view, seq, digest)
-
-    def _keep_body(self, seq, digest, batch):
-        self.oplog.keep_body(seq, digest, batch)
-
-    def _voted(self, seq, digest):
-        """Record a pre-prepare or prepare sent for (seq, digest) in this view (Q)."""
-        self.oplog.voted(seq, digest, self.view)
 
     def _batch_valid(self, batch):
         if len(batch) > self.batch_max:
@@ -482,7 +511,7 @@ class Replica:
             return  # reported already (once per slot), or a full table
         mask |= senders
         self.contra[seq] = mask
-        if self.stake.is_weak(stake_of(mask, self.stake.weights)):
+        if self.vstake.is_weak(stake_of(mask, self.vstake.weights)):
             self.contra[seq] = -1
             self._equivocation(self.primary(), seq)
 
@@ -506,23 +535,23 @@ class Replica:
         self.on_request(m.decode(wire))  # our own copy: T1 waits for it, a primary batches it
 
     def _check_prepared(self, seq, i):
+        """Prepared (N4): record it (P) and multicast COMMIT, if we may vote on ``seq``."""
         log = self.log
-        if log.prepared(i) or not log.accepted(i):
+        if log.prepared(i) or not log.accepted(i) or not self._may_vote(seq):
             return
-        if not self.stake.is_quorum(log.stake(log.prepares, i, self.stake.weights)):
+        if not self.vstake.is_quorum(log.stake(log.prepares, i, self.vstake.weights)):
             return
         log.mark_prepared(i)
         self.oplog.prepared(seq, log.digests[i], self.view)
-        if self._may_vote(seq):
-            log.vote(log.commits, i, self.me, log.digests[i])
-            self._broadcast(m.COMMIT, self.view, seq, log.digests[i])
+        log.vote(log.commits, i, self.me, log.digests[i])
+        self._broadcast(m.COMMIT, self.view, seq, log.digests[i])
         self._check_committed(seq, i)
 
     def _check_committed(self, seq, i):
         log = self.log
         if log.committed(i) or log.digests[i] is None:
             return
-        if not self.stake.is_quorum(log.stake(log.commits, i, self.stake.weights)):
+        if not self.vstake.is_quorum(log.stake(log.commits, i, self.vstake.weights)):
             return
         if log.batches[i] is None:
             body = self.oplog.body_of(seq, log.digests[i])
@@ -586,13 +615,21 @@ class Replica:
                 self._enter_epoch()
             self._broadcast(m.CHECKPOINT, seq, self.own_checkpoints[seq])
             self._check_stable(seq)
+            for later in range(seq + 1, seq + self.K + 1):  # the votes _may_vote held back
+                i = log.find(later)
+                if i >= 0 and log.accepted(i):
+                    self._prepare(later, i)
+                    self._check_prepared(later, i)
 
     def _enter_epoch(self):
         """Put the ledger's validator set in force (after executing or installing its first
-        checkpoint); the current view becomes frozen unless it started there."""
+        checkpoint); the current view becomes frozen unless it started there. Keeps the
+        sets of the window: at most one per checkpoint in it and the one in force at h."""
         ledger = self.ledger
         self.stake = Stake(ledger.validators)
-        self.epoch_seq = ledger.since
+        self.sets.append((ledger.since, self.stake))
+        if len(self.sets) > self.window // self.K + 1:
+            del self.sets[0]
         self.accused = []
         self.contra = {}
         self.events.append(("epoch", ledger.epoch, ledger.since, ledger.validators))
@@ -650,20 +687,21 @@ class Replica:
         self._check_stable(msg.seq)
         self._maybe_fetch_state(msg.seq, msg.digest)
 
-    def _stake_matching(self, votes, digest):
-        """Stake of the replicas whose vote in ``votes`` (replica -> digest) is ``digest``."""
-        s = 0
-        for j in votes:
-            if votes[j] == digest:
-                s += self.stake.weights[j]
-        return s
+    def _backed(self, seq, votes, digest):
+        """How far the replicas whose vote in ``votes`` (replica -> digest) is ``digest`` back
+        checkpoint ``seq``, by the stake of the set that executed it: 2 over 2/3 of it, 1 over
+        1/3, else 0. Beyond our last executed sequence number that set may be newer than any we
+        know: the newest we know stands in for it."""
+        stake = self._set_at(seq - 1) or self.stake
+        s = stake.of([j for j in votes if votes[j] == digest])
+        return stake.is_weak(s) + stake.is_quorum(s)
 
     def _check_stable(self, seq):
         own = self.own_checkpoints.get(seq)
         votes = self.checkpoints.get(seq)
         if own is None or votes is None or seq <= self.h:
             return
-        if self.stake.is_quorum(self._stake_matching(votes, own)):
+        if self._backed(seq, votes, own) == 2:
             self._mark_stable(seq)
 
     def _mark_stable(self, seq):
@@ -697,7 +735,7 @@ class Replica:
         if seq <= self.last_exec + self.K and not (self.limbo or stuck):
             return  # close behind and moving: normal catch-up gets us there
         votes = self.checkpoints.get(seq, {})
-        if self.stake.is_weak(self._stake_matching(votes, digest)):
+        if self._backed(seq, votes, digest):
             sources = [j for j in votes if votes[j] == digest and j != self.me]
             self._start_transfer(seq, digest, sources)
 
@@ -775,7 +813,8 @@ class Replica:
         assert last_exec == seq
         assert seq > self.last_exec or seq == 0
         self.ledger.load(state)
-        if self.ledger.validators != self.stake.weights or self.ledger.since != self.epoch_seq:
+        if self.ledger.validators != self.stake.weights or self.ledger.since != self.sets[-1][0]:
+            del self.sets[:]  # we know the set in force at seq, not those before it
             self._enter_epoch()
         for c in list(self.replies):
             del self.replies[c]
@@ -863,9 +902,9 @@ class Replica:
         self._after_view_change_input()
 
     def _ack(self, change):
-        """ACK1: acknowledge a VIEW-CHANGE of our view (broadcast: PBFT-NOTES 7.2)."""
-        if self.me == self.primary() or change.sender == self.primary():
-            return
+        """ACK1: acknowledge a VIEW-CHANGE of our view (broadcast: PBFT-NOTES 7.2). Every
+        replica acknowledges every other's: across an epoch start, who is the new primary
+        depends on the checkpoint the view will start from, unknown yet."""
         if change.sender in self.acked:
             return
         self.acked[change.sender] = change.digest
@@ -875,7 +914,7 @@ class Replica:
         """ACK3-4: count acknowledgements; early ones (a view we have not reached) wait."""
         if msg.view < self.view or msg.sender == msg.owner or msg.owner >= self.stake.n:
             return
-        if msg.sender == self.primary(msg.view) or msg.view > self.view + self.stake.n:
+        if msg.view > self.view + self.stake.n:
             return
         # Kept per view: acks for a later view (a Byzantine replica's, say) never displace
         # those of ours. Bounded: views self.view .. self.view + n, n owners and ackers.
@@ -894,13 +933,12 @@ class Replica:
         if not self.limbo:
             return
         self._fetch_listed_checkpoint()
-        if self.vc_deadline is None and not self.is_primary():
+        if self.vc_deadline is None:
             at_or_above = [j for j in self.vc_views if self.vc_views[j] >= self.view]
             if self.stake.is_quorum(self.stake.of(at_or_above)):
                 self.vc_deadline = self.now + self.vc_timeout  # T2
-        if self.is_primary():
-            self._try_new_view()
-        elif self.new_view is not None:
+        self._try_new_view()
+        if self.limbo and self.new_view is not None:
             self._try_install(self.new_view)
 
     def _fetch_listed_checkpoint(self):
@@ -935,32 +973,46 @@ class Replica:
                     self._start_view_change(view)
                 return
 
-    def _in_set(self, change):
+    def _in_set(self, change, stake):
         """ACK4: a VIEW-CHANGE enters S when its sender, the primary and ackers that saw the
-        same digest hold over 2/3 of stake (the primary's own enters at once)."""
+        same digest hold over 2/3 of ``stake`` (the primary's own enters at once)."""
+        primary = stake.primary(self.view)
         if change.view != self.view:
             return False
-        if change.sender == self.primary():
+        if change.sender == primary:
             return True
         acks = self.acks.get(change.sender, {}).get(self.view, {})
-        holders = [change.sender, self.primary()]
+        holders = [change.sender, primary]
         for j in acks:
             if acks[j] == change.digest and j not in holders:
                 holders.append(j)
-        return self.stake.is_quorum(self.stake.of(holders))
+        return stake.is_quorum(stake.of(holders))
 
     def _try_new_view(self):
-        """NV1-NV3: the new primary decides and installs as soon as S allows."""
-        members = [self.vcs[j] for j in sorted(self.vcs) if self._in_set(self.vcs[j])]
-        decision = vc.decide(members, self.stake)
-        if decision is None or self._state_first(decision):
+        """NV1-NV3: if we are the new view's primary under a set we keep, decide with that
+        set and install as soon as S allows. A decision stands only where its set is in force:
+        at its checkpoint (_set_at); above our state only the newest set can be, and we fetch
+        that state first."""
+        for since, stake in self.sets:
+            if stake.primary(self.view) != self.me:
+                continue
+            members = [self.vcs[j] for j in sorted(self.vcs) if self._in_set(self.vcs[j], stake)]
+            decision = vc.decide(members, stake)
+            if decision is None:
+                continue
+            if decision[0] > self.last_exec:
+                if stake is self.stake:
+                    self._state_first(decision)
+                continue
+            if self._set_at(decision[0]) is not stake:
+                continue
+            listed = [[c.sender, c.digest] for c in members]
+            body = m.body(m.NEW_VIEW, self.me, self.view, listed, decision[0], decision[2])
+            self.nv_wire = self.authenticated(body)
+            self.out.append((TO_ALL, self.nv_wire))
+            self.counts["tx"] += 1
+            self._install(decision, stake)
             return
-        listed = [[c.sender, c.digest] for c in members]
-        body = m.body(m.NEW_VIEW, self.me, self.view, listed, decision[0], decision[2])
-        self.nv_wire = self.authenticated(body)
-        self.out.append((TO_ALL, self.nv_wire))
-        self.counts["tx"] += 1
-        self._install(decision)
 
     def _resend_new_view(self, dest):
         if self.nv_wire is not None:
@@ -981,9 +1033,12 @@ class Replica:
     def on_new_view(self, msg):
         if msg.view < self.view or (msg.view == self.view and not self.limbo):
             return
-        if msg.sender != self.primary(msg.view) and (msg.view != self.view
-                                                     or msg.low <= self.last_exec):
-            return  # below its checkpoint our validator set may be an older one: see below
+        if msg.low <= self.last_exec:
+            stake = self._set_at(msg.low)
+            if stake is None or msg.sender != stake.primary(msg.view):
+                return
+        elif msg.view != self.view and msg.sender != self.stake.primary(msg.view):
+            return  # above our state: we fetch it first and judge after (_try_install)
         if msg.view > self.view:
             self._start_view_change(msg.view)
         self.new_view = msg
@@ -1000,24 +1055,29 @@ class Replica:
             if change is None or change.view != msg.view or change.digest != entry[1]:
                 return  # wait: STATUS gets it retransmitted (BV2)
             members.append(change)
-        decision = vc.decide(members, self.stake)
+        # Judged by the set in force at its checkpoint; above our state, the newest we know
+        # tells which state to fetch, and we judge it again once we hold that state.
+        stake = self._set_at(msg.low) if msg.low <= self.last_exec else self.stake
+        decision = None if stake is None else vc.decide(members, stake)
         if decision is None or decision[0] != msg.low or decision[2] != msg.chosen:
             self._drop("bad new-view")  # BV4: let the timer move us on
             self.new_view = None
             return
         if self._state_first(decision):
             return
-        if msg.sender != self.primary(msg.view):
+        if msg.sender != stake.primary(msg.view):
             self._drop("new-view not from primary")
             self.new_view = None
             return
-        self._install(decision)
+        self._install(decision, stake)
 
-    def _install(self, decision):
-        """AF1-AF3: leave limbo and re-prepare the chosen batches in the new view."""
+    def _install(self, decision, stake):
+        """AF1-AF3: leave limbo and re-prepare the chosen batches in the new view, which runs
+        under ``stake``."""
         low, chosen = decision[0], decision[2]
         assert low <= self.last_exec
         self.limbo = False
+        self.vstake = stake
         self.view_low = low
         self.dirty = True
         for j in [j for j in self.vcs if self.vcs[j].view <= self.view]:
@@ -1088,6 +1148,10 @@ class Replica:
             return
         self.answered[msg.sender] = self.now
         j = msg.sender
+        if msg.h < self.h and self.h in self.own_checkpoints:
+            # In any view: a replica that left a frozen view once its checkpoint was stable
+            # may be the vote the others in that view still lack to leave it too.
+            self._send(j, m.CHECKPOINT, self.h, self.own_checkpoints[self.h])
         if msg.view < self.view or (msg.view == self.view and msg.limbo):
             for k in self.vc_wires:
                 if self.vc_views[k] == self.view and k != j:
@@ -1097,8 +1161,6 @@ class Replica:
             return
         if msg.view != self.view or self.limbo:
             return
-        if msg.h < self.h and self.h in self.own_checkpoints:
-            self._send(j, m.CHECKPOINT, self.h, self.own_checkpoints[self.h])
         for seq in msg.missing:
             if type(seq) is int:
                 self._send_batch(j, seq)
@@ -1134,7 +1196,7 @@ class Replica:
         if batch_digest(msg.batch) != msg.digest or not self._batch_valid(msg.batch):
             self._drop("bad batch")
             return
-        self._keep_body(msg.seq, msg.digest, msg.batch)
+        self.oplog.keep_body(msg.seq, msg.digest, msg.batch)
         self.missing.pop(msg.seq, None)
         if self.log.accepted(i):
             self.log.attach(i, msg.batch)
@@ -1165,6 +1227,7 @@ class Replica:
             r.checkpoints = {}
             r._install_snapshot(h, hashlib.sha256(snap).digest(), snap)
         r.view_low = view_low
+        r.vstake = r._set_at(view_low) or r.stake  # none kept: frozen, and left at once
         r.vc_timeout = r.view_timeout_ms
         r.events.append(("restored", view, h))
         return r

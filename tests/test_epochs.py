@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from test_replica import Net
 
 from edgebft.protocol import cbor
+from edgebft.protocol import messages as m
+from edgebft.protocol import replica as rp
 from edgebft.protocol.ledger import Ledger
 from edgebft.protocol.replica import REPLICA_CLIENT_BASE
 from edgebft.sim import SimOptions, Simulation
@@ -88,6 +92,100 @@ def test_a_validator_joins_with_stake_and_leaves_with_zero() -> None:
     live = [r for i, r in enumerate(net.replicas) if i not in gone]
     assert {tuple(r.stake.weights) for r in live} == {(1, 1, 1, 1, 0)}
     assert all(r.primary(v) != 4 for r in live for v in range(20)), "out of the set"
+
+
+def run_dropping(net: Net, dropped: Callable[[int, m.Message], bool]) -> None:
+    """Deliver the queue like Net.run, less the messages ``dropped(to, message)`` picks."""
+    while net.queue:
+        to, wire = net.queue.pop(0)
+        assert isinstance(to, int)
+        if to in net.down or dropped(to, m.decode(wire)):
+            continue
+        net.replicas[to].receive(wire, net.now)
+        net._collect(to)
+
+
+def test_the_replica_that_alone_executed_an_epochs_first_checkpoint_stays_until_stable() -> None:
+    """Replica 3 is down, so the other three are all needed. A stake at sequence 1 makes
+    checkpoint 4 the first of a new epoch; the commits of 4 reach replica 2 only. Replica 2
+    executes 4 and the new set [2, 1, 1, 1] is in force for it, but replicas 0 and 1 need its
+    commit to execute 4: it stays in the frozen view 0, voting under the old set, until
+    checkpoint 4 is stable. (Leaving at once, it installed every later view decided from
+    below 4 and left it again: nothing executed any more, `sim --seed 2043 --churn`.)"""
+    net = Net(n=4, k=4)
+    net.down.add(3)
+    alice = net.client(7)
+    assert net.call(alice, ["stake", "a", 0, 1]) == [True, 2], "its new bond"
+    for _ in range(2):
+        net.call(alice, ["balance", "a"])
+    net.submit(alice.request(["balance", "b"]))
+    run_dropping(net, lambda to, msg: msg.kind == m.COMMIT and msg.seq == 4 and to in (0, 1))
+    zero, one, two = net.replicas[:3]
+    assert [r.last_exec for r in (zero, one, two)] == [3, 3, 4]
+    assert two.stake.weights == [2, 1, 1, 1], "the new set is in force after 4"
+    assert (two.view, two.limbo, two.h) == (0, False, 0), "frozen, and stays while 4 is unstable"
+    for now in (100, 200):  # 0 and 1, stuck, ask with STATUS (RT1); 2 answers (RT2)
+        net.tick(now)
+        net.run()
+    assert {r.h for r in (zero, one, two)} == {4}, "checkpoint 4 stable under the old set"
+    assert {(r.view, r.limbo, r.view_low) for r in (zero, one, two)} == {(1, False, 4)}
+    assert all(r.vstake.weights == [2, 1, 1, 1] for r in (zero, one, two)), "view 1: new set"
+    names = [e[:2] for e in two.events if e[0] in ("stable", "view_change")]
+    assert names.index(("stable", 4)) < names.index(("view_change", 1)), "left once stable"
+    assert net.call(alice, ["transfer", "a", "b", 1]) == [True, 98]
+
+
+def test_a_view_change_before_the_epochs_first_checkpoint_is_stable_runs_under_the_old_set(
+        ) -> None:
+    """Checkpoint 4 starts the epoch of [1, 1, 1, 3]. Replicas 0 and 2 execute 4; the commits
+    and checkpoints of 4 never reach 1 and 3, and then 0 crashes. 1 and 3 time out and change
+    view; replica 2 joins. View 1 starts from checkpoint 0 (only 2 lists 4), so it runs under
+    the old set, whose primary of view 1 is replica 1: replica 2, for which the new set is in
+    force (primary of view 1: the crashed 0), judges the NEW-VIEW by the set in force at its
+    checkpoint, installs it, and votes there until 4 is stable. Then view 2 runs the new set."""
+    net = Net(n=4, k=4)
+    alice = net.client(7)
+    assert net.call(alice, ["stake", "a", 3, 2]) == [True, 3]
+    for _ in range(2):
+        net.call(alice, ["balance", "a"])
+    net.submit(alice.request(["balance", "b"]))
+    hidden = (m.COMMIT, m.CHECKPOINT)
+    run_dropping(net, lambda to, msg: msg.kind in hidden and msg.seq == 4 and to in (1, 3))
+    one, two, three = net.replicas[1:]
+    assert [r.last_exec for r in net.replicas] == [4, 3, 4, 3]
+    assert two.stake.primary(1) == 0 and two.vstake.primary(1) == 1
+    net.down.add(0)
+    for now in range(100, 2100, 100):  # 2 answers 1's and 3's STATUS: lose its commits
+        net.tick(now)
+        run_dropping(net, lambda to, msg: msg.kind == m.COMMIT and msg.view == 0)
+    assert {r.h for r in (one, two, three)} == {4}
+    assert ("view", 1) in two.events, "2 installed the old set's view 1"
+    assert {(r.view, r.limbo, r.view_low) for r in (one, two, three)} == {(2, False, 4)}
+    assert all(r.vstake.weights == [1, 1, 1, 3] for r in (one, two, three))
+    assert net.call(alice, ["transfer", "a", "b", 1]) == [True, 97]
+
+
+def test_no_replica_votes_past_a_checkpoint_it_has_not_executed() -> None:
+    """That checkpoint may start an epoch, and in a view of the old set nothing past it may
+    prepare: so no certificate of the old set ever names a sequence number of the new one.
+    The pre-prepare is logged; the prepare goes out once the checkpoint is executed."""
+    net = Net(n=4, k=4)
+    alice = net.client(7)
+    for _ in range(3):
+        net.call(alice, ["balance", "a"])
+    backup = net.replicas[1]
+    primary = net.replicas[0]
+    batch = [alice.request(["balance", "b"])]
+    digest = rp.batch_digest(batch)
+    early = primary.authenticated(m.body(m.PRE_PREPARE, 0, 0, 5, digest, batch))
+    backup.receive(early, net.now)  # sequence 5 while 4 is not executed
+    assert backup.log.accepted(backup.log.find(5))
+    assert not [w for _, w in backup.out if m.decode(w).kind == m.PREPARE], "no vote past 4"
+    backup.out.clear()
+    net.call(alice, ["balance", "a"])  # sequence 4 executes everywhere
+    assert backup.last_exec == 4
+    peer = net.replicas[2]
+    assert peer.log.voted(peer.log.prepares, peer.log.find(5), 1), "its PREPARE of 5 came"
 
 
 def test_digests_cover_the_validator_set() -> None:
