@@ -233,6 +233,15 @@ def test_epoch_changes_under_load_and_faults_stay_safe_and_live() -> None:
         assert len(finals) == 1, f"seed {seed}: up-to-date replicas disagree on the set"
 
 
+@pytest.mark.parametrize("seed", [2010, 2027, 2043, 2050])
+def test_churn_seeds_that_deadlocked_at_an_epoch_start_are_live(seed: int) -> None:
+    """Stakes of 1 token each, so one token moved shifts a third of the stake: in these seeds
+    one replica executed an epoch's first checkpoint that the others could not commit without
+    it, and it left the frozen view at once (`edgebft sim --seed 2043 --churn`)."""
+    result = Simulation(seed, SimOptions(churn=True)).run()
+    assert result.verdict == "ok", (result.reasons, result.replay)
+
+
 def test_a_replica_restores_from_flash_written_before_view_low_was_kept() -> None:
     net = Net(n=4, k=4)
     alice = net.client(7)
