@@ -451,7 +451,8 @@ class Replica:
 
     def _prepare(self, seq, i):
         """Vote for the accepted slot ``i`` of ``seq``: record it (Q), and a backup multicasts
-        PREPARE; once only, and not before _may_vote allows (then _execute comes back)."""
+        PREPARE; once only, and not before _may_vote allows (then _execute, or the pre-prepare
+        retransmitted, comes back)."""
         log = self.log
         if not self._may_vote(seq) or (log.voted(log.prepares, i, self.me)
                                        and not self.is_primary()):
@@ -976,9 +977,9 @@ class Replica:
     def _in_set(self, change, stake):
         """ACK4: a VIEW-CHANGE enters S when its sender, the primary and ackers that saw the
         same digest hold over 2/3 of ``stake`` (the primary's own enters at once)."""
-        primary = stake.primary(self.view)
         if change.view != self.view:
             return False
+        primary = stake.primary(self.view)
         if change.sender == primary:
             return True
         acks = self.acks.get(change.sender, {}).get(self.view, {})
@@ -993,7 +994,7 @@ class Replica:
         set and install as soon as S allows. A decision stands only where its set is in force:
         at its checkpoint (_set_at); above our state only the newest set can be, and we fetch
         that state first."""
-        for since, stake in self.sets:
+        for _since, stake in self.sets:
             if stake.primary(self.view) != self.me:
                 continue
             members = [self.vcs[j] for j in sorted(self.vcs) if self._in_set(self.vcs[j], stake)]
