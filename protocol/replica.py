@@ -828,6 +828,8 @@ class Replica:
         for client in list(self.waiting):
             del self.waiting[client]
             del self.waiting_wires[client]
+        if not self.limbo:
+            self.vc_deadline = None  # T1 runs while requests wait: none do now
         self.events.append(("transferred", seq, digest))
         self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
         self._mark_stable(seq)
@@ -1149,10 +1151,12 @@ class Replica:
             return
         self.answered[msg.sender] = self.now
         j = msg.sender
-        if msg.h < self.h and self.h in self.own_checkpoints:
-            # In any view: a replica that left a frozen view once its checkpoint was stable
-            # may be the vote the others in that view still lack to leave it too.
-            self._send(j, m.CHECKPOINT, self.h, self.own_checkpoints[self.h])
+        for seq in sorted(self.own_checkpoints):
+            # Our checkpoint votes above its stable one, in any view: the vote it lost may be
+            # what keeps its window full (a loss fault can take every copy of a checkpoint),
+            # or what the others in a frozen view we left still lack to leave it too.
+            if seq > msg.h:
+                self._send(j, m.CHECKPOINT, seq, self.own_checkpoints[seq])
         if msg.view < self.view or (msg.view == self.view and msg.limbo):
             for k in self.vc_wires:
                 if self.vc_views[k] == self.view and k != j:

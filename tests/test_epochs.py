@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 from test_replica import Net
 
@@ -94,17 +92,6 @@ def test_a_validator_joins_with_stake_and_leaves_with_zero() -> None:
     assert all(r.primary(v) != 4 for r in live for v in range(20)), "out of the set"
 
 
-def run_dropping(net: Net, dropped: Callable[[int, m.Message], bool]) -> None:
-    """Deliver the queue like Net.run, less the messages ``dropped(to, message)`` picks."""
-    while net.queue:
-        to, wire = net.queue.pop(0)
-        assert isinstance(to, int)
-        if to in net.down or dropped(to, m.decode(wire)):
-            continue
-        net.replicas[to].receive(wire, net.now)
-        net._collect(to)
-
-
 def test_the_replica_that_alone_executed_an_epochs_first_checkpoint_stays_until_stable() -> None:
     """Replica 3 is down, so the other three are all needed. A stake at sequence 1 makes
     checkpoint 4 the first of a new epoch; the commits of 4 reach replica 2 only. Replica 2
@@ -119,7 +106,7 @@ def test_the_replica_that_alone_executed_an_epochs_first_checkpoint_stays_until_
     for _ in range(2):
         net.call(alice, ["balance", "a"])
     net.submit(alice.request(["balance", "b"]))
-    run_dropping(net, lambda to, msg: msg.kind == m.COMMIT and msg.seq == 4 and to in (0, 1))
+    net.run(dropped=lambda to, msg: msg.kind == m.COMMIT and msg.seq == 4 and to in (0, 1))
     zero, one, two = net.replicas[:3]
     assert [r.last_exec for r in (zero, one, two)] == [3, 3, 4]
     assert two.stake.weights == [2, 1, 1, 1], "the new set is in force after 4"
@@ -150,14 +137,14 @@ def test_a_view_change_before_the_epochs_first_checkpoint_is_stable_runs_under_t
         net.call(alice, ["balance", "a"])
     net.submit(alice.request(["balance", "b"]))
     hidden = (m.COMMIT, m.CHECKPOINT)
-    run_dropping(net, lambda to, msg: msg.kind in hidden and msg.seq == 4 and to in (1, 3))
+    net.run(dropped=lambda to, msg: msg.kind in hidden and msg.seq == 4 and to in (1, 3))
     one, two, three = net.replicas[1:]
     assert [r.last_exec for r in net.replicas] == [4, 3, 4, 3]
     assert two.stake.primary(1) == 0 and two.vstake.primary(1) == 1
     net.down.add(0)
     for now in range(100, 2100, 100):  # 2 answers 1's and 3's STATUS: lose its commits
         net.tick(now)
-        run_dropping(net, lambda to, msg: msg.kind == m.COMMIT and msg.view == 0)
+        net.run(dropped=lambda to, msg: msg.kind == m.COMMIT and msg.view == 0)
     assert {r.h for r in (one, two, three)} == {4}
     assert ("view", 1) in two.events, "2 installed the old set's view 1"
     assert {(r.view, r.limbo, r.view_low) for r in (one, two, three)} == {(2, False, 4)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -58,12 +59,14 @@ class Net:
                 r.tick(now_ms)
                 self._collect(i)
 
-    def run(self, shuffle: bool = False) -> None:
+    def run(self, shuffle: bool = False,
+            dropped: Callable[[int, m.Message], bool] | None = None) -> None:
+        """Deliver the queue, less the messages ``dropped(to, message)`` picks (lost)."""
         while self.queue:
             k = self.rng.randrange(len(self.queue)) if shuffle else 0
             to, wire = self.queue.pop(k)
             assert isinstance(to, int)
-            if to in self.down:
+            if to in self.down or dropped is not None and dropped(to, m.decode(wire)):
                 continue
             self.replicas[to].receive(wire, self.now)
             self._collect(to)
@@ -116,6 +119,28 @@ def test_one_silent_backup_does_not_stop_commits_and_checkpoints_become_stable()
     assert {r.last_exec for r in live} == {9}
     assert {r.h for r in live} == {8}
     assert all(r.live_slots() == [9] for r in live), "slots at or below h are free for reuse"
+
+
+def test_lost_checkpoint_votes_come_again_with_the_answer_to_a_status() -> None:
+    """A loss fault takes every CHECKPOINT of 4 and 8 while replica 3 is down: the three
+    others need each other's votes, executed 8 and their window (h + 2K) is full. A STATUS
+    is answered with the checkpoint votes above the asker's stable checkpoint, so the lost
+    ones come again and the window moves on."""
+    net = Net(n=4, k=4)
+    net.down.add(3)
+    alice = net.client(7)
+    for _ in range(8):
+        net.submit(alice.request(["balance", "a"]))
+        net.run(dropped=lambda to, msg: msg.kind == m.CHECKPOINT)
+    live = net.replicas[:3]
+    assert [(r.last_exec, r.h) for r in live] == [(8, 0)] * 3
+    net.submit(alice.request(["balance", "b"]))
+    net.run()
+    assert {r.last_exec for r in live} == {8}, "sequence 9 is outside every window"
+    for now in (100, 200):  # stuck: STATUS (RT1), answered with the votes (RT2)
+        net.tick(now)
+        net.run()
+    assert [(r.last_exec, r.h) for r in live] == [(9, 8)] * 3
 
 
 def test_two_silent_backups_block_progress() -> None:

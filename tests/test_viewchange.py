@@ -178,3 +178,24 @@ def test_a_replica_the_others_run_ahead_of_does_not_change_view_alone() -> None:
     assert (lone.view, lone.limbo) == (0, False), "the others are ahead in this view"
     lone.suspect(deadline)
     assert (lone.view, lone.limbo) == (0, False), "nor on the detector's word"
+
+
+def test_a_state_transfer_stops_the_request_timer_of_the_requests_it_drops() -> None:
+    """A replica that was cut off holds a client's request and its request timer (T1) runs.
+    It catches up by state transfer, which drops what waits (the client retransmits): the
+    timer stops with it. Left running, it fired moments after the transfer, before the
+    replica had heard how far the others were, and took it to a view of its own."""
+    net = Net(n=4, k=4)
+    net.down.add(3)
+    alice = net.client(7)
+    for _ in range(12):
+        net.call(alice, ["balance", "a"])
+    lone = net.replicas[3]
+    lone.receive(net.client(8).request(["balance", "b"]), 0)
+    assert lone.vc_deadline is not None
+    net.down.clear()
+    for now in (100, 200, 300):  # STATUS (RT1), checkpoints beyond its window, FETCH, CHUNK
+        net.tick(now)
+        net.run()
+    assert ("transferred", 12) in [e[:2] for e in lone.events]
+    assert (lone.h, lone.waiting, lone.vc_deadline) == (12, {}, None)
