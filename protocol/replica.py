@@ -110,7 +110,6 @@ class Replica:
         assert len(keys) == stake.n
         assert checkpoint_interval > 0
         self.me = me
-        self.stake = stake        # the set in force after last_exec (since ledger.since)
         self.sets = [(0, stake)]  # (since, Stake) for the sets of the window, oldest first
         self.vstake = stake       # the set the current view runs under
         self.macs = [auth.Mac(k) for k in keys]
@@ -175,6 +174,11 @@ class Replica:
         self.h = 0
 
     # ----------------------------------------------------------------- helpers
+
+    @property
+    def stake(self):
+        """The set in force after last_exec (since ledger.since): the newest we know."""
+        return self.sets[-1][1]
 
     def primary(self, view=None):
         return self.vstake.primary(self.view if view is None else view)
@@ -627,8 +631,7 @@ class Replica:
         checkpoint); the current view becomes frozen unless it started there. Keeps the
         sets of the window: at most one per checkpoint in it and the one in force at h."""
         ledger = self.ledger
-        self.stake = Stake(ledger.validators)
-        self.sets.append((ledger.since, self.stake))
+        self.sets.append((ledger.since, Stake(ledger.validators)))
         if len(self.sets) > self.window // self.K + 1:
             del self.sets[0]
         self.accused = []
