@@ -47,7 +47,6 @@ from edgebft.sim import (
     run_many,
 )
 from edgebft.sim import SimOptions as _SimDefaults
-from edgebft.workload import CLIENTS_LIMIT
 
 USER_ERRORS = (BenchError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
                SimError, NemesisError)
@@ -133,8 +132,8 @@ def out_option(command: str) -> Callable[[Callable[..., None]], Callable[..., No
 
 @cli.command()
 @click.option("--clients", default=CLIENTS_DEFAULT, show_default=True,
-              help=f"Closed-loop clients (at most {CLIENTS_LIMIT}; more than about 6 need a "
-                   "bigger --heap).")
+              help="Closed-loop clients (any number: the replicas keep every client's last "
+                   "reply on flash).")
 @out_option("demo")
 @run_options
 def demo(clients: int, out: Path | None, **run: Any) -> None:
@@ -152,8 +151,8 @@ def demo(clients: int, out: Path | None, **run: Any) -> None:
 
 @cli.command()
 @click.option("--clients", default=CLIENTS_DEFAULT, show_default=True,
-              help=f"Client ids (at most {CLIENTS_LIMIT}; more than about 6 need a bigger "
-                   "--heap): the closed-loop clients, or with --rate the pool open-loop "
+              help="Client ids (any number): the closed-loop clients, or with --rate the "
+                   "pool open-loop "
                    "requests are sent from (a request waits while every id has one "
                    "outstanding).")
 @click.option("--rate", type=float, default=None, metavar="R",

@@ -60,6 +60,7 @@ RETRANSMIT_MS_MAX = 4_000        # doubling stops here, so a healed cluster is r
 FAULT_GAP_MS = (100, 1_000)      # between the starts of two faults
 FAULT_LENGTH_MS = (200, 2_500)   # crash, partition, loss and delay windows
 REBOOT_DOWN_MS = (0, 200)        # a power cycle: down briefly, then restore from flash
+CUT_OPERATIONS_MAX = 12          # a crash undoes up to this many of the last flash operations
 DEFAULT_NODES = 4
 DEFAULT_REQUESTS = 30
 DEFAULT_CLIENTS = 4
@@ -427,14 +428,17 @@ class Simulation:
         return r
 
     def _restarted_replica(self, i: int) -> rp.Replica:
-        """Replica i rebuilt from what it persisted (crash-recovery, DESIGN.md section 3).
+        """Replica i rebuilt from what it persisted (crash-recovery, DESIGN.md section 3): its
+        flash (a MemFlash, which the crash may have cut in the middle of a write) and its
+        durable record.
 
         Its old object has received nothing since the crash, so its ``durable()`` now is what
         a runtime saving after every call would have on flash at the crash.
         """
-        saved = self.replicas[i].durable()
-        r = rp.Replica.restore(saved, i, self.stake, self.keys.pairwise[i],
-                               self.keys.client_secrets[i], **self._replica_kwargs())
+        old = self.replicas[i]
+        r = rp.Replica.restore(old.durable(), i, self.stake, self.keys.pairwise[i],
+                               self.keys.client_secrets[i], flash=old.state.flash,
+                               **self._replica_kwargs())
         self._plant(r)
         return r
 
@@ -621,6 +625,11 @@ class Simulation:
             self.delay_ms[fault.replica] = fault.delay_ms if start else 0
         elif start:
             self.up[fault.replica] = False
+            # The power goes in the middle of whatever the replica was writing: its last few
+            # flash operations never happened (drawn apart from self.rng, so that the rest of
+            # a seed's schedule is the same with and without torn writes).
+            cut = random.Random(f"{self.seed}/cut/{index}").randint(0, CUT_OPERATIONS_MAX)
+            self.replicas[fault.replica].state.flash.cut(cut)
         else:
             self._restart(fault.replica)
 

@@ -1,4 +1,4 @@
-# The replicated application: accounts with balances, and a bounded key-value store.
+# The replicated application: accounts with balances, and a key-value store, on flash.
 #
 # Rules:
 # - execute() is deterministic: the same ops in the same order give the same results and state
@@ -6,8 +6,10 @@
 # - Every op returns a result [ok, value]; a bad op is a failed result, never an exception.
 # - digest is a hash chain over (sequence, batch digest, results) of every executed batch:
 #   equal digests at a sequence mean equal histories, hence equal states, up to there.
-# - Memory is bounded: at most KEYS_MAX keys and _ACCOUNTS_MAX accounts, so a snapshot (what a
-#   checkpoint's digest covers and state transfer ships) stays within a few KB.
+# - Keys and accounts live in a PageStore (pagestore.py) on flash, as entries "k<key>" and
+#   "a<account>": RAM holds its page cache, whatever their number. The store holds at most
+#   ENTRIES_MAX of them: beyond it a put or a transfer to a new account fails ("store full"),
+#   the same on every replica. Values are at most _VALUE_BYTES_MAX bytes of CBOR.
 # - Stake (DESIGN.md section 3): the ledger holds the validator set in force (`validators`, one
 #   stake per replica id, epoch `epoch`) and the bonded stake that will be in force next
 #   (`bonds`). "stake" and "unstake" move tokens between an account and a validator's bond;
@@ -15,8 +17,8 @@
 #   once accusers holding more than 1/3 of the validators' stake (so at least one correct
 #   replica saw the offence) accuse one replica, its bond is slashed to zero (burnt).
 #   end_epoch(), called at every checkpoint, puts the bonds in force: a validator whose bond
-#   is zero leaves the set. Both tables are part of state(), hence of every checkpoint digest,
-#   so all correct replicas agree on every epoch's validator set.
+#   is zero leaves the set. Both tables are part of small_state(), hence of every checkpoint
+#   digest, so all correct replicas agree on every epoch's validator set.
 import hashlib
 import struct
 
@@ -27,8 +29,7 @@ except ImportError:  # CPython
 
 from . import cbor
 
-KEYS_MAX = 64
-_ACCOUNTS_MAX = const(64)
+ENTRIES_MAX = 1 << 16
 _NAME_BYTES_MAX = const(32)
 _VALUE_BYTES_MAX = const(64)
 
@@ -38,23 +39,37 @@ def _is_name(x):
 
 
 class Ledger:
-    """Balances and key-value state, with a running digest of the executed history."""
+    """Balances and key-value state in ``store``, with a running digest of the executed
+    history. ``genesis`` (account -> balance) is written to the store: give it only to a new,
+    empty one."""
 
-    def __init__(self, genesis=None, stakes=(1,)):
+    def __init__(self, store, genesis=None, stakes=(1,)):
+        self.store = store
         self.epoch = 0
         self.since = 0      # the checkpoint at which the validators came into force
         self.validators = list(stakes)
         self.bonds = list(stakes)
         self.accusers = {}  # offender -> sorted accuser ids (this epoch's accusations)
-        self.balances = {}
-        self.kv = {}
         for account, amount in sorted((genesis or {}).items()):
             if not _is_name(account) or type(amount) is not int or amount < 0:
                 raise ValueError("bad genesis entry %r" % (account,))
-            self.balances[account] = amount
-        if len(self.balances) > _ACCOUNTS_MAX:
+            store.put("a" + account, amount)
+        if store.count > ENTRIES_MAX:
             raise ValueError("too many genesis accounts")
         self.digest = b"\x00" * 32  # the genesis digest
+
+    def get(self, key):
+        """The value stored under ``key``, or None."""
+        return self.store.get("k" + key)
+
+    def balance(self, account):
+        return self.store.get("a" + account) or 0
+
+    def _has_room(self, entry):
+        return self.store.count < ENTRIES_MAX or self.store.get(entry) is not None
+
+    def _credit(self, account, amount):
+        self.store.put("a" + account, self.balance(account) + amount)
 
     def execute(self, op, replica=-1):
         """Apply one op and return its result [ok, value]. ``replica`` is the id of the replica
@@ -71,11 +86,11 @@ class Ledger:
         if name == "accuse" and len(op) == 2 and replica >= 0:
             return self._accuse(replica, op[1])
         if name == "get" and len(op) == 2 and _is_name(op[1]):
-            return [True, self.kv.get(op[1])]
+            return [True, self.get(op[1])]
         if name == "put" and len(op) == 3 and _is_name(op[1]):
             return self._put(op[1], op[2])
         if name == "balance" and len(op) == 2 and _is_name(op[1]):
-            return [True, self.balances.get(op[1], 0)]
+            return [True, self.balance(op[1])]
         if name == "transfer" and len(op) == 4:
             return self._transfer(op[1], op[2], op[3])
         return [False, "bad op"]
@@ -83,22 +98,22 @@ class Ledger:
     def _put(self, key, value):
         if len(cbor.encode(value)) > _VALUE_BYTES_MAX:
             return [False, "value too large"]
-        if key not in self.kv and len(self.kv) >= KEYS_MAX:
+        if not self._has_room("k" + key):
             return [False, "store full"]
-        self.kv[key] = value
+        self.store.put("k" + key, value)
         return [True, None]
 
     def _transfer(self, src, dst, amount):
         if not (_is_name(src) and _is_name(dst)) or type(amount) is not int or amount <= 0:
             return [False, "bad transfer"]
-        have = self.balances.get(src, 0)
+        have = self.balance(src)
         if have < amount:
             return [False, "insufficient funds"]
-        if dst not in self.balances and len(self.balances) >= _ACCOUNTS_MAX:
-            return [False, "too many accounts"]
-        self.balances[src] = have - amount
-        self.balances[dst] = self.balances.get(dst, 0) + amount
-        return [True, self.balances[src]]
+        if not self._has_room("a" + dst):
+            return [False, "store full"]
+        self.store.put("a" + src, have - amount)
+        self._credit(dst, amount)
+        return [True, self.balance(src)]
 
     def _validator(self, v):
         return type(v) is int and 0 <= v < len(self.bonds)
@@ -107,10 +122,10 @@ class Ledger:
         if not (_is_name(account) and self._validator(validator)) or type(amount) is not int \
                 or amount <= 0:
             return [False, "bad stake"]
-        have = self.balances.get(account, 0)
+        have = self.balance(account)
         if have < amount:
             return [False, "insufficient funds"]
-        self.balances[account] = have - amount
+        self.store.put("a" + account, have - amount)
         self.bonds[validator] += amount
         return [True, self.bonds[validator]]
 
@@ -122,10 +137,10 @@ class Ledger:
             return [False, "insufficient stake"]
         if sum(self.bonds) == amount:
             return [False, "last stake"]  # the set never becomes empty
-        if account not in self.balances and len(self.balances) >= _ACCOUNTS_MAX:
-            return [False, "too many accounts"]
+        if not self._has_room("a" + account):
+            return [False, "store full"]
         self.bonds[validator] -= amount
-        self.balances[account] = self.balances.get(account, 0) + amount
+        self._credit(account, amount)
         return [True, self.bonds[validator]]
 
     def _accuse(self, accuser, offenders):
@@ -163,30 +178,20 @@ class Ledger:
         self.accusers = {}
         return True
 
-    def state(self):
-        """The canonical state: [digest, [[account, balance]...], [[key, value]...], [epoch,
-        since, validators, bonds, [[offender, [accuser...]]...]]], sorted."""
-        return [self.digest, sorted([a, b] for a, b in self.balances.items()),
-                sorted([k, v] for k, v in self.kv.items()),
-                [self.epoch, self.since, self.validators, self.bonds,
-                 sorted([x, a] for x, a in self.accusers.items())]]
+    def small_state(self):
+        """What the checkpoint record holds besides the store: [digest, epoch, since,
+        validators, bonds, [[offender, [accuser...]]...] sorted]."""
+        return [self.digest, self.epoch, self.since, self.validators, self.bonds,
+                sorted([x, a] for x, a in self.accusers.items())]
 
-    def load(self, state):
-        """Replace the state with one that state() produced (checked by the caller's digest)."""
-        digest, balances, kv, stake = state
-        self.epoch, self.since = stake[0], stake[1]
-        self.validators = list(stake[2])
-        self.bonds = list(stake[3])
+    def load_small(self, small):
+        """Adopt a small_state() (checked by the caller's digest); the store is the caller's."""
+        self.digest, self.epoch, self.since = small[0], small[1], small[2]
+        self.validators = list(small[3])
+        self.bonds = list(small[4])
         self.accusers = {}
-        for x, accusers in stake[4]:
+        for x, accusers in small[5]:
             self.accusers[x] = accusers
-        self.digest = digest
-        self.balances = {}
-        for account, amount in balances:
-            self.balances[account] = amount
-        self.kv = {}
-        for key, value in kv:
-            self.kv[key] = value
 
     def commit_batch(self, seq, batch_digest, results):
         """Fold one executed batch into the history digest; return the new digest."""

@@ -27,8 +27,8 @@ VC_ACK = 8       # [v, 8, replica, view, owner, vc digest]          VIEW-CHANGE-
 NEW_VIEW = 9     # [v, 9, replica, view, [[sender, vc digest]...], min, [digest...]]
 STATUS = 10      # [v, 10, replica, view, limbo, h, last executed, [seq missing a batch...]]
 BATCH = 11       # [v, 11, replica, seq, digest, batch]             a batch body, by digest
-FETCH = 12       # [v, 12, replica, seq, digest, offset]             state transfer request
-CHUNK = 13       # [v, 13, replica, seq, digest, offset, total, data]  state transfer reply
+FETCH = 12       # [v, 12, replica, seq, digest, part, offset]        state transfer request
+CHUNK = 13       # [v, 13, replica, seq, digest, part, offset, total, data]  its reply
 CONTROL = 14     # [v, 14, HOST, nonce, command, args]  auth: one tag (the node's control key)
 
 HOST = 0xFFFF    # the sender id of the host's control commands
@@ -60,8 +60,9 @@ _FIELDS = {
     NEW_VIEW: (("view", _U), ("vcs", _L), ("low", _U), ("chosen", _L)),
     STATUS: (("view", _U), ("limbo", _BOOL), ("h", _U), ("last_exec", _U), ("missing", _L)),
     BATCH: (("seq", _U), ("digest", _D), ("batch", _B)),
-    FETCH: (("seq", _U), ("digest", _D), ("offset", _U)),
-    CHUNK: (("seq", _U), ("digest", _D), ("offset", _U), ("total", _U), ("data", _BYTES)),
+    FETCH: (("seq", _U), ("digest", _D), ("part", _U), ("offset", _U)),
+    CHUNK: (("seq", _U), ("digest", _D), ("part", _U), ("offset", _U), ("total", _U),
+            ("data", _BYTES)),
     CONTROL: (("nonce", _U), ("command", _STR), ("args", _L)),
 }
 

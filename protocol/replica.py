@@ -11,13 +11,19 @@
 #   than 1/3 (PBFT-NOTES preamble).
 # - Normal case N1-N7; view change V1-V2, VC1-3, ACK1-4, NV1-3, BV1-4, AF1-3 with the
 #   decision procedure in viewchange.py; timers T1-T5 (doubling); STATUS as a negative
-#   acknowledgement (RT1-2); state transfer of a stable checkpoint's snapshot in chunks.
+#   acknowledgement (RT1-2); state transfer of a stable checkpoint in parts streamed from
+#   flash (state.py: only the pages that differ from ours).
+# - The executed state lives on flash (state.State: the ledger's pages, the client table's
+#   pages, checkpoint records): RAM holds page caches, whatever the number of keys or clients.
+#   Each executed batch writes the pages it changed; a checkpoint writes its record (its digest
+#   covers both stores' incremental digests, so taking it reads no page); a stable checkpoint
+#   is committed on flash, and only it survives a restart.
 # - A replica that lags executes a sequence number on a commit certificate (matching
 #   commits over 2/3 of stake in its view) plus a batch that hashes to the certified digest,
 #   even without its own prepare: the certificate proves correct replicas prepared it.
 # - Crash recovery (PBFT-NOTES RC3, the "bound" variant): durable() holds the view entered
-#   and the stable checkpoint; it changes once per view and per checkpoint (bounded flash
-#   writes). A restored replica never votes in its persisted view for a sequence number up
+#   and the stable checkpoint, and the flash the stable state; durable() changes once per view
+#   and per checkpoint (bounded flash writes). A restored replica never votes in its persisted view for a sequence number up
 #   to h + window, the most it may have voted on before the crash.
 # - Epochs (DESIGN.md section 3): the validator set is the ledger's, put in force at a
 #   checkpoint B by Ledger.end_epoch(); every correct replica switches at the same B. The sets
@@ -50,9 +56,11 @@ except ImportError:  # CPython
 from . import auth, cbor
 from . import messages as m
 from . import viewchange as vc
+from .flash import MemFlash
 from .ledger import Ledger
 from .log import Log, Oplog, stake_of
 from .stake import Stake
+from .state import Fetch, State, StateError
 
 TO_ALL = -1
 _TO_CLIENT = const(-2)
@@ -61,13 +69,11 @@ _TO_CLIENT = const(-2)
 # (a window of 64) runs out of heap during a view change, and so does K = 16 now and then
 # under repeated primary crashes; K = 8 does not (tools/bench_memory.py: bytes per K).
 CHECKPOINT_INTERVAL = 8
-CLIENTS_MAX = 32                  # reply cache entries: part of the snapshot, so bounded
 _PENDING_MAX = const(16)          # primary: requests waiting for a batch (then clients retry)
 _WAITING_MAX = const(32)          # requests seen and not executed (view-change timer, T1)
 _REQUEST_BYTES_MAX = const(256)   # a request wire (a batch holds at least one)
 _BODY_BYTES_MAX = const(4096)     # batch bodies kept until stable (re-proposed in a new view)
 _CHUNK_BYTES = const(1024)        # state transfer chunk
-_SNAPSHOT_BYTES_MAX = const(32768)
 _STATUS_MS = const(100)           # retransmission period (RT1: at most once per 100 ms)
 _IDLE_STATUS_TICKS = const(10)    # an idle replica's STATUS period, in retransmission periods
 _VC_TIMEOUT_FACTOR_MAX = const(32)  # the doubling view-change timeout stops at 32 T
@@ -100,12 +106,28 @@ def client_key(client_secret, client):
     return auth.derive(client_secret, ("client:%d" % client).encode())
 
 
+class _Transfer:
+    """A state transfer under way: checkpoint (seq, digest), the replicas asked in turn, whether
+    the checkpoint was vouched for when it started, and the Fetch staging it."""
+
+    def __init__(self, seq, digest, sources, vouched, fetch):
+        self.seq = seq
+        self.digest = digest
+        self.sources = sources
+        self.source = 0
+        self.vouched = vouched
+        self.fetch = fetch
+
+
 class Replica:
-    """One PBFT replica. ``keys[j]`` is the key shared with replica j (keys[me] unused)."""
+    """One PBFT replica. ``keys[j]`` is the key shared with replica j (keys[me] unused).
+    ``flash`` holds its state (protocol/flash.py's interface; a new MemFlash by default): a
+    flash with a stable state on it is opened and verified instead of starting from genesis.
+    ``store``: State's keyword arguments (page counts, cache_pages, policy)."""
 
     def __init__(self, me, stake, keys, client_secret, genesis=None,
                  checkpoint_interval=CHECKPOINT_INTERVAL,
-                 batch_max=16, pipeline_max=4, view_timeout_ms=1000):
+                 batch_max=16, pipeline_max=4, view_timeout_ms=1000, flash=None, store=None):
         assert 0 <= me < stake.n
         assert len(keys) == stake.n
         assert checkpoint_interval > 0
@@ -115,7 +137,10 @@ class Replica:
         self.macs = [auth.Mac(k) for k in keys]
         self.client_secret = client_secret
         self.client_macs = presized(_MACS_CLIENT_MAX)
-        self.ledger = Ledger(genesis, stake.weights)
+        self.state = State(flash if flash is not None else MemFlash(), **(store or {}))
+        self.clients = self.state.clients  # client -> [timestamp, result] of its last request
+        opened = self.state.open()
+        self.ledger = Ledger(self.state.ledger, None if opened else genesis, stake.weights)
         self.K = checkpoint_interval
         self.window = 2 * checkpoint_interval
         self.batch_max = batch_max
@@ -140,9 +165,7 @@ class Replica:
         self.oplog = Oplog(self.window)  # P, Q and batch bodies across views, seq > h
         self.checkpoints = {}     # seq -> {replica: digest}, h < seq <= h + window
         self.ahead = {}           # replica -> (seq, digest) of its newest checkpoint beyond
-        self.snapshots = {}       # seq -> snapshot bytes (own checkpoints at and above h)
-        self.own_checkpoints = {}  # seq -> digest
-        self.replies = presized(CLIENTS_MAX)    # client -> [timestamp, result, seq executed]
+        self.own_checkpoints = {}  # seq -> digest (their records are on flash)
         self.pending = []         # primary: request wires waiting for a batch
         self.pending_ids = presized(_PENDING_MAX)  # client -> timestamp of its request in pending
         self.waiting = presized(_WAITING_MAX)      # client -> timestamp seen, not executed (T1)
@@ -158,7 +181,8 @@ class Replica:
         self.new_view = None      # NEW-VIEW of self.view waiting for its VIEW-CHANGEs
         self.nv_wire = None       # primary: the NEW-VIEW it sent for self.view
         self.missing = {}         # seq -> digest whose batch we lack (A3, BV5)
-        self.transfer = None      # see _start_transfer, while fetching state
+        self.transfer = None      # a _Transfer, while fetching state
+        self.fetch_full = False   # the last transfer failed its check: fetch every page
         self.status_due = 0
         self.progress_mark = 0    # last_exec at the previous tick
         self.answered = {}        # replica -> time of our last answer to its STATUS
@@ -170,8 +194,15 @@ class Replica:
         self.events = []
         self.drops = {}
         self.counts = {"rx": 0, "tx": 0, "executed_requests": 0, "view_changes": 0}
-        self._checkpoint(0)
-        self.h = 0
+        if opened is None:
+            self._checkpoint(0)
+            self.state.stable(0)
+            self.h = 0
+        else:
+            self._adopt(opened[0], opened[1])
+            self.h = self.last_exec
+        if self.state.error:
+            self.events.append(("store_error", self.state.error))
 
     # ----------------------------------------------------------------- helpers
 
@@ -353,7 +384,7 @@ class Replica:
     # ----------------------------------------------------------------- requests
 
     def on_request(self, msg):
-        cached = self.replies.get(msg.sender)
+        cached = self.clients.get(msg.sender)
         if cached is not None and msg.timestamp <= cached[0]:
             if msg.timestamp == cached[0]:
                 self._send_reply(msg.sender, cached[0], cached[1])
@@ -531,7 +562,7 @@ class Replica:
             return
         self.accused.append(offender)
         client = REPLICA_CLIENT_BASE + self.me
-        cached = self.replies.get(client)
+        cached = self.clients.get(client)
         self.accuse_ts = max(self.accuse_ts, cached[0] if cached is not None else 0) + 1
         body = m.body(m.REQUEST, client, self.accuse_ts, ["accuse", sorted(self.accused)])
         wire = self.authenticated(body)
@@ -584,6 +615,7 @@ class Replica:
         assert seq == self.last_exec + 1
         assert log.committed(i)
         results = []
+        self.state.begin(seq, self.K)
         for wire in log.batches[i]:
             req = m.decode(wire)  # validated when the pre-prepare was accepted
             if self.waiting.get(req.sender, -1) <= req.timestamp:
@@ -591,16 +623,17 @@ class Replica:
                 self.waiting_wires.pop(req.sender, None)
             if self.pending_ids.get(req.sender, -1) <= req.timestamp:
                 self.pending_ids.pop(req.sender, None)
-            cached = self.replies.get(req.sender)
+            cached = self.clients.get(req.sender)
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
             replica = req.sender - REPLICA_CLIENT_BASE
             result = self.ledger.execute(req.op, replica)
-            self._cache_reply(req.sender, req.timestamp, result, seq)
+            self.clients.put(req.sender, [req.timestamp, result])
             if replica < 0:
                 self._send_reply(req.sender, req.timestamp, result)
             results.append([req.sender, req.timestamp, result])
         self.counts["executed_requests"] += len(results)
+        self.state.flush()  # the batch's pages, written together
         log.mark_executed(i)
         self.missing.pop(seq, None)
         self.last_exec = seq
@@ -638,13 +671,6 @@ class Replica:
         self.contra = {}
         self.events.append(("epoch", ledger.epoch, ledger.since, ledger.validators))
 
-    def _cache_reply(self, client, timestamp, result, seq):
-        if client not in self.replies and len(self.replies) >= CLIENTS_MAX:
-            # Deterministic eviction (same on every replica): the least recently executed.
-            oldest = min(self.replies, key=lambda c: self.replies[c][2])
-            del self.replies[oldest]
-        self.replies[client] = [timestamp, result, seq]
-
     def _send_reply(self, client, timestamp, result):
         body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
         self.out.append(((_TO_CLIENT, client), body + self._client_mac(client).tag(body)))
@@ -652,21 +678,14 @@ class Replica:
 
     # ----------------------------------------------------------------- checkpoints
 
-    def snapshot(self):
-        """The canonical bytes of the executed state: ledger and reply cache (sorted)."""
-        replies = sorted([c] + self.replies[c] for c in self.replies)
-        return cbor.encode([self.last_exec, self.ledger.state(), replies])
-
     def _checkpoint(self, seq):
-        """Take the checkpoint of ``seq`` (just executed): its snapshot and digest (N7)."""
-        snap = self.snapshot()
-        digest = hashlib.sha256(snap).digest()
-        self._hold_checkpoint(seq, snap, digest)
+        """Take the checkpoint of ``seq`` (just executed): its record and digest (N7)."""
+        digest = self.state.checkpoint(seq, self.ledger.small_state())
+        self._hold_checkpoint(seq, digest)
         self.events.append(("checkpoint", seq, digest))
 
-    def _hold_checkpoint(self, seq, snap, digest):
-        """Keep our snapshot of ``seq`` (to serve state transfer) and count our own vote."""
-        self.snapshots[seq] = snap
+    def _hold_checkpoint(self, seq, digest):
+        """Keep our checkpoint of ``seq`` (its record serves state transfer); count our vote."""
         self.own_checkpoints[seq] = digest
         votes = self.checkpoints.get(seq)
         if votes is None:
@@ -719,11 +738,13 @@ class Replica:
         for j in [j for j in self.ahead if self.ahead[j][0] <= seq]:
             del self.ahead[j]
         self.oplog.collect(seq)
-        for table in (self.snapshots, self.own_checkpoints):
-            for old in [s for s in table if s < seq]:
-                del table[old]
-        if self.transfer is not None and self.transfer[0] <= seq:
+        for old in [s for s in self.own_checkpoints if s < seq]:
+            del self.own_checkpoints[old]
+        if self.state.h != seq:
+            self.state.stable(seq)
+        if self.transfer is not None and self.transfer.seq <= seq:
             self.transfer = None  # caught up by executing: the fetch is moot
+            self.state.clear_stage()
         self.dirty = True
         self.events.append(("stable", seq, self.own_checkpoints[seq]))
         self._cut_batches()
@@ -746,16 +767,14 @@ class Replica:
     def _start_transfer(self, seq, digest, sources):
         if not sources:
             sources = [j for j in range(self.stake.n) if j != self.me]
-        # [seq, digest, buffer (allocated whole with the first chunk, so a heap that is short
-        # of large blocks is not cut up by growing it), sources, source index, vouched for
-        # already, bytes received]
-        self.transfer = [seq, digest, None, sources, 0, True, 0]
+        self.transfer = _Transfer(seq, digest, sources, True,
+                                  Fetch(self.state, seq, self.fetch_full))
         self._fetch_next()
 
     def _fetch_next(self):
         t = self.transfer
-        source = t[3][t[4] % len(t[3])]
-        self._send(source, m.FETCH, t[0], t[1], t[6])
+        part, offset = t.fetch.want()
+        self._send(t.sources[t.source % len(t.sources)], m.FETCH, t.seq, t.digest, part, offset)
 
     def _vouched(self, seq, digest):
         """Do replicas with over 1/3 of stake report checkpoint (seq, digest)?"""
@@ -765,69 +784,72 @@ class Replica:
         return self.stake.is_weak(self.stake.of(holders))
 
     def on_fetch(self, msg):
-        snap = self.snapshots.get(msg.seq)
-        if snap is None or self.own_checkpoints.get(msg.seq) != msg.digest:
-            if msg.offset == 0 and self.h > msg.seq and self.h in self.snapshots:
+        got = None
+        if self.own_checkpoints.get(msg.seq) == msg.digest:
+            got = self.state.read_part(msg.seq, msg.part, msg.offset, _CHUNK_BYTES)
+        if got is None:
+            if self.h > msg.seq:
                 # That state is gone here (our window moved on): offer our stable one.
-                snap = self.snapshots[self.h]
-                self._send(msg.sender, m.CHUNK, self.h, self.own_checkpoints[self.h], 0,
-                           len(snap), snap[:_CHUNK_BYTES])
+                total, data = self.state.read_part(self.h, 0, 0, _CHUNK_BYTES)
+                self._send(msg.sender, m.CHUNK, self.h, self.own_checkpoints[self.h], 0, 0,
+                           total, data)
             else:
                 self._drop("fetch of a state not held")
             return
-        if msg.offset > len(snap):
-            return
-        data = snap[msg.offset:msg.offset + _CHUNK_BYTES]
-        self._send(msg.sender, m.CHUNK, msg.seq, msg.digest, msg.offset, len(snap), data)
+        total, data = got
+        if msg.offset <= total:
+            self._send(msg.sender, m.CHUNK, msg.seq, msg.digest, msg.part, msg.offset, total,
+                       data)
 
     def on_chunk(self, msg):
         t = self.transfer
-        if t is not None and msg.offset == 0 and msg.seq > t[0] and msg.seq > self.last_exec:
-            # A newer stable checkpoint offered instead: assemble that one (it is checked
-            # against its digest and its vouchers when complete).
-            t[0], t[1], t[2] = msg.seq, msg.digest, None
-            t[3] = [msg.sender] + [j for j in t[3] if j != msg.sender]
-            t[4] = 0
-            t[5] = False
-            t[6] = 0
-        if t is None or msg.seq != t[0] or msg.digest != t[1] or msg.offset != t[6]:
+        if t is not None and msg.part == 0 and msg.offset == 0 and msg.seq > t.seq \
+                and msg.seq > self.last_exec:
+            # A newer stable checkpoint offered instead: fetch that one (it is checked against
+            # its digest and its vouchers when complete).
+            t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
+            t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
+            t.fetch = Fetch(self.state, msg.seq, self.fetch_full)
+        if t is None or msg.seq != t.seq or msg.digest != t.digest \
+                or t.fetch.want() != (msg.part, msg.offset):
             return
-        if t[2] is None and msg.total <= _SNAPSHOT_BYTES_MAX:
-            t[2] = bytearray(msg.total)
-        n = len(msg.data)
-        if t[2] is None or msg.total != len(t[2]) or t[6] + n > msg.total:
+        if not t.fetch.take(msg.part, msg.offset, msg.total, msg.data):
             self._drop("bad chunk")
             return
-        t[2][t[6]:t[6] + n] = msg.data
-        t[6] += n
-        if t[6] < msg.total:
+        if t.fetch.want() is not None:
             self._fetch_next()
             return
-        snap = bytes(t[2])
         self.transfer = None
-        if hashlib.sha256(snap).digest() != t[1] or not (t[5] or self._vouched(t[0], t[1])):
+        if t.seq <= self.last_exec or not (t.vouched or self._vouched(t.seq, t.digest)):
+            self.state.clear_stage()
             self._drop("state not vouched for")
             return
-        if t[0] > self.last_exec:
-            self._install_snapshot(t[0], t[1], snap)
+        try:
+            meta = self.state.install(t.seq, t.digest)
+        except StateError:
+            self.fetch_full = True  # the tags we went by may have lied: take every page
+            self._drop("transferred state does not verify")
+            return
+        self.fetch_full = False
+        self.counts["transfer_bytes"] = self.counts.get("transfer_bytes", 0) + t.fetch.bytes
+        self._install_state(t.seq, t.digest, meta)
 
-    def _install_snapshot(self, seq, digest, snap):
-        """Adopt a verified snapshot of checkpoint ``seq`` as our executed and stable state."""
-        last_exec, state, replies = cbor.decode(snap)
-        assert last_exec == seq
-        assert seq > self.last_exec or seq == 0
-        self.ledger.load(state)
+    def _adopt(self, meta, digest):
+        """Take checkpoint meta[0], whose state is on flash and verified, as executed."""
+        seq = meta[0]
+        self.ledger.load_small(meta[1])
         if self.ledger.validators != self.stake.weights or self.ledger.since != self.sets[-1][0]:
             del self.sets[:]  # we know the set in force at seq, not those before it
             self._enter_epoch()
-        for c in list(self.replies):
-            del self.replies[c]
-        for entry in replies:
-            self.replies[entry[0]] = entry[1:]
         self.last_exec = seq
-        self._hold_checkpoint(seq, snap, digest)
+        self._hold_checkpoint(seq, digest)
         if self.seq < seq:
             self.seq = seq
+
+    def _install_state(self, seq, digest, meta):
+        """Adopt checkpoint ``seq``, just installed on flash, as our executed, stable state."""
+        assert seq > self.last_exec
+        self._adopt(meta, digest)
         for client in list(self.waiting):
             del self.waiting[client]
             del self.waiting_wires[client]
@@ -1133,8 +1155,7 @@ class Replica:
         self.progress_mark = self.last_exec
         self.ticks += 1
         if self.transfer is not None:
-            t = self.transfer
-            t[4] += 1  # try the next source
+            self.transfer.source += 1  # try the next source
             self._fetch_next()
             return
         if self.limbo:
@@ -1214,26 +1235,27 @@ class Replica:
     # ----------------------------------------------------------------- durability
 
     def durable(self):
-        """What must survive a crash (RC3): [view, h, snapshot of h, view_low]; see the header.
-        view_low may be that of an earlier view (not yet installed): lower is safe, as it only
-        freezes more."""
+        """What must survive a crash besides the flash state (RC3): [view, h, view_low]; see
+        the header. view_low may be that of an earlier view (not yet installed): lower is
+        safe, as it only freezes more."""
         self.dirty = False
-        return cbor.encode([self.view, self.h, self.snapshots[self.h], self.view_low])
+        return cbor.encode([self.view, self.h, self.view_low])
 
     @classmethod
     def restore(cls, saved, me, stake, keys, client_secret, **kwargs):
-        """Rebuild a replica from durable() bytes after a reboot."""
+        """Rebuild a replica from durable() bytes and its flash (``flash`` in kwargs) after a
+        reboot. The flash's stable checkpoint may be older than the saved h (a power cut
+        before its commit record, or a store that failed verification): no votes up to the
+        newer of the two plus the window."""
         r = cls(me, stake, keys, client_secret, **kwargs)
         fields = cbor.decode(saved)
-        view, h, snap = fields[0], fields[1], fields[2]
-        # Flash written before view_low was kept has three fields: 0 is safe (it only freezes).
-        view_low = fields[3] if len(fields) > 3 else 0
+        view, h = fields[0], fields[1]
+        view_low = fields[2] if len(fields) > 2 and type(fields[2]) is int else 0
         r.view = view
         r.no_vote_view = view
-        r.no_vote_seq = h + r.window
-        if h:
-            r.checkpoints = {}
-            r._install_snapshot(h, hashlib.sha256(snap).digest(), snap)
+        r.no_vote_seq = max(h, r.h) + r.window
+        if r.h:
+            r._broadcast(m.CHECKPOINT, r.h, r.own_checkpoints[r.h])  # peers may need our vote
         r.view_low = view_low
         r.vstake = r._set_at(view_low) or r.stake  # none kept: frozen, and left at once
         r.vc_timeout = r.view_timeout_ms
@@ -1245,14 +1267,13 @@ class Replica:
     def _check_invariants(self):
         assert self.h <= self.last_exec
         assert self.h % self.K == 0
-        assert len(self.replies) <= CLIENTS_MAX
         assert len(self.pending) <= _PENDING_MAX
         assert len(self.waiting) <= _WAITING_MAX
         assert len(self.waiting_wires) == len(self.waiting)
         if self.is_primary() and not self.limbo:
             assert self.seq >= self.last_exec
         if self.transfer is not None:
-            assert self.transfer[0] > self.h
+            assert self.transfer.seq > self.h
 
 
 _HANDLERS = {

@@ -64,3 +64,17 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def new_ledger(genesis: dict[str, int] | None = None,
+               stakes: tuple[int, ...] | list[int] = (1,)):  # -> edgebft.protocol.ledger.Ledger
+    """A ledger on a fresh in-memory flash (what a new replica starts from)."""
+    from edgebft.protocol.flash import MemFlash
+    from edgebft.protocol.ledger import Ledger
+    from edgebft.protocol.pagestore import PageStore
+    return Ledger(PageStore(MemFlash(), "L", 64), genesis, stakes)
+
+
+def ledger_state(ledger) -> tuple[object, ...]:  # ledger: edgebft.protocol.ledger.Ledger
+    """Everything a checkpoint covers of a ledger: its small state and its store's digest."""
+    return (ledger.small_state(), ledger.store.total, ledger.store.count)

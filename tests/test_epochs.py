@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import pytest
+from conftest import ledger_state, new_ledger
 from test_replica import Net
 
 from edgebft.protocol import cbor
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
-from edgebft.protocol.ledger import Ledger
 from edgebft.protocol.replica import REPLICA_CLIENT_BASE
 from edgebft.sim import SimOptions, Simulation
 
 
 def test_bonds_change_at_once_and_the_set_only_at_the_epoch_end() -> None:
-    ledger = Ledger({"a": 100}, [10, 10, 10, 0])
+    ledger = new_ledger({"a": 100}, [10, 10, 10, 0])
     assert ledger.execute(["stake", "a", 3, 20]) == [True, 20]
-    assert ledger.balances["a"] == 80
+    assert ledger.balance("a") == 80
     assert ledger.bonds == [10, 10, 10, 20]
     assert ledger.validators == [10, 10, 10, 0], "not in force before the checkpoint"
     assert ledger.execute(["validators"]) == [True, [0, [10, 10, 10, 0], [10, 10, 10, 20]]]
@@ -24,21 +24,21 @@ def test_bonds_change_at_once_and_the_set_only_at_the_epoch_end() -> None:
     assert (ledger.epoch, ledger.since, ledger.validators) == (1, 8, [10, 10, 10, 20])
     assert ledger.end_epoch(16) is False, "no change, no new epoch"
     assert ledger.execute(["unstake", 0, "b", 10]) == [True, 0]
-    assert ledger.balances["b"] == 10
+    assert ledger.balance("b") == 10
     assert ledger.end_epoch(24) is True
     assert ledger.validators == [0, 10, 10, 20], "a zero bond leaves the set"
 
 
 def test_bad_stake_ops_fail_and_change_nothing() -> None:
-    ledger = Ledger({"a": 5}, [1, 1, 1, 1])
-    before = cbor.encode(ledger.state())
+    ledger = new_ledger({"a": 5}, [1, 1, 1, 1])
+    before = ledger_state(ledger)
     assert ledger.execute(["stake", "a", 0, 6]) == [False, "insufficient funds"]
     assert ledger.execute(["stake", "a", 4, 1]) == [False, "bad stake"]
     assert ledger.execute(["stake", "a", 0, 0]) == [False, "bad stake"]
     assert ledger.execute(["unstake", 0, "a", 2]) == [False, "insufficient stake"]
     assert ledger.execute(["unstake", 1.5, "a", 1]) == [False, "bad unstake"]
     assert ledger.execute(["accuse", [0]]) == [False, "bad op"], "clients cannot accuse"
-    assert cbor.encode(ledger.state()) == before
+    assert ledger_state(ledger) == before
     for v in (1, 2, 3):
         assert ledger.execute(["unstake", v, "a", 1])[0]
     assert ledger.execute(["unstake", 0, "a", 1]) == [False, "last stake"]
@@ -46,7 +46,7 @@ def test_bad_stake_ops_fail_and_change_nothing() -> None:
 
 
 def test_accusations_slash_once_over_a_third_of_stake_accuses() -> None:
-    ledger = Ledger({}, [30, 25, 25, 20])
+    ledger = new_ledger({}, [30, 25, 25, 20])
     assert ledger.execute(["accuse", [0]], replica=1) == [True, []], "25 of 100: not enough"
     assert ledger.execute(["accuse", [0]], replica=1) == [True, []], "counted once"
     assert ledger.execute(["accuse", [1]], replica=0) == [True, []]
@@ -54,9 +54,9 @@ def test_accusations_slash_once_over_a_third_of_stake_accuses() -> None:
     assert ledger.bonds == [0, 25, 25, 20]
     assert ledger.validators == [30, 25, 25, 20], "slashed at the next epoch"
     assert ledger.execute(["accuse", [2]], replica=2) == [True, []], "no self-accusation"
-    copy = Ledger()
-    copy.load(ledger.state())
-    assert copy.state() == ledger.state()
+    copy = new_ledger()
+    copy.load_small(ledger.small_state())
+    assert copy.small_state() == ledger.small_state()
 
 
 def _epoch_events(net: Net) -> set[tuple[object, ...]]:
@@ -176,11 +176,11 @@ def test_no_replica_votes_past_a_checkpoint_it_has_not_executed() -> None:
 
 
 def test_digests_cover_the_validator_set() -> None:
-    a, b = Ledger({"a": 10}, [1, 1, 1, 1]), Ledger({"a": 10}, [1, 1, 1, 1])
+    a, b = new_ledger({"a": 10}, [1, 1, 1, 1]), new_ledger({"a": 10}, [1, 1, 1, 1])
     a.execute(["stake", "a", 0, 1])
     b.execute(["stake", "a", 1, 1])
-    assert a.balances == b.balances
-    assert a.state() != b.state()
+    assert a.store.total == b.store.total
+    assert a.small_state() != b.small_state()
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -201,7 +201,7 @@ def test_an_equivocating_primary_is_slashed_and_the_cluster_stays_safe(seed: int
     assert all(r.view > 0 and r.primary() != 0 for r in correct)
     # The accusations were ordered and executed like requests, from the replicas' client ids,
     # and more than 1/3 of stake accused.
-    executed = {j for j in range(1, 5) if REPLICA_CLIENT_BASE + j in correct[0].replies}
+    executed = {j for j in range(1, 5) if correct[0].clients.get(REPLICA_CLIENT_BASE + j) is not None}
     assert 3 * 20 * len(executed) > 100
 
 
@@ -229,15 +229,20 @@ def test_churn_seeds_that_deadlocked_at_an_epoch_start_are_live(seed: int) -> No
     assert result.verdict == "ok", (result.reasons, result.replay)
 
 
-def test_a_replica_restores_from_flash_written_before_view_low_was_kept() -> None:
+def test_a_replica_restores_its_stable_state_from_its_flash() -> None:
+    """A restart opens the flash (the stable checkpoint, verified) and the durable record
+    (view, h, view_low); what executed after the stable checkpoint is gone from both."""
     net = Net(n=4, k=4)
     alice = net.client(7)
-    for _ in range(4):
-        net.call(alice, ["balance", "a"])
+    for _ in range(5):
+        net.call(alice, ["transfer", "a", "b", 1])
     r = net.replicas[1]
-    view, h, snap, _ = cbor.decode(r.durable())
-    old = cbor.encode([view, h, snap])  # the three-field format of earlier firmware
-    restored = type(r).restore(old, 1, net.stake, net.keys.pairwise[1],
+    assert (r.h, r.last_exec) == (4, 5)
+    restored = type(r).restore(r.durable(), 1, net.stake, net.keys.pairwise[1],
                                net.keys.client_secrets[1], genesis={"a": 100, "b": 0},
-                               checkpoint_interval=4)
-    assert (restored.h, restored.view_low, restored.ledger.digest) == (4, 0, r.ledger.digest)
+                               checkpoint_interval=4, flash=r.state.flash)
+    assert (restored.h, restored.last_exec, restored.view_low) == (4, 4, 0)
+    assert restored.state.error is None
+    assert restored.own_checkpoints[4] == r.own_checkpoints[4]
+    assert restored.ledger.balance("b") == 4, "the fifth transfer executed after h"
+    assert restored.clients.get(7)[0] == 4, "alice's fourth request is the last it knows"

@@ -10,14 +10,16 @@ from hypothesis import strategies as st
 
 from edgebft.protocol import cbor
 from edgebft.protocol import messages as m
-from edgebft.protocol.ledger import KEYS_MAX, Ledger
+from edgebft.protocol import ledger as ledger_module
 from edgebft.protocol.stake import Stake
+
+from conftest import new_ledger
 
 DIGEST = hashlib.sha256(b"d").digest()
 
 
 def test_ledger_ops_and_failures() -> None:
-    ledger = Ledger({"a": 10})
+    ledger = new_ledger({"a": 10})
     assert ledger.execute(["transfer", "a", "b", 4]) == [True, 6]
     assert ledger.execute(["balance", "b"]) == [True, 4]
     assert ledger.execute(["transfer", "b", "a", 5]) == [False, "insufficient funds"]
@@ -30,19 +32,21 @@ def test_ledger_ops_and_failures() -> None:
     assert ledger.execute(["nope"]) == [False, "bad op"]
     assert ledger.execute("put") == [False, "bad op"]
     assert ledger.execute(["put", "", 1]) == [False, "bad op"]
-    assert ledger.balances == {"a": 6, "b": 4}
+    assert (ledger.balance("a"), ledger.balance("b"), ledger.store.count) == (6, 4, 3)
 
 
-def test_ledger_store_is_bounded() -> None:
-    ledger = Ledger()
-    for i in range(KEYS_MAX):
+def test_ledger_store_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger_module, "ENTRIES_MAX", 64)
+    ledger = new_ledger()
+    for i in range(64):
         assert ledger.execute(["put", f"k{i}", i]) == [True, None]
     assert ledger.execute(["put", "one-more", 1]) == [False, "store full"]
     assert ledger.execute(["put", "k0", 7]) == [True, None], "overwriting stays possible"
+    assert ledger.execute(["transfer", "k1", "new", 1]) == [False, "insufficient funds"]
 
 
 def test_ledger_digest_chains_history() -> None:
-    a, b = Ledger(), Ledger()
+    a, b = new_ledger(), new_ledger()
     da = a.commit_batch(1, DIGEST, [[0, 1, [True, None]]])
     db = b.commit_batch(1, DIGEST, [[0, 1, [True, None]]])
     assert da == db

@@ -158,7 +158,7 @@ def test_retransmitted_request_executes_once_and_gets_the_cached_reply() -> None
     assert net.call(alice, ["transfer", "a", "b", 10]) == [True, 90]
     net.submit(alice.request_wire(["transfer", "a", "b", 10]))
     net.run()
-    assert all(r.ledger.balances["a"] == 90 for r in net.replicas)
+    assert all(r.ledger.balance("a") == 90 for r in net.replicas)
     replies = net.replies.pop(2)
     assert len(replies) == 4
     assert all(m.decode(w).result == [True, 90] for w in replies)

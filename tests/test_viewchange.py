@@ -112,8 +112,8 @@ def test_a_gap_in_the_log_is_filled_with_a_null_request() -> None:
         assert r.log.digests[r.log.find(1)] == NULL_DIGEST, "seq 1: a null request"
         assert r.log.digests[r.log.find(2)] == rp.batch_digest([second])
         assert r.last_exec == 2
-    assert {r.ledger.kv.get("b") for r in net.replicas[1:]} == {2}
-    assert {r.ledger.kv.get("a") for r in net.replicas[1:]} == {None}, "alice must retransmit"
+    assert {r.ledger.get("b") for r in net.replicas[1:]} == {2}
+    assert {r.ledger.get("a") for r in net.replicas[1:]} == {None}, "alice must retransmit"
 
 
 def lone_backup_waiting(at_ms: int) -> tuple[Net, rp.Replica]:

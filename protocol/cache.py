@@ -1,0 +1,85 @@
+# A bounded cache with a named eviction policy (the page cache of pagestore.py).
+#
+# Rules:
+# - At most ``capacity`` entries. put() of a new key into a full cache first evicts one entry,
+#   chosen by the policy, and returns it so the caller can write it back if it is dirty:
+#     "lru"  the entry used least recently (get or put),
+#     "lfu"  the entry used least often since it entered, the least recently used among equals,
+#     "fifo" the entry that entered first, however often it was used.
+# - Deterministic: eviction depends only on the sequence of calls (a use counter, no clock, no
+#   dict order), so every port evicts the same entries.
+# - hits and misses count get()s, for the hit rate the status and the bench report.
+# - Memory: one 3-slot list per entry; eviction scans the entries (capacity is small).
+POLICIES = ("lru", "lfu", "fifo")
+
+
+class Cache:
+    """key -> value, at most ``capacity`` of them, evicting by ``policy`` (one of POLICIES)."""
+
+    def __init__(self, capacity, policy="lru"):
+        if policy not in POLICIES:
+            raise ValueError("cache policy %r: want one of %s" % (policy, ", ".join(POLICIES)))
+        if capacity < 1:
+            raise ValueError("cache capacity must be at least 1")
+        self.capacity = capacity
+        self.policy = policy
+        self.entries = {}  # key -> [value, last use, uses] (fifo: last use is the entry time)
+        self.clock = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def get(self, key):
+        """The value cached for ``key`` (a use), or None."""
+        e = self.entries.get(key)
+        if e is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._use(e)
+        return e[0]
+
+    def put(self, key, value):
+        """Cache ``value`` for ``key`` (a use). Returns the evicted (key, value), or None."""
+        e = self.entries.get(key)
+        if e is not None:
+            e[0] = value
+            self._use(e)
+            return None
+        evicted = None
+        if len(self.entries) >= self.capacity:
+            victim = self._victim()
+            evicted = (victim, self.entries.pop(victim)[0])
+        self.clock += 1
+        self.entries[key] = [value, self.clock, 1]
+        return evicted
+
+    def pop(self, key):
+        """Forget ``key``; its value or None."""
+        e = self.entries.pop(key, None)
+        return None if e is None else e[0]
+
+    def clear(self):
+        self.entries = {}
+
+    def items(self):
+        """(key, value) pairs in no particular order."""
+        return [(k, e[0]) for k, e in self.entries.items()]
+
+    def _use(self, e):
+        self.clock += 1
+        e[2] += 1
+        if self.policy != "fifo":
+            e[1] = self.clock
+
+    def _victim(self):
+        best = None
+        rank = None
+        lfu = self.policy == "lfu"
+        for k, e in self.entries.items():
+            r = (e[2], e[1]) if lfu else (e[1], 0)
+            if rank is None or r < rank:
+                best, rank = k, r
+        return best

@@ -1,0 +1,80 @@
+# The flash a replica keeps its state in, as an interface, and its in-memory implementation.
+#
+# Rules (what every implementation gives; firmware/store.py's Flash puts it on a filesystem):
+# - A flat namespace of named byte strings ("files").
+# - write(name, data) and rename(src, dst) replace dst atomically: after a power cut a name holds
+#   either its old or its new bytes, never a mix. append() and write_at() are not atomic: use
+#   them only for files a restart discards or checks (state transfer staging).
+# - read() of a missing name gives None; size() of one gives -1; delete() of one does nothing.
+# - writes and bytes_written count every write, append and write_at: flash wears out.
+#
+# MemFlash is the flash of the simulator and the unit tests. It can cut the power: cut(k) undoes
+# its last k operations (of the at most JOURNAL_MAX it remembers), which is the flash a node
+# leaves when it dies k operations earlier, in the middle of whatever it was writing.
+JOURNAL_MAX = 64
+
+
+class MemFlash:
+    """Flash held in a dict; its operations can be undone (cut) to model a power cut."""
+
+    def __init__(self):
+        self.files = {}
+        self.journal = []  # (name, bytes before or None), newest last
+        self.writes = 0
+        self.bytes_written = 0
+
+    def read(self, name):
+        return self.files.get(name)
+
+    def read_at(self, name, offset, n):
+        data = self.files.get(name)
+        return None if data is None else data[offset:offset + n]
+
+    def size(self, name):
+        data = self.files.get(name)
+        return -1 if data is None else len(data)
+
+    def names(self, prefix):
+        return [name for name in self.files if name.startswith(prefix)]
+
+    def write(self, name, data):
+        self._set(name, bytes(data))
+        self._count(len(data))
+
+    def append(self, name, data):
+        self._set(name, self.files.get(name, b"") + bytes(data))
+        self._count(len(data))
+
+    def rename(self, src, dst):
+        data = self.files.get(src)
+        if data is None:
+            raise OSError("no such file: %s" % src)
+        self._set(dst, data)
+        self._set(src, None)
+
+    def delete(self, name):
+        if name in self.files:
+            self._set(name, None)
+
+    def cut(self, k):
+        """Undo the last ``k`` operations (as many as are remembered)."""
+        while k > 0 and self.journal:
+            name, before = self.journal.pop()
+            if before is None:
+                self.files.pop(name, None)
+            else:
+                self.files[name] = before
+            k -= 1
+
+    def _set(self, name, data):
+        self.journal.append((name, self.files.get(name)))
+        if len(self.journal) > JOURNAL_MAX:
+            del self.journal[0]
+        if data is None:
+            self.files.pop(name, None)
+        else:
+            self.files[name] = data
+
+    def _count(self, n):
+        self.writes += 1
+        self.bytes_written += n

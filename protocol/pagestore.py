@@ -1,0 +1,245 @@
+# A key-value map on flash in fixed pages, with a bounded page cache and an incremental digest.
+#
+# Rules:
+# - Key k lives in page page_of(k) (SHA-256 of its CBOR, mod the page count), one of `pages`.
+#   A page is a file holding the canonical CBOR array of its [key, value] entries, sorted by
+#   key (all keys of one store have one type); an empty page is a missing or empty file.
+# - Copy-on-write by version: the pages as of the stable checkpoint are files "<name>.p<i>";
+#   a page written while executing up to checkpoint v goes to "<name>.p<i>.<v>". The state as
+#   of checkpoint c is, per page, its newest version <= c, else its base file, so the stable
+#   checkpoint and the ones above it stay readable (and servable) while execution goes on.
+#   fold(h) makes the versions <= h the new base (renames, oldest first, so it can be redone
+#   after a power cut); discard(h) deletes the versions above h.
+# - Incremental digest: `total` is the sum of entry_hash(k, v) over all entries modulo 2^2048
+#   (AdHash, Bellare and Micciancio 1997). A put changes it by one subtraction and one addition,
+#   so a checkpoint never reads the state. The modulus is wide because a narrow AdHash falls to
+#   Wagner's generalized birthday attack (mod 2^256 in about 2^31 hashes): a Byzantine replica
+#   serving a state transfer must not find another multiset with the same sum.
+# - `tags` holds a 2-byte tag per page (0: empty, else SHA-256 of its bytes, 0 mapped to 1): a
+#   replica behind compares them with its own to fetch only the pages that differ. Tags are
+#   hints, never trusted: a transferred state is checked against the digest.
+# - RAM is bounded by the cache (`cache_pages` decoded pages, policy of cache.py) and the tags
+#   (2 bytes per page), whatever the number of keys. Pages written since the last flush are
+#   dirty; flush() writes them (once per executed batch), and evicting one writes it first.
+import hashlib
+
+from . import cbor
+from .cache import Cache
+
+SUM_BYTES = 256  # the digest: a sum modulo 2^2048
+_SUM_MOD = 1 << (8 * SUM_BYTES)
+PAGE_BYTES_MAX = 16384  # a page file larger than this is corrupt (a transferred one: refused)
+
+
+def entry_hash(key, value):
+    """The AdHash term of one entry: SHA-256 in counter mode over its CBOR, 2048 bits."""
+    enc = cbor.encode([key, value])
+    parts = []
+    for i in range(SUM_BYTES // 32):
+        parts.append(hashlib.sha256(bytes((i,)) + enc).digest())
+    return int.from_bytes(b"".join(parts), "big")
+
+
+def sum_bytes(total):
+    return total.to_bytes(SUM_BYTES, "big")
+
+
+def page_tag(data):
+    """The tag of a page's bytes (0 for an empty page)."""
+    if not data:
+        return 0
+    d = hashlib.sha256(data).digest()
+    return (d[0] << 8 | d[1]) or 1
+
+
+class PageError(ValueError):
+    """A page file that is not a valid page of its store."""
+
+
+class PageStore:
+    """A map from keys (all str or all int) to CBOR values, in ``pages`` pages on ``flash``."""
+
+    def __init__(self, flash, name, pages, cache_pages=8, policy="lru"):
+        assert pages > 0
+        self.flash = flash
+        self.prefix = name + ".p"
+        self.pages = pages
+        self.cache = Cache(cache_pages, policy)  # page -> {key: value}
+        self.dirty = {}        # page -> True: changed since it was last written
+        self.versions = {}     # version -> bytearray bitmap of the pages written in it
+        self.version = 0       # the version writes go to
+        self.total = 0         # AdHash of the entries
+        self.count = 0         # number of entries
+        self.tags = bytearray(2 * pages)
+
+    # ----------------------------------------------------------------- names and pages
+
+    def page_of(self, key):
+        d = hashlib.sha256(cbor.encode(key)).digest()
+        return int.from_bytes(d[:4], "big") % self.pages
+
+    def name(self, i, version=None):
+        if version is None:
+            return "%s%d" % (self.prefix, i)
+        return "%s%d.%d" % (self.prefix, i, version)
+
+    def file_at(self, i, seq=None):
+        """The file of page i as of checkpoint ``seq`` (None: the newest version)."""
+        best = -1
+        for v in self.versions:
+            bits = self.versions[v]
+            if v > best and (seq is None or v <= seq) and bits[i >> 3] & (1 << (i & 7)):
+                best = v
+        return self.name(i) if best < 0 else self.name(i, best)
+
+    def tag(self, i):
+        return self.tags[2 * i] << 8 | self.tags[2 * i + 1]
+
+    def _set_tag(self, i, tag):
+        self.tags[2 * i] = tag >> 8
+        self.tags[2 * i + 1] = tag & 0xFF
+
+    def decode_page(self, i, data):
+        """The entries of page i's bytes as a dict; PageError unless it is a valid page of this
+        store (sorted keys of one type, each in this page, within the size bound)."""
+        if not data:
+            return {}
+        if len(data) > PAGE_BYTES_MAX:
+            raise PageError("page %d: %d bytes" % (i, len(data)))
+        try:
+            entries = cbor.decode(data)
+        except Exception as e:  # any malformed input is one kind of error here
+            raise PageError("page %d: %s" % (i, e))
+        if type(entries) is not list or not entries:
+            raise PageError("page %d: not a list of entries" % i)
+        page = {}
+        last = None
+        for e in entries:
+            if type(e) is not list or len(e) != 2 or type(e[0]) not in (int, str):
+                raise PageError("page %d: bad entry" % i)
+            k = e[0]
+            if last is not None and (type(k) is not type(last) or not last < k):
+                raise PageError("page %d: entries out of order" % i)
+            if self.page_of(k) != i:
+                raise PageError("page %d: misplaced key" % i)
+            page[k] = e[1]
+            last = k
+        return page
+
+    def encode_page(self, page):
+        if not page:
+            return b""
+        return cbor.encode([[k, page[k]] for k in sorted(page)])
+
+    def _page(self, i):
+        page = self.cache.get(i)
+        if page is None:
+            page = self.decode_page(i, self.flash.read(self.file_at(i)))
+            evicted = self.cache.put(i, page)
+            if evicted is not None and evicted[0] in self.dirty:
+                self._write(evicted[0], evicted[1])
+        return page
+
+    def _write(self, i, page):
+        data = self.encode_page(page)
+        v = self.version
+        bits = self.versions.get(v)
+        if bits is None:
+            bits = self.versions[v] = bytearray((self.pages + 7) // 8)
+        self.flash.write(self.name(i, v), data)
+        bits[i >> 3] |= 1 << (i & 7)
+        self._set_tag(i, page_tag(data))
+        self.dirty.pop(i, None)
+
+    # ----------------------------------------------------------------- the map
+
+    def get(self, key):
+        return self._page(self.page_of(key)).get(key)
+
+    def put(self, key, value):
+        i = self.page_of(key)
+        page = self._page(i)
+        old = page.get(key)
+        total = self.total + entry_hash(key, value)
+        if old is None:
+            self.count += 1
+        else:
+            total -= entry_hash(key, old)
+        self.total = total % _SUM_MOD
+        page[key] = value
+        self.dirty[i] = True
+
+    def flush(self):
+        """Write every dirty page (to the current version)."""
+        for i in list(self.dirty):
+            self._write(i, self.cache.get(i))
+
+    # ----------------------------------------------------------------- versions
+
+    def fold(self, h):
+        """Make the versions <= h the base: the state as of h becomes the stable one."""
+        for v in sorted(self.versions):
+            if v > h:
+                break
+            bits = self.versions.pop(v)
+            for i in range(self.pages):
+                if bits[i >> 3] & (1 << (i & 7)):
+                    self.flash.rename(self.name(i, v), self.name(i))
+
+    def discard(self, h, total, count, tags):
+        """Forget everything written after checkpoint h, whose digest, entry count and tags
+        the caller gives: the state becomes that of h."""
+        for v in list(self.versions):
+            if v > h:
+                bits = self.versions.pop(v)
+                for i in range(self.pages):
+                    if bits[i >> 3] & (1 << (i & 7)):
+                        self.flash.delete(self.name(i, v))
+        self.reset(total, count, tags)
+
+    def reset(self, total, count, tags):
+        self.cache.clear()
+        self.dirty = {}
+        self.total = total
+        self.count = count
+        self.tags[:] = tags
+
+    def recover(self, h):
+        """After a restart at stable checkpoint h: fold what a power cut left unfolded at or
+        below h and delete the versions above it (nothing is known of them in RAM)."""
+        folds = []
+        for name in self.flash.names(self.prefix):
+            parts = name[len(self.prefix):].split(".")
+            if len(parts) != 2:
+                continue
+            v = int(parts[1])
+            if v > h:
+                self.flash.delete(name)
+            else:
+                folds.append((v, int(parts[0])))
+        for v, i in sorted(folds):
+            self.flash.rename(self.name(i, v), self.name(i))
+        self.versions = {}
+
+    def wipe(self):
+        for name in self.flash.names(self.prefix):
+            self.flash.delete(name)
+        self.versions = {}
+        self.reset(0, 0, bytes(len(self.tags)))
+
+    def scan(self, read_page):
+        """Check every page: read_page(i) gives its bytes. Returns (total, count, tags) of the
+        state they hold; PageError when a page is invalid."""
+        total = 0
+        count = 0
+        tags = bytearray(len(self.tags))
+        for i in range(self.pages):
+            data = read_page(i)
+            page = self.decode_page(i, data)
+            for k in page:
+                total += entry_hash(k, page[k])
+            count += len(page)
+            tag = page_tag(data)
+            tags[2 * i] = tag >> 8
+            tags[2 * i + 1] = tag & 0xFF
+        return total % _SUM_MOD, count, tags

@@ -1,0 +1,308 @@
+# The replica's executed state on flash: the ledger's and the client table's page stores, the
+# checkpoint records, the stable checkpoint, and state transfer in parts streamed from flash.
+#
+# Rules:
+# - Checkpoint c has a record "ck<c>": CBOR [meta, ledger tags, client tags], where meta is
+#   [c, the ledger's small state (history digest, stake), ledger digest, ledger entries,
+#   client digest, client entries]. The checkpoint digest is SHA-256 of CBOR(meta): it covers
+#   both stores' incremental digests, the validator set and the last executed sequence number,
+#   and computing it reads no page.
+# - "stable" names the stable checkpoint h: the commit record. Writing it is the commit; the
+#   folds that follow are redone by open() after a power cut. So at any instant of a power cut
+#   or SIGKILL, open() finds the state of h (a torn batch beyond h is discarded) and checks it
+#   against h's record (every page read, every entry hashed) before the replica trusts it.
+# - State transfer of checkpoint c streams parts: part 0 is c's record, part 1 + i page i of
+#   the ledger, part 1 + L + i page i of the client table (L ledger pages), each as of c, read
+#   from flash in chunks. The receiver (Fetch) stages what it fetches on flash, fetches only the
+#   pages whose tags differ from its own stable ones (all of them after a failed check), and
+#   install() switches to the new state only once the record matches the vouched digest and
+#   the pages match the record's digests.
+# - Flash writes per executed batch: the pages it changed (once each); per checkpoint: its
+#   record; per stable checkpoint: the commit record and renames.
+import hashlib
+
+from . import cbor
+from .pagestore import PAGE_BYTES_MAX, PageError, PageStore, sum_bytes
+
+STABLE = "stable"
+_STAGE = "X."
+LEDGER_PAGES = 1024
+CLIENT_PAGES = 256
+_RECORD_BYTES_MAX = 8192  # a record: meta and 2 bytes of tag per page
+
+
+def _record_name(seq):
+    return "ck%d" % seq
+
+
+class StateError(ValueError):
+    """The flash does not hold a state that verifies (open) or a transfer that does."""
+
+
+class State:
+    """Both page stores of one replica on ``flash`` (protocol/flash.py's interface)."""
+
+    def __init__(self, flash, ledger_pages=LEDGER_PAGES, client_pages=CLIENT_PAGES,
+                 cache_pages=8, policy="lru"):
+        self.flash = flash
+        self.ledger = PageStore(flash, "L", ledger_pages, cache_pages, policy)
+        self.clients = PageStore(flash, "C", client_pages, cache_pages, policy)
+        self.stores = (self.ledger, self.clients)
+        self.h = -1        # the stable checkpoint (-1: none yet)
+        self.records = []  # the checkpoints >= h whose records are on flash
+        self.error = None  # why the flash failed verification at open(), if it did
+
+    def parts(self):
+        return 1 + self.ledger.pages + self.clients.pages
+
+    def open(self):
+        """Recover the stable state from flash: (meta, digest), or None when there is none or
+        it failed verification (self.error says why; the flash is then wiped)."""
+        for name in self.flash.names(_STAGE):
+            self.flash.delete(name)
+        saved = self.flash.read(STABLE)
+        if saved is None:
+            self.wipe()
+            return None
+        try:
+            h = int(saved)
+            meta, tags = self._read_record(h)
+            for store in self.stores:
+                store.recover(h)
+            for name in self.flash.names("ck"):
+                if int(name[2:]) != h:
+                    self.flash.delete(name)
+            for s in range(2):
+                store = self.stores[s]
+                total, count, found = store.scan(lambda i: self.flash.read(store.name(i)))
+                if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s] \
+                        or found != tags[s]:
+                    raise StateError("%s pages do not match checkpoint %d" % ("LC"[s], h))
+                store.reset(total, count, found)
+        except (ValueError, TypeError, IndexError, OSError) as e:
+            self.error = "store failed verification: %s" % e
+            self.wipe()
+            return None
+        self.h = h
+        self.records = [h]
+        return meta, hashlib.sha256(cbor.encode(meta)).digest()
+
+    def _read_record(self, seq, name=None):
+        """(meta, [ledger tags, client tags]) of checkpoint ``seq``'s record; StateError when it
+        is missing or malformed (it may come from a peer)."""
+        data = self.flash.read(name or _record_name(seq))
+        if data is None:
+            raise StateError("no record of checkpoint %d" % seq)
+        rec = cbor.decode(data)
+        if type(rec) is not list or len(rec) != 3 or type(rec[0]) is not list \
+                or len(rec[0]) != 6 or rec[0][0] != seq:
+            raise StateError("bad record of checkpoint %d" % seq)
+        tags = rec[1:]
+        for s in range(2):
+            if type(tags[s]) is not bytes or len(tags[s]) != len(self.stores[s].tags):
+                raise StateError("bad tags in the record of checkpoint %d" % seq)
+        return rec[0], tags
+
+    def wipe(self):
+        for store in self.stores:
+            store.wipe()
+        for name in self.flash.names("ck") + [STABLE]:
+            self.flash.delete(name)
+        self.h = -1
+        self.records = []
+
+    def begin(self, seq, interval):
+        """Execution of ``seq`` starts: its writes belong to the next checkpoint's version."""
+        version = (seq + interval - 1) // interval * interval
+        for store in self.stores:
+            store.version = version
+
+    def flush(self):
+        for store in self.stores:
+            store.flush()
+
+    def meta(self, seq, small):
+        """The record's meta for checkpoint ``seq`` (just executed) of ``small`` ledger state."""
+        return [seq, small, sum_bytes(self.ledger.total), self.ledger.count,
+                sum_bytes(self.clients.total), self.clients.count]
+
+    def checkpoint(self, seq, small):
+        """Write checkpoint ``seq``'s record; its digest."""
+        self.flush()
+        meta = self.meta(seq, small)
+        self.flash.write(_record_name(seq), cbor.encode([meta, self.ledger.tags,
+                                                         self.clients.tags]))
+        if seq not in self.records:
+            self.records.append(seq)
+        return hashlib.sha256(cbor.encode(meta)).digest()
+
+    def stable(self, seq):
+        """Checkpoint ``seq`` (recorded) is stable: commit it, then fold and collect."""
+        self.flash.write(STABLE, b"%d" % seq)
+        self.h = seq
+        for store in self.stores:
+            store.fold(seq)
+        for old in [c for c in self.records if c < seq]:
+            self.flash.delete(_record_name(old))
+            self.records.remove(old)
+
+    def rollback(self):
+        """Forget everything executed after the stable checkpoint."""
+        meta, tags = self._read_record(self.h)
+        for s in range(2):
+            self.stores[s].discard(self.h, int.from_bytes(meta[2 + 2 * s], "big"),
+                                   meta[3 + 2 * s], tags[s])
+        for c in [c for c in self.records if c > self.h]:
+            self.flash.delete(_record_name(c))
+            self.records.remove(c)
+
+    def counts(self):
+        """Cache hits and misses, flash writes: for the status."""
+        return {"cache_hits": self.ledger.cache.hits + self.clients.cache.hits,
+                "cache_misses": self.ledger.cache.misses + self.clients.cache.misses,
+                "flash_writes": self.flash.writes, "flash_bytes": self.flash.bytes_written,
+                "keys": self.ledger.count, "clients": self.clients.count}
+
+    # ----------------------------------------------------------------- state transfer: serving
+
+    def part_file(self, seq, part):
+        """The flash name of ``part`` of checkpoint ``seq`` (held: recorded, >= h), or None."""
+        if seq not in self.records or part < 0 or part >= self.parts():
+            return None
+        if part == 0:
+            return _record_name(seq)
+        store, i = self._store_page(part)
+        return store.file_at(i, seq)
+
+    def _store_page(self, part):
+        i = part - 1
+        if i < self.ledger.pages:
+            return self.ledger, i
+        return self.clients, i - self.ledger.pages
+
+    def read_part(self, seq, part, offset, n):
+        """(total bytes, the bytes at ``offset``) of a part of a held checkpoint, or None."""
+        name = self.part_file(seq, part)
+        if name is None:
+            return None
+        size = self.flash.size(name)
+        if size < 0:
+            return 0, b""  # an empty page
+        return size, self.flash.read_at(name, offset, n)
+
+    # ----------------------------------------------------------------- state transfer: receiving
+
+    def stage_name(self, part):
+        return "%s%d" % (_STAGE, part)
+
+    def clear_stage(self):
+        for name in self.flash.names(_STAGE):
+            self.flash.delete(name)
+
+    def install(self, seq, digest):
+        """Switch to checkpoint ``seq`` from what a Fetch staged, if its record hashes to
+        ``digest`` and the pages (staged, else ours as of h) match the record. Returns the
+        record's meta; StateError (the stage cleared) when anything does not match."""
+        try:
+            meta, tags = self._read_record(seq, self.stage_name(0))
+            if hashlib.sha256(cbor.encode(meta)).digest() != digest:
+                raise StateError("record does not match the checkpoint digest")
+            for s in range(2):
+                store = self.stores[s]
+                base = 1 + s * self.ledger.pages
+
+                def read_page(i):
+                    staged = self.flash.read(self.stage_name(base + i))
+                    return staged if staged is not None else \
+                        self.flash.read(store.file_at(i, self.h))
+                total, count, found = store.scan(read_page)
+                if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s]:
+                    raise StateError("pages do not match the record")
+                tags[s] = found
+        except (PageError, StateError, ValueError, TypeError) as e:
+            self.clear_stage()
+            raise StateError(str(e))
+        self.rollback()
+        for part in range(1, self.parts()):
+            name = self.stage_name(part)
+            if self.flash.size(name) >= 0:
+                store, i = self._store_page(part)
+                store.version = seq
+                self.flash.rename(name, store.name(i, seq))
+                bits = store.versions.get(seq)
+                if bits is None:
+                    bits = store.versions[seq] = bytearray((store.pages + 7) // 8)
+                bits[i >> 3] |= 1 << (i & 7)
+        self.flash.write(_record_name(seq), cbor.encode([meta, tags[0], tags[1]]))
+        self.flash.delete(self.stage_name(0))
+        self.records.append(seq)
+        self.stable(seq)
+        for s in range(2):
+            self.stores[s].reset(int.from_bytes(meta[2 + 2 * s], "big"), meta[3 + 2 * s],
+                                 tags[s])
+        return meta
+
+
+class Fetch:
+    """The receiving side of one state transfer of checkpoint ``seq``: which part to ask for
+    next, and the chunks staged on flash. ``full``: fetch every non-empty page, not only those
+    whose tags differ from ours (after a transfer that failed its check)."""
+
+    def __init__(self, state, seq, full=False):
+        self.state = state
+        self.seq = seq
+        self.full = full
+        self.part = 0      # the part being fetched
+        self.offset = 0    # bytes of it staged
+        self.target = None  # the record's tags, once part 0 is in
+        self.own = None     # our tags as of our stable checkpoint, then
+        self.bytes = 0     # bytes received
+        state.clear_stage()
+
+    def want(self):
+        """(part, offset) to ask for next, or None once everything is staged."""
+        return None if self.part >= self.state.parts() else (self.part, self.offset)
+
+    def take(self, part, offset, total, data):
+        """Stage a chunk. False when it is not the one wanted or is malformed."""
+        if part != self.part or offset != self.offset or offset + len(data) > total \
+                or total > (_RECORD_BYTES_MAX if part == 0 else PAGE_BYTES_MAX):
+            return False
+        name = self.state.stage_name(part)
+        if offset == 0:
+            self.state.flash.write(name, data)
+        else:
+            self.state.flash.append(name, data)
+        self.offset += len(data)
+        self.bytes += len(data)
+        if self.offset < total:
+            return True
+        if part == 0:
+            try:
+                _, tags = self.state._read_record(self.seq, name)
+            except (StateError, ValueError, TypeError):
+                self.state.flash.delete(name)
+                self.offset = 0
+                return False
+            self.target = tags
+            self.own = self.state._read_record(self.state.h)[1]
+        self._advance()
+        return True
+
+    def _advance(self):
+        """Move to the next page that differs from ours (empty ones are staged here)."""
+        state = self.state
+        self.offset = 0
+        self.part += 1
+        while self.part < state.parts():
+            store, i = state._store_page(self.part)
+            s = 0 if store is state.ledger else 1
+            tags = self.target[s]
+            tag = tags[2 * i] << 8 | tags[2 * i + 1]
+            own = self.own[s][2 * i] << 8 | self.own[s][2 * i + 1]
+            if tag == 0:
+                if own != 0:
+                    state.flash.write(state.stage_name(self.part), b"")
+            elif self.full or tag != own:
+                return
+            self.part += 1
