@@ -59,7 +59,8 @@ _NO_PROGRESS_MS = const(50)
 # Collect after this many bytes allocated, not only when the heap is full: garbage then never
 # spreads over the whole heap between long-lived objects, which keeps free space contiguous.
 _GC_THRESHOLD_BYTES = const(4096)
-_PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored", "epoch")
+_PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored", "epoch",
+                     "store_error")
 
 
 def load_config(path=CONFIG_PATH):
@@ -88,7 +89,9 @@ class Node:
                   "checkpoint_interval": config.get("checkpoint_interval", rp.CHECKPOINT_INTERVAL),
                   "batch_max": config.get("batch_max", 16),
                   "pipeline_max": config.get("pipeline_max", 4),
-                  "view_timeout_ms": config.get("view_timeout_ms", 1000)}
+                  "view_timeout_ms": config.get("view_timeout_ms", 1000),
+                  # State's options: page counts, cache_pages, policy ("lru", "lfu", "fifo")
+                  "store": config.get("store"), "flash": store.Flash()}
         # Boots counted in flash (this one included): a host tells a node that booted again (a
         # reset, a crash, a watchdog) from one that merely went quiet, whatever its uptime.
         self.boots = store.load_int(BOOTS_PATH) + 1
@@ -222,7 +225,8 @@ class Node:
             "checkpoints": self.checkpoints, "heap_used": used, "heap_free": gc.mem_free(),
             "heap_peak": self.heap_peak, "rx": r.counts["rx"], "tx": r.counts["tx"],
             "executed_requests": r.counts["executed_requests"], "drops": r.drops,
-            "pending": len(r.pending), "slots": len(r.live_slots()), "clients": len(r.replies),
+            "pending": len(r.pending), "slots": len(r.live_slots()),
+            "store": r.state.counts(), "transfer_bytes": r.counts.get("transfer_bytes", 0),
             "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
             "uptime_ms": clock, "boots": self.boots,

@@ -1,14 +1,20 @@
-# Flash store: the replica's durable state in one file, replaced atomically (and small
-# integers in files of their own, the same way).
+# Flash store: files on the device filesystem (LittleFS on a board, the image folder in
+# emulation). The replica's durable record and small counters are whole files replaced
+# atomically; its replicated state lives in the folder STATE_DIR behind Flash, the
+# filesystem implementation of protocol/flash.py's interface.
 #
 # Rules:
-# - save() writes a temporary file and renames it over the old one, so a crash leaves either
-#   the old or the new state, never a torn one (LittleFS and POSIX rename are atomic).
-# - The replica decides how often state changes (once per view and per stable checkpoint),
-#   which bounds flash writes; this module writes exactly when asked.
+# - save() and Flash.write() write a temporary file and rename it over the old one, so a crash
+#   leaves either the old or the new bytes, never a torn file (LittleFS and POSIX rename are
+#   atomic, and replace an existing destination).
+# - The replica decides how often state changes (once per view and per stable checkpoint for
+#   its record, once per executed batch for its pages), which bounds flash writes; this module
+#   writes exactly when asked, and Flash counts what it writes.
 import os
 
 STATE_PATH = "state.cbor"
+STATE_DIR = "state"
+_TMP = ".tmp"
 
 
 def load(path=STATE_PATH):
@@ -21,7 +27,7 @@ def load(path=STATE_PATH):
 
 
 def save(data, path=STATE_PATH):
-    tmp = path + ".tmp"
+    tmp = path + _TMP
     with open(tmp, "wb") as f:
         f.write(data)
     os.rename(tmp, path)
@@ -38,3 +44,64 @@ def load_int(path):
 
 def save_int(n, path):
     save(str(n).encode(), path)
+
+
+class Flash:
+    """protocol/flash.py's flash on the filesystem: one file per name in folder ``root``."""
+
+    def __init__(self, root=STATE_DIR):
+        try:
+            os.mkdir(root)
+        except OSError:
+            pass  # there already
+        self.root = root
+        self.writes = 0
+        self.bytes_written = 0
+        for name in self.names(""):
+            if name.endswith(_TMP):
+                self.delete(name)  # a write a power cut interrupted
+
+    def _path(self, name):
+        return self.root + "/" + name
+
+    def read(self, name):
+        return load(self._path(name))
+
+    def read_at(self, name, offset, n):
+        try:
+            with open(self._path(name), "rb") as f:
+                f.seek(offset)
+                return f.read(n)
+        except OSError:
+            return None
+
+    def size(self, name):
+        try:
+            return os.stat(self._path(name))[6]
+        except OSError:
+            return -1
+
+    def names(self, prefix):
+        return [entry[0] for entry in os.ilistdir(self.root) if entry[0].startswith(prefix)]
+
+    def write(self, name, data):
+        save(data, self._path(name))
+        self._count(len(data))
+
+    def append(self, name, data):
+        with open(self._path(name), "ab") as f:
+            f.write(data)
+        self._count(len(data))
+
+    def rename(self, src, dst):
+        os.rename(self._path(src), self._path(dst))
+
+    def delete(self, name):
+        try:
+            os.remove(self._path(name))
+        except OSError:
+            pass
+
+    def _count(self, n):
+        self.writes += 1
+        self.bytes_written += n

@@ -33,13 +33,13 @@ from edgebft.observer import Observer
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
 from edgebft.report import availability_windows, build_report
-from edgebft.workload import DEADLINE_S, Outcome, Workload, genesis
+from edgebft.workload import DEADLINE_S, KEYS, Outcome, Workload, genesis
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
 CONVERGE_TIMEOUT_S = 5.0
-CLIENTS_DEFAULT = 4  # client ids: more than about 6 run 100 KB nodes out of memory at a
-#   checkpoint (each id's last reply is part of the snapshot); a bigger --heap takes more
+CLIENTS_DEFAULT = 4
+KEYS_PER_PAGE = 8  # the ledger gets a page per this many keys (a power of two, at least 256)
 
 Progress = Callable[[float, int, int, int], None]  # (elapsed_s, ok, failed, queued)
 NodeEvent = tuple[float, int, list[Any]]  # (host time, node, event), as edgebft.observer has it
@@ -58,6 +58,7 @@ class BenchOptions:
     duration_s: float = 10.0
     clients: int = CLIENTS_DEFAULT
     rate: float | None = None  # requests per second in total (open loop); None: closed loop
+    keys: int = KEYS  # the puts and gets spread over this many keys
     broker: str = "auto"
     out: Path | None = None
     micropython: str | None = None
@@ -78,6 +79,8 @@ class BenchOptions:
             raise BenchError("--duration must be positive")
         if self.clients < 1:
             raise BenchError("--clients must be at least 1")
+        if self.keys < 1:
+            raise BenchError("--keys must be at least 1")
         if self.rate is not None and self.rate <= 0:
             raise BenchError("--rate must be positive")
         if self.nemesis_interval_s is not None and self.nemesis_interval_s <= 0:
@@ -116,8 +119,18 @@ def node_config(i: int, cluster: str, stake: Stake, broker_host: str, broker_por
         "node": i, "cluster": cluster, "stake": stake.weights,
         "broker": {"host": broker_host, "port": broker_port},
         "genesis": genesis(), "checkpoint_interval": options.checkpoint_interval,
+        "store": {"ledger_pages": ledger_pages(options.keys)},
         "wifi": None, **key_row, **options.extra,
     }
+
+
+def ledger_pages(keys: int) -> int:
+    """Ledger pages for a workload over ``keys`` keys: about KEYS_PER_PAGE keys a page, so a
+    cached page stays small (State's default, 256, up to 2,048 keys)."""
+    pages = 256
+    while pages * KEYS_PER_PAGE < keys:
+        pages *= 2
+    return pages
 
 
 class TxMeter:
@@ -177,7 +190,7 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
             raise BenchError(f"nodes {missing} did not come up within "
                              f"{STARTUP_TIMEOUT_S:.0f} s; see {run / 'logs'}")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
-                            options.clients, rate=options.rate)
+                            options.clients, rate=options.rate, keys=options.keys)
         stack.callback(workload.close)
         nonces = [0]
 
@@ -295,6 +308,8 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
                    "sequences_compared": observer.sequences_compared()},
         "last_executed": {str(n): s.get("last_exec") for n, s in sorted(statuses.items())},
         "heap_peak_bytes": {str(n): v for n, v in sorted(observer.heap_peak.items())},
+        "keys": options.keys,
+        "state": {str(n): state_summary(s) for n, s in sorted(statuses.items())},
         "messages_sent": messages_sent,
         "msgs_per_commit": round(messages_sent / len(ok), 2) if ok else None,
         "view_changes": max((s.get("view", 0) for s in statuses.values()), default=0),
@@ -309,6 +324,18 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "stake_epochs": stake_epochs(genesis_stake, observer.events),
         "equivocations_detected": equivocations(observer.events),
     }
+
+
+def state_summary(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A node's store from its newest status: entries, flash written since it booted, the
+    page caches' hit rate, bytes it fetched by state transfer, and its verification error."""
+    store = status.get("store") or {}
+    hits, misses = store.get("hits", 0), store.get("misses", 0)
+    return {"state_keys": store.get("keys"), "clients": store.get("clients"),
+            "flash_bytes_written": store.get("bytes"), "flash_writes": store.get("writes"),
+            "cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
+            "state_transfer_bytes": status.get("transfer_bytes"),
+            "store_error": store.get("error")}
 
 
 def stake_table(weights: list[int]) -> dict[str, int]:

@@ -40,6 +40,7 @@ from edgebft.protocol.stake import Stake
 RETRANSMIT_S = 0.5
 DEADLINE_S = 2.0  # DESIGN.md section 8: availability counts requests within a 2 s deadline
 ACCOUNTS = 16
+KEYS = 64  # keys the puts and gets spread over, by default
 GENESIS_BALANCE = 1_000_000
 TICK_S = 0.005  # the timer thread's period: retransmissions, deadlines, the open-loop schedule
 
@@ -49,13 +50,14 @@ def genesis(accounts: int = ACCOUNTS) -> dict[str, int]:
     return {f"acct{a}": GENESIS_BALANCE for a in range(accounts)}
 
 
-def operation(client: int, i: int) -> list[Any]:
-    """The i-th operation of ``client``: a rotating mix of transfer, put and get."""
+def operation(client: int, i: int, keys: int = KEYS) -> list[Any]:
+    """The i-th operation of ``client``: a rotating mix of transfer, put and get, the puts and
+    gets spread over ``keys`` keys (a client's i-th put writes a key its i-th get reads)."""
     kind = i % 3
     if kind == 0:
         src, dst = client % ACCOUNTS, (client + 1) % ACCOUNTS
         return ["transfer", f"acct{src}", f"acct{dst}", 1]
-    key = f"k{client % 64}"
+    key = f"k{(client * 7919 + (i // 3) * 104729) % keys}"
     if kind == 1:
         return ["put", key, i]
     return ["get", key]
@@ -108,6 +110,7 @@ class Workload:
     keys: ClusterKeys
     clients: int
     rate: float | None = None
+    keys: int = KEYS
     retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
     outcomes: list[Outcome] = field(default_factory=list)
@@ -117,6 +120,8 @@ class Workload:
             raise ValueError(f"clients must be at least 1, got {self.clients}")
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"rate must be positive, got {self.rate}")
+        if self.keys < 1:
+            raise ValueError(f"keys must be at least 1, got {self.keys}")
         # Timestamps start at the host's clock in microseconds, so a later workload with the
         # same client ids is never mistaken for old, already-executed requests.
         first = time.time_ns() // 1000
@@ -201,7 +206,7 @@ class Workload:
                                          intended + self.deadline_s, 0, 0))
         while self._backlog and self._idle:
             c = self._idle.popleft()
-            op = operation(c, self._issued[c])
+            op = operation(c, self._issued[c], self.keys)
             self._issued[c] += 1
             self._outstanding[c] = _Outstanding(op, self._backlog.popleft(), now,
                                                 now + self.retransmit_s, self.retransmit_s)

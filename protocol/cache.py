@@ -8,7 +8,7 @@
 #     "fifo" the entry that entered first, however often it was used.
 # - Deterministic: eviction depends only on the sequence of calls (a use counter, no clock, no
 #   dict order), so every port evicts the same entries.
-# - hits and misses count get()s, for the hit rate the status and the bench report.
+# - counts = [hits, misses] of get()s, for the hit rate the status and the bench report.
 # - Memory: one 3-slot list per entry; eviction scans the entries (capacity is small).
 POLICIES = ("lru", "lfu", "fifo")
 
@@ -25,8 +25,7 @@ class Cache:
         self.policy = policy
         self.entries = {}  # key -> [value, last use, uses] (fifo: last use is the entry time)
         self.clock = 0
-        self.hits = 0
-        self.misses = 0
+        self.counts = [0, 0]  # hits, misses
 
     def __len__(self):
         return len(self.entries)
@@ -35,9 +34,9 @@ class Cache:
         """The value cached for ``key`` (a use), or None."""
         e = self.entries.get(key)
         if e is None:
-            self.misses += 1
+            self.counts[1] += 1
             return None
-        self.hits += 1
+        self.counts[0] += 1
         self._use(e)
         return e[0]
 

@@ -6,6 +6,8 @@
 #   either its old or its new bytes, never a mix. append() and write_at() are not atomic: use
 #   them only for files a restart discards or checks (state transfer staging).
 # - read() of a missing name gives None; size() of one gives -1; delete() of one does nothing.
+# - names(prefix) lists the names that start with prefix: a list in RAM, so callers ask only
+#   for prefixes that few names have.
 # - writes and bytes_written count every write, append and write_at: flash wears out.
 #
 # MemFlash is the flash of the simulator and the unit tests. It can cut the power: cut(k) undoes

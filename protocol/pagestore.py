@@ -5,7 +5,7 @@
 #   A page is a file holding the canonical CBOR array of its [key, value] entries, sorted by
 #   key (all keys of one store have one type); an empty page is a missing or empty file.
 # - Copy-on-write by version: the pages as of the stable checkpoint are files "<name>.p<i>";
-#   a page written while executing up to checkpoint v goes to "<name>.p<i>.<v>". The state as
+#   a page written while executing up to checkpoint v goes to "<name>.v<v>.<i>". The state as
 #   of checkpoint c is, per page, its newest version <= c, else its base file, so the stable
 #   checkpoint and the ones above it stay readable (and servable) while execution goes on.
 #   fold(h) makes the versions <= h the new base (renames, oldest first, so it can be redone
@@ -62,7 +62,8 @@ class PageStore:
     def __init__(self, flash, name, pages, cache_pages=8, policy="lru"):
         assert pages > 0
         self.flash = flash
-        self.prefix = name + ".p"
+        self.prefix = name + ".p"   # base pages
+        self.vprefix = name + ".v"  # versions
         self.pages = pages
         self.cache = Cache(cache_pages, policy)  # page -> {key: value}
         self.dirty = {}        # page -> True: changed since it was last written
@@ -81,7 +82,7 @@ class PageStore:
     def name(self, i, version=None):
         if version is None:
             return "%s%d" % (self.prefix, i)
-        return "%s%d.%d" % (self.prefix, i, version)
+        return "%s%d.%d" % (self.vprefix, version, i)
 
     def file_at(self, i, seq=None):
         """The file of page i as of checkpoint ``seq`` (None: the newest version)."""
@@ -208,22 +209,22 @@ class PageStore:
         """After a restart at stable checkpoint h: fold what a power cut left unfolded at or
         below h and delete the versions above it (nothing is known of them in RAM)."""
         folds = []
-        for name in self.flash.names(self.prefix):
-            parts = name[len(self.prefix):].split(".")
-            if len(parts) != 2:
-                continue
-            v = int(parts[1])
+        for name in self.flash.names(self.vprefix):
+            parts = name[len(self.vprefix):].split(".")
+            v = int(parts[0])
             if v > h:
                 self.flash.delete(name)
             else:
-                folds.append((v, int(parts[0])))
+                folds.append((v, int(parts[1])))
         for v, i in sorted(folds):
             self.flash.rename(self.name(i, v), self.name(i))
         self.versions = {}
 
     def wipe(self):
-        for name in self.flash.names(self.prefix):
+        for name in self.flash.names(self.vprefix):
             self.flash.delete(name)
+        for i in range(self.pages):
+            self.flash.delete(self.name(i))
         self.versions = {}
         self.reset(0, 0, bytes(len(self.tags)))
 

@@ -56,7 +56,6 @@ except ImportError:  # CPython
 from . import auth, cbor
 from . import messages as m
 from . import viewchange as vc
-from .flash import MemFlash
 from .ledger import Ledger
 from .log import Log, Oplog, stake_of
 from .stake import Stake
@@ -137,7 +136,10 @@ class Replica:
         self.macs = [auth.Mac(k) for k in keys]
         self.client_secret = client_secret
         self.client_macs = presized(_MACS_CLIENT_MAX)
-        self.state = State(flash if flash is not None else MemFlash(), **(store or {}))
+        if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
+            from .flash import MemFlash
+            flash = MemFlash()
+        self.state = State(flash, **(store or {}))
         self.clients = self.state.clients  # client -> [timestamp, result] of its last request
         opened = self.state.open()
         self.ledger = Ledger(self.state.ledger, None if opened else genesis, stake.weights)

@@ -26,8 +26,8 @@ from .pagestore import PAGE_BYTES_MAX, PageError, PageStore, sum_bytes
 
 STABLE = "stable"
 _STAGE = "X."
-LEDGER_PAGES = 1024
-CLIENT_PAGES = 256
+LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages
+CLIENT_PAGES = 64
 _RECORD_BYTES_MAX = 8192  # a record: meta and 2 bytes of tag per page
 
 
@@ -43,7 +43,7 @@ class State:
     """Both page stores of one replica on ``flash`` (protocol/flash.py's interface)."""
 
     def __init__(self, flash, ledger_pages=LEDGER_PAGES, client_pages=CLIENT_PAGES,
-                 cache_pages=8, policy="lru"):
+                 cache_pages=4, policy="lru"):
         self.flash = flash
         self.ledger = PageStore(flash, "L", ledger_pages, cache_pages, policy)
         self.clients = PageStore(flash, "C", client_pages, cache_pages, policy)
@@ -158,10 +158,11 @@ class State:
 
     def counts(self):
         """Cache hits and misses, flash writes: for the status."""
-        return {"cache_hits": self.ledger.cache.hits + self.clients.cache.hits,
-                "cache_misses": self.ledger.cache.misses + self.clients.cache.misses,
-                "flash_writes": self.flash.writes, "flash_bytes": self.flash.bytes_written,
-                "keys": self.ledger.count, "clients": self.clients.count}
+        return {"hits": self.ledger.cache.counts[0] + self.clients.cache.counts[0],
+                "misses": self.ledger.cache.counts[1] + self.clients.cache.counts[1],
+                "writes": self.flash.writes, "bytes": self.flash.bytes_written,
+                "keys": self.ledger.count, "clients": self.clients.count,
+                "error": self.error}
 
     # ----------------------------------------------------------------- state transfer: serving
 

@@ -31,8 +31,10 @@ def mp_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_mp(micropython: Path, lib: Path, code: str, timeout: float = 60,
-           heap: str = "100k") -> subprocess.CompletedProcess[str]:
-    """Run ``code`` on MicroPython with ``lib`` on its import path; return the finished process."""
+           heap: str = "256k") -> subprocess.CompletedProcess[str]:
+    """Run ``code`` on MicroPython with ``lib`` on its import path; return the finished process.
+    The heap holds the modules (not mapped from ROMFS here) and, for replicas built without a
+    flash, their MemFlash: conformance, not a node's budget (tools/bench_memory.py has that)."""
     return subprocess.run(
         [str(micropython), "-X", f"heapsize={heap}", "-c", code],
         env={"MICROPYPATH": f"{lib}:.frozen"},

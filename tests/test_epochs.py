@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ledger_state, new_ledger
 from test_replica import Net
 
-from edgebft.protocol import cbor
+from conftest import ledger_state, new_ledger
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.replica import REPLICA_CLIENT_BASE
@@ -201,7 +200,8 @@ def test_an_equivocating_primary_is_slashed_and_the_cluster_stays_safe(seed: int
     assert all(r.view > 0 and r.primary() != 0 for r in correct)
     # The accusations were ordered and executed like requests, from the replicas' client ids,
     # and more than 1/3 of stake accused.
-    executed = {j for j in range(1, 5) if correct[0].clients.get(REPLICA_CLIENT_BASE + j) is not None}
+    executed = {j for j in range(1, 5)
+                if correct[0].clients.get(REPLICA_CLIENT_BASE + j) is not None}
     assert 3 * 20 * len(executed) > 100
 
 

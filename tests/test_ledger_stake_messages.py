@@ -8,12 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edgebft.protocol import cbor
-from edgebft.protocol import messages as m
-from edgebft.protocol import ledger as ledger_module
-from edgebft.protocol.stake import Stake
-
 from conftest import new_ledger
+from edgebft.protocol import cbor
+from edgebft.protocol import ledger as ledger_module
+from edgebft.protocol import messages as m
+from edgebft.protocol.stake import Stake
 
 DIGEST = hashlib.sha256(b"d").digest()
 

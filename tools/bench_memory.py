@@ -44,6 +44,7 @@ micropython.qstr_info()
 
 SCRIPT = r'''
 import gc, hashlib, sys
+from edgebft.firmware.store import Flash
 from edgebft.protocol import replica as rp
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
@@ -54,8 +55,8 @@ keys = [[hashlib.sha256(bytes([min(i, j), max(i, j)])).digest() for j in range(N
 secrets = [hashlib.sha256(bytes([i])).digest() for i in range(N)]
 genesis = {"acct%d" % a: 1000000 for a in range(16)}
 gc.collect(); base = gc.mem_alloc()
-rs = [rp.Replica(i, stake, keys[i], secrets[i], genesis=genesis, checkpoint_interval=K)
-      for i in range(N)]
+rs = [rp.Replica(i, stake, keys[i], secrets[i], genesis=genesis, checkpoint_interval=K,
+                 flash=Flash("flash-%d-%d" % (K, i))) for i in range(N)]
 gc.collect(); built = (gc.mem_alloc() - base) // N
 clients = [ClientCore(c, stake, [rp.client_key(secrets[i], c) for i in range(N)])
            for c in range(CLIENTS)]
@@ -115,7 +116,7 @@ def main() -> int:
         for k in (8, 16, 32):
             done = subprocess.run([str(micropython), "-X", "heapsize=2m", str(script), str(k),
                                    "400"], env={"MICROPYPATH": f"{lib}:.frozen"},
-                                  capture_output=True, text=True, timeout=300)
+                                  capture_output=True, text=True, timeout=300, cwd=tmp)
             if done.returncode != 0:
                 print(done.stderr, file=sys.stderr)
                 return 1

@@ -1,0 +1,216 @@
+"""The state on flash: cache policies, the incremental digest, power cuts, corrupt pages and
+state transfer of a large state (protocol/cache.py, pagestore.py, state.py)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_replica import Net
+
+from edgebft.protocol import replica as rp
+from edgebft.protocol.cache import Cache
+from edgebft.protocol.flash import MemFlash
+from edgebft.protocol.pagestore import PageStore, entry_hash
+
+POLICIES = ("lru", "lfu", "fifo")
+
+
+class ReferenceCache:
+    """The policies as written in their definitions, with no shortcuts."""
+
+    def __init__(self, capacity: int, policy: str) -> None:
+        self.capacity, self.policy = capacity, policy
+        self.values: OrderedDict[int, int] = OrderedDict()  # insertion order
+        self.last_use: dict[int, int] = {}
+        self.uses: dict[int, int] = {}
+        self.clock = 0
+
+    def _use(self, key: int) -> None:
+        self.clock += 1
+        self.last_use[key] = self.clock
+        self.uses[key] += 1
+
+    def get(self, key: int) -> int | None:
+        if key not in self.values:
+            return None
+        self._use(key)
+        return self.values[key]
+
+    def put(self, key: int, value: int) -> tuple[int, int] | None:
+        if key in self.values:
+            self.values[key] = value
+            self._use(key)
+            return None
+        evicted = None
+        if len(self.values) == self.capacity:
+            if self.policy == "fifo":
+                victim = next(iter(self.values))
+            elif self.policy == "lru":
+                victim = min(self.values, key=lambda k: self.last_use[k])
+            else:
+                victim = min(self.values, key=lambda k: (self.uses[k], self.last_use[k]))
+            evicted = (victim, self.values.pop(victim))
+            del self.uses[victim], self.last_use[victim]
+        self.values[key] = value
+        self.uses[key] = 0
+        self._use(key)
+        return evicted
+
+
+ops = st.lists(st.tuples(st.booleans(), st.integers(0, 7), st.integers(0, 99)), max_size=200)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@given(capacity=st.integers(1, 5), script=ops)
+def test_each_cache_policy_evicts_as_its_reference_model(policy: str, capacity: int,
+                                                          script: list[tuple[bool, int, int]]
+                                                          ) -> None:
+    cache, model = Cache(capacity, policy), ReferenceCache(capacity, policy)
+    for is_put, key, value in script:
+        if is_put:
+            assert cache.put(key, value) == model.put(key, value)
+        else:
+            assert cache.get(key) == model.get(key)
+        assert len(cache) <= capacity
+    assert sorted(cache.items()) == sorted(model.values.items())
+
+
+def test_policies_differ_on_one_trace_and_hits_are_counted() -> None:
+    """a is used often, then b and c come: LRU keeps the recent, LFU the frequent, FIFO
+    neither."""
+    kept = {}
+    for policy in POLICIES:
+        cache = Cache(2, policy)
+        cache.put("a", 1)
+        cache.get("a")
+        cache.get("a")
+        cache.put("b", 2)
+        cache.get("b")
+        cache.put("c", 3)
+        kept[policy] = sorted(k for k, _ in cache.items())
+        assert cache.counts == [3, 0]
+        cache.get("zzz")
+        assert cache.counts == [3, 1]
+    assert kept == {"lru": ["b", "c"], "lfu": ["a", "c"], "fifo": ["b", "c"]}
+    with pytest.raises(ValueError):
+        Cache(2, "random")
+
+
+def _from_scratch(model: dict[Any, Any]) -> int:
+    return sum(entry_hash(k, v) for k, v in model.items()) % (1 << 2048)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=6),
+                          st.one_of(st.integers(-5, 10**12), st.binary(max_size=8))),
+                max_size=60),
+       st.integers(1, 3), st.sampled_from(POLICIES))
+def test_incremental_digest_equals_a_recomputation_from_scratch(
+        puts: list[tuple[str, Any]], cache_pages: int, policy: str) -> None:
+    flash = MemFlash()
+    store = PageStore(flash, "T", 8, cache_pages, policy)
+    model: dict[str, Any] = {}
+    for n, (key, value) in enumerate(puts):
+        store.version = 4 * (n // 5 + 1)  # a few versions, some folded below
+        store.put(key, value)
+        model[key] = value
+        assert store.get(key) == value
+        if n % 7 == 6:
+            store.flush()
+            store.fold(4 * (n // 10))
+    assert store.total == _from_scratch(model)
+    assert store.count == len(model)
+    store.flush()
+    store.fold(1 << 30)
+    total, count, tags = store.scan(lambda i: flash.read(store.name(i)))
+    assert (total, count, bytes(tags)) == (store.total, store.count, bytes(store.tags))
+    assert all(store.get(k) == v for k, v in model.items())
+
+
+def _busy_cluster(requests: int, clients: int = 8) -> tuple[Net, list[Any]]:
+    """A 4-replica cluster (K = 4) after ``requests`` puts of distinct keys, in batches."""
+    net = Net(n=4, k=4)
+    cores = [net.client(c) for c in range(clients)]
+    done = 0
+    while done < requests:
+        for core in cores[:requests - done]:
+            net.submit(core.request(["put", f"key{done}", [done, "v" * 40]]))
+            done += 1
+        net.run()
+    return net, cores
+
+
+def test_a_power_cut_at_any_operation_leaves_a_flash_that_opens_and_verifies() -> None:
+    """Cut the flash after every one of a replica's last operations (page writes of a batch,
+    a record, the commit, the folds): a restart opens the stable checkpoint of that instant,
+    verifies it, and its digest is the one the cluster agreed on."""
+    net, _ = _busy_cluster(60)
+    r = net.replicas[1]
+    agreed = {e[1]: e[2] for e in r.events if e[0] == "checkpoint"}
+    flash = r.state.flash
+    for cut in range(len(flash.journal) + 1):
+        torn = MemFlash()
+        torn.files = dict(flash.files)
+        torn.journal = list(flash.journal)
+        torn.cut(cut)
+        restored = rp.Replica.restore(r.durable(), 1, net.stake, net.keys.pairwise[1],
+                                      net.keys.client_secrets[1], checkpoint_interval=4,
+                                      flash=torn)
+        assert restored.state.error is None, (cut, restored.state.error)
+        assert restored.h <= r.h and restored.h == restored.last_exec
+        assert restored.own_checkpoints[restored.h] == agreed[restored.h], cut
+
+
+def test_a_corrupt_page_fails_verification_and_the_replica_recovers_by_transfer() -> None:
+    net, cores = _busy_cluster(40)
+    r = net.replicas[3]
+    flash = r.state.flash
+    page = next(name for name in sorted(flash.files) if name.startswith("L.p"))
+    flash.files[page] = flash.files[page][:-1] + b"\x00"
+    restored = rp.Replica.restore(r.durable(), 3, net.stake, net.keys.pairwise[3],
+                                  net.keys.client_secrets[3], checkpoint_interval=4,
+                                  genesis={"a": 100, "b": 0}, flash=flash)
+    assert restored.state.error and "verification" in restored.state.error
+    assert ("store_error", restored.state.error) in restored.events
+    assert restored.h == 0 and restored.ledger.get("key0") is None, "back to genesis"
+    net.replicas[3] = restored
+    for n in range(24):  # the others go on; checkpoints beyond its window make it fetch
+        net.submit(cores[n % len(cores)].request(["put", f"later{n}", n]))
+        net.run()
+        net.tick(net.now + 200)
+        net.run()
+    assert any(e[0] == "transferred" for e in restored.events)
+    assert restored.ledger.get("key39") == [39, "v" * 40]
+    assert restored.state.ledger.total == net.replicas[0].state.ledger.total
+
+
+def test_a_replica_behind_fetches_only_the_pages_that_differ() -> None:
+    """600 keys, then replica 3 misses a few dozen puts: its transfer moves a small part of
+    the state, and it converges on the others' digest."""
+    net, cores = _busy_cluster(600)
+    full = sum(len(v) for k, v in net.replicas[0].state.flash.files.items()
+               if k.startswith(("L.p", "C.p")))
+    net.down.add(3)
+    for n in range(48):
+        net.submit(cores[n % len(cores)].request(["put", f"key{n}", -n]))
+        net.run()
+    net.down.clear()
+    behind = net.replicas[3]
+    for _ in range(20):
+        if any(e[0] == "transferred" for e in behind.events):
+            break
+        net.tick(net.now + 200)
+        net.run()
+    assert any(e[0] == "transferred" for e in behind.events)
+    moved = behind.counts["transfer_bytes"]
+    assert 0 < moved < full // 4, (moved, full)
+    for _ in range(10):  # then it executes what the others executed past the checkpoint
+        net.tick(net.now + 200)
+        net.run()
+    assert behind.last_exec == net.replicas[0].last_exec
+    assert behind.state.ledger.total == net.replicas[0].state.ledger.total
+    assert behind.ledger.get("key5") == -5 and behind.ledger.get("key599")[0] == 599
