@@ -190,7 +190,7 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
             raise BenchError(f"nodes {missing} did not come up within "
                              f"{STARTUP_TIMEOUT_S:.0f} s; see {run / 'logs'}")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
-                            options.clients, rate=options.rate, keys=options.keys)
+                            options.clients, rate=options.rate, keyspace=options.keys)
         stack.callback(workload.close)
         nonces = [0]
 

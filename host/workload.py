@@ -110,7 +110,7 @@ class Workload:
     keys: ClusterKeys
     clients: int
     rate: float | None = None
-    keys: int = KEYS
+    keyspace: int = KEYS  # keys the puts and gets spread over
     retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
     outcomes: list[Outcome] = field(default_factory=list)
@@ -120,8 +120,8 @@ class Workload:
             raise ValueError(f"clients must be at least 1, got {self.clients}")
         if self.rate is not None and self.rate <= 0:
             raise ValueError(f"rate must be positive, got {self.rate}")
-        if self.keys < 1:
-            raise ValueError(f"keys must be at least 1, got {self.keys}")
+        if self.keyspace < 1:
+            raise ValueError(f"keyspace must be at least 1, got {self.keyspace}")
         # Timestamps start at the host's clock in microseconds, so a later workload with the
         # same client ids is never mistaken for old, already-executed requests.
         first = time.time_ns() // 1000
@@ -206,7 +206,7 @@ class Workload:
                                          intended + self.deadline_s, 0, 0))
         while self._backlog and self._idle:
             c = self._idle.popleft()
-            op = operation(c, self._issued[c], self.keys)
+            op = operation(c, self._issued[c], self.keyspace)
             self._issued[c] += 1
             self._outstanding[c] = _Outstanding(op, self._backlog.popleft(), now,
                                                 now + self.retransmit_s, self.retransmit_s)
