@@ -214,3 +214,28 @@ def test_a_replica_behind_fetches_only_the_pages_that_differ() -> None:
     assert behind.last_exec == net.replicas[0].last_exec
     assert behind.state.ledger.total == net.replicas[0].state.ledger.total
     assert behind.ledger.get("key5") == -5 and behind.ledger.get("key599")[0] == 599
+
+
+def test_1024_clients_each_execute_exactly_once() -> None:
+    """Every client's last timestamp and reply is kept (on flash, no cap): after 1,024 clients
+    each ran one put, a retransmission of the first client's request is answered from the
+    client table and does not execute again."""
+    net = Net(n=4, k=4)
+    cores = [net.client(c) for c in range(1024)]
+    wires = []
+    for start in range(0, len(cores), 16):  # as many as a primary queues (clients retry)
+        for core in cores[start:start + 16]:
+            wires.append(core.request(["put", f"c{core.client}", core.client]))
+            net.submit(wires[-1])
+        net.run()
+    for r in net.replicas:
+        assert r.clients.count == 1024
+        assert r.ledger.get("c1023") == 1023
+    before = [r.last_exec for r in net.replicas]
+    net.replies.clear()
+    net.submit(wires[0])
+    net.run()
+    assert [r.last_exec for r in net.replicas] == before, "answered, not executed again"
+    accepted = [cores[0].on_reply(w) for w in net.replies.get(0, [])]
+    assert any(ok for ok, _ in accepted), "the cached reply comes back"
+    assert net.replicas[0].clients.get(0)[1] == [True, None]
