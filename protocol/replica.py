@@ -73,6 +73,7 @@ _WAITING_MAX = const(32)          # requests seen and not executed (view-change 
 _REQUEST_BYTES_MAX = const(256)   # a request wire (a batch holds at least one)
 _BODY_BYTES_MAX = const(4096)     # batch bodies kept until stable (re-proposed in a new view)
 _CHUNK_BYTES = const(1024)        # state transfer chunk
+_PIN_MS = const(1000)             # a checkpoint served stays readable this long after a fetch
 _STATUS_MS = const(100)           # retransmission period (RT1: at most once per 100 ms)
 _IDLE_STATUS_TICKS = const(10)    # an idle replica's STATUS period, in retransmission periods
 _VC_TIMEOUT_FACTOR_MAX = const(32)  # the doubling view-change timeout stops at 32 T
@@ -116,6 +117,7 @@ class _Transfer:
         self.source = 0
         self.vouched = vouched
         self.fetch = fetch
+        self.mark = -1  # fetch.bytes at the last retransmission tick
 
 
 class Replica:
@@ -185,6 +187,7 @@ class Replica:
         self.missing = {}         # seq -> digest whose batch we lack (A3, BV5)
         self.transfer = None      # a _Transfer, while fetching state
         self.fetch_full = False   # the last transfer failed its check: fetch every page
+        self.serving = None       # (seq, digest, until): the checkpoint we serve, pinned
         self.status_due = 0
         self.progress_mark = 0    # last_exec at the previous tick
         self.answered = {}        # replica -> time of our last answer to its STATUS
@@ -325,6 +328,9 @@ class Replica:
         if now_ms >= self.status_due:
             self.status_due = now_ms + _STATUS_MS
             self._retransmit()
+        if self.serving is not None and now_ms >= self.serving[2]:
+            self.serving = None  # nobody fetched it for a while: let it go
+            self.state.unpin()
         self._change_view_if_needed()
         self._check_invariants()
 
@@ -786,22 +792,28 @@ class Replica:
         return self.stake.is_weak(self.stake.of(holders))
 
     def on_fetch(self, msg):
+        """Serve a part of a checkpoint we hold, and keep serving it (pinned) for _PIN_MS after
+        each fetch even if our stable checkpoint moves on: a transfer of many pages under load
+        then finishes instead of starting over at every checkpoint."""
         got = None
-        if self.own_checkpoints.get(msg.seq) == msg.digest:
+        held = self.own_checkpoints.get(msg.seq)
+        if self.serving is not None and self.serving[0] == msg.seq:
+            held = self.serving[1]
+        if held == msg.digest:
             got = self.state.read_part(msg.seq, msg.part, msg.offset, _CHUNK_BYTES)
+        seq, digest, part, offset = msg.seq, msg.digest, msg.part, msg.offset
         if got is None:
-            if self.h > msg.seq:
-                # That state is gone here (our window moved on): offer our stable one.
-                total, data = self.state.read_part(self.h, 0, 0, _CHUNK_BYTES)
-                self._send(msg.sender, m.CHUNK, self.h, self.own_checkpoints[self.h], 0, 0,
-                           total, data)
-            else:
+            if self.h <= msg.seq:
                 self._drop("fetch of a state not held")
-            return
+                return
+            # That state is gone here (our window moved on): offer our stable one.
+            seq, digest, part, offset = self.h, self.own_checkpoints[self.h], 0, 0
+            got = self.state.read_part(seq, 0, 0, _CHUNK_BYTES)
+        self.state.pin(seq)
+        self.serving = (seq, digest, self.now + _PIN_MS)
         total, data = got
-        if msg.offset <= total:
-            self._send(msg.sender, m.CHUNK, msg.seq, msg.digest, msg.part, msg.offset, total,
-                       data)
+        if offset <= total:
+            self._send(msg.sender, m.CHUNK, seq, digest, part, offset, total, data)
 
     def on_chunk(self, msg):
         t = self.transfer
@@ -1156,9 +1168,12 @@ class Replica:
         stuck = self.last_exec == self.progress_mark
         self.progress_mark = self.last_exec
         self.ticks += 1
-        if self.transfer is not None:
-            self.transfer.source += 1  # try the next source
-            self._fetch_next()
+        t = self.transfer
+        if t is not None:
+            if t.fetch.bytes == t.mark:
+                t.source += 1  # no chunk since the last tick: try the next source
+                self._fetch_next()
+            t.mark = t.fetch.bytes
             return
         if self.limbo:
             self.out.append((TO_ALL, self.vc_wires[self.me]))

@@ -16,7 +16,9 @@
 #   from flash in chunks. The receiver (Fetch) stages what it fetches on flash, fetches only the
 #   pages whose tags differ from its own stable ones (all of them after a failed check), and
 #   install() switches to the new state only once the record matches the vouched digest and
-#   the pages match the record's digests.
+#   the pages match the record's digests. A checkpoint being served stays readable while the
+#   stable checkpoint moves on (pin(): its versions are not folded and its record is kept, for
+#   at most _PINNED_VERSIONS_MAX versions), so a transfer under load can finish.
 # - Flash writes per executed batch: the pages it changed (once each); per checkpoint: its
 #   record; per stable checkpoint: the commit record and renames.
 import hashlib
@@ -29,6 +31,7 @@ _STAGE = "X."
 LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages
 CLIENT_PAGES = 64
 _RECORD_BYTES_MAX = 8192  # a record: meta and 2 bytes of tag per page
+_PINNED_VERSIONS_MAX = 32  # a pin that holds more unfolded versions than this is dropped
 
 
 def _record_name(seq):
@@ -49,7 +52,8 @@ class State:
         self.clients = PageStore(flash, "C", client_pages, cache_pages, policy)
         self.stores = (self.ledger, self.clients)
         self.h = -1        # the stable checkpoint (-1: none yet)
-        self.records = []  # the checkpoints >= h whose records are on flash
+        self.records = []  # the checkpoints >= h whose records are on flash, and the pinned one
+        self.pinned = -1   # a checkpoint below h still served (see pin()), or -1
         self.error = None  # why the flash failed verification at open(), if it did
 
     def parts(self):
@@ -140,9 +144,27 @@ class State:
         """Checkpoint ``seq`` (recorded) is stable: commit it, then fold and collect."""
         self.flash.write(STABLE, b"%d" % seq)
         self.h = seq
+        self._collect()
+
+    def pin(self, seq):
+        """Keep checkpoint ``seq`` (held) readable when the stable one moves past it, until
+        unpin() (or until it holds too many versions)."""
+        if seq in self.records:
+            self.pinned = seq
+
+    def unpin(self):
+        self.pinned = -1
+        self._collect()
+
+    def _collect(self):
+        """Fold the versions up to h, or up to the pinned checkpoint; delete the records below
+        h but the pinned one's."""
+        if self.pinned >= self.h or len(self.ledger.versions) > _PINNED_VERSIONS_MAX:
+            self.pinned = -1
+        keep = self.pinned
         for store in self.stores:
-            store.fold(seq)
-        for old in [c for c in self.records if c < seq]:
+            store.fold(self.h if keep < 0 else keep)
+        for old in [c for c in self.records if c < self.h and c != keep]:
             self.flash.delete(_record_name(old))
             self.records.remove(old)
 
