@@ -183,3 +183,18 @@ def test_help_lists_every_bench_option() -> None:
     for option in ("--clients", "--rate", "--duration", "--nemesis", "--nemesis-interval",
                    "--out", "--nodes", "--broker", "--stake", "--heap", "--micropython"):
         assert option in done.stdout
+
+
+def test_cpu_and_store_are_reported_per_node(run: Path) -> None:
+    """Each node's CPU per commit (None only for the one the nemesis restarted), and its store
+    as its last status gave it: the workload's entries on flash, bytes written, a hit rate."""
+    summary, _ = load(run)
+    cpu = summary["cpu_ms_per_commit"]
+    assert set(cpu) == {str(n) for n in range(summary["nodes"])}
+    measured = [v for v in cpu.values() if v is not None]
+    assert len(measured) >= summary["nodes"] - 1 and all(v > 0 for v in measured)
+    for state in summary["state"].values():
+        assert state["state_keys"] > 16, "genesis accounts and the workload's keys"
+        assert state["flash_bytes_written"] > 0 and state["flash_writes"] > 0
+        assert 0 <= state["cache_hit_rate"] <= 1
+        assert state["store_error"] is None

@@ -206,6 +206,8 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
             raise BenchError(str(e)) from None
         tx = TxMeter()
         tx.update(observer.snapshot())
+        pids = [cluster.pid(i) for i in range(options.nodes)]
+        cpu_before = [cluster.cpu_s(i) for i in range(options.nodes)]
         t0 = time.time()
         workload.start()
         _drive(options.duration_s, workload, tx, observer, progress, nemesis)
@@ -221,6 +223,9 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         summary = summarize(options, broker.describe(), workload.outcomes, observer,
                             issuing_s, converged, faults, tx.sent)
         summary["nodes_alive_at_end"] = [cluster.alive(i) for i in range(options.nodes)]
+        summary["cpu_ms_per_commit"] = cpu_ms_per_commit(
+            cpu_before, [cluster.cpu_s(i) if cluster.pid(i) == pids[i] else None
+                         for i in range(options.nodes)], summary["committed"])
         summary["byzantine_nodes"] = byzantine
     write_events(run / "events.jsonl", workload.outcomes, faults, observer.events)
     (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -324,6 +329,15 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "stake_epochs": stake_epochs(genesis_stake, observer.events),
         "equivocations_detected": equivocations(observer.events),
     }
+
+
+def cpu_ms_per_commit(before: list[float | None], after: list[float | None],
+                      committed: int) -> dict[str, float | None]:
+    """Per node: the CPU its process used over the load, in ms per committed request (what
+    predicts a board's capacity); None for a node that restarted or ran no /proc."""
+    return {str(i): round((a - b) * 1000 / committed, 3)
+            if a is not None and b is not None and committed else None
+            for i, (b, a) in enumerate(zip(before, after, strict=True))}
 
 
 def state_summary(status: Mapping[str, Any]) -> dict[str, Any]:

@@ -398,6 +398,11 @@ def print_summary(summary: dict[str, Any]) -> None:
                      f"{summary['msgs_per_commit']} per commit"),
         ("heap peak (bytes)", " ".join(f"{n}:{b}" for n, b in
                                        summary["heap_peak_bytes"].items())),
+        ("cpu ms per commit", " ".join(f"{n}:{v}" for n, v in
+                                       summary.get("cpu_ms_per_commit", {}).items())),
+        ("state", " ".join(f"{n}:{s['state_keys']} entries, "
+                           f"{s['flash_bytes_written']} B written, hit rate "
+                           f"{s['cache_hit_rate']};" for n, s in summary["state"].items())),
         ("report", summary.get("report", "-")),
     ]
     for name, value in rows:
