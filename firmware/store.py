@@ -27,9 +27,14 @@ def load(path=STATE_PATH):
 
 
 def save(data, path=STATE_PATH):
+    """Replace ``path`` with ``data``: bytes, or a tuple of byte strings written in turn."""
     tmp = path + _TMP
     with open(tmp, "wb") as f:
-        f.write(data)
+        if type(data) is tuple:
+            for piece in data:
+                f.write(piece)
+        else:
+            f.write(data)
     os.rename(tmp, path)
 
 
@@ -86,7 +91,7 @@ class Flash:
 
     def write(self, name, data):
         save(data, self._path(name))
-        self._count(len(data))
+        self._count(sum(len(piece) for piece in data) if type(data) is tuple else len(data))
 
     def append(self, name, data):
         with open(self._path(name), "ab") as f:

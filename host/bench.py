@@ -39,7 +39,7 @@ NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
 CONVERGE_TIMEOUT_S = 5.0
 CLIENTS_DEFAULT = 4
-KEYS_PER_PAGE = 8  # the ledger gets a page per this many keys (a power of two, at least 256)
+KEYS_PER_PAGE = 16  # the ledger gets a page per this many keys (a power of two, at least 256)
 
 Progress = Callable[[float, int, int, int], None]  # (elapsed_s, ok, failed, queued)
 NodeEvent = tuple[float, int, list[Any]]  # (host time, node, event), as edgebft.observer has it
@@ -126,7 +126,7 @@ def node_config(i: int, cluster: str, stake: Stake, broker_host: str, broker_por
 
 def ledger_pages(keys: int) -> int:
     """Ledger pages for a workload over ``keys`` keys: about KEYS_PER_PAGE keys a page, so a
-    cached page stays small (State's default, 256, up to 2,048 keys)."""
+    cached page stays small (State's default, 256, up to 4,096 keys)."""
     pages = 256
     while pages * KEYS_PER_PAGE < keys:
         pages *= 2

@@ -100,7 +100,7 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.bench.
                  help="MicroPython heap per node (-X heapsize)."),
     click.option("--keys", default=KEYS, show_default=True, type=click.IntRange(min=1),
                  help="Keys the workload's puts and gets spread over (the ledger on flash gets "
-                      "a page per 8 keys, at least 256 pages)."),
+                      "a page per 16 keys, at least 256 pages)."),
     click.option("--nemesis", default="none", show_default=True, metavar="KIND[,KIND...]",
                  help="Faults to inject on the primary, one kind per strike, in turn, each healed "
                       "before the next and all at the end: crash-primary (kill, restart from its "

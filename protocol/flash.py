@@ -2,7 +2,8 @@
 #
 # Rules (what every implementation gives; firmware/store.py's Flash puts it on a filesystem):
 # - A flat namespace of named byte strings ("files").
-# - write(name, data) and rename(src, dst) replace dst atomically: after a power cut a name holds
+# - write(name, data) and rename(src, dst) replace dst atomically (data: bytes, or a tuple of
+#   byte strings written one after the other, so that a caller never joins them in RAM): after a power cut a name holds
 #   either its old or its new bytes, never a mix. append() and write_at() are not atomic: use
 #   them only for files a restart discards or checks (state transfer staging).
 # - read() of a missing name gives None; size() of one gives -1; delete() of one does nothing.
@@ -40,6 +41,8 @@ class MemFlash:
         return [name for name in self.files if name.startswith(prefix)]
 
     def write(self, name, data):
+        if type(data) is tuple:
+            data = b"".join(data)
         self._set(name, bytes(data))
         self._count(len(data))
 

@@ -2,7 +2,8 @@
 # checkpoint records, the stable checkpoint, and state transfer in parts streamed from flash.
 #
 # Rules:
-# - Checkpoint c has a record "ck<c>": CBOR [meta, ledger tags, client tags], where meta is
+# - Checkpoint c has a record "ck<c>": CBOR(meta), then the ledger's tags and the client
+#   table's tags as raw bytes (written in pieces: never one allocation of the whole), where meta is
 #   [c, the ledger's small state (history digest, stake), ledger digest, ledger entries,
 #   client digest, client entries]. The checkpoint digest is SHA-256 of CBOR(meta): it covers
 #   both stores' incremental digests, the validator set and the last executed sequence number,
@@ -30,7 +31,7 @@ STABLE = "stable"
 _STAGE = "X."
 LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages
 CLIENT_PAGES = 64
-_RECORD_BYTES_MAX = 8192  # a record: meta and 2 bytes of tag per page
+_META_BYTES_MAX = 1024  # a record's meta (a record adds 2 bytes of tag per page)
 _PINNED_VERSIONS_MAX = 32  # a pin that holds more unfolded versions than this is dropped
 
 
@@ -97,15 +98,15 @@ class State:
         data = self.flash.read(name or _record_name(seq))
         if data is None:
             raise StateError("no record of checkpoint %d" % seq)
-        rec = cbor.decode(data)
-        if type(rec) is not list or len(rec) != 3 or type(rec[0]) is not list \
-                or len(rec[0]) != 6 or rec[0][0] != seq:
+        try:
+            meta, end = cbor.decode_prefix(data, 0)
+        except cbor.DecodeError as e:
+            raise StateError("bad record of checkpoint %d: %s" % (seq, e))
+        split = end + len(self.ledger.tags)
+        if type(meta) is not list or len(meta) != 6 or meta[0] != seq \
+                or len(data) != split + len(self.clients.tags):
             raise StateError("bad record of checkpoint %d" % seq)
-        tags = rec[1:]
-        for s in range(2):
-            if type(tags[s]) is not bytes or len(tags[s]) != len(self.stores[s].tags):
-                raise StateError("bad tags in the record of checkpoint %d" % seq)
-        return rec[0], tags
+        return meta, [data[end:split], data[split:]]
 
     def wipe(self):
         for store in self.stores:
@@ -134,8 +135,8 @@ class State:
         """Write checkpoint ``seq``'s record; its digest."""
         self.flush()
         meta = self.meta(seq, small)
-        self.flash.write(_record_name(seq), cbor.encode([meta, self.ledger.tags,
-                                                         self.clients.tags]))
+        self.flash.write(_record_name(seq), (cbor.encode(meta), self.ledger.tags,
+                                             self.clients.tags))
         if seq not in self.records:
             self.records.append(seq)
         return hashlib.sha256(cbor.encode(meta)).digest()
@@ -256,7 +257,7 @@ class State:
                 if bits is None:
                     bits = store.versions[seq] = bytearray((store.pages + 7) // 8)
                 bits[i >> 3] |= 1 << (i & 7)
-        self.flash.write(_record_name(seq), cbor.encode([meta, tags[0], tags[1]]))
+        self.flash.write(_record_name(seq), (cbor.encode(meta), tags[0], tags[1]))
         self.flash.delete(self.stage_name(0))
         self.records.append(seq)
         self.stable(seq)
@@ -280,6 +281,7 @@ class Fetch:
         self.target = None  # the record's tags, once part 0 is in
         self.own = None     # our tags as of our stable checkpoint, then
         self.bytes = 0     # bytes received
+        self.record_max = _META_BYTES_MAX + 2 * (state.parts() - 1)
         state.clear_stage()
 
     def want(self):
@@ -289,7 +291,7 @@ class Fetch:
     def take(self, part, offset, total, data):
         """Stage a chunk. False when it is not the one wanted or is malformed."""
         if part != self.part or offset != self.offset or offset + len(data) > total \
-                or total > (_RECORD_BYTES_MAX if part == 0 else PAGE_BYTES_MAX):
+                or total > (self.record_max if part == 0 else PAGE_BYTES_MAX):
             return False
         name = self.state.stage_name(part)
         if offset == 0:
