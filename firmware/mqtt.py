@@ -74,7 +74,8 @@ _ACK_TIMEOUT_MS = const(10000)  # SUBACK
 _CTL_RESERVE = const(64)  # tx buffer bytes kept free of QoS0 data for PUBACK and PINGREQ
 _Q1_MAX = const(32)  # QoS1 publishes awaiting PUBACK
 _SUBS_MAX = const(16)
-_TOPICS_MAX = const(32)  # encoded-topic cache entries
+_TOPICS_MAX = const(8)  # encoded-topic cache entries: a node publishes on ~6 topics of its own;
+#   a reply topic per client would fill a larger cache with what is used once (64 clients: ~3 KB)
 
 try:
     _IPPROTO_TCP = socket.IPPROTO_TCP

@@ -233,15 +233,17 @@ DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), d
 @click.option("--micropython", default=None, metavar="PATH",
               help="MicroPython Unix-port binary.")
 @click.option("--heap", default=HEAP_DEFAULT, show_default=True, help="Heap per node.")
+@click.option("--keys", default=KEYS, show_default=True, type=click.IntRange(min=1),
+              help="Keys the ledger is planned for (a page per 16 keys, at least 256 pages).")
 @click.option("--metrics-port", type=int, default=None, metavar="PORT",
               help="Also serve live per-node metrics in the Prometheus text format at "
                    "http://127.0.0.1:PORT/metrics (a detached exporter, stopped by 'cluster "
                    "down').")
 def cluster_up(nodes: int, stake: str | None, broker: str, out: Path | None,
-               micropython: str | None, heap: str, metrics_port: int | None) -> None:
+               micropython: str | None, heap: str, keys: int, metrics_port: int | None) -> None:
     """Start a broker and NODES emulated nodes that keep running after this command."""
     weights = _parse_stake(stake)
-    lab = lab_up(nodes, broker, out, weights, heap, micropython, metrics_port)
+    lab = lab_up(nodes, broker, out, weights, heap, micropython, metrics_port, keys)
     console.print(f"cluster {lab.state['cluster']} up: {lab.nodes} nodes, "
                   f"{lab.state['broker']['describe']}; state in {lab.path}", highlight=False)
     if metrics_port is not None:

@@ -42,6 +42,7 @@ from edgebft.micropython import HEAP_DEFAULT
 from edgebft.observer import Observer
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.stake import Stake
+from edgebft.workload import KEYS
 
 CONTROL_FAULTS = ("omission", "delay", "partition", "skew", "byzantine", "reboot")
 PROCESS_FAULTS = ("kill", "pause", "resume", "restart")
@@ -112,10 +113,13 @@ def _alive(pid: int) -> bool:
 
 def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
        stake: list[int] | None = None, heap: str = HEAP_DEFAULT,
-       micropython: str | None = None, metrics_port: int | None = None) -> LabCluster:
+       micropython: str | None = None, metrics_port: int | None = None,
+       keys: int = KEYS) -> LabCluster:
     """Start a broker and ``nodes`` emulated nodes that outlive this process, and with
-    ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``."""
-    options = DemoOptions(nodes=nodes, broker=broker, heap=heap, micropython=micropython)
+    ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``. ``keys``: the
+    ledger's size to plan its pages for (edgebft.bench.ledger_pages)."""
+    options = DemoOptions(nodes=nodes, broker=broker, heap=heap, micropython=micropython,
+                          keys=keys)
     options.check()
     if out is not None and Path(out).is_dir() and any(Path(out).iterdir()):
         raise LabError(f"--out {out}: the folder is not empty; a cluster starts in a fresh one "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,7 @@ class Workload:
     clients: int
     rate: float | None = None
     keyspace: int = KEYS  # keys the puts and gets spread over
+    ops: Callable[[int, int], list[Any]] | None = None  # (client, i) -> op; None: operation()
     retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
     outcomes: list[Outcome] = field(default_factory=list)
@@ -206,7 +208,8 @@ class Workload:
                                          intended + self.deadline_s, 0, 0))
         while self._backlog and self._idle:
             c = self._idle.popleft()
-            op = operation(c, self._issued[c], self.keyspace)
+            op = (self.ops(c, self._issued[c]) if self.ops is not None
+                  else operation(c, self._issued[c], self.keyspace))
             self._issued[c] += 1
             self._outstanding[c] = _Outstanding(op, self._backlog.popleft(), now,
                                                 now + self.retransmit_s, self.retransmit_s)
