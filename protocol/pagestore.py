@@ -93,9 +93,6 @@ class PageStore:
                 best = v
         return self.name(i) if best < 0 else self.name(i, best)
 
-    def tag(self, i):
-        return self.tags[2 * i] << 8 | self.tags[2 * i + 1]
-
     def _set_tag(self, i, tag):
         self.tags[2 * i] = tag >> 8
         self.tags[2 * i + 1] = tag & 0xFF
@@ -143,14 +140,17 @@ class PageStore:
 
     def _write(self, i, page):
         data = self.encode_page(page)
-        v = self.version
-        bits = self.versions.get(v)
-        if bits is None:
-            bits = self.versions[v] = bytearray((self.pages + 7) // 8)
-        self.flash.write(self.name(i, v), data)
-        bits[i >> 3] |= 1 << (i & 7)
+        self.flash.write(self.name(i, self.version), data)
+        self.mark(i, self.version)
         self._set_tag(i, page_tag(data))
         self.dirty.pop(i, None)
+
+    def mark(self, i, version):
+        """Page i has a file of ``version`` (written, or installed by a state transfer)."""
+        bits = self.versions.get(version)
+        if bits is None:
+            bits = self.versions[version] = bytearray((self.pages + 7) // 8)
+        bits[i >> 3] |= 1 << (i & 7)
 
     # ----------------------------------------------------------------- the map
 

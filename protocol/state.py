@@ -3,8 +3,8 @@
 #
 # Rules:
 # - Checkpoint c has a record "ck<c>": CBOR(meta), then the ledger's tags and the client
-#   table's tags as raw bytes (written in pieces: never one allocation of the whole), where meta is
-#   [c, the ledger's small state (history digest, stake), ledger digest, ledger entries,
+#   table's tags as raw bytes (written in pieces: never one allocation of the whole), where
+#   meta is [c, the ledger's small state (history digest, stake), ledger digest, ledger entries,
 #   client digest, client entries]. The checkpoint digest is SHA-256 of CBOR(meta): it covers
 #   both stores' incremental digests, the validator set and the last executed sequence number,
 #   and computing it reads no page.
@@ -251,12 +251,8 @@ class State:
             name = self.stage_name(part)
             if self.flash.size(name) >= 0:
                 store, i = self._store_page(part)
-                store.version = seq
                 self.flash.rename(name, store.name(i, seq))
-                bits = store.versions.get(seq)
-                if bits is None:
-                    bits = store.versions[seq] = bytearray((store.pages + 7) // 8)
-                bits[i >> 3] |= 1 << (i & 7)
+                store.mark(i, seq)
         self.flash.write(_record_name(seq), (cbor.encode(meta), tags[0], tags[1]))
         self.flash.delete(self.stage_name(0))
         self.records.append(seq)
