@@ -62,9 +62,9 @@ class Flash:
         self.root = root
         self.writes = 0
         self.bytes_written = 0
-        for name in self.names(""):
-            if name.endswith(_TMP):
-                self.delete(name)  # a write a power cut interrupted
+        torn = [entry[0] for entry in os.ilistdir(root) if entry[0].endswith(_TMP)]
+        for name in torn:
+            self.delete(name)  # a write a power cut interrupted
 
     def _path(self, name):
         return self.root + "/" + name
@@ -86,8 +86,14 @@ class Flash:
         except OSError:
             return -1
 
-    def names(self, prefix):
-        return [entry[0] for entry in os.ilistdir(self.root) if entry[0].startswith(prefix)]
+    def names(self, prefix, limit):
+        found = []
+        for entry in os.ilistdir(self.root):
+            if len(found) == limit:
+                break
+            if entry[0].startswith(prefix):
+                found.append(entry[0])
+        return found
 
     def write(self, name, data):
         save(data, self._path(name))

@@ -7,8 +7,8 @@
 #   either its old or its new bytes, never a mix. append() and write_at() are not atomic: use
 #   them only for files a restart discards or checks (state transfer staging).
 # - read() of a missing name gives None; size() of one gives -1; delete() of one does nothing.
-# - names(prefix) lists the names that start with prefix: a list in RAM, so callers ask only
-#   for prefixes that few names have.
+# - names(prefix, limit) lists at most limit names that start with prefix (a list in RAM:
+#   a flash holds thousands of pages).
 # - writes and bytes_written count every write, append and write_at: flash wears out.
 #
 # MemFlash is the flash of the simulator and the unit tests. It can cut the power: cut(k) undoes
@@ -37,8 +37,14 @@ class MemFlash:
         data = self.files.get(name)
         return -1 if data is None else len(data)
 
-    def names(self, prefix):
-        return [name for name in self.files if name.startswith(prefix)]
+    def names(self, prefix, limit):
+        found = []
+        for name in self.files:
+            if len(found) == limit:
+                break
+            if name.startswith(prefix):
+                found.append(name)
+        return found
 
     def write(self, name, data):
         if type(data) is tuple:

@@ -29,6 +29,17 @@ from .cache import Cache
 SUM_BYTES = 256  # the digest: a sum modulo 2^2048
 _SUM_MOD = 1 << (8 * SUM_BYTES)
 PAGE_BYTES_MAX = 16384  # a page file larger than this is corrupt (a transferred one: refused)
+_BATCH = 32  # names listed at a time: a flash holds thousands
+
+
+def delete_all(flash, prefix):
+    """Delete every name that starts with ``prefix``, a few at a time."""
+    while True:
+        names = flash.names(prefix, _BATCH)
+        if not names:
+            return
+        for name in names:
+            flash.delete(name)
 
 
 def entry_hash(key, value):
@@ -205,24 +216,25 @@ class PageStore:
         self.count = count
         self.tags[:] = tags
 
-    def recover(self, h):
+    def recover(self, h, versions):
         """After a restart at stable checkpoint h: fold what a power cut left unfolded at or
-        below h and delete the versions above it (nothing is known of them in RAM)."""
-        folds = []
-        for name in self.flash.names(self.vprefix):
-            parts = name[len(self.vprefix):].split(".")
-            v = int(parts[0])
-            if v > h:
-                self.flash.delete(name)
-            else:
-                folds.append((v, int(parts[1])))
-        for v, i in sorted(folds):
-            self.flash.rename(self.name(i, v), self.name(i))
+        below h, oldest version first, and delete the versions above h (nothing is known of
+        them in RAM). ``versions``: every version that may have files, ascending."""
+        for v in versions:
+            prefix = "%s%d." % (self.vprefix, v)
+            while True:
+                names = self.flash.names(prefix, _BATCH)
+                if not names:
+                    break
+                for name in names:
+                    if v > h:
+                        self.flash.delete(name)
+                    else:
+                        self.flash.rename(name, self.name(int(name[len(prefix):])))
         self.versions = {}
 
     def wipe(self):
-        for name in self.flash.names(self.vprefix):
-            self.flash.delete(name)
+        delete_all(self.flash, self.vprefix)
         for i in range(self.pages):
             self.flash.delete(self.name(i))
         self.versions = {}

@@ -141,7 +141,7 @@ class Replica:
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()
-        self.state = State(flash, **(store or {}))
+        self.state = State(flash, checkpoint_interval, **(store or {}))
         self.clients = self.state.clients  # client -> [timestamp, result] of its last request
         opened = self.state.open()
         self.ledger = Ledger(self.state.ledger, None if opened else genesis, stake.weights)
@@ -623,7 +623,7 @@ class Replica:
         assert seq == self.last_exec + 1
         assert log.committed(i)
         results = []
-        self.state.begin(seq, self.K)
+        self.state.begin(seq)
         for wire in log.batches[i]:
             req = m.decode(wire)  # validated when the pre-prepare was accepted
             if self.waiting.get(req.sender, -1) <= req.timestamp:

@@ -8,8 +8,10 @@
 #   client digest, client entries]. The checkpoint digest is SHA-256 of CBOR(meta): it covers
 #   both stores' incremental digests, the validator set and the last executed sequence number,
 #   and computing it reads no page.
-# - "stable" names the stable checkpoint h: the commit record. Writing it is the commit; the
-#   folds that follow are redone by open() after a power cut. So at any instant of a power cut
+# - "stable" holds "h v1 v2 ...": the stable checkpoint h and every version that has files
+#   when it is written (versions are checkpoint numbers; execution adds at most h + K and
+#   h + 2K before the next commit). Writing it is the commit; the folds that follow are redone
+#   by open() after a power cut, which visits each of those versions in turn, oldest first. So at any instant of a power cut
 #   or SIGKILL, open() finds the state of h (a torn batch beyond h is discarded) and checks it
 #   against h's record (every page read, every entry hashed) before the replica trusts it.
 # - State transfer of checkpoint c streams parts: part 0 is c's record, part 1 + i page i of
@@ -25,7 +27,7 @@
 import hashlib
 
 from . import cbor
-from .pagestore import PAGE_BYTES_MAX, PageError, PageStore, sum_bytes
+from .pagestore import PAGE_BYTES_MAX, PageError, PageStore, delete_all, sum_bytes
 
 STABLE = "stable"
 _STAGE = "X."
@@ -46,9 +48,10 @@ class StateError(ValueError):
 class State:
     """Both page stores of one replica on ``flash`` (protocol/flash.py's interface)."""
 
-    def __init__(self, flash, ledger_pages=LEDGER_PAGES, client_pages=CLIENT_PAGES,
+    def __init__(self, flash, interval, ledger_pages=LEDGER_PAGES, client_pages=CLIENT_PAGES,
                  cache_pages=4, policy="lru"):
         self.flash = flash
+        self.interval = interval  # K: versions are multiples of it
         self.ledger = PageStore(flash, "L", ledger_pages, cache_pages, policy)
         self.clients = PageStore(flash, "C", client_pages, cache_pages, policy)
         self.stores = (self.ledger, self.clients)
@@ -63,20 +66,22 @@ class State:
     def open(self):
         """Recover the stable state from flash: (meta, digest), or None when there is none or
         it failed verification (self.error says why; the flash is then wiped)."""
-        for name in self.flash.names(_STAGE):
-            self.flash.delete(name)
+        self.clear_stage()
         saved = self.flash.read(STABLE)
         if saved is None:
             self.wipe()
             return None
         try:
-            h = int(saved)
+            fields = [int(x) for x in saved.split()]
+            h = fields[0]
             meta, tags = self._read_record(h)
+            # Execution runs at most a window (2K) past h; a version is its next checkpoint.
+            versions = sorted(set(fields[1:]) | {h + self.interval, h + 2 * self.interval})
             for store in self.stores:
-                store.recover(h)
-            for name in self.flash.names("ck"):
-                if int(name[2:]) != h:
-                    self.flash.delete(name)
+                store.recover(h, versions)
+            for c in versions:
+                if c != h:
+                    self.flash.delete(_record_name(c))
             for s in range(2):
                 store = self.stores[s]
                 total, count, found = store.scan(lambda i: self.flash.read(store.name(i)))
@@ -111,14 +116,14 @@ class State:
     def wipe(self):
         for store in self.stores:
             store.wipe()
-        for name in self.flash.names("ck") + [STABLE]:
-            self.flash.delete(name)
+        delete_all(self.flash, "ck")
+        self.flash.delete(STABLE)
         self.h = -1
         self.records = []
 
-    def begin(self, seq, interval):
+    def begin(self, seq):
         """Execution of ``seq`` starts: its writes belong to the next checkpoint's version."""
-        version = (seq + interval - 1) // interval * interval
+        version = (seq + self.interval - 1) // self.interval * self.interval
         for store in self.stores:
             store.version = version
 
@@ -143,9 +148,15 @@ class State:
 
     def stable(self, seq):
         """Checkpoint ``seq`` (recorded) is stable: commit it, then fold and collect."""
-        self.flash.write(STABLE, b"%d" % seq)
+        self._commit(seq)
         self.h = seq
         self._collect()
+
+    def _commit(self, h, extra=()):
+        """Write the commit record: h, and the versions that have (or are about to have)
+        files."""
+        versions = set(self.ledger.versions) | set(self.clients.versions) | set(extra)
+        self.flash.write(STABLE, " ".join(["%d" % v for v in [h] + sorted(versions)]).encode())
 
     def pin(self, seq):
         """Keep checkpoint ``seq`` (held) readable when the stable one moves past it, until
@@ -220,8 +231,7 @@ class State:
         return "%s%d" % (_STAGE, part)
 
     def clear_stage(self):
-        for name in self.flash.names(_STAGE):
-            self.flash.delete(name)
+        delete_all(self.flash, _STAGE)
 
     def install(self, seq, digest):
         """Switch to checkpoint ``seq`` from what a Fetch staged, if its record hashes to
@@ -247,6 +257,7 @@ class State:
             self.clear_stage()
             raise StateError(str(e))
         self.rollback()
+        self._commit(self.h, (seq,))  # a power cut from here on deletes version seq
         for part in range(1, self.parts()):
             name = self.stage_name(part)
             if self.flash.size(name) >= 0:

@@ -4,8 +4,8 @@ Node 3 is killed; closed-loop clients on the other three write KEYS distinct key
 ~40 bytes); node 3 restarts from its flash, which holds the genesis state, and catches up by
 state transfer. Printed: the time from its restart to executing past the sequence number the
 others had reached, the bytes it fetched, the state's bytes on flash, and the flash bytes the
-others wrote per committed request. Then KEYS more puts to existing keys with node 3 down
-again: the second transfer fetches only the pages that changed.
+others wrote per committed request. Then node 3 is down again while KEYS / 20 keys are
+rewritten: the second transfer fetches only the pages that changed.
 
 Run: .venv/bin/python tools/bench_transfer.py [KEYS] [CLIENTS]
 """
@@ -26,25 +26,31 @@ from edgebft.workload import Workload
 NODE = 3
 POLL_S = 0.1
 CATCH_UP_TIMEOUT_S = 120.0
+STALL_S = 30.0
 
 
 def fill(cluster: lab.LabCluster, keys: int, clients: int, rewrite: bool) -> int:
-    """Put ``keys`` distinct keys (again, with other values, when ``rewrite``); the number
-    of requests committed."""
+    """Put ``keys`` distinct keys (with other values when ``rewrite``, spread over the key
+    space of a first fill of 20 times as many); the number of requests committed."""
     b = cluster.state["broker"]
 
     def op(c: int, i: int) -> list[Any]:
-        n = (i * clients + c) % keys
+        n = (i * clients + c) % keys * (20 if rewrite else 1)
         return ["put", f"key{n:06d}", ("w" if rewrite else "v") * 40]
 
     work = Workload(b["host"], b["port"], cluster.state["cluster"],
                     Stake(cluster.state["stake"]), cluster.keys(), clients, ops=op)
     work.start()
     try:
-        while sum(1 for o in work.outcomes if o.outcome == "ok") < keys:
+        done, last, moved = 0, 0, time.monotonic()
+        while done < keys:
             time.sleep(POLL_S)
             done = sum(1 for o in work.outcomes if o.outcome == "ok")
             print(f"\r  {done}/{keys} puts committed", end="", flush=True)
+            if done > last:
+                last, moved = done, time.monotonic()
+            elif time.monotonic() - moved > STALL_S:
+                raise SystemExit(f"\nno put committed for {STALL_S:.0f} s: see {cluster.path}")
         work.stop_issuing()
         work.drain(3.0)
     finally:
@@ -81,12 +87,13 @@ def main() -> int:
             for rewrite in (False, True):
                 print(lab.inject(cluster, "kill", NODE))
                 before = lab.status(cluster, wait_s=0.5)[0].get("store", {}).get("bytes", 0)
-                committed = fill(cluster, keys, clients, rewrite)
+                puts = keys // 20 if rewrite else keys
+                committed = fill(cluster, puts, clients, rewrite)
                 after = lab.status(cluster, wait_s=0.5)[0].get("store", {}).get("bytes", 0)
                 seconds, fetched = catch_up(cluster)
                 size = state_bytes(cluster, 0)
                 written = after - before
-                print(f"{'rewrite' if rewrite else 'fill'}: {keys} keys, state {size} B on "
+                print(f"{'rewrite' if rewrite else 'fill'}: {puts} puts, state {size} B on "
                       f"flash; node {NODE} caught up in {seconds:.2f} s, fetched {fetched} B "
                       f"({fetched / size:.2f} of the state); node 0 wrote "
                       f"{written / max(committed, 1):.0f} B of flash per committed request")
