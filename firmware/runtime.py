@@ -56,9 +56,12 @@ _STALL_MS = const(100)
 # this long: a primary that a lossy link hides from our detector while the cluster goes on
 # (an omission fault) is not worth leaving the others for, alone in a higher view.
 _NO_PROGRESS_MS = const(50)
-# Collect after this many bytes allocated, not only when the heap is full: garbage then never
-# spreads over the whole heap between long-lived objects, which keeps free space contiguous.
-_GC_THRESHOLD_BYTES = const(4096)
+# Collect after a quarter of the heap left free at boot has been allocated (at least 4 KB), not
+# only when the heap is full: garbage then never spreads over the whole heap between long-lived
+# objects, which keeps free space contiguous; and a node with room to spare collects less often
+# (each collection marks the whole live heap: ~100 KB). "gc_threshold_bytes" overrides it.
+_GC_THRESHOLD_MIN_BYTES = const(4096)
+_GC_FREE_SHARE = const(4)
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored", "epoch",
                      "store_error")
 
@@ -289,6 +292,11 @@ class Node:
 
 
 def main():
-    gc.threshold(_GC_THRESHOLD_BYTES)
-    node = Node(load_config())
+    gc.threshold(_GC_THRESHOLD_MIN_BYTES)
+    config = load_config()
+    node = Node(config)
+    gc.collect()
+    gc.threshold(config.get("gc_threshold_bytes") or
+                 max(_GC_THRESHOLD_MIN_BYTES, gc.mem_free() // _GC_FREE_SHARE))
+    config = None
     asyncio.run(node.run())

@@ -52,7 +52,8 @@ def entry_hash(key, value):
 
 
 def sum_bytes(total):
-    return total.to_bytes(SUM_BYTES, "big")
+    """The digest's bytes of a sum of entry hashes (reduced modulo 2^2048)."""
+    return (total % _SUM_MOD).to_bytes(SUM_BYTES, "big")
 
 
 def page_tag(data):
@@ -247,12 +248,17 @@ class PageStore:
         count = 0
         tags = bytearray(len(self.tags))
         for i in range(self.pages):
-            data = read_page(i)
-            page = self.decode_page(i, data)
-            for k in page:
-                total += entry_hash(k, page[k])
-            count += len(page)
-            tag = page_tag(data)
+            page_total, page_count, tag = self.page_sum(i, read_page(i))
+            total += page_total
+            count += page_count
             tags[2 * i] = tag >> 8
             tags[2 * i + 1] = tag & 0xFF
         return total % _SUM_MOD, count, tags
+
+    def page_sum(self, i, data):
+        """(sum of entry hashes, entries, tag) of page i's bytes; PageError if invalid."""
+        page = self.decode_page(i, data)
+        total = 0
+        for k in page:
+            total += entry_hash(k, page[k])
+        return total, len(page), page_tag(data)

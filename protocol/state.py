@@ -236,20 +236,30 @@ class State:
     def install(self, seq, digest):
         """Switch to checkpoint ``seq`` from what a Fetch staged, if its record hashes to
         ``digest`` and the pages (staged, else ours as of h) match the record. Returns the
-        record's meta; StateError (the stage cleared) when anything does not match."""
+        record's meta; StateError (the stage cleared) when anything does not match. The check
+        reads only the staged pages and ours they replace: our digest as of h, less what
+        those held, plus what the staged ones hold (open() verified ours)."""
         try:
             meta, tags = self._read_record(seq, self.stage_name(0))
             if hashlib.sha256(cbor.encode(meta)).digest() != digest:
                 raise StateError("record does not match the checkpoint digest")
+            own_meta, own_tags = self._read_record(self.h)
             for s in range(2):
                 store = self.stores[s]
                 base = 1 + s * self.ledger.pages
-
-                def read_page(i):
+                total = int.from_bytes(own_meta[2 + 2 * s], "big")
+                count = own_meta[3 + 2 * s]
+                found = bytearray(own_tags[s])
+                for i in range(store.pages):
                     staged = self.flash.read(self.stage_name(base + i))
-                    return staged if staged is not None else \
-                        self.flash.read(store.file_at(i, self.h))
-                total, count, found = store.scan(read_page)
+                    if staged is None:
+                        continue
+                    old = store.page_sum(i, self.flash.read(store.file_at(i, self.h)))
+                    new = store.page_sum(i, staged)
+                    total += new[0] - old[0]
+                    count += new[1] - old[1]
+                    found[2 * i] = new[2] >> 8
+                    found[2 * i + 1] = new[2] & 0xFF
                 if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s]:
                     raise StateError("pages do not match the record")
                 tags[s] = found
@@ -276,8 +286,8 @@ class State:
 
 class Fetch:
     """The receiving side of one state transfer of checkpoint ``seq``: which part to ask for
-    next, and the chunks staged on flash. ``full``: fetch every non-empty page, not only those
-    whose tags differ from ours (after a transfer that failed its check)."""
+    next, and the chunks staged on flash. ``full``: fetch every page, whatever the tags say
+    (after a transfer that failed its check: the tags may have lied)."""
 
     def __init__(self, state, seq, full=False):
         self.state = state
@@ -332,6 +342,8 @@ class Fetch:
             tags = self.target[s]
             tag = tags[2 * i] << 8 | tags[2 * i + 1]
             own = self.own[s][2 * i] << 8 | self.own[s][2 * i + 1]
+            if self.full:
+                return
             if tag == 0:
                 if own != 0:
                     state.flash.write(state.stage_name(self.part), b"")

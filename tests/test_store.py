@@ -239,3 +239,34 @@ def test_1024_clients_each_execute_exactly_once() -> None:
     accepted = [cores[0].on_reply(w) for w in net.replies.get(0, [])]
     assert any(ok for ok, _ in accepted), "the cached reply comes back"
     assert net.replicas[0].clients.get(0)[1] == [True, None]
+
+
+def test_lying_tags_fail_the_check_and_a_full_fetch_recovers() -> None:
+    """The tags of a record are hints the digest does not cover: sources whose records claim
+    that every page equals the behind replica's make it fetch nothing; the state it assembles
+    fails its check, and it fetches every page the next time."""
+    net, cores = _busy_cluster(200)
+    behind = net.replicas[3]
+    net.down.add(3)
+    for n in range(48):
+        net.submit(cores[n % len(cores)].request(["put", f"key{n}", -n]))
+        net.run()
+    own = behind.state._read_record(behind.state.h)[1]
+    for source in net.replicas[:3]:
+        files = source.state.flash.files
+        for name in [name for name in files if name.startswith("ck")]:
+            meta_end = len(files[name]) - len(own[0]) - len(own[1])
+            files[name] = files[name][:meta_end] + bytes(own[0]) + bytes(own[1])
+    net.down.clear()
+    for _ in range(40):
+        if any(e[0] == "transferred" for e in behind.events):
+            break
+        net.tick(net.now + 200)
+        net.run()
+    assert behind.drops.get("transferred state does not verify", 0) >= 1
+    assert any(e[0] == "transferred" for e in behind.events)
+    for _ in range(10):
+        net.tick(net.now + 200)
+        net.run()
+    assert behind.last_exec == net.replicas[0].last_exec
+    assert behind.state.ledger.total == net.replicas[0].state.ledger.total
