@@ -220,3 +220,23 @@ def test_bad_input_is_one_line(cluster: lab.LabCluster) -> None:
         assert done.returncode == 2, args
         [line] = done.stderr.strip().splitlines()
         assert line.startswith("edgebft: error: cannot reach the cluster's broker at "), line
+
+
+def test_a_cluster_in_the_default_folder_boots_a_killed_node_again(tmp_path) -> None:
+    """`cluster up` with no --out runs in ./runs/cluster/<time>, a relative folder: a node
+    killed and healed must boot again from its image (it runs inside that folder)."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*EDGEBFT, *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+
+    up = run("cluster", "up")
+    assert up.returncode == 0, up.stderr
+    try:
+        assert run("inject", "kill", "3").returncode == 0
+        assert run("heal").returncode == 0
+        cluster = lab.load(tmp_path / "runs" / "cluster" / "latest")
+        deadline = time.monotonic() + 30
+        while lab.status(cluster, wait_s=0.3).get(3, {}).get("boots") != 2:
+            assert time.monotonic() < deadline, "node 3 did not boot again"
+    finally:
+        run("cluster", "down")

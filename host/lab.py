@@ -131,6 +131,7 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
         _check_port_free(metrics_port)
     run = Path(out) if out else new_run_dir("cluster")
     run.mkdir(parents=True, exist_ok=True)
+    run = run.resolve()  # nodes run in their image folders: relative paths would not hold
     cluster_id = "lab" + os.urandom(3).hex()
     keys = generate_keys(nodes)
     keys_path = run / KEYS_FILE
