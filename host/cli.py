@@ -465,11 +465,14 @@ SIM_FAILURES_SHOWN = 10
               help="Every other request bonds or unbonds one token of stake, so the validator "
                    "set changes (a new epoch) at nearly every checkpoint; use stakes of 100 or "
                    "so (--stake 100,100,100,100) to keep each within a few tokens.")
+@click.option("--state-keys", default=0, show_default=True, metavar="N",
+              help="N more genesis accounts, so state transfers move a large state (only the "
+                   "pages that differ).")
 def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults_text: str,
         requests: int, clients: int, loss_max: float, delay_ms_max: int, fault_ms: int,
         liveness_ms: int, checkpoint_interval: int, view_timeout_ms: int, safety_only: bool,
         plant: str | None, stake: str | None, byzantine: str | None, behaviour_text: str,
-        churn: bool) -> None:
+        churn: bool, state_keys: int) -> None:
     """Deterministic simulation: whole clusters in-process on a simulated network and clock.
 
     Each seed draws keys, latencies, faults and client timing from random.Random(seed), runs
@@ -491,7 +494,7 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
                          view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant),
                          stake=tuple(_parse_stake(stake) or ()) or None,
                          byzantine=tuple(_parse_ids(byzantine, "--byzantine") or ()),
-                         churn=churn)
+                         churn=churn, state_keys=state_keys)
     try:
         behaviours = parse_behaviours(behaviour_text)
     except SimError as e:

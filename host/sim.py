@@ -99,6 +99,7 @@ class SimOptions:
     byzantine: tuple[int, ...] = ()           # replica ids that misbehave
     behaviour: str = "silent"                 # SIM_BEHAVIOURS
     churn: bool = False                       # every other request bonds or unbonds stake
+    state_keys: int = 0                       # extra genesis accounts: a large state to move
 
     def weights(self) -> list[int]:
         return list(self.stake) if self.stake is not None else [1] * self.nodes
@@ -126,6 +127,8 @@ class SimOptions:
             raise SimError("--delay-ms, --fault-ms and --liveness-ms must be >= 0")
         if self.checkpoint_interval < 1:
             raise SimError("--checkpoint-interval must be at least 1")
+        if self.state_keys < 0:
+            raise SimError(f"--state-keys must be >= 0, got {self.state_keys}")
         if self.view_timeout_ms < 1:
             raise SimError("--view-timeout-ms must be at least 1")
         if self.stake is not None and (len(self.stake) != self.nodes or min(self.stake) < 0
@@ -168,6 +171,8 @@ class SimOptions:
             cmd += f" --behaviour {self.behaviour}"
         if self.churn:
             cmd += " --churn"
+        if self.state_keys:
+            cmd += f" --state-keys {self.state_keys}"
         return cmd
 
 
@@ -198,6 +203,7 @@ class SeedResult:
     history_digest: str
     replay: str
     fault_kinds: tuple[str, ...] = ()  # the faults that started, by kind (one entry each)
+    transfers: int = 0  # state transfers the correct replicas completed
 
     @property
     def ok(self) -> bool:
@@ -381,6 +387,7 @@ class Simulation:
         self.sent: dict[int, list[bytes]] = {i: [] for i in self.byzantine}  # for "replay"
         self.keys = seeded_keys(n, self.rng)
         self.genesis = genesis()
+        self.genesis.update({f"fill{k}": 1 for k in range(options.state_keys)})
         self.replicas = [self._new_replica(i) for i in range(n)]
         drawn = fault_schedule(options, self.rng)
         phases = twin_phases(options, self.rng)
@@ -745,7 +752,8 @@ class Simulation:
             accepted=self.accepted, requests=options.requests, faults=len(self.faults),
             history_digest=history_digest(self.history),
             replay=options.replay_command(self.seed),
-            fault_kinds=tuple(e[2].split()[0] for e in self.history if e[0] == "fault"))
+            fault_kinds=tuple(e[2].split()[0] for e in self.history if e[0] == "fault"),
+            transfers=sum(1 for e in self.history if e[0] == "transferred"))
 
 
 # ---------------------------------------------------------------------- checkers

@@ -76,6 +76,14 @@ def test_300_seeds_with_all_faults_are_safe_and_live_after_healing() -> None:
     assert kinds == {"crash", "partition", "loss", "delay", "reboot"}
 
 
+def test_seeds_with_a_large_state_transfer_it_and_stay_safe_and_live() -> None:
+    """2,000 more genesis accounts on every replica: crashes (some torn in the middle of a
+    flash write), partitions and reboots make replicas fetch state, page by page."""
+    summary = run_many(SimOptions(state_keys=2000), range(1, 41))
+    assert [(r.seed, r.verdict, r.reasons) for r in summary.failures] == []
+    assert sum(1 for r in summary.results if r.transfers) >= 20, "most seeds transfer state"
+
+
 def test_seven_replicas_survive_faults() -> None:
     summary = run_many(SimOptions(nodes=7, faults=ALL_FAULTS.faults), range(1, 31))
     assert [(r.seed, r.verdict, r.reasons) for r in summary.failures] == []
