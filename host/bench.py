@@ -33,7 +33,7 @@ from edgebft.observer import Observer
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
 from edgebft.report import availability_windows, build_report
-from edgebft.workload import DEADLINE_S, KEYS, Outcome, Workload, genesis
+from edgebft.workload import ACCOUNTS, DEADLINE_S, KEYS, Mix, Outcome, Workload, genesis
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
@@ -59,6 +59,8 @@ class BenchOptions:
     clients: int = CLIENTS_DEFAULT
     rate: float | None = None  # requests per second in total (open loop); None: closed loop
     keys: int = KEYS  # the puts and gets spread over this many keys
+    accounts: int = ACCOUNTS  # the transfers spread over this many accounts
+    mix: str = "1:1:1"  # PUT:GET:TRANSFER weights
     broker: str = "auto"
     out: Path | None = None
     micropython: str | None = None
@@ -81,6 +83,12 @@ class BenchOptions:
             raise BenchError("--clients must be at least 1")
         if self.keys < 1:
             raise BenchError("--keys must be at least 1")
+        if self.accounts < 1:
+            raise BenchError("--accounts must be at least 1")
+        try:
+            Mix.parse(self.mix)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
         if self.rate is not None and self.rate <= 0:
             raise BenchError("--rate must be positive")
         if self.nemesis_interval_s is not None and self.nemesis_interval_s <= 0:
@@ -119,7 +127,7 @@ def node_config(i: int, cluster: str, stake: Stake, broker_host: str, broker_por
         "node": i, "cluster": cluster, "stake": stake.weights,
         "broker": {"host": broker_host, "port": broker_port},
         "genesis": genesis(), "checkpoint_interval": options.checkpoint_interval,
-        "store": {"ledger_pages": ledger_pages(options.keys)},
+        "store": {"ledger_pages": ledger_pages(options.keys + options.accounts)},
         "wifi": None, **key_row, **options.extra,
     }
 
@@ -190,7 +198,8 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
             raise BenchError(f"nodes {missing} did not come up within "
                              f"{STARTUP_TIMEOUT_S:.0f} s; see {run / 'logs'}")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
-                            options.clients, rate=options.rate, keyspace=options.keys)
+                            options.clients, rate=options.rate, keyspace=options.keys,
+                            accounts=options.accounts, mix=Mix.parse(options.mix))
         stack.callback(workload.close)
         nonces = [0]
 

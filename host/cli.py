@@ -47,7 +47,7 @@ from edgebft.sim import (
     run_many,
 )
 from edgebft.sim import SimOptions as _SimDefaults
-from edgebft.workload import KEYS
+from edgebft.workload import ACCOUNTS, KEYS
 
 USER_ERRORS = (BenchError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
                SimError, NemesisError)
@@ -100,7 +100,13 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.bench.
                  help="MicroPython heap per node (-X heapsize)."),
     click.option("--keys", default=KEYS, show_default=True, type=click.IntRange(min=1),
                  help="Keys the workload's puts and gets spread over (the ledger on flash gets "
-                      "a page per 16 keys, at least 256 pages)."),
+                      "a page per 16 keys and accounts, at least 256 pages)."),
+    click.option("--accounts", default=ACCOUNTS, show_default=True,
+                 type=click.IntRange(min=1),
+                 help=f"Accounts the transfers spread over: from the {ACCOUNTS} funded at "
+                      "genesis to any of them (created by the transfers)."),
+    click.option("--mix", default="1:1:1", show_default=True, metavar="PUT:GET:TRANSFER",
+                 help="Weights of the workload's operations, taken in turn."),
     click.option("--nemesis", default="none", show_default=True, metavar="KIND[,KIND...]",
                  help="Faults to inject on the primary, one kind per strike, in turn, each healed "
                       "before the next and all at the end: crash-primary (kill, restart from its "

@@ -51,15 +51,44 @@ def genesis(accounts: int = ACCOUNTS) -> dict[str, int]:
     return {f"acct{a}": GENESIS_BALANCE for a in range(accounts)}
 
 
-def operation(client: int, i: int, keys: int = KEYS) -> list[Any]:
-    """The i-th operation of ``client``: a rotating mix of transfer, put and get, the puts and
-    gets spread over ``keys`` keys (a client's i-th put writes a key its i-th get reads)."""
-    kind = i % 3
-    if kind == 0:
-        src, dst = client % ACCOUNTS, (client + 1) % ACCOUNTS
+@dataclass(frozen=True)
+class Mix:
+    """Weights of the operations a workload issues: transfers, puts and gets, in turn."""
+
+    put: int = 1
+    get: int = 1
+    transfer: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Mix:
+        """``PUT:GET:TRANSFER`` weights, e.g. ``8:1:1``; ValueError when not that."""
+        try:
+            put, get, transfer = (int(w) for w in text.split(":"))
+        except ValueError:
+            raise ValueError(f"--mix {text!r}: want PUT:GET:TRANSFER, e.g. 1:1:1") from None
+        if min(put, get, transfer) < 0 or put + get + transfer == 0:
+            raise ValueError(f"--mix {text!r}: weights must be >= 0, not all 0")
+        return cls(put, get, transfer)
+
+    def kinds(self) -> list[str]:
+        return ["transfer"] * self.transfer + ["put"] * self.put + ["get"] * self.get
+
+
+def operation(client: int, i: int, keys: int = KEYS, accounts: int = ACCOUNTS,
+              mix: Mix = Mix()) -> list[Any]:
+    """The i-th operation of ``client``: the kinds of ``mix`` in turn (default: transfer, put,
+    get), the puts and gets spread over ``keys`` keys (a client's i-th put writes the key its
+    i-th get reads), the transfers from one of the ACCOUNTS funded accounts to one of
+    ``accounts`` (more than ACCOUNTS: spread over them, creating them)."""
+    kinds = mix.kinds()
+    kind, turn = kinds[i % len(kinds)], i // len(kinds)
+    if kind == "transfer":
+        src = client % ACCOUNTS
+        dst = ((client + 1) % ACCOUNTS if accounts <= ACCOUNTS
+               else (client * 7919 + turn * 104729) % accounts)
         return ["transfer", f"acct{src}", f"acct{dst}", 1]
-    key = f"k{(client * 7919 + (i // 3) * 104729) % keys}"
-    if kind == 1:
+    key = f"k{(client * 7919 + turn * 104729) % keys}"
+    if kind == "put":
         return ["put", key, i]
     return ["get", key]
 
@@ -112,6 +141,8 @@ class Workload:
     clients: int
     rate: float | None = None
     keyspace: int = KEYS  # keys the puts and gets spread over
+    accounts: int = ACCOUNTS  # accounts the transfers spread over
+    mix: Mix = Mix()
     ops: Callable[[int, int], list[Any]] | None = None  # (client, i) -> op; None: operation()
     retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
@@ -209,7 +240,7 @@ class Workload:
         while self._backlog and self._idle:
             c = self._idle.popleft()
             op = (self.ops(c, self._issued[c]) if self.ops is not None
-                  else operation(c, self._issued[c], self.keyspace))
+                  else operation(c, self._issued[c], self.keyspace, self.accounts, self.mix))
             self._issued[c] += 1
             self._outstanding[c] = _Outstanding(op, self._backlog.popleft(), now,
                                                 now + self.retransmit_s, self.retransmit_s)
