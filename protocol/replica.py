@@ -426,6 +426,7 @@ class Replica:
         """Primary: turn pending requests into pre-prepares while the pipeline has room."""
         if not self.is_primary() or self.limbo:
             return
+        self._refill_pending()
         while (self.pending and self.seq - self.last_exec < self.pipeline_max
                and self.seq + 1 <= self.h + self.window and self._may_vote(self.seq + 1)):
             count = 0
@@ -443,6 +444,18 @@ class Replica:
             self._accept(i, self.seq, digest, batch)
             self._broadcast(m.PRE_PREPARE, self.view, self.seq, digest, batch)
             self._check_prepared(self.seq, i)
+
+    def _refill_pending(self):
+        """Primary: queue the requests it saw while the queue was full (they wait in the T1
+        table, wire and all) as soon as there is room, rather than leave them to the clients'
+        retransmission (0.5 s and more later)."""
+        for client in self.waiting:
+            if len(self.pending) >= _PENDING_MAX:
+                return
+            timestamp = self.waiting[client]
+            if self.pending_ids.get(client, -1) < timestamp:
+                self.pending_ids[client] = timestamp
+                self.pending.append(self.waiting_wires[client])
 
     # ----------------------------------------------------------------- normal case
 
