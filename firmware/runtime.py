@@ -62,8 +62,8 @@ _NO_PROGRESS_MS = const(50)
 # (each collection marks the whole live heap: ~100 KB). "gc_threshold_bytes" overrides it.
 _GC_THRESHOLD_MIN_BYTES = const(4096)
 _GC_FREE_SHARE = const(4)
-_PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "transferred", "restored", "epoch",
-                     "store_error")
+_PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "fetch", "transferred", "restored",
+                     "epoch", "store_error")
 
 
 def load_config(path=CONFIG_PATH):

@@ -324,6 +324,7 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "heap_peak_bytes": {str(n): v for n, v in sorted(observer.heap_peak.items())},
         "keys": options.keys,
         "state": {str(n): state_summary(s) for n, s in sorted(statuses.items())},
+        "state_transfer_ms": transfer_ms(observer.events),
         "messages_sent": messages_sent,
         "msgs_per_commit": round(messages_sent / len(ok), 2) if ok else None,
         "view_changes": max((s.get("view", 0) for s in statuses.values()), default=0),
@@ -376,6 +377,21 @@ def stake_epochs(genesis: list[int], node_events: list[NodeEvent]) -> list[dict[
             epochs[event[1]] = {"epoch": event[1], "since": event[2],
                                 "validators": stake_table(list(event[3]))}
     return [epochs[e] for e in sorted(epochs)]
+
+
+def transfer_ms(node_events: list[NodeEvent]) -> dict[str, list[float]]:
+    """Per node, how long each state transfer took: from the first "fetch" event after its
+    previous transfer (or boot) to its "transferred" event, host time, in ms."""
+    started: dict[int, float] = {}
+    took: dict[str, list[float]] = {}
+    for t, node, event in node_events:
+        if event and event[0] == "fetch":
+            started.setdefault(node, t)
+        elif event and event[0] in ("transferred", "restored"):
+            if event[0] == "transferred" and node in started:
+                took.setdefault(str(node), []).append(round((t - started[node]) * 1000, 1))
+            started.pop(node, None)
+    return took
 
 
 def equivocations(node_events: list[NodeEvent]) -> list[dict[str, Any]]:

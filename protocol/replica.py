@@ -790,6 +790,7 @@ class Replica:
             sources = [j for j in range(self.stake.n) if j != self.me]
         self.transfer = _Transfer(seq, digest, sources, True,
                                   Fetch(self.state, seq, self.fetch_full))
+        self.events.append(("fetch", seq, digest))
         self._fetch_next()
 
     def _fetch_next(self):

@@ -1,5 +1,5 @@
 """A run's figures: HDR-style latency percentiles against exact ones, availability per second
-by intended send time, messages per commit across restarts, detection and recovery times."""
+by intended send time, messages per commit across restarts, detection, recovery and state transfer times."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from edgebft.bench import (
     recovery_ms,
     request_event,
     stake_epochs,
+    transfer_ms,
 )
 from edgebft.metrics import PERCENTILES, latency_percentiles
 from edgebft.nemesis import Fault
@@ -168,3 +169,11 @@ def test_recovery_is_the_first_commit_from_a_later_view_after_the_fault() -> Non
     assert recovery_ms(fault, outcomes, before=T0 + 2.95) == 900.0
     # ... but a view change after the next fault started is that fault's, not this one's.
     assert recovery_ms(fault, outcomes, before=T0 + 2.85) is None
+
+
+def test_transfer_times_run_from_the_first_fetch_to_the_transfer() -> None:
+    events = [(10.0, 3, ["fetch", 8, b""]), (10.2, 3, ["fetch", 16, b""]),
+              (10.5, 3, ["transferred", 16, b""]), (11.0, 2, ["fetch", 24, b""]),
+              (12.0, 2, ["restored", 0, 0]), (13.0, 2, ["transferred", 24, b""]),
+              (20.0, 3, ["fetch", 40, b""]), (20.25, 3, ["transferred", 40, b""])]
+    assert transfer_ms(events) == {"3": [500.0, 250.0]}, "a reboot forgets a fetch under way"

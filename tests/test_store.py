@@ -206,6 +206,7 @@ def test_a_replica_behind_fetches_only_the_pages_that_differ() -> None:
         net.tick(net.now + 200)
         net.run()
     assert any(e[0] == "transferred" for e in behind.events)
+    assert any(e[0] == "fetch" for e in behind.events), "the start is an event too"
     moved = behind.counts["transfer_bytes"]
     assert 0 < moved < full // 4, (moved, full)
     for _ in range(10):  # then it executes what the others executed past the checkpoint

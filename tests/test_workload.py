@@ -35,3 +35,4 @@ def test_keys_and_accounts_spread_the_load() -> None:
 def test_a_bad_mix_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="--mix"):
         Mix.parse(text)
+
