@@ -1,5 +1,6 @@
 """A run's figures: HDR-style latency percentiles against exact ones, availability per second
-by intended send time, messages per commit across restarts, detection, recovery and state transfer times."""
+by intended send time, messages per commit across restarts, detection, recovery and state
+transfer times."""
 
 from __future__ import annotations
 
