@@ -92,7 +92,9 @@ def test_status_watch_redraws_until_interrupted(cluster: lab.LabCluster) -> None
 NODE_GAUGES = ("edgebft_online", "edgebft_view", "edgebft_seq", "edgebft_last_executed",
                "edgebft_stable_checkpoint", "edgebft_heap_used_bytes", "edgebft_heap_free_bytes",
                "edgebft_heap_peak_bytes", "edgebft_rx_messages", "edgebft_tx_messages",
-               "edgebft_executed_requests", "edgebft_boots")
+               "edgebft_executed_requests", "edgebft_boots", "edgebft_transfer_bytes",
+               "edgebft_state_entries", "edgebft_state_clients", "edgebft_cache_hits",
+               "edgebft_cache_misses", "edgebft_flash_writes", "edgebft_flash_bytes_written")
 
 
 def test_metrics_endpoint_serves_every_nodes_gauges(cluster: lab.LabCluster) -> None:
@@ -119,6 +121,10 @@ def test_metrics_endpoint_serves_every_nodes_gauges(cluster: lab.LabCluster) -> 
         assert heap <= 160 * 1024, "within the -X heapsize=160k heap"
         assert value["edgebft_rx_messages"][n] > 0 and value["edgebft_tx_messages"][n] > 0
         assert value["edgebft_boots"][n] >= 1
+        assert value["edgebft_state_entries"][n] >= 16, "the genesis accounts at least"
+        assert value["edgebft_state_clients"][n] >= 1, "the load's client"
+        assert value["edgebft_flash_bytes_written"][n] > 0 and value["edgebft_flash_writes"][n] > 0
+        assert value["edgebft_cache_hits"][n] + value["edgebft_cache_misses"][n] > 0
     assert families["edgebft_drops"].type == "gauge"
     suspicion = {(s.labels["node"], s.labels["peer"]): s.value
                  for s in families["edgebft_phi"].samples}

@@ -8,7 +8,9 @@ gauges labelled ``node``:
 
 - ``edgebft_online`` (1 or 0) for every node; the other gauges only for nodes online;
 - one gauge per entry of ``GAUGES`` (view, sequence numbers, checkpoint, heap, traffic,
-  executed requests);
+  executed requests, bytes fetched by state transfer) and of ``STORE_GAUGES`` (the state on
+  flash: entries, clients, page cache hits and misses, flash writes and bytes written: a
+  board's flash wears out);
 - ``edgebft_drops{node,reason}``: messages the replica refused, per reason;
 - ``edgebft_phi{node,peer}``: the node's phi-accrual suspicion of each other replica, from
   its status's ``phi`` list (phi x 100 per replica id, firmware/runtime.py).
@@ -43,6 +45,16 @@ GAUGES = (
     ("tx", "edgebft_tx_messages", "Protocol messages sent since boot."),
     ("executed_requests", "edgebft_executed_requests", "Client requests executed since boot."),
     ("boots", "edgebft_boots", "Boots the node counted in its flash, this one included."),
+    ("transfer_bytes", "edgebft_transfer_bytes", "Bytes fetched by state transfer since boot."),
+)
+# (key of the status's "store" map, metric name, help)
+STORE_GAUGES = (
+    ("keys", "edgebft_state_entries", "Entries (keys and accounts) in the ledger on flash."),
+    ("clients", "edgebft_state_clients", "Clients in the client table on flash."),
+    ("hits", "edgebft_cache_hits", "Page cache hits since boot."),
+    ("misses", "edgebft_cache_misses", "Page cache misses since boot."),
+    ("writes", "edgebft_flash_writes", "Flash writes since boot."),
+    ("bytes", "edgebft_flash_bytes_written", "Bytes written to flash since boot."),
 )
 
 
@@ -61,6 +73,8 @@ def families(snap: dict[int, dict[str, Any]]) -> list[GaugeMetricFamily]:
     online = GaugeMetricFamily("edgebft_online", "1 if the node is connected and reporting.",
                                labels=["node"])
     gauges = {key: GaugeMetricFamily(name, text, labels=["node"]) for key, name, text in GAUGES}
+    store_gauges = {key: GaugeMetricFamily(name, text, labels=["node"])
+                    for key, name, text in STORE_GAUGES}
     drops = GaugeMetricFamily("edgebft_drops", "Messages the replica refused since boot, per "
                               "reason.", labels=["node", "reason"])
     phi = GaugeMetricFamily("edgebft_phi", "The node's phi-accrual suspicion of a peer.",
@@ -70,15 +84,16 @@ def families(snap: dict[int, dict[str, Any]]) -> list[GaugeMetricFamily]:
         online.add_metric([node], 1.0 if status.get("online") else 0.0)
         if not status.get("online"):
             continue
-        for key, gauge in gauges.items():
-            if isinstance(status.get(key), (int, float)):
-                gauge.add_metric([node], float(status[key]))
+        for table, source in ((gauges, status), (store_gauges, status.get("store") or {})):
+            for key, gauge in table.items():
+                if isinstance(source.get(key), (int, float)):
+                    gauge.add_metric([node], float(source[key]))
         for reason, count in sorted((status.get("drops") or {}).items()):
             drops.add_metric([node, str(reason)], float(count))
         for peer, value in enumerate(status.get("phi") or []):
             if peer != n and isinstance(value, (int, float)):
                 phi.add_metric([node, str(peer)], value / 100)
-    return [online, *gauges.values(), drops, phi]
+    return [online, *gauges.values(), *store_gauges.values(), drops, phi]
 
 
 def serve(run_dir: Path, port: int) -> None:
