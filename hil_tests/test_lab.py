@@ -72,6 +72,7 @@ def test_status_shows_every_node(cluster: lab.LabCluster) -> None:
     out = cli("cluster", "status", "--dir", str(cluster.path))
     assert "primary" in out
     assert out.count("backup") == 3
+    assert "entries" in out, "the ledger's size on flash is a column"
     snap = lab.status(cluster)
     assert all(snap[n]["online"] for n in range(4))
 

@@ -276,8 +276,8 @@ def _parse_stake(text: str | None) -> list[int] | None:
 @click.option("--watch", "watch_s", type=Seconds(), default=None, metavar="SECONDS",
               help="Redraw the table every SECONDS (or 2s, 500ms) until Ctrl-C.")
 def cluster_status(run_dir: Path | None, watch_s: float | None) -> None:
-    """Show each node: role, view, last executed, stable checkpoint, heap, active faults, and
-    its phi of each peer (failure detector)."""
+    """Show each node: role, view, last executed, stable checkpoint, ledger entries, heap,
+    active faults, and its phi of each peer (failure detector)."""
     lab = lab_load(run_dir)
     if watch_s is None:
         console.print(_status_table(lab))
@@ -298,7 +298,8 @@ def cluster_status(run_dir: Path | None, watch_s: float | None) -> None:
 def _status_table(lab: LabCluster) -> Table:
     table = Table(title=f"cluster {lab.state['cluster']} ({lab.path}) at "
                         f"{time.strftime('%H:%M:%S')}")
-    for name in ("node", "role", "view", "executed", "checkpoint", "heap", "faults", "phi"):
+    for name in ("node", "role", "view", "executed", "checkpoint", "entries", "heap", "faults",
+                 "phi"):
         table.add_column(name)
     for row in status_rows(lab_status(lab)):
         table.add_row(*row)

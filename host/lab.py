@@ -374,14 +374,15 @@ def _spawn(lab: LabCluster, i: int) -> int:
 
 
 def status_rows(snap: dict[int, dict[str, Any]]) -> list[list[str]]:
-    """Rows for the status table: node, role, view, sequence, checkpoint, heap, faults, and
-    phi: the node's failure-detector suspicion level of each peer ("peer:phi", phi to one
-    decimal; nodes report it times 100)."""
+    """Rows for the status table: node, role, view, sequence, checkpoint, entries (keys and
+    accounts in its ledger on flash), heap, faults, and phi: the node's failure-detector
+    suspicion level of each peer ("peer:phi", phi to one decimal; nodes report it times
+    100)."""
     rows = []
     for n in sorted(snap):
         s = snap[n]
         if not s.get("online"):
-            rows.append([str(n), "offline", "-", "-", "-", "-", "-", "-"])
+            rows.append([str(n), "offline", "-", "-", "-", "-", "-", "-", "-"])
             continue
         role = "primary" if s.get("primary") == n else "backup"
         if s.get("limbo"):
@@ -390,6 +391,7 @@ def status_rows(snap: dict[int, dict[str, Any]]) -> list[list[str]]:
         active = [k for k, v in faults.items() if v not in (0, None)]
         phi = " ".join(f"{j}:{v / 100:.1f}" for j, v in enumerate(s.get("phi") or []) if j != n)
         rows.append([str(n), role, str(s.get("view")), str(s.get("last_exec")),
-                     str(s.get("stable")), f"{s.get('heap_used', 0) // 1024} KB",
+                     str(s.get("stable")), str((s.get("store") or {}).get("keys", "-")),
+                     f"{s.get('heap_used', 0) // 1024} KB",
                      ",".join(active) or "-", phi or "-"])
     return rows
