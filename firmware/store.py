@@ -86,6 +86,10 @@ class Flash:
         except OSError:
             return -1
 
+    def free(self):
+        st = os.statvfs(self.root)
+        return st[1] * st[4]  # fragment size x blocks available
+
     def names(self, prefix, limit):
         found = []
         for entry in os.ilistdir(self.root):

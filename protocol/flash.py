@@ -2,14 +2,15 @@
 #
 # Rules (what every implementation gives; firmware/store.py's Flash puts it on a filesystem):
 # - A flat namespace of named byte strings ("files").
-# - write(name, data) and rename(src, dst) replace dst atomically (data: bytes, or a tuple of
-#   byte strings written one after the other, so that a caller never joins them in RAM): after a power cut a name holds
-#   either its old or its new bytes, never a mix. append() and write_at() are not atomic: use
-#   them only for files a restart discards or checks (state transfer staging).
+# - write(name, data) and rename(src, dst) replace dst atomically: after a power cut a name
+#   holds either its old or its new bytes, never a mix. data is bytes, or a tuple of byte
+#   strings written one after the other (a caller never joins them in RAM). append() is not
+#   atomic: use it only for files a restart discards or checks (state transfer staging).
 # - read() of a missing name gives None; size() of one gives -1; delete() of one does nothing.
 # - names(prefix, limit) lists at most limit names that start with prefix (a list in RAM:
 #   a flash holds thousands of pages).
-# - writes and bytes_written count every write, append and write_at: flash wears out.
+# - writes and bytes_written count every write and append: flash wears out.
+# - free() tells how many bytes are left.
 #
 # MemFlash is the flash of the simulator and the unit tests. It can cut the power: cut(k) undoes
 # its last k operations (of the at most JOURNAL_MAX it remembers), which is the flash a node
@@ -20,7 +21,8 @@ JOURNAL_MAX = 64
 class MemFlash:
     """Flash held in a dict; its operations can be undone (cut) to model a power cut."""
 
-    def __init__(self):
+    def __init__(self, capacity=1 << 40):
+        self.capacity = capacity
         self.files = {}
         self.journal = []  # (name, bytes before or None), newest last
         self.writes = 0
@@ -36,6 +38,9 @@ class MemFlash:
     def size(self, name):
         data = self.files.get(name)
         return -1 if data is None else len(data)
+
+    def free(self):
+        return self.capacity - sum(len(data) for data in self.files.values())
 
     def names(self, prefix, limit):
         found = []

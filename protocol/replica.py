@@ -789,7 +789,7 @@ class Replica:
         if not sources:
             sources = [j for j in range(self.stake.n) if j != self.me]
         self.transfer = _Transfer(seq, digest, sources, True,
-                                  Fetch(self.state, seq, self.fetch_full))
+                                  Fetch(self.state, seq, digest, self.fetch_full))
         self.events.append(("fetch", seq, digest))
         self._fetch_next()
 
@@ -837,12 +837,13 @@ class Replica:
             # its digest and its vouchers when complete).
             t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
             t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
-            t.fetch = Fetch(self.state, msg.seq, self.fetch_full)
+            t.fetch = Fetch(self.state, msg.seq, msg.digest, self.fetch_full)
         if t is None or msg.seq != t.seq or msg.digest != t.digest \
                 or t.fetch.want() != (msg.part, msg.offset):
             return
-        if not t.fetch.take(msg.part, msg.offset, msg.total, msg.data):
-            self._drop("bad chunk")
+        refused = t.fetch.take(msg.part, msg.offset, msg.total, msg.data)
+        if refused:
+            self._drop(refused)
             return
         if t.fetch.want() is not None:
             self._fetch_next()

@@ -35,6 +35,7 @@ LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more 
 CLIENT_PAGES = 64
 _META_BYTES_MAX = 1024  # a record's meta (a record adds 2 bytes of tag per page)
 _PINNED_VERSIONS_MAX = 32  # a pin that holds more unfolded versions than this is dropped
+_FLASH_RESERVE_BYTES = 65536  # a transfer never stages into the last of the flash
 
 
 def _record_name(seq):
@@ -285,13 +286,16 @@ class State:
 
 
 class Fetch:
-    """The receiving side of one state transfer of checkpoint ``seq``: which part to ask for
-    next, and the chunks staged on flash. ``full``: fetch every page, whatever the tags say
-    (after a transfer that failed its check: the tags may have lied)."""
+    """The receiving side of one state transfer of checkpoint (``seq``, ``digest``): which
+    part to ask for next, and the chunks staged on flash. ``full``: fetch every page, whatever
+    the tags say (after a transfer that failed its check: the tags may have lied). A source
+    cannot fill our flash: the record must match the digest before any page is asked for, and
+    no part is staged into the last _FLASH_RESERVE_BYTES of the flash."""
 
-    def __init__(self, state, seq, full=False):
+    def __init__(self, state, seq, digest, full=False):
         self.state = state
         self.seq = seq
+        self.digest = digest
         self.full = full
         self.part = 0      # the part being fetched
         self.offset = 0    # bytes of it staged
@@ -306,10 +310,12 @@ class Fetch:
         return None if self.part >= self.state.parts() else (self.part, self.offset)
 
     def take(self, part, offset, total, data):
-        """Stage a chunk. False when it is not the one wanted or is malformed."""
-        if part != self.part or offset != self.offset or offset + len(data) > total \
+        """Stage the chunk wanted (see want()). None when taken, else why it was refused."""
+        if offset + len(data) > total \
                 or total > (self.record_max if part == 0 else PAGE_BYTES_MAX):
-            return False
+            return "bad chunk"
+        if offset == 0 and total > self.state.flash.free() - _FLASH_RESERVE_BYTES:
+            return "no room on flash for the state"
         name = self.state.stage_name(part)
         if offset == 0:
             self.state.flash.write(name, data)
@@ -318,18 +324,20 @@ class Fetch:
         self.offset += len(data)
         self.bytes += len(data)
         if self.offset < total:
-            return True
+            return None
         if part == 0:
             try:
-                _, tags = self.state._read_record(self.seq, name)
+                meta, tags = self.state._read_record(self.seq, name)
+                if hashlib.sha256(cbor.encode(meta)).digest() != self.digest:
+                    raise StateError("record does not match the checkpoint digest")
             except (StateError, ValueError, TypeError):
                 self.state.flash.delete(name)
                 self.offset = 0
-                return False
+                return "bad record"
             self.target = tags
             self.own = self.state._read_record(self.state.h)[1]
         self._advance()
-        return True
+        return None
 
     def _advance(self):
         """Move to the next page that differs from ours (empty ones are staged here)."""
@@ -347,6 +355,6 @@ class Fetch:
             if tag == 0:
                 if own != 0:
                     state.flash.write(state.stage_name(self.part), b"")
-            elif self.full or tag != own:
+            elif tag != own:
                 return
             self.part += 1

@@ -271,3 +271,29 @@ def test_lying_tags_fail_the_check_and_a_full_fetch_recovers() -> None:
         net.run()
     assert behind.last_exec == net.replicas[0].last_exec
     assert behind.state.ledger.total == net.replicas[0].state.ledger.total
+
+
+def test_a_transfer_that_does_not_fit_the_flash_is_refused_and_resumes_with_room() -> None:
+    """No part is staged into the flash's last 64 KB: a replica short of flash refuses the
+    state, says why, and fetches it once there is room."""
+    net, cores = _busy_cluster(200)
+    behind = net.replicas[3]
+    flash = behind.state.flash
+    net.down.add(3)
+    for n in range(48):
+        net.submit(cores[n % len(cores)].request(["put", f"key{n}", -n]))
+        net.run()
+    flash.capacity = sum(len(d) for d in flash.files.values()) + 65536 + 100
+    net.down.clear()
+    for _ in range(10):
+        net.tick(net.now + 200)
+        net.run()
+    assert behind.drops.get("no room on flash for the state", 0) >= 1
+    assert not any(e[0] == "transferred" for e in behind.events)
+    flash.capacity = 1 << 30
+    for _ in range(20):
+        if any(e[0] == "transferred" for e in behind.events):
+            break
+        net.tick(net.now + 200)
+        net.run()
+    assert any(e[0] == "transferred" for e in behind.events)
