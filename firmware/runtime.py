@@ -229,7 +229,7 @@ class Node:
             "heap_peak": self.heap_peak, "rx": r.counts["rx"], "tx": r.counts["tx"],
             "executed_requests": r.counts["executed_requests"], "drops": r.drops,
             "pending": len(r.pending), "slots": len(r.live_slots()),
-            "store": r.state.counts(), "transfer_bytes": r.counts.get("transfer_bytes", 0),
+            "store": r.state.counts(), "transfer_bytes": r.counts["transfer_bytes"],
             "mqtt_rx": self.mqtt.rx_msgs, "mqtt_tx": self.mqtt.tx_msgs,
             "mqtt_dropped": self.mqtt.tx_dropped, "reconnects": self.mqtt.reconnects,
             "uptime_ms": clock, "boots": self.boots,

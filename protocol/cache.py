@@ -55,11 +55,6 @@ class Cache:
         self.entries[key] = [value, self.clock, 1]
         return evicted
 
-    def pop(self, key):
-        """Forget ``key``; its value or None."""
-        e = self.entries.pop(key, None)
-        return None if e is None else e[0]
-
     def clear(self):
         self.entries = {}
 

@@ -64,6 +64,21 @@ def page_tag(data):
     return (d[0] << 8 | d[1]) or 1
 
 
+def tag_at(tags, i):
+    """Page i's tag in a tag list (2 bytes a page, big-endian)."""
+    return tags[2 * i] << 8 | tags[2 * i + 1]
+
+
+def set_tag(tags, i, tag):
+    tags[2 * i] = tag >> 8
+    tags[2 * i + 1] = tag & 0xFF
+
+
+def marked(bits, i):
+    """Is page i's bit set in a version's bitmap?"""
+    return bits[i >> 3] & (1 << (i & 7))
+
+
 class PageError(ValueError):
     """A page file that is not a valid page of its store."""
 
@@ -101,13 +116,9 @@ class PageStore:
         best = -1
         for v in self.versions:
             bits = self.versions[v]
-            if v > best and (seq is None or v <= seq) and bits[i >> 3] & (1 << (i & 7)):
+            if v > best and (seq is None or v <= seq) and marked(bits, i):
                 best = v
         return self.name(i) if best < 0 else self.name(i, best)
-
-    def _set_tag(self, i, tag):
-        self.tags[2 * i] = tag >> 8
-        self.tags[2 * i + 1] = tag & 0xFF
 
     def decode_page(self, i, data, check=True):
         """The entries of page i's bytes as a dict; PageError unless it is a valid page of this
@@ -156,7 +167,7 @@ class PageStore:
         data = self.encode_page(page)
         self.flash.write(self.name(i, self.version), data)
         self.mark(i, self.version)
-        self._set_tag(i, page_tag(data))
+        set_tag(self.tags, i, page_tag(data))
         self.dirty.pop(i, None)
 
     def mark(self, i, version):
@@ -198,7 +209,7 @@ class PageStore:
                 break
             bits = self.versions.pop(v)
             for i in range(self.pages):
-                if bits[i >> 3] & (1 << (i & 7)):
+                if marked(bits, i):
                     self.flash.rename(self.name(i, v), self.name(i))
 
     def discard(self, h, total, count, tags):
@@ -208,7 +219,7 @@ class PageStore:
             if v > h:
                 bits = self.versions.pop(v)
                 for i in range(self.pages):
-                    if bits[i >> 3] & (1 << (i & 7)):
+                    if marked(bits, i):
                         self.flash.delete(self.name(i, v))
         self.reset(total, count, tags)
 
@@ -238,23 +249,21 @@ class PageStore:
 
     def wipe(self):
         delete_all(self.flash, self.vprefix)
-        for i in range(self.pages):
-            self.flash.delete(self.name(i))
+        delete_all(self.flash, self.prefix)
         self.versions = {}
         self.reset(0, 0, bytes(len(self.tags)))
 
-    def scan(self, read_page):
-        """Check every page: read_page(i) gives its bytes. Returns (total, count, tags) of the
-        state they hold; PageError when a page is invalid."""
+    def scan(self):
+        """Check every base page. Returns (total, count, tags) of the state they hold;
+        PageError when a page is invalid."""
         total = 0
         count = 0
         tags = bytearray(len(self.tags))
         for i in range(self.pages):
-            page_total, page_count, tag = self.page_sum(i, read_page(i))
+            page_total, page_count, tag = self.page_sum(i, self.flash.read(self.name(i)))
             total += page_total
             count += page_count
-            tags[2 * i] = tag >> 8
-            tags[2 * i + 1] = tag & 0xFF
+            set_tag(tags, i, tag)
         return total % _SUM_MOD, count, tags
 
     def page_sum(self, i, data):

@@ -23,8 +23,9 @@
 #   even without its own prepare: the certificate proves correct replicas prepared it.
 # - Crash recovery (PBFT-NOTES RC3, the "bound" variant): durable() holds the view entered
 #   and the stable checkpoint, and the flash the stable state; durable() changes once per view
-#   and per checkpoint (bounded flash writes). A restored replica never votes in its persisted view for a sequence number up
-#   to h + window, the most it may have voted on before the crash.
+#   and per checkpoint (bounded flash writes). A restored replica never votes in its persisted
+#   view for a sequence number up to h + window, the most it may have voted on before the
+#   crash.
 # - Epochs (DESIGN.md section 3): the validator set is the ledger's, put in force at a
 #   checkpoint B by Ledger.end_epoch(); every correct replica switches at the same B. The sets
 #   of the sequence numbers in the window are kept (self.sets); the set of sequence number s
@@ -172,6 +173,7 @@ class Replica:
         self.own_checkpoints = {}  # seq -> digest (their records are on flash)
         self.pending = []         # primary: request wires waiting for a batch
         self.pending_ids = presized(_PENDING_MAX)  # client -> timestamp of its request in pending
+        self.overflow = False     # primary: a request found the pending queue full
         self.waiting = presized(_WAITING_MAX)      # client -> timestamp seen, not executed (T1)
         self.waiting_wires = presized(_WAITING_MAX)  # client -> that request's wire
         self.vc_timeout = view_timeout_ms
@@ -198,7 +200,8 @@ class Replica:
         self.out = []
         self.events = []
         self.drops = {}
-        self.counts = {"rx": 0, "tx": 0, "executed_requests": 0, "view_changes": 0}
+        self.counts = {"rx": 0, "tx": 0, "executed_requests": 0, "view_changes": 0,
+                       "transfer_bytes": 0}
         if opened is None:
             self._checkpoint(0)
             self.state.stable(0)
@@ -417,6 +420,7 @@ class Replica:
             return
         if len(self.pending) >= _PENDING_MAX:
             self._drop("pending full")
+            self.overflow = True  # it waits in the T1 table: _refill_pending takes it later
             return
         self.pending_ids[client] = msg.timestamp
         self.pending.append(wire)
@@ -448,7 +452,10 @@ class Replica:
     def _refill_pending(self):
         """Primary: queue the requests it saw while the queue was full (they wait in the T1
         table, wire and all) as soon as there is room, rather than leave them to the clients'
-        retransmission (0.5 s and more later)."""
+        retransmission (0.5 s and more later). Scans the table only after a request found the
+        queue full (self.overflow), not on every call."""
+        if not self.overflow:
+            return
         for client in self.waiting:
             if len(self.pending) >= _PENDING_MAX:
                 return
@@ -456,6 +463,7 @@ class Replica:
             if self.pending_ids.get(client, -1) < timestamp:
                 self.pending_ids[client] = timestamp
                 self.pending.append(self.waiting_wires[client])
+        self.overflow = False
 
     # ----------------------------------------------------------------- normal case
 
@@ -854,13 +862,13 @@ class Replica:
             self._drop("state not vouched for")
             return
         try:
-            meta = self.state.install(t.seq, t.digest)
+            meta = self.state.install(t.fetch)
         except StateError:
             self.fetch_full = True  # the tags we went by may have lied: take every page
             self._drop("transferred state does not verify")
             return
         self.fetch_full = False
-        self.counts["transfer_bytes"] = self.counts.get("transfer_bytes", 0) + t.fetch.bytes
+        self.counts["transfer_bytes"] += t.fetch.bytes
         self._install_state(t.seq, t.digest, meta)
 
     def _adopt(self, meta, digest):

@@ -27,7 +27,8 @@
 import hashlib
 
 from . import cbor
-from .pagestore import PAGE_BYTES_MAX, PageError, PageStore, delete_all, sum_bytes
+from .pagestore import (PAGE_BYTES_MAX, PageError, PageStore, delete_all, marked, set_tag,
+                        sum_bytes, tag_at)
 
 STABLE = "stable"
 _STAGE = "X."
@@ -40,6 +41,16 @@ _FLASH_RESERVE_BYTES = 65536  # a transfer never stages into the last of the fla
 
 def _record_name(seq):
     return "ck%d" % seq
+
+
+def meta_digest(meta):
+    """The checkpoint digest of a record's meta."""
+    return hashlib.sha256(cbor.encode(meta)).digest()
+
+
+def _store_digest(meta, s):
+    """(digest as an int, entries) of store s (0: ledger, 1: clients) in a record's meta."""
+    return int.from_bytes(meta[2 + 2 * s], "big"), meta[3 + 2 * s]
 
 
 class StateError(ValueError):
@@ -85,7 +96,7 @@ class State:
                     self.flash.delete(_record_name(c))
             for s in range(2):
                 store = self.stores[s]
-                total, count, found = store.scan(lambda i: self.flash.read(store.name(i)))
+                total, count, found = store.scan()
                 if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s] \
                         or found != tags[s]:
                     raise StateError("%s pages do not match checkpoint %d" % ("LC"[s], h))
@@ -96,7 +107,7 @@ class State:
             return None
         self.h = h
         self.records = [h]
-        return meta, hashlib.sha256(cbor.encode(meta)).digest()
+        return meta, meta_digest(meta)
 
     def _read_record(self, seq, name=None):
         """(meta, [ledger tags, client tags]) of checkpoint ``seq``'s record; StateError when it
@@ -145,7 +156,7 @@ class State:
                                              self.clients.tags))
         if seq not in self.records:
             self.records.append(seq)
-        return hashlib.sha256(cbor.encode(meta)).digest()
+        return meta_digest(meta)
 
     def stable(self, seq):
         """Checkpoint ``seq`` (recorded) is stable: commit it, then fold and collect."""
@@ -185,14 +196,14 @@ class State:
         """Forget everything executed after the stable checkpoint."""
         meta, tags = self._read_record(self.h)
         for s in range(2):
-            self.stores[s].discard(self.h, int.from_bytes(meta[2 + 2 * s], "big"),
-                                   meta[3 + 2 * s], tags[s])
+            self.stores[s].discard(self.h, *_store_digest(meta, s), tags[s])
         for c in [c for c in self.records if c > self.h]:
             self.flash.delete(_record_name(c))
             self.records.remove(c)
 
     def counts(self):
-        """Cache hits and misses, flash writes: for the status."""
+        """For the status: page cache hits and misses, flash writes and bytes written, ledger
+        entries, clients, and the verification error of open()."""
         return {"hits": self.ledger.cache.counts[0] + self.clients.cache.counts[0],
                 "misses": self.ledger.cache.counts[1] + self.clients.cache.counts[1],
                 "writes": self.flash.writes, "bytes": self.flash.bytes_written,
@@ -234,33 +245,29 @@ class State:
     def clear_stage(self):
         delete_all(self.flash, _STAGE)
 
-    def install(self, seq, digest):
-        """Switch to checkpoint ``seq`` from what a Fetch staged, if its record hashes to
-        ``digest`` and the pages (staged, else ours as of h) match the record. Returns the
-        record's meta; StateError (the stage cleared) when anything does not match. The check
-        reads only the staged pages and ours they replace: our digest as of h, less what
-        those held, plus what the staged ones hold (open() verified ours)."""
+    def install(self, fetch):
+        """Switch to the checkpoint a complete Fetch staged, if the pages (staged, else ours
+        as of h) match its record (whose digest the Fetch checked). Returns the record's meta;
+        StateError (the stage cleared) when they do not. The check reads only the staged
+        pages and ours they replace: our digest as of h, less what those held, plus what the
+        staged ones hold (open() verified ours)."""
+        seq = fetch.seq
         try:
             meta, tags = self._read_record(seq, self.stage_name(0))
-            if hashlib.sha256(cbor.encode(meta)).digest() != digest:
-                raise StateError("record does not match the checkpoint digest")
             own_meta, own_tags = self._read_record(self.h)
             for s in range(2):
                 store = self.stores[s]
                 base = 1 + s * self.ledger.pages
-                total = int.from_bytes(own_meta[2 + 2 * s], "big")
-                count = own_meta[3 + 2 * s]
+                total, count = _store_digest(own_meta, s)
                 found = bytearray(own_tags[s])
                 for i in range(store.pages):
-                    staged = self.flash.read(self.stage_name(base + i))
-                    if staged is None:
+                    if not marked(fetch.staged, base + i):
                         continue
                     old = store.page_sum(i, self.flash.read(store.file_at(i, self.h)))
-                    new = store.page_sum(i, staged)
+                    new = store.page_sum(i, self.flash.read(self.stage_name(base + i)))
                     total += new[0] - old[0]
                     count += new[1] - old[1]
-                    found[2 * i] = new[2] >> 8
-                    found[2 * i + 1] = new[2] & 0xFF
+                    set_tag(found, i, new[2])
                 if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s]:
                     raise StateError("pages do not match the record")
                 tags[s] = found
@@ -270,18 +277,16 @@ class State:
         self.rollback()
         self._commit(self.h, (seq,))  # a power cut from here on deletes version seq
         for part in range(1, self.parts()):
-            name = self.stage_name(part)
-            if self.flash.size(name) >= 0:
+            if marked(fetch.staged, part):
                 store, i = self._store_page(part)
-                self.flash.rename(name, store.name(i, seq))
+                self.flash.rename(self.stage_name(part), store.name(i, seq))
                 store.mark(i, seq)
         self.flash.write(_record_name(seq), (cbor.encode(meta), tags[0], tags[1]))
         self.flash.delete(self.stage_name(0))
         self.records.append(seq)
         self.stable(seq)
         for s in range(2):
-            self.stores[s].reset(int.from_bytes(meta[2 + 2 * s], "big"), meta[3 + 2 * s],
-                                 tags[s])
+            self.stores[s].reset(*_store_digest(meta, s), tags[s])
         return meta
 
 
@@ -303,6 +308,7 @@ class Fetch:
         self.own = None     # our tags as of our stable checkpoint, then
         self.bytes = 0     # bytes received
         self.record_max = _META_BYTES_MAX + 2 * (state.parts() - 1)
+        self.staged = bytearray((state.parts() + 7) // 8)  # bitmap of the pages staged
         state.clear_stage()
 
     def want(self):
@@ -328,7 +334,7 @@ class Fetch:
         if part == 0:
             try:
                 meta, tags = self.state._read_record(self.seq, name)
-                if hashlib.sha256(cbor.encode(meta)).digest() != self.digest:
+                if meta_digest(meta) != self.digest:
                     raise StateError("record does not match the checkpoint digest")
             except (StateError, ValueError, TypeError):
                 self.state.flash.delete(name)
@@ -336,8 +342,13 @@ class Fetch:
                 return "bad record"
             self.target = tags
             self.own = self.state._read_record(self.state.h)[1]
+        else:
+            self._stage(part)
         self._advance()
         return None
+
+    def _stage(self, part):
+        self.staged[part >> 3] |= 1 << (part & 7)
 
     def _advance(self):
         """Move to the next page that differs from ours (empty ones are staged here)."""
@@ -347,14 +358,13 @@ class Fetch:
         while self.part < state.parts():
             store, i = state._store_page(self.part)
             s = 0 if store is state.ledger else 1
-            tags = self.target[s]
-            tag = tags[2 * i] << 8 | tags[2 * i + 1]
-            own = self.own[s][2 * i] << 8 | self.own[s][2 * i + 1]
+            tag, own = tag_at(self.target[s], i), tag_at(self.own[s], i)
             if self.full:
                 return
             if tag == 0:
                 if own != 0:
                     state.flash.write(state.stage_name(self.part), b"")
+                    self._stage(self.part)
             elif tag != own:
                 return
             self.part += 1
