@@ -126,7 +126,7 @@ def test_incremental_digest_equals_a_recomputation_from_scratch(
     assert store.count == len(model)
     store.flush()
     store.fold(1 << 30)
-    total, count, tags = store.scan(lambda i: flash.read(store.name(i)))
+    total, count, tags = store.scan()
     assert (total, count, bytes(tags)) == (store.total, store.count, bytes(store.tags))
     assert all(store.get(k) == v for k, v in model.items())
 
@@ -142,6 +142,28 @@ def _busy_cluster(requests: int, clients: int = 8) -> tuple[Net, list[Any]]:
             done += 1
         net.run()
     return net, cores
+
+
+def _miss_puts(net: Net, cores: list[Any]) -> None:
+    """Replica 3 is down while 48 puts overwrite keys: it falls over a window behind."""
+    net.down.add(3)
+    for n in range(48):
+        net.submit(cores[n % len(cores)].request(["put", f"key{n}", -n]))
+        net.run()
+
+
+def _transferred(r: rp.Replica) -> bool:
+    return any(e[0] == "transferred" for e in r.events)
+
+
+def _tick(net: Net, ticks: int, until: Any = lambda: False) -> None:
+    """Fire every timer 200 ms apart, delivering everything, ``ticks`` times or until
+    ``until()``."""
+    for _ in range(ticks):
+        if until():
+            return
+        net.tick(net.now + 200)
+        net.run()
 
 
 def test_a_power_cut_at_any_operation_leaves_a_flash_that_opens_and_verifies() -> None:
@@ -183,7 +205,7 @@ def test_a_corrupt_page_fails_verification_and_the_replica_recovers_by_transfer(
         net.run()
         net.tick(net.now + 200)
         net.run()
-    assert any(e[0] == "transferred" for e in restored.events)
+    assert _transferred(restored)
     assert restored.ledger.get("key39") == [39, "v" * 40]
     assert restored.state.ledger.total == net.replicas[0].state.ledger.total
 
@@ -194,24 +216,15 @@ def test_a_replica_behind_fetches_only_the_pages_that_differ() -> None:
     net, cores = _busy_cluster(600)
     full = sum(len(v) for k, v in net.replicas[0].state.flash.files.items()
                if k.startswith(("L.p", "C.p")))
-    net.down.add(3)
-    for n in range(48):
-        net.submit(cores[n % len(cores)].request(["put", f"key{n}", -n]))
-        net.run()
+    _miss_puts(net, cores)
     net.down.clear()
     behind = net.replicas[3]
-    for _ in range(20):
-        if any(e[0] == "transferred" for e in behind.events):
-            break
-        net.tick(net.now + 200)
-        net.run()
-    assert any(e[0] == "transferred" for e in behind.events)
+    _tick(net, 20, lambda: _transferred(behind))
+    assert _transferred(behind)
     assert any(e[0] == "fetch" for e in behind.events), "the start is an event too"
     moved = behind.counts["transfer_bytes"]
     assert 0 < moved < full // 4, (moved, full)
-    for _ in range(10):  # then it executes what the others executed past the checkpoint
-        net.tick(net.now + 200)
-        net.run()
+    _tick(net, 10)  # then it executes what the others executed past the checkpoint
     assert behind.last_exec == net.replicas[0].last_exec
     assert behind.state.ledger.total == net.replicas[0].state.ledger.total
     assert behind.ledger.get("key5") == -5 and behind.ledger.get("key599")[0] == 599
@@ -248,10 +261,7 @@ def test_lying_tags_fail_the_check_and_a_full_fetch_recovers() -> None:
     fails its check, and it fetches every page the next time."""
     net, cores = _busy_cluster(200)
     behind = net.replicas[3]
-    net.down.add(3)
-    for n in range(48):
-        net.submit(cores[n % len(cores)].request(["put", f"key{n}", -n]))
-        net.run()
+    _miss_puts(net, cores)
     own = behind.state._read_record(behind.state.h)[1]
     for source in net.replicas[:3]:
         files = source.state.flash.files
@@ -259,16 +269,10 @@ def test_lying_tags_fail_the_check_and_a_full_fetch_recovers() -> None:
             meta_end = len(files[name]) - len(own[0]) - len(own[1])
             files[name] = files[name][:meta_end] + bytes(own[0]) + bytes(own[1])
     net.down.clear()
-    for _ in range(40):
-        if any(e[0] == "transferred" for e in behind.events):
-            break
-        net.tick(net.now + 200)
-        net.run()
+    _tick(net, 40, lambda: _transferred(behind))
     assert behind.drops.get("transferred state does not verify", 0) >= 1
-    assert any(e[0] == "transferred" for e in behind.events)
-    for _ in range(10):
-        net.tick(net.now + 200)
-        net.run()
+    assert _transferred(behind)
+    _tick(net, 10)
     assert behind.last_exec == net.replicas[0].last_exec
     assert behind.state.ledger.total == net.replicas[0].state.ledger.total
 
@@ -279,21 +283,12 @@ def test_a_transfer_that_does_not_fit_the_flash_is_refused_and_resumes_with_room
     net, cores = _busy_cluster(200)
     behind = net.replicas[3]
     flash = behind.state.flash
-    net.down.add(3)
-    for n in range(48):
-        net.submit(cores[n % len(cores)].request(["put", f"key{n}", -n]))
-        net.run()
+    _miss_puts(net, cores)
     flash.capacity = sum(len(d) for d in flash.files.values()) + 65536 + 100
     net.down.clear()
-    for _ in range(10):
-        net.tick(net.now + 200)
-        net.run()
+    _tick(net, 10)
     assert behind.drops.get("no room on flash for the state", 0) >= 1
-    assert not any(e[0] == "transferred" for e in behind.events)
+    assert not _transferred(behind)
     flash.capacity = 1 << 30
-    for _ in range(20):
-        if any(e[0] == "transferred" for e in behind.events):
-            break
-        net.tick(net.now + 200)
-        net.run()
-    assert any(e[0] == "transferred" for e in behind.events)
+    _tick(net, 20, lambda: _transferred(behind))
+    assert _transferred(behind)
