@@ -5,6 +5,7 @@ Prometheus exporter of `cluster up --metrics-port`. Each fault kind's effect: te
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -18,8 +19,9 @@ import paho.mqtt.client as paho
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import wait_until
 from edgebft import lab
-from edgebft.broker import free_port
+from edgebft.broker import find_mosquitto, free_port
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 from edgebft.protocol.stake import Stake
@@ -247,3 +249,34 @@ def test_a_cluster_in_the_default_folder_boots_a_killed_node_again(tmp_path) -> 
             assert time.monotonic() < deadline, "node 3 did not boot again"
     finally:
         run("cluster", "down")
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_a_broker_restart_mid_run_loses_neither_nodes_nor_clients(tmp_path) -> None:
+    """The broker stops under load and starts again on the same port: the nodes reconnect
+    and resubscribe, and so does the workload's client (it subscribes on every connection),
+    so requests commit again."""
+    cluster = lab.up(broker="mosquitto", out=tmp_path / "run")
+    broker = cluster.state["broker"]
+    work = Workload(broker["host"], broker["port"], cluster.state["cluster"],
+                    Stake(cluster.state["stake"]), cluster.keys(), clients=4)
+    again = None
+    try:
+        work.start()
+
+        def committed() -> int:
+            return sum(1 for o in list(work.outcomes) if o.outcome == "ok")
+        assert wait_until(lambda: committed() >= 20, 20)
+        os.kill(broker["pid"], signal.SIGKILL)
+        before = committed()
+        again = subprocess.Popen([str(find_mosquitto()), "-c",
+                                  str(cluster.path / "broker" / "mosquitto.conf")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: committed() >= before + 20, 40), "no commit after the restart"
+    finally:
+        work.stop_issuing()
+        work.close()
+        lab.down(cluster)
+        if again is not None:
+            again.kill()
+            again.wait()

@@ -174,8 +174,16 @@ class Workload:
         self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                  client_id=f"ebft-{self.cluster}-workload")
         self._mqtt.on_message = self._on_message
+        self._mqtt.on_connect = self._on_connect
         self._subscribed = threading.Event()
         self._mqtt.on_subscribe = lambda *a: self._subscribed.set()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        """Subscribe to the replies on every connection: a broker that restarted, or a
+        reconnection with a clean session, has forgotten the subscription."""
+        if not reason.is_failure:
+            client.subscribe(f"ebft/{self.cluster}/rep/+", qos=0)
 
     def _topic(self, kind: str, client: int) -> str:
         return f"ebft/{self.cluster}/{kind}/{client}"
@@ -187,7 +195,6 @@ class Workload:
         """Connect, subscribe to replies and start issuing requests."""
         self._mqtt.connect(self.host, self.port, keepalive=30)
         self._mqtt.loop_start()
-        self._mqtt.subscribe(f"ebft/{self.cluster}/rep/+", qos=0)
         if not self._subscribed.wait(10):
             raise RuntimeError("workload: broker did not acknowledge the reply subscription")
         with self._lock:
