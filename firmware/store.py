@@ -8,8 +8,8 @@
 #   leaves either the old or the new bytes, never a torn file (LittleFS and POSIX rename are
 #   atomic, and replace an existing destination).
 # - The replica decides how often state changes (once per view and per stable checkpoint for
-#   its record, once per executed batch for its pages), which bounds flash writes; this module
-#   writes exactly when asked, and Flash counts what it writes.
+#   its record, once per checkpoint interval for each page it changed), which bounds flash
+#   writes; this module writes exactly when asked, and Flash counts what it writes.
 import os
 
 STATE_PATH = "state.cbor"

@@ -20,7 +20,8 @@
 #   hints, never trusted: a transferred state is checked against the digest.
 # - RAM is bounded by the cache (`cache_pages` decoded pages, policy of cache.py) and the tags
 #   (2 bytes per page), whatever the number of keys. Pages written since the last flush are
-#   dirty; flush() writes them (once per executed batch), and evicting one writes it first.
+#   dirty; flush() writes them (the state flushes at each checkpoint), and evicting one
+#   writes it first, so a page changed by many batches of an interval is written once.
 import hashlib
 
 from . import cbor

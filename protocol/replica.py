@@ -15,7 +15,9 @@
 #   flash (state.py: only the pages that differ from ours).
 # - The executed state lives on flash (state.State: the ledger's pages, the client table's
 #   pages, checkpoint records): RAM holds page caches, whatever the number of keys or clients.
-#   Each executed batch writes the pages it changed; a checkpoint writes its record (its digest
+#   Pages a batch changes stay in the cache until it evicts them or the next checkpoint
+#   writes them (nothing above the stable checkpoint survives a restart, so a page needs to
+#   reach flash only before the record that names it); a checkpoint writes its record (its digest
 #   covers both stores' incremental digests, so taking it reads no page); a stable checkpoint
 #   is committed on flash, and only it survives a restart.
 # - A replica that lags executes a sequence number on a commit certificate (matching
@@ -662,7 +664,6 @@ class Replica:
                 self._send_reply(req.sender, req.timestamp, result)
             results.append([req.sender, req.timestamp, result])
         self.counts["executed_requests"] += len(results)
-        self.state.flush()  # the batch's pages, written together
         log.mark_executed(i)
         self.missing.pop(seq, None)
         self.last_exec = seq

@@ -22,8 +22,10 @@
 #   the pages match the record's digests. A checkpoint being served stays readable while the
 #   stable checkpoint moves on (pin(): its versions are not folded and its record is kept, for
 #   at most _PINNED_VERSIONS_MAX versions), so a transfer under load can finish.
-# - Flash writes per executed batch: the pages it changed (once each); per checkpoint: its
-#   record; per stable checkpoint: the commit record and renames.
+# - Flash writes per checkpoint interval: the pages its batches changed, each once (when the
+#   cache evicts it, or at the checkpoint) and the record; per stable checkpoint: the commit
+#   record and renames. A version above h is not trusted after a restart (open() deletes it),
+#   so its pages need not reach flash before its checkpoint is taken.
 import hashlib
 
 from . import cbor
