@@ -6,10 +6,17 @@ client think times) comes from one ``random.Random(seed)``, and every input reac
 through an event queue ordered by (simulated ms, insertion number), so a seed replays exactly.
 
 Rules:
-- Faults are benign here (crash, partition, loss, delay, reboot): every replica is correct, so
-  any disagreement between replicas is a protocol bug. At most f replicas are down at once;
-  partitions may cut any group. Everything heals at ``fault_ms``; from then the run goes on until
-  every request is accepted or ``liveness_ms`` more have passed.
+- Faults are benign here (crash, partition, loss, delay, reboot, pause): every replica is
+  correct, so any disagreement between replicas is a protocol bug. At most f replicas are down
+  (crashed, rebooting or paused) at once; partitions may cut any group.
+- Each replica runs inside a protocol/node.py Node, as on a board: the simulator feeds it
+  messages, a tick every TICK_MS, its peers' heartbeats every STATUS_INTERVAL_MS (cut by
+  partitions and losses like any message) and the broker's Last Will ("offline") when a peer
+  crashes, so the seeds cover the node's suspicion and stall gates. A paused replica (a
+  SIGSTOP) handles nothing and sends nothing until it resumes; what reached it meanwhile is
+  read then, after the tick that finds the stall.
+- Everything heals at ``fault_ms``; from then the run goes on until every request is accepted
+  or ``liveness_ms`` more have passed.
 - Verdicts come from checkers over the run's history (Jepsen's model), never from what the
   replicas claim about themselves: safety (executed and stable digests agree per sequence
   number), client safety (one accepted result per request) and liveness (all accepted in time).
@@ -23,9 +30,9 @@ Rules:
 - A replica exception (an assert is our own invariant) ends the seed with verdict ``error``
   (unless the history up to it is already unsafe: ``unsafe`` outranks ``error``).
 
-The replica contract this module drives (protocol/replica.py): ``receive(wire, now_ms)``,
-``tick(now_ms)`` at ``next_timer()``, the ``out`` and ``events`` lists (drained and cleared
-after every call), and ``durable()`` / ``Replica.restore(...)`` for a restart.
+The contract this module drives: protocol/node.py's inputs (message, heartbeat, offline,
+tick), the replica's ``out`` and ``events`` lists (drained and cleared after every input), and
+``durable()`` / ``Replica.restore(...)`` for a restart.
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ from edgebft.keys import ClusterKeys, generate_keys
 from edgebft.protocol import replica as rp
 from edgebft.protocol.byzantine import BEHAVIOURS, misbehave
 from edgebft.protocol.client import ClientCore
+from edgebft.protocol.node import STATUS_INTERVAL_MS, TICK_MS, Node
 from edgebft.protocol.stake import Stake
 from edgebft.workload import ACCOUNTS, genesis, operation
 
-FAULT_KINDS = ("crash", "partition", "loss", "delay", "reboot")
+FAULT_KINDS = ("crash", "partition", "loss", "delay", "reboot", "pause")
+_DOWN_KINDS = ("crash", "reboot", "pause")  # faults that take a replica out while they last
 TWINS = "twins"
 SIM_BEHAVIOURS = BEHAVIOURS + (TWINS,)  # what a Byzantine replica may do in the simulator
 VERDICT_OK = "ok"
@@ -204,6 +213,8 @@ class SeedResult:
     replay: str
     fault_kinds: tuple[str, ...] = ()  # the faults that started, by kind (one entry each)
     transfers: int = 0  # state transfers the correct replicas completed
+    stalls: int = 0      # ticks of correct replicas' nodes that found a stall (since restart)
+    suspicions: int = 0  # view changes their failure detectors started (since restart)
 
     @property
     def ok(self) -> bool:
@@ -237,7 +248,7 @@ class Fault:
     kind: str                         # FAULT_KINDS or TWINS (a twin phase)
     start_ms: int
     end_ms: int
-    replica: int = -1                 # crash, reboot, delay
+    replica: int = -1                 # crash, reboot, pause, delay
     side: frozenset[int] = frozenset()  # partition: one group; twins: the second twins' side
     loss_p: float = 0.0
     delay_ms: int = 0
@@ -309,8 +320,8 @@ def _draw_fault(kind: str, start: int, end: int, active: list[Fault], f: int,
                 options: SimOptions, rng: random.Random) -> Fault | None:
     """One fault of ``kind`` that fits beside the overlapping ``active`` ones, or None."""
     n = options.nodes
-    if kind in ("crash", "reboot"):
-        down = {x.replica for x in active if x.kind in ("crash", "reboot")}
+    if kind in _DOWN_KINDS:
+        down = {x.replica for x in active if x.kind in _DOWN_KINDS}
         if len(down) >= f:
             return None
         return Fault(kind, start, end, replica=rng.choice([i for i in range(n) if i not in down]))
@@ -327,15 +338,18 @@ def _draw_fault(kind: str, start: int, end: int, active: list[Fault], f: int,
 
 
 # Event queue kinds: (time_ms, order, kind, a, b). A replica there is an instance (below).
-_DELIVER = 0       # a: replica, b: (incarnation, wire)
+_DELIVER = 0       # a: replica, b: (incarnation, wire, sender id or None for a client)
 _REPLY = 1         # a: client, b: wire
-_TIMER = 2         # a: replica, b: incarnation
+_TICK = 2          # a: replica, b: incarnation
 _RETRANSMIT = 3    # a: client, b: timestamp
 _ISSUE = 4         # a: client, b: None
 _FAULT_START = 5   # a: fault index
 _FAULT_END = 6     # a: fault index
-_EVENT_NAMES = {_DELIVER: "delivery", _REPLY: "reply", _TIMER: "tick", _RETRANSMIT: "retransmit",
-                _ISSUE: "issue", _FAULT_START: "fault start", _FAULT_END: "heal"}
+_BEAT = 7          # a: replica, b: incarnation (it sends its heartbeats)
+_HEARD = 8         # a: replica, b: (incarnation, sender id, offline?) (a heartbeat arrives)
+_EVENT_NAMES = {_DELIVER: "delivery", _REPLY: "reply", _TICK: "tick", _RETRANSMIT: "retransmit",
+                _ISSUE: "issue", _FAULT_START: "fault start", _FAULT_END: "heal",
+                _BEAT: "heartbeat", _HEARD: "heartbeat"}
 
 
 class _Client:
@@ -388,22 +402,23 @@ class Simulation:
         self.keys = seeded_keys(n, self.rng)
         self.genesis = genesis()
         self.genesis.update({f"fill{k}": 1 for k in range(options.state_keys)})
-        self.replicas = [self._new_replica(i) for i in range(n)]
+        self.nodes = [Node(self._new_replica(i), STATUS_INTERVAL_MS) for i in range(n)]
         drawn = fault_schedule(options, self.rng)
         phases = twin_phases(options, self.rng)
         self.faults = (drawn if faults is None else list(faults)) + phases
         self.twinned = sorted(self.byzantine) if phases else []
-        self.replicas += [self._new_replica(i) for i in self.twinned]
+        self.nodes += [Node(self._new_replica(i), STATUS_INTERVAL_MS) for i in self.twinned]
         self.node = list(range(n)) + self.twinned
         self.instances = [[k for k, i in enumerate(self.node) if i == j] for j in range(n)]
         # The twin side of every instance (0: the first twins' side) while a phase lasts.
         self.twin_side: list[int] | None = None
         self.twin_cut = False
-        count = len(self.replicas)
+        count = len(self.nodes)
         self.incarnation = [0] * count
         self.up = [True] * count
-        self.skipped: set[int] = set()  # crash/reboot faults not started: one was recovering
-        self.timer_at: list[int | None] = [None] * count
+        self.paused = [False] * count
+        self.backlog: list[list[tuple[int, Any]]] = [[] for _ in range(count)]  # while paused
+        self.skipped: set[int] = set()  # down faults not started: one was recovering
         self.side: frozenset[int] | None = None  # active partition
         self.loss_p = 0.0
         self.delay_ms = [0] * n
@@ -422,6 +437,11 @@ class Simulation:
         self.scheduled = 0  # requests issued or waiting out a think time
 
     # ------------------------------------------------------------------ replicas
+
+    @property
+    def replicas(self) -> list[rp.Replica]:
+        """The replica of every instance, in instance order."""
+        return [node.replica for node in self.nodes]
 
     def _replica_kwargs(self) -> dict[str, Any]:
         return {"genesis": self.genesis,
@@ -442,7 +462,7 @@ class Simulation:
         Its old object has received nothing since the crash, so its ``durable()`` now is what
         a runtime saving after every call would have on flash at the crash.
         """
-        old = self.replicas[i]
+        old = self.nodes[i].replica
         r = rp.Replica.restore(old.durable(), i, self.stake, self.keys.pairwise[i],
                                self.keys.client_secrets[i], flash=old.state.flash,
                                **self._replica_kwargs())
@@ -469,7 +489,8 @@ class Simulation:
         """Route instance k's outbox and record its events, then clear both lists. A Byzantine
         replica's outbox is rewritten first (twins need no rewriting), and its events are not
         history: the checkers judge the correct replicas only."""
-        r = self.replicas[k]
+        node = self.nodes[k]
+        r = node.replica
         i = self.node[k]
         if i in self.byzantine:
             if self.options.behaviour != TWINS:
@@ -490,14 +511,7 @@ class Simulation:
         for event in r.events:
             self.history.append((event[0], self.now, i) + tuple(event[1:]))
         del r.events[:]
-        deadline = r.next_timer()
-        if deadline is not None:
-            # At least 1 ms ahead: a deadline already due fires next ms, never in a loop at now.
-            deadline = max(deadline, self.now + 1)
-            current = self.timer_at[k]
-            if current is None or deadline < current:
-                self.timer_at[k] = deadline
-                self._push(deadline, _TIMER, k, self.incarnation[k])
+        del node.detector.events[:]
 
     # ------------------------------------------------------------------ network
 
@@ -533,7 +547,7 @@ class Simulation:
             self.dropped += 1
             return
         self._push(self.now + latency + self.delay_ms[self.node[dst]], _DELIVER, dst,
-                   (self.incarnation[dst], wire))
+                   (self.incarnation[dst], wire, self.node[src]))
 
     def _send_to_client(self, src: int, client: int, wire: bytes) -> None:
         latency = self._latency(src)
@@ -544,31 +558,84 @@ class Simulation:
 
     def _client_broadcast(self, wire: bytes) -> None:
         """A request goes to every replica (on MQTT each subscribes the request topic)."""
-        for k in range(len(self.replicas)):
+        for k in range(len(self.nodes)):
             latency = self._latency(self.node[k])
             if latency is None:
                 self.dropped += 1
             else:
-                self._push(self.now + latency, _DELIVER, k, (self.incarnation[k], wire))
+                self._push(self.now + latency, _DELIVER, k, (self.incarnation[k], wire, None))
+
+    def _send_heartbeat(self, src: int, offline: bool = False) -> None:
+        """Instance src's status (or its Last Will, which the broker publishes for it) reaches
+        the others like any message of it: partitions and losses cut it."""
+        for dst in range(len(self.nodes)):
+            if self.node[dst] == self.node[src] or not self._linked(src, dst):
+                continue
+            latency = self._latency(self.node[src])
+            if latency is None:
+                self.dropped += 1
+                continue
+            self._push(self.now + latency + self.delay_ms[self.node[dst]], _HEARD, dst,
+                       (self.incarnation[dst], self.node[src], offline))
 
     # ------------------------------------------------------------------ handlers
 
-    def _on_deliver(self, i: int, incarnation: int, wire: bytes) -> None:
+    def _on_deliver(self, i: int, incarnation: int, wire: bytes, sender: int | None) -> None:
         if not self.up[i] or incarnation != self.incarnation[i]:
             self.dropped += 1  # sent to a crashed replica, or to its previous life
             return
+        if self.paused[i]:
+            self.backlog[i].append((_DELIVER, (incarnation, wire, sender)))
+            return
         self.delivered += 1
-        self.replicas[i].receive(wire, self.now)
+        self.nodes[i].message(wire, sender, self.now)
         self._drain(i)
 
-    def _on_timer(self, i: int, incarnation: int) -> None:
+    def _on_heard(self, i: int, incarnation: int, sender: int, offline: bool) -> None:
         if not self.up[i] or incarnation != self.incarnation[i]:
             return
-        if self.timer_at[i] != self.now:
-            return  # superseded by an earlier deadline that already fired
-        self.timer_at[i] = None
-        self.replicas[i].tick(self.now)
+        if self.paused[i]:
+            self.backlog[i].append((_HEARD, (incarnation, sender, offline)))
+            return
+        if offline:
+            self.nodes[i].offline(sender, self.now)
+        else:
+            self.nodes[i].heartbeat(sender, self.now)
         self._drain(i)
+
+    def _on_tick(self, i: int, incarnation: int) -> None:
+        if not self.up[i] or incarnation != self.incarnation[i] or self.paused[i]:
+            return  # a paused replica's next tick comes when it resumes
+        self.nodes[i].tick(self.now)
+        self._drain(i)
+        self._push(self.now + TICK_MS, _TICK, i, incarnation)
+
+    def _on_beat(self, i: int, incarnation: int) -> None:
+        if not self.up[i] or incarnation != self.incarnation[i]:
+            return
+        if not self.paused[i]:
+            self._send_heartbeat(i)
+        self._push(self.now + STATUS_INTERVAL_MS, _BEAT, i, incarnation)
+
+    def _start(self, i: int) -> None:
+        """Instance i (just created or restarted) starts ticking and sending heartbeats."""
+        incarnation = self.incarnation[i]
+        self._push(self.now + self.rng.randint(1, TICK_MS), _TICK, i, incarnation)
+        self._push(self.now + self.rng.randint(1, STATUS_INTERVAL_MS), _BEAT, i, incarnation)
+
+    def _resume(self, i: int) -> None:
+        """Paused instance i runs again: its first tick finds the stall, then it reads what
+        reached it meanwhile, in order."""
+        self.paused[i] = False
+        if not self.up[i]:
+            return
+        backlog, self.backlog[i] = self.backlog[i], []
+        self._on_tick(i, self.incarnation[i])
+        for kind, b in backlog:
+            if kind == _DELIVER:
+                self._on_deliver(i, *b)
+            else:
+                self._on_heard(i, *b)
 
     def _on_issue(self, c: int) -> None:
         client = self.clients[c]
@@ -615,7 +682,7 @@ class Simulation:
     def _on_fault(self, index: int, start: bool) -> None:
         fault = self.faults[index]
         kind = fault.kind
-        if kind in ("crash", "reboot") and (index in self.skipped or start and any(
+        if kind in _DOWN_KINDS and (index in self.skipped or start and any(
                 r.recovering() for j, r in enumerate(self.replicas) if j != fault.replica)):
             # A replica still recovering from a reboot counts toward f (PBFT-NOTES RC2):
             # crashing another now would exceed the faults the protocol tolerates.
@@ -630,13 +697,21 @@ class Simulation:
             self.loss_p = fault.loss_p if start else 0.0
         elif kind == "delay":
             self.delay_ms[fault.replica] = fault.delay_ms if start else 0
+        elif kind == "pause":
+            for k in self.instances[fault.replica]:
+                if start:
+                    self.paused[k] = True
+                else:
+                    self._resume(k)
         elif start:
             self.up[fault.replica] = False
+            self.backlog[fault.replica] = []
             # The power goes in the middle of whatever the replica was writing: its last few
             # flash operations never happened (drawn apart from self.rng, so that the rest of
             # a seed's schedule is the same with and without torn writes).
             cut = random.Random(f"{self.seed}/cut/{index}").randint(0, CUT_OPERATIONS_MAX)
-            self.replicas[fault.replica].state.flash.cut(cut)
+            self.nodes[fault.replica].replica.state.flash.cut(cut)
+            self._send_heartbeat(fault.replica, offline=True)  # the broker's Last Will
         else:
             self._restart(fault.replica)
 
@@ -658,10 +733,11 @@ class Simulation:
     def _restart(self, i: int) -> None:
         assert not self.up[i]
         self.incarnation[i] += 1
-        self.replicas[i] = self._restarted_replica(i)
+        self.nodes[i] = Node(self._restarted_replica(i), STATUS_INTERVAL_MS, clock=self.now)
         self.up[i] = True
-        self.timer_at[i] = None
+        self.paused[i] = False
         self._drain(i)
+        self._start(i)
 
     # ------------------------------------------------------------------ run
 
@@ -673,8 +749,9 @@ class Simulation:
             self._push(fault.end_ms, _FAULT_END, index, None)
         for c in range(len(self.clients)):
             self._schedule_issue(c)
-        for i in range(len(self.replicas)):
-            self._drain(i)  # arms the first timers
+        for i in range(len(self.nodes)):
+            self._drain(i)
+            self._start(i)
         deadline_ms = options.fault_ms + options.liveness_ms
         error = None
         try:
@@ -714,11 +791,15 @@ class Simulation:
             self.now = at_ms
             self.current = (kind, a)
             if kind == _DELIVER:
-                self._on_deliver(a, b[0], b[1])
+                self._on_deliver(a, *b)
             elif kind == _REPLY:
                 self._on_reply(a, b)
-            elif kind == _TIMER:
-                self._on_timer(a, b)
+            elif kind == _TICK:
+                self._on_tick(a, b)
+            elif kind == _HEARD:
+                self._on_heard(a, *b)
+            elif kind == _BEAT:
+                self._on_beat(a, b)
             elif kind == _RETRANSMIT:
                 self._on_retransmit(a, b)
             elif kind == _ISSUE:
@@ -753,7 +834,14 @@ class Simulation:
             history_digest=history_digest(self.history),
             replay=options.replay_command(self.seed),
             fault_kinds=tuple(e[2].split()[0] for e in self.history if e[0] == "fault"),
-            transfers=sum(1 for e in self.history if e[0] == "transferred"))
+            transfers=sum(1 for e in self.history if e[0] == "transferred"),
+            stalls=sum(self._correct_counts("stalls")),
+            suspicions=sum(self._correct_counts("suspicions")))
+
+    def _correct_counts(self, name: str) -> list[int]:
+        """A Node count of each correct replica's current instance (since its last restart)."""
+        return [self.nodes[i].counts[name] for i in range(self.options.nodes)
+                if i not in self.byzantine]
 
 
 # ---------------------------------------------------------------------- checkers

@@ -11,8 +11,10 @@ from click.testing import CliRunner
 from edgebft.cli import cli, main
 from edgebft.sim import (
     FAULT_KINDS,
+    Fault,
     SimError,
     SimOptions,
+    Simulation,
     fault_schedule,
     parse_behaviours,
     parse_faults,
@@ -73,7 +75,33 @@ def test_300_seeds_with_all_faults_are_safe_and_live_after_healing() -> None:
     assert sum(r.dropped for r in summary.results) > 0, "faults should have dropped messages"
     assert sum(r.view_changes for r in summary.results) > 0, "some seeds changed views"
     kinds = {kind for r in summary.results for kind in r.fault_kinds}
-    assert kinds == {"crash", "partition", "loss", "delay", "reboot"}
+    assert kinds == set(FAULT_KINDS)
+    assert sum(r.stalls for r in summary.results) > 0, "pauses should have stalled nodes"
+
+
+def test_the_node_policy_runs_in_the_simulator_a_crashed_primary_is_suspected_at_once() -> None:
+    """The broker's Last Will for a crashed primary reaches the nodes' detectors, whose
+    suspicion gate starts the view change long before the view-change timer would."""
+    options = SimOptions(faults=(), view_timeout_ms=10_000, requests=20, liveness_ms=20_000)
+    sim = Simulation(3, options, faults=[Fault("crash", 1_000, 4_000, replica=0)])
+    result = sim.run()
+    assert result.ok, result.reasons
+    assert result.suspicions >= 1
+    first_view = min(e[1] for e in sim.history if e[0] == "view" and e[3] >= 1)
+    assert 1_000 < first_view < 1_000 + options.view_timeout_ms // 2
+
+
+def test_a_paused_replica_stalls_and_does_not_time_its_peers_out() -> None:
+    """A paused backup (SIGSTOP): the tick that resumes it finds the stall, so the pause
+    counts for none of its timeouts, and it reads what came meanwhile before judging anyone:
+    no view change follows."""
+    options = SimOptions(faults=(), requests=20)
+    sim = Simulation(5, options, faults=[Fault("pause", 1_000, 3_000, replica=2)])
+    result = sim.run()
+    assert result.ok, result.reasons
+    assert result.stalls >= 1
+    assert result.suspicions == 0
+    assert not [e for e in sim.history if e[0] == "view_change"]
 
 
 def test_seeds_with_a_large_state_transfer_it_and_stay_safe_and_live() -> None:
@@ -97,7 +125,7 @@ def test_fault_schedules_keep_at_most_f_down_and_heal_by_the_end() -> None:
         assert all(0 < x.start_ms <= x.end_ms <= options.fault_ms for x in faults)
         for t in sorted({x.start_ms for x in faults}):
             active = [y for y in faults if y.start_ms <= t < y.end_ms]
-            down = [y.replica for y in active if y.kind in ("crash", "reboot")]
+            down = [y.replica for y in active if y.kind in ("crash", "reboot", "pause")]
             assert len(down) <= f
             for kind in ("partition", "loss"):
                 assert sum(y.kind == kind for y in active) <= 1

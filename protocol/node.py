@@ -1,0 +1,132 @@
+# A node: one replica, its failure detector and the policy that joins them. A board runs it
+# (firmware/runtime.py only moves bytes between MQTT and it) and so does the simulator
+# (host/sim.py), so the seeds exercise the policy the boards run.
+#
+# Rules:
+# - Sans-I/O. Inputs: message(wire, sender, clock), heartbeat(peer, clock), offline(peer,
+#   clock) and tick(clock), where clock is the node's monotonic clock in ms (since boot) and
+#   sender the replica a message came from (None: a client's request). Outputs: the replica's
+#   `out` and `events` and the detector's `events`, which the driver routes and empties after
+#   each input.
+# - Time: the replica runs on clock + skew_ms (an injected clock fault); the detector measures
+#   durations on the clock itself, which a skew offsets but does not speed up.
+# - Heartbeats: a peer's status messages (its heartbeats, every status interval) feed the
+#   detector; its "offline" (the broker's Last Will for it) suspects it at once. Any message
+#   from a suspected peer is a heartbeat too: a node that was cut off itself must not go on
+#   suspecting the primary of a view it just installed until that primary's next status.
+# - Stall gate: a tick _STALL_MS or more after the previous one means the node itself stood
+#   still (a SIGSTOP, a long flash write): that time counts for none of the replica's timeouts
+#   nor the detector's, so what the peers sent meanwhile is read before they are judged. Never
+#   two ticks in a row: a node that is merely slow still times out.
+# - Suspicion gate: a suspected primary starts a view change (Replica.suspect) only when
+#   requests wait and nothing executed for _NO_PROGRESS_MS: a primary that a lossy link hides
+#   from our detector while the cluster goes on (an omission fault) is not worth leaving the
+#   others for, alone in a higher view. Checked after every heartbeat and tick, in each view.
+# - counts: "stalls" (ticks that found a stall) and "suspicions" (view changes the detector
+#   started): the simulator's seeds and the status report them.
+# - Memory: fixed; `checkpoints` keeps the newest _CHECKPOINTS_KEPT executed [seq, digest].
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = int
+
+from .detector import Detector
+
+TICK_MS = const(20)
+STATUS_INTERVAL_MS = const(500)  # the default heartbeat (status) interval
+_STALL_MS = const(100)
+_NO_PROGRESS_MS = const(50)
+_CHECKPOINTS_KEPT = const(4)
+
+
+class Node:
+    """``replica`` (protocol/replica.py) watched by a phi-accrual detector of its peers
+    (``detector``: Detector's keyword arguments; the first heartbeat's seeds assume
+    ``status_interval_ms``). ``clock``: the clock at creation (ms)."""
+
+    def __init__(self, replica, status_interval_ms, detector=None, clock=0):
+        self.replica = replica
+        self.detector = Detector(replica.stake.n, replica.me, first_ms=status_interval_ms,
+                                 **(detector or {}))
+        self.skew_ms = 0
+        self.before = clock     # the clock at the previous tick
+        self.stalled = False    # did the previous tick find a stall?
+        self.executed = replica.last_exec  # the replica's last_exec when it last moved ...
+        self.progress_ms = clock           # ... and when (clock)
+        self.checkpoints = []   # [[seq, digest]], the newest _CHECKPOINTS_KEPT executed
+        self.counts = {"stalls": 0, "suspicions": 0}
+
+    def message(self, wire, sender, clock):
+        """A protocol message (``sender``: the replica whose topic it came on) or a client's
+        request (``sender`` None)."""
+        d = self.detector
+        if sender is not None and 0 <= sender < d.n and d.suspect[sender]:
+            d.heartbeat(sender, clock)
+        self.replica.receive(wire, clock + self.skew_ms)
+        self._note_events()
+
+    def heartbeat(self, peer, clock):
+        self.detector.heartbeat(peer, clock)
+        self._detected(clock)
+
+    def offline(self, peer, clock):
+        self.detector.offline(peer, clock)
+        self._detected(clock)
+
+    def tick(self, clock):
+        """Every TICK_MS: the stall gate, the replica's timers and the detector."""
+        r = self.replica
+        gap = clock - self.before
+        self.before = clock
+        self.stalled = not self.stalled and gap >= _STALL_MS
+        if self.stalled:
+            self.counts["stalls"] += 1
+            r.stalled(gap)
+            self.detector.stalled(gap, clock)
+        now = clock + self.skew_ms
+        if now >= r.next_timer():
+            r.tick(now)
+            self._note_events()
+        self.detector.check(clock)
+        self._detected(clock)
+
+    def _detected(self, clock):
+        """Start a view change if the primary is suspected and the replica is stuck."""
+        r = self.replica
+        if r.last_exec != self.executed:
+            self.executed = r.last_exec
+            self.progress_ms = clock
+        if (self.detector.suspect[r.primary()] and not r.limbo and r.waiting
+                and clock - self.progress_ms >= _NO_PROGRESS_MS):
+            r.suspect(clock + self.skew_ms)
+            if r.limbo:
+                self.counts["suspicions"] += 1
+            self._note_events()
+
+    def _note_events(self):
+        """Keep the checkpoints the replica executed since (its events stay for the driver,
+        which may call this again before it empties them: each checkpoint is kept once)."""
+        r = self.replica
+        kept = self.checkpoints
+        for event in r.events:
+            if (event[0] == "executed" and event[1] % r.K == 0
+                    and (not kept or event[1] > kept[-1][0])):
+                self.checkpoints.append([event[1], event[2]])
+                if len(self.checkpoints) > _CHECKPOINTS_KEPT:
+                    self.checkpoints.pop(0)
+
+    def status(self, clock):
+        """The protocol's part of the node's status map (the driver adds its own: heap,
+        transport, faults)."""
+        r = self.replica
+        return {
+            "view": r.view, "limbo": r.limbo, "view_changes": r.counts["view_changes"],
+            "primary": r.primary(), "seq": r.seq, "last_exec": r.last_exec,
+            "digest": r.ledger.digest, "stable": r.h, "checkpoints": self.checkpoints,
+            "rx": r.counts["rx"], "tx": r.counts["tx"],
+            "executed_requests": r.counts["executed_requests"], "drops": r.drops,
+            "pending": len(r.pending), "slots": len(r.live_slots()),
+            "store": r.state.counts(), "transfer_bytes": r.counts["transfer_bytes"],
+            "stalls": self.counts["stalls"], "suspicions": self.counts["suspicions"],
+            "phi": [self.detector.phi(j, clock) for j in range(r.stake.n)],
+        }
