@@ -432,7 +432,7 @@ SIM_FAILURES_SHOWN = 10
 @click.option("--seed", default=None, type=int,
               help="Run this one seed only (replays a failure exactly).")
 @click.option("--faults", "faults_text", default="all", show_default=True, metavar="KINDS",
-              help="Comma list of crash,partition,loss,delay,reboot; or all, or none.")
+              help="Comma list of crash,partition,loss,delay,reboot,pause; or all, or none.")
 @click.option("--requests", default=_SimDefaults.requests, show_default=True,
               help="Client requests per seed (all must be accepted for liveness).")
 @click.option("--clients", default=_SimDefaults.clients, show_default=True,
@@ -475,11 +475,16 @@ SIM_FAILURES_SHOWN = 10
 @click.option("--state-keys", default=0, show_default=True, metavar="N",
               help="N more genesis accounts, so state transfers move a large state (only the "
                    "pages that differ).")
+@click.option("--beyond-bound", is_flag=True,
+              help="Let faults take 1/3 of the stake or more: by default the replicas down "
+                   "(crash, reboot, pause), cut off by a partition (its smaller side by stake) "
+                   "and Byzantine hold less than 1/3 of the stake in force. Beyond it a seed "
+                   "may be unsafe or not live; the checkers must say so.")
 def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults_text: str,
         requests: int, clients: int, loss_max: float, delay_ms_max: int, fault_ms: int,
         liveness_ms: int, checkpoint_interval: int, view_timeout_ms: int, safety_only: bool,
         plant: str | None, stake: str | None, byzantine: str | None, behaviour_text: str,
-        churn: bool, state_keys: int) -> None:
+        churn: bool, state_keys: int, beyond_bound: bool) -> None:
     """Deterministic simulation: whole clusters in-process on a simulated network and clock.
 
     Each seed draws keys, latencies, faults and client timing from random.Random(seed), runs
@@ -501,7 +506,7 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
                          view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant),
                          stake=tuple(_parse_stake(stake) or ()) or None,
                          byzantine=tuple(_parse_ids(byzantine, "--byzantine") or ()),
-                         churn=churn, state_keys=state_keys)
+                         churn=churn, state_keys=state_keys, beyond_bound=beyond_bound)
     try:
         behaviours = parse_behaviours(behaviour_text)
     except SimError as e:

@@ -7,8 +7,12 @@ through an event queue ordered by (simulated ms, insertion number), so a seed re
 
 Rules:
 - Faults are benign here (crash, partition, loss, delay, reboot, pause): every replica is
-  correct, so any disagreement between replicas is a protocol bug. At most f replicas are down
-  (crashed, rebooting or paused) at once; partitions may cut any group.
+  correct, so any disagreement between replicas is a protocol bug. The bound is in stake: the
+  replicas down (crashed, rebooting or paused), those a partition cuts off (its smaller side,
+  by stake) and the Byzantine ones together hold less than 1/3 of the stake, of the genesis set
+  when the schedule is drawn and of the set in force when a fault starts (with churn: a fault
+  that would break it then is skipped). ``beyond_bound`` drops the bound on purpose: then the
+  checkers must find the run unsafe or not live, or it is ok; it never forks silently.
 - Each replica runs inside a protocol/node.py Node, as on a board: the simulator feeds it
   messages, a tick every TICK_MS, its peers' heartbeats every STATUS_INTERVAL_MS (cut by
   partitions and losses like any message) and the broker's Last Will ("offline") when a peer
@@ -109,6 +113,7 @@ class SimOptions:
     behaviour: str = "silent"                 # SIM_BEHAVIOURS
     churn: bool = False                       # every other request bonds or unbonds stake
     state_keys: int = 0                       # extra genesis accounts: a large state to move
+    beyond_bound: bool = False                # faults may take 1/3 of stake or more
 
     def weights(self) -> list[int]:
         return list(self.stake) if self.stake is not None else [1] * self.nodes
@@ -180,6 +185,8 @@ class SimOptions:
             cmd += f" --behaviour {self.behaviour}"
         if self.churn:
             cmd += " --churn"
+        if self.beyond_bound:
+            cmd += " --beyond-bound"
         if self.state_keys:
             cmd += f" --state-keys {self.state_keys}"
         return cmd
@@ -279,8 +286,6 @@ def fault_schedule(options: SimOptions, rng: random.Random) -> list[Fault]:
     kinds = list(options.faults)
     if not kinds or options.fault_ms <= 0:
         return []
-    # Byzantine replicas already use up part of f: benign crashes only get the rest.
-    f = (options.nodes - 1) // 3 - len(options.byzantine)
     faults: list[Fault] = []
     t = 0
     while True:
@@ -291,7 +296,7 @@ def fault_schedule(options: SimOptions, rng: random.Random) -> list[Fault]:
         length = rng.randint(*(REBOOT_DOWN_MS if kind == "reboot" else FAULT_LENGTH_MS))
         end = min(t + length, options.fault_ms)
         active = [x for x in faults if x.start_ms < end and t < x.end_ms]
-        fault = _draw_fault(kind, t, end, active, f, options, rng)
+        fault = _draw_fault(kind, t, end, active, options, rng)
         if fault is not None:
             faults.append(fault)
     for fault in faults:
@@ -316,20 +321,49 @@ def twin_phases(options: SimOptions, rng: random.Random) -> list[Fault]:
     return phases
 
 
-def _draw_fault(kind: str, start: int, end: int, active: list[Fault], f: int,
+def cut_off(fault: Fault, weights: Sequence[int]) -> frozenset[int]:
+    """The replicas ``fault`` takes out while it lasts: the one it takes down, or the smaller
+    side of a partition by stake (either side when they are equal: the one named)."""
+    if fault.kind in _DOWN_KINDS:
+        return frozenset((fault.replica,))
+    if fault.kind != "partition":
+        return frozenset()
+    side = fault.side
+    inside = sum(weights[i] for i in side)
+    if 2 * inside <= sum(weights):
+        return side
+    return frozenset(i for i in range(len(weights)) if i not in side)
+
+
+def within_bound(out: Iterable[int], weights: Sequence[int]) -> bool:
+    """Do the replicas ``out`` hold less than 1/3 of the stake?"""
+    return 3 * sum(weights[i] for i in set(out)) < sum(weights)
+
+
+def _draw_fault(kind: str, start: int, end: int, active: list[Fault],
                 options: SimOptions, rng: random.Random) -> Fault | None:
-    """One fault of ``kind`` that fits beside the overlapping ``active`` ones, or None."""
+    """One fault of ``kind`` that fits beside the overlapping ``active`` ones, or None: one
+    down fault per replica at a time, one window of each other kind, and (unless
+    ``options.beyond_bound``) the bound in stake of the genesis set."""
     n = options.nodes
+    weights = options.weights()
+    out = set(options.byzantine).union(*(cut_off(x, weights) for x in active))
+
+    def fits(more: Iterable[int]) -> bool:
+        return options.beyond_bound or within_bound(out.union(more), weights)
+
     if kind in _DOWN_KINDS:
         down = {x.replica for x in active if x.kind in _DOWN_KINDS}
-        if len(down) >= f:
+        choices = [i for i in range(n) if i not in down and fits((i,))]
+        if not choices:
             return None
-        return Fault(kind, start, end, replica=rng.choice([i for i in range(n) if i not in down]))
+        return Fault(kind, start, end, replica=rng.choice(choices))
     if any(x.kind == kind for x in active):
         return None
     if kind == "partition":
         size = rng.randint(1, n // 2)
-        return Fault(kind, start, end, side=frozenset(rng.sample(range(n), size)))
+        fault = Fault(kind, start, end, side=frozenset(rng.sample(range(n), size)))
+        return fault if fits(cut_off(fault, weights)) else None
     if kind == "loss":
         return Fault(kind, start, end, loss_p=rng.uniform(0.0, options.loss_max))
     assert kind == "delay"
@@ -682,10 +716,7 @@ class Simulation:
     def _on_fault(self, index: int, start: bool) -> None:
         fault = self.faults[index]
         kind = fault.kind
-        if kind in _DOWN_KINDS and (index in self.skipped or start and any(
-                r.recovering() for j, r in enumerate(self.replicas) if j != fault.replica)):
-            # A replica still recovering from a reboot counts toward f (PBFT-NOTES RC2):
-            # crashing another now would exceed the faults the protocol tolerates.
+        if index in self.skipped or start and not self._may_start(fault):
             self.skipped.add(index)
             return
         self.history.append(("fault" if start else "heal", self.now, fault.describe()))
@@ -714,6 +745,25 @@ class Simulation:
             self._send_heartbeat(fault.replica, offline=True)  # the broker's Last Will
         else:
             self._restart(fault.replica)
+
+    def _may_start(self, fault: Fault) -> bool:
+        """May ``fault`` start now? A down fault waits for no replica still recovering from a
+        reboot: that one counts toward the bound (PBFT-NOTES RC2). And unless the options go
+        beyond the bound, the replicas out with it hold less than 1/3 of the stake in force
+        (the newest validator set a correct replica knows: churn moves stake)."""
+        if fault.kind in _DOWN_KINDS and any(
+                r.recovering() for j, r in enumerate(self.replicas) if j != fault.replica):
+            return False
+        if self.options.beyond_bound or fault.kind not in _DOWN_KINDS + ("partition",):
+            return True
+        newest = max((self.nodes[i].replica for i in range(self.options.nodes)
+                      if i not in self.byzantine), key=lambda r: r.sets[-1][0])
+        weights = newest.sets[-1][1].weights
+        active = [x for k, x in enumerate(self.faults) if x is not fault and k not in self.skipped
+                  and x.start_ms <= self.now < x.end_ms]
+        out = set(self.byzantine).union(*(cut_off(x, weights) for x in active),
+                                        cut_off(fault, weights))
+        return within_bound(out, weights)
 
     def _twin_phase(self, phase: Fault, start: bool) -> None:
         """Start or end a twin phase; the end of the last (at the heal point) silences the

@@ -4,6 +4,7 @@ its fault schedules and the ``edgebft sim`` command."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -15,12 +16,14 @@ from edgebft.sim import (
     SimError,
     SimOptions,
     Simulation,
+    cut_off,
     fault_schedule,
     parse_behaviours,
     parse_faults,
     run_many,
     run_seed,
     seeded_keys,
+    within_bound,
 )
 
 FAULT_FREE = SimOptions(faults=())
@@ -117,19 +120,59 @@ def test_seven_replicas_survive_faults() -> None:
     assert [(r.seed, r.verdict, r.reasons) for r in summary.failures] == []
 
 
-def test_fault_schedules_keep_at_most_f_down_and_heal_by_the_end() -> None:
-    for seed in range(200):
-        options = SimOptions(nodes=4 + seed % 4)
-        f = (options.nodes - 1) // 3
+def test_fault_schedules_keep_the_stake_bound_and_heal_by_the_end() -> None:
+    """Down, cut-off and Byzantine replicas together hold less than 1/3 of the stake, whatever
+    the stakes; with equal stakes that is at most f replicas."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        nodes = 4 + seed % 4
+        stake = None if seed % 3 == 0 else tuple(rng.choice((0, 1, 5, 30, 97))
+                                                 for _ in range(nodes))
+        if stake is not None and sum(stake) == 0:
+            continue
+        byzantine = (0,) if seed % 5 == 0 and within_bound({0}, stake or [1] * nodes) else ()
+        options = SimOptions(nodes=nodes, stake=stake, byzantine=byzantine)
+        weights = options.weights()
         faults = fault_schedule(options, random.Random(seed))
         assert all(0 < x.start_ms <= x.end_ms <= options.fault_ms for x in faults)
         for t in sorted({x.start_ms for x in faults}):
             active = [y for y in faults if y.start_ms <= t < y.end_ms]
-            down = [y.replica for y in active if y.kind in ("crash", "reboot", "pause")]
-            assert len(down) <= f
+            out = set(byzantine).union(*(cut_off(y, weights) for y in active))
+            assert 3 * sum(weights[i] for i in out) < sum(weights), (seed, active)
+            if stake is None:
+                down = [y for y in active if y.kind in ("crash", "reboot", "pause")]
+                assert len(down) <= (nodes - 1) // 3
             for kind in ("partition", "loss"):
                 assert sum(y.kind == kind for y in active) <= 1
     assert fault_schedule(FAULT_FREE, random.Random(1)) == []
+
+
+@pytest.mark.parametrize("stake", [(33, 33, 34, 0), (1, 1, 1, 97)])
+def test_unequal_stakes_within_the_bound_are_safe_and_live(stake: tuple[int, ...]) -> None:
+    options = SimOptions(stake=stake, faults=("crash", "partition", "loss"))
+    summary = run_many(options, range(1, 101))
+    assert [(r.seed, r.verdict, r.reasons) for r in summary.failures] == []
+    assert sum(r.faults for r in summary.results) > 100
+
+
+def test_beyond_the_bound_the_checkers_say_so() -> None:
+    """The replica with 97% of the stake is a quorum on its own: crashed, it stops the
+    cluster, and restarted, having forgotten its votes, it decides sequence numbers again
+    alone. --beyond-bound schedules crash it; the checkers report those seeds unsafe or not
+    live (never an error, never a silent fork); within the bound it is never crashed."""
+    options = SimOptions(stake=(1, 1, 1, 97), faults=("crash",), beyond_bound=True,
+                         liveness_ms=3_000)
+    summary = run_many(options, range(1, 41))
+    crashed_97 = [r for r in summary.results
+                  if any(e.kind == "crash" and e.replica == 3
+                         for e in Simulation(r.seed, options).faults)]
+    assert crashed_97
+    assert {r.verdict for r in crashed_97} <= {"ok", "unsafe", "not-live"}
+    assert {"unsafe", "not-live"} <= {r.verdict for r in crashed_97}
+    assert "--beyond-bound" in crashed_97[0].replay
+    within = replace(options, beyond_bound=False)
+    assert not [x for seed in range(1, 41) for x in Simulation(seed, within).faults
+                if x.kind == "crash" and x.replica == 3]
 
 
 def test_seeded_keys_are_symmetric_and_reproducible() -> None:
