@@ -52,6 +52,7 @@ _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around 
 # read. "gc_threshold_bytes" overrides it.
 _GC_THRESHOLD_MIN_BYTES = const(4096)
 _GC_FREE_SHARE = const(4)
+_ERROR_LOG_MS = const(10000)
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "fetch", "transferred", "restored",
                      "epoch", "store_error")
 
@@ -110,6 +111,8 @@ class Runtime:
             tx_max=messages.MESSAGE_BYTES_MAX)
         self.heap_peak = 0
         self.status_skipped = 0
+        self.errors_logged = 0      # node.counts["errors"] when log_errors() last printed ...
+        self.error_logged_ms = -_ERROR_LOG_MS  # ... and when
 
     def clock(self):
         """Monotonic ms since boot."""
@@ -136,26 +139,36 @@ class Runtime:
             self.mqtt.publish(self.topic_event, cbor.encode(["control", command or "rejected"]))
             return
         node = self.node
-        if topic.startswith(self.topic_req):
-            node.message(bytes(payload), None, self.clock())
-            self.drain()
-            return
-        j = self.sender(topic)
-        if j < 0 or j == self.me or self.faults.drop(j):
-            return
-        if topic.startswith("status", len(self.prefix)):  # .../status/<j>
-            if len(payload) == len(OFFLINE) and bytes(payload) == OFFLINE:
-                node.offline(j, self.clock())
-            else:  # a retained one too: it starts the clock of a peer silent since before
-                node.heartbeat(j, self.clock())  # we subscribed
-        else:  # from a replica: .../from/<j> or .../to/<me>/from/<j>
-            try:
-                node.message(bytes(payload), j, self.clock())
-            except MemoryError:
-                gc.collect()
-                print("out of memory: %d bytes free after collection" % gc.mem_free())
-                raise  # a board's watchdog reboots it; it restores from flash
+        j = None  # a client's request
+        if not topic.startswith(self.topic_req):
+            j = self.sender(topic)
+            if j < 0 or j == self.me or self.faults.drop(j):
+                return
+            if topic.startswith("status", len(self.prefix)):  # .../status/<j>
+                if len(payload) == len(OFFLINE) and bytes(payload) == OFFLINE:
+                    node.offline(j, self.clock())
+                else:  # a retained one too: it starts the clock of a peer silent since
+                    node.heartbeat(j, self.clock())  # before we subscribed
+                self.drain()
+                return
+        try:  # a request, or a replica's message: .../from/<j> or .../to/<me>/from/<j>
+            node.message(bytes(payload), j, self.clock())
+        except MemoryError:
+            gc.collect()
+            print("out of memory: %d bytes free after collection" % gc.mem_free())
+            raise  # a board's watchdog reboots it; it restores from flash
         self.drain()
+
+    def log_errors(self):
+        """One line for the messages that raised since the last one, at most every
+        _ERROR_LOG_MS (a flood of bad input must not become a flood of log lines)."""
+        errors = self.node.counts["errors"]
+        clock = self.clock()
+        if errors != self.errors_logged and clock - self.error_logged_ms >= _ERROR_LOG_MS:
+            print("dropped %d message(s) that raised; last: %s" % (
+                errors - self.errors_logged, self.node.error))
+            self.errors_logged = errors
+            self.error_logged_ms = clock
 
     def drain(self):
         """Persist what must survive a crash, then publish the node's outputs (write-ahead):
@@ -225,6 +238,7 @@ class Runtime:
         while True:
             self.node.tick(self.clock())
             self.drain()
+            self.log_errors()
             for topic, wire in self.faults.due(self.clock()):
                 self.mqtt.publish(topic, wire)
             await asyncio.sleep_ms(TICK_MS)

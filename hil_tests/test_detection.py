@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import cbor2
+import paho.mqtt.client as paho
 import pytest
 
 from conftest import wait_until
@@ -100,6 +103,45 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         for i in range(NODES):
             log = (run / "logs" / f"node{i}.log").read_text()
             assert "MemoryError" not in log and "Traceback" not in log, log
+
+
+def test_no_publish_on_the_cluster_topics_stops_a_node(cluster: Cluster) -> None:
+    """Anyone on a site's broker can publish anything: topics that name no replica of the
+    cluster (out of range, not a number), and garbage, truncated CBOR and empty payloads on
+    every topic a node reads. Every node drops them and stays up (no restart, no Traceback:
+    the fixture checks the logs), and the cluster goes on committing."""
+    rng = random.Random(7)
+    boots = {i: s["boots"] for i, s in cluster.observer.snapshot().items()}
+    ids = ["99", str(NODES), "zz", "-1", " 1", "1 ", "0x1", "", "1/2", "١"]
+    topics = ([f"from/{j}" for j in ids] + [f"status/{j}" for j in ids]
+              + [f"to/{i}/from/{j}" for i in range(NODES) for j in ids[:4]]
+              + ["req/1", "req/zz", "req/", "from/1", "to/0/from/2"])
+    valid = cbor2.dumps([1, 2, 1, 0, 5, b"\x00" * 32, [b"x" * 40]])
+    payloads = [b"", b"\xff", rng.randbytes(40), rng.randbytes(700), valid[:-7],
+                cbor2.dumps([[[[[[[[[[[[1]]]]]]]]]]]]), cbor2.dumps(2**64 + 1), valid]
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.connect(cluster.host, cluster.port)
+    client.loop_start()
+    try:
+        for topic in topics:
+            for payload in payloads:
+                client.publish(f"ebft/{cluster.name}/{topic}", payload, qos=1).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    sent = time.time()
+    work = Workload(cluster.host, cluster.port, cluster.name, cluster.stake, cluster.keys,
+                    clients=2)
+    work.start()
+    try:
+        assert wait_until(lambda: sum(o.outcome == "ok" and o.end > sent
+                                      for o in work.outcomes) >= 20, 20.0)
+    finally:
+        work.close()
+    snapshot = cluster.observer.snapshot()
+    assert all(cluster.nodes.alive(i) for i in range(NODES))
+    assert {i: s["boots"] for i, s in snapshot.items()} == boots
+    assert all(s["uptime_ms"] > 3000 for s in snapshot.values())
 
 
 def test_a_killed_node_is_suspected_by_every_live_node(cluster: Cluster) -> None:

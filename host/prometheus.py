@@ -8,7 +8,8 @@ gauges labelled ``node``:
 
 - ``edgebft_online`` (1 or 0) for every node; the other gauges only for nodes online;
 - one gauge per entry of ``GAUGES`` (view, sequence numbers, checkpoint, heap, traffic,
-  executed requests, bytes fetched by state transfer) and of ``STORE_GAUGES`` (the state on
+  executed requests, bytes fetched by state transfer, the node's errors, stalls and
+  suspicions: protocol/node.py) and of ``STORE_GAUGES`` (the state on
   flash: entries, clients, page cache hits and misses, flash writes and bytes written: a
   board's flash wears out);
 - ``edgebft_drops{node,reason}``: messages the replica refused, per reason;
@@ -46,6 +47,9 @@ GAUGES = (
     ("executed_requests", "edgebft_executed_requests", "Client requests executed since boot."),
     ("boots", "edgebft_boots", "Boots the node counted in its flash, this one included."),
     ("transfer_bytes", "edgebft_transfer_bytes", "Bytes fetched by state transfer since boot."),
+    ("errors", "edgebft_message_errors", "Messages dropped because handling them raised."),
+    ("stalls", "edgebft_stalls", "Ticks that found the node had stood still (not counted)."),
+    ("suspicions", "edgebft_suspicions", "View changes the failure detector started."),
 )
 # (key of the status's "store" map, metric name, help)
 STORE_GAUGES = (

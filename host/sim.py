@@ -436,12 +436,12 @@ class Simulation:
         self.keys = seeded_keys(n, self.rng)
         self.genesis = genesis()
         self.genesis.update({f"fill{k}": 1 for k in range(options.state_keys)})
-        self.nodes = [Node(self._new_replica(i), STATUS_INTERVAL_MS) for i in range(n)]
+        self.nodes = [self._node(self._new_replica(i)) for i in range(n)]
         drawn = fault_schedule(options, self.rng)
         phases = twin_phases(options, self.rng)
         self.faults = (drawn if faults is None else list(faults)) + phases
         self.twinned = sorted(self.byzantine) if phases else []
-        self.nodes += [Node(self._new_replica(i), STATUS_INTERVAL_MS) for i in self.twinned]
+        self.nodes += [self._node(self._new_replica(i)) for i in self.twinned]
         self.node = list(range(n)) + self.twinned
         self.instances = [[k for k, i in enumerate(self.node) if i == j] for j in range(n)]
         # The twin side of every instance (0: the first twins' side) while a phase lasts.
@@ -481,6 +481,11 @@ class Simulation:
         return {"genesis": self.genesis,
                 "checkpoint_interval": self.options.checkpoint_interval,
                 "view_timeout_ms": self.options.view_timeout_ms}
+
+    @staticmethod
+    def _node(replica: rp.Replica, clock: int = 0) -> Node:
+        """The node a replica runs in; an exception it raises ends the seed (an error)."""
+        return Node(replica, STATUS_INTERVAL_MS, clock=clock, contain=False)
 
     def _new_replica(self, i: int) -> rp.Replica:
         r = rp.Replica(i, self.stake, self.keys.pairwise[i], self.keys.client_secrets[i],
@@ -783,7 +788,7 @@ class Simulation:
     def _restart(self, i: int) -> None:
         assert not self.up[i]
         self.incarnation[i] += 1
-        self.nodes[i] = Node(self._restarted_replica(i), STATUS_INTERVAL_MS, clock=self.now)
+        self.nodes[i] = self._node(self._restarted_replica(i), self.now)
         self.up[i] = True
         self.paused[i] = False
         self._drain(i)

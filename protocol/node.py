@@ -22,8 +22,12 @@
 #   requests wait and nothing executed for _NO_PROGRESS_MS: a primary that a lossy link hides
 #   from our detector while the cluster goes on (an omission fault) is not worth leaving the
 #   others for, alone in a higher view. Checked after every heartbeat and tick, in each view.
-# - counts: "stalls" (ticks that found a stall) and "suspicions" (view changes the detector
-#   started): the simulator's seeds and the status report them.
+# - No input stops a node: an exception the replica raises on a message (other than
+#   MemoryError, which is the heap's and not the input's) drops that message, is counted in
+#   "errors" and kept in `error` (its type and text) for the status. The simulator turns this
+#   off (contain=False): there an exception is a bug to report, not an input to survive.
+# - counts: "stalls" (ticks that found a stall), "suspicions" (view changes the detector
+#   started) and "errors": the simulator's seeds and the status report them.
 # - Memory: fixed; `checkpoints` keeps the newest _CHECKPOINTS_KEPT executed [seq, digest].
 try:
     from micropython import const
@@ -42,9 +46,10 @@ _CHECKPOINTS_KEPT = const(4)
 class Node:
     """``replica`` (protocol/replica.py) watched by a phi-accrual detector of its peers
     (``detector``: Detector's keyword arguments; the first heartbeat's seeds assume
-    ``status_interval_ms``). ``clock``: the clock at creation (ms)."""
+    ``status_interval_ms``). ``clock``: the clock at creation (ms). ``contain``: survive an
+    exception a message raises (see the rules above)."""
 
-    def __init__(self, replica, status_interval_ms, detector=None, clock=0):
+    def __init__(self, replica, status_interval_ms, detector=None, clock=0, contain=True):
         self.replica = replica
         self.detector = Detector(replica.stake.n, replica.me, first_ms=status_interval_ms,
                                  **(detector or {}))
@@ -54,7 +59,9 @@ class Node:
         self.executed = replica.last_exec  # the replica's last_exec when it last moved ...
         self.progress_ms = clock           # ... and when (clock)
         self.checkpoints = []   # [[seq, digest]], the newest _CHECKPOINTS_KEPT executed
-        self.counts = {"stalls": 0, "suspicions": 0}
+        self.counts = {"stalls": 0, "suspicions": 0, "errors": 0}
+        self.contain = contain
+        self.error = None       # the last exception a message raised: "Type: text"
 
     def message(self, wire, sender, clock):
         """A protocol message (``sender``: the replica whose topic it came on) or a client's
@@ -62,7 +69,15 @@ class Node:
         d = self.detector
         if sender is not None and 0 <= sender < d.n and d.suspect[sender]:
             d.heartbeat(sender, clock)
-        self.replica.receive(wire, clock + self.skew_ms)
+        try:
+            self.replica.receive(wire, clock + self.skew_ms)
+        except MemoryError:
+            raise  # the heap's, not the input's: the driver decides (a board reboots)
+        except Exception as e:
+            if not self.contain:
+                raise
+            self.counts["errors"] += 1
+            self.error = "%s: %s" % (type(e).__name__, e)
         self._note_events()
 
     def heartbeat(self, peer, clock):
@@ -128,5 +143,6 @@ class Node:
             "pending": len(r.pending), "slots": len(r.live_slots()),
             "store": r.state.counts(), "transfer_bytes": r.counts["transfer_bytes"],
             "stalls": self.counts["stalls"], "suspicions": self.counts["suspicions"],
+            "errors": self.counts["errors"], "error": self.error,
             "phi": [self.detector.phi(j, clock) for j in range(r.stake.n)],
         }
