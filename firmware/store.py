@@ -26,15 +26,20 @@ def load(path=STATE_PATH):
         return None
 
 
-def save(data, path=STATE_PATH):
-    """Replace ``path`` with ``data``: bytes, or a tuple of byte strings written in turn."""
-    tmp = path + _TMP
-    with open(tmp, "wb") as f:
+def _put(path, data):
+    """Write ``data`` (bytes, or a tuple of byte strings written in turn) to ``path``."""
+    with open(path, "wb") as f:
         if type(data) is tuple:
             for piece in data:
                 f.write(piece)
         else:
             f.write(data)
+
+
+def save(data, path=STATE_PATH):
+    """Replace ``path`` with ``data`` (as _put takes it), atomically."""
+    tmp = path + _TMP
+    _put(tmp, data)
     os.rename(tmp, path)
 
 
@@ -99,8 +104,11 @@ class Flash:
                 found.append(entry[0])
         return found
 
-    def write(self, name, data):
-        save(data, self._path(name))
+    def write(self, name, data, atomic=True):
+        if atomic:
+            save(data, self._path(name))
+        else:
+            _put(self._path(name), data)
         self._count(sum(len(piece) for piece in data) if type(data) is tuple else len(data))
 
     def append(self, name, data):

@@ -4,8 +4,11 @@
 # - A flat namespace of named byte strings ("files").
 # - write(name, data) and rename(src, dst) replace dst atomically: after a power cut a name
 #   holds either its old or its new bytes, never a mix. data is bytes, or a tuple of byte
-#   strings written one after the other (a caller never joins them in RAM). append() is not
-#   atomic: use it only for files a restart discards or checks (state transfer staging).
+#   strings written one after the other (a caller never joins them in RAM).
+#   write(name, data, atomic=False) and append() are not atomic (a power cut may leave the
+#   name torn, e.g. truncated): use them only for files a restart discards or checks (pages
+#   of a version above the stable checkpoint, state transfer staging). A non-atomic write
+#   skips the temporary file and rename: half the filesystem work on the hot path.
 # - read() of a missing name gives None; size() of one gives -1; delete() of one does nothing.
 # - names(prefix, limit) lists at most limit names that start with prefix (a list in RAM:
 #   a flash holds thousands of pages).
@@ -14,7 +17,8 @@
 #
 # MemFlash is the flash of the simulator and the unit tests. It can cut the power: cut(k) undoes
 # its last k operations (of the at most JOURNAL_MAX it remembers), which is the flash a node
-# leaves when it dies k operations earlier, in the middle of whatever it was writing.
+# leaves when it dies k operations earlier, in the middle of whatever it was writing; the
+# oldest operation it undoes, if it was a non-atomic write, is left torn (its first half).
 JOURNAL_MAX = 64
 
 
@@ -24,7 +28,7 @@ class MemFlash:
     def __init__(self, capacity=1 << 40):
         self.capacity = capacity
         self.files = {}
-        self.journal = []  # (name, bytes before or None), newest last
+        self.journal = []  # (name, bytes before or None, torn bytes or None), newest last
         self.writes = 0
         self.bytes_written = 0
 
@@ -51,10 +55,10 @@ class MemFlash:
                 found.append(name)
         return found
 
-    def write(self, name, data):
+    def write(self, name, data, atomic=True):
         if type(data) is tuple:
             data = b"".join(data)
-        self._set(name, bytes(data))
+        self._set(name, bytes(data), atomic)
         self._count(len(data))
 
     def append(self, name, data):
@@ -74,16 +78,20 @@ class MemFlash:
 
     def cut(self, k):
         """Undo the last ``k`` operations (as many as are remembered)."""
+        torn = None
         while k > 0 and self.journal:
-            name, before = self.journal.pop()
+            name, before, torn = self.journal.pop()
             if before is None:
                 self.files.pop(name, None)
             else:
                 self.files[name] = before
             k -= 1
+        if torn is not None:  # the power went in the middle of this write
+            self.files[name] = torn
 
-    def _set(self, name, data):
-        self.journal.append((name, self.files.get(name)))
+    def _set(self, name, data, atomic=True):
+        torn = None if atomic or data is None else data[:len(data) // 2]
+        self.journal.append((name, self.files.get(name), torn))
         if len(self.journal) > JOURNAL_MAX:
             del self.journal[0]
         if data is None:

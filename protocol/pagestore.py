@@ -171,7 +171,9 @@ class PageStore:
 
     def _write(self, i, page):
         data = self.encode_page(page)
-        self.flash.write(self.name(i, self.version), data)
+        # Not atomic: the current version is above the stable checkpoint, and a restart
+        # deletes what it finds of it (State.open); a page is read back only by this run.
+        self.flash.write(self.name(i, self.version), data, False)
         self.mark(i, self.version)
         set_tag(self.tags, i, page_tag(data))
         self.dirty.pop(i, None)

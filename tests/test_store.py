@@ -167,13 +167,15 @@ def _tick(net: Net, ticks: int, until: Any = lambda: False) -> None:
 
 
 def test_a_power_cut_at_any_operation_leaves_a_flash_that_opens_and_verifies() -> None:
-    """Cut the flash after every one of a replica's last operations (page writes of a batch,
-    a record, the commit, the folds): a restart opens the stable checkpoint of that instant,
-    verifies it, and its digest is the one the cluster agreed on."""
+    """Cut the flash after every one of a replica's last operations (page writes, left torn
+    when the cut falls in one, a record, the commit, the folds): a restart opens the stable
+    checkpoint of that instant, verifies it, and its digest is the one the cluster agreed
+    on."""
     net, _ = _busy_cluster(60)
     r = net.replicas[1]
     agreed = {e[1]: e[2] for e in r.events if e[0] == "checkpoint"}
     flash = r.state.flash
+    assert any(torn is not None for _, _, torn in flash.journal), "no page write to tear"
     for cut in range(len(flash.journal) + 1):
         torn = MemFlash()
         torn.files = dict(flash.files)
