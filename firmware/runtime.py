@@ -109,6 +109,7 @@ class Runtime:
             max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             rx_chunk=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             tx_max=messages.MESSAGE_BYTES_MAX)
+        self.senders = (self.send_all, self.send_to, self.send_reply)  # bound once: route()
         self.heap_peak = 0
         self.status_skipped = 0
         self.errors_logged = 0      # node.counts["errors"] when log_errors() last printed ...
@@ -159,6 +160,23 @@ class Runtime:
             raise  # a board's watchdog reboots it; it restores from flash
         self.drain()
 
+    def send_all(self, wire):
+        faults = self.faults
+        if not (faults.drop_permille and faults.drop_peers is None and faults.drop(-1)):
+            self.send(self.topic_all, wire)
+
+    def send_to(self, j, wire):
+        if not self.faults.drop(j):
+            self.send("%sto/%d/from/%d" % (self.prefix, j, self.me), wire)
+
+    def send_reply(self, client, wire):
+        self.send("%srep/%d" % (self.prefix, client), wire)
+
+    def send(self, topic, wire):
+        """Publish, unless a delay fault holds the message back (faults.due releases it)."""
+        if not self.faults.hold(self.clock(), topic, wire):
+            self.mqtt.publish(topic, wire)
+
     def log_errors(self):
         """One line for the messages that raised since the last one, at most every
         _ERROR_LOG_MS (a flood of bad input must not become a flood of log lines)."""
@@ -176,22 +194,8 @@ class Runtime:
         r = self.replica
         if r.dirty:
             store.save(r.durable())
-        faults = self.faults
-        faults.misbehave(r)
-        for dest, wire in r.out:
-            if dest == rp.TO_ALL:
-                if faults.drop_permille and faults.drop_peers is None and faults.drop(-1):
-                    continue
-                topic = self.topic_all
-            elif type(dest) is tuple:
-                topic = "%srep/%d" % (self.prefix, dest[1])
-            else:
-                if faults.drop(dest):
-                    continue
-                topic = "%sto/%d/from/%d" % (self.prefix, dest, self.me)
-            if not faults.hold(self.clock(), topic, wire):
-                self.mqtt.publish(topic, wire)
-        del r.out[:]
+        self.faults.misbehave(r)
+        rp.route(r.out, *self.senders)
         for event in r.events:
             if event[0] in _PUBLISHED_EVENTS:
                 self.mqtt.publish(self.topic_event, cbor.encode(list(event)))

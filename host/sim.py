@@ -536,17 +536,17 @@ class Simulation:
                 misbehave(r, self.options.behaviour, self.rng.getrandbits,
                           colluders=self.byzantine - {i}, sent=self.sent[i])
             del r.events[:]
-        for dest, wire in r.out:
-            if dest == rp.TO_ALL:
-                for c in range(len(self.replicas)):
-                    if self.node[c] != i:
-                        self._send_to_replica(k, c, wire)
-            elif type(dest) is tuple:
-                self._send_to_client(i, dest[1], wire)
-            else:
-                for c in self.instances[dest]:
+
+        def to_all(wire: bytes) -> None:
+            for c in range(len(self.nodes)):
+                if self.node[c] != i:
                     self._send_to_replica(k, c, wire)
-        del r.out[:]
+
+        def to_replica(j: int, wire: bytes) -> None:
+            for c in self.instances[j]:
+                self._send_to_replica(k, c, wire)
+
+        rp.route(r.out, to_all, to_replica, lambda c, wire: self._send_to_client(i, c, wire))
         for event in r.events:
             self.history.append((event[0], self.now, i) + tuple(event[1:]))
         del r.events[:]

@@ -23,7 +23,7 @@ import hashlib
 
 from . import auth, cbor
 from . import messages as m
-from .replica import TO_ALL
+from .replica import TO_ALL, is_client
 from .viewchange import NULL_DIGEST
 
 BEHAVIOURS = ("silent", "wrong-digest", "forge", "replay", "flood", "equivocate", "view-skew")
@@ -105,7 +105,7 @@ def misbehave(replica, behaviour, randbits, colluders=(), sent=None):
         return
     result = []
     for dest, wire in out:
-        if type(dest) is tuple:  # replies to clients stay honest: clients are not the target
+        if is_client(dest):  # replies to clients stay honest: clients are not the target
             result.append((dest, wire))
         elif behaviour == "equivocate":
             result.extend(_equivocate(replica, dest, wire, colluders))

@@ -2,9 +2,10 @@
 #
 # Rules:
 # - Sans-I/O: receive(wire, now_ms), tick(now_ms) and suspect(now_ms) are the only inputs.
-#   Outputs accumulate in self.out as (dest, wire) pairs (dest: TO_ALL, a replica id >= 0, or
-#   (_TO_CLIENT, client id)) and events in self.events as tuples; the caller drains both after
-#   every call. next_timer() says when tick() is next due.
+#   Outputs accumulate in self.out as (dest, wire) pairs and events in self.events as tuples;
+#   the caller drains both after every call, the outbox with route(), which names each
+#   destination: every other replica (TO_ALL), replica j (j >= 0) or client c (to_client(c),
+#   an int too: no allocation per reply). next_timer() says when tick() is next due.
 # - Peer input never raises and never trips an assert: a check drops it and counts why in
 #   self.drops. Asserts guard only our own invariants.
 # - Every quorum is by stake (stake.Stake): "2f+1" is more than 2/3 of stake, "f+1" more
@@ -65,7 +66,29 @@ from .stake import Stake
 from .state import Fetch, State, StateError
 
 TO_ALL = -1
-_TO_CLIENT = const(-2)
+_CLIENT_BASE = const(-2)  # the destination of client c is _CLIENT_BASE - c
+
+
+def to_client(client):
+    """The outbox destination of a reply to ``client``."""
+    return _CLIENT_BASE - client
+
+
+def is_client(dest):
+    return dest <= _CLIENT_BASE
+
+
+def route(out, to_all, to_replica, to_client):
+    """Empty the outbox ``out``, handing each wire to its destination's sender: to_all(wire),
+    to_replica(j, wire) or to_client(c, wire). The one decoder of destinations."""
+    for dest, wire in out:
+        if dest == TO_ALL:
+            to_all(wire)
+        elif dest >= 0:
+            to_replica(dest, wire)
+        else:
+            to_client(_CLIENT_BASE - dest, wire)
+    del out[:]
 
 # K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
 # (a window of 64) runs out of heap during a view change, and so does K = 16 now and then
@@ -703,7 +726,7 @@ class Replica:
 
     def _send_reply(self, client, timestamp, result):
         body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
-        self.out.append(((_TO_CLIENT, client), body + self._client_mac(client).tag(body)))
+        self.out.append((_CLIENT_BASE - client, body + self._client_mac(client).tag(body)))
         self.counts["tx"] += 1
 
     # ----------------------------------------------------------------- checkpoints

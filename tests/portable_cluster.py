@@ -43,16 +43,18 @@ def main(requests, seed):
             to, wire = queue.pop(rng % len(queue))
             r = replicas[to]
             r.receive(wire, 0)
-            for dest, out in r.out:
-                if dest == rp.TO_ALL:
-                    for j in range(N):
-                        if j != to:
-                            queue.append((j, out))
-                elif type(dest) is tuple:
-                    ok, result = clients[dest[1]].on_reply(out)
-                    if ok:
-                        accepted.update(repr(result).encode())
-            del r.out[:]
+
+            def to_all(wire):
+                for j in range(N):
+                    if j != to:
+                        queue.append((j, wire))
+
+            def to_client(c, wire):
+                ok, result = clients[c].on_reply(wire)
+                if ok:
+                    accepted.update(repr(result).encode())
+
+            rp.route(r.out, to_all, lambda j, wire: None, to_client)
             del r.events[:]
     for r in replicas:
         print(r.me, r.last_exec, r.h, r.ledger.digest.hex())

@@ -106,7 +106,7 @@ def test_view_skew_leaves_messages_without_a_view_and_client_replies_alone() -> 
     byzantine = _replicas()[1]
     checkpoint = _wire(byzantine, m.CHECKPOINT, 4, DIGEST)
     reply = (rp.TO_ALL, b"not even a message")
-    to_client = ((0, 7), _wire(byzantine, m.REPLY, 3, 7, 1, [True, 0]))
+    to_client = (rp.to_client(7), _wire(byzantine, m.REPLY, 3, 7, 1, [True, 0]))
     byzantine.out[:] = [(rp.TO_ALL, checkpoint), reply, to_client]
     misbehave(byzantine, "view-skew", lambda bits: 0)
     assert byzantine.out == [(rp.TO_ALL, checkpoint), reply, to_client]

@@ -38,12 +38,9 @@ def run(nodes: list[Node], wire: bytes, clock: int) -> None:
         to, w, sender = queue.pop(0)
         nodes[to].message(w, sender, clock)
         r = nodes[to].replica
-        for dest, out in r.out:
-            if dest == rp.TO_ALL:
-                queue += [(j, out, to) for j in range(N) if j != to]
-            elif type(dest) is int:
-                queue.append((dest, out, to))
-        del r.out[:]
+        rp.route(r.out,
+                 lambda wire, src=to: queue.extend((j, wire, src) for j in range(N) if j != src),
+                 lambda j, wire, src=to: queue.append((j, wire, src)), lambda c, wire: None)
         del r.events[:]
 
 

@@ -41,15 +41,11 @@ class Net:
             self.queue.append((i, wire))
 
     def _collect(self, i: int) -> None:
-        r = self.replicas[i]
-        for dest, wire in r.out:
-            if dest == rp.TO_ALL:
-                self.queue.extend((j, wire) for j in range(len(self.replicas)) if j != i)
-            elif isinstance(dest, tuple):
-                self.replies.setdefault(dest[1], []).append(wire)
-            else:
-                self.queue.append((dest, wire))
-        r.out.clear()
+        rp.route(self.replicas[i].out,
+                 lambda wire: self.queue.extend((j, wire) for j in range(len(self.replicas))
+                                                if j != i),
+                 lambda j, wire: self.queue.append((j, wire)),
+                 lambda c, wire: self.replies.setdefault(c, []).append(wire))
 
     def tick(self, now_ms: int) -> None:
         """Fire every running replica's timers due at ``now_ms``."""

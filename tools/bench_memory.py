@@ -73,12 +73,8 @@ for k in range(REQUESTS):
             to, w = queue.pop(0)
             r = rs[to]
             r.receive(w, 0)
-            for dest, out in r.out:
-                if dest == rp.TO_ALL:
-                    for j in range(N):
-                        if j != to:
-                            queue.append((j, out))
-            del r.out[:]
+            rp.route(r.out, lambda out: queue.extend([(j, out) for j in range(N) if j != to]),
+                     lambda j, out: None, lambda c, out: None)
             del r.events[:]
         gc.collect()
         peak = max(peak, (gc.mem_alloc() - start) // N)
