@@ -182,7 +182,7 @@ def test_forged_and_replayed_control_commands_only_count(cluster: lab.LabCluster
 
 def test_kill_shows_offline_and_heal_restarts_from_flash(cluster: lab.LabCluster) -> None:
     cluster_ref[:] = [cluster]
-    cli("inject", "kill", "2", "--dir", str(cluster.path))
+    cli("inject", "crash", "2", "--dir", str(cluster.path))
     snap = wait_for(lambda s: not s[2]["online"])
     assert not snap[2]["online"], "the Last Will marked it offline"
     out = cli("heal", "--dir", str(cluster.path))

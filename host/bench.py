@@ -225,7 +225,7 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
             nemesis.heal()  # always healed before the end (Jepsen)
         workload.drain(DEADLINE_S + 1.0)
         faults = nemesis.faults if nemesis is not None else []
-        byzantine = sorted({f.node for f in faults if f.kind == "byzantine-primary"})
+        byzantine = sorted({f.node for f in faults if f.kind == "byzantine"})
         converged = observer.wait_converged(CONVERGE_TIMEOUT_S + (5.0 if nemesis else 0.0),
                                             exclude=byzantine)
         tx.update(observer.snapshot())

@@ -21,11 +21,12 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgebft import fault_kinds
 from edgebft.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
 from edgebft.broker import BrokerError
 from edgebft.cluster import ClusterError
 from edgebft.demo import DemoOptions
-from edgebft.lab import CONTROL_FAULTS, PROCESS_FAULTS, LabCluster, LabError, status_rows
+from edgebft.lab import ACTIONS, LabCluster, LabError, status_rows
 from edgebft.lab import down as lab_down
 from edgebft.lab import heal as lab_heal
 from edgebft.lab import inject as lab_inject
@@ -109,14 +110,12 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.bench.
                  help="Weights of the workload's operations, taken in turn."),
     click.option("--nemesis", default="none", show_default=True, metavar="KIND[,KIND...]",
                  help="Faults to inject on the primary, one kind per strike, in turn, each healed "
-                      "before the next and all at the end: crash-primary (kill, restart from its "
-                      "flash), partition (cut off from the other replicas), delay (its messages "
-                      f"held {DELAY_MS} ms + up to {DELAY_JITTER_MS} ms), pause (SIGSTOP, then "
-                      f"SIGCONT), omission (loses {OMISSION_PERMILLE / 10:g}% of its messages), "
-                      "byzantine-primary (equivocates: real and null pre-prepares to different "
-                      "replicas). Without --nemesis-interval each kind strikes once, spread over "
-                      "the run (one kind: a third of the way in, healed two thirds of the way "
-                      "in)."),
+                      "before the next and all at the end: " + fault_kinds.describe("nemesis")
+                      + f". Omission loses {OMISSION_PERMILLE / 10:g}% of its messages, delay "
+                      f"holds them {DELAY_MS} ms + up to {DELAY_JITTER_MS} ms, byzantine sends "
+                      "real and null pre-prepares to different replicas. Without "
+                      "--nemesis-interval each kind strikes once, spread over the run (one "
+                      "kind: a third of the way in, healed two thirds of the way in)."),
     click.option("--stake", default=None, metavar="W1,W2,...",
                  help="Stake per node (default: equal); every quorum is by stake."),
     click.option("--nemesis-interval", "nemesis_interval_s", type=Seconds(), default=None,
@@ -315,8 +314,17 @@ def cluster_down(run_dir: Path | None) -> None:
     console.print(f"cluster {lab.state['cluster']} down")
 
 
-@cli.command()
-@click.argument("kind", type=click.Choice(PROCESS_FAULTS + CONTROL_FAULTS))
+@cli.command(help="Inject fault KIND on NODE, or act on it.\n\nFaults: "
+             + fault_kinds.describe("inject") + ". Older names: "
+             + ", ".join(f"{a} ({fault_kinds.kind(a, 'inject').name})"
+                         for a in fault_kinds.aliases("inject"))
+             + ".\n\nActions: resume (SIGCONT), restart (crash, then boot again from its "
+             "flash).\n\nOptions by kind: omission --p, --peers; delay --ms, --jitter; "
+             "partition --group; skew --ms; byzantine --mode, --colluders. An emulated node "
+             "that reboots exits and is booted again from its flash.\n\n"
+             "'edgebft heal' undoes them all.")
+@click.argument("kind", metavar="KIND", type=click.Choice(
+    fault_kinds.names("inject") + ACTIONS + fault_kinds.aliases("inject")))
 @click.argument("node", type=int)
 @click.option("--p", "p", type=float, default=1.0, show_default=True,
               help="omission: the fraction of messages dropped.")
@@ -336,17 +344,6 @@ def cluster_down(run_dir: Path | None) -> None:
 @DIR_OPTION
 def inject(kind: str, node: int, p: float, peers: str | None, ms: int, jitter_ms: int,
            group: str | None, mode: str, colluders: str | None, run_dir: Path | None) -> None:
-    """Inject fault KIND on NODE.
-
-    Process faults (signals to NODE's process group): kill (SIGKILL), pause (SIGSTOP), resume
-    (SIGCONT), restart (kill, then boot again from its flash).
-
-    Control faults (authenticated control commands): omission (--p, --peers), delay (--ms,
-    --jitter), partition (--group), skew (--ms), byzantine (--mode, --colluders), reboot (the
-    node resets itself; an emulated node exits and is booted again from its flash).
-
-    'edgebft heal' undoes them all.
-    """
     lab = lab_load(run_dir)
     console.print(lab_inject(lab, kind, node, p=p, ms=ms, jitter_ms=jitter_ms,
                              group=_parse_ids(group, "--group"),
@@ -432,7 +429,8 @@ SIM_FAILURES_SHOWN = 10
 @click.option("--seed", default=None, type=int,
               help="Run this one seed only (replays a failure exactly).")
 @click.option("--faults", "faults_text", default="all", show_default=True, metavar="KINDS",
-              help="Comma list of crash,partition,loss,delay,reboot,pause; or all, or none.")
+              help="Comma list of " + ",".join(fault_kinds.names("sim")) + "; or all, or "
+                   "none.")
 @click.option("--requests", default=_SimDefaults.requests, show_default=True,
               help="Client requests per seed (all must be accepted for liveness).")
 @click.option("--clients", default=_SimDefaults.clients, show_default=True,

@@ -7,11 +7,11 @@ The cluster's state lives in its run folder (default ``runs/cluster/latest``):
 node's control key). Nodes and broker run in their own process groups, detached from the
 command that started them.
 
-Faults reach nodes two ways: process faults (kill, pause, resume, restart) by signals to the
-node's process group, and control faults (omission, delay, partition, skew, byzantine, reboot,
-heal) as authenticated CONTROL messages on ``ebft/<c>/ctl/<i>`` (firmware/faults.py). A
-rebooted emulated node exits and the lab boots it again from its image, as a board's reset
-would. ``heal`` undoes both kinds.
+Faults (edgebft.fault_kinds, the kinds ``inject`` applies) reach nodes two ways: by signals to
+the node's process group (crash, pause; and the actions resume and restart), and as
+authenticated CONTROL messages on ``ebft/<c>/ctl/<i>`` (omission, delay, partition, skew,
+byzantine, reboot, heal; firmware/faults.py). A rebooted emulated node exits and the lab boots
+it again from its image, as a board's reset would. ``heal`` undoes both kinds.
 
 With ``metrics_port``, ``up`` also starts a detached Prometheus exporter
 (``edgebft.prometheus``), recorded in ``cluster.json`` and stopped by ``down``.
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgebft import fault_kinds
 from edgebft.broker import start_broker
 from edgebft.cluster import EmulatedCluster, node_argv
 from edgebft.control import fresh_nonce, partition_reach, send_command
@@ -44,8 +45,7 @@ from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.stake import Stake
 from edgebft.workload import KEYS
 
-CONTROL_FAULTS = ("omission", "delay", "partition", "skew", "byzantine", "reboot")
-PROCESS_FAULTS = ("kill", "pause", "resume", "restart")
+ACTIONS = ("resume", "restart")  # what inject does besides faults: signals, no fault kind
 STATE_FILE = "cluster.json"
 KEYS_FILE = "keys.json"
 STATUS_WAIT_S = 1.5
@@ -276,12 +276,19 @@ def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
            jitter_ms: int = 0, group: list[int] | None = None,
            peers: list[int] | None = None, mode: str = "equivocate",
            colluders: list[int] | None = None) -> str:
-    """Inject fault ``kind`` (PROCESS_FAULTS or CONTROL_FAULTS) on ``node``; return a
-    one-line description. Raises LabError for a bad kind, node or argument."""
+    """Inject fault ``kind`` (a kind fault_kinds lets inject apply, or an alias of one) on
+    ``node``, or do one of ACTIONS to it; return a one-line description. Raises LabError for
+    a bad kind, node or argument."""
     info = lab.node(node)
     for j in (group or []) + (peers or []) + (colluders or []):
         lab.node(j)
-    if kind in PROCESS_FAULTS:
+    if kind not in ACTIONS:
+        try:
+            found = fault_kinds.kind(kind, "inject")
+        except fault_kinds.FaultKindError as e:
+            raise LabError(f"{e}, or {', '.join(ACTIONS)}") from None
+        kind = found.name
+    if kind in ACTIONS or found.inject == "signal":
         return _process_fault(lab, kind, node, info)
     if kind == "omission":
         if not 0 <= p <= 1:
@@ -315,13 +322,12 @@ def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
         info["pid"] = _spawn(lab, node)
         lab.save()
         return f"node {node} rebooted on command and booted again from its flash"
-    raise LabError(f"unknown fault {kind!r}: expected one of "
-                   f"{', '.join(PROCESS_FAULTS + CONTROL_FAULTS)}")
+    raise AssertionError(f"fault {kind!r} is injectable but has no control command here")
 
 
 def _process_fault(lab: LabCluster, kind: str, node: int, info: dict[str, Any]) -> str:
-    """kill, pause, resume or restart ``node`` by signals to its process group."""
-    if kind == "kill":
+    """crash, pause, resume or restart ``node`` by signals to its process group."""
+    if kind == "crash":
         _killpg(info["pid"], signal.SIGKILL)
         return f"killed node {node}"
     if kind == "restart":

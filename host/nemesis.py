@@ -5,11 +5,11 @@ when its schedule says so, one fault kind per strike, taking the kinds of a comm
 turn; it records every fault (kind, node, start, end, view) with host timestamps, cures each
 fault before the next strike and always heals before the run ends (``heal()``).
 
-Kinds (``KINDS``): crash-primary (SIGKILL, restarted from its flash), pause (SIGSTOP, then
-SIGCONT), partition (the primary cut off from every other replica), delay (the primary's
-messages held ``DELAY_MS`` plus up to ``DELAY_JITTER_MS``), omission (the primary loses
-``OMISSION_PERMILLE``/1000 of its messages) and byzantine-primary (it equivocates). The last
-four are authenticated control commands (firmware/faults.py), sent by the caller's
+Kinds (``KINDS``, the nemesis kinds of edgebft.fault_kinds): crash (SIGKILL, restarted from
+its flash), pause (SIGSTOP, then SIGCONT), partition (the primary cut off from every other
+replica), omission (the primary loses ``OMISSION_PERMILLE``/1000 of its messages), delay (its
+messages held ``DELAY_MS`` plus up to ``DELAY_JITTER_MS``) and byzantine (it equivocates).
+The last four are authenticated control commands (firmware/faults.py), sent by the caller's
 ``control``.
 """
 
@@ -21,13 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgebft import fault_kinds
 from edgebft.cluster import EmulatedCluster
 from edgebft.control import partition_reach
 from edgebft.observer import Observer
 
-KINDS = ("crash-primary", "partition", "delay", "pause", "omission", "byzantine-primary")
+KINDS = fault_kinds.names("nemesis")
 NEMESES = ("none", *KINDS)  # the single names; --nemesis also takes comma lists of KINDS
-CONTROL_KINDS = ("partition", "delay", "omission", "byzantine-primary")
+CONTROL_KINDS = tuple(k for k in KINDS if fault_kinds.kind(k, "nemesis").inject == "control")
 DELAY_MS = 300
 DELAY_JITTER_MS = 200
 OMISSION_PERMILLE = 500
@@ -41,15 +42,14 @@ class NemesisError(ValueError):
 
 def parse_nemesis(text: str) -> list[str]:
     """The fault kinds of a --nemesis value in turn order: [] for "none", else a comma list of
-    ``KINDS`` (a kind may repeat). Raises NemesisError for anything else."""
+    ``KINDS`` or their older names (a kind may repeat). Raises NemesisError for anything
+    else."""
     if text.strip() == "none":
         return []
-    kinds = [k.strip() for k in text.split(",")]
-    for kind in kinds:
-        if kind not in KINDS:
-            raise NemesisError(f"--nemesis {text}: unknown fault {kind!r}; expected none or a "
-                               f"comma list of {', '.join(KINDS)}")
-    return kinds
+    try:
+        return [fault_kinds.kind(k, "nemesis").name for k in text.split(",")]
+    except fault_kinds.FaultKindError as e:
+        raise NemesisError(f"--nemesis {text}: {e} (or none)") from None
 
 
 @dataclass
@@ -78,7 +78,7 @@ def actions(cluster: EmulatedCluster, control: Control | None) -> dict[str, Acti
     def if_running(signal: Callable[[int], None]) -> Callable[[int], None]:
         return lambda node: signal(node) if cluster.alive(node) else None
 
-    table = {"crash-primary": Action(cluster.kill, cluster.restart),
+    table = {"crash": Action(cluster.kill, cluster.restart),
              "pause": Action(if_running(cluster.pause), if_running(cluster.resume))}
     if control is None:
         return table
@@ -101,7 +101,7 @@ def actions(cluster: EmulatedCluster, control: Control | None) -> dict[str, Acti
             "partition": Action(partition, heal_all),
             "delay": Action(command("delay", [DELAY_MS, DELAY_JITTER_MS]), heal),
             "omission": Action(command("omission", [OMISSION_PERMILLE, None]), heal),
-            "byzantine-primary": Action(command("byzantine", ["equivocate"]), heal)}
+            "byzantine": Action(command("byzantine", ["equivocate"]), heal)}
 
 
 @dataclass

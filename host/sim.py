@@ -6,7 +6,8 @@ client think times) comes from one ``random.Random(seed)``, and every input reac
 through an event queue ordered by (simulated ms, insertion number), so a seed replays exactly.
 
 Rules:
-- Faults are benign here (crash, partition, loss, delay, reboot, pause): every replica is
+- Faults are benign here (crash, reboot, pause, partition, omission, delay: fault_kinds.py
+  names them for every tool, and the simulator applies them here): every replica is
   correct, so any disagreement between replicas is a protocol bug. The bound is in stake: the
   replicas down (crashed, rebooting or paused), those a partition cuts off (its smaller side,
   by stake) and the Byzantine ones together hold less than 1/3 of the stake, of the genesis set
@@ -50,6 +51,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from edgebft import fault_kinds
 from edgebft.keys import ClusterKeys, generate_keys
 from edgebft.protocol import replica as rp
 from edgebft.protocol.byzantine import BEHAVIOURS, misbehave
@@ -58,7 +60,7 @@ from edgebft.protocol.node import STATUS_INTERVAL_MS, TICK_MS, Node
 from edgebft.protocol.stake import Stake
 from edgebft.workload import ACCOUNTS, genesis, operation
 
-FAULT_KINDS = ("crash", "partition", "loss", "delay", "reboot", "pause")
+FAULT_KINDS = fault_kinds.names("sim")
 _DOWN_KINDS = ("crash", "reboot", "pause")  # faults that take a replica out while they last
 TWINS = "twins"
 SIM_BEHAVIOURS = BEHAVIOURS + (TWINS,)  # what a Byzantine replica may do in the simulator
@@ -131,10 +133,10 @@ class SimOptions:
             raise SimError(f"--requests must be at least 1, got {self.requests}")
         if self.clients < 1:
             raise SimError(f"--clients must be at least 1, got {self.clients}")
-        unknown = [k for k in self.faults if k not in FAULT_KINDS]
-        if unknown:
-            raise SimError(f"unknown fault kind {unknown[0]!r}: choose from "
-                           f"{','.join(FAULT_KINDS)} or none")
+        for k in self.faults:  # the names parse_faults() gives (no aliases)
+            if k not in FAULT_KINDS:
+                raise SimError(f"unknown fault {k!r}: expected one of {', '.join(FAULT_KINDS)} "
+                               "or none")
         if not 0.0 <= self.loss_max < 1.0:
             raise SimError(f"--loss must be in [0, 1), got {self.loss_max}")
         if self.delay_ms_max < 0 or self.fault_ms < 0 or self.liveness_ms < 0:
@@ -266,8 +268,8 @@ class Fault:
             return f"partition {sorted(self.side)}"
         if self.kind == TWINS:
             return f"twins {sorted(self.side)}{' cut' if self.cut else ''}"
-        if self.kind == "loss":
-            return f"loss p={self.loss_p:.2f}"
+        if self.kind == "omission":
+            return f"omission p={self.loss_p:.2f}"
         if self.kind == "delay":
             return f"delay replica {self.replica} +{self.delay_ms} ms"
         return f"{self.kind} replica {self.replica}"
@@ -364,7 +366,7 @@ def _draw_fault(kind: str, start: int, end: int, active: list[Fault],
         size = rng.randint(1, n // 2)
         fault = Fault(kind, start, end, side=frozenset(rng.sample(range(n), size)))
         return fault if fits(cut_off(fault, weights)) else None
-    if kind == "loss":
+    if kind == "omission":
         return Fault(kind, start, end, loss_p=rng.uniform(0.0, options.loss_max))
     assert kind == "delay"
     return Fault(kind, start, end, replica=rng.randrange(n),
@@ -729,7 +731,7 @@ class Simulation:
             self._twin_phase(fault, start)
         elif kind == "partition":
             self.side = fault.side if start else None
-        elif kind == "loss":
+        elif kind == "omission":
             self.loss_p = fault.loss_p if start else 0.0
         elif kind == "delay":
             self.delay_ms[fault.replica] = fault.delay_ms if start else 0
@@ -1027,7 +1029,8 @@ def parse_behaviours(text: str) -> tuple[str, ...]:
 
 
 def parse_faults(text: str) -> tuple[str, ...]:
-    """``"crash,loss"`` -> ("crash", "loss"); ``"none"`` or ``""`` -> (); "all" -> every kind.
+    """``"crash,omission"`` -> ("crash", "omission"); ``"none"`` or ``""`` -> (); "all" ->
+    every kind the simulator draws. Older names (fault_kinds aliases: ``loss``) are accepted.
 
     Raises:
         SimError: an unknown kind.
@@ -1037,12 +1040,10 @@ def parse_faults(text: str) -> tuple[str, ...]:
         return ()
     if text == "all":
         return FAULT_KINDS
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    for k in kinds:
-        if k not in FAULT_KINDS:
-            raise SimError(f"unknown fault kind {k!r}: choose from {','.join(FAULT_KINDS)} "
-                           f"or none")
-    return kinds
+    try:
+        return tuple(fault_kinds.kind(k, "sim").name for k in text.split(",") if k.strip())
+    except fault_kinds.FaultKindError as e:
+        raise SimError(f"{e} or none") from None
 
 
 __all__ = ["FAULT_KINDS", "Check", "Fault", "SeedResult", "SimError", "SimOptions",

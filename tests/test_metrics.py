@@ -125,7 +125,7 @@ def test_tx_meter_adds_growth_and_counts_a_restarted_node_from_zero() -> None:
 
 
 def test_detection_is_the_first_suspicion_of_the_faulted_node_by_another_node() -> None:
-    fault = Fault("crash-primary", 0, T0 + 2.0, 0, T0 + 4.0)
+    fault = Fault("crash", 0, T0 + 2.0, 0, T0 + 4.0)
     events: list[tuple[float, int, list[Any]]] = [
         (T0 + 1.0, 1, ["suspect", 0, 9.0]),  # before the fault
         (T0 + 2.3, 0, ["suspect", 0, 9.0]),  # the faulted node itself
@@ -158,7 +158,7 @@ def test_stake_epochs_and_equivocations_come_from_node_events() -> None:
 
 
 def test_recovery_is_the_first_commit_from_a_later_view_after_the_fault() -> None:
-    fault = Fault("crash-primary", 0, T0 + 2.0, 0, T0 + 4.0)
+    fault = Fault("crash", 0, T0 + 2.0, 0, T0 + 4.0)
     outcomes = [outcome(1.0, 1.0, "ok", 0.5, view=1),  # ends before the fault
                 outcome(2.1, 2.1, "ok", 0.5, view=0),  # old view
                 outcome(2.2, 2.2, "timeout", 2.0, view=1),

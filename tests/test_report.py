@@ -46,7 +46,7 @@ REQUESTS = [
     request(4.375, "ok", 4.0), request(4.5, "ok", 100.0),
 ]
 FAULTS = [
-    {"type": "fault", "kind": "crash-primary", "node": 0, "start": T0 + 1.5, "view": 0,
+    {"type": "fault", "kind": "crash", "node": 0, "start": T0 + 1.5, "view": 0,
      "end": T0 + 4.0},
     {"type": "fault", "kind": "partition", "node": 2, "start": T0 + 4.25, "view": 1, "end": 0.0},
 ]
@@ -57,8 +57,8 @@ SUMMARY = {
     "latency_ms": {"p50": 10.0, "p95": 100.0, "p99": 100.0, "max": 100.0},
     "availability": 0.6875, "safety_ok": True,
     "safety": {"violations": [], "converged": True, "sequences_compared": 11},
-    "view": 1, "view_changes": 1, "nemesis": "crash-primary",
-    "faults": [{"kind": "crash-primary", "node": 0, "start": T0 + 1.5, "end": T0 + 4.0,
+    "view": 1, "view_changes": 1, "nemesis": "crash",
+    "faults": [{"kind": "crash", "node": 0, "start": T0 + 1.5, "end": T0 + 4.0,
                 "view": 0, "recovery_ms": 2777.25},
                {"kind": "partition", "node": 2, "start": T0 + 4.25, "end": 0.0, "view": 1,
                 "recovery_ms": None}],
@@ -146,7 +146,7 @@ def test_windows_of_another_width_and_origin() -> None:
 
 def test_fault_windows_end_at_the_run_end_when_never_healed() -> None:
     assert fault_windows(FAULTS + REQUESTS) == [
-        {"kind": "crash-primary", "node": 0, "view": 0, "start": 1.5, "end": 4.0,
+        {"kind": "crash", "node": 0, "view": 0, "start": 1.5, "end": 4.0,
          "healed": True},
         {"kind": "partition", "node": 2, "view": 1, "start": 4.25, "end": RUN_END_S,
          "healed": False},
@@ -189,7 +189,7 @@ def test_report_html_is_self_contained_and_complete(run: Path) -> None:
         assert f'alt="{alt}"' in text
     for forbidden in ("http://", "https://", "<script", "<link", "src=\"/"):
         assert forbidden not in text
-    for value in ("mosquitto 2.0.11 on 127.0.0.1:1883", "0.6875", "2.2", "crash-primary",
+    for value in ("mosquitto 2.0.11 on 127.0.0.1:1883", "0.6875", "2.2", "crash",
                   "partition", "never healed", "2777.25", "unrecovered",
                   "<td>latency_ms.p95</td><td>100</td>",
                   "<td>safety.sequences_compared</td><td>11</td>",
@@ -270,7 +270,7 @@ def test_events_without_requests(tmp_path: Path) -> None:
     ('{"type": "request", "outcome": "ok", "latency_ms": 1}', "numeric 'start'"),
     ('{"type": "request", "start": 1.0, "outcome": "lost", "latency_ms": 1}', "'lost'"),
     ('{"type": "request", "start": 1.0, "outcome": "ok"}', "'latency_ms' or 'end'"),
-    ('{"type": "fault", "kind": "crash-primary", "node": 0, "start": 1.0}', "numeric 'end'"),
+    ('{"type": "fault", "kind": "crash", "node": 0, "start": 1.0}', "numeric 'end'"),
 ])
 def test_corrupt_line_is_named(tmp_path: Path, bad: str, expected: str) -> None:
     lines = [json.dumps(REQUESTS[0]), json.dumps(REQUESTS[1]), bad, json.dumps(REQUESTS[2])]

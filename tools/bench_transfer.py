@@ -85,7 +85,7 @@ def main() -> int:
                          out=Path(tmp) / "run", keys=keys)
         try:
             for rewrite in (False, True):
-                print(lab.inject(cluster, "kill", NODE))
+                print(lab.inject(cluster, "crash", NODE))
                 before = lab.status(cluster, wait_s=0.5)[0].get("store", {}).get("bytes", 0)
                 puts = keys // 20 if rewrite else keys
                 committed = fill(cluster, puts, clients, rewrite)
