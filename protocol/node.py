@@ -67,7 +67,8 @@ class Node:
         """A protocol message (``sender``: the replica whose topic it came on) or a client's
         request (``sender`` None)."""
         d = self.detector
-        if sender is not None and 0 <= sender < d.n and d.suspect[sender]:
+        assert sender is None or 0 <= sender < d.n  # the driver names only replicas
+        if sender is not None and d.suspect[sender]:
             d.heartbeat(sender, clock)
         try:
             self.replica.receive(wire, clock + self.skew_ms)
@@ -92,6 +93,7 @@ class Node:
         """Every TICK_MS: the stall gate, the replica's timers and the detector."""
         r = self.replica
         gap = clock - self.before
+        assert gap >= 0  # the clock is monotonic
         self.before = clock
         self.stalled = not self.stalled and gap >= _STALL_MS
         if self.stalled:
