@@ -578,8 +578,9 @@ class Simulation:
         # Across twin sides only correct replicas talk, and only when the phase does not cut.
         return not self.twin_cut and a not in self.twinned and b not in self.twinned
 
-    def _send_to_replica(self, src: int, dst: int, wire: bytes) -> None:
-        """Instance src sends ``wire`` to instance dst."""
+    def _transmit(self, src: int, dst: int, kind: int, payload: Any) -> None:
+        """Instance src's message (queue event ``kind`` with ``payload``) reaches instance
+        dst after a drawn latency, unless the partition, a twin phase or a loss cuts it."""
         if not self._linked(src, dst):
             self.dropped += 1
             return
@@ -587,8 +588,11 @@ class Simulation:
         if latency is None:
             self.dropped += 1
             return
-        self._push(self.now + latency + self.delay_ms[self.node[dst]], _DELIVER, dst,
-                   (self.incarnation[dst], wire, self.node[src]))
+        self._push(self.now + latency + self.delay_ms[self.node[dst]], kind, dst, payload)
+
+    def _send_to_replica(self, src: int, dst: int, wire: bytes) -> None:
+        """Instance src sends ``wire`` to instance dst."""
+        self._transmit(src, dst, _DELIVER, (self.incarnation[dst], wire, self.node[src]))
 
     def _send_to_client(self, src: int, client: int, wire: bytes) -> None:
         latency = self._latency(src)
@@ -610,14 +614,8 @@ class Simulation:
         """Instance src's status (or its Last Will, which the broker publishes for it) reaches
         the others like any message of it: partitions and losses cut it."""
         for dst in range(len(self.nodes)):
-            if self.node[dst] == self.node[src] or not self._linked(src, dst):
-                continue
-            latency = self._latency(self.node[src])
-            if latency is None:
-                self.dropped += 1
-                continue
-            self._push(self.now + latency + self.delay_ms[self.node[dst]], _HEARD, dst,
-                       (self.incarnation[dst], self.node[src], offline))
+            if self.node[dst] != self.node[src]:
+                self._transmit(src, dst, _HEARD, (self.incarnation[dst], self.node[src], offline))
 
     # ------------------------------------------------------------------ handlers
 
