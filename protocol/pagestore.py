@@ -31,7 +31,7 @@ SUM_BYTES = 256  # the digest: a sum modulo 2^2048
 _SUM_MOD = 1 << (8 * SUM_BYTES)
 PAGE_BYTES_MAX = 16384  # a page file larger than this is corrupt (a transferred one: refused)
 _BATCH = 32  # names listed at a time: a flash holds thousands
-_COUNTERS = [bytes((i,)) for i in range(SUM_BYTES // 32)]
+_COUNTERS = bytes(range(SUM_BYTES // 32))  # block i hashes _COUNTERS[i:i + 1] first
 
 
 def delete_all(flash, prefix):
@@ -51,7 +51,7 @@ def entry_hash(key, value):
     enc = cbor.encode([key, value])
     out = bytearray(SUM_BYTES)
     for i in range(SUM_BYTES // 32):
-        block = hashlib.sha256(_COUNTERS[i])
+        block = hashlib.sha256(_COUNTERS[i:i + 1])
         block.update(enc)
         out[32 * i:32 * i + 32] = block.digest()
     return int.from_bytes(out, "big")
