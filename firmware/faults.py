@@ -57,6 +57,7 @@ class Faults:
         self.drop_peers = None    # None: every peer
         self.delay_ms = 0
         self.jitter_ms = 0
+        self.dup_permille = 0
         self.reachable = None     # None: no partition; else the replica ids we can talk to
         self.skew_ms = 0
         self.byzantine = None     # a behaviour of edgebft.protocol.byzantine, or None
@@ -65,7 +66,7 @@ class Faults:
 
     def describe(self):
         return {"drop_permille": self.drop_permille, "drop_peers": self.drop_peers,
-                "delay_ms": self.delay_ms,
+                "delay_ms": self.delay_ms, "dup_permille": self.dup_permille,
                 "jitter_ms": self.jitter_ms, "reachable": self.reachable,
                 "skew_ms": self.skew_ms, "byzantine": self.byzantine}
 
@@ -105,6 +106,10 @@ class Faults:
                 raise ValueError("delay")
             self.delay_ms = args[0]
             self.jitter_ms = args[1] if len(args) > 1 else 0
+        elif command == "duplicate":  # [permille]
+            if not 0 <= args[0] <= 1000:
+                raise ValueError("permille")
+            self.dup_permille = args[0]
         elif command == "partition":  # [[ids in our group...]]
             self.reachable = [int(j) for j in args[0]]
         elif command == "skew":  # [ms]
@@ -132,6 +137,11 @@ class Faults:
                 self.dropped += 1
                 return True
         return False
+
+    def copies(self):
+        """How many times to publish an outbound message now: 2 with a duplicate fault's
+        chance, else 1."""
+        return 2 if self.dup_permille and _chance(self.dup_permille) else 1
 
     def hold(self, now_ms, topic, wire):
         """Queue an outbound message when a delay is in force; True if it was taken."""

@@ -174,7 +174,8 @@ class Runtime:
     def send(self, topic, wire):
         """Publish, unless a delay fault holds the message back (faults.due releases it)."""
         if not self.faults.hold(self.clock(), topic, wire):
-            self.mqtt.publish(topic, wire)
+            for _ in range(self.faults.copies()):
+                self.mqtt.publish(topic, wire)
 
     def log_errors(self):
         """One line for the messages that raised since the last one, at most every

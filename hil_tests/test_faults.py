@@ -258,6 +258,25 @@ def test_skew_shows_in_status_and_heal_resets_it(cluster: lab.LabCluster,
     assert healed[node]["faults"]["skew_ms"] == 0
 
 
+def test_duplicate_on_the_primary_sends_twice_and_changes_nothing(cluster: lab.LabCluster,
+                                                                  load: Workload) -> None:
+    """Every message of the primary published twice: its MQTT traffic doubles against what
+    its replica sends, the others drop the copies, and the cluster goes on in its view."""
+    snap = wait_for(cluster, "healthy cluster", lambda s: all(x.get("online") for x in
+                                                                s.values()))
+    node = primary(snap)
+    print(lab.inject(cluster, "duplicate", node, p=1.0))
+    start = wait_for(cluster, "duplicate in force",
+                     lambda s: s[node].get("faults", {}).get("dup_permille") == 1000)
+    later = others_go_on(cluster, node, others_go_on(cluster, node, start))
+    sent = later[node]["tx"] - start[node]["tx"]
+    published = later[node]["mqtt_tx"] - start[node]["mqtt_tx"]
+    assert sent > 0 and published >= 1.8 * sent, (sent, published)
+    assert primary(later) == node, "copies are no reason to change the view"
+    healed = heal_and_catch_up(cluster, node)
+    assert healed[node]["faults"]["dup_permille"] == 0
+
+
 def test_byzantine_primary_is_replaced_until_healed(cluster: lab.LabCluster,
                                                     load: Workload) -> None:
     # Silent: whatever the primary's id, its backups time out on it. (An equivocating primary

@@ -319,15 +319,15 @@ def cluster_down(run_dir: Path | None) -> None:
              + ", ".join(f"{a} ({fault_kinds.kind(a, 'inject').name})"
                          for a in fault_kinds.aliases("inject"))
              + ".\n\nActions: resume (SIGCONT), restart (crash, then boot again from its "
-             "flash).\n\nOptions by kind: omission --p, --peers; delay --ms, --jitter; "
-             "partition --group; skew --ms; byzantine --mode, --colluders. An emulated node "
-             "that reboots exits and is booted again from its flash.\n\n"
+             "flash).\n\nOptions by kind: " + fault_kinds.inject_options()
+             + ". An emulated node that reboots exits and is booted again from its flash.\n\n"
              "'edgebft heal' undoes them all.")
 @click.argument("kind", metavar="KIND", type=click.Choice(
     fault_kinds.names("inject") + ACTIONS + fault_kinds.aliases("inject")))
 @click.argument("node", type=int)
 @click.option("--p", "p", type=float, default=1.0, show_default=True,
-              help="omission: the fraction of messages dropped.")
+              help="omission: the fraction of messages dropped; duplicate: the fraction sent "
+                   "twice.")
 @click.option("--peers", default=None, metavar="J,K",
               help="omission: only messages to and from these replicas (default: all).")
 @click.option("--ms", type=int, default=100, show_default=True,

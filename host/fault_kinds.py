@@ -30,6 +30,7 @@ class FaultKind:
     nemesis: bool = False
     sim: bool = False
     aliases: tuple[str, ...] = ()
+    options: str = ""             # the options of ``edgebft inject`` it takes
 
 
 KINDS = (
@@ -40,14 +41,17 @@ KINDS = (
     FaultKind("pause", "the node stands still under SIGSTOP until heal resumes it",
               inject="signal", nemesis=True, sim=True),
     FaultKind("partition", "the node, with its group, cut off from the other replicas",
-              inject="control", nemesis=True, sim=True),
+              inject="control", nemesis=True, sim=True, options="--group"),
     FaultKind("omission", "the node loses a share of its messages",
-              inject="control", nemesis=True, sim=True, aliases=("loss",)),
+              inject="control", nemesis=True, sim=True, aliases=("loss",), options="--p, --peers"),
     FaultKind("delay", "the node's messages held back a while",
-              inject="control", nemesis=True, sim=True),
-    FaultKind("skew", "the node's clock offset", inject="control"),
+              inject="control", nemesis=True, sim=True, options="--ms, --jitter"),
+    FaultKind("duplicate", "the node sends a share of its messages twice",
+              inject="control", nemesis=True, sim=True, options="--p"),
+    FaultKind("skew", "the node's clock offset", inject="control", options="--ms"),
     FaultKind("byzantine", "the node misbehaves; the nemesis makes it equivocate",
-              inject="control", nemesis=True, aliases=("byzantine-primary",)),
+              inject="control", nemesis=True, aliases=("byzantine-primary",),
+              options="--mode, --colluders"),
 )
 _BY_NAME = {name: kind for kind in KINDS for name in (kind.name, *kind.aliases)}
 
@@ -70,6 +74,11 @@ def kind(name: str, tool: str) -> FaultKind:
         raise FaultKindError(f"unknown fault {name.strip()!r}: expected one of "
                              f"{', '.join(names(tool))}")
     return found
+
+
+def inject_options() -> str:
+    """``name --option, ...; ...`` for the injectable kinds that take options (help texts)."""
+    return "; ".join(f"{k.name} {k.options}" for k in KINDS if k.inject and k.options)
 
 
 def describe(tool: str) -> str:

@@ -295,6 +295,11 @@ def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
             raise LabError("--p must be between 0 and 1")
         send_control(lab, node, "omission", [round(p * 1000), peers])
         return f"node {node} drops {p:.0%} of its messages" + (f" with {peers}" if peers else "")
+    if kind == "duplicate":
+        if not 0 <= p <= 1:
+            raise LabError("--p must be between 0 and 1")
+        send_control(lab, node, "duplicate", [round(p * 1000)])
+        return f"node {node} sends {p:.0%} of its messages twice"
     if kind == "delay":
         if ms < 0 or jitter_ms < 0:
             raise LabError("--ms and --jitter must not be negative")

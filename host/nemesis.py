@@ -32,6 +32,7 @@ CONTROL_KINDS = tuple(k for k in KINDS if fault_kinds.kind(k, "nemesis").inject 
 DELAY_MS = 300
 DELAY_JITTER_MS = 200
 OMISSION_PERMILLE = 500
+DUPLICATE_PERMILLE = 500
 
 Control = Callable[[int, str, list[Any]], None]
 
@@ -101,6 +102,7 @@ def actions(cluster: EmulatedCluster, control: Control | None) -> dict[str, Acti
             "partition": Action(partition, heal_all),
             "delay": Action(command("delay", [DELAY_MS, DELAY_JITTER_MS]), heal),
             "omission": Action(command("omission", [OMISSION_PERMILLE, None]), heal),
+            "duplicate": Action(command("duplicate", [DUPLICATE_PERMILLE]), heal),
             "byzantine": Action(command("byzantine", ["equivocate"]), heal)}
 
 

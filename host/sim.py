@@ -259,7 +259,7 @@ class Fault:
     end_ms: int
     replica: int = -1                 # crash, reboot, pause, delay
     side: frozenset[int] = frozenset()  # partition: one group; twins: the second twins' side
-    loss_p: float = 0.0
+    loss_p: float = 0.0               # omission: the share lost; duplicate: sent twice
     delay_ms: int = 0
     cut: bool = False                 # twins: the correct replicas of the two sides are cut
 
@@ -268,8 +268,8 @@ class Fault:
             return f"partition {sorted(self.side)}"
         if self.kind == TWINS:
             return f"twins {sorted(self.side)}{' cut' if self.cut else ''}"
-        if self.kind == "omission":
-            return f"omission p={self.loss_p:.2f}"
+        if self.kind in ("omission", "duplicate"):
+            return f"{self.kind} p={self.loss_p:.2f}"
         if self.kind == "delay":
             return f"delay replica {self.replica} +{self.delay_ms} ms"
         return f"{self.kind} replica {self.replica}"
@@ -366,6 +366,8 @@ def _draw_fault(kind: str, start: int, end: int, active: list[Fault],
         size = rng.randint(1, n // 2)
         fault = Fault(kind, start, end, side=frozenset(rng.sample(range(n), size)))
         return fault if fits(cut_off(fault, weights)) else None
+    if kind == "duplicate":
+        return Fault(kind, start, end, loss_p=rng.uniform(0.0, 0.5))
     if kind == "omission":
         return Fault(kind, start, end, loss_p=rng.uniform(0.0, options.loss_max))
     assert kind == "delay"
@@ -457,6 +459,7 @@ class Simulation:
         self.skipped: set[int] = set()  # down faults not started: one was recovering
         self.side: frozenset[int] | None = None  # active partition
         self.loss_p = 0.0
+        self.dup_p = 0.0  # duplicate: the chance a message is delivered twice
         self.delay_ms = [0] * n
         # Closed-loop clients whose think times spread the requests over the fault period.
         think_ms = 2 * options.fault_ms * options.clients // options.requests
@@ -589,6 +592,9 @@ class Simulation:
             self.dropped += 1
             return
         self._push(self.now + latency + self.delay_ms[self.node[dst]], kind, dst, payload)
+        if self.dup_p and self.rng.random() < self.dup_p:  # a second copy, its own latency
+            self._push(self.now + self.rng.randint(*LATENCY_MS) + self.delay_ms[self.node[dst]],
+                       kind, dst, payload)
 
     def _send_to_replica(self, src: int, dst: int, wire: bytes) -> None:
         """Instance src sends ``wire`` to instance dst."""
@@ -729,6 +735,8 @@ class Simulation:
             self._twin_phase(fault, start)
         elif kind == "partition":
             self.side = fault.side if start else None
+        elif kind == "duplicate":
+            self.dup_p = fault.loss_p if start else 0.0
         elif kind == "omission":
             self.loss_p = fault.loss_p if start else 0.0
         elif kind == "delay":
