@@ -99,7 +99,6 @@ class Runtime:
         # "detector": Detector's keyword arguments (threshold as phi * 100, window, min_std_ms,
         # pause_ms).
         self.node = Node(replica, self.status_interval_ms, config.get("detector"))
-        self.replica = replica
         broker = config["broker"]
         self.mqtt = MQTTClient(
             "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
@@ -128,7 +127,7 @@ class Runtime:
         if not 0 < len(tail) <= 3 or not tail.isdigit():
             return -1
         j = int(tail)
-        return j if j < self.replica.stake.n else -1
+        return j if j < self.node.replica.stake.n else -1
 
     def on_message(self, topic, payload, retain):
         if topic == self.topic_all:
@@ -191,7 +190,7 @@ class Runtime:
     def drain(self):
         """Persist what must survive a crash, then publish the node's outputs (write-ahead):
         the replica's messages and events, the detector's suspicions."""
-        r = self.replica
+        r = self.node.replica
         if r.dirty:
             store.save(r.durable())
         self.faults.misbehave(r)
@@ -212,7 +211,8 @@ class Runtime:
         used = gc.mem_alloc()
         if used > self.heap_peak:
             self.heap_peak = used
-        status = self.node.status(self.clock())
+        clock = self.clock()
+        status = self.node.status(clock)
         status["node"] = self.me
         status["heap_used"] = used
         status["heap_free"] = gc.mem_free()
@@ -221,7 +221,7 @@ class Runtime:
         status["mqtt_tx"] = self.mqtt.tx_msgs
         status["mqtt_dropped"] = self.mqtt.tx_dropped
         status["reconnects"] = self.mqtt.reconnects
-        status["uptime_ms"] = self.clock()
+        status["uptime_ms"] = clock
         status["boots"] = self.boots
         status["status_skipped"] = self.status_skipped
         status["faults"] = self.faults.describe()
@@ -240,10 +240,11 @@ class Runtime:
     async def timers(self):
         """Tick the node (its timers, the failure detector) and release held messages."""
         while True:
-            self.node.tick(self.clock())
+            clock = self.clock()
+            self.node.tick(clock)
             self.drain()
             self.log_errors()
-            for topic, wire in self.faults.due(self.clock()):
+            for topic, wire in self.faults.due(clock):
                 self.mqtt.publish(topic, wire)
             await asyncio.sleep_ms(TICK_MS)
 
@@ -262,7 +263,7 @@ class Runtime:
                     print("subscribe %s: %r; retrying" % (topic, e))
                     await asyncio.sleep_ms(200)
         print("edgebft node %d up: %d replicas, broker %s:%d" % (
-            self.me, self.replica.stake.n, self.mqtt.host, self.mqtt.port))
+            self.me, self.node.replica.stake.n, self.mqtt.host, self.mqtt.port))
         asyncio.create_task(self.report())
         asyncio.create_task(self.timers())
         await link

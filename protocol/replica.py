@@ -78,16 +78,17 @@ def is_client(dest):
     return dest <= _CLIENT_BASE
 
 
-def route(out, to_all, to_replica, to_client):
-    """Empty the outbox ``out``, handing each wire to its destination's sender: to_all(wire),
-    to_replica(j, wire) or to_client(c, wire). The one decoder of destinations."""
+def route(out, send_all, send_replica, send_client):
+    """Empty the outbox ``out``, handing each wire to its destination's sender:
+    send_all(wire), send_replica(j, wire) or send_client(c, wire). The one decoder of
+    destinations (to_client() encodes a client's)."""
     for dest, wire in out:
         if dest == TO_ALL:
-            to_all(wire)
+            send_all(wire)
         elif dest >= 0:
-            to_replica(dest, wire)
+            send_replica(dest, wire)
         else:
-            to_client(_CLIENT_BASE - dest, wire)
+            send_client(_CLIENT_BASE - dest, wire)
     del out[:]
 
 # K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
@@ -726,7 +727,7 @@ class Replica:
 
     def _send_reply(self, client, timestamp, result):
         body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
-        self.out.append((_CLIENT_BASE - client, body + self._client_mac(client).tag(body)))
+        self.out.append((to_client(client), body + self._client_mac(client).tag(body)))
         self.counts["tx"] += 1
 
     # ----------------------------------------------------------------- checkpoints
