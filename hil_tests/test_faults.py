@@ -64,10 +64,10 @@ def wait_for(cluster: lab.LabCluster, what: str, predicate: Callable[[Snapshot],
         if predicate(snap):
             return snap
         if time.monotonic() > end:
-            brief = {n: (s.get("online"), s.get("view"), s.get("limbo"), s.get("last_exec"),
+            brief = {n: (s.get("online"), s.get("view"), s.get("status"), s.get("last_exec"),
                          s.get("boots")) for n, s in snap.items()}
             pytest.fail(f"no {what} within {timeout_s:.0f} s; "
-                        f"(online, view, limbo, last_exec, boots): {brief}")
+                        f"(online, view, status, last_exec, boots): {brief}")
         time.sleep(0.2)
 
 

@@ -396,8 +396,10 @@ def status_rows(snap: dict[int, dict[str, Any]]) -> list[list[str]]:
             rows.append([str(n), "offline", "-", "-", "-", "-", "-", "-", "-"])
             continue
         role = "primary" if s.get("primary") == n else "backup"
-        if s.get("limbo"):
+        if s.get("status") == "view change":
             role += " (view change)"
+        if s.get("fetching") is not None:
+            role += f" (fetching {s['fetching']})"
         faults = s.get("faults") or {}
         active = [k for k, v in faults.items() if v not in (0, None)]
         phi = " ".join(f"{j}:{v / 100:.1f}" for j, v in enumerate(s.get("phi") or []) if j != n)

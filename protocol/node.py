@@ -35,6 +35,7 @@ except ImportError:  # CPython
     const = int
 
 from .detector import Detector
+from .viewchange import NORMAL, VIEW_CHANGE
 
 TICK_MS = const(20)
 STATUS_INTERVAL_MS = const(500)  # the default heartbeat (status) interval
@@ -113,10 +114,10 @@ class Node:
         if r.last_exec != self.executed:
             self.executed = r.last_exec
             self.progress_ms = clock
-        if (self.detector.suspect[r.primary()] and not r.limbo and r.waiting
+        if (self.detector.suspect[r.primary()] and r.status == NORMAL and r.waiting
                 and clock - self.progress_ms >= _NO_PROGRESS_MS):
             r.suspect(clock + self.skew_ms)
-            if r.limbo:
+            if r.status == VIEW_CHANGE:
                 self.counts["suspicions"] += 1
             self._note_events()
 
@@ -137,13 +138,15 @@ class Node:
         transport, faults)."""
         r = self.replica
         return {
-            "view": r.view, "limbo": r.limbo, "view_changes": r.counts["view_changes"],
+            "view": r.view, "status": r.status, "view_changes": r.counts["view_changes"],
             "primary": r.primary(), "seq": r.seq, "last_exec": r.last_exec,
             "digest": r.ledger.digest, "stable": r.h, "checkpoints": self.checkpoints,
             "rx": r.counts["rx"], "tx": r.counts["tx"],
             "executed_requests": r.counts["executed_requests"], "drops": r.drops,
             "pending": len(r.pending), "slots": len(r.live_slots()),
             "store": r.state.counts(), "transfer_bytes": r.counts["transfer_bytes"],
+            "fetching": None if r.transfer is None else r.transfer.seq,
+            "recovering": r.recovering(),
             "stalls": self.counts["stalls"], "suspicions": self.counts["suspicions"],
             "errors": self.counts["errors"], "error": self.error,
             "phi": [self.detector.phi(j, clock) for j in range(r.stake.n)],

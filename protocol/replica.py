@@ -10,10 +10,16 @@
 #   self.drops. Asserts guard only our own invariants.
 # - Every quorum is by stake (stake.Stake): "2f+1" is more than 2/3 of stake, "f+1" more
 #   than 1/3 (PBFT-NOTES preamble).
-# - Normal case N1-N7; view change V1-V2, VC1-3, ACK1-4, NV1-3, BV1-4, AF1-3 with the
-#   decision procedure in viewchange.py; timers T1-T5 (doubling); STATUS as a negative
-#   acknowledgement (RT1-2); state transfer of a stable checkpoint in parts streamed from
-#   flash (state.py: only the pages that differ from ours).
+# - Normal case N1-N7 here; view change V1-V2, VC1-3, ACK1-4, NV1-3, BV1-4, AF1-3 in
+#   viewchange.py (ViewChanging, beside the decision procedure); timers T1-T5 (doubling);
+#   STATUS as a negative acknowledgement (RT1-2); state transfer of a stable checkpoint in
+#   parts streamed from flash in transfer.py (StateTransfer; state.py: only the pages that
+#   differ from ours). Replica is those two mixins plus this file: one object, one state.
+# - Status (self.status): NORMAL, or VIEW_CHANGE from sending VIEW-CHANGE until a NEW-VIEW is
+#   installed; it moves only by ViewChanging._to, which checks viewchange._NEXT_STATUS. A
+#   state transfer (self.transfer) and recovery after a restore (recovering()) are not
+#   statuses: either may run in both (a view change may wait for the state it starts from;
+#   a restored replica changes views while it may not vote on what it voted before).
 # - The executed state lives on flash (state.State: the ledger's pages, the client table's
 #   pages, checkpoint records): RAM holds page caches, whatever the number of keys or clients.
 #   Pages a batch changes stay in the cache until it evicts them or the next checkpoint
@@ -59,11 +65,12 @@ except ImportError:  # CPython
 
 from . import auth, cbor
 from . import messages as m
-from . import viewchange as vc
 from .ledger import Ledger
 from .log import Log, Oplog, stake_of
 from .stake import Stake
-from .state import Fetch, State, StateError
+from .state import State
+from .transfer import StateTransfer
+from .viewchange import NORMAL, VIEW_CHANGE, ViewChanging
 
 TO_ALL = -1
 _CLIENT_BASE = const(-2)  # the destination of client c is _CLIENT_BASE - c
@@ -99,11 +106,8 @@ _PENDING_MAX = const(16)          # primary: requests waiting for a batch (then 
 _WAITING_MAX = const(32)          # requests seen and not executed (view-change timer, T1)
 _REQUEST_BYTES_MAX = const(256)   # a request wire (a batch holds at least one)
 _BODY_BYTES_MAX = const(4096)     # batch bodies kept until stable (re-proposed in a new view)
-_CHUNK_BYTES = const(1024)        # state transfer chunk
-_PIN_MS = const(1000)             # a checkpoint served stays readable this long after a fetch
 _STATUS_MS = const(100)           # retransmission period (RT1: at most once per 100 ms)
 _IDLE_STATUS_TICKS = const(10)    # an idle replica's STATUS period, in retransmission periods
-_VC_TIMEOUT_FACTOR_MAX = const(32)  # the doubling view-change timeout stops at 32 T
 _CATCH_UP_MAX = const(8)          # sequence numbers answered per STATUS
 _HEARD_MS = const(500)            # a replica heard from within this long is in reach
 _PRE_PREPARE_OVERHEAD_BYTES = const(128)
@@ -133,21 +137,7 @@ def client_key(client_secret, client):
     return auth.derive(client_secret, ("client:%d" % client).encode())
 
 
-class _Transfer:
-    """A state transfer under way: checkpoint (seq, digest), the replicas asked in turn, whether
-    the checkpoint was vouched for when it started, and the Fetch staging it."""
-
-    def __init__(self, seq, digest, sources, vouched, fetch):
-        self.seq = seq
-        self.digest = digest
-        self.sources = sources
-        self.source = 0
-        self.vouched = vouched
-        self.fetch = fetch
-        self.mark = -1  # fetch.bytes at the last retransmission tick
-
-
-class Replica:
+class Replica(ViewChanging, StateTransfer):
     """One PBFT replica. ``keys[j]`` is the key shared with replica j (keys[me] unused).
     ``flash`` holds its state (protocol/flash.py's interface; a new MemFlash by default): a
     flash with a stable state on it is opened and verified instead of starting from genesis.
@@ -181,7 +171,8 @@ class Replica:
                                    _BODY_BYTES_MAX // (checkpoint_interval + pipeline_max))
         self.now = 0
         self.view = 0
-        self.limbo = False        # between sending VIEW-CHANGE and installing the new view
+        self.status = NORMAL      # VIEW_CHANGE between sending VIEW-CHANGE and installing the
+        #                           new view; moved only by _to (viewchange.py)
         self.view_low = 0         # the checkpoint the current view was installed from
         self.accused = []         # replicas this one accused in this epoch
         self.accuse_ts = 0        # timestamp of its last accusation request
@@ -213,7 +204,7 @@ class Replica:
         self.new_view = None      # NEW-VIEW of self.view waiting for its VIEW-CHANGEs
         self.nv_wire = None       # primary: the NEW-VIEW it sent for self.view
         self.missing = {}         # seq -> digest whose batch we lack (A3, BV5)
-        self.transfer = None      # a _Transfer, while fetching state
+        self.transfer = None      # a transfer.Transfer, while fetching state
         self.fetch_full = False   # the last transfer failed its check: fetch every page
         self.serving = None       # (seq, digest, until): the checkpoint we serve, pinned
         self.status_due = 0
@@ -259,9 +250,15 @@ class Replica:
         """``body`` with our authenticator: the wire of a message from us to every replica."""
         return body + auth.authenticator(self.macs, body)
 
-    def _send(self, dest, kind, *fields):
-        self.out.append((dest, self.authenticated(m.body(kind, self.me, *fields))))
+    def _emit(self, dest, wire):
+        self.out.append((dest, wire))
         self.counts["tx"] += 1
+
+    def _multicast(self, wire):
+        self._emit(TO_ALL, wire)
+
+    def _send(self, dest, kind, *fields):
+        self._emit(dest, self.authenticated(m.body(kind, self.me, *fields)))
 
     def _broadcast(self, kind, *fields):
         self._send(TO_ALL, kind, *fields)
@@ -357,9 +354,7 @@ class Replica:
         if now_ms >= self.status_due:
             self.status_due = now_ms + _STATUS_MS
             self._retransmit()
-        if self.serving is not None and now_ms >= self.serving[2]:
-            self.serving = None  # nobody fetched it for a while: let it go
-            self.state.unpin()
+        self._release_served(now_ms)
         self._change_view_if_needed()
         self._check_invariants()
 
@@ -379,7 +374,8 @@ class Replica:
     def suspect(self, now_ms):
         """The failure detector suspects the primary: start a view change (V1)."""
         self.now = now_ms
-        if not self.limbo and not self.is_primary() and self._connected() and not self._behind():
+        if (self.status == NORMAL and not self.is_primary() and self._connected()
+                and not self._behind()):
             self._start_view_change(self.view + 1)
 
     def _connected(self):
@@ -414,7 +410,7 @@ class Replica:
         """After each input: leave a frozen view once the epoch's first checkpoint is stable
         (see the header), or a view whose primary we caught equivocating, at once rather than
         at a timeout."""
-        if not self.limbo and (self._frozen() and self.h >= self.ledger.since
+        if self.status == NORMAL and (self._frozen() and self.h >= self.ledger.since
                                or self.caught == self.view):
             self._start_view_change(self.view + 1)
 
@@ -436,11 +432,11 @@ class Replica:
         if client in self.waiting or len(self.waiting) < _WAITING_MAX:
             self.waiting[client] = msg.timestamp  # one outstanding request per client
             self.waiting_wires[client] = wire
-        if self.vc_deadline is None and not self.limbo and client in self.waiting:
+        if self.vc_deadline is None and self.status == NORMAL and client in self.waiting:
             # T1; on the primary the same timer makes it abdicate when its own requests do
             # not execute (libbyz's V1(c)): the backups may be stuck in another view.
             self.vc_deadline = self.now + self.vc_timeout
-        if not self.is_primary() or self.limbo:
+        if not self.is_primary() or self.status == VIEW_CHANGE:
             return
         if self.pending_ids.get(client) == msg.timestamp:
             return
@@ -454,7 +450,7 @@ class Replica:
 
     def _cut_batches(self):
         """Primary: turn pending requests into pre-prepares while the pipeline has room."""
-        if not self.is_primary() or self.limbo:
+        if not self.is_primary() or self.status == VIEW_CHANGE:
             return
         self._refill_pending()
         while (self.pending and self.seq - self.last_exec < self.pipeline_max
@@ -495,7 +491,7 @@ class Replica:
 
     def ignore_phase(self, msg):
         """Common checks for pre-prepare, prepare and commit (N2, N6); True to drop."""
-        if msg.view != self.view or self.limbo:
+        if msg.view != self.view or self.status == VIEW_CHANGE:
             if msg.view > self.view:
                 self.behind = True  # N6: a higher view exists: ask with STATUS
             return self._drop("wrong view")
@@ -621,8 +617,7 @@ class Replica:
         self.accuse_ts = max(self.accuse_ts, cached[0] if cached is not None else 0) + 1
         body = m.body(m.REQUEST, client, self.accuse_ts, ["accuse", sorted(self.accused)])
         wire = self.authenticated(body)
-        self.out.append((TO_ALL, wire))
-        self.counts["tx"] += 1
+        self._multicast(wire)
         self.on_request(m.decode(wire))  # our own copy: T1 waits for it, a primary batches it
 
     def _check_prepared(self, seq, i):
@@ -727,8 +722,7 @@ class Replica:
 
     def _send_reply(self, client, timestamp, result):
         body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
-        self.out.append((to_client(client), body + self._client_mac(client).tag(body)))
-        self.counts["tx"] += 1
+        self._emit(to_client(client), body + self._client_mac(client).tag(body))
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -803,99 +797,6 @@ class Replica:
         self.events.append(("stable", seq, self.own_checkpoints[seq]))
         self._cut_batches()
 
-    # ----------------------------------------------------------------- state transfer
-
-    def _maybe_fetch_state(self, seq, digest):
-        """Fetch checkpoint (seq, digest) once replicas with over 1/3 of stake vouch for it
-        and we have not executed up to it (N7: a lagging replica)."""
-        if self.transfer is not None or seq <= self.last_exec:
-            return
-        stuck = self.last_exec == self.progress_mark
-        if seq <= self.last_exec + self.K and not (self.limbo or stuck):
-            return  # close behind and moving: normal catch-up gets us there
-        votes = self.checkpoints.get(seq, {})
-        if self._backed(seq, votes, digest):
-            sources = [j for j in votes if votes[j] == digest and j != self.me]
-            self._start_transfer(seq, digest, sources)
-
-    def _start_transfer(self, seq, digest, sources):
-        if not sources:
-            sources = [j for j in range(self.stake.n) if j != self.me]
-        self.transfer = _Transfer(seq, digest, sources, True,
-                                  Fetch(self.state, seq, digest, self.fetch_full))
-        self.events.append(("fetch", seq, digest))
-        self._fetch_next()
-
-    def _fetch_next(self):
-        t = self.transfer
-        part, offset = t.fetch.want()
-        self._send(t.sources[t.source % len(t.sources)], m.FETCH, t.seq, t.digest, part, offset)
-
-    def _vouched(self, seq, digest):
-        """Do replicas with over 1/3 of stake report checkpoint (seq, digest)?"""
-        votes = self.checkpoints.get(seq, {})
-        holders = [j for j in range(self.stake.n)
-                   if votes.get(j) == digest or self.ahead.get(j) == (seq, digest)]
-        return self.stake.is_weak(self.stake.of(holders))
-
-    def on_fetch(self, msg):
-        """Serve a part of a checkpoint we hold, and keep serving it (pinned) for _PIN_MS after
-        each fetch even if our stable checkpoint moves on: a transfer of many pages under load
-        then finishes instead of starting over at every checkpoint."""
-        got = None
-        held = self.own_checkpoints.get(msg.seq)
-        if self.serving is not None and self.serving[0] == msg.seq:
-            held = self.serving[1]
-        if held == msg.digest:
-            got = self.state.read_part(msg.seq, msg.part, msg.offset, _CHUNK_BYTES)
-        seq, digest, part, offset = msg.seq, msg.digest, msg.part, msg.offset
-        if got is None:
-            if self.h <= msg.seq:
-                self._drop("fetch of a state not held")
-                return
-            # That state is gone here (our window moved on): offer our stable one.
-            seq, digest, part, offset = self.h, self.own_checkpoints[self.h], 0, 0
-            got = self.state.read_part(seq, 0, 0, _CHUNK_BYTES)
-        self.state.pin(seq)
-        self.serving = (seq, digest, self.now + _PIN_MS)
-        total, data = got
-        if offset <= total:
-            self._send(msg.sender, m.CHUNK, seq, digest, part, offset, total, data)
-
-    def on_chunk(self, msg):
-        t = self.transfer
-        if t is not None and msg.part == 0 and msg.offset == 0 and msg.seq > t.seq \
-                and msg.seq > self.last_exec:
-            # A newer stable checkpoint offered instead: fetch that one (it is checked against
-            # its digest and its vouchers when complete).
-            t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
-            t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
-            t.fetch = Fetch(self.state, msg.seq, msg.digest, self.fetch_full)
-        if t is None or msg.seq != t.seq or msg.digest != t.digest \
-                or t.fetch.want() != (msg.part, msg.offset):
-            return
-        refused = t.fetch.take(msg.part, msg.offset, msg.total, msg.data)
-        if refused:
-            self._drop(refused)
-            return
-        if t.fetch.want() is not None:
-            self._fetch_next()
-            return
-        self.transfer = None
-        if t.seq <= self.last_exec or not (t.vouched or self._vouched(t.seq, t.digest)):
-            self.state.clear_stage()
-            self._drop("state not vouched for")
-            return
-        try:
-            meta = self.state.install(t.fetch)
-        except StateError:
-            self.fetch_full = True  # the tags we went by may have lied: take every page
-            self._drop("transferred state does not verify")
-            return
-        self.fetch_full = False
-        self.counts["transfer_bytes"] += t.fetch.bytes
-        self._install_state(t.seq, t.digest, meta)
-
     def _adopt(self, meta, digest):
         """Take checkpoint meta[0], whose state is on flash and verified, as executed."""
         seq = meta[0]
@@ -908,330 +809,27 @@ class Replica:
         if self.seq < seq:
             self.seq = seq
 
-    def _install_state(self, seq, digest, meta):
-        """Adopt checkpoint ``seq``, just installed on flash, as our executed, stable state."""
-        assert seq > self.last_exec
-        self._adopt(meta, digest)
-        for client in list(self.waiting):
-            del self.waiting[client]
-            del self.waiting_wires[client]
-        if not self.limbo:
-            self.vc_deadline = None  # T1 runs while requests wait: none do now
-        self.events.append(("transferred", seq, digest))
-        self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
-        self._mark_stable(seq)
-        self._execute_ready()
-        if self.limbo:
-            self._after_view_change_input()  # a new view may have waited for this state
-
-    # ----------------------------------------------------------------- view change
-
-    def _start_view_change(self, view):
-        """Move to ``view`` and multicast VIEW-CHANGE (V2); also T3 and T4 come here."""
-        assert view > self.view or (view == self.view and not self.limbo)
-        self.view = view
-        self.limbo = True
-        self.counts["view_changes"] += 1
-        self.vc_timeout = min(2 * self.vc_timeout,  # T5: T, 2T, 4T ...
-                              _VC_TIMEOUT_FACTOR_MAX * self.view_timeout_ms)
-        self.vc_deadline = None                   # T2: not until 2f+1 VIEW-CHANGEs
-        self.log.clear()
-        self.contra = {}
-        del self.pending[:]
-        for client in list(self.pending_ids):
-            del self.pending_ids[client]
-        for owner in self.acks:
-            entry = self.acks[owner]
-            for old in [v for v in entry if v < view]:
-                del entry[old]
-        self.acked = {}
-        self.new_view = None
-        self.nv_wire = None
-        self.dirty = True
-        c = [[s, self.own_checkpoints[s]] for s in sorted(self.own_checkpoints)]
-        p, q = self.oplog.entries(self.h)
-        body = m.body(m.VIEW_CHANGE, self.me, view, self.h, c, p, q)
-        wire = self.authenticated(body)
-        self.out.append((TO_ALL, wire))
-        self.counts["tx"] += 1
-        own = vc.ViewChange(self.me, view, self.h, c, p, q, hashlib.sha256(body).digest(),
-                            self.vc_digests)  # others' equal digests share our log's objects
-        self.vcs[self.me] = own
-        self.vc_views[self.me] = view
-        self.vc_wires[self.me] = wire
-        self.events.append(("view_change", view))
-        for j in self.vcs:
-            if j != self.me and self.vcs[j].view == view:
-                self._ack(self.vcs[j])
-        self._after_view_change_input()
-
-    def on_view_change(self, msg):
-        if not vc.valid_shape(msg.view, msg.h, msg.c, msg.p, msg.q, self.K, self.window):
-            self._drop("bad view-change")
-            return
-        known = self.vc_views.get(msg.sender, -1)
-        if msg.view <= known:
-            if msg.view == self.view and not self.limbo and self.is_primary():
-                self._resend_new_view(msg.sender)
-            return
-        digest = hashlib.sha256(msg.body).digest()
-        change = vc.ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p, msg.q, digest,
-                               self.vc_digests)
-        self.vc_views[msg.sender] = msg.view
-        self.vc_wires[msg.sender] = msg.body + msg.auth
-        msg.p = msg.q = None  # the ViewChange holds them: free the heap before we act on it
-        if msg.view > self.view or self.limbo:
-            self.vcs[msg.sender] = change  # needed to decide or check the new view
-        if msg.view == self.view:
-            self._ack(change)
-            if not self.limbo and self.is_primary():
-                self._resend_new_view(msg.sender)
-        elif msg.sender == self.primary() and msg.view > self.view and not self.limbo:
-            self._start_view_change(msg.view)  # V1(c): our primary abdicated
-            return
-        self._after_view_change_input()
-
-    def _ack(self, change):
-        """ACK1: acknowledge a VIEW-CHANGE of our view (broadcast: PBFT-NOTES 7.2). Every
-        replica acknowledges every other's: across an epoch start, who is the new primary
-        depends on the checkpoint the view will start from, unknown yet."""
-        if change.sender in self.acked:
-            return
-        self.acked[change.sender] = change.digest
-        self._broadcast(m.VC_ACK, self.view, change.sender, change.digest)
-
-    def on_vc_ack(self, msg):
-        """ACK3-4: count acknowledgements; early ones (a view we have not reached) wait."""
-        if msg.view < self.view or msg.sender == msg.owner or msg.owner >= self.stake.n:
-            return
-        if msg.view > self.view + self.stake.n:
-            return
-        # Kept per view: acks for a later view (a Byzantine replica's, say) never displace
-        # those of ours. Bounded: views self.view .. self.view + n, n owners and ackers.
-        entry = self.acks.get(msg.owner)
-        if entry is None:
-            entry = self.acks[msg.owner] = {}
-        acks = entry.get(msg.view)
-        if acks is None:
-            acks = entry[msg.view] = {}
-        acks[msg.sender] = msg.digest
-        if msg.view == self.view:
-            self._after_view_change_input()
-
-    def _after_view_change_input(self):
-        self._join_higher_view()
-        if not self.limbo:
-            return
-        self._fetch_listed_checkpoint()
-        if self.vc_deadline is None:
-            at_or_above = [j for j in self.vc_views if self.vc_views[j] >= self.view]
-            if self.stake.is_quorum(self.stake.of(at_or_above)):
-                self.vc_deadline = self.now + self.vc_timeout  # T2
-        self._try_new_view()
-        if self.limbo and self.new_view is not None:
-            self._try_install(self.new_view)
-
-    def _fetch_listed_checkpoint(self):
-        """In limbo, fetch the newest checkpoint above our state that VIEW-CHANGEs of our view
-        carrying over 1/3 of stake list: the new view may start there, and may need the
-        validator set in it to even tell who its primary is."""
-        if self.transfer is not None:
-            return
-        best = None
-        for j in self.vcs:
-            change = self.vcs[j]
-            if change.view != self.view:
-                continue
-            for seq, digest in change.c:
-                if seq <= self.last_exec or (best is not None and seq <= best[0]):
-                    continue
-                listed = [k for k in self.vcs if self.vcs[k].view == self.view
-                          and [seq, digest] in self.vcs[k].c]
-                if self.stake.is_weak(self.stake.of(listed)):
-                    best = (seq, digest, listed)
-        if best is not None:
-            self._start_transfer(best[0], best[1], [j for j in best[2] if j != self.me])
-
-    def _join_higher_view(self):
-        """T4: if replicas with over 1/3 of stake are in higher views, join the lowest."""
-        views = sorted([(v, j) for j, v in self.vc_views.items() if j != self.me], reverse=True)
-        s = 0
-        for view, j in views:
-            s += self.stake.weights[j]
-            if self.stake.is_weak(s):
-                if view > self.view:
-                    self._start_view_change(view)
-                return
-
-    def _in_set(self, change, stake):
-        """ACK4: a VIEW-CHANGE enters S when its sender, the primary and ackers that saw the
-        same digest hold over 2/3 of ``stake`` (the primary's own enters at once)."""
-        if change.view != self.view:
-            return False
-        primary = stake.primary(self.view)
-        if change.sender == primary:
-            return True
-        acks = self.acks.get(change.sender, {}).get(self.view, {})
-        holders = [change.sender, primary]
-        for j in acks:
-            if acks[j] == change.digest and j not in holders:
-                holders.append(j)
-        return stake.is_quorum(stake.of(holders))
-
-    def _try_new_view(self):
-        """NV1-NV3: if we are the new view's primary under a set we keep, decide with that
-        set and install as soon as S allows. A decision stands only where its set is in force:
-        at its checkpoint (_set_at); above our state only the newest set can be, and we fetch
-        that state first."""
-        for _since, stake in self.sets:
-            if stake.primary(self.view) != self.me:
-                continue
-            members = [self.vcs[j] for j in sorted(self.vcs) if self._in_set(self.vcs[j], stake)]
-            decision = vc.decide(members, stake)
-            if decision is None:
-                continue
-            if decision[0] > self.last_exec:
-                if stake is self.stake:
-                    self._state_first(decision)
-                continue
-            if self._set_at(decision[0]) is not stake:
-                continue
-            listed = [[c.sender, c.digest] for c in members]
-            body = m.body(m.NEW_VIEW, self.me, self.view, listed, decision[0], decision[2])
-            self.nv_wire = self.authenticated(body)
-            self.out.append((TO_ALL, self.nv_wire))
-            self.counts["tx"] += 1
-            self._install(decision, stake)
-            return
-
-    def _resend_new_view(self, dest):
-        if self.nv_wire is not None:
-            self.out.append((dest, self.nv_wire))
-            self.counts["tx"] += 1
-
-    def _state_first(self, decision):
-        """A view is judged by the validator set of the checkpoint it starts from: when we have
-        not reached that checkpoint, fetch its state first (True) and decide again after."""
-        low, low_digest = decision[0], decision[1]
-        if low <= self.last_exec:
-            return False
-        if self.transfer is None:
-            sources = [j for j in self.vcs if j != self.me and [low, low_digest] in self.vcs[j].c]
-            self._start_transfer(low, low_digest, sources)
-        return True
-
-    def on_new_view(self, msg):
-        if msg.view < self.view or (msg.view == self.view and not self.limbo):
-            return
-        if msg.low <= self.last_exec:
-            stake = self._set_at(msg.low)
-            if stake is None or msg.sender != stake.primary(msg.view):
-                return
-        elif msg.view != self.view and msg.sender != self.stake.primary(msg.view):
-            return  # above our state: we fetch it first and judge after (_try_install)
-        if msg.view > self.view:
-            self._start_view_change(msg.view)
-        self.new_view = msg
-        self._try_install(msg)
-
-    def _try_install(self, msg):
-        """BV1-BV3: install once we hold every listed VIEW-CHANGE and the decision matches."""
-        members = []
-        for entry in msg.vcs:
-            if type(entry) is not list or len(entry) != 2:
-                self.new_view = None
-                return
-            change = self.vcs.get(entry[0])
-            if change is None or change.view != msg.view or change.digest != entry[1]:
-                return  # wait: STATUS gets it retransmitted (BV2)
-            members.append(change)
-        # Judged by the set in force at its checkpoint; above our state, the newest we know
-        # tells which state to fetch, and we judge it again once we hold that state.
-        stake = self._set_at(msg.low) if msg.low <= self.last_exec else self.stake
-        decision = None if stake is None else vc.decide(members, stake)
-        if decision is None or decision[0] != msg.low or decision[2] != msg.chosen:
-            self._drop("bad new-view")  # BV4: let the timer move us on
-            self.new_view = None
-            return
-        if self._state_first(decision):
-            return
-        if msg.sender != stake.primary(msg.view):
-            self._drop("new-view not from primary")
-            self.new_view = None
-            return
-        self._install(decision, stake)
-
-    def _install(self, decision, stake):
-        """AF1-AF3: leave limbo and re-prepare the chosen batches in the new view, which runs
-        under ``stake``."""
-        low, chosen = decision[0], decision[2]
-        assert low <= self.last_exec
-        self.limbo = False
-        self.vstake = stake
-        self.view_low = low
-        self.dirty = True
-        for j in [j for j in self.vcs if self.vcs[j].view <= self.view]:
-            del self.vcs[j]  # decided: only the wires stay, to relay to laggers (BV2)
-        self.vc_digests = {}
-        for j in [j for j in self.vc_wires if self.vc_views[j] < self.view]:
-            del self.vc_wires[j]
-        self.new_view = None
-        self.missing = {}
-        self.vc_deadline = None
-        if self.waiting:
-            self.vc_deadline = self.now + self.vc_timeout
-        self.events.append(("view", self.view))
-        if not self.is_primary():
-            for client in self.waiting_wires:  # T1: hand the new primary what still waits
-                self.out.append((self.primary(), self.waiting_wires[client]))
-        seq = low
-        for digest in chosen:
-            seq += 1
-            if not self._in_window(seq):
-                continue  # at or below our stable checkpoint: nothing to re-prepare
-            i = self.log.claim(seq)
-            body = self.oplog.body_of(seq, digest)
-            if digest == vc.NULL_DIGEST:
-                batch = []
-            elif body is not None:
-                batch = body
-            else:
-                batch = None
-                if seq > self.last_exec:
-                    self.missing[seq] = digest
-            self._accept(i, seq, digest, batch)
-            self._check_prepared(seq, i)
-        if self.is_primary():
-            self.seq = max(seq, self.last_exec, self.h)
-            for wire in list(self.waiting_wires.values()):
-                self.on_request(m.decode(wire))  # requests we saw as a backup (T1)
-            self._cut_batches()
-
     # ----------------------------------------------------------------- retransmission
 
     def _retransmit(self):
-        """RT1: when stuck, multicast STATUS; in limbo also repeat our VIEW-CHANGE. An idle
+        """RT1: when stuck, multicast STATUS; in a view change also repeat our VIEW-CHANGE. An idle
         replica still sends one every _IDLE_STATUS_TICKS, so peers can tell it what it missed
         last before the traffic stopped."""
         stuck = self.last_exec == self.progress_mark
         self.progress_mark = self.last_exec
         self.ticks += 1
-        t = self.transfer
-        if t is not None:
-            if t.fetch.bytes == t.mark:
-                t.source += 1  # no chunk since the last tick: try the next source
-                self._fetch_next()
-            t.mark = t.fetch.bytes
+        if self.transfer is not None:
+            self._retransmit_fetch()
             return
-        if self.limbo:
-            self.out.append((TO_ALL, self.vc_wires[self.me]))
-            self.counts["tx"] += 1
+        if self.status == VIEW_CHANGE:
+            self._multicast(self.vc_wires[self.me])
         elif not (self.behind or stuck and (self.waiting or self.missing or self.live_slots())
                   or self.ticks % _IDLE_STATUS_TICKS == 0):
             return
         self.behind = False
         missing = sorted(self.missing)[:_CATCH_UP_MAX]
-        self._broadcast(m.STATUS, self.view, self.limbo, self.h, self.last_exec, missing)
+        self._broadcast(m.STATUS, self.view, self.status == VIEW_CHANGE, self.h, self.last_exec,
+                        missing)
 
     def on_status(self, msg):
         """RT2: answer a replica that is behind with what it lacks."""
@@ -1250,10 +848,10 @@ class Replica:
             for k in self.vc_wires:
                 if self.vc_views[k] == self.view and k != j:
                     self.out.append((j, self.vc_wires[k]))  # BV2: relay what we verified
-            if self.is_primary() and not self.limbo:
+            if self.is_primary() and self.status == NORMAL:
                 self._resend_new_view(j)
             return
-        if msg.view != self.view or self.limbo:
+        if msg.view != self.view or self.status == VIEW_CHANGE:
             return
         for seq in msg.missing:
             if type(seq) is int:
@@ -1335,7 +933,7 @@ class Replica:
         assert len(self.pending) <= _PENDING_MAX
         assert len(self.waiting) <= _WAITING_MAX
         assert len(self.waiting_wires) == len(self.waiting)
-        if self.is_primary() and not self.limbo:
+        if self.is_primary() and self.status == NORMAL:
             assert self.seq >= self.last_exec
         if self.transfer is not None:
             assert self.transfer.seq > self.h

@@ -109,12 +109,12 @@ def test_the_replica_that_alone_executed_an_epochs_first_checkpoint_stays_until_
     zero, one, two = net.replicas[:3]
     assert [r.last_exec for r in (zero, one, two)] == [3, 3, 4]
     assert two.stake.weights == [2, 1, 1, 1], "the new set is in force after 4"
-    assert (two.view, two.limbo, two.h) == (0, False, 0), "frozen, and stays while 4 is unstable"
+    assert (two.view, two.status, two.h) == (0, "normal", 0), "frozen while 4 is unstable"
     for now in (100, 200):  # 0 and 1, stuck, ask with STATUS (RT1); 2 answers (RT2)
         net.tick(now)
         net.run()
     assert {r.h for r in (zero, one, two)} == {4}, "checkpoint 4 stable under the old set"
-    assert {(r.view, r.limbo, r.view_low) for r in (zero, one, two)} == {(1, False, 4)}
+    assert {(r.view, r.status, r.view_low) for r in (zero, one, two)} == {(1, "normal", 4)}
     assert all(r.vstake.weights == [2, 1, 1, 1] for r in (zero, one, two)), "view 1: new set"
     names = [e[:2] for e in two.events if e[0] in ("stable", "view_change")]
     assert names.index(("stable", 4)) < names.index(("view_change", 1)), "left once stable"
@@ -146,7 +146,7 @@ def test_a_view_change_before_the_epochs_first_checkpoint_is_stable_runs_under_t
         net.run(dropped=lambda to, msg: msg.kind == m.COMMIT and msg.view == 0)
     assert {r.h for r in (one, two, three)} == {4}
     assert ("view", 1) in two.events, "2 installed the old set's view 1"
-    assert {(r.view, r.limbo, r.view_low) for r in (one, two, three)} == {(2, False, 4)}
+    assert {(r.view, r.status, r.view_low) for r in (one, two, three)} == {(2, "normal", 4)}
     assert all(r.vstake.weights == [1, 1, 1, 3] for r in (one, two, three))
     assert net.call(alice, ["transfer", "a", "b", 1]) == [True, 97]
 

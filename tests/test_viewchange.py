@@ -109,7 +109,7 @@ def test_a_gap_in_the_log_is_filled_with_a_null_request() -> None:
         net._collect(r.me)
     net.run()
     new_primary = net.replicas[1]
-    assert new_primary.view == 1 and not new_primary.limbo
+    assert new_primary.view == 1 and new_primary.status == "normal"
     for r in net.replicas[1:]:
         assert r.log.digests[r.log.find(1)] == NULL_DIGEST, "seq 1: a null request"
         assert r.log.digests[r.log.find(2)] == rp.batch_digest([second])
@@ -143,10 +143,10 @@ def test_a_replica_cut_off_from_a_quorum_does_not_change_view_alone() -> None:
     once the cut heals. It waits, and changes view when it hears a quorum again."""
     net, lone = lone_backup_waiting(5000)
     lone.tick(9000)
-    assert (lone.view, lone.limbo) == (0, False), "nothing heard since 0 ms"
+    assert (lone.view, lone.status) == (0, "normal"), "nothing heard since 0 ms"
     hear_the_others(net, lone, 9500)
     lone.tick(10_000)
-    assert (lone.view, lone.limbo) == (1, True), "a quorum is in reach again"
+    assert (lone.view, lone.status) == (1, "view change"), "a quorum is in reach again"
 
 
 def test_time_a_replica_stood_still_counts_for_no_view_change_timeout() -> None:
@@ -158,9 +158,9 @@ def test_time_a_replica_stood_still_counts_for_no_view_change_timeout() -> None:
     lone.stalled(3000)  # we did not run for 3 s: all of it before the deadline
     hear_the_others(net, lone, deadline + 2900)  # their messages, queued meanwhile, now read
     lone.tick(deadline + 2900)
-    assert (lone.view, lone.limbo) == (0, False), "the timer did not count the 3 s"
+    assert (lone.view, lone.status) == (0, "normal"), "the timer did not count the 3 s"
     lone.tick(deadline + 3000)
-    assert (lone.view, lone.limbo) == (1, True), "it runs on afterwards"
+    assert (lone.view, lone.status) == (1, "view change"), "it runs on afterwards"
 
 
 def test_a_replica_the_others_run_ahead_of_does_not_change_view_alone() -> None:
@@ -177,9 +177,9 @@ def test_a_replica_the_others_run_ahead_of_does_not_change_view_alone() -> None:
     assert lone._behind() is False, "1/4 of stake proves nothing"
     lone.receive(checkpoint[1], deadline)  # 2 of 4 equal stakes: over 1/3
     lone.tick(deadline)
-    assert (lone.view, lone.limbo) == (0, False), "the others are ahead in this view"
+    assert (lone.view, lone.status) == (0, "normal"), "the others are ahead in this view"
     lone.suspect(deadline)
-    assert (lone.view, lone.limbo) == (0, False), "nor on the detector's word"
+    assert (lone.view, lone.status) == (0, "normal"), "nor on the detector's word"
 
 
 def test_a_state_transfer_stops_the_request_timer_of_the_requests_it_drops() -> None:

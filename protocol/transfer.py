@@ -1,0 +1,168 @@
+# State transfer (PBFT-NOTES N7): a replica that lags behind a checkpoint replicas with over
+# 1/3 of stake vouch for fetches its state, part by part, and serves its own to others.
+#
+# Rules:
+# - A mixin of replica.Replica (its fields and helpers; TigerBeetle peels its replica the same
+#   way): these methods read and write the replica's state, and nothing else calls them.
+# - One transfer at a time (self.transfer, a Transfer, or None). Its checkpoint is above h;
+#   it ends when complete and verified (_install_state), when the replica executes past it
+#   (replica._mark_stable drops it), or it moves to a newer checkpoint a source offers.
+# - The parts come from flash (state.State.read_part) in chunks of _CHUNK_BYTES, and go to a
+#   staging area on flash (state.Fetch): RAM holds one chunk, whatever the size of the state.
+#   The staged state is checked against its digest before it replaces ours; a state that
+#   fails the check is fetched again whole (fetch_full), since the page tags we trusted to
+#   skip pages may have lied.
+# - A served checkpoint stays readable (pinned) for _PIN_MS after each fetch, even when our
+#   stable checkpoint moves on: a long transfer under load finishes instead of restarting.
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = int
+
+from . import messages as m
+from .state import Fetch, StateError
+from .viewchange import NORMAL, VIEW_CHANGE
+
+_CHUNK_BYTES = const(1024)  # state transfer chunk
+_PIN_MS = const(1000)       # a checkpoint served stays readable this long after a fetch
+
+
+class Transfer:
+    """A state transfer under way: checkpoint (seq, digest), the replicas asked in turn
+    (``sources``, the one asked now at ``source`` modulo their number), whether the
+    checkpoint was vouched for when it started, and the Fetch staging it."""
+
+    def __init__(self, seq, digest, sources, vouched, fetch):
+        assert sources
+        self.seq = seq
+        self.digest = digest
+        self.sources = sources
+        self.source = 0
+        self.vouched = vouched
+        self.fetch = fetch
+        self.mark = -1  # fetch.bytes at the last retransmission tick
+
+
+class StateTransfer:
+    """Replica's state transfer: fetching (on_chunk) and serving (on_fetch) checkpoints."""
+
+    def _maybe_fetch_state(self, seq, digest):
+        """Fetch checkpoint (seq, digest) once replicas with over 1/3 of stake vouch for it
+        and we have not executed up to it (N7: a lagging replica)."""
+        if self.transfer is not None or seq <= self.last_exec:
+            return
+        stuck = self.last_exec == self.progress_mark
+        if seq <= self.last_exec + self.K and not (self.status == VIEW_CHANGE or stuck):
+            return  # close behind and moving: normal catch-up gets us there
+        votes = self.checkpoints.get(seq, {})
+        if self._backed(seq, votes, digest):
+            sources = [j for j in votes if votes[j] == digest and j != self.me]
+            self._start_transfer(seq, digest, sources)
+
+    def _start_transfer(self, seq, digest, sources):
+        if not sources:
+            sources = [j for j in range(self.stake.n) if j != self.me]
+        self.transfer = Transfer(seq, digest, sources, True,
+                                  Fetch(self.state, seq, digest, self.fetch_full))
+        self.events.append(("fetch", seq, digest))
+        self._fetch_next()
+
+    def _fetch_next(self):
+        t = self.transfer
+        part, offset = t.fetch.want()
+        self._send(t.sources[t.source % len(t.sources)], m.FETCH, t.seq, t.digest, part, offset)
+
+    def _vouched(self, seq, digest):
+        """Do replicas with over 1/3 of stake report checkpoint (seq, digest)?"""
+        votes = self.checkpoints.get(seq, {})
+        holders = [j for j in range(self.stake.n)
+                   if votes.get(j) == digest or self.ahead.get(j) == (seq, digest)]
+        return self.stake.is_weak(self.stake.of(holders))
+
+    def on_fetch(self, msg):
+        """Serve a part of a checkpoint we hold, and keep serving it (pinned) for _PIN_MS after
+        each fetch even if our stable checkpoint moves on: a transfer of many pages under load
+        then finishes instead of starting over at every checkpoint."""
+        got = None
+        held = self.own_checkpoints.get(msg.seq)
+        if self.serving is not None and self.serving[0] == msg.seq:
+            held = self.serving[1]
+        if held == msg.digest:
+            got = self.state.read_part(msg.seq, msg.part, msg.offset, _CHUNK_BYTES)
+        seq, digest, part, offset = msg.seq, msg.digest, msg.part, msg.offset
+        if got is None:
+            if self.h <= msg.seq:
+                self._drop("fetch of a state not held")
+                return
+            # That state is gone here (our window moved on): offer our stable one.
+            seq, digest, part, offset = self.h, self.own_checkpoints[self.h], 0, 0
+            got = self.state.read_part(seq, 0, 0, _CHUNK_BYTES)
+        self.state.pin(seq)
+        self.serving = (seq, digest, self.now + _PIN_MS)
+        total, data = got
+        if offset <= total:
+            self._send(msg.sender, m.CHUNK, seq, digest, part, offset, total, data)
+
+    def on_chunk(self, msg):
+        t = self.transfer
+        if t is not None and msg.part == 0 and msg.offset == 0 and msg.seq > t.seq \
+                and msg.seq > self.last_exec:
+            # A newer stable checkpoint offered instead: fetch that one (it is checked against
+            # its digest and its vouchers when complete).
+            t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
+            t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
+            t.fetch = Fetch(self.state, msg.seq, msg.digest, self.fetch_full)
+        if t is None or msg.seq != t.seq or msg.digest != t.digest \
+                or t.fetch.want() != (msg.part, msg.offset):
+            return
+        refused = t.fetch.take(msg.part, msg.offset, msg.total, msg.data)
+        if refused:
+            self._drop(refused)
+            return
+        if t.fetch.want() is not None:
+            self._fetch_next()
+            return
+        self.transfer = None
+        if t.seq <= self.last_exec or not (t.vouched or self._vouched(t.seq, t.digest)):
+            self.state.clear_stage()
+            self._drop("state not vouched for")
+            return
+        try:
+            meta = self.state.install(t.fetch)
+        except StateError:
+            self.fetch_full = True  # the tags we went by may have lied: take every page
+            self._drop("transferred state does not verify")
+            return
+        self.fetch_full = False
+        self.counts["transfer_bytes"] += t.fetch.bytes
+        self._install_state(t.seq, t.digest, meta)
+
+    def _install_state(self, seq, digest, meta):
+        """Adopt checkpoint ``seq``, just installed on flash, as our executed, stable state."""
+        assert seq > self.last_exec
+        self._adopt(meta, digest)
+        for client in list(self.waiting):
+            del self.waiting[client]
+            del self.waiting_wires[client]
+        if self.status == NORMAL:
+            self.vc_deadline = None  # T1 runs while requests wait: none do now
+        self.events.append(("transferred", seq, digest))
+        self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
+        self._mark_stable(seq)
+        self._execute_ready()
+        if self.status == VIEW_CHANGE:
+            self._after_view_change_input()  # a new view may have waited for this state
+
+    def _retransmit_fetch(self):
+        """RT1 during a transfer: no chunk since the last tick, so ask the next source."""
+        t = self.transfer
+        if t.fetch.bytes == t.mark:
+            t.source += 1
+            self._fetch_next()
+        t.mark = t.fetch.bytes
+
+    def _release_served(self, now_ms):
+        """Unpin the checkpoint we serve once nobody fetched it for _PIN_MS."""
+        if self.serving is not None and now_ms >= self.serving[2]:
+            self.serving = None
+            self.state.unpin()
