@@ -1,6 +1,6 @@
 # Boot: code from ROMFS where the platform maps it (in place, outside the heap), else lib/.
 import os, sys
-rom = getattr(os, "getenv", lambda name: None)("EDGEBFT_ROM")  # set by edgebft.romboot
+rom = getattr(os, "getenv", lambda name: None)("EDGEBFT_ROM")  # set by edgebft.devices.romboot
 if rom:
     import uctypes, vfs
     address, size = rom.split(":")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebft.broker import find_mosquitto
+from edgebft.lab.broker import find_mosquitto
 
 EDGEBFT = [sys.executable, "-m", "edgebft"]
 HEAP_BYTES = 160 * 1024  # HEAP_DEFAULT: README, "Memory", says why it is no longer 100 KB

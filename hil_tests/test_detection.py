@@ -20,16 +20,16 @@ import paho.mqtt.client as paho
 import pytest
 
 from conftest import wait_until
-from edgebft.broker import start_broker
-from edgebft.cluster import EmulatedCluster
-from edgebft.control import fresh_nonce, send_command
-from edgebft.demo import DemoOptions, node_config
-from edgebft.image import build_image
-from edgebft.keys import ClusterKeys, generate_keys
-from edgebft.observer import Observer
+from edgebft.devices.image import build_image
+from edgebft.devices.keys import ClusterKeys, generate_keys
+from edgebft.lab.broker import start_broker
+from edgebft.lab.cluster import EmulatedCluster
+from edgebft.lab.control import fresh_nonce, send_command
+from edgebft.lab.demo import DemoOptions, node_config
+from edgebft.lab.observer import Observer
+from edgebft.lab.workload import Workload
 from edgebft.protocol.detector import phi_e4
 from edgebft.protocol.stake import Stake
-from edgebft.workload import Workload
 
 NODES = 4
 STATUS_INTERVAL_MS = 500  # the heartbeat interval: peers' status messages are the heartbeats

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from edgebft import lab
-from edgebft.broker import find_mosquitto
+from edgebft.lab import session as lab
+from edgebft.lab.broker import find_mosquitto
+from edgebft.lab.workload import Outcome, Workload
 from edgebft.protocol.stake import Stake
-from edgebft.workload import Outcome, Workload
 
 Snapshot = dict[int, dict]
 WAIT_S = 30.0

@@ -20,12 +20,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_until
-from edgebft import lab
-from edgebft.broker import find_mosquitto, free_port
+from edgebft.lab import session as lab
+from edgebft.lab.broker import find_mosquitto, free_port
+from edgebft.lab.workload import Workload
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 from edgebft.protocol.stake import Stake
-from edgebft.workload import Workload
 
 EDGEBFT = [sys.executable, "-m", "edgebft"]
 

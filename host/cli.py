@@ -22,23 +22,24 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgebft import fault_kinds
-from edgebft.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
-from edgebft.broker import BrokerError
-from edgebft.cluster import ClusterError
-from edgebft.demo import DemoOptions
-from edgebft.lab import ACTIONS, LabCluster, LabError, status_rows
-from edgebft.lab import down as lab_down
-from edgebft.lab import heal as lab_heal
-from edgebft.lab import inject as lab_inject
-from edgebft.lab import load as lab_load
-from edgebft.lab import status as lab_status
-from edgebft.lab import up as lab_up
-from edgebft.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
-from edgebft.nemesis import DELAY_JITTER_MS, DELAY_MS, OMISSION_PERMILLE, NemesisError
+from edgebft.devices.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
+from edgebft.lab.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
+from edgebft.lab.broker import BrokerError
+from edgebft.lab.cluster import ClusterError
+from edgebft.lab.demo import DemoOptions
+from edgebft.lab.nemesis import DELAY_JITTER_MS, DELAY_MS, OMISSION_PERMILLE, NemesisError
+from edgebft.lab.report import ReportError, build_report
+from edgebft.lab.session import ACTIONS, LabCluster, LabError, status_rows
+from edgebft.lab.session import down as lab_down
+from edgebft.lab.session import heal as lab_heal
+from edgebft.lab.session import inject as lab_inject
+from edgebft.lab.session import load as lab_load
+from edgebft.lab.session import status as lab_status
+from edgebft.lab.session import up as lab_up
+from edgebft.lab.workload import ACCOUNTS, KEYS
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
-from edgebft.report import ReportError, build_report
-from edgebft.sim import (
+from edgebft.sim.simulator import (
     SIM_BEHAVIOURS,
     SimError,
     SimOptions,
@@ -47,8 +48,7 @@ from edgebft.sim import (
     parse_faults,
     run_many,
 )
-from edgebft.sim import SimOptions as _SimDefaults
-from edgebft.workload import ACCOUNTS, KEYS
+from edgebft.sim.simulator import SimOptions as _SimDefaults
 
 USER_ERRORS = (BenchError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
                SimError, NemesisError)
@@ -86,7 +86,7 @@ class Seconds(click.ParamType):
             self.fail(f"{value!r} is not a duration (e.g. 10, 10s, 500ms, 1m)", param, ctx)
 
 
-RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.bench.BenchOptions)
+RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.bench.BenchOptions)
     click.option("--nodes", default=4, show_default=True, help="Replicas to run (at least 4)."),
     click.option("--duration", "duration_s", default=10.0, show_default=True, type=Seconds(),
                  help="Client load for this long (seconds; or 10s, 500ms, 1m)."),
@@ -198,7 +198,7 @@ def healthy(summary: dict[str, Any]) -> bool:
 
 
 def run_with_progress(options: BenchOptions) -> dict[str, Any]:
-    """edgebft.bench.run_bench with a progress bar; prints the summary table at the end."""
+    """edgebft.lab.bench.run_bench with a progress bar; prints the summary table at the end."""
     options.check()
     load = (f"open loop {options.rate:g}/s" if options.rate is not None
             else f"{options.clients} closed-loop clients")
@@ -372,7 +372,7 @@ def report(run_dir: Path) -> None:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    """Print a run summary (edgebft.bench.summarize) as a table."""
+    """Print a run summary (edgebft.lab.bench.summarize) as a table."""
     table = Table(title=f"EdgeBFT {summary['command']}: {summary['out']}", show_header=False)
     lat = summary["latency_ms"]
     load = (f"open loop at {summary['rate_rps']:g} req/s over {summary['clients']} client ids"
@@ -542,7 +542,8 @@ def _parse_plant(text: str | None) -> tuple[int, int] | None:
 
 
 def print_sim_summary(summary: SimSummary) -> None:
-    """Print a simulation summary (edgebft.sim.SimSummary) and each failing seed's replay."""
+    """Print a simulation summary (edgebft.sim.simulator.SimSummary) and each failing seed's
+    replay."""
     results = summary.results
     table = Table(title="EdgeBFT deterministic simulation", show_header=False)
     verdicts = ("ok", "unsafe", "not-live", "error")

@@ -6,8 +6,8 @@ the report. A kind lists where it applies:
 
 - ``inject``: how ``edgebft inject`` applies it to an emulated node: ``"signal"`` (to the node's
   process group) or ``"control"`` (an authenticated control command, firmware/faults.py);
-- ``nemesis``: bench and demo strike the current primary with it (host/nemesis.py);
-- ``sim``: the simulator draws it in its schedules (host/sim.py).
+- ``nemesis``: bench and demo strike the current primary with it (host/lab/nemesis.py);
+- ``sim``: the simulator draws it in its schedules (host/sim/simulator.py).
 
 Adding a kind is one entry here plus the code that applies it where it applies. Older names
 stay accepted as aliases (``kill``, ``crash-primary``, ``loss``, ``byzantine-primary``).

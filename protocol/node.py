@@ -1,6 +1,6 @@
 # A node: one replica, its failure detector and the policy that joins them. A board runs it
 # (firmware/runtime.py only moves bytes between MQTT and it) and so does the simulator
-# (host/sim.py), so the seeds exercise the policy the boards run.
+# (host/sim/simulator.py), so the seeds exercise the policy the boards run.
 #
 # Rules:
 # - Sans-I/O. Inputs: message(wire, sender, clock), heartbeat(peer, clock), offline(peer,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebft.micropython import find_micropython
+from edgebft.devices.micropython import find_micropython
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def micropython() -> Path:
 @pytest.fixture(scope="session")
 def mp_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder laid out like a device's /lib: edgebft/__init__.py, protocol/ and firmware/."""
-    from edgebft.image import build_lib
+    from edgebft.devices.image import build_lib
 
     lib = tmp_path_factory.mktemp("mp_lib")
     build_lib(lib)
@@ -43,7 +43,7 @@ def run_mp(micropython: Path, lib: Path, code: str, timeout: float = 60,
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[edgebft.broker.Broker]
+def broker(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[edgebft.lab.broker.Broker]
     """One MQTT broker for the whole suite, stopped at the end.
 
     Kind from ``$EDGEBFT_TEST_BROKER``: auto (default: mosquitto if installed, else embedded),
@@ -51,7 +51,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[edgebft.bro
     """
     import os
 
-    from edgebft.broker import start_broker
+    from edgebft.lab.broker import start_broker
 
     spec = os.environ.get("EDGEBFT_TEST_BROKER", "auto")
     with start_broker(spec, tmp_path_factory.mktemp("broker")) as running:

@@ -1,4 +1,5 @@
-"""edgebft.broker: parsing --broker, starting/stopping mosquitto and amqtt, reaching external ones.
+"""edgebft.lab.broker: parsing --broker, starting and stopping mosquitto and amqtt, reaching
+external ones.
 
 The MQTT features EdgeBFT relies on (round trips at QoS 0 and 1, retained messages, the Last
 Will on an abrupt disconnect) are checked against both brokers we start.
@@ -21,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from conftest import wait_until
-from edgebft.broker import (
+from edgebft.lab.broker import (
     SPEC_HELP,
     Broker,
     BrokerError,
@@ -220,7 +221,7 @@ def test_parse() -> None:
 EXIT_SCRIPT = """
 import sys, time
 from pathlib import Path
-from edgebft.broker import start_broker
+from edgebft.lab.broker import start_broker
 broker = start_broker(sys.argv[1], Path(sys.argv[2]))
 print(broker.pid, flush=True)
 if sys.argv[3] == "raise":

@@ -16,15 +16,22 @@ from click.testing import CliRunner
 
 from conftest import run_mp
 from edgebft.cli import cli
-from edgebft.control import command_wire
+from edgebft.devices.keys import generate_keys
 from edgebft.firmware.faults import Faults
-from edgebft.keys import generate_keys
+from edgebft.lab.control import command_wire
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.byzantine import VIEW_SKEW_AHEAD, misbehave
 from edgebft.protocol.stake import Stake
-from edgebft.sim import SIM_BEHAVIOURS, TWINS, SimOptions, Simulation, run_many, twin_phases
+from edgebft.sim.simulator import (
+    SIM_BEHAVIOURS,
+    TWINS,
+    SimOptions,
+    Simulation,
+    run_many,
+    twin_phases,
+)
 
 JUST_UNDER_A_THIRD = (33, 23, 22, 22)  # replica 0 holds 33 of 100
 SEEDS_PER_BEHAVIOUR = 38               # x 8 behaviours: 304 seeds per CI run

@@ -1,4 +1,4 @@
-"""edgebft.cluster.EmulatedCluster on a throwaway firmware (not the real runtime).
+"""edgebft.lab.cluster.EmulatedCluster on a throwaway firmware (not the real runtime).
 
 The firmware prints its node id and heap size, counts its boots in a file (its flash) and
 ticks a counter file every 20 ms, so tests can see crashes, restarts and pauses.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_until
-from edgebft.cluster import ClusterError, EmulatedCluster
-from edgebft.image import build_image
+from edgebft.devices.image import build_image
+from edgebft.lab.cluster import ClusterError, EmulatedCluster
 
 HEAP = "100k"
 WAIT_S = 10.0  # each node is a CPython wrapper plus MicroPython: ~0.1-0.5 s to boot
@@ -174,7 +174,7 @@ def test_stop_kills_whole_group_even_if_sigterm_ignored(tmp_path: Path) -> None:
 HOST_SCRIPT = """
 import sys, time
 from pathlib import Path
-from edgebft.cluster import EmulatedCluster
+from edgebft.lab.cluster import EmulatedCluster
 root, how = Path(sys.argv[1]), sys.argv[2]
 images = sorted(p for p in (root / "images").iterdir())
 cluster = EmulatedCluster(images, root / "logs", "100k", micropython=sys.argv[3])

@@ -9,7 +9,7 @@ from conftest import ledger_state, new_ledger
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.replica import REPLICA_CLIENT_BASE
-from edgebft.sim import SimOptions, Simulation
+from edgebft.sim.simulator import SimOptions, Simulation
 
 
 def test_bonds_change_at_once_and_the_set_only_at_the_epoch_end() -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgebft import fault_kinds, nemesis, sim
+from edgebft import fault_kinds
 from edgebft.cli import cli
-from edgebft.cluster import EmulatedCluster
 from edgebft.fault_kinds import KINDS, FaultKindError, kind, names
+from edgebft.lab import nemesis
+from edgebft.lab.cluster import EmulatedCluster
+from edgebft.sim import simulator as sim
 
 
 def test_every_kind_applies_somewhere_and_each_name_is_one_kind() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from edgebft.bench import (
+from edgebft.lab.bench import (
     TxMeter,
     detection_ms,
     equivocations,
@@ -19,10 +19,10 @@ from edgebft.bench import (
     stake_epochs,
     transfer_ms,
 )
-from edgebft.metrics import PERCENTILES, latency_percentiles
-from edgebft.nemesis import Fault
-from edgebft.report import availability_windows
-from edgebft.workload import Outcome
+from edgebft.lab.metrics import PERCENTILES, latency_percentiles
+from edgebft.lab.nemesis import Fault
+from edgebft.lab.report import availability_windows
+from edgebft.lab.workload import Outcome
 
 RELATIVE_ERROR = 2.0 ** -10  # 3 significant digits in HdrHistogram
 

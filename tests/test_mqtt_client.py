@@ -22,7 +22,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from edgebft.mpprocess import MicroPythonProcess
+from edgebft.devices.mpprocess import MicroPythonProcess
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 HEAP = "100k"

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from edgebft.nemesis import KINDS, Action, NemesisError, PrimaryNemesis, parse_nemesis, schedule
+from edgebft.lab.nemesis import (
+    KINDS,
+    Action,
+    NemesisError,
+    PrimaryNemesis,
+    parse_nemesis,
+    schedule,
+)
 
 
 def test_parse_nemesis_takes_none_one_kind_or_a_comma_list() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from edgebft.keys import generate_keys
+from edgebft.devices.keys import generate_keys
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp

@@ -1,4 +1,4 @@
-"""``edgebft.report``: the plots and page rebuilt from a run folder, the per-second windows
+"""``edgebft.lab.report``: the plots and page rebuilt from a run folder, the per-second windows
 recomputed by hand, and the errors for a folder the report cannot be built from."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from edgebft.report import (
+from edgebft.lab.report import (
     PLOTS,
     ReportError,
     availability_windows,

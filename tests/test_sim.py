@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgebft.cli import cli, main
-from edgebft.sim import (
+from edgebft.sim.simulator import (
     FAULT_KINDS,
     Fault,
     SimError,

@@ -10,7 +10,7 @@ from test_replica import Net
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.viewchange import NULL_DIGEST
-from edgebft.sim import Fault, SimOptions, Simulation
+from edgebft.sim.simulator import Fault, SimOptions, Simulation
 
 
 def scenario(faults: list[Fault], nodes: int = 4, requests: int = 24,

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from edgebft.workload import ACCOUNTS, Mix, operation
+from edgebft.lab.workload import ACCOUNTS, Mix, operation
 
 
 def test_the_default_mix_takes_transfer_put_get_in_turn() -> None:

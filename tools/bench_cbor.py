@@ -15,8 +15,8 @@ from pathlib import Path
 
 import cbor2
 
-from edgebft.image import build_lib
-from edgebft.micropython import HEAP_DEFAULT, find_micropython
+from edgebft.devices.image import build_lib
+from edgebft.devices.micropython import HEAP_DEFAULT, find_micropython
 from edgebft.protocol import cbor
 
 # A pre-prepare: version, type, view, sequence, client, digest, batch of three requests.

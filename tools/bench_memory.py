@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgebft.image import build_lib, build_rom
-from edgebft.micropython import find_micropython
+from edgebft.devices.image import build_lib, build_rom
+from edgebft.devices.micropython import find_micropython
 
 QSTRS_IN_FIVE_POOLS = 620  # pools of 20, 40, 80, 160 and 320 entries (measured)
 # Measured: with names added to the runtime, `edgebft demo --nemesis none` peaked at 82-83 KB
@@ -84,12 +84,12 @@ print(K, built, peak, rs[0].last_exec, rs[0].h)
 
 def import_cost(lib: Path, tmp: Path) -> tuple[int, int, int]:
     """(heap bytes, qstrs, qstr pools) after importing the runtime from a ROMFS image of
-    ``lib``, as edgebft.romboot runs a node."""
+    ``lib``, as edgebft.devices.romboot runs a node."""
     rom = tmp / "rom.img"
     rom.write_bytes(build_rom(lib))
     script = tmp / "import_cost.py"
     script.write_text(IMPORT_SCRIPT)
-    done = subprocess.run([sys.executable, "-m", "edgebft.romboot", str(rom), "-X",
+    done = subprocess.run([sys.executable, "-m", "edgebft.devices.romboot", str(rom), "-X",
                            "heapsize=1m", str(script)], capture_output=True, text=True,
                           timeout=120, cwd=tmp, check=True)
     heap = int(re.search(r"heap (\d+)", done.stdout).group(1))

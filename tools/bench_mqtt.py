@@ -33,9 +33,9 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from edgebft.image import build_lib
-from edgebft.micropython import find_micropython
-from edgebft.mpprocess import MicroPythonProcess
+from edgebft.devices.image import build_lib
+from edgebft.devices.micropython import find_micropython
+from edgebft.devices.mpprocess import MicroPythonProcess
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgebft import lab
-from edgebft.broker import find_mosquitto
+from edgebft.lab import session as lab
+from edgebft.lab.broker import find_mosquitto
+from edgebft.lab.workload import Workload
 from edgebft.protocol.stake import Stake
-from edgebft.workload import Workload
 
 NODE = 3
 POLL_S = 0.1

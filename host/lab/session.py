@@ -14,7 +14,7 @@ byzantine, reboot, heal; firmware/faults.py). A rebooted emulated node exits and
 it again from its image, as a board's reset would. ``heal`` undoes both kinds.
 
 With ``metrics_port``, ``up`` also starts a detached Prometheus exporter
-(``edgebft.prometheus``), recorded in ``cluster.json`` and stopped by ``down``.
+(``edgebft.lab.prometheus``), recorded in ``cluster.json`` and stopped by ``down``.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from edgebft import fault_kinds
-from edgebft.broker import start_broker
-from edgebft.cluster import EmulatedCluster, node_argv
-from edgebft.control import fresh_nonce, partition_reach, send_command
-from edgebft.demo import DemoOptions, new_run_dir, node_config
-from edgebft.image import build_image
-from edgebft.keys import ClusterKeys, generate_keys
-from edgebft.micropython import HEAP_DEFAULT
-from edgebft.observer import Observer
+from edgebft.devices.image import build_image
+from edgebft.devices.keys import ClusterKeys, generate_keys
+from edgebft.devices.micropython import HEAP_DEFAULT
+from edgebft.lab.broker import start_broker
+from edgebft.lab.cluster import EmulatedCluster, node_argv
+from edgebft.lab.control import fresh_nonce, partition_reach, send_command
+from edgebft.lab.demo import DemoOptions, new_run_dir, node_config
+from edgebft.lab.observer import Observer
+from edgebft.lab.workload import KEYS
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.stake import Stake
-from edgebft.workload import KEYS
 
 ACTIONS = ("resume", "restart")  # what inject does besides faults: signals, no fault kind
 STATE_FILE = "cluster.json"
@@ -117,7 +117,7 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
        keys: int = KEYS) -> LabCluster:
     """Start a broker and ``nodes`` emulated nodes that outlive this process, and with
     ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``. ``keys``: the
-    ledger's size to plan its pages for (edgebft.bench.ledger_pages)."""
+    ledger's size to plan its pages for (edgebft.lab.bench.ledger_pages)."""
     options = DemoOptions(nodes=nodes, broker=broker, heap=heap, micropython=micropython,
                           keys=keys)
     options.check()
@@ -210,8 +210,8 @@ def _check_port_free(port: int) -> None:
 
 
 def _start_exporter(lab: LabCluster, port: int) -> None:
-    """Start ``edgebft.prometheus`` detached, record it, and wait until its port answers."""
-    argv = [sys.executable, "-m", "edgebft.prometheus", "--dir", str(lab.path),
+    """Start ``edgebft.lab.prometheus`` detached, record it, and wait until its port answers."""
+    argv = [sys.executable, "-m", "edgebft.lab.prometheus", "--dir", str(lab.path),
             "--port", str(port)]
     with open(lab.path / "logs" / "exporter.log", "ab") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,

@@ -8,7 +8,7 @@ node the same: it maps the image's ``rom.img`` into memory, hands its address to
 ``vfs.VfsRom(uctypes.bytearray_at(address, size))``. The -X heapsize budget then holds data
 and the per-module objects only, as on a board, instead of a copy of every module's bytecode.
 
-Usage: python -m edgebft.romboot ROM_IMAGE [micropython arguments...]
+Usage: python -m edgebft.devices.romboot ROM_IMAGE [micropython arguments...]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def available() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args:
-        print("usage: python -m edgebft.romboot ROM_IMAGE [micropython arguments...]",
+        print("usage: python -m edgebft.devices.romboot ROM_IMAGE [micropython arguments...]",
               file=sys.stderr)
         return 2
     import micropython_run

@@ -52,13 +52,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edgebft import fault_kinds
-from edgebft.keys import ClusterKeys, generate_keys
+from edgebft.devices.keys import ClusterKeys, generate_keys
+from edgebft.lab.workload import ACCOUNTS, genesis, operation
 from edgebft.protocol import replica as rp
 from edgebft.protocol.byzantine import BEHAVIOURS, misbehave
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.node import STATUS_INTERVAL_MS, TICK_MS, Node
 from edgebft.protocol.stake import Stake
-from edgebft.workload import ACCOUNTS, genesis, operation
 
 FAULT_KINDS = fault_kinds.names("sim")
 _DOWN_KINDS = ("crash", "reboot", "pause")  # faults that take a replica out while they last
@@ -70,7 +70,7 @@ VERDICT_NOT_LIVE = "not-live"    # safe, but requests were not all accepted in t
 VERDICT_ERROR = "error"          # a replica raised (an internal invariant failed)
 
 LATENCY_MS = (1, 20)             # one MQTT hop on WiFi is ~10 ms (DESIGN.md section 8)
-RETRANSMIT_MS = 500              # host/workload.py's RETRANSMIT_S
+RETRANSMIT_MS = 500              # host/lab/workload.py's RETRANSMIT_S
 RETRANSMIT_MS_MAX = 4_000        # doubling stops here, so a healed cluster is retried soon
 FAULT_GAP_MS = (100, 1_000)      # between the starts of two faults
 FAULT_LENGTH_MS = (200, 2_500)   # crash, partition, loss and delay windows
@@ -276,7 +276,7 @@ class Fault:
 
 
 def seeded_keys(n: int, rng: random.Random) -> ClusterKeys:
-    """Cluster keys shaped like ``edgebft.keys.generate_keys(n)`` but drawn from ``rng``."""
+    """Cluster keys shaped like ``edgebft.devices.keys.generate_keys(n)``, drawn from ``rng``."""
     return generate_keys(n, rng.randbytes)
 
 

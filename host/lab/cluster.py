@@ -1,15 +1,16 @@
 """The emulated cluster: one MicroPython Unix-port process per node, each in its image folder.
 
 Node ``i`` runs ``micropython -X heapsize=<heap> main.py`` with its image folder (built by
-``edgebft.image.build_image``) as working directory, so the folder's files are the node's flash
-and survive ``kill``/``restart``. Its stdout and stderr go to ``<log_dir>/node<i>.log``,
-appended across restarts; the host adds one ``# edgebft: ...`` line at each start and stop.
+``edgebft.devices.image.build_image``) as working directory, so the folder's files are the
+node's flash and survive ``kill``/``restart``. Its stdout and stderr go to
+``<log_dir>/node<i>.log``, appended across restarts; the host adds one ``# edgebft: ...``
+line at each start and stop.
 
 Every node runs in its own session and process group, and every signal goes to the group, so
 nothing a node starts survives it. (``.venv/bin/micropython`` is a CPython console script that
 runs MicroPython in-process; killing the group kills both.) Nodes are stopped by ``stop()``, by
 leaving the ``with`` block, at interpreter exit, and on SIGTERM/SIGHUP of the host (see
-``edgebft.broker``); only a SIGKILL of the host can leave nodes behind.
+``edgebft.lab.broker``); only a SIGKILL of the host can leave nodes behind.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgebft import romboot
-from edgebft.broker import (
+from edgebft.devices import romboot
+from edgebft.devices.micropython import HEAP_DEFAULT, find_micropython
+from edgebft.lab.broker import (
     STOP_GRACE_S,
     kill_process_group,
     signal_process_group,
     track_process,
     untrack_process,
 )
-from edgebft.micropython import HEAP_DEFAULT, find_micropython
 
 __all__ = ["ClusterError", "EmulatedCluster"]
 
@@ -47,10 +48,10 @@ _HEAP_RE = re.compile(r"[1-9][0-9]*[kKmM]?")
 
 def node_argv(image: Path, micropython: Path | str, heap: str, rom: bool) -> list[str]:
     """The command that boots the node in ``image`` (run with the image as its cwd): through
-    edgebft.romboot when ``rom`` and the image has a rom.img, else the binary itself."""
+    edgebft.devices.romboot when ``rom`` and the image has a rom.img, else the binary itself."""
     argv = ["-X", f"heapsize={heap}", "main.py"]
     if rom and (image / "rom.img").is_file():
-        return [sys.executable, "-m", "edgebft.romboot", str(image / "rom.img"), *argv]
+        return [sys.executable, "-m", "edgebft.devices.romboot", str(image / "rom.img"), *argv]
     return [str(micropython), *argv]
 
 
@@ -78,14 +79,14 @@ class EmulatedCluster:
 
         Raises:
             ClusterError: no images, an image without ``main.py``, or a malformed heap size.
-            edgebft.micropython.MicroPythonNotFound: no MicroPython binary.
+            edgebft.devices.micropython.MicroPythonNotFound: no MicroPython binary.
         """
         if not images:
             raise ClusterError("an emulated cluster needs at least one image folder")
         for image in images:
             if not (Path(image) / "main.py").is_file():
                 raise ClusterError(f"image folder {str(image)!r} has no main.py; build it with "
-                                   "edgebft.image.build_image")
+                                   "edgebft.devices.image.build_image")
         if not _HEAP_RE.fullmatch(heap):
             raise ClusterError(f"bad heap size {heap!r}: expected e.g. 100k, 2m or 65536")
         self.images = [Path(image).resolve() for image in images]
@@ -93,7 +94,7 @@ class EmulatedCluster:
         self.heap = heap
         self.micropython = find_micropython(micropython)
         # Code runs in place from each image's rom.img when MicroPython is the venv's in-process
-        # wheel (edgebft.romboot maps it outside the heap, as a board maps flash).
+        # wheel (edgebft.devices.romboot maps it outside the heap, as a board maps flash).
         self.rom = (romboot.available()
                     and self.micropython == Path(sys.executable).parent / "micropython")
         self.stop_grace_s = stop_grace_s

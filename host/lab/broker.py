@@ -10,7 +10,7 @@ the host itself can leave a broker behind.
 
 The process-group helpers here (``kill_process_group``, ``signal_process_group``,
 ``track_process``) are shared with
-``edgebft.cluster``.
+``edgebft.lab.cluster``.
 
 amqtt 0.12.1 (the embedded broker) deviates from MQTT 3.1.1 in ways EdgeBFT can live with:
 
@@ -139,7 +139,7 @@ def parse_broker(spec: str) -> BrokerSpec:
     raise BrokerError(f"bad broker {spec!r}: expected {SPEC_HELP}")
 
 
-# --- process groups shared with edgebft.cluster -------------------------------------------------
+# --- process groups shared with edgebft.lab.cluster ---------------------------------------
 
 _tracked: dict[int, subprocess.Popen[bytes]] = {}
 _tracked_lock = threading.Lock()
@@ -401,7 +401,7 @@ def _start_embedded(workdir: Path) -> Broker:
         port = free_port()
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "edgebft.embedded_broker", "--host", LOOPBACK,
+                [sys.executable, "-m", "edgebft.lab.embedded_broker", "--host", LOOPBACK,
                  "--port", str(port)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,

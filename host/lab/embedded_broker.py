@@ -2,12 +2,12 @@
 
 Run as its own process so that the host's event loop and GIL are not shared with it::
 
-    python -m edgebft.embedded_broker --port 41883 [--host 127.0.0.1]
+    python -m edgebft.lab.embedded_broker --port 41883 [--host 127.0.0.1]
 
 It listens on one TCP listener, allows anonymous clients, publishes no ``$SYS`` topics and logs
 only warnings and errors (to stderr). It prints ``ready <host>:<port>`` on stdout once the
-listener is bound and runs until SIGTERM or SIGINT. ``edgebft.broker.start_broker`` is the usual
-way to start it; this module is the subprocess's entry point.
+listener is bound and runs until SIGTERM or SIGINT. ``edgebft.lab.broker.start_broker`` is the
+usual way to start it; this module is the subprocess's entry point.
 
 amqtt 0.12.1 was checked by tests/test_broker.py for what EdgeBFT uses: publish/subscribe round
 trips at QoS 0 and 1, retained messages, and the Last Will on an abrupt disconnect. It is an
@@ -57,7 +57,7 @@ async def serve(host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``--host``/``--port`` and serve; return the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m edgebft.embedded_broker")
+    parser = argparse.ArgumentParser(prog="python -m edgebft.lab.embedded_broker")
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)

@@ -1,13 +1,13 @@
 """``edgebft bench``: an emulated cluster on a real broker under client load, measured.
 
-``edgebft demo`` is this run with the demo's defaults (``edgebft.demo``). A run is a folder
+``edgebft demo`` is this run with the demo's defaults (``edgebft.lab.demo``). A run is a folder
 (Maelstrom's model): ``config.json``, ``nodes/node<i>/`` (each node's image, its flash),
 ``logs/node<i>.log``, ``events.jsonl`` (every request with its intended send time, first send
 and outcome; every fault with its start and end; every node event; host timestamps),
 ``summary.json`` (``summarize``) and the report (``report.html`` and its PNG plots,
-edgebft.report). The load is closed loop, or open loop at a fixed rate (edgebft.workload). The
-verdict on safety comes from the ledger digests the nodes report (``edgebft.observer``), not
-from the nodes' own claims.
+edgebft.lab.report). The load is closed loop, or open loop at a fixed rate
+(edgebft.lab.workload). The verdict on safety comes from the ledger digests the nodes report
+(``edgebft.lab.observer``), not from the nodes' own claims.
 """
 
 from __future__ import annotations
@@ -21,19 +21,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgebft.broker import start_broker
-from edgebft.cluster import EmulatedCluster
-from edgebft.control import fresh_nonce, send_command
-from edgebft.image import build_image
-from edgebft.keys import generate_keys
-from edgebft.metrics import availability, latency_percentiles, percentile
-from edgebft.micropython import HEAP_DEFAULT, find_micropython
-from edgebft.nemesis import Fault, NemesisError, PrimaryNemesis, make_nemesis, parse_nemesis
-from edgebft.observer import Observer
+from edgebft.devices.image import build_image
+from edgebft.devices.keys import generate_keys
+from edgebft.devices.micropython import HEAP_DEFAULT, find_micropython
+from edgebft.lab.broker import start_broker
+from edgebft.lab.cluster import EmulatedCluster
+from edgebft.lab.control import fresh_nonce, send_command
+from edgebft.lab.metrics import availability, latency_percentiles, percentile
+from edgebft.lab.nemesis import Fault, NemesisError, PrimaryNemesis, make_nemesis, parse_nemesis
+from edgebft.lab.observer import Observer
+from edgebft.lab.report import availability_windows, build_report
+from edgebft.lab.workload import ACCOUNTS, DEADLINE_S, KEYS, Mix, Outcome, Workload, genesis
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
-from edgebft.report import availability_windows, build_report
-from edgebft.workload import ACCOUNTS, DEADLINE_S, KEYS, Mix, Outcome, Workload, genesis
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
@@ -42,7 +42,7 @@ CLIENTS_DEFAULT = 4
 KEYS_PER_PAGE = 16  # the ledger gets a page per this many keys (a power of two, at least 256)
 
 Progress = Callable[[float, int, int, int], None]  # (elapsed_s, ok, failed, queued)
-NodeEvent = tuple[float, int, list[Any]]  # (host time, node, event), as edgebft.observer has it
+NodeEvent = tuple[float, int, list[Any]]  # (host time, node, event), as the observer has it
 
 
 class BenchError(RuntimeError):

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgebft import fault_kinds
-from edgebft.cluster import EmulatedCluster
-from edgebft.control import partition_reach
-from edgebft.observer import Observer
+from edgebft.lab.cluster import EmulatedCluster
+from edgebft.lab.control import partition_reach
+from edgebft.lab.observer import Observer
 
 KINDS = fault_kinds.names("nemesis")
 NEMESES = ("none", *KINDS)  # the single names; --nemesis also takes comma lists of KINDS

@@ -3,8 +3,8 @@
 ``build_report(run_dir)`` reads ``events.jsonl`` (and ``summary.json`` when present) and writes
 into the same folder:
 
-A request's ``start`` is its intended send time (edgebft.workload: in an open-loop run a request
-may wait for an idle client id), and its latency runs from there.
+A request's ``start`` is its intended send time (edgebft.lab.workload: in an open-loop run a
+request may wait for an idle client id), and its latency runs from there.
 
 * ``latency-raw.png``: every request, x = its start in seconds since the first request, y = its
   latency in ms on a log scale; committed requests blue, timed-out ones red, drawn at the
@@ -20,7 +20,7 @@ Every plot shades each fault window, from its start to its end (or to the end of
 never healed), labelled with the fault's kind and node.
 
 Windows are 1 s wide and aligned on the first request's start; a request belongs to the window
-its start falls in. Quantiles are nearest-rank (``edgebft.metrics.percentile``). The window
+its start falls in. Quantiles are nearest-rank (``edgebft.lab.metrics.percentile``). The window
 functions are pure and shared by the plots, the run's summary.json (``availability_per_s``)
 and the tests.
 
@@ -36,8 +36,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgebft.metrics import QUANTILES, availability, latency_summary
-from edgebft.workload import DEADLINE_S
+from edgebft.lab.metrics import QUANTILES, availability, latency_summary
+from edgebft.lab.workload import DEADLINE_S
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -491,8 +491,8 @@ def render_html(run_dir: Path, events: Sequence[Mapping[str, Any]],
              f"<title>EdgeBFT run {html.escape(run_dir.name)}</title>"
              f"<style>{CSS}</style></head><body>",
              f"<h1>EdgeBFT run <code>{html.escape(str(run_dir))}</code></h1>",
-             f"<p class=\"note\">Rebuilt from {EVENTS} and {SUMMARY} by edgebft.report. Time 0 "
-             f"is the first request's start (host time {origin:.3f}).</p>",
+             f"<p class=\"note\">Rebuilt from {EVENTS} and {SUMMARY} by edgebft.lab.report. "
+             f"Time 0 is the first request's start (host time {origin:.3f}).</p>",
              f"<h2>Summary</h2><p class=\"note\">From {html.escape(source)}.</p>",
              _table(["field", "value"], summary_rows, "summary"),
              "<h2>Latency of committed requests (ms)</h2>",

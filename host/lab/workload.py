@@ -34,7 +34,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from edgebft.keys import ClusterKeys
+from edgebft.devices.keys import ClusterKeys
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 
