@@ -29,6 +29,8 @@ def run_demo(out: Path, *args: str, timeout: float = 120) -> dict:
 
 
 def check_healthy_run(summary: dict, nodes: int) -> None:
+    assert summary["verdict"] == {"verdict": "ok", "reasons": [],
+                                  "checks": {"safety": True, "convergence": True}}
     assert summary["safety_ok"] is True
     assert summary["safety"]["violations"] == []
     assert summary["safety"]["converged"] is True

@@ -185,10 +185,12 @@ def test_kill_shows_offline_and_heal_restarts_from_flash(cluster: lab.LabCluster
     cli("inject", "crash", "2", "--dir", str(cluster.path))
     snap = wait_for(lambda s: not s[2]["online"])
     assert not snap[2]["online"], "the Last Will marked it offline"
+    boots = snap[2].get("boots")
     out = cli("heal", "--dir", str(cluster.path))
     assert "restarted nodes [2]" in out
-    snap = wait_for(lambda s: s[2]["online"])
-    assert snap[2]["online"]
+    # heal said so only once node 2 reported in from its new boot: its status is retained
+    snap = lab.status(cluster)
+    assert snap[2]["online"] and snap[2]["boots"] != boots
     assert load(cluster, 1.0) > 0
 
 

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgebft import fault_kinds
+from edgebft.check.verdict import NOT_LIVE, OK, SEVERITY, VERDICTS
 from edgebft.devices.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
 from edgebft.lab.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
 from edgebft.lab.broker import BrokerError
@@ -193,8 +194,8 @@ def _run_kwargs(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def healthy(summary: dict[str, Any]) -> bool:
-    """Safe, and every correct node converged on one ledger digest."""
-    return bool(summary["safety_ok"] and summary["safety"]["converged"])
+    """The run's verdict is ok: safe, and every correct node converged on one ledger digest."""
+    return bool(summary["verdict"]["verdict"] == OK)
 
 
 def run_with_progress(options: BenchOptions) -> dict[str, Any]:
@@ -392,6 +393,7 @@ def print_summary(summary: dict[str, Any]) -> None:
                        "mean {mean}".format(**lat)),
         ("availability", f"{summary['availability']}; {len(short)} of {len(windows)} "
                          f"1-s windows below 1 (worst {worst:g})"),
+        ("verdict", "; ".join([summary["verdict"]["verdict"], *summary["verdict"]["reasons"]])),
         ("safety", ("ok" if summary["safety_ok"] else "VIOLATED or unknown: see summary.json")
          + ("; converged" if summary["safety"]["converged"] else "; NOT converged")
          + "".join(f"; node {i} down at the end" for i, up in
@@ -526,7 +528,7 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
 
         summary = run_many(options, seeds, progress, behaviours)
     print_sim_summary(summary)
-    violated = [r for r in summary.failures if not (safety_only and r.verdict == "not-live")]
+    violated = [r for r in summary.failures if not (safety_only and r.verdict == NOT_LIVE)]
     if violated:
         sys.exit(EXIT_CHECKS_FAILED)
 
@@ -546,11 +548,10 @@ def print_sim_summary(summary: SimSummary) -> None:
     replay."""
     results = summary.results
     table = Table(title="EdgeBFT deterministic simulation", show_header=False)
-    verdicts = ("ok", "unsafe", "not-live", "error")
     rows = [
         ("seeds", f"{len(results)} in {summary.elapsed_s:.1f} s "
                   f"({summary.seeds_per_s:.1f} seeds/s)"),
-        ("verdicts", "  ".join(f"{v} {summary.count(v)}" for v in verdicts)),
+        ("verdicts", "  ".join(f"{v} {summary.count(v)}" for v in VERDICTS)),
         ("faults", ",".join(summary.options.faults) or "none"),
         ("requests accepted", f"{sum(r.accepted for r in results)} / "
                               f"{sum(r.requests for r in results)}"),
@@ -562,8 +563,7 @@ def print_sim_summary(summary: SimSummary) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    severity = {"error": 0, "unsafe": 1, "not-live": 2}
-    failures = sorted(summary.failures, key=lambda r: (severity.get(r.verdict, 3), r.seed))
+    failures = sorted(summary.failures, key=lambda r: (SEVERITY.index(r.verdict), r.seed))
     for result in failures[:SIM_FAILURES_SHOWN]:
         console.print(f"seed {result.seed}: {result.verdict}", style="bold red",
                       highlight=False)

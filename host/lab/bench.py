@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgebft.check.verdict import Check, Verdict
 from edgebft.devices.image import build_image
-from edgebft.devices.keys import generate_keys
-from edgebft.devices.micropython import HEAP_DEFAULT, find_micropython
-from edgebft.lab.broker import start_broker
+from edgebft.devices.keys import ClusterKeys, generate_keys
+from edgebft.devices.micropython import HEAP_DEFAULT
+from edgebft.lab.broker import Broker, start_broker
 from edgebft.lab.cluster import EmulatedCluster
 from edgebft.lab.control import fresh_nonce, send_command
 from edgebft.lab.metrics import availability, latency_percentiles, percentile
@@ -141,6 +142,51 @@ def ledger_pages(keys: int) -> int:
     return pages
 
 
+@dataclass
+class Launch:
+    """A cluster launch() started: its id and keys, the broker, the nodes' image folders, the
+    nodes and an observer of their statuses."""
+
+    cluster_id: str
+    keys: ClusterKeys
+    broker: Broker
+    images: list[Path]
+    cluster: EmulatedCluster
+    observer: Observer
+
+
+def launch(stack: contextlib.ExitStack, run: Path, options: BenchOptions,
+           stake: Stake) -> Launch:
+    """Bring a cluster up in ``run``: fresh keys, a broker (options.broker), one image per
+    node, the nodes, and an observer; return once every node reported online. This is the
+    one bring-up: bench, demo and ``cluster up`` (edgebft.lab.session) all start here.
+
+    Everything started is registered on ``stack``, so leaving it stops it all (on failure
+    too); ``cluster up`` detaches the nodes and the broker before it leaves.
+
+    Raises:
+        BenchError: the nodes did not come up within STARTUP_TIMEOUT_S (the message names
+        them and the log folder); BrokerError, ClusterError, MicroPythonNotFound.
+    """
+    cluster_id = options.command + os.urandom(3).hex()
+    keys = generate_keys(options.nodes)
+    broker = stack.enter_context(start_broker(options.broker, run / "broker"))
+    images = [build_image(run / "nodes" / f"node{i}",
+                          node_config(i, cluster_id, stake, broker.host, broker.port,
+                                      keys.row(i), options))
+              for i in range(options.nodes)]
+    observer = Observer(broker.host, broker.port, cluster_id, options.nodes)
+    stack.callback(observer.close)
+    cluster = stack.enter_context(EmulatedCluster(
+        images, run / "logs", options.heap, micropython=options.micropython))
+    started = time.time()
+    if not observer.wait_all_online(STARTUP_TIMEOUT_S, since=started):
+        missing = sorted(set(range(options.nodes)) - set(observer.snapshot()))
+        raise BenchError(f"nodes {missing} did not come up within "
+                         f"{STARTUP_TIMEOUT_S:.0f} s; see {run / 'logs'}")
+    return Launch(cluster_id, keys, broker, images, cluster, observer)
+
+
 class TxMeter:
     """Messages the replicas sent, from the ``tx`` counter in each node's status map.
 
@@ -173,30 +219,16 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         BenchError, BrokerError, MicroPythonNotFound, ClusterError: setup failed (one line).
     """
     options.check()
-    micropython = find_micropython(options.micropython)
     run = Path(options.out) if options.out else new_run_dir(options.command)
     run.mkdir(parents=True, exist_ok=True)
-    cluster_id = options.command + os.urandom(3).hex()
     stake = Stake(options.stake or [1] * options.nodes)
-    keys = generate_keys(options.nodes)
     with contextlib.ExitStack() as stack:
-        broker = stack.enter_context(start_broker(options.broker, run / "broker"))
-        images = [build_image(run / "nodes" / f"node{i}",
-                              node_config(i, cluster_id, stake, broker.host, broker.port,
-                                          keys.row(i), options))
-                  for i in range(options.nodes)]
+        up = launch(stack, run, options, stake)
+        broker, cluster, observer, keys, cluster_id = (up.broker, up.cluster, up.observer,
+                                                       up.keys, up.cluster_id)
         config = {**asdict(options), "out": str(run), "cluster": cluster_id,
-                  "broker": broker.describe(), "micropython": str(micropython)}
+                  "broker": broker.describe(), "micropython": str(cluster.micropython)}
         (run / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
-        observer = Observer(broker.host, broker.port, cluster_id, options.nodes)
-        stack.callback(observer.close)
-        cluster = stack.enter_context(EmulatedCluster(
-            images, run / "logs", options.heap, micropython=micropython))
-        started = time.time()
-        if not observer.wait_all_online(STARTUP_TIMEOUT_S, since=started):
-            missing = sorted(set(range(options.nodes)) - set(observer.snapshot()))
-            raise BenchError(f"nodes {missing} did not come up within "
-                             f"{STARTUP_TIMEOUT_S:.0f} s; see {run / 'logs'}")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
                             options.clients, rate=options.rate, keyspace=options.keys,
                             accounts=options.accounts, mix=Mix.parse(options.mix))
@@ -299,6 +331,10 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
     detections = [detection_ms(f, observer.events) for f in faults]
     violations = observer.violations()
     statuses = observer.snapshot()
+    verdict = Verdict((observer.safety_check(),
+                       Check("convergence", True) if converged else
+                       Check("convergence", False, "the nodes did not reach one last executed "
+                                                   "sequence number and digest in time")))
     return {
         "command": options.command,
         "nodes": options.nodes,
@@ -317,7 +353,8 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "latency_ms": latency_percentiles([o.latency_ms for o in ok]),
         "availability": availability(len(ok), len(outcomes)),
         "availability_per_s": availability_windows([request_event(o) for o in outcomes]),
-        "safety_ok": not violations and observer.sequences_compared() > 0,
+        "verdict": verdict.to_json(),
+        "safety_ok": verdict.check("safety").valid is True,
         "safety": {"violations": violations, "converged": converged,
                    "sequences_compared": observer.sequences_compared()},
         "last_executed": {str(n): s.get("last_exec") for n, s in sorted(statuses.items())},

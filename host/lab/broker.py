@@ -8,9 +8,7 @@ exit (``atexit``) and, when the host did not install its own, SIGTERM and SIGHUP
 those signals into ``SystemExit`` so that ``with`` blocks and ``atexit`` run. Only a SIGKILL of
 the host itself can leave a broker behind.
 
-The process-group helpers here (``kill_process_group``, ``signal_process_group``,
-``track_process``) are shared with
-``edgebft.lab.cluster``.
+Brokers are started and stopped as every lab process is (``edgebft.lab.processes``).
 
 amqtt 0.12.1 (the embedded broker) deviates from MQTT 3.1.1 in ways EdgeBFT can live with:
 
@@ -26,20 +24,19 @@ Round trips at QoS 0/1, retained messages and the Last Will on an abrupt disconn
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from edgebft.lab.processes import kill_process_group, spawn, untrack_process
 
 BrokerKind = Literal["mosquitto", "embedded", "external"]
 
@@ -49,7 +46,6 @@ MQTT_DEFAULT_PORT = 1883
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0  # amqtt imports in ~1 s; mosquitto binds in milliseconds
 REACH_TIMEOUT_S = 3.0  # external broker: TCP connect plus CONNECT/CONNACK
-STOP_GRACE_S = 3.0  # SIGTERM, then SIGKILL after this long
 START_ATTEMPTS = 3  # a free port can be taken between probing it and the broker binding it
 LOG_TAIL_LINES = 20
 # Per-client queue bound for QoS 1 messages while a client is slow or paused (fault injection
@@ -137,97 +133,6 @@ def parse_broker(spec: str) -> BrokerSpec:
         if 0 < port < 65536:
             return BrokerSpec("external", host=host, port=port)
     raise BrokerError(f"bad broker {spec!r}: expected {SPEC_HELP}")
-
-
-# --- process groups shared with edgebft.lab.cluster ---------------------------------------
-
-_tracked: dict[int, subprocess.Popen[bytes]] = {}
-_tracked_lock = threading.Lock()
-_handlers_installed = False
-
-
-def kill_process_group(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM ``proc``'s process group, SIGKILL it after ``grace_s``, reap ``proc``.
-
-    ``proc`` must have been started with ``start_new_session=True`` (its pid is its group id).
-    Idempotent; never raises for a process or group that is already gone. A process already
-    reaped (by ``poll()``) is not signalled again, as its pid may have been reused.
-    """
-    if proc.returncode is not None:
-        untrack_process(proc)
-        return
-    for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        signal_process_group(proc, signum)
-        if signum == signal.SIGTERM:
-            signal_process_group(proc, signal.SIGCONT)  # a paused group handles SIGTERM too
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is reaped; kill anything it left in the group without waiting for it.
-        signal_process_group(proc, signal.SIGKILL)
-        break
-    untrack_process(proc)
-
-
-def signal_process_group(proc: subprocess.Popen[bytes], signum: int) -> bool:
-    """Send ``signum`` to ``proc``'s process group; return False if the group is gone."""
-    try:
-        os.killpg(proc.pid, signum)
-    except ProcessLookupError:
-        return False  # the whole group is gone
-    except PermissionError:
-        return False  # pid reused by someone else's group: nothing of ours is left in it
-    return True
-
-
-def track_process(proc: subprocess.Popen[bytes]) -> None:
-    """Kill ``proc``'s process group at interpreter exit unless untracked before."""
-    _install_exit_handlers()
-    with _tracked_lock:
-        _tracked[proc.pid] = proc
-
-
-def untrack_process(proc: subprocess.Popen[bytes]) -> None:
-    """Forget ``proc`` (it has been stopped)."""
-    with _tracked_lock:
-        _tracked.pop(proc.pid, None)
-
-
-def _kill_all_tracked() -> None:
-    with _tracked_lock:
-        procs = list(_tracked.values())
-    for proc in procs:  # SIGKILL at once: at exit nobody waits for a graceful stop
-        if proc.poll() is None:  # an exited, reaped leader's pid may belong to someone else now
-            signal_process_group(proc, signal.SIGKILL)
-    for proc in procs:
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        untrack_process(proc)
-
-
-def _exit_on_signal(signum: int, frame: types.FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _install_exit_handlers() -> None:
-    """Register the atexit hook; map SIGTERM/SIGHUP to SystemExit where nobody else handles them.
-
-    Signal handlers can only be set from the main thread; from other threads only atexit
-    applies.
-    """
-    global _handlers_installed
-    if _handlers_installed:
-        return
-    _handlers_installed = True
-    atexit.register(_kill_all_tracked)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, _exit_on_signal)
 
 
 # --- brokers ------------------------------------------------------------------------------------
@@ -372,11 +277,7 @@ def _start_mosquitto(binary: Path, workdir: Path) -> Broker:
     for _attempt in range(START_ATTEMPTS):
         port = free_port()
         conf.write_text(mosquitto_config(port, log))
-        with open(workdir / "mosquitto.out", "ab") as out:
-            proc = subprocess.Popen([str(binary), "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        track_process(proc)
+        proc = spawn([str(binary), "-c", str(conf)], workdir / "mosquitto.out")
         if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
             return Broker("mosquitto", LOOPBACK, port, version, proc, log)
         kill_process_group(proc)
@@ -399,14 +300,8 @@ def _start_embedded(workdir: Path) -> Broker:
     log = workdir / "embedded-broker.log"
     for _attempt in range(START_ATTEMPTS):
         port = free_port()
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "edgebft.lab.embedded_broker", "--host", LOOPBACK,
-                 "--port", str(port)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        track_process(proc)
+        proc = spawn([sys.executable, "-m", "edgebft.lab.embedded_broker", "--host", LOOPBACK,
+                      "--port", str(port)], log)
         if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
             return Broker("embedded", LOOPBACK, port, f"amqtt {version}", proc, log)
         kill_process_group(proc)

@@ -27,11 +27,11 @@ from pathlib import Path
 
 from edgebft.devices import romboot
 from edgebft.devices.micropython import HEAP_DEFAULT, find_micropython
-from edgebft.lab.broker import (
+from edgebft.lab.processes import (
     STOP_GRACE_S,
     kill_process_group,
-    signal_process_group,
-    track_process,
+    signal_group,
+    spawn,
     untrack_process,
 )
 
@@ -141,8 +141,8 @@ class EmulatedCluster:
         """
         running = [(i, p) for i, p in enumerate(self._procs) if p is not None and p.poll() is None]
         for _i, proc in running:
-            signal_process_group(proc, signal.SIGTERM)
-            signal_process_group(proc, signal.SIGCONT)  # a paused node must see the SIGTERM
+            signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGCONT)  # a paused node must see the SIGTERM
         deadline = time.monotonic() + self.stop_grace_s
         for _i, proc in running:
             try:
@@ -153,7 +153,7 @@ class EmulatedCluster:
             if proc.poll() is None:
                 kill_process_group(proc, grace_s=0)
             else:  # the leader is gone; sweep anything it left in its group
-                signal_process_group(proc, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 untrack_process(proc)
             self._note(i, f"stopped, exit code {proc.returncode}")
 
@@ -173,7 +173,7 @@ class EmulatedCluster:
         proc = self._procs[self._check_index(i)]
         if proc is None or proc.poll() is not None:
             return
-        signal_process_group(proc, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         try:
             proc.wait(timeout=KILL_WAIT_S)
         except subprocess.TimeoutExpired:  # cannot happen short of a hung kernel
@@ -190,12 +190,12 @@ class EmulatedCluster:
     def pause(self, i: int) -> None:
         """Freeze node ``i`` (SIGSTOP to its group); its sockets stay open, it just stops."""
         proc = self._require_running(i, "pause")
-        signal_process_group(proc, signal.SIGSTOP)
+        signal_group(proc.pid, signal.SIGSTOP)
 
     def resume(self, i: int) -> None:
         """Unfreeze node ``i`` (SIGCONT to its group)."""
         proc = self._require_running(i, "resume")
-        signal_process_group(proc, signal.SIGCONT)
+        signal_group(proc.pid, signal.SIGCONT)
 
     def alive(self, i: int) -> bool:
         """True while node ``i``'s process exists (paused counts as alive)."""
@@ -239,9 +239,4 @@ class EmulatedCluster:
         assert self._procs[i] is None or self._procs[i].poll() is not None
         argv = node_argv(self.images[i], self.micropython, self.heap, self.rom)
         self._note(i, f"start: {' '.join(argv)} in {self.images[i]}")
-        with open(self.log_path(i), "ab") as log:
-            proc = subprocess.Popen(argv, cwd=self.images[i], env=self._env,
-                                    stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        track_process(proc)
-        self._procs[i] = proc
+        self._procs[i] = spawn(argv, self.log_path(i), cwd=self.images[i], env=self._env)

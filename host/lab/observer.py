@@ -19,6 +19,8 @@ from typing import Any
 import cbor2
 import paho.mqtt.client as paho
 
+from edgebft.check.verdict import Check
+
 OFFLINE = b"offline"
 
 
@@ -86,6 +88,20 @@ class Observer:
         with self._lock:
             return {n: dict(s) for n, s in self.latest.items()}
 
+    def wait_booted(self, boots: dict[int, int | None], timeout_s: float) -> list[int]:
+        """Wait until each node in ``boots`` (node -> its boot count before a restart, None
+        if unknown) reports online with another boot count; return those that did not
+        within ``timeout_s`` (empty: all did)."""
+        end = time.monotonic() + timeout_s
+        while True:
+            snap = self.snapshot()
+            late = [n for n, before in boots.items()
+                    if not (self.online.get(n) and n in snap
+                            and snap[n].get("boots") != before)]
+            if not late or time.monotonic() >= end:
+                return late
+            time.sleep(0.05)
+
     def wait_all_online(self, timeout_s: float, since: float = 0.0) -> bool:
         """Wait until every node has published a status after ``since`` (time.time())."""
         end = time.monotonic() + timeout_s
@@ -119,6 +135,19 @@ class Observer:
                 if len(set(by_node.values())) > 1:
                     bad.append({"seq": seq, "digests": {n: d.hex() for n, d in by_node.items()}})
             return bad
+
+    def safety_check(self) -> Check:
+        """Safety as the digests the nodes reported show it: invalid at the first sequence
+        number with two digests, unknown when no sequence was reported by two nodes."""
+        bad = self.violations()
+        if bad:
+            first = bad[0]
+            return Check("safety", False, f"seq {first['seq']}: nodes reported "
+                                          f"{len(set(first['digests'].values()))} digests "
+                                          f"({len(bad)} sequence(s) in all)")
+        if self.sequences_compared() == 0:
+            return Check("safety", None, "no sequence number was reported by two nodes")
+        return Check("safety", True)
 
     def sequences_compared(self) -> int:
         """How many sequences at least two nodes reported (what the safety check rests on)."""

@@ -19,28 +19,26 @@ With ``metrics_port``, ``up`` also starts a detached Prometheus exporter
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgebft import fault_kinds
-from edgebft.devices.image import build_image
-from edgebft.devices.keys import ClusterKeys, generate_keys
+from edgebft.devices.keys import ClusterKeys
 from edgebft.devices.micropython import HEAP_DEFAULT
-from edgebft.lab.broker import start_broker
-from edgebft.lab.cluster import EmulatedCluster, node_argv
+from edgebft.lab.bench import STARTUP_TIMEOUT_S, BenchOptions, launch, new_run_dir
+from edgebft.lab.cluster import node_argv
 from edgebft.lab.control import fresh_nonce, partition_reach, send_command
-from edgebft.lab.demo import DemoOptions, new_run_dir, node_config
 from edgebft.lab.observer import Observer
+from edgebft.lab.processes import alive, signal_group, spawn, wait_exit
 from edgebft.lab.workload import KEYS
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.stake import Stake
@@ -96,21 +94,6 @@ def load(path: Path | None) -> LabCluster:
     return LabCluster(path.resolve(), json.loads((path / STATE_FILE).read_text()))
 
 
-def _alive(pid: int) -> bool:
-    """True while process ``pid`` runs: not gone and not a zombie waiting to be reaped."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)  # our child: reap it if it exited
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
-
-
 def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
        stake: list[int] | None = None, heap: str = HEAP_DEFAULT,
        micropython: str | None = None, metrics_port: int | None = None,
@@ -118,8 +101,8 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
     """Start a broker and ``nodes`` emulated nodes that outlive this process, and with
     ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``. ``keys``: the
     ledger's size to plan its pages for (edgebft.lab.bench.ledger_pages)."""
-    options = DemoOptions(nodes=nodes, broker=broker, heap=heap, micropython=micropython,
-                          keys=keys)
+    options = BenchOptions(command="lab", nodes=nodes, broker=broker, heap=heap,
+                           micropython=micropython, keys=keys)
     options.check()
     if out is not None and Path(out).is_dir() and any(Path(out).iterdir()):
         raise LabError(f"--out {out}: the folder is not empty; a cluster starts in a fresh one "
@@ -132,42 +115,24 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
     run = Path(out) if out else new_run_dir("cluster")
     run.mkdir(parents=True, exist_ok=True)
     run = run.resolve()  # nodes run in their image folders: relative paths would not hold
-    cluster_id = "lab" + os.urandom(3).hex()
-    keys = generate_keys(nodes)
-    keys_path = run / KEYS_FILE
-    keys_path.write_text(json.dumps({
-        "pairwise": [[k.hex() for k in row] for row in keys.pairwise],
-        "client_secrets": [k.hex() for k in keys.client_secrets],
-        "control": [k.hex() for k in keys.control]}))
-    keys_path.chmod(0o600)
-    the_stake = Stake(weights)
-    b = start_broker(broker, run / "broker")
-    try:
-        images = [build_image(run / "nodes" / f"node{i}",
-                              node_config(i, cluster_id, the_stake, b.host, b.port,
-                                          keys.row(i), options))
-                  for i in range(nodes)]
-        cluster = EmulatedCluster(images, run / "logs", heap, micropython=micropython)
-        cluster.start()
-        observer = Observer(b.host, b.port, cluster_id, nodes)
-        try:
-            if not observer.wait_all_online(20.0):
-                cluster.stop()
-                raise LabError(f"nodes did not come up within 20 s; see {run / 'logs'}")
-        finally:
-            observer.close()
-        pids = cluster.detach()
-    except BaseException:
-        b.stop()
-        raise
-    broker_pid = b.pid
-    b.detach()
-    lab = LabCluster(run.resolve(), {
-        "cluster": cluster_id, "stake": weights,
+    with contextlib.ExitStack() as stack:
+        started = launch(stack, run, options, Stake(weights))
+        keys, b, cluster = started.keys, started.broker, started.cluster
+        keys_path = run / KEYS_FILE
+        keys_path.write_text(json.dumps({
+            "pairwise": [[k.hex() for k in row] for row in keys.pairwise],
+            "client_secrets": [k.hex() for k in keys.client_secrets],
+            "control": [k.hex() for k in keys.control]}))
+        keys_path.chmod(0o600)
+        pids = cluster.detach()  # from here on, leaving the stack stops neither
+        broker_pid = b.pid
+        b.detach()
+    lab = LabCluster(run, {
+        "cluster": started.cluster_id, "stake": weights,
         "broker": {"kind": b.kind, "host": b.host, "port": b.port, "pid": broker_pid,
                    "describe": b.describe()},
         "nodes": [{"pid": pid, "image": str(image), "paused": False}
-                  for pid, image in zip(pids, images, strict=True)],
+                  for pid, image in zip(pids, started.images, strict=True)],
         "heap": heap, "micropython": str(cluster.micropython), "rom": cluster.rom,
         "nonce": 0})
     lab.save()
@@ -187,12 +152,12 @@ def down(lab: LabCluster) -> None:
     """Stop every node, the broker and the exporter the cluster started (SIGKILL to each
     group)."""
     for node in lab.state["nodes"]:
-        _killpg(node["pid"], signal.SIGCONT)
-        _killpg(node["pid"], signal.SIGKILL)
+        signal_group(node["pid"], signal.SIGCONT)
+        signal_group(node["pid"], signal.SIGKILL)
     for part in ("broker", "exporter"):
         pid = (lab.state.get(part) or {}).get("pid")
         if pid:
-            _killpg(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
     lab.state["down"] = True
     lab.save()
 
@@ -213,9 +178,7 @@ def _start_exporter(lab: LabCluster, port: int) -> None:
     """Start ``edgebft.lab.prometheus`` detached, record it, and wait until its port answers."""
     argv = [sys.executable, "-m", "edgebft.lab.prometheus", "--dir", str(lab.path),
             "--port", str(port)]
-    with open(lab.path / "logs" / "exporter.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn(argv, lab.path / "logs" / "exporter.log", tracked=False)
     lab.state["exporter"] = {"pid": proc.pid, "port": port,
                              "url": f"http://{LOOPBACK}:{port}/metrics"}
     lab.save()
@@ -227,14 +190,6 @@ def _start_exporter(lab: LabCluster, port: int) -> None:
         time.sleep(0.1)
     raise LabError(f"the metrics exporter did not start on port {port}; see "
                    f"{lab.path / 'logs' / 'exporter.log'}")
-
-
-def _killpg(pid: int, signum: int) -> bool:
-    try:
-        os.killpg(pid, signum)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 @contextmanager
@@ -320,12 +275,12 @@ def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
         return f"node {node} is Byzantine: {mode}" + (
             f" with colluders {colluders}" if colluders else "")
     if kind == "reboot":
-        send_control(lab, node, "reboot", [])
-        if not _wait_exit(info["pid"], REBOOT_WAIT_S):
-            raise LabError(f"node {node} did not reboot within {REBOOT_WAIT_S:.0f} s "
-                           "(paused? 'edgebft heal' restarts it)")
-        info["pid"] = _spawn(lab, node)
-        lab.save()
+        with _supervising(lab, [node]) as respawn:
+            send_control(lab, node, "reboot", [])
+            if not wait_exit(info["pid"], REBOOT_WAIT_S):
+                raise LabError(f"node {node} did not reboot within {REBOOT_WAIT_S:.0f} s "
+                               "(paused? 'edgebft heal' restarts it)")
+            respawn()
         return f"node {node} rebooted on command and booted again from its flash"
     raise AssertionError(f"fault {kind!r} is injectable but has no control command here")
 
@@ -333,16 +288,17 @@ def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
 def _process_fault(lab: LabCluster, kind: str, node: int, info: dict[str, Any]) -> str:
     """crash, pause, resume or restart ``node`` by signals to its process group."""
     if kind == "crash":
-        _killpg(info["pid"], signal.SIGKILL)
+        signal_group(info["pid"], signal.SIGKILL)
         return f"killed node {node}"
     if kind == "restart":
-        _killpg(info["pid"], signal.SIGKILL)
-        _wait_exit(info["pid"], REBOOT_WAIT_S)
-        info["pid"] = _spawn(lab, node)
+        with _supervising(lab, [node]) as respawn:
+            signal_group(info["pid"], signal.SIGKILL)
+            wait_exit(info["pid"], REBOOT_WAIT_S)
+            respawn()
         message = f"restarted node {node} from its flash"
     else:
         pause = kind == "pause"
-        _killpg(info["pid"], signal.SIGSTOP if pause else signal.SIGCONT)
+        signal_group(info["pid"], signal.SIGSTOP if pause else signal.SIGCONT)
         message = f"{'paused' if pause else 'resumed'} node {node}"
     info["paused"] = kind == "pause"
     lab.save()
@@ -351,37 +307,60 @@ def _process_fault(lab: LabCluster, kind: str, node: int, info: dict[str, Any]) 
 
 def heal(lab: LabCluster) -> str:
     """Undo every fault: resume paused nodes, restart dead ones, heal the control faults."""
-    restarted = []
-    for i, info in enumerate(lab.state["nodes"]):
-        _killpg(info["pid"], signal.SIGCONT)
+    for info in lab.state["nodes"]:
+        signal_group(info["pid"], signal.SIGCONT)
         info["paused"] = False
-        if not _alive(info["pid"]):
-            info["pid"] = _spawn(lab, i)
-            restarted.append(i)
     lab.save()
+    restarted = [i for i, info in enumerate(lab.state["nodes"]) if not alive(info["pid"])]
+    if restarted:
+        with _supervising(lab, restarted) as respawn:
+            respawn()
     for i in range(lab.nodes):
         send_control(lab, i, "heal", [])
     return "healed" + (f"; restarted nodes {restarted}" if restarted else "")
 
 
-def _wait_exit(pid: int, timeout_s: float) -> bool:
-    """Wait until process ``pid`` is gone; False if it still runs after ``timeout_s``."""
-    end = time.monotonic() + timeout_s
-    while _alive(pid):
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
+@contextmanager
+def _supervising(lab: LabCluster, nodes: list[int]) -> Iterator[Callable[[], None]]:
+    """Restart ``nodes`` and vouch for them: the block stops them (or finds them stopped)
+    and calls the ``respawn`` it is given, which starts each again from its image folder;
+    on leaving, each must report online with a new boot count within STARTUP_TIMEOUT_S, or
+    LabError names those that did not and their logs. The one way this module restarts a
+    node: "restarted" is said only of a node that is back."""
+    with _broker(lab) as b:
+        observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes)
+    try:
+        _wait_retained(observer, nodes)
+        boots = {i: observer.snapshot().get(i, {}).get("boots") for i in nodes}
+
+        def respawn() -> None:
+            for i in nodes:
+                lab.state["nodes"][i]["pid"] = _spawn(lab, i)
+            lab.save()
+
+        yield respawn
+        late = observer.wait_booted(boots, STARTUP_TIMEOUT_S)
+    finally:
+        observer.close()
+    if late:
+        logs = ", ".join(str(lab.path / "logs" / f"node{i}.log") for i in late)
+        raise LabError(f"node(s) {late} restarted but did not report in within "
+                       f"{STARTUP_TIMEOUT_S:.0f} s; see {logs}")
+
+
+def _wait_retained(observer: Observer, nodes: list[int]) -> None:
+    """Give the broker's retained statuses of ``nodes`` time to arrive (a node that never
+    reported has none: then it is the wait's whole length, STATUS_WAIT_S)."""
+    end = time.monotonic() + STATUS_WAIT_S
+    while time.monotonic() < end and not set(nodes) <= set(observer.snapshot()):
+        time.sleep(0.02)
 
 
 def _spawn(lab: LabCluster, i: int) -> int:
     """Start node i again from its image folder, detached; return its pid."""
     image = Path(lab.node(i)["image"])
     argv = node_argv(image, lab.state["micropython"], lab.state["heap"], lab.state["rom"])
-    with open(lab.path / "logs" / f"node{i}.log", "ab") as log:
-        proc = subprocess.Popen(argv, cwd=image, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return proc.pid
+    return spawn(argv, lab.path / "logs" / f"node{i}.log", cwd=image, tracked=False).pid
 
 
 def status_rows(snap: dict[int, dict[str, Any]]) -> list[list[str]]:

@@ -52,6 +52,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edgebft import fault_kinds
+from edgebft.check.verdict import OK, Check, Verdict
 from edgebft.devices.keys import ClusterKeys, generate_keys
 from edgebft.lab.workload import ACCOUNTS, genesis, operation
 from edgebft.protocol import replica as rp
@@ -64,10 +65,6 @@ FAULT_KINDS = fault_kinds.names("sim")
 _DOWN_KINDS = ("crash", "reboot", "pause")  # faults that take a replica out while they last
 TWINS = "twins"
 SIM_BEHAVIOURS = BEHAVIOURS + (TWINS,)  # what a Byzantine replica may do in the simulator
-VERDICT_OK = "ok"
-VERDICT_UNSAFE = "unsafe"        # a safety checker failed
-VERDICT_NOT_LIVE = "not-live"    # safe, but requests were not all accepted in time
-VERDICT_ERROR = "error"          # a replica raised (an internal invariant failed)
 
 LATENCY_MS = (1, 20)             # one MQTT hop on WiFi is ~10 ms (DESIGN.md section 8)
 RETRANSMIT_MS = 500              # host/lab/workload.py's RETRANSMIT_S
@@ -194,23 +191,14 @@ class SimOptions:
         return cmd
 
 
-@dataclass(frozen=True)
-class Check:
-    """One checker's verdict: ``valid`` and, when not, a reason naming the evidence."""
-
-    name: str       # "safety", "client-safety" or "liveness"
-    valid: bool
-    reason: str = ""
-
-
 @dataclass
 class SeedResult:
     """The outcome of one seed; ``history_digest`` fingerprints the whole run (replays match)."""
 
     seed: int
-    verdict: str
+    verdict: str  # edgebft.check.verdict's name of the run: ok, unsafe, error, not-live
     reasons: list[str]
-    checks: list[Check]
+    checks: list[Check]  # safety, client-safety, liveness
     sim_ms: int
     delivered: int
     dropped: int
@@ -227,7 +215,7 @@ class SeedResult:
 
     @property
     def ok(self) -> bool:
-        return self.verdict == VERDICT_OK
+        return self.verdict == OK
 
 
 @dataclass
@@ -877,22 +865,12 @@ class Simulation:
         checks = [check_safety(self.history), check_client_safety(self.history),
                   check_liveness(self.history, options.requests,
                                  options.fault_ms + options.liveness_ms)]
-        reasons = [f"{c.name}: {c.reason}" for c in checks if not c.valid]
-        if error is not None:  # the run stopped early: liveness says nothing
-            reasons = [r for r in reasons if not r.startswith("liveness")] + [f"error: {error}"]
-        # Severity: a safety violation outranks a replica error, which outranks liveness.
-        if not (checks[0].valid and checks[1].valid):
-            verdict = VERDICT_UNSAFE
-        elif error is not None:
-            verdict = VERDICT_ERROR
-        elif not checks[2].valid:
-            verdict = VERDICT_NOT_LIVE
-        else:
-            verdict = VERDICT_OK
+        verdict = Verdict(tuple(checks), error)  # an error: liveness says nothing
         views = {e[3] for e in self.history if e[0] == "view"}
         return SeedResult(
-            seed=self.seed, verdict=verdict, reasons=reasons, checks=checks, sim_ms=self.now,
-            delivered=self.delivered, dropped=self.dropped, view_changes=len(views),
+            seed=self.seed, verdict=verdict.name, reasons=verdict.reasons, checks=checks,
+            sim_ms=self.now, delivered=self.delivered, dropped=self.dropped,
+            view_changes=len(views),
             accepted=self.accepted, requests=options.requests, faults=len(self.faults),
             history_digest=history_digest(self.history),
             replay=options.replay_command(self.seed),
