@@ -53,6 +53,8 @@ class Cache:
             evicted = (victim, self.entries.pop(victim)[0])
         self.clock += 1
         self.entries[key] = [value, self.clock, 1]
+        assert len(self.entries) <= self.capacity
+        assert evicted is None or evicted[0] not in self.entries
         return evicted
 
     def clear(self):
@@ -76,4 +78,5 @@ class Cache:
             r = (e[2], e[1]) if lfu else (e[1], 0)
             if rank is None or r < rank:
                 best, rank = k, r
+        assert best is not None  # called on a full cache only
         return best

@@ -161,6 +161,7 @@ class Detector:
         # y >= yk  <=>  ((t << 4) - mean) << 8 >= yk * sd  <=>  t >= ceil(...) = delay
         st[4 * j + _DELAY] = -(-(st[_YK] * sd + (mean << 8)) >> 12)
         st[4 * j + _FLAGS] &= ~_STALE
+        assert sd >= st[_MIN_SD] and c > 0
 
     def heartbeat(self, peer, now_ms):
         """Peer ``peer`` is alive at ``now_ms``: record the interval since its last heartbeat
@@ -189,6 +190,7 @@ class Detector:
                 flags = (flags & ~_FILL) | _STALE | (f + 1 if f + 1 < 2 * w else w)
         self.since[peer] = now_ms
         st[k + _FLAGS] = flags & ~_OFFLINE
+        assert 2 <= flags & _FILL < 2 * w  # the ring holds at least the two seeded intervals
         if self.suspect[peer]:
             self.suspect[peer] = 0
             self.events.append(("trust", peer))

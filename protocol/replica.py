@@ -251,6 +251,7 @@ class Replica(ViewChanging, StateTransfer):
         return body + auth.authenticator(self.macs, body)
 
     def _emit(self, dest, wire):
+        assert dest != self.me  # never to ourselves
         self.out.append((dest, wire))
         self.counts["tx"] += 1
 
@@ -664,6 +665,7 @@ class Replica(ViewChanging, StateTransfer):
         log = self.log
         assert seq == self.last_exec + 1
         assert log.committed(i)
+        assert not self._frozen()  # a frozen view executes nothing (see the header)
         results = []
         self.state.begin(seq)
         for wire in log.batches[i]:
@@ -779,6 +781,7 @@ class Replica(ViewChanging, StateTransfer):
         """Checkpoint ``seq`` is stable: move h and collect everything at or below it."""
         assert seq >= self.h
         assert seq in self.own_checkpoints
+        assert seq <= self.last_exec  # we executed it (or installed its state)
         self.h = seq
         for table in (self.checkpoints, self.missing):
             for old in [s for s in table if s <= seq]:
@@ -928,8 +931,15 @@ class Replica(ViewChanging, StateTransfer):
     # ----------------------------------------------------------------- invariants
 
     def _check_invariants(self):
+        """After every input: the invariants the handlers keep between them."""
         assert self.h <= self.last_exec
         assert self.h % self.K == 0
+        assert self.h in self.own_checkpoints  # a stable checkpoint is one we hold
+        assert self.status is NORMAL or self.status is VIEW_CHANGE
+        assert self.status is VIEW_CHANGE or self.new_view is None
+        for seq in self.checkpoints:
+            assert self.h <= seq <= self.h + self.window
+        assert len(self.vcs) <= self.stake.n and len(self.ahead) <= self.stake.n
         assert len(self.pending) <= _PENDING_MAX
         assert len(self.waiting) <= _WAITING_MAX
         assert len(self.waiting_wires) == len(self.waiting)

@@ -116,6 +116,7 @@ class Stake:
         s = 0
         for i in replicas:
             s += self.weights[i]
+        assert 0 <= s <= self.total  # distinct ids
         return s
 
     def is_quorum(self, stake):
@@ -159,6 +160,7 @@ class Stake:
             self._recent[v % r] = p
             self._recent_view[v % r] = v
         self._view = view
+        assert self.weights[p] > 0  # only a replica with stake proposes
         return p
 
     def priorities(self, view):

@@ -60,6 +60,8 @@ class StateTransfer:
             self._start_transfer(seq, digest, sources)
 
     def _start_transfer(self, seq, digest, sources):
+        assert self.transfer is None  # one at a time
+        assert seq > self.last_exec and self.me not in sources
         if not sources:
             sources = [j for j in range(self.stake.n) if j != self.me]
         self.transfer = Transfer(seq, digest, sources, True,

@@ -156,6 +156,7 @@ def decide(vcs, stake):
         if d is None:
             return None
         chosen.append(d)
+    assert len(chosen) == high - low
     return low, checkpoint[1], chosen
 
 
