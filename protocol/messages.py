@@ -48,22 +48,21 @@ _BYTES = const(5)
 _BOOL = const(6)
 _STR = const(7)
 
-_FIELDS = {
-    REQUEST: (("timestamp", _U), ("op", _ANY)),
-    PRE_PREPARE: (("view", _U), ("seq", _U), ("digest", _D), ("batch", _B)),
-    PREPARE: (("view", _U), ("seq", _U), ("digest", _D)),
-    COMMIT: (("view", _U), ("seq", _U), ("digest", _D)),
-    REPLY: (("view", _U), ("client", _U), ("timestamp", _U), ("result", _ANY)),
-    CHECKPOINT: (("seq", _U), ("digest", _D)),
-    VIEW_CHANGE: (("view", _U), ("h", _U), ("c", _L), ("p", _L), ("q", _L)),
-    VC_ACK: (("view", _U), ("owner", _U), ("digest", _D)),
-    NEW_VIEW: (("view", _U), ("vcs", _L), ("low", _U), ("chosen", _L)),
-    STATUS: (("view", _U), ("limbo", _BOOL), ("h", _U), ("last_exec", _U), ("missing", _L)),
-    BATCH: (("seq", _U), ("digest", _D), ("batch", _B)),
-    FETCH: (("seq", _U), ("digest", _D), ("part", _U), ("offset", _U)),
-    CHUNK: (("seq", _U), ("digest", _D), ("part", _U), ("offset", _U), ("total", _U),
-            ("data", _BYTES)),
-    CONTROL: (("nonce", _U), ("command", _STR), ("args", _L)),
+_FIELDS = {  # kind -> its fields after the sender, flat: name, field kind, name, field kind ...
+    REQUEST: ("timestamp", _U, "op", _ANY),
+    PRE_PREPARE: ("view", _U, "seq", _U, "digest", _D, "batch", _B),
+    PREPARE: ("view", _U, "seq", _U, "digest", _D),
+    COMMIT: ("view", _U, "seq", _U, "digest", _D),
+    REPLY: ("view", _U, "client", _U, "timestamp", _U, "result", _ANY),
+    CHECKPOINT: ("seq", _U, "digest", _D),
+    VIEW_CHANGE: ("view", _U, "h", _U, "c", _L, "p", _L, "q", _L),
+    VC_ACK: ("view", _U, "owner", _U, "digest", _D),
+    NEW_VIEW: ("view", _U, "vcs", _L, "low", _U, "chosen", _L),
+    STATUS: ("view", _U, "limbo", _BOOL, "h", _U, "last_exec", _U, "missing", _L),
+    BATCH: ("seq", _U, "digest", _D, "batch", _B),
+    FETCH: ("seq", _U, "digest", _D, "part", _U, "offset", _U),
+    CHUNK: ("seq", _U, "digest", _D, "part", _U, "offset", _U, "total", _U, "data", _BYTES),
+    CONTROL: ("nonce", _U, "command", _STR, "args", _L),
 }
 
 
@@ -85,10 +84,6 @@ class Message:
         self.body = body
         self.auth = auth
 
-    def __repr__(self):
-        names = [name for name, _ in _FIELDS[self.kind] if name != "batch"]
-        parts = ["%s=%r" % (name, getattr(self, name)) for name in names]
-        return "<type %d from %d %s>" % (self.kind, self.sender, " ".join(parts))
 
 
 def _check(kind_of_field, value):
@@ -133,21 +128,19 @@ def decode(wire):
     sender = fields[2]
     if type(sender) is not int or not 0 <= sender <= _ID_MAX:
         raise MessageError("bad sender %r" % (sender,))
-    if len(fields) != 3 + len(spec):
-        raise MessageError("type %d: %d fields, want %d" % (kind, len(fields), 3 + len(spec)))
+    if len(fields) != 3 + len(spec) // 2:
+        raise MessageError("type %d: %d fields, want %d" % (kind, len(fields),
+                                                           3 + len(spec) // 2))
     msg = Message(kind, sender, bytes(wire[:end]), bytes(wire[end:]))
-    i = 3
-    for name, kind_of_field in spec:
-        value = fields[i]
-        if not _check(kind_of_field, value):
-            raise MessageError("type %d: bad field %s" % (kind, name))
-        setattr(msg, name, value)
-        i += 1
+    for k in range(0, len(spec), 2):
+        value = fields[3 + k // 2]
+        if not _check(spec[k + 1], value):
+            raise MessageError("type %d: bad field %s" % (kind, spec[k]))
+        setattr(msg, spec[k], value)
     return msg
 
 
 def body(kind, sender, *fields):
     """Encode the body of a message of ``kind`` (its fields in the order of _FIELDS)."""
-    spec = _FIELDS[kind]
-    assert len(fields) == len(spec)
+    assert len(fields) == len(_FIELDS[kind]) // 2
     return cbor.encode([VERSION, kind, sender] + list(fields))
