@@ -121,7 +121,8 @@ class MQTTClient:
         #
         # Args:
         #     client_id: str, unique per broker (a second connection takes the first one over).
-        #     will: (topic, payload, retain, qos) that the broker publishes if we vanish.
+        #     will: (topic, payload, retain, qos) that the broker publishes if we vanish, or
+        #         a function returning one, called at each connection attempt.
         #     on_message: on_message(topic: str, payload: memoryview, retain: bool).
         #     max_packet: the largest packet accepted either way (larger incoming ones are
         #         skipped); it is a bound, not an allocation.
@@ -360,7 +361,7 @@ class MQTTClient:
         cid = _as_bytes(self.client_id)
         flags = 0x02 if self._clean else 0
         n = 10 + 2 + len(cid)
-        will = self.will
+        will = self.will() if callable(self.will) else self.will
         if will:
             wt, wp = _as_bytes(will[0]), _as_bytes(will[1])
             flags |= 0x04 | (will[3] & 3) << 3 | (0x20 if will[2] else 0)

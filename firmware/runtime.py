@@ -9,11 +9,13 @@
 #     ebft/c/to/j/from/i       point to point
 #     ebft/c/req/<client>      requests (every replica subscribes ebft/c/req/+)
 #     ebft/c/rep/<client>      replies
-#     ebft/c/status/i          retained CBOR status map; the Last Will sets it to b"offline"
+#     ebft/c/status/i          retained HEARTBEAT (the status map, authenticated); the Last
+#                              Will sets it to an authenticated OFFLINE
 #     ebft/c/event/i           CBOR lists: replica events, control outcomes, suspicions
 # - A peer's status messages are its heartbeats (the heartbeat interval is
-#   status_interval_ms), its b"offline" its Last Will; network faults cut them like any other
-#   traffic from the peer. The node's ticks come every TICK_MS; each suspicion and recovery
+#   status_interval_ms), its OFFLINE its Last Will, both stamped (boots, connection, status
+#   number) and judged by the node (protocol/node.py: peer_status); network faults cut them like
+#   any other traffic from the peer. The node's ticks come every TICK_MS; each suspicion and recovery
 #   is published as ["suspect", peer, phi * 100] or ["trust", peer].
 # - A topic names its sender: one that names no replica of the cluster is dropped unread.
 # - Memory stays bounded: no per-message state here.
@@ -40,7 +42,6 @@ from edgebft.protocol.stake import Stake
 
 CONFIG_PATH = "edgebft.json"
 BOOTS_PATH = "boots"
-OFFLINE = b"offline"
 _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around a message
 # Collect once the heap left free at boot but a 16 KB reserve has been allocated (at least
 # 4 KB): each collection marks the whole live heap (~100 KB), so collecting often costs what
@@ -103,15 +104,24 @@ class Runtime:
         self.mqtt = MQTTClient(
             "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
             keepalive=config.get("keepalive_s", 10),
-            will=(self.topic_status, OFFLINE, True, 0), on_message=self.on_message,
+            will=self.will, on_message=self.on_message,
             max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             rx_chunk=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             tx_max=messages.MESSAGE_BYTES_MAX)
         self.senders = (self.send_all, self.send_to, self.send_reply)  # bound once: route()
         self.heap_peak = 0
+        self.conn = 0               # connection attempts to the broker in this boot
+        self.status_seq = 0         # statuses published on the current connection
         self.status_skipped = 0
         self.errors_logged = 0      # node.counts["errors"] when log_errors() last printed ...
         self.error_logged_ms = -_ERROR_LOG_MS  # ... and when
+
+    def will(self):
+        """The Last Will of the connection about to be made: OFFLINE for it, which peers
+        take only while no later connection of ours spoke (MQTTClient calls this per attempt)."""
+        self.conn += 1
+        self.status_seq = 0
+        return self.topic_status, self.node.will_wire(self.boots, self.conn), True, 0
 
     def clock(self):
         """Monotonic ms since boot."""
@@ -144,10 +154,9 @@ class Runtime:
             if j < 0 or j == self.me or self.faults.drop(j):
                 return
             if topic.startswith("status", len(self.prefix)):  # .../status/<j>
-                if len(payload) == len(OFFLINE) and bytes(payload) == OFFLINE:
-                    node.offline(j, self.clock())
-                else:  # a retained one too: it starts the clock of a peer silent since
-                    node.heartbeat(j, self.clock())  # before we subscribed
+                # a retained one too: it starts the clock of a peer silent since before we
+                # subscribed
+                node.peer_status(bytes(payload), j, self.clock())
                 self.drain()
                 return
         try:  # a request, or a replica's message: .../from/<j> or .../to/<me>/from/<j>
@@ -232,7 +241,10 @@ class Runtime:
     async def report(self):
         while True:
             try:
-                self.mqtt.publish(self.topic_status, cbor.encode(self.status()), retain=True)
+                self.status_seq += 1
+                wire = self.node.status_wire(self.boots, self.conn, self.status_seq,
+                                             self.status())
+                self.mqtt.publish(self.topic_status, wire, retain=True)
             except MemoryError:
                 self.status_skipped += 1  # a fragmented heap: try again next interval
             await asyncio.sleep_ms(self.status_interval_ms)

@@ -22,17 +22,19 @@ import pytest
 from conftest import wait_until
 from edgebft.devices.image import build_image
 from edgebft.devices.keys import ClusterKeys, generate_keys
+from edgebft.lab.bench import node_config
 from edgebft.lab.broker import start_broker
 from edgebft.lab.cluster import EmulatedCluster
 from edgebft.lab.control import fresh_nonce, send_command
-from edgebft.lab.demo import DemoOptions, node_config
+from edgebft.lab.demo import DemoOptions
 from edgebft.lab.observer import Observer
 from edgebft.lab.workload import Workload
+from edgebft.protocol import replica as rp
 from edgebft.protocol.detector import phi_e4
+from edgebft.protocol.node import STATUS_INTERVAL_MS, Node
 from edgebft.protocol.stake import Stake
 
 NODES = 4
-STATUS_INTERVAL_MS = 500  # the heartbeat interval: peers' status messages are the heartbeats
 DETECTOR = {"threshold": 800, "window": 16, "min_std_ms": 100, "pause_ms": 0}
 VIEW_TIMEOUT_MS = 60_000  # so that only the detector can change the view within a test
 
@@ -92,7 +94,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                               node_config(i, name, stake, broker.host, broker.port, keys.row(i),
                                           options))
                   for i in range(NODES)]
-        observer = Observer(broker.host, broker.port, name, NODES)
+        observer = Observer(broker.host, broker.port, name, NODES, keys)
         stack.callback(observer.close)
         nodes = stack.enter_context(EmulatedCluster(images, run / "logs"))
         assert observer.wait_all_online(30.0), f"nodes did not come up; see {run / 'logs'}"
@@ -142,6 +144,48 @@ def test_no_publish_on_the_cluster_topics_stops_a_node(cluster: Cluster) -> None
     assert all(cluster.nodes.alive(i) for i in range(NODES))
     assert {i: s["boots"] for i, s in snapshot.items()} == boots
     assert all(s["uptime_ms"] > 3000 for s in snapshot.values())
+
+
+def test_forged_and_replayed_statuses_change_no_suspicion(cluster: Cluster) -> None:
+    """A status topic is anyone's to publish on: a plain "offline", a Will under another
+    node's keys, and node 3's own statuses and Will of an earlier boot, replayed (recorded
+    from the broker and re-published, retained as the broker keeps them). No node suspects
+    node 3 for it; each one counts what it refused."""
+    victim = 3
+    topic = f"ebft/{cluster.name}/status/{victim}"
+    recorded: list[bytes] = []
+    listener = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    listener.on_message = lambda c, u, msg: recorded.append(msg.payload)
+    listener.connect(cluster.host, cluster.port)
+    listener.subscribe(topic)
+    listener.loop_start()
+    assert wait_until(lambda: len(recorded) >= 3, 10.0)
+    listener.loop_stop()
+    listener.disconnect()
+    before = {i: s["status_rejected"] for i, s in cluster.observer.snapshot().items()}
+    since = time.time()
+    stranger = Node(rp.Replica(victim, cluster.stake, [b"k" * 32] * NODES, b"s" * 32),
+                    STATUS_INTERVAL_MS)
+    boot = cluster.observer.snapshot()[victim]["boots"]
+    forged = [b"offline", stranger.will_wire(boot, 99), stranger.status_wire(boot, 99, 1, {})]
+    attacker = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    attacker.connect(cluster.host, cluster.port)
+    attacker.loop_start()
+    try:
+        for _ in range(5):
+            for payload in forged + recorded:
+                attacker.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
+            time.sleep(0.3)
+    finally:
+        attacker.loop_stop()
+        attacker.disconnect()
+    time.sleep(1.5)
+    assert cluster.events("suspect", victim, since) == {}, "no forgery or replay suspected it"
+    after = cluster.observer.snapshot()
+    for i in range(NODES):
+        if i != victim:
+            assert after[i]["status_rejected"] >= before[i] + 5 * len(forged), (i, after[i])
+    assert cluster.observer.online[victim], "the host's observer refused them too"
 
 
 def test_a_killed_node_is_suspected_by_every_live_node(cluster: Cluster) -> None:

@@ -30,6 +30,8 @@ BATCH = 11       # [v, 11, replica, seq, digest, batch]             a batch body
 FETCH = 12       # [v, 12, replica, seq, digest, part, offset]        state transfer request
 CHUNK = 13       # [v, 13, replica, seq, digest, part, offset, total, data]  its reply
 CONTROL = 14     # [v, 14, HOST, nonce, command, args]  auth: one tag (the node's control key)
+HEARTBEAT = 15   # [v, 15, replica, boot, conn, seq, status map]     on its status topic
+OFFLINE = 16     # [v, 16, replica, boot, conn]                      its Last Will
 
 HOST = 0xFFFF    # the sender id of the host's control commands
 
@@ -63,6 +65,8 @@ _FIELDS = {  # kind -> its fields after the sender, flat: name, field kind, name
     FETCH: ("seq", _U, "digest", _D, "part", _U, "offset", _U),
     CHUNK: ("seq", _U, "digest", _D, "part", _U, "offset", _U, "total", _U, "data", _BYTES),
     CONTROL: ("nonce", _U, "command", _STR, "args", _L),
+    HEARTBEAT: ("boot", _U, "conn", _U, "seq", _U, "status", _ANY),
+    OFFLINE: ("boot", _U, "conn", _U),
 }
 
 

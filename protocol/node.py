@@ -3,17 +3,25 @@
 # (host/sim/simulator.py), so the seeds exercise the policy the boards run.
 #
 # Rules:
-# - Sans-I/O. Inputs: message(wire, sender, clock), heartbeat(peer, clock), offline(peer,
-#   clock) and tick(clock), where clock is the node's monotonic clock in ms (since boot) and
+# - Sans-I/O. Inputs: message(wire, sender, clock), peer_status(wire, peer, clock) and
+#   tick(clock), where clock is the node's monotonic clock in ms (since boot) and
 #   sender the replica a message came from (None: a client's request). Outputs: the replica's
 #   `out` and `events` and the detector's `events`, which the driver routes and empties after
 #   each input.
 # - Time: the replica runs on clock + skew_ms (an injected clock fault); the detector measures
 #   durations on the clock itself, which a skew offsets but does not speed up.
-# - Heartbeats: a peer's status messages (its heartbeats, every status interval) feed the
-#   detector; its "offline" (the broker's Last Will for it) suspects it at once. Any message
-#   from a suspected peer is a heartbeat too: a node that was cut off itself must not go on
-#   suspecting the primary of a view it just installed until that primary's next status.
+# - Heartbeats: a peer's status messages (HEARTBEAT, every status interval) feed the
+#   detector; its OFFLINE (the Last Will the broker publishes for it) suspects it at once. Any
+#   message from a suspected peer is a heartbeat too: a node that was cut off itself must not
+#   go on suspecting the primary of a view it just installed until that primary's next status.
+# - A status is trusted only when authentic (tagged with the peer's keys, as protocol
+#   messages are) and fresh: stamped (boot, conn, seq), its boot count, its connection to the
+#   broker in that boot and its status number in that connection, newer than the peer's last
+#   one taken. A Last Will names the connection it was left with (prepared at connect time)
+#   and counts unless a later connection already spoke. So a forged status, a replayed one,
+#   or the Last Will of an earlier boot or connection changes no suspicion; each is counted in
+#   "status_rejected". Boot counts live on the node's flash: a node whose flash is wiped
+#   starts again from boot 0, and its peers take its statuses again once they restart.
 # - Stall gate: a tick _STALL_MS or more after the previous one means the node itself stood
 #   still (a SIGSTOP, a long flash write): that time counts for none of the replica's timeouts
 #   nor the detector's, so what the peers sent meanwhile is read before they are judged. Never
@@ -34,6 +42,8 @@ try:
 except ImportError:  # CPython
     const = int
 
+from . import auth
+from . import messages as m
 from .detector import Detector
 from .viewchange import NORMAL, VIEW_CHANGE
 
@@ -42,6 +52,20 @@ STATUS_INTERVAL_MS = const(500)  # the default heartbeat (status) interval
 _STALL_MS = const(100)
 _NO_PROGRESS_MS = const(50)
 _CHECKPOINTS_KEPT = const(4)
+
+
+def fresh_stamp(last, msg):
+    """The stamp to keep for a peer after its authentic HEARTBEAT or OFFLINE ``msg`` when it
+    is fresh after ``last`` (the stamp kept so far, None for none), else None. A heartbeat's
+    stamp is (boot, conn, seq) and must grow; a Will counts unless a later connection spoke,
+    and closes its connection: what it stamps, (boot, conn + 1, -1), is above every status of
+    that connection and below every status of the next."""
+    if msg.kind == m.HEARTBEAT:
+        stamp = (msg.boot, msg.conn, msg.seq)
+        return stamp if last is None or stamp > last else None
+    if last is None or (msg.boot, msg.conn) >= (last[0], last[1]):
+        return (msg.boot, msg.conn + 1, -1)
+    return None
 
 
 class Node:
@@ -60,7 +84,8 @@ class Node:
         self.executed = replica.last_exec  # the replica's last_exec when it last moved ...
         self.progress_ms = clock           # ... and when (clock)
         self.checkpoints = []   # [[seq, digest]], the newest _CHECKPOINTS_KEPT executed
-        self.counts = {"stalls": 0, "suspicions": 0, "errors": 0}
+        self.counts = {"stalls": 0, "suspicions": 0, "errors": 0, "status_rejected": 0}
+        self.stamps = [None] * replica.stake.n  # peer -> (boot, conn, seq) last taken
         self.contain = contain
         self.error = None       # the last exception a message raised: "Type: text"
 
@@ -82,12 +107,40 @@ class Node:
             self.error = "%s: %s" % (type(e).__name__, e)
         self._note_events()
 
-    def heartbeat(self, peer, clock):
-        self.detector.heartbeat(peer, clock)
-        self._detected(clock)
+    def status_wire(self, boot, conn, seq, status):
+        """Our heartbeat: the status map ``status``, stamped and authenticated for every
+        peer. ``seq`` grows with every status of connection ``conn`` of boot ``boot``."""
+        r = self.replica
+        return r.authenticated(m.body(m.HEARTBEAT, r.me, boot, conn, seq, status))
 
-    def offline(self, peer, clock):
-        self.detector.offline(peer, clock)
+    def will_wire(self, boot, conn):
+        """Our Last Will for connection ``conn`` of boot ``boot`` (set when it connects)."""
+        r = self.replica
+        return r.authenticated(m.body(m.OFFLINE, r.me, boot, conn))
+
+    def peer_status(self, wire, peer, clock):
+        """A message on ``peer``'s status topic (any bytes): its heartbeat or its Last Will,
+        taken only when authentic, from ``peer`` and fresh (see the rules above)."""
+        r = self.replica
+        assert 0 <= peer < r.stake.n and peer != r.me  # the driver names only peers
+        try:
+            msg = m.decode(wire)
+        except m.MessageError:
+            msg = None
+        if (msg is None or msg.sender != peer or not (msg.kind == m.HEARTBEAT
+                                                      or msg.kind == m.OFFLINE)
+                or not auth.check(msg.auth, r.me, r.macs[peer], msg.body)):
+            self.counts["status_rejected"] += 1
+            return
+        stamp = fresh_stamp(self.stamps[peer], msg)
+        if stamp is None:
+            self.counts["status_rejected"] += 1  # a replay, or overtaken
+            return
+        self.stamps[peer] = stamp
+        if msg.kind == m.HEARTBEAT:
+            self.detector.heartbeat(peer, clock)
+        else:
+            self.detector.offline(peer, clock)
         self._detected(clock)
 
     def tick(self, clock):
@@ -148,6 +201,7 @@ class Node:
             "fetching": None if r.transfer is None else r.transfer.seq,
             "recovering": r.recovering(),
             "stalls": self.counts["stalls"], "suspicions": self.counts["suspicions"],
+            "status_rejected": self.counts["status_rejected"],
             "errors": self.counts["errors"], "error": self.error,
             "phi": [self.detector.phi(j, clock) for j in range(r.stake.n)],
         }

@@ -89,3 +89,62 @@ def test_the_checkpoint_ring_keeps_the_newest_four_once_each() -> None:
     seqs = [seq for seq, _ in node.checkpoints]
     assert seqs == [6, 8, 10, 12]
     assert node.status(200)["checkpoints"] == node.checkpoints
+
+
+PEERS, _ = cluster()  # the statuses and Wills the tests below send, each from its own node
+
+
+def beats(node: Node, clock: int, until: int) -> int:
+    """Node 0 hears node 1's statuses every STATUS_INTERVAL_MS from ``clock`` to ``until``;
+    returns the next status number."""
+    seq = 1
+    while clock < until:
+        node.peer_status(PEERS[1].status_wire(1, 1, seq, {"n": seq}), 1, clock)
+        node.tick(clock)
+        seq += 1
+        clock += STATUS_INTERVAL_MS
+    return seq
+
+
+
+def test_only_authentic_fresh_statuses_move_the_detector() -> None:
+    nodes, _ = cluster()
+    me = nodes[0]
+    seq = beats(me, 0, 5000)
+    clock = 5000
+    assert not me.detector.suspect[1]
+    rejected = me.counts["status_rejected"]
+    # Forged: a stranger's key, node 2 posing as 1, garbage; replayed: an old status.
+    stranger = Node(rp.Replica(1, STAKE, [b"k" * 32] * N, SECRETS[1]), STATUS_INTERVAL_MS)
+    hostile = [stranger.will_wire(9, 9), PEERS[2].will_wire(9, 9), b"\x00" * 40, b"offline",
+               PEERS[1].status_wire(1, 1, seq - 3, {})]
+    for wire in hostile:
+        me.peer_status(wire, 1, clock)
+    assert not me.detector.suspect[1], "no forged Will or replay suspects a live peer"
+    assert me.counts["status_rejected"] == rejected + len(hostile)
+    # The genuine Will of an earlier boot, and of an earlier connection of this boot: ignored.
+    me.peer_status(PEERS[1].will_wire(0, 5), 1, clock)
+    me.peer_status(PEERS[1].status_wire(1, 2, 1, {}), 1, clock)  # it reconnected
+    me.peer_status(PEERS[1].will_wire(1, 1), 1, clock)
+    assert not me.detector.suspect[1]
+    # Its current connection's Will counts; then that connection's statuses are over.
+    me.peer_status(PEERS[1].will_wire(1, 2), 1, clock)
+    assert me.detector.suspect[1], "the Will of the live connection suspects it at once"
+    me.peer_status(PEERS[1].status_wire(1, 2, 2, {}), 1, clock + 10)
+    assert me.detector.suspect[1], "a status of the connection its Will closed: a replay"
+    me.peer_status(PEERS[1].status_wire(2, 1, 1, {}), 1, clock + 20)
+    assert not me.detector.suspect[1], "a status of its next boot trusts it again"
+
+
+def test_replayed_statuses_do_not_keep_a_dead_peer_trusted() -> None:
+    nodes, _ = cluster()
+    me = nodes[0]
+    seq = beats(me, 0, 5000)
+    recorded = [PEERS[1].status_wire(1, 1, s, {}) for s in range(1, seq)]
+    clock = 5000
+    while clock < 15_000:  # node 1 died; an attacker replays what it sent
+        for wire in recorded:
+            me.peer_status(wire, 1, clock)
+        me.tick(clock)
+        clock += STATUS_INTERVAL_MS
+    assert me.detector.suspect[1], "phi grew as if nothing came"

@@ -175,7 +175,7 @@ def launch(stack: contextlib.ExitStack, run: Path, options: BenchOptions,
                           node_config(i, cluster_id, stake, broker.host, broker.port,
                                       keys.row(i), options))
               for i in range(options.nodes)]
-    observer = Observer(broker.host, broker.port, cluster_id, options.nodes)
+    observer = Observer(broker.host, broker.port, cluster_id, options.nodes, keys)
     stack.callback(observer.close)
     cluster = stack.enter_context(EmulatedCluster(
         images, run / "logs", options.heap, micropython=options.micropython))

@@ -20,16 +20,39 @@ import cbor2
 import paho.mqtt.client as paho
 
 from edgebft.check.verdict import Check
+from edgebft.devices.keys import ClusterKeys
+from edgebft.protocol import auth
+from edgebft.protocol import messages as m
+from edgebft.protocol.node import fresh_stamp
 
-OFFLINE = b"offline"
+
+def verified_status(payload: bytes, node: int, keys: ClusterKeys) -> m.Message | None:
+    """Node ``node``'s HEARTBEAT or OFFLINE in ``payload`` when authentic (checked as its
+    next replica checks it, with the host's copy of their pairwise key), else None."""
+    try:
+        msg = m.decode(payload)
+    except m.MessageError:
+        return None
+    if msg.sender != node or msg.kind not in (m.HEARTBEAT, m.OFFLINE):
+        return None
+    peer = (node + 1) % keys.n
+    if not auth.check(msg.auth, peer, auth.Mac(keys.pairwise[node][peer]), msg.body):
+        return None
+    return msg
 
 
 class Observer:
-    """Collects node statuses of cluster ``cluster`` from the broker at ``host:port``."""
+    """Collects node statuses of cluster ``cluster`` from the broker at ``host:port``: only
+    authentic and fresh ones (the nodes' own rule, protocol/node.py); ``rejected`` counts
+    the others (forgeries, replays, garbage)."""
 
-    def __init__(self, host: str, port: int, cluster: str, nodes: int) -> None:
+    def __init__(self, host: str, port: int, cluster: str, nodes: int,
+                 keys: ClusterKeys) -> None:
         self.cluster = cluster
         self.nodes = nodes
+        self.keys = keys
+        self.stamps: dict[int, tuple[int, int, int]] = {}
+        self.rejected = 0
         self.latest: dict[int, dict[str, Any]] = {}
         self.online: dict[int, bool] = {}
         self.digests: dict[int, dict[int, bytes]] = {}  # seq -> node -> digest
@@ -59,18 +82,18 @@ class Observer:
             except (ValueError, cbor2.CBORDecodeError):
                 pass
             return
-        if msg.payload == OFFLINE:
-            with self._lock:
-                self.online[node] = False
-            return
-        try:
-            status = cbor2.loads(msg.payload)
-        except (ValueError, cbor2.CBORDecodeError):
-            return
-        if not isinstance(status, dict):
-            return
+        status = verified_status(msg.payload, node, self.keys) if 0 <= node < self.nodes else None
         with self._lock:
-            self._record(node, status)
+            stamp = None if status is None else fresh_stamp(self.stamps.get(node), status)
+            if stamp is None or (status.kind == m.HEARTBEAT
+                                 and not isinstance(status.status, dict)):
+                self.rejected += 1
+                return
+            self.stamps[node] = stamp
+            if status.kind == m.OFFLINE:
+                self.online[node] = False
+            else:
+                self._record(node, status.status)
 
     def _record(self, node: int, status: dict[str, Any]) -> None:
         status["received"] = time.time()

@@ -50,6 +50,8 @@ GAUGES = (
     ("errors", "edgebft_message_errors", "Messages dropped because handling them raised."),
     ("stalls", "edgebft_stalls", "Ticks that found the node had stood still (not counted)."),
     ("suspicions", "edgebft_suspicions", "View changes the failure detector started."),
+    ("status_rejected", "edgebft_status_rejected",
+     "Peer statuses and Last Wills refused: forged, replayed, stale or malformed."),
 )
 # (key of the status's "store" map, metric name, help)
 STORE_GAUGES = (

@@ -206,7 +206,8 @@ def _broker(lab: LabCluster) -> Iterator[dict[str, Any]]:
 def status(lab: LabCluster, wait_s: float = STATUS_WAIT_S) -> dict[int, dict[str, Any]]:
     """The newest status of each node (retained on the broker), waited for ``wait_s``."""
     with _broker(lab) as b:
-        observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes)
+        observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes,
+                            lab.keys())
     try:
         observer.wait_all_online(wait_s)
         snap = observer.snapshot()
@@ -328,7 +329,8 @@ def _supervising(lab: LabCluster, nodes: list[int]) -> Iterator[Callable[[], Non
     LabError names those that did not and their logs. The one way this module restarts a
     node: "restarted" is said only of a node that is back."""
     with _broker(lab) as b:
-        observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes)
+        observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes,
+                            lab.keys())
     try:
         _wait_retained(observer, nodes)
         boots = {i: observer.snapshot().get(i, {}).get("boots") for i in nodes}

@@ -372,7 +372,7 @@ _ISSUE = 4         # a: client, b: None
 _FAULT_START = 5   # a: fault index
 _FAULT_END = 6     # a: fault index
 _BEAT = 7          # a: replica, b: incarnation (it sends its heartbeats)
-_HEARD = 8         # a: replica, b: (incarnation, sender id, offline?) (a heartbeat arrives)
+_HEARD = 8         # a: replica, b: (incarnation, sender id, status or Will wire) (one arrives)
 _EVENT_NAMES = {_DELIVER: "delivery", _REPLY: "reply", _TICK: "tick", _RETRANSMIT: "retransmit",
                 _ISSUE: "issue", _FAULT_START: "fault start", _FAULT_END: "heal",
                 _BEAT: "heartbeat", _HEARD: "heartbeat"}
@@ -441,6 +441,7 @@ class Simulation:
         self.twin_cut = False
         count = len(self.nodes)
         self.incarnation = [0] * count
+        self.beats = [0] * count  # statuses instance i sent in its incarnation
         self.up = [True] * count
         self.paused = [False] * count
         self.backlog: list[list[tuple[int, Any]]] = [[] for _ in range(count)]  # while paused
@@ -606,10 +607,18 @@ class Simulation:
 
     def _send_heartbeat(self, src: int, offline: bool = False) -> None:
         """Instance src's status (or its Last Will, which the broker publishes for it) reaches
-        the others like any message of it: partitions and losses cut it."""
+        the others like any message of it: partitions and losses cut it. Both are the wires a
+        board sends (Node.status_wire, Node.will_wire), stamped with the incarnation as the
+        boot count and one connection per incarnation; the status map is left empty."""
+        node, boot = self.nodes[src], self.incarnation[src]
+        if offline:
+            wire = node.will_wire(boot, 1)
+        else:
+            self.beats[src] += 1
+            wire = node.status_wire(boot, 1, self.beats[src], {})
         for dst in range(len(self.nodes)):
             if self.node[dst] != self.node[src]:
-                self._transmit(src, dst, _HEARD, (self.incarnation[dst], self.node[src], offline))
+                self._transmit(src, dst, _HEARD, (self.incarnation[dst], self.node[src], wire))
 
     # ------------------------------------------------------------------ handlers
 
@@ -624,16 +633,13 @@ class Simulation:
         self.nodes[i].message(wire, sender, self.now)
         self._drain(i)
 
-    def _on_heard(self, i: int, incarnation: int, sender: int, offline: bool) -> None:
+    def _on_heard(self, i: int, incarnation: int, sender: int, wire: bytes) -> None:
         if not self.up[i] or incarnation != self.incarnation[i]:
             return
         if self.paused[i]:
-            self.backlog[i].append((_HEARD, (incarnation, sender, offline)))
+            self.backlog[i].append((_HEARD, (incarnation, sender, wire)))
             return
-        if offline:
-            self.nodes[i].offline(sender, self.now)
-        else:
-            self.nodes[i].heartbeat(sender, self.now)
+        self.nodes[i].peer_status(wire, sender, self.now)
         self._drain(i)
 
     def _on_tick(self, i: int, incarnation: int) -> None:
@@ -653,6 +659,7 @@ class Simulation:
     def _start(self, i: int) -> None:
         """Instance i (just created or restarted) starts ticking and sending heartbeats."""
         incarnation = self.incarnation[i]
+        self.beats[i] = 0
         self._push(self.now + self.rng.randint(1, TICK_MS), _TICK, i, incarnation)
         self._push(self.now + self.rng.randint(1, STATUS_INTERVAL_MS), _BEAT, i, incarnation)
 
