@@ -103,7 +103,8 @@ class Runtime:
         broker = config["broker"]
         self.mqtt = MQTTClient(
             "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
-            keepalive=config.get("keepalive_s", 10),
+            keepalive=config.get("keepalive_s", 10), user=broker.get("user"),
+            password=broker.get("password"),
             will=self.will, on_message=self.on_message,
             max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             rx_chunk=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,

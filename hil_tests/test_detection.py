@@ -91,8 +91,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         broker = stack.enter_context(
             start_broker(os.environ.get("EDGEBFT_TEST_BROKER", "auto"), run / "broker"))
         images = [build_image(run / "nodes" / f"node{i}",
-                              node_config(i, name, stake, broker.host, broker.port, keys.row(i),
-                                          options))
+                              node_config(i, name, stake, broker, keys.row(i), options))
                   for i in range(NODES)]
         observer = Observer(broker.host, broker.port, name, NODES, keys)
         stack.callback(observer.close)

@@ -24,7 +24,6 @@ import pytest
 from edgebft.lab import session as lab
 from edgebft.lab.broker import find_mosquitto
 from edgebft.lab.workload import Outcome, Workload
-from edgebft.protocol.stake import Stake
 
 Snapshot = dict[int, dict]
 WAIT_S = 30.0
@@ -44,9 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.LabCluster
 @pytest.fixture(scope="module")
 def load(cluster: lab.LabCluster) -> Iterator[Workload]:
     """Two closed-loop clients, issuing for the whole module."""
-    b = cluster.state["broker"]
-    work = Workload(b["host"], b["port"], cluster.state["cluster"],
-                    Stake(cluster.state["stake"]), cluster.keys(), clients=2)
+    work = cluster.workload(clients=2)
     work.start()
     try:
         yield work

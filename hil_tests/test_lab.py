@@ -22,10 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import wait_until
 from edgebft.lab import session as lab
 from edgebft.lab.broker import find_mosquitto, free_port
-from edgebft.lab.workload import Workload
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
-from edgebft.protocol.stake import Stake
 
 EDGEBFT = [sys.executable, "-m", "edgebft"]
 
@@ -48,9 +46,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.LabCluster
 
 
 def load(cluster: lab.LabCluster, seconds: float) -> int:
-    b = cluster.state["broker"]
-    work = Workload(b["host"], b["port"], cluster.state["cluster"],
-                    Stake(cluster.state["stake"]), cluster.keys(), clients=2)
+    work = cluster.workload(clients=2)
     work.start()
     time.sleep(seconds)
     work.drain(3.0)
@@ -160,6 +156,9 @@ def test_forged_and_replayed_control_commands_only_count(cluster: lab.LabCluster
     before = lab.status(cluster)[1]["ctl_rejected"]
     b = cluster.state["broker"]
     client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    # One who may publish on ctl/1 (the broker's host identity) without the control key: the
+    # node's own check is what stops it.
+    client.username_pw_set(*cluster.credentials())
     client.connect(b["host"], b["port"])
     client.loop_start()
     topic = f"ebft/{cluster.state['cluster']}/ctl/1"
@@ -261,9 +260,7 @@ def test_a_broker_restart_mid_run_loses_neither_nodes_nor_clients(tmp_path) -> N
     and resubscribe, and so does the workload's client (it subscribes on every connection),
     so requests commit again."""
     cluster = lab.up(broker="mosquitto", out=tmp_path / "run")
-    broker = cluster.state["broker"]
-    work = Workload(broker["host"], broker["port"], cluster.state["cluster"],
-                    Stake(cluster.state["stake"]), cluster.keys(), clients=4)
+    work = cluster.workload(clients=4)
     again = None
     try:
         work.start()
@@ -271,7 +268,7 @@ def test_a_broker_restart_mid_run_loses_neither_nodes_nor_clients(tmp_path) -> N
         def committed() -> int:
             return sum(1 for o in list(work.outcomes) if o.outcome == "ok")
         assert wait_until(lambda: committed() >= 20, 20)
-        os.kill(broker["pid"], signal.SIGKILL)
+        os.kill(cluster.state["broker"]["pid"], signal.SIGKILL)
         before = committed()
         again = subprocess.Popen([str(find_mosquitto()), "-c",
                                   str(cluster.path / "broker" / "mosquitto.conf")],

@@ -87,6 +87,13 @@ class Seconds(click.ParamType):
             self.fail(f"{value!r} is not a duration (e.g. 10, 10s, 500ms, 1m)", param, ctx)
 
 
+ACL_HELP = ("MQTT identities and an ACL on the broker (edgebft.lab.broker_auth): anonymous "
+            "connections refused, each node publishing only its own topics, client k only "
+            "req/k, only the host ctl/+. Default: on with mosquitto, off with the embedded "
+            "broker (amqtt enforces none) and an external one (its identities would have to be "
+            "installed before the run).")
+
+
 RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.bench.BenchOptions)
     click.option("--nodes", default=4, show_default=True, help="Replicas to run (at least 4)."),
     click.option("--duration", "duration_s", default=10.0, show_default=True, type=Seconds(),
@@ -96,6 +103,7 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.be
                  help="mosquitto (started on a free loopback port), embedded (amqtt, started by "
                       "the host), mqtt://host:port (external), or auto: mosquitto if installed, "
                       "else embedded."),
+    click.option("--acl/--no-acl", default=None, help=ACL_HELP),
     click.option("--micropython", default=None, metavar="PATH",
                  help=f"MicroPython Unix-port binary (default: ${ENV_VAR}, the venv's, PATH)."),
     click.option("--heap", default=HEAP_DEFAULT, show_default=True,
@@ -234,6 +242,7 @@ DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), d
               help="Stake per node (default: equal).")
 @click.option("--broker", default="auto", show_default=True,
               metavar="URL|mosquitto|embedded|auto", help="As for demo.")
+@click.option("--acl/--no-acl", default=None, help=ACL_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default: a fresh folder under runs/cluster/).")
 @click.option("--micropython", default=None, metavar="PATH",
@@ -245,11 +254,11 @@ DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), d
               help="Also serve live per-node metrics in the Prometheus text format at "
                    "http://127.0.0.1:PORT/metrics (a detached exporter, stopped by 'cluster "
                    "down').")
-def cluster_up(nodes: int, stake: str | None, broker: str, out: Path | None,
+def cluster_up(nodes: int, stake: str | None, broker: str, acl: bool | None, out: Path | None,
                micropython: str | None, heap: str, keys: int, metrics_port: int | None) -> None:
     """Start a broker and NODES emulated nodes that keep running after this command."""
     weights = _parse_stake(stake)
-    lab = lab_up(nodes, broker, out, weights, heap, micropython, metrics_port, keys)
+    lab = lab_up(nodes, broker, out, weights, heap, micropython, metrics_port, keys, acl)
     console.print(f"cluster {lab.state['cluster']} up: {lab.nodes} nodes, "
                   f"{lab.state['broker']['describe']}; state in {lab.path}", highlight=False)
     if metrics_port is not None:

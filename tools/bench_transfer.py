@@ -20,8 +20,6 @@ from typing import Any
 
 from edgebft.lab import session as lab
 from edgebft.lab.broker import find_mosquitto
-from edgebft.lab.workload import Workload
-from edgebft.protocol.stake import Stake
 
 NODE = 3
 POLL_S = 0.1
@@ -32,14 +30,12 @@ STALL_S = 30.0
 def fill(cluster: lab.LabCluster, keys: int, clients: int, rewrite: bool) -> int:
     """Put ``keys`` distinct keys (with other values when ``rewrite``, spread over the key
     space of a first fill of 20 times as many); the number of requests committed."""
-    b = cluster.state["broker"]
 
     def op(c: int, i: int) -> list[Any]:
         n = (i * clients + c) % keys * (20 if rewrite else 1)
         return ["put", f"key{n:06d}", ("w" if rewrite else "v") * 40]
 
-    work = Workload(b["host"], b["port"], cluster.state["cluster"],
-                    Stake(cluster.state["stake"]), cluster.keys(), clients, ops=op)
+    work = cluster.workload(clients, ops=op)
     work.start()
     try:
         done, last, moved = 0, 0, time.monotonic()

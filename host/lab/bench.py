@@ -25,7 +25,8 @@ from edgebft.check.verdict import Check, Verdict
 from edgebft.devices.image import build_image
 from edgebft.devices.keys import ClusterKeys, generate_keys
 from edgebft.devices.micropython import HEAP_DEFAULT
-from edgebft.lab.broker import Broker, start_broker
+from edgebft.lab.broker import Broker, parse_broker, start_broker
+from edgebft.lab.broker_auth import HOST, BrokerAuth, node_identity
 from edgebft.lab.cluster import EmulatedCluster
 from edgebft.lab.control import fresh_nonce, send_command
 from edgebft.lab.metrics import availability, latency_percentiles, percentile
@@ -40,6 +41,7 @@ NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
 CONVERGE_TIMEOUT_S = 5.0
 CLIENTS_DEFAULT = 4
+ACL_CLIENTS = 256  # client ids 0..255 get an MQTT identity on a broker with ACLs
 KEYS_PER_PAGE = 16  # the ledger gets a page per this many keys (a power of two, at least 256)
 
 Progress = Callable[[float, int, int, int], None]  # (elapsed_s, ok, failed, queued)
@@ -70,6 +72,7 @@ class BenchOptions:
     nemesis: str = "none"
     nemesis_interval_s: float | None = None
     stake: list[int] | None = None  # per node; None: equal
+    acl: bool | None = None  # broker identities and ACL (broker_auth); None: on for mosquitto
     extra: dict[str, Any] = field(default_factory=dict)
     command: str = "bench"  # names the run folder family: runs/<command>/
 
@@ -121,12 +124,14 @@ def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:
     return run
 
 
-def node_config(i: int, cluster: str, stake: Stake, broker_host: str, broker_port: int,
+def node_config(i: int, cluster: str, stake: Stake, broker: Broker,
                 key_row: dict[str, object], options: BenchOptions) -> dict[str, Any]:
-    """The edgebft.json of node ``i``."""
+    """The edgebft.json of node ``i`` (with its MQTT identity on a broker with ACLs)."""
+    login = broker.credentials(node_identity(i))
     return {
         "node": i, "cluster": cluster, "stake": stake.weights,
-        "broker": {"host": broker_host, "port": broker_port},
+        "broker": {"host": broker.host, "port": broker.port,
+                   **({} if login is None else {"user": login[0], "password": login[1]})},
         "genesis": genesis(), "checkpoint_interval": options.checkpoint_interval,
         "store": {"ledger_pages": ledger_pages(options.keys + options.accounts)},
         "wifi": None, **key_row, **options.extra,
@@ -170,12 +175,19 @@ def launch(stack: contextlib.ExitStack, run: Path, options: BenchOptions,
     """
     cluster_id = options.command + os.urandom(3).hex()
     keys = generate_keys(options.nodes)
-    broker = stack.enter_context(start_broker(options.broker, run / "broker"))
+    spec = parse_broker(options.broker)
+    acl = options.acl if options.acl is not None else spec.kind == "mosquitto"
+    if acl and spec.kind != "mosquitto":
+        raise BenchError(f"--acl: the {spec.kind} broker cannot take this run's identities "
+                         "(only the mosquitto the host starts does); use --broker mosquitto "
+                         "or --no-acl")
+    auth = BrokerAuth(cluster_id, keys, ACL_CLIENTS) if acl else None
+    broker = stack.enter_context(start_broker(spec, run / "broker", auth))
     images = [build_image(run / "nodes" / f"node{i}",
-                          node_config(i, cluster_id, stake, broker.host, broker.port,
-                                      keys.row(i), options))
+                          node_config(i, cluster_id, stake, broker, keys.row(i), options))
               for i in range(options.nodes)]
-    observer = Observer(broker.host, broker.port, cluster_id, options.nodes, keys)
+    observer = Observer(broker.host, broker.port, cluster_id, options.nodes, keys,
+                        broker.credentials(HOST))
     stack.callback(observer.close)
     cluster = stack.enter_context(EmulatedCluster(
         images, run / "logs", options.heap, micropython=options.micropython))
@@ -231,14 +243,15 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         (run / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
                             options.clients, rate=options.rate, keyspace=options.keys,
-                            accounts=options.accounts, mix=Mix.parse(options.mix))
+                            accounts=options.accounts, mix=Mix.parse(options.mix),
+                            credentials=broker.credentials(HOST))
         stack.callback(workload.close)
         nonces = [0]
 
         def control(node: int, command: str, args: list[Any]) -> None:
             nonces[0] = fresh_nonce(nonces[0])
             send_command(broker.host, broker.port, cluster_id, node, keys.control[node],
-                         nonces[0], command, args)
+                         nonces[0], command, args, broker.credentials(HOST))
 
         try:
             nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s,

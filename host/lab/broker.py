@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edgebft.lab.broker_auth import HOST, BrokerAuth
 from edgebft.lab.processes import kill_process_group, spawn, untrack_process
 
 BrokerKind = Literal["mosquitto", "embedded", "external"]
@@ -149,13 +150,19 @@ class Broker:
     """
 
     def __init__(self, kind: BrokerKind, host: str, port: int, version: str = "",
-                 proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
+                 proc: subprocess.Popen[bytes] | None = None, log: Path | None = None,
+                 auth: BrokerAuth | None = None) -> None:
         self.kind: BrokerKind = kind
         self.host = host
         self.port = port
         self.version = version
         self.log = log
+        self.auth = auth  # identities and ACL it enforces (None: anyone may say anything)
         self._proc = proc
+
+    def credentials(self, identity: str) -> tuple[str, str] | None:
+        """(username, password) for ``identity`` on this broker, None when it takes anyone."""
+        return None if self.auth is None else self.auth.credentials(identity)
 
     @property
     def url(self) -> str:
@@ -175,7 +182,7 @@ class Broker:
     def describe(self) -> str:
         """One line for humans, e.g. ``mosquitto 2.0.11 on 127.0.0.1:41883``."""
         name = f"{self.kind} {self.version}".strip() if self.kind != "external" else "external"
-        return f"{name} on {self.host}:{self.port}"
+        return f"{name} on {self.host}:{self.port}" + (" with ACL" if self.auth else "")
 
     def detach(self) -> None:
         """Leave the broker running after this process exits (``edgebft cluster up``)."""
@@ -244,15 +251,18 @@ def mosquitto_version(binary: Path) -> str:
     return match.group(1) if match else ""
 
 
-def mosquitto_config(port: int, log: Path) -> str:
-    """Return a mosquitto.conf for one anonymous loopback listener on ``port`` logging to ``log``.
+def mosquitto_config(port: int, log: Path, access: tuple[Path, Path] | None = None) -> str:
+    """Return a mosquitto.conf for one loopback listener on ``port`` logging to ``log``:
+    anonymous, or with ``access`` = (password file, ACL file) only for the identities those
+    files name (edgebft.lab.broker_auth).
 
     Running as root, mosquitto would drop to user ``mosquitto``, which may not be able to write
     ``log``; so as root it stays root (the broker listens on loopback only).
     """
     lines = [
         f"listener {port} {LOOPBACK}",
-        "allow_anonymous true",
+        *(["allow_anonymous true"] if access is None else
+          ["allow_anonymous false", f"password_file {access[0]}", f"acl_file {access[1]}"]),
         "persistence false",
         f"log_dest file {log}",
         "log_type error",
@@ -270,16 +280,17 @@ def mosquitto_config(port: int, log: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _start_mosquitto(binary: Path, workdir: Path) -> Broker:
+def _start_mosquitto(binary: Path, workdir: Path, auth: BrokerAuth | None) -> Broker:
     version = mosquitto_version(binary)
     log = workdir / "mosquitto.log"
     conf = workdir / "mosquitto.conf"
+    access = None if auth is None else auth.write(workdir)
     for _attempt in range(START_ATTEMPTS):
         port = free_port()
-        conf.write_text(mosquitto_config(port, log))
+        conf.write_text(mosquitto_config(port, log, access))
         proc = spawn([str(binary), "-c", str(conf)], workdir / "mosquitto.out")
         if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
-            return Broker("mosquitto", LOOPBACK, port, version, proc, log)
+            return Broker("mosquitto", LOOPBACK, port, version, proc, log, auth)
         kill_process_group(proc)
         if "in use" not in _tail(log) + _tail(workdir / "mosquitto.out"):
             break
@@ -313,8 +324,10 @@ def _start_embedded(workdir: Path) -> Broker:
     )
 
 
-def check_reachable(host: str, port: int, timeout_s: float = REACH_TIMEOUT_S) -> None:
-    """Connect to ``host:port`` and complete an MQTT CONNECT/CONNACK within ``timeout_s``.
+def check_reachable(host: str, port: int, credentials: tuple[str, str] | None = None,
+                    timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Connect to ``host:port`` (as ``credentials`` = (username, password) if given) and
+    complete an MQTT CONNECT/CONNACK within ``timeout_s``.
 
     Raises:
         BrokerError: "cannot reach MQTT broker at mqtt://h:p: <reason>; start one or use ...".
@@ -334,6 +347,8 @@ def check_reachable(host: str, port: int, timeout_s: float = REACH_TIMEOUT_S) ->
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="",
                          protocol=mqtt.MQTTv311)
     client.on_connect = on_connect
+    if credentials is not None:
+        client.username_pw_set(*credentials)
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
@@ -351,13 +366,16 @@ def check_reachable(host: str, port: int, timeout_s: float = REACH_TIMEOUT_S) ->
                           "--broker mosquitto|embedded")
 
 
-def start_broker(spec: BrokerSpec | str, workdir: Path) -> Broker:
+def start_broker(spec: BrokerSpec | str, workdir: Path, auth: BrokerAuth | None = None) -> Broker:
     """Start (or, for ``external``, check) the broker ``spec`` describes; return it running.
 
     Args:
         spec: a ``BrokerSpec`` or a string ``parse_broker`` accepts.
         workdir: an existing folder for the broker's config and log (``mosquitto.conf``,
             ``mosquitto.log``, ``embedded-broker.log``).
+        auth: the identities and ACL the broker enforces (mosquitto: written into workdir;
+            external: installed there by its owner, and the reachability check logs in as the
+            host); the embedded broker (amqtt) takes none: BrokerError.
 
     Raises:
         BrokerError: the spec is bad, the broker does not come up (the message includes the
@@ -368,13 +386,17 @@ def start_broker(spec: BrokerSpec | str, workdir: Path) -> Broker:
     if spec.kind == "external":
         assert spec.host is not None
         assert spec.port is not None
-        check_reachable(spec.host, spec.port)
-        return Broker("external", spec.host, spec.port)
+        check_reachable(spec.host, spec.port,
+                        None if auth is None else auth.credentials(HOST))
+        return Broker("external", spec.host, spec.port, auth=auth)
     workdir.mkdir(parents=True, exist_ok=True)
     if spec.kind == "mosquitto":
         binary = spec.mosquitto or find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto not found; install it or use --broker embedded")
-        return _start_mosquitto(binary, workdir)
+        return _start_mosquitto(binary, workdir, auth)
     assert spec.kind == "embedded"
+    if auth is not None:
+        raise BrokerError("the embedded broker (amqtt) enforces no ACL: use --broker "
+                          "mosquitto, or --no-acl for a development run")
     return _start_embedded(workdir)

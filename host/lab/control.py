@@ -23,9 +23,13 @@ def command_wire(key: bytes, nonce: int, command: str, args: list[Any]) -> bytes
 
 
 def send_command(host: str, port: int, cluster: str, node: int, key: bytes, nonce: int,
-                 command: str, args: list[Any]) -> None:
-    """Publish one command to ``node`` with QoS 1 and wait until the broker has it."""
+                 command: str, args: list[Any],
+                 credentials: tuple[str, str] | None = None) -> None:
+    """Publish one command to ``node`` with QoS 1 and wait until the broker has it (logged in
+    as ``credentials``, the host's identity, on a broker with ACLs)."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    if credentials is not None:
+        client.username_pw_set(*credentials)
     client.connect(host, port, keepalive=10)
     client.loop_start()
     try:

@@ -47,7 +47,7 @@ class Observer:
     the others (forgeries, replays, garbage)."""
 
     def __init__(self, host: str, port: int, cluster: str, nodes: int,
-                 keys: ClusterKeys) -> None:
+                 keys: ClusterKeys, credentials: tuple[str, str] | None = None) -> None:
         self.cluster = cluster
         self.nodes = nodes
         self.keys = keys
@@ -62,6 +62,8 @@ class Observer:
         self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                  client_id=f"ebft-{cluster}-observer-{os.urandom(3).hex()}")
         self._mqtt.on_message = self._on_message
+        if credentials is not None:
+            self._mqtt.username_pw_set(*credentials)
         self._mqtt.connect(host, port, keepalive=30)
         self._mqtt.subscribe([(f"ebft/{cluster}/status/+", 0), (f"ebft/{cluster}/event/+", 0)])
         self._mqtt.loop_start()

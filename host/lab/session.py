@@ -34,12 +34,13 @@ from typing import Any
 from edgebft import fault_kinds
 from edgebft.devices.keys import ClusterKeys
 from edgebft.devices.micropython import HEAP_DEFAULT
-from edgebft.lab.bench import STARTUP_TIMEOUT_S, BenchOptions, launch, new_run_dir
+from edgebft.lab.bench import ACL_CLIENTS, STARTUP_TIMEOUT_S, BenchOptions, launch, new_run_dir
+from edgebft.lab.broker_auth import HOST, BrokerAuth
 from edgebft.lab.cluster import node_argv
 from edgebft.lab.control import fresh_nonce, partition_reach, send_command
 from edgebft.lab.observer import Observer
 from edgebft.lab.processes import alive, signal_group, spawn, wait_exit
-from edgebft.lab.workload import KEYS
+from edgebft.lab.workload import KEYS, Workload
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.stake import Stake
 
@@ -76,6 +77,19 @@ class LabCluster:
                            client_secrets=[bytes.fromhex(k) for k in raw["client_secrets"]],
                            control=[bytes.fromhex(k) for k in raw["control"]])
 
+    def credentials(self, identity: str = HOST) -> tuple[str, str] | None:
+        """(username, password) of ``identity`` on the cluster's broker; None without ACLs."""
+        if not self.state.get("acl"):
+            return None
+        return BrokerAuth(self.state["cluster"], self.keys(), ACL_CLIENTS).credentials(identity)
+
+    def workload(self, clients: int, **options: Any) -> Workload:
+        """A workload of ``clients`` client ids against this cluster (Workload's options),
+        logged in as the host; not started."""
+        b = self.state["broker"]
+        return Workload(b["host"], b["port"], self.state["cluster"], Stake(self.state["stake"]),
+                        self.keys(), clients, credentials=self.credentials(), **options)
+
     def node(self, i: int) -> dict[str, Any]:
         if not 0 <= i < self.nodes:
             raise LabError(f"no node {i}: the cluster has nodes 0..{self.nodes - 1}")
@@ -97,12 +111,13 @@ def load(path: Path | None) -> LabCluster:
 def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
        stake: list[int] | None = None, heap: str = HEAP_DEFAULT,
        micropython: str | None = None, metrics_port: int | None = None,
-       keys: int = KEYS) -> LabCluster:
+       keys: int = KEYS, acl: bool | None = None) -> LabCluster:
     """Start a broker and ``nodes`` emulated nodes that outlive this process, and with
     ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``. ``keys``: the
-    ledger's size to plan its pages for (edgebft.lab.bench.ledger_pages)."""
+    ledger's size to plan its pages for (edgebft.lab.bench.ledger_pages). ``acl``: MQTT
+    identities and an ACL on the broker (BenchOptions.acl)."""
     options = BenchOptions(command="lab", nodes=nodes, broker=broker, heap=heap,
-                           micropython=micropython, keys=keys)
+                           micropython=micropython, keys=keys, acl=acl)
     options.check()
     if out is not None and Path(out).is_dir() and any(Path(out).iterdir()):
         raise LabError(f"--out {out}: the folder is not empty; a cluster starts in a fresh one "
@@ -134,7 +149,7 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
         "nodes": [{"pid": pid, "image": str(image), "paused": False}
                   for pid, image in zip(pids, started.images, strict=True)],
         "heap": heap, "micropython": str(cluster.micropython), "rom": cluster.rom,
-        "nonce": 0})
+        "nonce": 0, "acl": b.auth is not None})
     lab.save()
     latest = run.parent / "latest"
     if run.parent.name == "cluster" and not latest.exists():
@@ -207,7 +222,7 @@ def status(lab: LabCluster, wait_s: float = STATUS_WAIT_S) -> dict[int, dict[str
     """The newest status of each node (retained on the broker), waited for ``wait_s``."""
     with _broker(lab) as b:
         observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes,
-                            lab.keys())
+                            lab.keys(), lab.credentials())
     try:
         observer.wait_all_online(wait_s)
         snap = observer.snapshot()
@@ -225,7 +240,7 @@ def send_control(lab: LabCluster, node: int, command: str, args: list[Any]) -> N
     lab.save()
     with _broker(lab) as b:
         send_command(b["host"], b["port"], lab.state["cluster"], node,
-                     lab.keys().control[node], nonce, command, args)
+                     lab.keys().control[node], nonce, command, args, lab.credentials())
 
 
 def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
@@ -330,7 +345,7 @@ def _supervising(lab: LabCluster, nodes: list[int]) -> Iterator[Callable[[], Non
     node: "restarted" is said only of a node that is back."""
     with _broker(lab) as b:
         observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes,
-                            lab.keys())
+                            lab.keys(), lab.credentials())
     try:
         _wait_retained(observer, nodes)
         boots = {i: observer.snapshot().get(i, {}).get("boots") for i in nodes}

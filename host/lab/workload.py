@@ -146,6 +146,7 @@ class Workload:
     ops: Callable[[int, int], list[Any]] | None = None  # (client, i) -> op; None: operation()
     retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
+    credentials: tuple[str, str] | None = None  # (username, password) on a broker with ACLs
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -175,6 +176,8 @@ class Workload:
                                  client_id=f"ebft-{self.cluster}-workload")
         self._mqtt.on_message = self._on_message
         self._mqtt.on_connect = self._on_connect
+        if self.credentials is not None:
+            self._mqtt.username_pw_set(*self.credentials)
         self._subscribed = threading.Event()
         self._mqtt.on_subscribe = lambda *a: self._subscribed.set()
 
