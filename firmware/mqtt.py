@@ -3,7 +3,7 @@
 # How it works and the rules it keeps:
 # - One connection, three tasks while connected: a reader, a writer and a pinger. run() owns
 #   them; when any of them sees the connection die it sets _down, run() cancels the others,
-#   closes the socket and reconnects with exponential back-off (100 ms doubling up to 5 s,
+#   closes the socket and reconnects with exponential back-off (100 ms doubling up to 1 s,
 #   jittered), re-subscribes and resends every QoS1 publish not yet acknowledged (DUP set).
 # - Receive path: the reader reads as much as the socket has into one preallocated buffer of
 #   rx_chunk bytes and parses every complete packet in it. on_message(topic, payload, retain)
@@ -67,7 +67,7 @@ _PINGRESP = const(0xD0)
 _DUP = const(0x08)
 
 _BACKOFF_MIN_MS = const(100)
-_BACKOFF_MAX_MS = const(5000)
+_BACKOFF_MAX_MS = const(1000)  # a broker that comes back is found within a second
 _STABLE_MS = const(2000)  # a connection that lived this long resets the back-off
 _CONNECT_TIMEOUT_MS = const(5000)  # TCP connect plus CONNACK; WiFi hops are ~10 ms
 _ACK_TIMEOUT_MS = const(10000)  # SUBACK

@@ -251,10 +251,14 @@ class Runtime:
             await asyncio.sleep_ms(self.status_interval_ms)
 
     async def timers(self):
-        """Tick the node (its timers, the failure detector) and release held messages."""
+        """Tick the node (its timers, the failure detector) and release held messages. Not
+        while the link to the broker is down: a node that hears nobody cannot judge its
+        peers, so the outage is a stall to it (the first tick after finds the gap: Node's
+        stall gate), not a reason to suspect the primary and change views alone."""
         while True:
             clock = self.clock()
-            self.node.tick(clock)
+            if self.mqtt.connected:
+                self.node.tick(clock)
             self.drain()
             self.log_errors()
             for topic, wire in self.faults.due(clock):

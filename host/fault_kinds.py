@@ -52,6 +52,8 @@ KINDS = (
     FaultKind("byzantine", "the node misbehaves; the nemesis makes it equivocate",
               inject="control", nemesis=True, aliases=("byzantine-primary",),
               options="--mode, --colluders"),
+    FaultKind("broker-restart", "the broker stops (every connection drops, retained messages "
+              "go) and starts again on the same port when healed", nemesis=True),
 )
 _BY_NAME = {name: kind for kind in KINDS for name in (kind.name, *kind.aliases)}
 

@@ -12,6 +12,7 @@ from edgebft import fault_kinds
 from edgebft.cli import cli
 from edgebft.fault_kinds import KINDS, FaultKindError, kind, names
 from edgebft.lab import nemesis
+from edgebft.lab.broker import Broker
 from edgebft.lab.cluster import EmulatedCluster
 from edgebft.sim import simulator as sim
 
@@ -32,7 +33,8 @@ def test_the_tools_take_their_kinds_from_the_registry(tmp_path: Path) -> None:
     (tmp_path / "image").mkdir()
     (tmp_path / "image" / "main.py").write_text("")
     cluster = EmulatedCluster([tmp_path / "image"], tmp_path / "logs")  # never started
-    table = nemesis.actions(cluster, lambda node, command, args: None)
+    broker = Broker("mosquitto", "127.0.0.1", 1883, argv=["mosquitto"], output=tmp_path / "o")
+    table = nemesis.actions(cluster, lambda node, command, args: None, broker)
     assert set(table) == set(names("nemesis"))
 
 

@@ -255,7 +255,7 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
 
         try:
             nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s,
-                                   options.nemesis_interval_s, control)
+                                   options.nemesis_interval_s, control, broker)
         except NemesisError as e:
             raise BenchError(str(e)) from None
         tx = TxMeter()
@@ -311,7 +311,14 @@ def recovery_ms(fault: Fault, outcomes: list[Outcome],
                 before: float = float("inf")) -> float | None:
     """Fault start to the first request accepted from a view after the fault's view, if one
     was accepted before ``before`` (the next fault's start): a fault that changed no view (a
-    delay the cluster rode out) has none, rather than the next fault's."""
+    delay the cluster rode out) has none, rather than the next fault's. A broker restart
+    takes the cluster's link, not a replica: its recovery runs from the broker's return to
+    the first request accepted after it, in any view."""
+    if fault.kind == "broker-restart":
+        if not fault.end:
+            return None
+        ends = [o.end for o in outcomes if o.outcome == "ok" and fault.end < o.end < before]
+        return round((min(ends) - fault.end) * 1000.0, 1) if ends else None
     ends = [o.end for o in outcomes
             if o.outcome == "ok" and o.view > fault.view and fault.start < o.end < before]
     return round((min(ends) - fault.start) * 1000.0, 1) if ends else None

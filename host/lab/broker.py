@@ -47,6 +47,11 @@ MQTT_DEFAULT_PORT = 1883
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0  # amqtt imports in ~1 s; mosquitto binds in milliseconds
 REACH_TIMEOUT_S = 3.0  # external broker: TCP connect plus CONNECT/CONNACK
+# The host's clients (observer, workload) retry a lost connection after RECONNECT_MIN_S,
+# doubling up to RECONNECT_MAX_S: a broker that comes back is found within a second (paho's
+# defaults: 1 s doubling to 120 s).
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 1.0
 START_ATTEMPTS = 3  # a free port can be taken between probing it and the broker binding it
 LOG_TAIL_LINES = 20
 # Per-client queue bound for QoS 1 messages while a client is slow or paused (fault injection
@@ -151,7 +156,8 @@ class Broker:
 
     def __init__(self, kind: BrokerKind, host: str, port: int, version: str = "",
                  proc: subprocess.Popen[bytes] | None = None, log: Path | None = None,
-                 auth: BrokerAuth | None = None) -> None:
+                 auth: BrokerAuth | None = None, argv: list[str] | None = None,
+                 output: Path | None = None) -> None:
         self.kind: BrokerKind = kind
         self.host = host
         self.port = port
@@ -159,6 +165,8 @@ class Broker:
         self.log = log
         self.auth = auth  # identities and ACL it enforces (None: anyone may say anything)
         self._proc = proc
+        self._argv = argv      # how it was started (its configuration names its port) ...
+        self._output = output  # ... and where its output goes
 
     def credentials(self, identity: str) -> tuple[str, str] | None:
         """(username, password) for ``identity`` on this broker, None when it takes anyone."""
@@ -194,6 +202,21 @@ class Broker:
         """Stop the broker process group if we started it. Idempotent; external: no-op."""
         if self._proc is not None:
             kill_process_group(self._proc)
+
+    def start_again(self) -> None:
+        """Start a broker we started and stopped again, on the same port with the same
+        configuration (the broker-restart fault); it forgets sessions and retained messages.
+        BrokerError for an external broker, or one that does not listen within
+        START_TIMEOUT_S (its port taken meanwhile, say)."""
+        if self._argv is None or self._output is None:
+            raise BrokerError(f"{self.describe()}: not a broker this host started")
+        if self.running():
+            return
+        self._proc = spawn(self._argv, self._output)
+        if not _wait_listening(self._proc, self.host, self.port, START_TIMEOUT_S):
+            kill_process_group(self._proc)
+            raise BrokerError(f"{self.describe()} did not listen again within "
+                              f"{START_TIMEOUT_S:g} s; log tail: {_tail(self._output)}")
 
     def __enter__(self) -> Broker:
         return self
@@ -288,9 +311,11 @@ def _start_mosquitto(binary: Path, workdir: Path, auth: BrokerAuth | None) -> Br
     for _attempt in range(START_ATTEMPTS):
         port = free_port()
         conf.write_text(mosquitto_config(port, log, access))
-        proc = spawn([str(binary), "-c", str(conf)], workdir / "mosquitto.out")
+        argv = [str(binary), "-c", str(conf)]
+        proc = spawn(argv, workdir / "mosquitto.out")
         if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
-            return Broker("mosquitto", LOOPBACK, port, version, proc, log, auth)
+            return Broker("mosquitto", LOOPBACK, port, version, proc, log, auth, argv,
+                          workdir / "mosquitto.out")
         kill_process_group(proc)
         if "in use" not in _tail(log) + _tail(workdir / "mosquitto.out"):
             break
@@ -311,10 +336,12 @@ def _start_embedded(workdir: Path) -> Broker:
     log = workdir / "embedded-broker.log"
     for _attempt in range(START_ATTEMPTS):
         port = free_port()
-        proc = spawn([sys.executable, "-m", "edgebft.lab.embedded_broker", "--host", LOOPBACK,
-                      "--port", str(port)], log)
+        argv = [sys.executable, "-m", "edgebft.lab.embedded_broker", "--host", LOOPBACK,
+                "--port", str(port)]
+        proc = spawn(argv, log)
         if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
-            return Broker("embedded", LOOPBACK, port, f"amqtt {version}", proc, log)
+            return Broker("embedded", LOOPBACK, port, f"amqtt {version}", proc, log,
+                          argv=argv, output=log)
         kill_process_group(proc)
         if "in use" not in _tail(log):
             break

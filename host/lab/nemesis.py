@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgebft import fault_kinds
+from edgebft.lab.broker import Broker
 from edgebft.lab.cluster import EmulatedCluster
 from edgebft.lab.control import partition_reach
 from edgebft.lab.observer import Observer
@@ -72,15 +73,20 @@ class Action:
     cure: Callable[[int], None]
 
 
-def actions(cluster: EmulatedCluster, control: Control | None) -> dict[str, Action]:
-    """Every kind's Action on ``cluster``; the control kinds only when ``control`` is given.
-    A pause of a node that is not running (it crashed by itself) does nothing."""
+def actions(cluster: EmulatedCluster, control: Control | None,
+            broker: Broker | None = None) -> dict[str, Action]:
+    """Every kind's Action on ``cluster``; the control kinds only when ``control`` is given,
+    broker-restart only with a ``broker`` this host started. A pause of a node that is not
+    running (it crashed by itself) does nothing."""
 
     def if_running(signal: Callable[[int], None]) -> Callable[[int], None]:
         return lambda node: signal(node) if cluster.alive(node) else None
 
     table = {"crash": Action(cluster.kill, cluster.restart),
              "pause": Action(if_running(cluster.pause), if_running(cluster.resume))}
+    if broker is not None:
+        table["broker-restart"] = Action(lambda node: broker.stop(),
+                                         lambda node: broker.start_again())
     if control is None:
         return table
     send = control
@@ -168,13 +174,14 @@ def schedule(duration_s: float, interval_s: float | None, strikes: int) -> tuple
 
 
 def make_nemesis(name: str, cluster: EmulatedCluster, observer: Observer, duration_s: float,
-                 interval_s: float | None = None, control: Control | None = None
-                 ) -> PrimaryNemesis | None:
+                 interval_s: float | None = None, control: Control | None = None,
+                 broker: Broker | None = None) -> PrimaryNemesis | None:
     """The nemesis for the --nemesis value ``name`` (None for "none") over a run of
     ``duration_s``, on the schedule of ``schedule()``. ``control(node, command, args)`` sends
-    an authenticated control command; kinds in CONTROL_KINDS need it.
+    an authenticated control command; kinds in CONTROL_KINDS need it. broker-restart needs
+    the ``broker`` this host started.
 
-    Raises NemesisError for an unknown kind, or a control kind without ``control``.
+    Raises NemesisError for an unknown kind, or a kind without what it needs.
     """
     kinds = parse_nemesis(name)
     if not kinds:
@@ -182,5 +189,8 @@ def make_nemesis(name: str, cluster: EmulatedCluster, observer: Observer, durati
     if control is None and set(kinds) & set(CONTROL_KINDS):
         raise NemesisError(f"--nemesis {name}: {', '.join(CONTROL_KINDS)} need a control "
                            "channel")
+    if "broker-restart" in kinds and (broker is None or broker.kind == "external"):
+        raise NemesisError(f"--nemesis {name}: broker-restart needs a broker this host starts "
+                           "(--broker mosquitto or embedded)")
     times, down = schedule(duration_s, interval_s, len(kinds))
-    return PrimaryNemesis(kinds, actions(cluster, control), observer, times, down)
+    return PrimaryNemesis(kinds, actions(cluster, control, broker), observer, times, down)

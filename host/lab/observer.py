@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 
 from edgebft.check.verdict import Check
 from edgebft.devices.keys import ClusterKeys
+from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 from edgebft.protocol.node import fresh_stamp
@@ -62,11 +63,19 @@ class Observer:
         self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
                                  client_id=f"ebft-{cluster}-observer-{os.urandom(3).hex()}")
         self._mqtt.on_message = self._on_message
+        self._mqtt.on_connect = self._on_connect
         if credentials is not None:
             self._mqtt.username_pw_set(*credentials)
+        self._mqtt.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         self._mqtt.connect(host, port, keepalive=30)
-        self._mqtt.subscribe([(f"ebft/{cluster}/status/+", 0), (f"ebft/{cluster}/event/+", 0)])
         self._mqtt.loop_start()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        """Subscribe on every connection: a broker that restarted has forgotten us."""
+        if not reason.is_failure:
+            client.subscribe([(f"ebft/{self.cluster}/status/+", 0),
+                              (f"ebft/{self.cluster}/event/+", 0)])
 
     def close(self) -> None:
         self._mqtt.loop_stop()

@@ -35,6 +35,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edgebft.devices.keys import ClusterKeys
+from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 
@@ -178,6 +179,7 @@ class Workload:
         self._mqtt.on_connect = self._on_connect
         if self.credentials is not None:
             self._mqtt.username_pw_set(*self.credentials)
+        self._mqtt.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         self._subscribed = threading.Event()
         self._mqtt.on_subscribe = lambda *a: self._subscribed.set()
 
