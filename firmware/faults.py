@@ -32,6 +32,25 @@ NONCE_PATH = "nonce"
 _DELAYED_MAX = const(64)
 _DELAYED_BYTES_MAX = const(2048)
 _ENTRY_BYTES = const(96)  # the entry list, its topic string, heap block rounding
+_ID_MAX = const(0xFFFF)
+_MS_MAX = const(3600000)  # delays, jitters and skews up to an hour
+
+
+def _int(value, lo, hi):
+    """``value`` when it is an int in lo..hi; ValueError otherwise (a command's argument is
+    checked whole before it takes effect, so no hook meets a value of another type later)."""
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError("argument")
+    return value
+
+
+def _ids(value):
+    """``value`` when it is a list of replica ids; ValueError otherwise."""
+    if type(value) is not list:
+        raise ValueError("ids")
+    for j in value:
+        _int(j, 0, _ID_MAX)
+    return value
 
 
 def _chance(permille):
@@ -97,29 +116,25 @@ class Faults:
         if command == "heal":
             self.heal()
         elif command == "omission":  # [permille, [peers...] or null]
-            if not 0 <= args[0] <= 1000:
-                raise ValueError("permille")
-            self.drop_permille = args[0]
-            self.drop_peers = args[1] if len(args) > 1 else None
+            permille = _int(args[0], 0, 1000)
+            peers = _ids(args[1]) if len(args) > 1 and args[1] is not None else None
+            self.drop_permille, self.drop_peers = permille, peers
         elif command == "delay":  # [ms, jitter ms]
-            if args[0] < 0 or (len(args) > 1 and args[1] < 0):
-                raise ValueError("delay")
-            self.delay_ms = args[0]
-            self.jitter_ms = args[1] if len(args) > 1 else 0
+            ms = _int(args[0], 0, _MS_MAX)
+            self.jitter_ms = _int(args[1], 0, _MS_MAX) if len(args) > 1 else 0
+            self.delay_ms = ms
         elif command == "duplicate":  # [permille]
-            if not 0 <= args[0] <= 1000:
-                raise ValueError("permille")
-            self.dup_permille = args[0]
+            self.dup_permille = _int(args[0], 0, 1000)
         elif command == "partition":  # [[ids in our group...]]
-            self.reachable = [int(j) for j in args[0]]
+            self.reachable = _ids(args[0])
         elif command == "skew":  # [ms]
-            self.skew_ms = int(args[0])
+            self.skew_ms = _int(args[0], -_MS_MAX, _MS_MAX)
         elif command == "byzantine":  # [behaviour, [colluders...]]
             from edgebft.protocol.byzantine import BEHAVIOURS  # only when asked: heap
-            if args[0] not in BEHAVIOURS:
+            if type(args[0]) is not str or args[0] not in BEHAVIOURS:
                 raise ValueError("behaviour")
+            self.colluders = tuple(_ids(args[1])) if len(args) > 1 else ()
             self.byzantine = args[0]
-            self.colluders = tuple(args[1]) if len(args) > 1 else ()
         elif command == "reboot":
             pass  # on_control resets once the nonce is saved
         else:

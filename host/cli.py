@@ -324,7 +324,8 @@ def cluster_down(run_dir: Path | None) -> None:
     console.print(f"cluster {lab.state['cluster']} down")
 
 
-@cli.command(help="Inject fault KIND on NODE, or act on it.\n\nFaults: "
+@cli.command(help="Inject fault KIND on NODE (broker-restart: on the broker, no NODE), or act "
+             "on it.\n\nFaults: "
              + fault_kinds.describe("inject") + ". Older names: "
              + ", ".join(f"{a} ({fault_kinds.kind(a, 'inject').name})"
                          for a in fault_kinds.aliases("inject"))
@@ -334,14 +335,15 @@ def cluster_down(run_dir: Path | None) -> None:
              "'edgebft heal' undoes them all.")
 @click.argument("kind", metavar="KIND", type=click.Choice(
     fault_kinds.names("inject") + ACTIONS + fault_kinds.aliases("inject")))
-@click.argument("node", type=int)
+@click.argument("node", type=int, required=False)
 @click.option("--p", "p", type=float, default=1.0, show_default=True,
               help="omission: the fraction of messages dropped; duplicate: the fraction sent "
                    "twice.")
 @click.option("--peers", default=None, metavar="J,K",
               help="omission: only messages to and from these replicas (default: all).")
 @click.option("--ms", type=int, default=100, show_default=True,
-              help="delay: fixed delay; skew: clock offset (negative: behind).")
+              help="delay: fixed delay; skew: clock offset (negative: behind); "
+                   "broker-restart: how long the broker stays down.")
 @click.option("--jitter", "jitter_ms", type=int, default=0, show_default=True,
               help="delay: extra random delay up to this many ms.")
 @click.option("--group", default=None, metavar="J,K",
@@ -352,7 +354,7 @@ def cluster_down(run_dir: Path | None) -> None:
 @click.option("--colluders", default=None, metavar="J,K",
               help="byzantine equivocate: the replicas colluding with NODE.")
 @DIR_OPTION
-def inject(kind: str, node: int, p: float, peers: str | None, ms: int, jitter_ms: int,
+def inject(kind: str, node: int | None, p: float, peers: str | None, ms: int, jitter_ms: int,
            group: str | None, mode: str, colluders: str | None, run_dir: Path | None) -> None:
     lab = lab_load(run_dir)
     console.print(lab_inject(lab, kind, node, p=p, ms=ms, jitter_ms=jitter_ms,

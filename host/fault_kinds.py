@@ -5,7 +5,8 @@ and demo (strikes the primary), ``edgebft sim --faults`` (the simulator), their 
 the report. A kind lists where it applies:
 
 - ``inject``: how ``edgebft inject`` applies it to an emulated node: ``"signal"`` (to the node's
-  process group) or ``"control"`` (an authenticated control command, firmware/faults.py);
+  process group), ``"control"`` (an authenticated control command, firmware/faults.py) or
+  ``"broker"`` (to the cluster's broker: no node named);
 - ``nemesis``: bench and demo strike the current primary with it (host/lab/nemesis.py);
 - ``sim``: the simulator draws it in its schedules (host/sim/simulator.py).
 
@@ -53,7 +54,8 @@ KINDS = (
               inject="control", nemesis=True, aliases=("byzantine-primary",),
               options="--mode, --colluders"),
     FaultKind("broker-restart", "the broker stops (every connection drops, retained messages "
-              "go) and starts again on the same port when healed", nemesis=True),
+              "go) and starts again on the same port after a while", inject="broker",
+              nemesis=True, options="--ms"),
 )
 _BY_NAME = {name: kind for kind in KINDS for name in (kind.name, *kind.aliases)}
 

@@ -77,11 +77,13 @@ def valid_shape(view, h, c, p, q, k, window):
     if len(c) > window // k + 1 or len(p) > window or len(q) > 2 * window:
         return False
     for entry in c:
-        if len(entry) != 2 or type(entry[0]) is not int or type(entry[1]) is not bytes:
+        if (type(entry) is not list or len(entry) != 2 or type(entry[0]) is not int
+                or type(entry[1]) is not bytes):
             return False
     for entries in (p, q):
         for entry in entries:
-            if len(entry) != 3 or type(entry[0]) is not int or type(entry[1]) is not bytes:
+            if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not int
+                    or type(entry[1]) is not bytes):
                 return False
             if type(entry[2]) is not int or entry[2] >= view or not h < entry[0] <= h + window:
                 return False
@@ -379,7 +381,7 @@ class ViewChanging:
         """BV1-BV3: install once we hold every listed VIEW-CHANGE and the decision matches."""
         members = []
         for entry in msg.vcs:
-            if type(entry) is not list or len(entry) != 2:
+            if type(entry) is not list or len(entry) != 2 or type(entry[0]) is not int:
                 self.new_view = None
                 return
             change = self.vcs.get(entry[0])

@@ -21,7 +21,7 @@ def test_every_kind_applies_somewhere_and_each_name_is_one_kind() -> None:
     assert all(k.inject or k.nemesis or k.sim for k in KINDS)
     every = [name for k in KINDS for name in (k.name, *k.aliases)]
     assert len(every) == len(set(every))
-    assert all(k.inject in (None, "signal", "control") for k in KINDS)
+    assert all(k.inject in (None, "signal", "control", "broker") for k in KINDS)
 
 
 def test_the_tools_take_their_kinds_from_the_registry(tmp_path: Path) -> None:

@@ -179,6 +179,11 @@ class Broker:
         return f"mqtt://{host}:{self.port}"
 
     @property
+    def argv(self) -> list[str] | None:
+        """The command that started it (None: external); start_again() runs it again."""
+        return self._argv
+
+    @property
     def pid(self) -> int | None:
         """The broker process's pid (also its process group id), or None if not ours."""
         return self._proc.pid if self._proc is not None else None
@@ -210,8 +215,8 @@ class Broker:
         START_TIMEOUT_S (its port taken meanwhile, say)."""
         if self._argv is None or self._output is None:
             raise BrokerError(f"{self.describe()}: not a broker this host started")
-        if self.running():
-            return
+        if self._proc is not None and self._proc.poll() is None:
+            return  # still running
         self._proc = spawn(self._argv, self._output)
         if not _wait_listening(self._proc, self.host, self.port, START_TIMEOUT_S):
             kill_process_group(self._proc)

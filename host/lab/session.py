@@ -35,6 +35,7 @@ from edgebft import fault_kinds
 from edgebft.devices.keys import ClusterKeys
 from edgebft.devices.micropython import HEAP_DEFAULT
 from edgebft.lab.bench import ACL_CLIENTS, STARTUP_TIMEOUT_S, BenchOptions, launch, new_run_dir
+from edgebft.lab.broker import Broker, BrokerError
 from edgebft.lab.broker_auth import HOST, BrokerAuth
 from edgebft.lab.cluster import node_argv
 from edgebft.lab.control import fresh_nonce, partition_reach, send_command
@@ -145,7 +146,7 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
     lab = LabCluster(run, {
         "cluster": started.cluster_id, "stake": weights,
         "broker": {"kind": b.kind, "host": b.host, "port": b.port, "pid": broker_pid,
-                   "describe": b.describe()},
+                   "describe": b.describe(), "argv": b.argv},
         "nodes": [{"pid": pid, "image": str(image), "paused": False}
                   for pid, image in zip(pids, started.images, strict=True)],
         "heap": heap, "micropython": str(cluster.micropython), "rom": cluster.rom,
@@ -243,22 +244,26 @@ def send_control(lab: LabCluster, node: int, command: str, args: list[Any]) -> N
                      lab.keys().control[node], nonce, command, args, lab.credentials())
 
 
-def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
+def inject(lab: LabCluster, kind: str, node: int | None, p: float = 1.0, ms: int = 0,
            jitter_ms: int = 0, group: list[int] | None = None,
            peers: list[int] | None = None, mode: str = "equivocate",
            colluders: list[int] | None = None) -> str:
     """Inject fault ``kind`` (a kind fault_kinds lets inject apply, or an alias of one) on
-    ``node``, or do one of ACTIONS to it; return a one-line description. Raises LabError for
-    a bad kind, node or argument."""
-    info = lab.node(node)
-    for j in (group or []) + (peers or []) + (colluders or []):
-        lab.node(j)
+    ``node`` (None for a kind that strikes the broker), or do one of ACTIONS to it; return a
+    one-line description. Raises LabError for a bad kind, node or argument."""
     if kind not in ACTIONS:
         try:
             found = fault_kinds.kind(kind, "inject")
         except fault_kinds.FaultKindError as e:
             raise LabError(f"{e}, or {', '.join(ACTIONS)}") from None
         kind = found.name
+        if found.inject == "broker":
+            return _restart_broker(lab, ms)
+    if node is None:
+        raise LabError(f"{kind} needs a NODE")
+    info = lab.node(node)
+    for j in (group or []) + (peers or []) + (colluders or []):
+        lab.node(j)
     if kind in ACTIONS or found.inject == "signal":
         return _process_fault(lab, kind, node, info)
     if kind == "omission":
@@ -299,6 +304,30 @@ def inject(lab: LabCluster, kind: str, node: int, p: float = 1.0, ms: int = 0,
             respawn()
         return f"node {node} rebooted on command and booted again from its flash"
     raise AssertionError(f"fault {kind!r} is injectable but has no control command here")
+
+
+def _restart_broker(lab: LabCluster, down_ms: int) -> str:
+    """broker-restart: SIGKILL the cluster's broker, wait ``down_ms``, start it again on the
+    same port with the same configuration, detached like the rest of the cluster."""
+    record = lab.state["broker"]
+    if not record.get("argv"):
+        raise LabError("broker-restart: the cluster's broker is not one 'cluster up' started")
+    if down_ms < 0:
+        raise LabError("--ms must not be negative")
+    signal_group(record["pid"], signal.SIGKILL)
+    wait_exit(record["pid"], REBOOT_WAIT_S)
+    time.sleep(down_ms / 1000)
+    broker = Broker(record["kind"], record["host"], record["port"], argv=record["argv"],
+                    output=lab.path / "broker" / "restarts.out")
+    try:
+        broker.start_again()
+    except BrokerError as e:
+        raise LabError(str(e)) from None
+    record["pid"] = broker.pid
+    broker.detach()
+    lab.save()
+    return (f"broker stopped for {down_ms} ms and started again on port {record['port']} "
+            "(nodes and clients reconnect within a second)")
 
 
 def _process_fault(lab: LabCluster, kind: str, node: int, info: dict[str, Any]) -> str:
