@@ -152,8 +152,11 @@ class Runtime:
         j = None  # a client's request
         if not topic.startswith(self.topic_req):
             j = self.sender(topic)
-            if j < 0 or j == self.me or self.faults.drop(j):
+            if j < 0:
+                node.drop("bad topic")
                 return
+            if j == self.me or self.faults.drop(j):
+                return  # our own status, echoed; or a fault's loss
             if topic.startswith("status", len(self.prefix)):  # .../status/<j>
                 # a retained one too: it starts the clock of a peer silent since before we
                 # subscribed
@@ -251,14 +254,11 @@ class Runtime:
             await asyncio.sleep_ms(self.status_interval_ms)
 
     async def timers(self):
-        """Tick the node (its timers, the failure detector) and release held messages. Not
-        while the link to the broker is down: a node that hears nobody cannot judge its
-        peers, so the outage is a stall to it (the first tick after finds the gap: Node's
-        stall gate), not a reason to suspect the primary and change views alone."""
+        """Tick the node (its timers, the failure detector; told whether the broker link is
+        up) and release held messages."""
         while True:
             clock = self.clock()
-            if self.mqtt.connected:
-                self.node.tick(clock)
+            self.node.tick(clock, self.mqtt.connected)
             self.drain()
             self.log_errors()
             for topic, wire in self.faults.due(clock):

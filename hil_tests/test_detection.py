@@ -143,6 +143,8 @@ def test_no_publish_on_the_cluster_topics_stops_a_node(cluster: Cluster) -> None
     assert all(cluster.nodes.alive(i) for i in range(NODES))
     assert {i: s["boots"] for i, s in snapshot.items()} == boots
     assert all(s["uptime_ms"] > 3000 for s in snapshot.values())
+    assert all(s["drops"].get("bad topic", 0) >= 2 * len(payloads) for s in snapshot.values()), \
+        "every node counted the topics that name no replica"
 
 
 def test_forged_and_replayed_statuses_change_no_suspicion(cluster: Cluster) -> None:

@@ -25,7 +25,9 @@
 # - Stall gate: a tick _STALL_MS or more after the previous one means the node itself stood
 #   still (a SIGSTOP, a long flash write): that time counts for none of the replica's timeouts
 #   nor the detector's, so what the peers sent meanwhile is read before they are judged. Never
-#   two ticks in a row: a node that is merely slow still times out.
+#   two ticks in a row: a node that is merely slow still times out. A tick while the driver's
+#   link is down (tick(clock, linked=False): a broker outage) does nothing, so the outage
+#   is such a stall too.
 # - Suspicion gate: a suspected primary starts a view change (Replica.suspect) only when
 #   requests wait and nothing executed for _NO_PROGRESS_MS: a primary that a lossy link hides
 #   from our detector while the cluster goes on (an omission fault) is not worth leaving the
@@ -107,6 +109,11 @@ class Node:
             self.error = "%s: %s" % (type(e).__name__, e)
         self._note_events()
 
+    def drop(self, reason):
+        """Count an input the driver dropped before the replica saw it (a topic that names no
+        replica of the cluster, say), with the replica's own drops, by reason."""
+        self.replica._drop(reason)
+
     def status_wire(self, boot, conn, seq, status):
         """Our heartbeat: the status map ``status``, stamped and authenticated for every
         peer. ``seq`` grows with every status of connection ``conn`` of boot ``boot``."""
@@ -143,8 +150,14 @@ class Node:
             self.detector.offline(peer, clock)
         self._detected(clock)
 
-    def tick(self, clock):
-        """Every TICK_MS: the stall gate, the replica's timers and the detector."""
+    def tick(self, clock, linked=True):
+        """Every TICK_MS: the stall gate, the replica's timers and the detector. ``linked``:
+        the driver's link to its peers (the broker connection) is up. Without it nothing
+        runs: a node that hears nobody cannot judge its peers, so an outage is a stall (the
+        first tick after it finds the gap), not a reason to suspect the primary and change
+        views alone."""
+        if not linked:
+            return
         r = self.replica
         gap = clock - self.before
         assert gap >= 0  # the clock is monotonic
