@@ -38,6 +38,7 @@ from edgebft.lab.session import load as lab_load
 from edgebft.lab.session import status as lab_status
 from edgebft.lab.session import up as lab_up
 from edgebft.lab.workload import ACCOUNTS, KEYS
+from edgebft.ledger_commands import COMMANDS as LEDGER_COMMANDS
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.sim.simulator import (
@@ -585,6 +586,10 @@ def print_sim_summary(summary: SimSummary) -> None:
     hidden = len(summary.failures) - SIM_FAILURES_SHOWN
     if hidden > 0:
         console.print(f"... and {hidden} more failing seeds", highlight=False)
+
+
+for _command in LEDGER_COMMANDS:  # put, get, transfer, balance, validators
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

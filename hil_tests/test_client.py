@@ -1,0 +1,141 @@
+"""edgebft.client and the ledger commands against an emulated cluster (issue 13, first part):
+ordered operations from a Python program and from the shell, their errors and exit codes,
+many application clients at once, and the README's example, run as written."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgebft import Client, ClientError, Rejected, Timeout, UnknownKey
+from edgebft.lab import session as lab
+from edgebft.lab.broker import find_mosquitto
+
+pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+
+EDGEBFT = [sys.executable, "-m", "edgebft"]
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab.LabCluster]:
+    up = lab.up(broker="mosquitto", out=tmp_path_factory.mktemp("client") / "run")
+    try:
+        yield up
+    finally:
+        lab.down(up)
+
+
+def edgebft(cluster: lab.LabCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EDGEBFT, *args, "--dir", str(cluster.path)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_ordered_operations_from_a_program(cluster: lab.LabCluster) -> None:
+    with Client.connect(cluster.path, client_id=100) as ledger:
+        ledger.put("greeting", "hello")
+        ledger.put("reading", [21, {"unit": "C"}])
+        assert ledger.get("greeting") == "hello"
+        assert ledger.get("reading") == [21, {"unit": "C"}]
+        before = ledger.balance("acct1")
+        ledger.transfer("acct0", "acct1", 5)
+        assert ledger.balance("acct1") == before + 5
+        assert ledger.balance("nobody") == 0
+        assert ledger.validators() == {"epoch": 0, "validators": [1, 1, 1, 1],
+                                       "bonds": [1, 1, 1, 1]}
+        with pytest.raises(Rejected) as refused:
+            ledger.transfer("acct2", "acct3", 10**12)
+        assert refused.value.reason == "insufficient funds"
+        with pytest.raises(UnknownKey):
+            ledger.get("never written")
+        with pytest.raises(KeyError):  # UnknownKey is a KeyError too
+            ledger.get("never written")
+
+
+def test_many_application_clients_at_once(cluster: lab.LabCluster) -> None:
+    errors: list[BaseException] = []
+
+    def app(k: int) -> None:
+        try:
+            with Client.connect(cluster.path, client_id=k) as ledger:
+                for i in range(3):
+                    ledger.put(f"app{k}", i)
+                assert ledger.get(f"app{k}") == 2
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=app, args=(k,)) for k in range(100, 132)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with Client.connect(cluster.path, client_id=99) as ledger:
+        assert [ledger.get(f"app{k}") for k in range(100, 132)] == [2] * 32
+
+
+def test_shell_commands_print_one_line_and_say_how_it_went(cluster: lab.LabCluster) -> None:
+    done = edgebft(cluster, "put", "colour", "blue")
+    assert (done.returncode, done.stdout) == (0, "ok\n")
+    done = edgebft(cluster, "get", "colour")
+    assert (done.returncode, done.stdout) == (0, "blue\n")
+    done = edgebft(cluster, "get", "colour", "--json")
+    assert json.loads(done.stdout) == {"ok": True, "result": "blue"}
+    done = edgebft(cluster, "get", "no such key")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "edgebft: no key 'no such key'\n"
+    done = edgebft(cluster, "transfer", "acct4", "acct5", "999999999999")
+    assert done.returncode == 1
+    assert done.stderr == "edgebft: transfer rejected: insufficient funds\n"
+    assert edgebft(cluster, "transfer", "acct4", "acct5", "3").returncode == 0
+    assert re.fullmatch(r"\d+\n", edgebft(cluster, "balance", "acct5").stdout)
+    assert edgebft(cluster, "validators").stdout.startswith("epoch 0: validators [1, 1, 1, 1]")
+
+
+def test_bad_input_is_one_line_and_exit_2(cluster: lab.LabCluster, tmp_path: Path) -> None:
+    done = subprocess.run([*EDGEBFT, "get", "k", "--dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"edgebft: error: no cluster in {tmp_path}: start one with 'edgebft cluster up'"]
+    done = edgebft(cluster, "get", "k", "--client", "5000")
+    assert done.returncode == 2 and "the broker knows ids 0..255 only" in done.stderr
+    done = edgebft(cluster, "transfer", "a", "b", "-3")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    with pytest.raises(ClientError):
+        Client.connect(tmp_path)
+
+
+def test_the_readme_example_runs_as_written(cluster: lab.LabCluster, tmp_path: Path) -> None:
+    """The example under "Use the ledger from your application", run in a folder whose
+    runs/cluster/latest is this cluster (as after `edgebft cluster up` there)."""
+    text = README.read_text()
+    section = text[text.index("## Use the ledger from your application"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S)
+    assert example is not None
+    (tmp_path / "runs" / "cluster").mkdir(parents=True)
+    (tmp_path / "runs" / "cluster" / "latest").symlink_to(cluster.path)
+    done = subprocess.run([sys.executable, "-c", example.group(1)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["hello", "alice has 5 tokens",
+                                        "refused: insufficient funds"]
+
+
+def test_a_stopped_cluster_times_out(cluster: lab.LabCluster) -> None:
+    """Last in the module: every node is killed, the broker stays up."""
+    for i in range(cluster.nodes):
+        lab.inject(cluster, "crash", i)
+    with Client.connect(cluster.path, client_id=101, timeout_s=1.0) as ledger:
+        with pytest.raises(Timeout):
+            ledger.put("k", 1)
+    done = edgebft(cluster, "get", "k", "--timeout", "1")
+    assert done.returncode == 3
+    assert "no accepted reply within 1 s" in done.stderr

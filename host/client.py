@@ -1,0 +1,208 @@
+"""Use the ledger from an application: a blocking client of an EdgeBFT cluster.
+
+    from edgebft import Client
+
+    with Client.connect(client_id=100) as ledger:   # the cluster of runs/cluster/latest
+        ledger.put("greeting", "hello")
+        print(ledger.get("greeting"))
+
+Every call is one ordered request: authenticated with the client's keys (one tag per replica),
+published to every replica through the broker, sent again every RETRANSMIT_S until replies
+that match carry more than 1/3 of the stake (protocol/client.py: at least one correct replica
+vouches for the result). It returns the result, or raises:
+
+- Rejected: the ledger refused the operation (``reason``: "insufficient funds", "value too
+  large", "store full", ...);
+- UnknownKey (a KeyError): ``get`` of a key that holds no value;
+- Timeout: no accepted reply within ``timeout_s`` (the cluster may be down or cut off). The
+  request may still execute later; it executes at most once.
+
+Contract: one request at a time per client (calls from several threads queue on a lock);
+timestamps start at the host clock in microseconds, so a client id can be reused by a later
+process, but not by two processes at once. On a broker with ACLs the client logs in as its
+own identity (ids 0..ACL_CLIENTS-1) and may only publish its requests and read its replies.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from edgebft.lab.bench import ACL_CLIENTS
+from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S
+from edgebft.lab.session import LabCluster, LabError
+from edgebft.lab.session import load as load_cluster
+from edgebft.protocol.client import ClientCore
+from edgebft.protocol.stake import Stake
+
+RETRANSMIT_S = 0.5
+TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 5.0
+
+
+class ClientError(RuntimeError):
+    """Base of the client's errors; the message is one line for a user."""
+
+
+class Rejected(ClientError):
+    """The ledger refused the operation; ``reason`` says why."""
+
+    def __init__(self, op: list[Any], reason: Any) -> None:
+        super().__init__(f"{op[0]} rejected: {reason}")
+        self.op = op
+        self.reason = reason
+
+
+class UnknownKey(ClientError, KeyError):
+    """``get`` of a key that holds no value."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Timeout(ClientError):
+    """No accepted reply in time: the request may still execute (at most once)."""
+
+
+class Client:
+    """A connected client ``client_id`` of ``cluster`` (see the module docstring)."""
+
+    def __init__(self, cluster: LabCluster, client_id: int, timeout_s: float = TIMEOUT_S) -> None:
+        if type(client_id) is not int or client_id < 0:
+            raise ClientError(f"client id {client_id!r}: expected a non-negative integer")
+        credentials = None
+        if cluster.state.get("acl"):
+            if client_id >= ACL_CLIENTS:
+                raise ClientError(f"client id {client_id}: the broker knows ids 0.."
+                                  f"{ACL_CLIENTS - 1} only")
+            credentials = cluster.credentials(str(client_id))
+        self.client_id = client_id
+        self.timeout_s = timeout_s
+        self._core = ClientCore(client_id, Stake(cluster.state["stake"]),
+                                cluster.keys().client_keys(client_id),
+                                timestamp=time.time_ns() // 1000)
+        prefix = f"ebft/{cluster.state['cluster']}/"
+        self._req, self._rep = f"{prefix}req/{client_id}", f"{prefix}rep/{client_id}"
+        self._lock = threading.Lock()         # one request at a time
+        self._core_lock = threading.Lock()    # the core, between a call and paho's thread
+        self._accepted = threading.Event()
+        self._result: Any = None
+        self._subscribed = threading.Event()
+        self._refused: list[str] = []
+        self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                                 client_id=f"ebft-{cluster.state['cluster']}-app{client_id}-"
+                                           f"{os.urandom(3).hex()}")
+        if credentials is not None:
+            self._mqtt.username_pw_set(*credentials)
+        self._mqtt.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
+        self._mqtt.on_connect = self._on_connect
+        self._mqtt.on_message = self._on_message
+        self._mqtt.on_subscribe = lambda *args: self._subscribed.set()
+        broker = cluster.state["broker"]
+        try:
+            self._mqtt.connect(broker["host"], broker["port"], keepalive=30)
+        except OSError as e:
+            raise ClientError(f"cannot reach the cluster's broker at {broker['host']}:"
+                              f"{broker['port']} ({e.strerror or e}); is the cluster up?"
+                              ) from None
+        self._mqtt.loop_start()
+        if not self._subscribed.wait(CONNECT_TIMEOUT_S):
+            self.close()
+            why = self._refused[0] if self._refused else "no answer"
+            raise ClientError(f"the broker at {broker['host']}:{broker['port']} did not take "
+                              f"client {client_id} ({why})")
+
+    @classmethod
+    def connect(cls, run_dir: str | Path | None = None, client_id: int = 0,
+                timeout_s: float = TIMEOUT_S) -> Client:
+        """A client of the emulated cluster in ``run_dir`` (default: runs/cluster/latest, the
+        last ``edgebft cluster up``). ClientError for a folder with no cluster."""
+        try:
+            cluster = load_cluster(Path(run_dir) if run_dir is not None else None)
+        except LabError as e:
+            raise ClientError(str(e)) from None
+        return cls(cluster, client_id, timeout_s)
+
+    def close(self) -> None:
+        self._mqtt.disconnect()
+        self._mqtt.loop_stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the ledger's operations
+
+    def put(self, key: str, value: Any) -> None:
+        """Set ``key`` to ``value`` (any CBOR value: str, int, bytes, lists, maps)."""
+        self._call(["put", key, value])
+
+    def get(self, key: str) -> Any:
+        """The value of ``key`` (an ordered read); UnknownKey when it holds none."""
+        value = self._call(["get", key])
+        if value is None:
+            raise UnknownKey(f"no key {key!r}")
+        return value
+
+    def transfer(self, source: str, dest: str, amount: int) -> None:
+        """Move ``amount`` tokens from account ``source`` to ``dest``."""
+        self._call(["transfer", source, dest, amount])
+
+    def balance(self, account: str) -> int:
+        """The balance of ``account`` (0 for one never credited)."""
+        return int(self._call(["balance", account]) or 0)
+
+    def validators(self) -> dict[str, Any]:
+        """{"epoch", "validators" (stake in force per replica), "bonds" (stake per replica
+        from the next epoch on)}."""
+        epoch, validators, bonds = self._call(["validators"])
+        return {"epoch": epoch, "validators": validators, "bonds": bonds}
+
+    def call(self, op: list[Any]) -> Any:
+        """Any ledger operation (protocol/ledger.py): its result, or Rejected or Timeout."""
+        return self._call(op)
+
+    # ---- one request
+
+    def _call(self, op: list[Any]) -> Any:
+        with self._lock:
+            self._accepted.clear()
+            with self._core_lock:
+                wire = self._core.request(op)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                self._mqtt.publish(self._req, wire)
+                left = deadline - time.monotonic()
+                if self._accepted.wait(max(0.0, min(RETRANSMIT_S, left))):
+                    break
+                if time.monotonic() >= deadline:
+                    with self._core_lock:
+                        self._core.accepted = True  # late replies to it are ignored
+                    raise Timeout(f"{op[0]}: no accepted reply within {self.timeout_s:g} s "
+                                  "(is the cluster up?); it may still execute, at most once")
+            ok, value = self._result
+        if not ok:
+            raise Rejected(op, value)
+        return value
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            self._refused.append(str(reason))
+            return
+        client.subscribe(self._rep, qos=0)  # on every connection: a restarted broker forgot
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._core_lock:
+            accepted, result = self._core.on_reply(msg.payload)
+        if accepted:
+            self._result = result if isinstance(result, list) and len(result) == 2 else (
+                False, f"malformed result {result!r}")
+            self._accepted.set()

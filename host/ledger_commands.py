@@ -1,0 +1,121 @@
+"""``edgebft put|get|transfer|balance|validators``: the ledger from a shell (edgebft.client).
+
+One line of output per command (``--json``: one JSON object, ``{"ok": ..., "result": ...}``
+or ``{"ok": false, "error": ...}``). Exit status: 0 accepted, 1 rejected by the ledger (or no
+such key), 2 a usage or environment error (one line on stderr), 3 timed out (the request may
+still execute, at most once).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgebft.client import Client, ClientError, Rejected, Timeout, UnknownKey
+
+EXIT_REJECTED = 1
+EXIT_USER_ERROR = 2
+EXIT_TIMEOUT = 3
+CLIENT_DEFAULT = 200  # clear of the workload's ids (0..clients-1) and within ACL identities
+
+
+def _common(command: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed([
+        click.option("--dir", "run_dir", type=click.Path(path_type=Path), default=None,
+                     help="The cluster's run folder (default: runs/cluster/latest)."),
+        click.option("--client", "client_id", type=click.IntRange(min=0),
+                     default=CLIENT_DEFAULT, show_default=True,
+                     help="The client id to speak as (one process at a time per id)."),
+        click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
+                     help="Seconds to wait for an accepted reply."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _run(options: dict[str, Any], call: Callable[[Client], Any],
+         show: Callable[[Any], str]) -> None:
+    """Connect, make ``call``, print its result (``show`` it) or the error, and exit."""
+    as_json = options["as_json"]
+    try:
+        with Client.connect(options["run_dir"], options["client_id"],
+                            options["timeout_s"]) as client:
+            result = call(client)
+    except (Rejected, UnknownKey, Timeout) as e:
+        code = EXIT_TIMEOUT if isinstance(e, Timeout) else EXIT_REJECTED
+        reason = e.reason if isinstance(e, Rejected) else str(e)
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(reason),
+                                   "timeout": isinstance(e, Timeout)}))
+        else:
+            click.echo(f"edgebft: {e}", err=True)
+        sys.exit(code)
+    except ClientError as e:
+        click.echo(f"edgebft: error: {e}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "result": result}, default=_jsonable))
+    else:
+        click.echo(show(result))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=_jsonable)
+
+
+@click.command()
+@click.argument("key")
+@click.argument("value")
+@_common
+def put(key: str, value: str, **options: Any) -> None:
+    """Set KEY to VALUE (a string) in the replicated ledger."""
+    _run(options, lambda c: c.put(key, value), lambda _: "ok")
+
+
+@click.command()
+@click.argument("key")
+@_common
+def get(key: str, **options: Any) -> None:
+    """Print KEY's value (an ordered read); exit 1 when it holds none."""
+    _run(options, lambda c: c.get(key), _text)
+
+
+@click.command()
+@click.argument("source")
+@click.argument("dest")
+@click.argument("amount", type=click.IntRange(min=1))
+@_common
+def transfer(source: str, dest: str, amount: int, **options: Any) -> None:
+    """Move AMOUNT tokens from account SOURCE to account DEST."""
+    _run(options, lambda c: c.transfer(source, dest, amount), lambda _: "ok")
+
+
+@click.command()
+@click.argument("account")
+@_common
+def balance(account: str, **options: Any) -> None:
+    """Print ACCOUNT's balance."""
+    _run(options, lambda c: c.balance(account), str)
+
+
+@click.command()
+@_common
+def validators(**options: Any) -> None:
+    """Print the epoch, the stake in force per replica and the bonds for the next epoch."""
+    _run(options, lambda c: c.validators(),
+         lambda v: f"epoch {v['epoch']}: validators {v['validators']}, bonds {v['bonds']}")
+
+
+COMMANDS = (put, get, transfer, balance, validators)
