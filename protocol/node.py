@@ -27,7 +27,9 @@
 #   nor the detector's, so what the peers sent meanwhile is read before they are judged. Never
 #   two ticks in a row: a node that is merely slow still times out. A tick while the driver's
 #   link is down (tick(clock, linked=False): a broker outage) does nothing, so the outage
-#   is such a stall too.
+#   is such a stall too; and for _RELINK_GRACE_MS after the link is back neither the
+#   detector nor the replica's view-change timer judges anyone (a Last Will still counts):
+#   the peers come back over their reconnect back-off.
 # - Suspicion gate: a suspected primary starts a view change (Replica.suspect) only when
 #   requests wait and nothing executed for _NO_PROGRESS_MS: a primary that a lossy link hides
 #   from our detector while the cluster goes on (an omission fault) is not worth leaving the
@@ -52,6 +54,9 @@ from .viewchange import NORMAL, VIEW_CHANGE
 TICK_MS = const(20)
 STATUS_INTERVAL_MS = const(500)  # the default heartbeat (status) interval
 _STALL_MS = const(100)
+# After the link comes back, peers reconnect over up to a second (their back-off) and report
+# within a status interval after: judge none of them before this long.
+_RELINK_GRACE_MS = const(2000)
 _NO_PROGRESS_MS = const(50)
 _CHECKPOINTS_KEPT = const(4)
 
@@ -82,6 +87,8 @@ class Node:
                                  **(detector or {}))
         self.skew_ms = 0
         self.before = clock     # the clock at the previous tick
+        self.unlinked = False   # did a tick find the link down since the last tick that ran?
+        self.judge_from = clock  # the detector judges no peer before this clock
         self.stalled = False    # did the previous tick find a stall?
         self.executed = replica.last_exec  # the replica's last_exec when it last moved ...
         self.progress_ms = clock           # ... and when (clock)
@@ -157,8 +164,13 @@ class Node:
         first tick after it finds the gap), not a reason to suspect the primary and change
         views alone."""
         if not linked:
+            self.unlinked = True
             return
         r = self.replica
+        if self.unlinked:  # back: the cluster reassembles before anyone is blamed
+            self.unlinked = False
+            self.judge_from = clock + _RELINK_GRACE_MS
+            r.stalled(_RELINK_GRACE_MS)
         gap = clock - self.before
         assert gap >= 0  # the clock is monotonic
         self.before = clock
@@ -171,7 +183,8 @@ class Node:
         if now >= r.next_timer():
             r.tick(now)
             self._note_events()
-        self.detector.check(clock)
+        if clock >= self.judge_from:
+            self.detector.check(clock)
         self._detected(clock)
 
     def _detected(self, clock):

@@ -148,3 +148,28 @@ def test_replayed_statuses_do_not_keep_a_dead_peer_trusted() -> None:
         me.tick(clock)
         clock += STATUS_INTERVAL_MS
     assert me.detector.suspect[1], "phi grew as if nothing came"
+
+
+def test_a_broker_outage_is_a_stall_and_peers_get_time_to_come_back() -> None:
+    """While the link is down (tick(..., linked=False)) the node does nothing; once it is back
+    the detector judges no peer for _RELINK_GRACE_MS (they reconnect over their back-off),
+    then a peer that stays silent is suspected as usual."""
+    nodes, _ = cluster()
+    me = nodes[0]
+    beats(me, 0, 5000)
+    me.tick(4520)  # a tick on time (the 500 ms ticks of beats() alternate as stalls)
+    stalls = me.counts["stalls"]
+    clock = 5000
+    while clock < 9000:  # the broker is gone for 4 s: nothing runs, nothing is judged
+        me.tick(clock, linked=False)
+        clock += 20
+    assert not me.detector.suspect[1] and me.counts["stalls"] == stalls
+    while clock < 10_900:  # back; node 1 has not reconnected yet
+        me.tick(clock)
+        clock += 20
+    assert not me.detector.suspect[1], "within the grace: no judgement"
+    assert me.counts["stalls"] == stalls + 1, "the outage was one stall"
+    while clock < 13_000:
+        me.tick(clock)
+        clock += 20
+    assert me.detector.suspect[1], "still silent after the grace: suspected"
