@@ -129,6 +129,33 @@ def test_the_readme_example_runs_as_written(cluster: lab.LabCluster, tmp_path: P
                                         "refused: insufficient funds"]
 
 
+def test_reads_agree_with_ordered_reads_under_concurrent_writes(cluster: lab.LabCluster) -> None:
+    """A writer counts up as fast as it can; a reader alternates read-only and ordered reads:
+    neither kind ever goes back (two quorums share a correct replica, whose state only grows),
+    and read-only reads that met a write in progress were asked again, ordered."""
+    stop = threading.Event()
+    with Client.connect(cluster.path, client_id=110) as w:
+        w.put("counter", 0)
+
+    def writer() -> None:
+        with Client.connect(cluster.path, client_id=110) as w:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                w.put("counter", i)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        with Client.connect(cluster.path, client_id=111) as reader:
+            seen = [reader.get("counter", ordered=k % 2 == 1) for k in range(200)]
+    finally:
+        stop.set()
+        thread.join(10)
+    assert seen == sorted(seen) and seen[-1] > 0, "no read went back"
+    assert reader.reads["ordered"] >= 100 and reader.reads["read-only"] > 0, reader.reads
+
+
 def test_a_stopped_cluster_times_out(cluster: lab.LabCluster) -> None:
     """Last in the module: every node is killed, the broker stays up."""
     for i in range(cluster.nodes):

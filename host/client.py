@@ -6,10 +6,15 @@
         ledger.put("greeting", "hello")
         print(ledger.get("greeting"))
 
-Every call is one ordered request: authenticated with the client's keys (one tag per replica),
+Every write is one ordered request: authenticated with the client's keys (one tag per replica),
 published to every replica through the broker, sent again every RETRANSMIT_S until replies
 that match carry more than 1/3 of the stake (protocol/client.py: at least one correct replica
-vouches for the result). It returns the result, or raises:
+vouches for the result). Reads (get, balance, validators) are read-only requests first (PBFT's
+optimisation: every replica answers from its executed state, one round trip, accepted on
+matching replies over 2/3 of stake); when the replies disagree (a write in progress, a
+lagging or lying replica) or none is decided within READ_WAIT_S, the read is made again,
+ordered (``ordered=True`` asks for that at once; ``reads`` counts both). A call returns the
+result, or raises:
 
 - Rejected: the ledger refused the operation (``reason``: "insufficient funds", "value too
   large", "store full", ...);
@@ -41,6 +46,7 @@ from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 
 RETRANSMIT_S = 0.5
+READ_WAIT_S = 0.2  # a read-only request's chance before it is asked again, ordered
 TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
 
@@ -90,8 +96,9 @@ class Client:
         self._req, self._rep = f"{prefix}req/{client_id}", f"{prefix}rep/{client_id}"
         self._lock = threading.Lock()         # one request at a time
         self._core_lock = threading.Lock()    # the core, between a call and paho's thread
-        self._accepted = threading.Event()
+        self._done = threading.Event()  # the outstanding request is accepted, or undecided
         self._result: Any = None
+        self.reads = {"read-only": 0, "ordered": 0}  # how reads were answered
         self._subscribed = threading.Event()
         self._refused: list[str] = []
         self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
@@ -144,9 +151,9 @@ class Client:
         """Set ``key`` to ``value`` (any CBOR value: str, int, bytes, lists, maps)."""
         self._call(["put", key, value])
 
-    def get(self, key: str) -> Any:
-        """The value of ``key`` (an ordered read); UnknownKey when it holds none."""
-        value = self._call(["get", key])
+    def get(self, key: str, ordered: bool = False) -> Any:
+        """The value of ``key``; UnknownKey when it holds none."""
+        value = self._read(["get", key], ordered)
         if value is None:
             raise UnknownKey(f"no key {key!r}")
         return value
@@ -155,14 +162,14 @@ class Client:
         """Move ``amount`` tokens from account ``source`` to ``dest``."""
         self._call(["transfer", source, dest, amount])
 
-    def balance(self, account: str) -> int:
+    def balance(self, account: str, ordered: bool = False) -> int:
         """The balance of ``account`` (0 for one never credited)."""
-        return int(self._call(["balance", account]) or 0)
+        return int(self._read(["balance", account], ordered) or 0)
 
-    def validators(self) -> dict[str, Any]:
+    def validators(self, ordered: bool = False) -> dict[str, Any]:
         """{"epoch", "validators" (stake in force per replica), "bonds" (stake per replica
         from the next epoch on)}."""
-        epoch, validators, bonds = self._call(["validators"])
+        epoch, validators, bonds = self._read(["validators"], ordered)
         return {"epoch": epoch, "validators": validators, "bonds": bonds}
 
     def call(self, op: list[Any]) -> Any:
@@ -171,16 +178,36 @@ class Client:
 
     # ---- one request
 
+    def _read(self, op: list[Any], ordered: bool) -> Any:
+        """A read: read-only first unless ``ordered``, then ordered if that did not decide."""
+        if not ordered:
+            with self._lock:
+                self._done.clear()
+                with self._core_lock:
+                    wire = self._core.read(op)
+                self._mqtt.publish(self._req, wire)
+                self._done.wait(READ_WAIT_S)
+                with self._core_lock:
+                    decided = self._core.accepted and self._done.is_set()
+                    self._core.accepted = True  # replies still to come are ignored
+                if decided:
+                    ok, value = self._result
+                    if ok:
+                        self.reads["read-only"] += 1
+                        return value
+        self.reads["ordered"] += 1
+        return self._call(op)
+
     def _call(self, op: list[Any]) -> Any:
         with self._lock:
-            self._accepted.clear()
+            self._done.clear()
             with self._core_lock:
                 wire = self._core.request(op)
             deadline = time.monotonic() + self.timeout_s
             while True:
                 self._mqtt.publish(self._req, wire)
                 left = deadline - time.monotonic()
-                if self._accepted.wait(max(0.0, min(RETRANSMIT_S, left))):
+                if self._done.wait(max(0.0, min(RETRANSMIT_S, left))):
                     break
                 if time.monotonic() >= deadline:
                     with self._core_lock:
@@ -202,7 +229,10 @@ class Client:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._core_lock:
             accepted, result = self._core.on_reply(msg.payload)
+            undecided = self._core.read_only and self._core.undecided()
         if accepted:
             self._result = result if isinstance(result, list) and len(result) == 2 else (
                 False, f"malformed result {result!r}")
-            self._accepted.set()
+            self._done.set()
+        elif undecided:
+            self._done.set()  # a read-only request whose replies disagree: ask again, ordered

@@ -4,6 +4,10 @@
 # - A client has at most one request outstanding; timestamps grow strictly per client.
 # - A result is accepted once replies that match in (timestamp, result) carry strictly more
 #   than 1/3 of stake (a weak certificate): at least one of them is from a correct replica.
+# - A read-only request (read(): ["read", op], answered by each replica from its executed
+#   state without ordering, PBFT's 5.1.3) needs matching replies over 2/3 of stake instead;
+#   when the replies received can no longer reach that (they disagree: concurrent writes,
+#   a lagging or lying replica), undecided() says so and the caller asks again, ordered.
 # - Each replica counts once per request, with its first authentic reply.
 from . import auth, cbor
 from . import messages as m
@@ -23,6 +27,7 @@ class ClientCore:
         self.timestamp = timestamp
         self.votes = {}  # replica -> encoded result, for the outstanding timestamp
         self.accepted = True  # no request outstanding
+        self.read_only = False  # the outstanding request is read-only: a quorum decides
         self.view = 0    # highest view seen in an authentic reply
 
     def request(self, op):
@@ -30,7 +35,29 @@ class ClientCore:
         self.timestamp += 1
         self.votes = {}
         self.accepted = False
+        self.read_only = False
         return self.request_wire(op)
+
+    def read(self, op):
+        """Start a read-only request for the read ``op`` (get, balance, validators); return
+        its wire bytes."""
+        wire = self.request(["read", op])
+        self.read_only = True
+        return wire
+
+    def undecided(self):
+        """True when the replies so far can no longer make any result reach the threshold
+        (a read-only request whose replicas disagree): ask again, ordered."""
+        if self.accepted:
+            return False
+        silent = self.stake.total - self.stake.of(self.votes)
+        best = 0
+        for r in self.votes:
+            s = self.stake.of([j for j in self.votes if self.votes[j] == self.votes[r]])
+            if s > best:
+                best = s
+        reach = best + silent
+        return not (self.stake.is_quorum(reach) if self.read_only else self.stake.is_weak(reach))
 
     def request_wire(self, op):
         """The wire bytes of the outstanding request (for retransmission)."""
@@ -54,7 +81,8 @@ class ClientCore:
         encoded = cbor.encode(msg.result)
         self.votes[msg.sender] = encoded
         matching = [r for r in self.votes if self.votes[r] == encoded]
-        if self.stake.is_weak(self.stake.of(matching)):
+        s = self.stake.of(matching)
+        if self.stake.is_quorum(s) if self.read_only else self.stake.is_weak(s):
             self.accepted = True
             return True, msg.result
         return False, None

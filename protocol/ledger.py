@@ -58,6 +58,14 @@ class Ledger:
             raise ValueError("too many genesis accounts")
         self.digest = b"\x00" * 32  # the genesis digest
 
+    def read(self, op):
+        """The result of the read-only ``op`` (get, balance, validators) on the executed state,
+        which it leaves as it is; [False, "not a read"] for any other op."""
+        if type(op) is not list or not op or not (op[0] == "get" or op[0] == "balance"
+                                                  or op[0] == "validators"):
+            return [False, "not a read"]
+        return self.execute(op)
+
     def get(self, key):
         """The value stored under ``key``, or None."""
         return self.store.get("k" + key)
