@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_and_exit_2(cluster: lab.LabCluster, tmp_path: Pat
     assert done.stderr.strip().splitlines() == [
         f"edgebft: error: no cluster in {tmp_path}: start one with 'edgebft cluster up'"]
     done = edgebft(cluster, "get", "k", "--client", "5000")
-    assert done.returncode == 2 and "the broker knows ids 0..255 only" in done.stderr
+    assert done.returncode == 2 and "the broker knows ids 0..1023 only" in done.stderr
     done = edgebft(cluster, "transfer", "a", "b", "-3")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     with pytest.raises(ClientError):
@@ -127,6 +127,35 @@ def test_the_readme_example_runs_as_written(cluster: lab.LabCluster, tmp_path: P
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["hello", "alice has 5 tokens",
                                         "refused: insufficient funds"]
+
+
+def test_an_identity_file_is_all_an_application_needs(cluster: lab.LabCluster,
+                                                       tmp_path: Path) -> None:
+    """`edgebft client new` issues fresh ids and writes what one client needs (mode 0600),
+    without any replica's keys; with it alone an application uses the cluster."""
+    first = subprocess.run([*EDGEBFT, "client", "new", "--dir", str(cluster.path), "--out",
+                            str(tmp_path / "app.json")], capture_output=True, text=True)
+    second = subprocess.run([*EDGEBFT, "client", "new", "--dir", str(cluster.path)],
+                            capture_output=True, text=True)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    ids = [int(re.match(r"client (\d+): ", d.stdout).group(1)) for d in (first, second)]
+    assert ids[1] == ids[0] + 1 and ids[0] >= 256, ids
+    path = tmp_path / "app.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    text = path.read_text()
+    keys = cluster.keys()
+    assert not any(k.hex() in text for row in keys.pairwise for k in row), "no replica keys"
+    assert not any(k.hex() in text for k in keys.client_secrets + keys.control)
+    assert json.loads(text)["keys"] == [k.hex() for k in keys.client_keys(ids[0])]
+    with Client.connect(identity=path) as ledger:
+        ledger.put("from an identity", ids[0])
+        assert ledger.get("from an identity") == ids[0]
+    done = subprocess.run([*EDGEBFT, "get", "from an identity", "--identity", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"{ids[0]}\n")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ClientError, match="not a client identity file"):
+        Client.connect(identity=tmp_path / "bad.json")
 
 
 def test_reads_agree_with_ordered_reads_under_concurrent_writes(cluster: lab.LabCluster) -> None:

@@ -30,9 +30,11 @@ own identity (ids 0..ACL_CLIENTS-1) and may only publish its requests and read i
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,24 +77,72 @@ class Timeout(ClientError):
     """No accepted reply in time: the request may still execute (at most once)."""
 
 
-class Client:
-    """A connected client ``client_id`` of ``cluster`` (see the module docstring)."""
+@dataclass(frozen=True)
+class Identity:
+    """All a client needs, and no more: its cluster and id, the broker and its login there
+    (None without ACLs), the validators' stake, and the key it shares with each replica. No
+    replica's keys: an identity file (``edgebft client new``) can go to an application's
+    machine without giving it the cluster."""
 
-    def __init__(self, cluster: LabCluster, client_id: int, timeout_s: float = TIMEOUT_S) -> None:
+    cluster: str
+    client: int
+    broker: dict[str, Any]  # host, port, and user and password on a broker with ACLs
+    stake: list[int]
+    keys: list[bytes]
+
+    @classmethod
+    def of(cls, cluster: LabCluster, client_id: int) -> Identity:
+        """Client ``client_id``'s identity in the lab cluster ``cluster``."""
         if type(client_id) is not int or client_id < 0:
             raise ClientError(f"client id {client_id!r}: expected a non-negative integer")
-        credentials = None
+        broker = {"host": cluster.state["broker"]["host"], "port": cluster.state["broker"]["port"]}
         if cluster.state.get("acl"):
             if client_id >= ACL_CLIENTS:
                 raise ClientError(f"client id {client_id}: the broker knows ids 0.."
                                   f"{ACL_CLIENTS - 1} only")
-            credentials = cluster.credentials(str(client_id))
+            broker["user"], broker["password"] = cluster.credentials(str(client_id))
+        return cls(cluster.state["cluster"], client_id, broker, list(cluster.state["stake"]),
+                   cluster.keys().client_keys(client_id))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cluster": self.cluster, "client": self.client, "broker": self.broker,
+                "stake": self.stake, "keys": [k.hex() for k in self.keys]}
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        """The identity in file ``path``; ClientError for a missing or malformed file."""
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(str(raw["cluster"]), int(raw["client"]), dict(raw["broker"]),
+                       [int(w) for w in raw["stake"]], [bytes.fromhex(k) for k in raw["keys"]])
+        except OSError as e:
+            raise ClientError(f"{path}: {e.strerror or e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ClientError(f"{path}: not a client identity file ({e})") from None
+
+    def save(self, path: Path) -> None:
+        """Write the identity to ``path`` (mode 0600: it holds the client's keys)."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        path.chmod(0o600)
+
+
+class Client:
+    """A connected client of a cluster, as ``identity`` (see the module docstring)."""
+
+    def __init__(self, identity: Identity, timeout_s: float = TIMEOUT_S) -> None:
+        client_id = identity.client
+        credentials = None
+        if "user" in identity.broker:
+            credentials = (identity.broker["user"], identity.broker["password"])
         self.client_id = client_id
         self.timeout_s = timeout_s
-        self._core = ClientCore(client_id, Stake(cluster.state["stake"]),
-                                cluster.keys().client_keys(client_id),
+        if len(identity.keys) != len(identity.stake):
+            raise ClientError(f"client {client_id}: {len(identity.keys)} keys for "
+                              f"{len(identity.stake)} replicas")
+        self._core = ClientCore(client_id, Stake(identity.stake), identity.keys,
                                 timestamp=time.time_ns() // 1000)
-        prefix = f"ebft/{cluster.state['cluster']}/"
+        prefix = f"ebft/{identity.cluster}/"
         self._req, self._rep = f"{prefix}req/{client_id}", f"{prefix}rep/{client_id}"
         self._lock = threading.Lock()         # one request at a time
         self._core_lock = threading.Lock()    # the core, between a call and paho's thread
@@ -102,7 +152,7 @@ class Client:
         self._subscribed = threading.Event()
         self._refused: list[str] = []
         self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                                 client_id=f"ebft-{cluster.state['cluster']}-app{client_id}-"
+                                 client_id=f"ebft-{identity.cluster}-app{client_id}-"
                                            f"{os.urandom(3).hex()}")
         if credentials is not None:
             self._mqtt.username_pw_set(*credentials)
@@ -110,7 +160,7 @@ class Client:
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_message = self._on_message
         self._mqtt.on_subscribe = lambda *args: self._subscribed.set()
-        broker = cluster.state["broker"]
+        broker = identity.broker
         try:
             self._mqtt.connect(broker["host"], broker["port"], keepalive=30)
         except OSError as e:
@@ -126,14 +176,18 @@ class Client:
 
     @classmethod
     def connect(cls, run_dir: str | Path | None = None, client_id: int = 0,
-                timeout_s: float = TIMEOUT_S) -> Client:
+                timeout_s: float = TIMEOUT_S, identity: str | Path | None = None) -> Client:
         """A client of the emulated cluster in ``run_dir`` (default: runs/cluster/latest, the
-        last ``edgebft cluster up``). ClientError for a folder with no cluster."""
+        last ``edgebft cluster up``) as ``client_id``; or, given an ``identity`` file
+        (``edgebft client new``), as that identity, with no access to the cluster's folder.
+        ClientError for a folder with no cluster or a bad identity file."""
+        if identity is not None:
+            return cls(Identity.load(Path(identity)), timeout_s)
         try:
             cluster = load_cluster(Path(run_dir) if run_dir is not None else None)
         except LabError as e:
             raise ClientError(str(e)) from None
-        return cls(cluster, client_id, timeout_s)
+        return cls(Identity.of(cluster, client_id), timeout_s)
 
     def close(self) -> None:
         self._mqtt.disconnect()

@@ -1,4 +1,5 @@
-"""``edgebft put|get|transfer|balance|validators``: the ledger from a shell (edgebft.client).
+"""``edgebft put|get|transfer|balance|validators``: the ledger from a shell (edgebft.client);
+``edgebft client new``: an identity file for an application.
 
 One line of output per command (``--json``: one JSON object, ``{"ok": ..., "result": ...}``
 or ``{"ok": false, "error": ...}``). Exit status: 0 accepted, 1 rejected by the ledger (or no
@@ -16,7 +17,9 @@ from typing import Any
 
 import click
 
-from edgebft.client import Client, ClientError, Rejected, Timeout, UnknownKey
+from edgebft.client import Client, ClientError, Identity, Rejected, Timeout, UnknownKey
+from edgebft.lab.session import LabError
+from edgebft.lab.session import load as load_cluster
 
 EXIT_REJECTED = 1
 EXIT_USER_ERROR = 2
@@ -31,6 +34,9 @@ def _common(command: Callable[..., None]) -> Callable[..., None]:
         click.option("--client", "client_id", type=click.IntRange(min=0),
                      default=CLIENT_DEFAULT, show_default=True,
                      help="The client id to speak as (one process at a time per id)."),
+        click.option("--identity", type=click.Path(path_type=Path), default=None,
+                     help="Speak as the identity in this file (edgebft client new) instead "
+                          "of --dir and --client."),
         click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
                      help="Seconds to wait for an accepted reply."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
@@ -44,8 +50,8 @@ def _run(options: dict[str, Any], call: Callable[[Client], Any],
     """Connect, make ``call``, print its result (``show`` it) or the error, and exit."""
     as_json = options["as_json"]
     try:
-        with Client.connect(options["run_dir"], options["client_id"],
-                            options["timeout_s"]) as client:
+        with Client.connect(options["run_dir"], options["client_id"], options["timeout_s"],
+                            options["identity"]) as client:
             result = call(client)
     except (Rejected, UnknownKey, Timeout) as e:
         code = EXIT_TIMEOUT if isinstance(e, Timeout) else EXIT_REJECTED
@@ -118,4 +124,31 @@ def validators(**options: Any) -> None:
          lambda v: f"epoch {v['epoch']}: validators {v['validators']}, bonds {v['bonds']}")
 
 
-COMMANDS = (put, get, transfer, balance, validators)
+@click.group()
+def client() -> None:
+    """Client identities of a lab cluster."""
+
+
+@client.command("new")
+@click.option("--dir", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="The cluster's run folder (default: runs/cluster/latest).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write it (default: RUN/clients/client<ID>.json).")
+def client_new(run_dir: Path | None, out: Path | None) -> None:
+    """Issue a client id never used in the cluster and write its identity file (mode 0600):
+    the cluster, the broker and the client's login there, the stake, and the keys it shares
+    with each replica; no replica's keys. Give it to an application (Client.connect(identity=
+    FILE), or --identity FILE on the commands above)."""
+    try:
+        cluster = load_cluster(run_dir)
+        number = cluster.issue_client()
+    except LabError as e:
+        click.echo(f"edgebft: error: {e}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    path = out or cluster.path / "clients" / f"client{number}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Identity.of(cluster, number).save(path)
+    click.echo(f"client {number}: {path}")
+
+
+COMMANDS = (put, get, transfer, balance, validators, client)

@@ -41,7 +41,8 @@ NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
 CONVERGE_TIMEOUT_S = 5.0
 CLIENTS_DEFAULT = 4
-ACL_CLIENTS = 256  # client ids 0..255 get an MQTT identity on a broker with ACLs
+ACL_CLIENTS = 1024  # client ids 0..1023 get an MQTT identity on a broker with ACLs
+ISSUED_CLIENTS_FIRST = 256  # edgebft client new issues ids from here; below: workloads, tools
 KEYS_PER_PAGE = 16  # the ledger gets a page per this many keys (a power of two, at least 256)
 
 Progress = Callable[[float, int, int, int], None]  # (elapsed_s, ok, failed, queued)

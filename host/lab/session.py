@@ -34,7 +34,14 @@ from typing import Any
 from edgebft import fault_kinds
 from edgebft.devices.keys import ClusterKeys
 from edgebft.devices.micropython import HEAP_DEFAULT
-from edgebft.lab.bench import ACL_CLIENTS, STARTUP_TIMEOUT_S, BenchOptions, launch, new_run_dir
+from edgebft.lab.bench import (
+    ACL_CLIENTS,
+    ISSUED_CLIENTS_FIRST,
+    STARTUP_TIMEOUT_S,
+    BenchOptions,
+    launch,
+    new_run_dir,
+)
 from edgebft.lab.broker import Broker, BrokerError
 from edgebft.lab.broker_auth import HOST, BrokerAuth
 from edgebft.lab.cluster import node_argv
@@ -83,6 +90,17 @@ class LabCluster:
         if not self.state.get("acl"):
             return None
         return BrokerAuth(self.state["cluster"], self.keys(), ACL_CLIENTS).credentials(identity)
+
+    def issue_client(self) -> int:
+        """A client id never issued before in this cluster (from ISSUED_CLIENTS_FIRST on),
+        recorded in cluster.json; LabError once the broker's identities run out."""
+        issued = self.state.get("clients_issued", ISSUED_CLIENTS_FIRST)
+        if self.state.get("acl") and issued >= ACL_CLIENTS:
+            raise LabError(f"all {ACL_CLIENTS - ISSUED_CLIENTS_FIRST} client identities of "
+                           "the broker are issued")
+        self.state["clients_issued"] = issued + 1
+        self.save()
+        return issued
 
     def workload(self, clients: int, **options: Any) -> Workload:
         """A workload of ``clients`` client ids against this cluster (Workload's options),
