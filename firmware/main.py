@@ -7,5 +7,9 @@ if rom:
     vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(address), int(size))), "/rom")
     sys.path.insert(0, "/rom/lib")
 sys.path.append("lib")
-from edgebft.firmware import runtime
-runtime.main()
+try:  # a sensor's image has sensor.json (firmware/sensor.py), a replica's edgebft.json
+    os.stat("sensor.json")
+    from edgebft.firmware import sensor as app
+except OSError:
+    from edgebft.firmware import runtime as app
+app.main()

@@ -101,14 +101,16 @@ def build_rom(lib: Path) -> bytes:
     return rom.finalise()
 
 
-def build_image(dest: Path, config: dict[str, Any]) -> Path:
+def build_image(dest: Path, config: dict[str, Any], config_name: str = "edgebft.json") -> Path:
     """Lay out a complete device image for one node in ``dest``; return ``dest``.
 
-    ``config`` must be JSON-serialisable (keys as hex strings); it becomes ``edgebft.json``.
+    ``config`` must be JSON-serialisable (keys as hex strings); it becomes ``config_name``:
+    ``edgebft.json`` for a replica, ``sensor.json`` for a sensor client (firmware/sensor.py),
+    which main.py then runs instead.
     """
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_source_dir("edgebft.firmware") / "main.py", dest / "main.py")
     build_lib(dest / "lib")
     (dest / "rom.img").write_bytes(build_rom(dest / "lib"))
-    (dest / "edgebft.json").write_text(json.dumps(config, sort_keys=True, indent=1) + "\n")
+    (dest / config_name).write_text(json.dumps(config, sort_keys=True, indent=1) + "\n")
     return dest

@@ -1,0 +1,122 @@
+# A sensor board's client (issue 13): no replica, it writes a reading into the replicated
+# ledger every period, through the cluster, as one client of it.
+#
+# Rules:
+# - Its configuration (sensor.json) is a client identity (edgebft client new: cluster, client
+#   id, broker and login, stake, the keys it shares with each replica) plus "sensor":
+#   {"key": ledger key, "period_ms": ms between readings}.
+# - One request at a time: ["put", key, [n, reading]] each period, sent again every
+#   _RETRANSMIT_MS until replies that match carry more than 1/3 of stake (protocol/client.py);
+#   one still unaccepted when the next period comes is given up (counted "late") for the next
+#   reading, which the ledger takes whole.
+# - Timestamps must grow across reboots, and a board has no clock at boot: the sensor reserves
+#   blocks of _TIMESTAMP_BLOCK on flash (firmware/store), starting above the last reserved (or
+#   at the clock in microseconds where it has one, as the host's clients start).
+# - One line per write: "sensor KEY #n ok in MS ms, heap BYTES" (live heap after a collection)
+#   or "sensor KEY #n late".
+import gc
+import json
+import time
+
+import asyncio
+from binascii import unhexlify
+
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = int
+
+from edgebft.firmware import store
+from edgebft.firmware.mqtt import MQTTClient, MQTTError
+from edgebft.protocol.client import ClientCore
+from edgebft.protocol.stake import Stake
+
+CONFIG_PATH = "sensor.json"
+TIMESTAMP_PATH = "timestamp"
+_RETRANSMIT_MS = const(500)
+_TIMESTAMP_BLOCK = const(1000000)
+_PACKET_BYTES = const(1024)  # a request out, a reply in
+
+
+def reading(n):
+    """The value of reading ``n``: a board reads its sensor here (machine.ADC, a bus); the Unix
+    port reports its uptime in ms."""
+    return time.ticks_ms()
+
+
+class Sensor:
+    """A client that writes a reading every period (see the rules above)."""
+
+    def __init__(self, config):
+        me = config["client"]
+        prefix = "ebft/%s/" % config["cluster"]
+        self.topic_req = "%sreq/%d" % (prefix, me)
+        self.topic_rep = "%srep/%d" % (prefix, me)
+        self.key = config["sensor"]["key"]
+        self.period_ms = config["sensor"]["period_ms"]
+        first = max(store.load_int(TIMESTAMP_PATH), int(time.time()) * 1000000)
+        self.reserved = first + _TIMESTAMP_BLOCK
+        store.save_int(self.reserved, TIMESTAMP_PATH)
+        self.core = ClientCore(me, Stake(config["stake"]),
+                               [unhexlify(k) for k in config["keys"]], timestamp=first)
+        broker = config["broker"]
+        self.mqtt = MQTTClient("ebft-%s-sensor%d" % (config["cluster"], me), broker["host"],
+                               broker.get("port", 1883), keepalive=30,
+                               user=broker.get("user"), password=broker.get("password"),
+                               on_message=self.on_message, max_packet=_PACKET_BYTES,
+                               rx_chunk=_PACKET_BYTES, tx_max=_PACKET_BYTES)
+        self.accepted = False
+        self.late = 0
+
+    def on_message(self, topic, payload, retain):
+        ok, _result = self.core.on_reply(bytes(payload))
+        if ok:
+            self.accepted = True
+
+    def request(self, n):
+        """The wire of write ``n``, reserving another block of timestamps when due."""
+        if self.core.timestamp + 1 >= self.reserved:
+            self.reserved += _TIMESTAMP_BLOCK
+            store.save_int(self.reserved, TIMESTAMP_PATH)
+        return self.core.request(["put", self.key, [n, reading(n)]])
+
+    async def run(self):
+        link = asyncio.create_task(self.mqtt.run())
+        await asyncio.sleep_ms(0)
+        while True:
+            try:
+                await self.mqtt.subscribe(self.topic_rep)
+                break
+            except MQTTError:
+                await asyncio.sleep_ms(200)
+        n = 0
+        while True:
+            n += 1
+            started = time.ticks_ms()
+            self.accepted = False
+            wire = self.request(n)
+            sent = None
+            while not self.accepted and time.ticks_diff(time.ticks_ms(), started) < self.period_ms:
+                if sent is None or time.ticks_diff(time.ticks_ms(), sent) >= _RETRANSMIT_MS:
+                    try:
+                        self.mqtt.publish(self.topic_req, wire)
+                    except MQTTError:
+                        pass  # not connected: the next retransmission tries again
+                    sent = time.ticks_ms()
+                await asyncio.sleep_ms(2)
+            took = time.ticks_diff(time.ticks_ms(), started)
+            wire = None
+            gc.collect()
+            if self.accepted:
+                print("sensor %s #%d ok in %d ms, heap %d" % (self.key, n, took, gc.mem_alloc()))
+            else:
+                self.late += 1
+                print("sensor %s #%d late" % (self.key, n))
+            await asyncio.sleep_ms(max(0, self.period_ms - took))
+        await link
+
+
+def main():
+    with open(CONFIG_PATH) as f:
+        config = json.load(f)
+    asyncio.run(Sensor(config).run())
