@@ -3,8 +3,10 @@ writing through an emulated cluster: each reading lands in the ledger, in order,
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,3 +66,19 @@ def _written(ledger: Client) -> bool:
     except KeyError:
         time.sleep(0.1)
         return False
+
+
+def test_demo_with_sensors_reports_their_writes(tmp_path: Path) -> None:
+    """`demo --sensors 2`: two sensor clients write beside the workload; the summary (and the
+    report, which shows every summary field) gives their writes, latency and heap."""
+    done = subprocess.run([sys.executable, "-m", "edgebft", "demo", "--duration", "5",
+                           "--sensors", "2", "--broker", "mosquitto", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    sensors = summary["sensors"]
+    assert sensors["count"] == 2 and sensors["late"] == 0
+    assert sensors["writes"] >= 2 * 5 * 1000 // 500 - 2  # a write every 0.5 s, each
+    assert 0 < sensors["heap_peak_bytes"] < 64 * 1024
+    assert sensors["latency_ms"]["max"] < 2000
+    assert "sensors.writes" in (tmp_path / "run" / "report.html").read_text()

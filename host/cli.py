@@ -134,6 +134,10 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.be
                       "in turn, instead of once per kind."),
     click.option("--checkpoint-interval", default=CHECKPOINT_INTERVAL, show_default=True,
                  help="K: a checkpoint every K sequence numbers (window 2K)."),
+    click.option("--sensors", default=0, show_default=True, type=click.IntRange(min=0),
+                 help="Sensor clients (firmware/sensor.py on the Unix port, 64 KB heap) that "
+                      "write a reading every 0.5 s through the cluster beside the workload; "
+                      "summary.json's 'sensors' gives their writes, latency and heap."),
 ]
 
 
@@ -425,6 +429,13 @@ def print_summary(summary: dict[str, Any]) -> None:
                            f"{s['cache_hit_rate']};" for n, s in summary["state"].items())),
         ("report", summary.get("report", "-")),
     ]
+    sensors = summary.get("sensors")
+    if sensors:
+        lat = sensors["latency_ms"] or {}
+        rows.insert(-1, ("sensors", f"{sensors['count']} at {sensors['heap']} heap: "
+                                    f"{sensors['writes']} writes, {sensors['late']} late, "
+                                    f"p50 {lat.get('p50')} p99 {lat.get('p99')} ms, live heap "
+                                    f"peak {sensors['heap_peak_bytes']} B"))
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)

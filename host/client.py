@@ -40,8 +40,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from edgebft.lab.bench import ACL_CLIENTS
+from edgebft.devices.keys import ClusterKeys
 from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S
+from edgebft.lab.broker_auth import BrokerAuth
 from edgebft.lab.session import LabCluster, LabError
 from edgebft.lab.session import load as load_cluster
 from edgebft.protocol.client import ClientCore
@@ -91,18 +92,26 @@ class Identity:
     keys: list[bytes]
 
     @classmethod
-    def of(cls, cluster: LabCluster, client_id: int) -> Identity:
-        """Client ``client_id``'s identity in the lab cluster ``cluster``."""
+    def make(cls, cluster: str, client_id: int, host: str, port: int, acl: BrokerAuth | None,
+             stake: list[int], keys: ClusterKeys) -> Identity:
+        """Client ``client_id``'s identity in cluster ``cluster`` of keys ``keys``, on the
+        broker at host:port (which enforces ``acl``, or takes anyone)."""
         if type(client_id) is not int or client_id < 0:
             raise ClientError(f"client id {client_id!r}: expected a non-negative integer")
-        broker = {"host": cluster.state["broker"]["host"], "port": cluster.state["broker"]["port"]}
-        if cluster.state.get("acl"):
-            if client_id >= ACL_CLIENTS:
+        broker: dict[str, Any] = {"host": host, "port": port}
+        if acl is not None:
+            if client_id >= acl.clients:
                 raise ClientError(f"client id {client_id}: the broker knows ids 0.."
-                                  f"{ACL_CLIENTS - 1} only")
-            broker["user"], broker["password"] = cluster.credentials(str(client_id))
-        return cls(cluster.state["cluster"], client_id, broker, list(cluster.state["stake"]),
-                   cluster.keys().client_keys(client_id))
+                                  f"{acl.clients - 1} only")
+            broker["user"], broker["password"] = acl.credentials(str(client_id))
+        return cls(cluster, client_id, broker, list(stake), keys.client_keys(client_id))
+
+    @classmethod
+    def of(cls, cluster: LabCluster, client_id: int) -> Identity:
+        """Client ``client_id``'s identity in the lab cluster ``cluster``."""
+        b = cluster.state["broker"]
+        return cls.make(cluster.state["cluster"], client_id, b["host"], b["port"],
+                        cluster.broker_auth(), cluster.state["stake"], cluster.keys())
 
     def to_json(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "client": self.client, "broker": self.broker,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -27,11 +28,12 @@ from edgebft.devices.keys import ClusterKeys, generate_keys
 from edgebft.devices.micropython import HEAP_DEFAULT
 from edgebft.lab.broker import Broker, parse_broker, start_broker
 from edgebft.lab.broker_auth import HOST, BrokerAuth, node_identity
-from edgebft.lab.cluster import EmulatedCluster
+from edgebft.lab.cluster import EmulatedCluster, node_argv
 from edgebft.lab.control import fresh_nonce, send_command
 from edgebft.lab.metrics import availability, latency_percentiles, percentile
 from edgebft.lab.nemesis import Fault, NemesisError, PrimaryNemesis, make_nemesis, parse_nemesis
 from edgebft.lab.observer import Observer
+from edgebft.lab.processes import kill_process_group, spawn
 from edgebft.lab.report import availability_windows, build_report
 from edgebft.lab.workload import ACCOUNTS, DEADLINE_S, KEYS, Mix, Outcome, Workload, genesis
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
@@ -74,6 +76,7 @@ class BenchOptions:
     nemesis_interval_s: float | None = None
     stake: list[int] | None = None  # per node; None: equal
     acl: bool | None = None  # broker identities and ACL (broker_auth); None: on for mosquitto
+    sensors: int = 0  # sensor clients (firmware/sensor.py) writing through the cluster
     extra: dict[str, Any] = field(default_factory=dict)
     command: str = "bench"  # names the run folder family: runs/<command>/
 
@@ -96,6 +99,11 @@ class BenchOptions:
             raise BenchError(str(e)) from None
         if self.rate is not None and self.rate <= 0:
             raise BenchError("--rate must be positive")
+        if self.sensors < 0:
+            raise BenchError("--sensors must not be negative")
+        if self.clients + self.sensors > ACL_CLIENTS:
+            raise BenchError(f"--clients and --sensors: {self.clients + self.sensors} client ids, "
+                             f"the broker's identities go to {ACL_CLIENTS}")
         if self.nemesis_interval_s is not None and self.nemesis_interval_s <= 0:
             raise BenchError("--nemesis-interval must be positive")
         if self.stake is not None and (len(self.stake) != self.nodes or min(self.stake) < 0
@@ -200,6 +208,48 @@ def launch(stack: contextlib.ExitStack, run: Path, options: BenchOptions,
     return Launch(cluster_id, keys, broker, images, cluster, observer)
 
 
+SENSOR_PERIOD_MS = 500
+SENSOR_HEAP = "64k"
+_SENSOR_LINE = re.compile(r"sensor \S+ #\d+ (?:ok in (\d+) ms, heap (\d+)|late)")
+
+
+def start_sensors(stack: contextlib.ExitStack, run: Path, options: BenchOptions, up: Launch,
+                  stake: Stake) -> list[Path]:
+    """Start ``options.sensors`` sensor clients (firmware/sensor.py on the Unix port with a
+    SENSOR_HEAP heap, a write every SENSOR_PERIOD_MS under sensor/<s>), with the client ids
+    after the workload's; leaving ``stack`` stops them. Returns their logs."""
+    from edgebft.client import Identity  # edgebft.client imports this module
+
+    logs = []
+    for s in range(options.sensors):
+        identity = Identity.make(up.cluster_id, options.clients + s, up.broker.host,
+                                 up.broker.port, up.broker.auth, stake.weights, up.keys)
+        image = build_image(run / "sensors" / f"sensor{s}", {**identity.to_json(), "sensor": {
+            "key": f"sensor/{s}", "period_ms": SENSOR_PERIOD_MS}}, "sensor.json")
+        log = run / "logs" / f"sensor{s}.log"
+        proc = spawn(node_argv(image, up.cluster.micropython, SENSOR_HEAP, up.cluster.rom), log,
+                     cwd=image)
+        stack.callback(kill_process_group, proc, 0)
+        logs.append(log)
+    return logs
+
+
+def sensors_summary(logs: list[Path]) -> dict[str, Any]:
+    """What the sensors' logs say: writes accepted and late, their latency, the live heap
+    peak of the busiest one."""
+    ms, heaps, late = [], [], 0
+    for log in logs:
+        for m in _SENSOR_LINE.finditer(log.read_text()):
+            if m.group(1) is None:
+                late += 1
+            else:
+                ms.append(float(m.group(1)))
+                heaps.append(int(m.group(2)))
+    return {"count": len(logs), "writes": len(ms), "late": late,
+            "latency_ms": latency_percentiles(ms) if ms else None,
+            "heap_peak_bytes": max(heaps, default=None), "heap": SENSOR_HEAP}
+
+
 class TxMeter:
     """Messages the replicas sent, from the ``tx`` counter in each node's status map.
 
@@ -242,6 +292,7 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         config = {**asdict(options), "out": str(run), "cluster": cluster_id,
                   "broker": broker.describe(), "micropython": str(cluster.micropython)}
         (run / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
+        sensor_logs = start_sensors(stack, run, options, up, stake)
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
                             options.clients, rate=options.rate, keyspace=options.keys,
                             accounts=options.accounts, mix=Mix.parse(options.mix),
@@ -282,6 +333,8 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
             cpu_before, [cluster.cpu_s(i) if cluster.pid(i) == pids[i] else None
                          for i in range(options.nodes)], summary["committed"])
         summary["byzantine_nodes"] = byzantine
+    if sensor_logs:
+        summary["sensors"] = sensors_summary(sensor_logs)
     write_events(run / "events.jsonl", workload.outcomes, faults, observer.events)
     (run / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     summary["out"] = str(run)

@@ -85,11 +85,16 @@ class LabCluster:
                            client_secrets=[bytes.fromhex(k) for k in raw["client_secrets"]],
                            control=[bytes.fromhex(k) for k in raw["control"]])
 
-    def credentials(self, identity: str = HOST) -> tuple[str, str] | None:
-        """(username, password) of ``identity`` on the cluster's broker; None without ACLs."""
+    def broker_auth(self) -> BrokerAuth | None:
+        """The identities and ACL the cluster's broker enforces; None without ACLs."""
         if not self.state.get("acl"):
             return None
-        return BrokerAuth(self.state["cluster"], self.keys(), ACL_CLIENTS).credentials(identity)
+        return BrokerAuth(self.state["cluster"], self.keys(), ACL_CLIENTS)
+
+    def credentials(self, identity: str = HOST) -> tuple[str, str] | None:
+        """(username, password) of ``identity`` on the cluster's broker; None without ACLs."""
+        auth = self.broker_auth()
+        return None if auth is None else auth.credentials(identity)
 
     def issue_client(self) -> int:
         """A client id never issued before in this cluster (from ISSUED_CLIENTS_FIRST on),
