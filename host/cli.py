@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgebft import fault_kinds
-from edgebft.check.verdict import NOT_LIVE, OK, SEVERITY, VERDICTS
+from edgebft.check.verdict import NOT_LIVE, OK
 from edgebft.devices.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
 from edgebft.lab.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
 from edgebft.lab.broker import BrokerError
@@ -37,6 +37,7 @@ from edgebft.lab.session import inject as lab_inject
 from edgebft.lab.session import load as lab_load
 from edgebft.lab.session import status as lab_status
 from edgebft.lab.session import up as lab_up
+from edgebft.lab.summary_table import summary_table
 from edgebft.lab.workload import ACCOUNTS, KEYS
 from edgebft.ledger_commands import COMMANDS as LEDGER_COMMANDS
 from edgebft.protocol.byzantine import BEHAVIOURS
@@ -45,12 +46,12 @@ from edgebft.sim.simulator import (
     SIM_BEHAVIOURS,
     SimError,
     SimOptions,
-    SimSummary,
     parse_behaviours,
     parse_faults,
     run_many,
 )
 from edgebft.sim.simulator import SimOptions as _SimDefaults
+from edgebft.sim.summary_table import print_sim_summary
 
 USER_ERRORS = (BenchError, BrokerError, ClusterError, MicroPythonNotFound, ReportError, LabError,
                SimError, NemesisError)
@@ -228,7 +229,7 @@ def run_with_progress(options: BenchOptions) -> dict[str, Any]:
                        rps=ok / max(elapsed_s, 1e-3))
 
         summary = run_bench(options, progress)
-    print_summary(summary)
+    console.print(summary_table(summary))
     return summary
 
 
@@ -388,61 +389,7 @@ def report(run_dir: Path) -> None:
     console.print(f"report: {build_report(run_dir)}")
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    """Print a run summary (edgebft.lab.bench.summarize) as a table."""
-    table = Table(title=f"EdgeBFT {summary['command']}: {summary['out']}", show_header=False)
-    lat = summary["latency_ms"]
-    load = (f"open loop at {summary['rate_rps']:g} req/s over {summary['clients']} client ids"
-            if summary["mode"] == "open" else f"closed loop, {summary['clients']} clients")
-    windows = summary["availability_per_s"]
-    short = [w for w in windows if w["availability"] is not None and w["availability"] < 1.0]
-    worst = min((w["availability"] for w in short), default=1.0)
-    rows = [
-        ("nodes (f)", f"{summary['nodes']} (f={summary['f']})"),
-        ("broker", summary["broker"]),
-        ("load", load),
-        ("requests", f"{summary['committed']} committed / {summary['requests']} issued "
-                     f"({summary['never_sent']} never sent)"),
-        ("throughput", f"{summary['throughput_rps']} req/s committed, "
-                       f"{summary['offered_rps']} req/s offered"),
-        ("latency ms", "p50 {p50}  p90 {p90}  p99 {p99}  p99.9 {p999}  max {max}  "
-                       "mean {mean}".format(**lat)),
-        ("availability", f"{summary['availability']}; {len(short)} of {len(windows)} "
-                         f"1-s windows below 1 (worst {worst:g})"),
-        ("verdict", "; ".join([summary["verdict"]["verdict"], *summary["verdict"]["reasons"]])),
-        ("safety", ("ok" if summary["safety_ok"] else "VIOLATED or unknown: see summary.json")
-         + ("; converged" if summary["safety"]["converged"] else "; NOT converged")
-         + "".join(f"; node {i} down at the end" for i, up in
-                   enumerate(summary["nodes_alive_at_end"]) if not up)),
-        ("faults", f"nemesis {summary['nemesis']}: {len(summary['faults'])} fault(s); "
-                   f"detection ms {summary['detection_ms']}; "
-                   f"recovery ms {summary['recovery_ms']}"),
-        ("views", f"{summary['view_changes']} view change(s)"),
-        ("messages", f"{summary['messages_sent']} sent by replicas, "
-                     f"{summary['msgs_per_commit']} per commit"),
-        ("heap peak (bytes)", " ".join(f"{n}:{b}" for n, b in
-                                       summary["heap_peak_bytes"].items())),
-        ("cpu ms per commit", " ".join(f"{n}:{v}" for n, v in
-                                       summary.get("cpu_ms_per_commit", {}).items())),
-        ("state", " ".join(f"{n}:{s['state_keys']} entries, "
-                           f"{s['flash_bytes_written']} B written, hit rate "
-                           f"{s['cache_hit_rate']};" for n, s in summary["state"].items())),
-        ("report", summary.get("report", "-")),
-    ]
-    sensors = summary.get("sensors")
-    if sensors:
-        lat = sensors["latency_ms"] or {}
-        rows.insert(-1, ("sensors", f"{sensors['count']} at {sensors['heap']} heap: "
-                                    f"{sensors['writes']} writes, {sensors['late']} late, "
-                                    f"p50 {lat.get('p50')} p99 {lat.get('p99')} ms, live heap "
-                                    f"peak {sensors['heap_peak_bytes']} B"))
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
-
-
 SIM_SEEDS_DEFAULT = 100
-SIM_FAILURES_SHOWN = 10
 
 
 @cli.command()
@@ -550,7 +497,7 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
             bar.update(task, advance=1, bad=failing[0])
 
         summary = run_many(options, seeds, progress, behaviours)
-    print_sim_summary(summary)
+    print_sim_summary(summary, console)
     violated = [r for r in summary.failures if not (safety_only and r.verdict == NOT_LIVE)]
     if violated:
         sys.exit(EXIT_CHECKS_FAILED)
@@ -564,39 +511,6 @@ def _parse_plant(text: str | None) -> tuple[int, int] | None:
         return int(replica), int(seq)
     except ValueError:
         raise SimError(f"--plant-divergence wants REPLICA:SEQ, got {text!r}") from None
-
-
-def print_sim_summary(summary: SimSummary) -> None:
-    """Print a simulation summary (edgebft.sim.simulator.SimSummary) and each failing seed's
-    replay."""
-    results = summary.results
-    table = Table(title="EdgeBFT deterministic simulation", show_header=False)
-    rows = [
-        ("seeds", f"{len(results)} in {summary.elapsed_s:.1f} s "
-                  f"({summary.seeds_per_s:.1f} seeds/s)"),
-        ("verdicts", "  ".join(f"{v} {summary.count(v)}" for v in VERDICTS)),
-        ("faults", ",".join(summary.options.faults) or "none"),
-        ("requests accepted", f"{sum(r.accepted for r in results)} / "
-                              f"{sum(r.requests for r in results)}"),
-        ("messages", f"{sum(r.delivered for r in results)} delivered, "
-                     f"{sum(r.dropped for r in results)} dropped"),
-        ("view changes", str(sum(r.view_changes for r in results))),
-        ("simulated time", f"{sum(r.sim_ms for r in results) / 1000:.1f} s"),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
-    failures = sorted(summary.failures, key=lambda r: (SEVERITY.index(r.verdict), r.seed))
-    for result in failures[:SIM_FAILURES_SHOWN]:
-        console.print(f"seed {result.seed}: {result.verdict}", style="bold red",
-                      highlight=False)
-        for reason in result.reasons:
-            console.print(f"  {reason}", markup=False, highlight=False, soft_wrap=True)
-        console.print(f"  replay: {result.replay}", markup=False, highlight=False,
-                      soft_wrap=True)
-    hidden = len(summary.failures) - SIM_FAILURES_SHOWN
-    if hidden > 0:
-        console.print(f"... and {hidden} more failing seeds", highlight=False)
 
 
 for _command in LEDGER_COMMANDS:  # put, get, transfer, balance, validators
