@@ -4,4 +4,5 @@
 # Each campaign draws afresh; hypothesis prints how to replay a failure: make each one a test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EDGEBFT_FUZZ_EXAMPLES="${1:-20000}" exec .venv/bin/python -m pytest -q tests/test_fuzz.py
+EDGEBFT_FUZZ_EXAMPLES="${1:-20000}" exec .venv/bin/python -m pytest -q tests/test_fuzz.py \
+    tests/test_fuzz_mqtt.py
