@@ -121,8 +121,8 @@ class Faults:
             self.drop_permille, self.drop_peers = permille, peers
         elif command == "delay":  # [ms, jitter ms]
             ms = _int(args[0], 0, _MS_MAX)
-            self.jitter_ms = _int(args[1], 0, _MS_MAX) if len(args) > 1 else 0
-            self.delay_ms = ms
+            jitter = _int(args[1], 0, _MS_MAX) if len(args) > 1 else 0
+            self.delay_ms, self.jitter_ms = ms, jitter
         elif command == "duplicate":  # [permille]
             self.dup_permille = _int(args[0], 0, 1000)
         elif command == "partition":  # [[ids in our group...]]

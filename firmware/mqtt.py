@@ -786,12 +786,12 @@ class MQTTClient:
             p = s + 2 + (buf[s] << 8 | buf[s + 1])
             if p + (2 if qos else 0) > e:
                 raise MQTTError("bad pub")
-            t0 = s + 2
+            topic_end = p
             if qos:
                 self._ctl(_PUBACK, buf[p] << 8 | buf[p + 1])
                 p += 2
             try:
-                topic = str(mv[t0:p - (2 if qos else 0)], "utf-8")
+                topic = str(mv[s + 2:topic_end], "utf-8")
             except UnicodeError:  # MQTT topics are UTF-8; a broker that says otherwise lies
                 self.rx_dropped += 1
                 return

@@ -14,9 +14,9 @@
 #     ebft/c/event/i           CBOR lists: replica events, control outcomes, suspicions
 # - A peer's status messages are its heartbeats (the heartbeat interval is
 #   status_interval_ms), its OFFLINE its Last Will, both stamped (boots, connection, status
-#   number) and judged by the node (protocol/node.py: peer_status); network faults cut them like
-#   any other traffic from the peer. The node's ticks come every TICK_MS; each suspicion and recovery
-#   is published as ["suspect", peer, phi * 100] or ["trust", peer].
+#   number) and judged by the node (protocol/node.py: peer_status); network faults cut them
+#   like any other traffic from the peer. The node's ticks come every TICK_MS; each suspicion
+#   and recovery is published as ["suspect", peer, phi * 100] or ["trust", peer].
 # - A topic names its sender: one that names no replica of the cluster is dropped unread.
 # - Memory stays bounded: no per-message state here.
 import gc

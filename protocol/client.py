@@ -56,8 +56,11 @@ class ClientCore:
             s = self.stake.of([j for j in self.votes if self.votes[j] == self.votes[r]])
             if s > best:
                 best = s
-        reach = best + silent
-        return not (self.stake.is_quorum(reach) if self.read_only else self.stake.is_weak(reach))
+        return not self._decides(best + silent)
+
+    def _decides(self, stake):
+        """Do matching replies holding ``stake`` decide the outstanding request?"""
+        return self.stake.is_quorum(stake) if self.read_only else self.stake.is_weak(stake)
 
     def request_wire(self, op):
         """The wire bytes of the outstanding request (for retransmission)."""
@@ -81,8 +84,7 @@ class ClientCore:
         encoded = cbor.encode(msg.result)
         self.votes[msg.sender] = encoded
         matching = [r for r in self.votes if self.votes[r] == encoded]
-        s = self.stake.of(matching)
-        if self.stake.is_quorum(s) if self.read_only else self.stake.is_weak(s):
+        if self._decides(self.stake.of(matching)):
             self.accepted = True
             return True, msg.result
         return False, None

@@ -27,17 +27,22 @@ from edgebft.protocol import messages as m
 from edgebft.protocol.node import fresh_stamp
 
 
-def verified_status(payload: bytes, node: int, keys: ClusterKeys) -> m.Message | None:
+def status_macs(keys: ClusterKeys) -> list[auth.Mac]:
+    """Per node, the Mac its next replica checks its statuses with (the host's copy of their
+    pairwise key): what verified_status() takes."""
+    return [auth.Mac(keys.pairwise[i][(i + 1) % keys.n]) for i in range(keys.n)]
+
+
+def verified_status(payload: bytes, node: int, macs: list[auth.Mac]) -> m.Message | None:
     """Node ``node``'s HEARTBEAT or OFFLINE in ``payload`` when authentic (checked as its
-    next replica checks it, with the host's copy of their pairwise key), else None."""
+    next replica checks it, ``macs`` from status_macs()), else None."""
     try:
         msg = m.decode(payload)
     except m.MessageError:
         return None
     if msg.sender != node or msg.kind not in (m.HEARTBEAT, m.OFFLINE):
         return None
-    peer = (node + 1) % keys.n
-    if not auth.check(msg.auth, peer, auth.Mac(keys.pairwise[node][peer]), msg.body):
+    if not auth.check(msg.auth, (node + 1) % len(macs), macs[node], msg.body):
         return None
     return msg
 
@@ -51,7 +56,7 @@ class Observer:
                  keys: ClusterKeys, credentials: tuple[str, str] | None = None) -> None:
         self.cluster = cluster
         self.nodes = nodes
-        self.keys = keys
+        self._macs = status_macs(keys)
         self.stamps: dict[int, tuple[int, int, int]] = {}
         self.rejected = 0
         self.latest: dict[int, dict[str, Any]] = {}
@@ -93,7 +98,8 @@ class Observer:
             except (ValueError, cbor2.CBORDecodeError):
                 pass
             return
-        status = verified_status(msg.payload, node, self.keys) if 0 <= node < self.nodes else None
+        status = (verified_status(msg.payload, node, self._macs) if 0 <= node < self.nodes
+                  else None)
         with self._lock:
             stamp = None if status is None else fresh_stamp(self.stamps.get(node), status)
             if stamp is None or (status.kind == m.HEARTBEAT

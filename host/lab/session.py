@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class LabCluster:
 
     path: Path
     state: dict[str, Any]
+    _keys: ClusterKeys | None = field(default=None, repr=False, compare=False)
 
     @property
     def nodes(self) -> int:
@@ -80,10 +81,14 @@ class LabCluster:
         (self.path / STATE_FILE).write_text(json.dumps(self.state, indent=1) + "\n")
 
     def keys(self) -> ClusterKeys:
-        raw = json.loads((self.path / KEYS_FILE).read_text())
-        return ClusterKeys(pairwise=[[bytes.fromhex(k) for k in row] for row in raw["pairwise"]],
-                           client_secrets=[bytes.fromhex(k) for k in raw["client_secrets"]],
-                           control=[bytes.fromhex(k) for k in raw["control"]])
+        """The cluster's keys (keys.json, read once: they never change)."""
+        if self._keys is None:
+            raw = json.loads((self.path / KEYS_FILE).read_text())
+            self._keys = ClusterKeys(
+                pairwise=[[bytes.fromhex(k) for k in row] for row in raw["pairwise"]],
+                client_secrets=[bytes.fromhex(k) for k in raw["client_secrets"]],
+                control=[bytes.fromhex(k) for k in raw["control"]])
+        return self._keys
 
     def broker_auth(self) -> BrokerAuth | None:
         """The identities and ACL the cluster's broker enforces; None without ACLs."""
