@@ -17,6 +17,7 @@ import pytest
 from edgebft import Client, ClientError, Rejected, Timeout, UnknownKey
 from edgebft.lab import session as lab
 from edgebft.lab.broker import find_mosquitto
+from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 
@@ -39,20 +40,26 @@ def edgebft(cluster: lab.LabCluster, *args: str) -> subprocess.CompletedProcess[
 
 
 def test_ordered_operations_from_a_program(cluster: lab.LabCluster) -> None:
-    with Client.connect(cluster.path, client_id=100) as ledger:
+    with Client.connect(cluster.path, client_id=101) as ledger:
         ledger.put("greeting", "hello")
         ledger.put("reading", [21, {"unit": "C"}])
         assert ledger.get("greeting") == "hello"
         assert ledger.get("reading") == [21, {"unit": "C"}]
         before = ledger.balance("acct1")
-        ledger.transfer("acct0", "acct1", 5)
+        assert ledger.transfer("acct101", "acct1", 5) == ledger.balance("acct101")
         assert ledger.balance("acct1") == before + 5
         assert ledger.balance("nobody") == 0
         assert ledger.validators() == {"epoch": 0, "validators": [1, 1, 1, 1],
                                        "bonds": [1, 1, 1, 1]}
         with pytest.raises(Rejected) as refused:
-            ledger.transfer("acct2", "acct3", 10**12)
+            ledger.transfer("acct101", "acct3", 10**12)
         assert refused.value.reason == "insufficient funds"
+        with pytest.raises(Rejected) as refused:
+            ledger.transfer("acct2", "acct101", 1)
+        assert refused.value.reason == "not owner"
+        with pytest.raises(Rejected) as refused:
+            ledger.transfer("acct101", "nobody", 1)
+        assert refused.value.reason == "no such account"
         with pytest.raises(UnknownKey):
             ledger.get("never written")
         with pytest.raises(KeyError):  # UnknownKey is a KeyError too
@@ -91,10 +98,13 @@ def test_shell_commands_print_one_line_and_say_how_it_went(cluster: lab.LabClust
     done = edgebft(cluster, "get", "no such key")
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == "edgebft: no key 'no such key'\n"
-    done = edgebft(cluster, "transfer", "acct4", "acct5", "999999999999")
+    done = edgebft(cluster, "transfer", "acct200", "acct5", "999999999999")
     assert done.returncode == 1
     assert done.stderr == "edgebft: transfer rejected: insufficient funds\n"
-    assert edgebft(cluster, "transfer", "acct4", "acct5", "3").returncode == 0
+    done = edgebft(cluster, "transfer", "acct4", "acct5", "3")
+    assert (done.returncode, done.stderr) == (1, "edgebft: transfer rejected: not owner\n")
+    done = edgebft(cluster, "transfer", "acct200", "acct5", "3")
+    assert (done.returncode, done.stdout) == (0, "999997\n")
     assert re.fullmatch(r"\d+\n", edgebft(cluster, "balance", "acct5").stdout)
     assert edgebft(cluster, "validators").stdout.startswith("epoch 0: validators [1, 1, 1, 1]")
 
@@ -125,8 +135,8 @@ def test_the_readme_example_runs_as_written(cluster: lab.LabCluster, tmp_path: P
     done = subprocess.run([sys.executable, "-c", example.group(1)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["hello", "alice has 5 tokens",
-                                        "refused: insufficient funds"]
+    assert done.stdout.splitlines() == ["hello", "acct100 has 999995 tokens left",
+                                        "refused: not owner"]
 
 
 def test_an_identity_file_is_all_an_application_needs(cluster: lab.LabCluster,
@@ -183,6 +193,36 @@ def test_reads_agree_with_ordered_reads_under_concurrent_writes(cluster: lab.Lab
         thread.join(10)
     assert seen == sorted(seen) and seen[-1] > 0, "no read went back"
     assert reader.reads["ordered"] >= 100 and reader.reads["read-only"] > 0, reader.reads
+
+
+def test_a_client_opens_an_account_and_bonds_and_unbonds_its_stake(
+        cluster: lab.LabCluster) -> None:
+    """Ownership end to end (issue 13): an account opened by one client is spent by it alone;
+    its delegation is unbonded by it alone, out of the bond at once and back after the
+    unbonding period (UNBONDING_CHECKPOINTS checkpoints: the writes below pass them)."""
+    with Client.connect(cluster.path, client_id=102) as owner, \
+            Client.connect(cluster.path, client_id=103) as other:
+        owner.open("savings102")
+        with pytest.raises(Rejected) as refused:
+            other.open("savings102")
+        assert refused.value.reason == "account exists"
+        owner.transfer("acct102", "savings102", 10)
+        with pytest.raises(Rejected) as refused:
+            other.transfer("savings102", "acct103", 1)
+        assert refused.value.reason == "not owner"
+        bond = owner.validators()["bonds"][2]
+        assert owner.stake("savings102", 2, 4) == bond + 4
+        assert owner.delegations("savings102") == {2: 4}
+        with pytest.raises(Rejected) as refused:
+            other.unstake(2, "savings102", 4)
+        assert refused.value.reason == "not owner"
+        assert owner.unstake(2, "savings102", 4) == bond
+        assert owner.balance("savings102", ordered=True) == 6, "unbonding, not back yet"
+        for i in range(3 * CHECKPOINT_INTERVAL):  # past two checkpoints
+            owner.put("tick102", i)
+        assert owner.balance("savings102", ordered=True) == 10
+    done = edgebft(cluster, "delegations", "savings102")
+    assert (done.returncode, done.stdout) == (0, "none\n")
 
 
 def test_a_stopped_cluster_times_out(cluster: lab.LabCluster) -> None:

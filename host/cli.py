@@ -38,7 +38,7 @@ from edgebft.lab.session import load as lab_load
 from edgebft.lab.session import status as lab_status
 from edgebft.lab.session import up as lab_up
 from edgebft.lab.summary_table import summary_table
-from edgebft.lab.workload import ACCOUNTS, KEYS
+from edgebft.lab.workload import ACCOUNTS, FUNDED_ACCOUNTS, KEYS
 from edgebft.ledger_commands import COMMANDS as LEDGER_COMMANDS
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
@@ -114,9 +114,10 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.be
                  help="Keys the workload's puts and gets spread over (the ledger on flash gets "
                       "a page per 16 keys and accounts, at least 256 pages)."),
     click.option("--accounts", default=ACCOUNTS, show_default=True,
-                 type=click.IntRange(min=1),
-                 help=f"Accounts the transfers spread over: from the {ACCOUNTS} funded at "
-                      "genesis to any of them (created by the transfers)."),
+                 type=click.IntRange(1, FUNDED_ACCOUNTS),
+                 help="Accounts the transfers go to, acct0 .. acct<N-1>: each client transfers "
+                      f"from its own (genesis funds acct0 .. acct{FUNDED_ACCOUNTS - 1}, acct<c> "
+                      "owned by client c)."),
     click.option("--mix", default="1:1:1", show_default=True, metavar="PUT:GET:TRANSFER",
                  help="Weights of the workload's operations, taken in turn."),
     click.option("--nemesis", default="none", show_default=True, metavar="KIND[,KIND...]",
@@ -513,7 +514,7 @@ def _parse_plant(text: str | None) -> tuple[int, int] | None:
         raise SimError(f"--plant-divergence wants REPLICA:SEQ, got {text!r}") from None
 
 
-for _command in LEDGER_COMMANDS:  # put, get, transfer, balance, validators
+for _command in LEDGER_COMMANDS:  # put, get, open, transfer, balance, stake, ..., client
     cli.add_command(_command)
 
 

@@ -16,8 +16,8 @@ lagging or lying replica) or none is decided within READ_WAIT_S, the read is mad
 ordered (``ordered=True`` asks for that at once; ``reads`` counts both). A call returns the
 result, or raises:
 
-- Rejected: the ledger refused the operation (``reason``: "insufficient funds", "value too
-  large", "store full", ...);
+- Rejected: the ledger refused the operation (``reason``: "insufficient funds", "not owner",
+  "no such account", "value too large", "store full", ...);
 - UnknownKey (a KeyError): ``get`` of a key that holds no value;
 - Timeout: no accepted reply within ``timeout_s`` (the cluster may be down or cut off). The
   request may still execute later; it executes at most once.
@@ -26,6 +26,10 @@ Contract: one request at a time per client (calls from several threads queue on 
 timestamps start at the host clock in microseconds, so a client id can be reused by a later
 process, but not by two processes at once. On a broker with ACLs the client logs in as its
 own identity (ids 0..ACL_CLIENTS-1) and may only publish its requests and read its replies.
+
+Accounts are owned (protocol/ledger.py): a client spends only from accounts it opened, or that
+genesis gave it (a lab cluster funds acct<c> for client c), and unbonds only its own
+delegations; unbonded tokens come back after UNBONDING_CHECKPOINTS checkpoints.
 """
 
 from __future__ import annotations
@@ -221,13 +225,33 @@ class Client:
             raise UnknownKey(f"no key {key!r}")
         return value
 
-    def transfer(self, source: str, dest: str, amount: int) -> None:
-        """Move ``amount`` tokens from account ``source`` to ``dest``."""
-        self._call(["transfer", source, dest, amount])
+    def open(self, account: str) -> None:
+        """Create ``account``, empty, owned by this client (Rejected: "account exists")."""
+        self._call(["open", account])
+
+    def transfer(self, source: str, dest: str, amount: int) -> int:
+        """Move ``amount`` tokens from this client's account ``source`` to the existing
+        account ``dest``; returns what ``source`` holds after."""
+        return int(self._call(["transfer", source, dest, amount]))
 
     def balance(self, account: str, ordered: bool = False) -> int:
-        """The balance of ``account`` (0 for one never credited)."""
+        """The balance of ``account`` (0 for one that does not exist)."""
         return int(self._read(["balance", account], ordered) or 0)
+
+    def stake(self, account: str, validator: int, amount: int) -> int:
+        """Bond ``amount`` tokens of this client's ``account`` to replica ``validator`` (in
+        force from the next checkpoint); returns the validator's new bond."""
+        return int(self._call(["stake", account, validator, amount]))
+
+    def unstake(self, validator: int, account: str, amount: int) -> int:
+        """Unbond ``amount`` of what ``account`` delegated to ``validator``: out of the bond at
+        once, back in the account after the unbonding period (burnt if the validator is
+        slashed meanwhile); returns the validator's new bond."""
+        return int(self._call(["unstake", validator, account, amount]))
+
+    def delegations(self, account: str, ordered: bool = False) -> dict[int, int]:
+        """{validator: tokens} that ``account`` has bonded and not unbonded."""
+        return {v: amount for v, amount in self._read(["delegations", account], ordered)}
 
     def validators(self, ordered: bool = False) -> dict[str, Any]:
         """{"epoch", "validators" (stake in force per replica), "bonds" (stake per replica

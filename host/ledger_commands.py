@@ -1,4 +1,5 @@
-"""``edgebft put|get|transfer|balance|validators``: the ledger from a shell (edgebft.client);
+"""``edgebft put|get|open|transfer|balance|stake|unstake|delegations|validators``: the ledger
+from a shell (edgebft.client);
 ``edgebft client new``: an identity file for an application.
 
 One line of output per command (``--json``: one JSON object, ``{"ok": ..., "result": ...}``
@@ -98,14 +99,23 @@ def get(key: str, **options: Any) -> None:
     _run(options, lambda c: c.get(key), _text)
 
 
+@click.command("open")
+@click.argument("account")
+@_common
+def open_account(account: str, **options: Any) -> None:
+    """Create ACCOUNT, empty, owned by the client speaking."""
+    _run(options, lambda c: c.open(account), lambda _: "ok")
+
+
 @click.command()
 @click.argument("source")
 @click.argument("dest")
 @click.argument("amount", type=click.IntRange(min=1))
 @_common
 def transfer(source: str, dest: str, amount: int, **options: Any) -> None:
-    """Move AMOUNT tokens from account SOURCE to account DEST."""
-    _run(options, lambda c: c.transfer(source, dest, amount), lambda _: "ok")
+    """Move AMOUNT tokens from account SOURCE (the client's own: a lab cluster funds
+    acct<ID> for client ID) to the existing account DEST; print what SOURCE holds after."""
+    _run(options, lambda c: c.transfer(source, dest, amount), str)
 
 
 @click.command()
@@ -114,6 +124,38 @@ def transfer(source: str, dest: str, amount: int, **options: Any) -> None:
 def balance(account: str, **options: Any) -> None:
     """Print ACCOUNT's balance."""
     _run(options, lambda c: c.balance(account), str)
+
+
+@click.command()
+@click.argument("account")
+@click.argument("validator", type=click.IntRange(min=0))
+@click.argument("amount", type=click.IntRange(min=1))
+@_common
+def stake(account: str, validator: int, amount: int, **options: Any) -> None:
+    """Bond AMOUNT tokens of the client's ACCOUNT to replica VALIDATOR (in force from the next
+    checkpoint); print the validator's new bond."""
+    _run(options, lambda c: c.stake(account, validator, amount), str)
+
+
+@click.command()
+@click.argument("validator", type=click.IntRange(min=0))
+@click.argument("account")
+@click.argument("amount", type=click.IntRange(min=1))
+@_common
+def unstake(validator: int, account: str, amount: int, **options: Any) -> None:
+    """Unbond AMOUNT of what ACCOUNT delegated to VALIDATOR: out of the bond at once, back in
+    ACCOUNT after the unbonding period (burnt if VALIDATOR is slashed meanwhile); print the
+    validator's new bond."""
+    _run(options, lambda c: c.unstake(validator, account, amount), str)
+
+
+@click.command()
+@click.argument("account")
+@_common
+def delegations(account: str, **options: Any) -> None:
+    """Print what ACCOUNT has bonded, per validator."""
+    _run(options, lambda c: c.delegations(account),
+         lambda d: ", ".join(f"validator {v}: {n}" for v, n in sorted(d.items())) or "none")
 
 
 @click.command()
@@ -151,4 +193,5 @@ def client_new(run_dir: Path | None, out: Path | None) -> None:
     click.echo(f"client {number}: {path}")
 
 
-COMMANDS = (put, get, transfer, balance, validators, client)
+COMMANDS = (put, get, open_account, transfer, balance, stake, unstake, delegations, validators,
+            client)

@@ -1,24 +1,42 @@
-# The replicated application: accounts with balances, and a key-value store, on flash.
+# The replicated application: owned accounts with balances, delegated stake, and a key-value
+# store, on flash.
 #
 # Rules:
 # - execute() is deterministic: the same ops in the same order give the same results and state
 #   on every replica and every port (no dict-order dependence: only canonical CBOR is hashed).
-# - Every op returns a result [ok, value]; a bad op is a failed result, never an exception.
+# - Every op returns a result [ok, value]; a bad or unauthorized op is a failed result, never an
+#   exception, and changes nothing.
 # - digest is a hash chain over (sequence, batch digest, results) of every executed batch:
 #   equal digests at a sequence mean equal histories, hence equal states, up to there.
-# - Keys and accounts live in a PageStore (pagestore.py) on flash, as entries "k<key>" and
-#   "a<account>": RAM holds its page cache, whatever their number. The store holds at most
-#   ENTRIES_MAX of them: beyond it a put or a transfer to a new account fails ("store full"),
-#   the same on every replica. Values are at most _VALUE_BYTES_MAX bytes of CBOR.
-# - Stake (DESIGN.md section 3): the ledger holds the validator set in force (`validators`, one
-#   stake per replica id, epoch `epoch`) and the bonded stake that will be in force next
-#   (`bonds`). "stake" and "unstake" move tokens between an account and a validator's bond;
-#   "accuse" (only from a replica's own client id, see execute) records who accuses whom, and
-#   once accusers holding more than 1/3 of the validators' stake (so at least one correct
-#   replica saw the offence) accuse one replica, its bond is slashed to zero (burnt).
-#   end_epoch(), called at every checkpoint, puts the bonds in force: a validator whose bond
-#   is zero leaves the set. Both tables are part of small_state(), hence of every checkpoint
-#   digest, so all correct replicas agree on every epoch's validator set.
+# - Keys, accounts, delegations and unbondings live in a PageStore (pagestore.py) on flash, as
+#   entries "k<key>", "a<account>", "d<validator>:<account>" and "u<n>": RAM holds its page
+#   cache, whatever their number. The store holds at most ENTRIES_MAX of them: beyond it an op
+#   that adds one fails ("store full"), the same on every replica. Values are at most
+#   _VALUE_BYTES_MAX bytes of CBOR.
+# - Ownership (issue 13): every op executes with the id of the client that sent it (its
+#   authenticator proved it). An account holds [balance, owner]: the client that opened it
+#   (["open", name]) or that genesis names. Only the owner spends from an account (transfer,
+#   stake) or unbonds its delegations ("not owner"); a transfer goes to an existing account only
+#   ("no such account"). Genesis may fund a range: {"acct*": [count, balance]} stands for
+#   accounts acct0 .. acct<count-1>, acct<i> owned by client i, that take no flash (and no boot
+#   time) until first written; the range is part of small_state(), so it survives restarts and
+#   state transfer.
+# - Stake (DESIGN.md section 3, Cosmos SDK staking): the ledger holds the validator set in force
+#   (`validators`, one stake per replica id, epoch `epoch`) and the bonded stake that will be in
+#   force next (`bonds`). "stake" bonds tokens of an account to a validator as a delegation
+#   (validator, account); "unstake" takes a delegation's tokens out of the bond at once (they no
+#   longer count from the next checkpoint) but returns them to the account only after
+#   UNBONDING_CHECKPOINTS checkpoints: until then they are unbonding, and slashing the validator
+#   burns them too, so misbehaving stake cannot leave before the evidence against it counts.
+#   Genesis stake belongs to no account: it leaves only by slashing. "accuse" (only from a
+#   replica's own client id, REPLICA_CLIENT_BASE + its id) records who accuses whom; once
+#   accusers holding more than 1/3 of the validators' stake (so at least one correct replica saw
+#   the offence) accuse one replica, its bond, its unbondings and the delegations to it are
+#   slashed to zero (burnt; `slashes` counts them per validator, and a delegation made before a
+#   slash is void). end_epoch(), called at every checkpoint, releases the unbondings due and
+#   puts the bonds in force: a validator whose bond is zero leaves the set. The stake tables are
+#   part of small_state(), hence of every checkpoint digest, so all correct replicas agree on
+#   every epoch's validator set.
 import hashlib
 import struct
 
@@ -29,19 +47,34 @@ except ImportError:  # CPython
 
 from . import cbor
 
+_READS = ("get", "balance", "delegations", "validators")
+
 ENTRIES_MAX = 1 << 16
+UNBONDING_CHECKPOINTS = 2  # an unbond stays slashable through the epoch it leaves and a K more
 _NAME_BYTES_MAX = const(32)
 _VALUE_BYTES_MAX = const(64)
+_FUNDED_MAX = const(1 << 20)  # accounts a genesis range may fund
 
 
 def _is_name(x):
     return type(x) is str and 0 < len(x) <= _NAME_BYTES_MAX
 
 
+def _is_pair(x):
+    """[a, b] of two non-negative ints (a genesis account's [balance, owner], a range's
+    [count, balance])."""
+    return type(x) in (list, tuple) and len(x) == 2 and type(x[0]) is int and x[0] >= 0 \
+        and type(x[1]) is int and x[1] >= 0
+
+
+def _is_amount(x):
+    return type(x) is int and 0 < x < 1 << 63
+
+
 class Ledger:
-    """Balances and key-value state in ``store``, with a running digest of the executed
-    history. ``genesis`` (account -> balance) is written to the store: give it only to a new,
-    empty one."""
+    """Owned accounts, delegated stake and key-value state in ``store``, with a running digest
+    of the executed history. ``genesis`` (account -> [balance, owner], and at most one range
+    "prefix*" -> [count, balance]) is written to the store: give it only to a new, empty one."""
 
     def __init__(self, store, genesis=None, stakes=(1,)):
         self.store = store
@@ -50,49 +83,83 @@ class Ledger:
         self.validators = list(stakes)
         self.bonds = list(stakes)
         self.accusers = {}  # offender -> sorted accuser ids (this epoch's accusations)
-        for account, amount in sorted((genesis or {}).items()):
-            if not _is_name(account) or type(amount) is not int or amount < 0:
-                raise ValueError("bad genesis entry %r" % (account,))
-            store.put("a" + account, amount)
+        self.slashes = [0] * len(stakes)  # per validator: times slashed (voids older delegations)
+        self.checkpoints = 0  # end_epoch() calls: the unbonding clock
+        self.unbond_head = 0  # unbondings "u<head>" .. "u<tail - 1>" wait, oldest first
+        self.unbond_tail = 0
+        self.funded = None    # the genesis range [prefix, count, balance], or None
+        for name, entry in sorted((genesis or {}).items()):
+            if not (_is_name(name) and _is_pair(entry)):
+                raise ValueError("bad genesis entry %r" % (name,))
+            if name[-1] != "*":
+                store.put("a" + name, [entry[0], entry[1]])
+            elif len(name) > 1 and self.funded is None and 0 < entry[0] <= _FUNDED_MAX:
+                self.funded = [name[:-1], entry[0], entry[1]]
+            else:
+                raise ValueError("bad genesis entry %r" % (name,))
         if store.count > ENTRIES_MAX:
             raise ValueError("too many genesis accounts")
         self.digest = b"\x00" * 32  # the genesis digest
 
     def read(self, op):
-        """The result of the read-only ``op`` (get, balance, validators) on the executed state,
-        which it leaves as it is; [False, "not a read"] for any other op."""
-        if type(op) is not list or not op or not (op[0] == "get" or op[0] == "balance"
-                                                  or op[0] == "validators"):
+        """The result of the read-only ``op`` (get, balance, delegations, validators) on the
+        executed state, which it leaves as it is; [False, "not a read"] for any other op."""
+        if type(op) is not list or not op or op[0] not in _READS:
             return [False, "not a read"]
-        return self.execute(op)
+        return self.execute(op, -1)
 
     def get(self, key):
         """The value stored under ``key``, or None."""
         return self.store.get("k" + key)
 
-    def balance(self, account):
-        return self.store.get("a" + account) or 0
+    def account(self, name):
+        """[balance, owner] of account ``name``, or None when it does not exist."""
+        entry = self.store.get("a" + name)
+        if entry is not None:
+            return entry
+        funded = self.funded
+        if funded and name.startswith(funded[0]):
+            i = name[len(funded[0]):]
+            if i.isdigit() and str(int(i)) == i and int(i) < funded[1]:
+                return [funded[2], int(i)]
+        return None
+
+    def balance(self, name):
+        """The balance of account ``name`` (0 when it does not exist)."""
+        entry = self.account(name)
+        return 0 if entry is None else entry[0]
+
+    def delegation(self, validator, name):
+        """The tokens account ``name`` has bonded to ``validator`` and not unbonded (0 once a
+        slash voided them)."""
+        entry = self.store.get("d%d:%s" % (validator, name))
+        if entry is None or entry[1] != self.slashes[validator]:
+            return 0
+        return entry[0]
 
     def _has_room(self, entry):
         return self.store.count < ENTRIES_MAX or self.store.get(entry) is not None
 
-    def _credit(self, account, amount):
-        self.store.put("a" + account, self.balance(account) + amount)
+    def _owned(self, name, client):
+        """The [balance, owner] of ``name`` when ``client`` owns it, else a failed result
+        (whose first item is False, never a balance)."""
+        entry = self.account(name) if _is_name(name) else None
+        if entry is None:
+            return [False, "no such account"]
+        if entry[1] != client:
+            return [False, "not owner"]
+        return entry
 
-    def execute(self, op, replica=-1):
-        """Apply one op and return its result [ok, value]. ``replica`` is the id of the replica
-        whose own client id sent the op (-1 for an ordinary client): only replicas accuse."""
+    def _set_balance(self, name, entry, balance):
+        self.store.put("a" + name, [balance, entry[1]])
+
+    def execute(self, op, client, replica=-1):
+        """Apply one op sent by ``client`` and return its result [ok, value]. ``replica`` is
+        the id of the replica whose own client id sent the op (-1 for an ordinary client):
+        only replicas accuse."""
         if type(op) is not list or not op or type(op[0]) is not str:
             return [False, "bad op"]
         name = op[0]
-        if name == "stake" and len(op) == 4:
-            return self._stake(op[1], op[2], op[3])
-        if name == "unstake" and len(op) == 4:
-            return self._unstake(op[1], op[2], op[3])
-        if name == "validators" and len(op) == 1:
-            return [True, [self.epoch, self.validators, self.bonds]]
-        if name == "accuse" and len(op) == 2 and replica >= 0:
-            return self._accuse(replica, op[1])
         if name == "get" and len(op) == 2 and _is_name(op[1]):
             return [True, self.get(op[1])]
         if name == "put" and len(op) == 3 and _is_name(op[1]):
@@ -100,7 +167,20 @@ class Ledger:
         if name == "balance" and len(op) == 2 and _is_name(op[1]):
             return [True, self.balance(op[1])]
         if name == "transfer" and len(op) == 4:
-            return self._transfer(op[1], op[2], op[3])
+            return self._transfer(client, op[1], op[2], op[3])
+        if name == "open" and len(op) == 2:
+            return self._open(client, op[1])
+        if name == "stake" and len(op) == 4:
+            return self._stake(client, op[1], op[2], op[3])
+        if name == "unstake" and len(op) == 4:
+            return self._unstake(client, op[1], op[2], op[3])
+        if name == "delegations" and len(op) == 2 and _is_name(op[1]):
+            return [True, [[v, self.delegation(v, op[1])] for v in range(len(self.bonds))
+                           if self.delegation(v, op[1])]]
+        if name == "validators" and len(op) == 1:
+            return [True, [self.epoch, self.validators, self.bonds]]
+        if name == "accuse" and len(op) == 2 and replica >= 0:
+            return self._accuse(replica, op[1])
         return [False, "bad op"]
 
     def _put(self, key, value):
@@ -111,44 +191,72 @@ class Ledger:
         self.store.put("k" + key, value)
         return [True, None]
 
-    def _transfer(self, src, dst, amount):
-        if not (_is_name(src) and _is_name(dst)) or type(amount) is not int or amount <= 0:
-            return [False, "bad transfer"]
-        have = self.balance(src)
-        if have < amount:
-            return [False, "insufficient funds"]
-        if not self._has_room("a" + dst):
+    def _open(self, client, name):
+        if not _is_name(name):
+            return [False, "bad open"]
+        if self.account(name) is not None:
+            return [False, "account exists"]
+        if not self._has_room("a" + name):
             return [False, "store full"]
-        self.store.put("a" + src, have - amount)
-        self._credit(dst, amount)
-        return [True, self.balance(src)]
+        self.store.put("a" + name, [0, client])
+        return [True, None]
+
+    def _transfer(self, client, src, dst, amount):
+        if not (_is_name(src) and _is_name(dst)) or not _is_amount(amount):
+            return [False, "bad transfer"]
+        entry = self._owned(src, client)
+        if entry[0] is False:
+            return entry
+        if entry[0] < amount:
+            return [False, "insufficient funds"]
+        target = self.account(dst)
+        if target is None:
+            return [False, "no such account"]
+        if src != dst:
+            self._set_balance(src, entry, entry[0] - amount)
+            self._set_balance(dst, target, target[0] + amount)
+        return [True, entry[0] - amount]
 
     def _validator(self, v):
         return type(v) is int and 0 <= v < len(self.bonds)
 
-    def _stake(self, account, validator, amount):
-        if not (_is_name(account) and self._validator(validator)) or type(amount) is not int \
-                or amount <= 0:
+    def _stake(self, client, name, validator, amount):
+        if not (_is_name(name) and self._validator(validator)) or not _is_amount(amount):
             return [False, "bad stake"]
-        have = self.balance(account)
-        if have < amount:
+        entry = self._owned(name, client)
+        if entry[0] is False:
+            return entry
+        if entry[0] < amount:
             return [False, "insufficient funds"]
-        self.store.put("a" + account, have - amount)
+        key = "d%d:%s" % (validator, name)
+        if not self._has_room(key):
+            return [False, "store full"]
+        self._set_balance(name, entry, entry[0] - amount)
+        self.store.put(key, [self.delegation(validator, name) + amount,
+                             self.slashes[validator]])
         self.bonds[validator] += amount
         return [True, self.bonds[validator]]
 
-    def _unstake(self, validator, account, amount):
-        if not (_is_name(account) and self._validator(validator)) or type(amount) is not int \
-                or amount <= 0:
+    def _unstake(self, client, validator, name, amount):
+        if not (_is_name(name) and self._validator(validator)) or not _is_amount(amount):
             return [False, "bad unstake"]
-        if self.bonds[validator] < amount:
+        entry = self._owned(name, client)
+        if entry[0] is False:
+            return entry
+        delegated = self.delegation(validator, name)
+        if delegated < amount:
             return [False, "insufficient stake"]
         if sum(self.bonds) == amount:
             return [False, "last stake"]  # the set never becomes empty
-        if not self._has_room("a" + account):
+        key = "u%d" % self.unbond_tail
+        if not self._has_room(key):
             return [False, "store full"]
+        self.store.put("d%d:%s" % (validator, name),
+                       [delegated - amount, self.slashes[validator]])
         self.bonds[validator] -= amount
-        self._credit(account, amount)
+        self.store.put(key, [validator, name, amount,
+                             self.checkpoints + UNBONDING_CHECKPOINTS])
+        self.unbond_tail += 1
         return [True, self.bonds[validator]]
 
     def _accuse(self, accuser, offenders):
@@ -168,16 +276,38 @@ class Ledger:
             for j in accusers:
                 weight += self.validators[j]
             if 3 * weight > sum(self.validators) and sum(self.bonds) > self.bonds[x]:
-                self.bonds[x] = 0
-                self.accusers.pop(x, None)
+                self._slash(x)
                 slashed.append(x)
             else:
                 self.accusers[x] = accusers
         return [True, slashed]
 
+    def _slash(self, x):
+        """Burn validator ``x``'s bond, its delegations (void from now: slashes[x] moves on)
+        and the tokens unbonding from it."""
+        self.bonds[x] = 0
+        self.slashes[x] += 1
+        self.accusers.pop(x, None)
+        for n in range(self.unbond_head, self.unbond_tail):
+            u = self.store.get("u%d" % n)
+            if u[0] == x and u[2]:
+                self.store.put("u%d" % n, [u[0], u[1], 0, u[3]])
+
     def end_epoch(self, seq):
-        """At checkpoint ``seq``: put the bonds in force. True when the validator set changed
-        (a new epoch from ``seq`` on; its accusations start afresh)."""
+        """At checkpoint ``seq``: return the unbondings due to their accounts, then put the
+        bonds in force. True when the validator set changed (a new epoch from ``seq`` on; its
+        accusations start afresh)."""
+        self.checkpoints += 1
+        while self.unbond_head < self.unbond_tail:
+            key = "u%d" % self.unbond_head
+            u = self.store.get(key)
+            if u[3] > self.checkpoints:
+                break  # the queue is in release order
+            if u[2]:
+                entry = self.account(u[1])
+                self._set_balance(u[1], entry, entry[0] + u[2])
+            self.store.delete(key)
+            self.unbond_head += 1
         if self.bonds == self.validators:
             return False
         self.validators = list(self.bonds)
@@ -188,9 +318,11 @@ class Ledger:
 
     def small_state(self):
         """What the checkpoint record holds besides the store: [digest, epoch, since,
-        validators, bonds, [[offender, [accuser...]]...] sorted]."""
+        validators, bonds, [[offender, [accuser...]]...] sorted, slashes, checkpoints,
+        unbond_head, unbond_tail, funded]."""
         return [self.digest, self.epoch, self.since, self.validators, self.bonds,
-                sorted([x, a] for x, a in self.accusers.items())]
+                sorted([x, a] for x, a in self.accusers.items()), self.slashes,
+                self.checkpoints, self.unbond_head, self.unbond_tail, self.funded]
 
     def load_small(self, small):
         """Adopt a small_state() (checked by the caller's digest); the store is the caller's."""
@@ -200,6 +332,9 @@ class Ledger:
         self.accusers = {}
         for x, accusers in small[5]:
             self.accusers[x] = accusers
+        self.slashes = list(small[6])
+        self.checkpoints, self.unbond_head, self.unbond_tail = small[7], small[8], small[9]
+        self.funded = small[10]
 
     def commit_batch(self, seq, batch_digest, results):
         """Fold one executed batch into the history digest; return the new digest."""

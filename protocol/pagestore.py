@@ -203,6 +203,16 @@ class PageStore:
         page[key] = value
         self.dirty[i] = True
 
+    def delete(self, key):
+        """Remove ``key`` (nothing when absent)."""
+        i = self.page_of(key)
+        page = self._page(i)
+        old = page.pop(key, None)
+        if old is not None:
+            self.count -= 1
+            self.total = (self.total - entry_hash(key, old)) % _SUM_MOD
+            self.dirty[i] = True
+
     def flush(self):
         """Write every dirty page (to the current version)."""
         for i in list(self.dirty):

@@ -686,7 +686,7 @@ class Replica(ViewChanging, StateTransfer):
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
             replica = req.sender - REPLICA_CLIENT_BASE
-            result = self.ledger.execute(req.op, replica)
+            result = self.ledger.execute(req.op, req.sender, replica)
             self.clients.put(req.sender, [req.timestamp, result])
             if replica < 0:
                 self._send_reply(req.sender, req.timestamp, result)

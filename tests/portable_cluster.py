@@ -22,7 +22,7 @@ def keys_for(i):
 def main(requests, seed):
     stake = Stake([1] * N)
     secrets = [hashlib.sha256(b"client secret %d" % i).digest() for i in range(N)]
-    replicas = [rp.Replica(i, stake, keys_for(i), secrets[i], genesis={"a0": 1000, "a1": 1000},
+    replicas = [rp.Replica(i, stake, keys_for(i), secrets[i], genesis={"a*": [CLIENTS, 1000]},
                            checkpoint_interval=4, batch_max=3, pipeline_max=2)
                 for i in range(N)]
     clients = [ClientCore(c, stake, [rp.client_key(secrets[i], c) for i in range(N)])
@@ -32,7 +32,7 @@ def main(requests, seed):
     accepted = hashlib.sha256()
     for k in range(requests):
         c = clients[k % CLIENTS]
-        op = ["transfer", "a%d" % (k % 2), "a%d" % ((k + 1) % 2), k % 7 + 1]
+        op = ["transfer", "a%d" % (k % CLIENTS), "a%d" % ((k + 1) % CLIENTS), k % 7 + 1]
         if k % 3 == 1:
             op = ["put", "key%d" % (k % 4), k]
         wire = c.request(op)

@@ -78,7 +78,7 @@ def test_the_same_colluders_below_a_third_of_stake_cannot() -> None:
 def _replicas(n: int = 4) -> list[rp.Replica]:
     stake = Stake([1] * n)
     keys = generate_keys(n, random.Random(1).randbytes)
-    return [rp.Replica(i, stake, keys.pairwise[i], keys.client_secrets[i], genesis={"a": 1})
+    return [rp.Replica(i, stake, keys.pairwise[i], keys.client_secrets[i], genesis={"a": [1, 0]})
             for i in range(n)]
 
 
@@ -153,7 +153,7 @@ def test_view_skew_is_the_same_on_micropython(micropython: Path, mp_lib: Path) -
         "from edgebft.protocol.byzantine import misbehave\n"
         "from edgebft.protocol.stake import Stake\n"
         "r = rp.Replica(1, Stake([1, 1, 1, 1]), [bytes([i + 1]) * 16 for i in range(4)],\n"
-        "               b'c' * 16, genesis={'a': 1})\n"
+        "               b'c' * 16, genesis={'a': [1, 0]})\n"
         "body = m.body(m.COMMIT, 1, 3, 5, b'd' * 32)\n"
         "r.out.append((rp.TO_ALL, body + auth.authenticator(r.macs, body)))\n"
         "misbehave(r, 'view-skew', lambda bits: 1)\n"

@@ -11,48 +11,124 @@ from edgebft.protocol import replica as rp
 from edgebft.protocol.replica import REPLICA_CLIENT_BASE
 from edgebft.sim.simulator import SimOptions, Simulation
 
+ALICE, MALLORY = 7, 9
+
 
 def test_bonds_change_at_once_and_the_set_only_at_the_epoch_end() -> None:
-    ledger = new_ledger({"a": 100}, [10, 10, 10, 0])
-    assert ledger.execute(["stake", "a", 3, 20]) == [True, 20]
+    ledger = new_ledger({"a": [100, ALICE], "b": [0, ALICE]}, [10, 10, 10, 0])
+    assert ledger.execute(["stake", "a", 3, 20], ALICE) == [True, 20]
     assert ledger.balance("a") == 80
     assert ledger.bonds == [10, 10, 10, 20]
     assert ledger.validators == [10, 10, 10, 0], "not in force before the checkpoint"
-    assert ledger.execute(["validators"]) == [True, [0, [10, 10, 10, 0], [10, 10, 10, 20]]]
+    assert ledger.execute(["validators"], ALICE) == [True, [0, [10, 10, 10, 0],
+                                                           [10, 10, 10, 20]]]
     assert ledger.end_epoch(8) is True
     assert (ledger.epoch, ledger.since, ledger.validators) == (1, 8, [10, 10, 10, 20])
     assert ledger.end_epoch(16) is False, "no change, no new epoch"
-    assert ledger.execute(["unstake", 0, "b", 10]) == [True, 0]
-    assert ledger.balance("b") == 10
+    assert ledger.execute(["unstake", 3, "a", 20], ALICE) == [True, 0]
+    assert ledger.balance("a") == 80, "unbonding: not back yet"
     assert ledger.end_epoch(24) is True
-    assert ledger.validators == [0, 10, 10, 20], "a zero bond leaves the set"
+    assert ledger.validators == [10, 10, 10, 0], "a zero bond leaves the set"
+    assert ledger.balance("a") == 80, "still unbonding through one more checkpoint"
+    assert ledger.end_epoch(32) is False
+    assert ledger.balance("a") == 100, "released after UNBONDING_CHECKPOINTS checkpoints"
 
 
 def test_bad_stake_ops_fail_and_change_nothing() -> None:
-    ledger = new_ledger({"a": 5}, [1, 1, 1, 1])
+    ledger = new_ledger({"a": [5, ALICE]}, [1, 1, 1, 1])
     before = ledger_state(ledger)
-    assert ledger.execute(["stake", "a", 0, 6]) == [False, "insufficient funds"]
-    assert ledger.execute(["stake", "a", 4, 1]) == [False, "bad stake"]
-    assert ledger.execute(["stake", "a", 0, 0]) == [False, "bad stake"]
-    assert ledger.execute(["unstake", 0, "a", 2]) == [False, "insufficient stake"]
-    assert ledger.execute(["unstake", 1.5, "a", 1]) == [False, "bad unstake"]
-    assert ledger.execute(["accuse", [0]]) == [False, "bad op"], "clients cannot accuse"
+    assert ledger.execute(["stake", "a", 0, 6], ALICE) == [False, "insufficient funds"]
+    assert ledger.execute(["stake", "a", 4, 1], ALICE) == [False, "bad stake"]
+    assert ledger.execute(["stake", "a", 0, 0], ALICE) == [False, "bad stake"]
+    assert ledger.execute(["unstake", 0, "a", 1], ALICE) == [False, "insufficient stake"], \
+        "genesis stake belongs to no account"
+    assert ledger.execute(["unstake", 1.5, "a", 1], ALICE) == [False, "bad unstake"]
+    assert ledger.execute(["accuse", [0]], ALICE) == [False, "bad op"], "clients cannot accuse"
     assert ledger_state(ledger) == before
-    for v in (1, 2, 3):
-        assert ledger.execute(["unstake", v, "a", 1])[0]
-    assert ledger.execute(["unstake", 0, "a", 1]) == [False, "last stake"]
-    assert ledger.bonds == [1, 0, 0, 0]
+    assert ledger.execute(["stake", "a", 1, 2], ALICE) == [True, 3]
+    assert ledger.execute(["unstake", 1, "a", 3], ALICE) == [False, "insufficient stake"], \
+        "only what this account delegated"
+    assert ledger.execute(["unstake", 1, "a", 2], ALICE) == [True, 1]
+
+
+def test_only_the_owner_spends_and_unbonds() -> None:
+    """The attack of issue 13: with genesis stakes 30, 25, 25, 20, Mallory (one token) tried
+    to unbond validators 0-2 to herself, bond it all to 3 and take Alice's tokens."""
+    ledger = new_ledger({"alice": [100, ALICE], "mallory": [1, MALLORY]}, [30, 25, 25, 20])
+    before = ledger_state(ledger)
+    for v in (0, 1, 2):
+        assert ledger.execute(["unstake", v, "mallory", 25], MALLORY) == \
+            [False, "insufficient stake"]
+    assert ledger.execute(["transfer", "alice", "mallory", 100], MALLORY) == \
+        [False, "not owner"]
+    assert ledger.execute(["stake", "alice", 3, 100], MALLORY) == [False, "not owner"]
+    assert ledger_state(ledger) == before
+    assert ledger.execute(["stake", "alice", 0, 10], ALICE) == [True, 40]
+    assert ledger.execute(["unstake", 0, "alice", 10], MALLORY) == [False, "not owner"]
+    assert ledger.execute(["unstake", 0, "mallory", 10], MALLORY) == \
+        [False, "insufficient stake"], "a delegation is its account's"
+    assert ledger.bonds == [40, 25, 25, 20]
+    assert ledger.execute(["transfer", "alice", "nobody", 1], ALICE) == \
+        [False, "no such account"]
+    assert ledger.execute(["open", "nobody"], MALLORY) == [True, None]
+    assert ledger.execute(["open", "nobody"], ALICE) == [False, "account exists"]
+    assert ledger.execute(["transfer", "alice", "nobody", 5], ALICE) == [True, 85]
+    assert ledger.execute(["transfer", "nobody", "mallory", 5], MALLORY) == [True, 0]
+    assert ledger.balance("mallory") == 6
+
+
+def test_a_genesis_range_funds_accounts_owned_by_their_client() -> None:
+    ledger = new_ledger({"acct*": [4, 50]})
+    assert [ledger.balance(f"acct{i}") for i in range(5)] == [50, 50, 50, 50, 0]
+    assert ledger.account("acct01") is None and ledger.account("acct") is None
+    assert ledger.store.count == 0, "no flash until written"
+    assert ledger.execute(["transfer", "acct2", "acct3", 5], 3) == [False, "not owner"]
+    assert ledger.execute(["transfer", "acct2", "acct3", 5], 2) == [True, 45]
+    assert (ledger.balance("acct2"), ledger.balance("acct3")) == (45, 55)
+    copy = new_ledger()
+    copy.load_small(ledger.small_state())
+    assert copy.balance("acct1") == 50, "the range is in the checkpoint's small state"
+
+
+def test_unbonding_stake_is_slashed_with_its_validator() -> None:
+    """Stake that starts unbonding before the evidence against its validator counts is burnt
+    with it; another validator's unbonding is released."""
+    ledger = new_ledger({"a": [100, ALICE]}, [30, 25, 25, 20])
+    assert ledger.execute(["stake", "a", 0, 10], ALICE) == [True, 40]
+    assert ledger.execute(["stake", "a", 1, 10], ALICE) == [True, 35]
+    assert ledger.end_epoch(8) is True
+    assert ledger.execute(["unstake", 0, "a", 10], ALICE) == [True, 30]
+    assert ledger.execute(["unstake", 1, "a", 10], ALICE) == [True, 25]
+    assert ledger.end_epoch(16) is True, "the unbonded stake no longer counts"
+    assert ledger.execute(["accuse", [0]], ALICE, 1) == [True, []]
+    assert ledger.execute(["accuse", [0]], ALICE, 2) == [True, [0]], "50 of 100 accuse 0"
+    assert ledger.end_epoch(24) is True
+    assert ledger.balance("a") == 90, "validator 1's unbonding released, 0's burnt"
+    assert ledger.delegation(0, "a") == 0 and ledger.bonds[0] == 0
+    assert ledger.store.count == 3, "the released unbondings leave the store"
+
+
+def test_a_slash_voids_the_delegations_to_the_validator() -> None:
+    ledger = new_ledger({"a": [100, ALICE]}, [30, 25, 25, 20])
+    assert ledger.execute(["stake", "a", 0, 10], ALICE) == [True, 40]
+    ledger.end_epoch(8)
+    ledger.execute(["accuse", [0]], ALICE, 1)
+    assert ledger.execute(["accuse", [0]], ALICE, 3) == [True, [0]]
+    assert ledger.delegation(0, "a") == 0
+    assert ledger.execute(["unstake", 0, "a", 10], ALICE) == [False, "insufficient stake"]
+    assert ledger.execute(["stake", "a", 0, 5], ALICE) == [True, 5], "a fresh delegation"
+    assert ledger.execute(["delegations", "a"], ALICE) == [True, [[0, 5]]]
 
 
 def test_accusations_slash_once_over_a_third_of_stake_accuses() -> None:
     ledger = new_ledger({}, [30, 25, 25, 20])
-    assert ledger.execute(["accuse", [0]], replica=1) == [True, []], "25 of 100: not enough"
-    assert ledger.execute(["accuse", [0]], replica=1) == [True, []], "counted once"
-    assert ledger.execute(["accuse", [1]], replica=0) == [True, []]
-    assert ledger.execute(["accuse", [0]], replica=3) == [True, [0]], "45 of 100 accuse 0"
+    assert ledger.execute(["accuse", [0]], ALICE, 1) == [True, []], "25 of 100: not enough"
+    assert ledger.execute(["accuse", [0]], ALICE, 1) == [True, []], "counted once"
+    assert ledger.execute(["accuse", [1]], ALICE, 0) == [True, []]
+    assert ledger.execute(["accuse", [0]], ALICE, 3) == [True, [0]], "45 of 100 accuse 0"
     assert ledger.bonds == [0, 25, 25, 20]
     assert ledger.validators == [30, 25, 25, 20], "slashed at the next epoch"
-    assert ledger.execute(["accuse", [2]], replica=2) == [True, []], "no self-accusation"
+    assert ledger.execute(["accuse", [2]], ALICE, 2) == [True, []], "no self-accusation"
     copy = new_ledger()
     copy.load_small(ledger.small_state())
     assert copy.small_state() == ledger.small_state()
@@ -174,12 +250,12 @@ def test_no_replica_votes_past_a_checkpoint_it_has_not_executed() -> None:
     assert peer.log.voted(peer.log.prepares, peer.log.find(5), 1), "its PREPARE of 5 came"
 
 
-def test_digests_cover_the_validator_set() -> None:
-    a, b = new_ledger({"a": 10}, [1, 1, 1, 1]), new_ledger({"a": 10}, [1, 1, 1, 1])
-    a.execute(["stake", "a", 0, 1])
-    b.execute(["stake", "a", 1, 1])
-    assert a.store.total == b.store.total
-    assert a.small_state() != b.small_state()
+def test_digests_cover_the_validator_set_and_the_delegations() -> None:
+    a, b = (new_ledger({"a": [10, ALICE]}, [1, 1, 1, 1]) for _ in range(2))
+    a.execute(["stake", "a", 0, 1], ALICE)
+    b.execute(["stake", "a", 1, 1], ALICE)
+    assert a.small_state() != b.small_state(), "the bonds"
+    assert a.store.total != b.store.total, "the delegation entries"
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -239,7 +315,7 @@ def test_a_replica_restores_its_stable_state_from_its_flash() -> None:
     r = net.replicas[1]
     assert (r.h, r.last_exec) == (4, 5)
     restored = type(r).restore(r.durable(), 1, net.stake, net.keys.pairwise[1],
-                               net.keys.client_secrets[1], genesis={"a": 100, "b": 0},
+                               net.keys.client_secrets[1], genesis={"a": [100, 7], "b": [0, 8]},
                                checkpoint_interval=4, flash=r.state.flash)
     assert (restored.h, restored.last_exec, restored.view_low) == (4, 4, 0)
     assert restored.state.error is None

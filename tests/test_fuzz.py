@@ -57,8 +57,9 @@ def keys_for(i: int) -> list[bytes]:
 
 
 def replicas() -> list[rp.Replica]:
-    return [rp.Replica(i, STAKE, keys_for(i), SECRETS[i], genesis={"acct0": 1000, "acct1": 10},
-                       checkpoint_interval=2) for i in range(N)]
+    genesis = {"acct0": [1000, CLIENT], "acct1": [10, CLIENT]}
+    return [rp.Replica(i, STAKE, keys_for(i), SECRETS[i], genesis=genesis, checkpoint_interval=2)
+            for i in range(N)]
 
 
 def record_wires() -> list[tuple[int, bytes]]:

@@ -18,30 +18,40 @@ DIGEST = hashlib.sha256(b"d").digest()
 
 
 def test_ledger_ops_and_failures() -> None:
-    ledger = new_ledger({"a": 10})
-    assert ledger.execute(["transfer", "a", "b", 4]) == [True, 6]
-    assert ledger.execute(["balance", "b"]) == [True, 4]
-    assert ledger.execute(["transfer", "b", "a", 5]) == [False, "insufficient funds"]
-    assert ledger.execute(["transfer", "a", "b", 0]) == [False, "bad transfer"]
-    assert ledger.execute(["transfer", "a", "b", -1]) == [False, "bad transfer"]
-    assert ledger.execute(["put", "k", b"v"]) == [True, None]
-    assert ledger.execute(["get", "k"]) == [True, b"v"]
-    assert ledger.execute(["get", "missing"]) == [True, None]
-    assert ledger.execute(["put", "big", b"x" * 100]) == [False, "value too large"]
-    assert ledger.execute(["nope"]) == [False, "bad op"]
-    assert ledger.execute("put") == [False, "bad op"]
-    assert ledger.execute(["put", "", 1]) == [False, "bad op"]
+    ledger = new_ledger({"a": [10, 1], "b": [0, 2]})
+    assert ledger.execute(["transfer", "a", "b", 4], 1) == [True, 6]
+    assert ledger.execute(["balance", "b"], 1) == [True, 4]
+    assert ledger.execute(["transfer", "b", "a", 5], 2) == [False, "insufficient funds"]
+    assert ledger.execute(["transfer", "a", "b", 0], 1) == [False, "bad transfer"]
+    assert ledger.execute(["transfer", "a", "b", -1], 1) == [False, "bad transfer"]
+    assert ledger.execute(["transfer", "a", "c", 1], 1) == [False, "no such account"]
+    assert ledger.execute(["open", ""], 1) == [False, "bad open"]
+    assert ledger.execute(["put", "k", b"v"], 1) == [True, None]
+    assert ledger.execute(["get", "k"], 1) == [True, b"v"]
+    assert ledger.execute(["get", "missing"], 1) == [True, None]
+    assert ledger.execute(["put", "big", b"x" * 100], 1) == [False, "value too large"]
+    assert ledger.execute(["nope"], 1) == [False, "bad op"]
+    assert ledger.execute("put", 1) == [False, "bad op"]
+    assert ledger.execute(["put", "", 1], 1) == [False, "bad op"]
     assert (ledger.balance("a"), ledger.balance("b"), ledger.store.count) == (6, 4, 3)
+
+
+def test_bad_genesis_entries_are_refused() -> None:
+    for genesis in ({"a": 10}, {"a": [10]}, {"a": [-1, 0]}, {"a*": [0, 5]},
+                    {"a*": [2, 5], "b*": [2, 5]}, {"": [1, 0]}):
+        with pytest.raises(ValueError, match="bad genesis entry"):
+            new_ledger(genesis)
 
 
 def test_ledger_store_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ledger_module, "ENTRIES_MAX", 64)
     ledger = new_ledger()
     for i in range(64):
-        assert ledger.execute(["put", f"k{i}", i]) == [True, None]
-    assert ledger.execute(["put", "one-more", 1]) == [False, "store full"]
-    assert ledger.execute(["put", "k0", 7]) == [True, None], "overwriting stays possible"
-    assert ledger.execute(["transfer", "k1", "new", 1]) == [False, "insufficient funds"]
+        assert ledger.execute(["put", f"k{i}", i], 1) == [True, None]
+    assert ledger.execute(["put", "one-more", 1], 1) == [False, "store full"]
+    assert ledger.execute(["put", "k0", 7], 1) == [True, None], "overwriting stays possible"
+    assert ledger.execute(["open", "new"], 1) == [False, "store full"]
+    assert ledger.execute(["transfer", "k1", "new", 1], 1) == [False, "no such account"]
 
 
 def test_ledger_digest_chains_history() -> None:

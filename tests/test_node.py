@@ -24,7 +24,7 @@ def keys_for(i: int) -> list[bytes]:
 
 
 def cluster(contain: bool = True) -> tuple[list[Node], ClientCore]:
-    nodes = [Node(rp.Replica(i, STAKE, keys_for(i), SECRETS[i], genesis={"a": 100},
+    nodes = [Node(rp.Replica(i, STAKE, keys_for(i), SECRETS[i], genesis={"a": [100, 7]},
                              checkpoint_interval=2), STATUS_INTERVAL_MS, contain=contain)
              for i in range(N)]
     client = ClientCore(7, STAKE, [rp.client_key(SECRETS[i], 7) for i in range(N)])

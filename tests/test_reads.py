@@ -24,7 +24,7 @@ def keys_for(i: int) -> list[bytes]:
 
 
 def setup() -> tuple[list[rp.Replica], ClientCore]:
-    rs = [rp.Replica(i, STAKE, keys_for(i), SECRETS[i], genesis={"acct0": 50})
+    rs = [rp.Replica(i, STAKE, keys_for(i), SECRETS[i], genesis={"acct0": [50, CLIENT]})
           for i in range(N)]
     client = ClientCore(CLIENT, STAKE, [rp.client_key(SECRETS[i], CLIENT) for i in range(N)])
     return rs, client

@@ -25,7 +25,7 @@ class Net:
         self.keys = generate_keys(n)
         self.replicas = [
             rp.Replica(i, self.stake, self.keys.pairwise[i], self.keys.client_secrets[i],
-                       genesis={"a": 100, "b": 0}, checkpoint_interval=k, **kwargs)
+                       genesis={"a": [100, 7], "b": [0, 8]}, checkpoint_interval=k, **kwargs)
             for i in range(n)]
         self.queue: list[tuple[int | tuple[int, int], bytes]] = []  # (to, wire)
         self.replies: dict[int, list[bytes]] = {}
@@ -150,12 +150,12 @@ def test_two_silent_backups_block_progress() -> None:
 
 def test_retransmitted_request_executes_once_and_gets_the_cached_reply() -> None:
     net = Net()
-    alice = net.client(2)
+    alice = net.client(7)
     assert net.call(alice, ["transfer", "a", "b", 10]) == [True, 90]
     net.submit(alice.request_wire(["transfer", "a", "b", 10]))
     net.run()
     assert all(r.ledger.balance("a") == 90 for r in net.replicas)
-    replies = net.replies.pop(2)
+    replies = net.replies.pop(7)
     assert len(replies) == 4
     assert all(m.decode(w).result == [True, 90] for w in replies)
 

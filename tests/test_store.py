@@ -197,7 +197,7 @@ def test_a_corrupt_page_fails_verification_and_the_replica_recovers_by_transfer(
     flash.files[page] = flash.files[page][:-1] + b"\x00"
     restored = rp.Replica.restore(r.durable(), 3, net.stake, net.keys.pairwise[3],
                                   net.keys.client_secrets[3], checkpoint_interval=4,
-                                  genesis={"a": 100, "b": 0}, flash=flash)
+                                  genesis={"a": [100, 7], "b": [0, 8]}, flash=flash)
     assert restored.state.error and "verification" in restored.state.error
     assert ("store_error", restored.state.error) in restored.events
     assert restored.h == 0 and restored.ledger.get("key0") is None, "back to genesis"

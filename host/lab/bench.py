@@ -35,7 +35,16 @@ from edgebft.lab.nemesis import Fault, NemesisError, PrimaryNemesis, make_nemesi
 from edgebft.lab.observer import Observer
 from edgebft.lab.processes import kill_process_group, spawn
 from edgebft.lab.report import availability_windows, build_report
-from edgebft.lab.workload import ACCOUNTS, DEADLINE_S, KEYS, Mix, Outcome, Workload, genesis
+from edgebft.lab.workload import (
+    ACCOUNTS,
+    DEADLINE_S,
+    FUNDED_ACCOUNTS,
+    KEYS,
+    Mix,
+    Outcome,
+    Workload,
+    genesis,
+)
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
 
@@ -91,8 +100,8 @@ class BenchOptions:
             raise BenchError("--clients must be at least 1")
         if self.keys < 1:
             raise BenchError("--keys must be at least 1")
-        if self.accounts < 1:
-            raise BenchError("--accounts must be at least 1")
+        if not 1 <= self.accounts <= FUNDED_ACCOUNTS:
+            raise BenchError(f"--accounts must be 1 to {FUNDED_ACCOUNTS} (the funded ones)")
         try:
             Mix.parse(self.mix)
         except ValueError as e:

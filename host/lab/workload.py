@@ -41,15 +41,17 @@ from edgebft.protocol.stake import Stake
 
 RETRANSMIT_S = 0.5
 DEADLINE_S = 2.0  # DESIGN.md section 8: availability counts requests within a 2 s deadline
-ACCOUNTS = 16
+ACCOUNTS = 16  # accounts the transfers go to, by default
+FUNDED_ACCOUNTS = 1024  # genesis funds acct0 .. acct1023, acct<c> owned by client c
 KEYS = 64  # keys the puts and gets spread over, by default
 GENESIS_BALANCE = 1_000_000
 TICK_S = 0.005  # the timer thread's period: retransmissions, deadlines, the open-loop schedule
 
 
-def genesis(accounts: int = ACCOUNTS) -> dict[str, int]:
-    """The initial balances the workload's transfers draw on."""
-    return {f"acct{a}": GENESIS_BALANCE for a in range(accounts)}
+def genesis() -> dict[str, list[int]]:
+    """The genesis the workload's transfers draw on: a range (protocol/ledger.py) funding
+    acct0 .. acct<FUNDED_ACCOUNTS - 1>, each owned by the client of its number."""
+    return {"acct*": [FUNDED_ACCOUNTS, GENESIS_BALANCE]}
 
 
 @dataclass(frozen=True)
@@ -79,15 +81,14 @@ def operation(client: int, i: int, keys: int = KEYS, accounts: int = ACCOUNTS,
               mix: Mix = Mix()) -> list[Any]:
     """The i-th operation of ``client``: the kinds of ``mix`` in turn (default: transfer, put,
     get), the puts and gets spread over ``keys`` keys (a client's i-th put writes the key its
-    i-th get reads), the transfers from one of the ACCOUNTS funded accounts to one of
-    ``accounts`` (more than ACCOUNTS: spread over them, creating them)."""
+    i-th get reads), the transfers from the client's own account acct<client> (genesis funds
+    those of clients below FUNDED_ACCOUNTS; above, the ledger answers "no such account") to
+    one of acct0 .. acct<accounts - 1>."""
     kinds = mix.kinds()
     kind, turn = kinds[i % len(kinds)], i // len(kinds)
     if kind == "transfer":
-        src = client % ACCOUNTS
-        dst = ((client + 1) % ACCOUNTS if accounts <= ACCOUNTS
-               else (client * 7919 + turn * 104729) % accounts)
-        return ["transfer", f"acct{src}", f"acct{dst}", 1]
+        dst = (client * 7919 + turn * 104729) % accounts
+        return ["transfer", f"acct{client}", f"acct{dst}", 1]
     key = f"k{(client * 7919 + turn * 104729) % keys}"
     if kind == "put":
         return ["put", key, i]

@@ -54,7 +54,7 @@ from typing import Any
 from edgebft import fault_kinds
 from edgebft.check.verdict import OK, Check, Verdict
 from edgebft.devices.keys import ClusterKeys, generate_keys
-from edgebft.lab.workload import ACCOUNTS, genesis, operation
+from edgebft.lab.workload import genesis, operation
 from edgebft.protocol import replica as rp
 from edgebft.protocol.byzantine import BEHAVIOURS, misbehave
 from edgebft.protocol.client import ClientCore
@@ -398,8 +398,8 @@ def churn_operation(client: int, i: int, nodes: int) -> list[Any]:
     if i % 2:
         return operation(client, i // 2)
     k = i // 2
-    validator = (client + k) % nodes
-    account = f"acct{client % ACCOUNTS}"
+    validator = (client + k // 2) % nodes  # it unbonds what it bonded the turn before
+    account = f"acct{client}"
     if k % 2 == 0:
         return ["stake", account, validator, 1]
     return ["unstake", validator, account, 1]
@@ -427,7 +427,7 @@ class Simulation:
         self.sent: dict[int, list[bytes]] = {i: [] for i in self.byzantine}  # for "replay"
         self.keys = seeded_keys(n, self.rng)
         self.genesis = genesis()
-        self.genesis.update({f"fill{k}": 1 for k in range(options.state_keys)})
+        self.genesis.update({f"fill{k}": [1, 0] for k in range(options.state_keys)})
         self.nodes = [self._node(self._new_replica(i)) for i in range(n)]
         drawn = fault_schedule(options, self.rng)
         phases = twin_phases(options, self.rng)
