@@ -6,9 +6,11 @@ import pytest
 from test_replica import Net
 
 from conftest import ledger_state, new_ledger
+from edgebft.lab.workload import GENESIS_BALANCE
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.replica import REPLICA_CLIENT_BASE
+from edgebft.sim import simulator
 from edgebft.sim.simulator import SimOptions, Simulation
 
 ALICE, MALLORY = 7, 9
@@ -322,3 +324,68 @@ def test_a_replica_restores_its_stable_state_from_its_flash() -> None:
     assert restored.own_checkpoints[4] == r.own_checkpoints[4]
     assert restored.ledger.balance("b") == 4, "the fifth transfer executed after h"
     assert restored.clients.get(7)[0] == 4, "alice's fourth request is the last it knows"
+
+
+def _owner_ops(client: int, i: int) -> list[object]:
+    """Client 0 bonds 5 tokens of acct0 to validator 1, then writes; client 1 tries, again
+    and again, to spend acct0, unbond its delegation and bond its tokens elsewhere."""
+    if client == 0:
+        return ["stake", "acct0", 1, 5] if i == 0 else ["put", f"k{i}", i]
+    if client == 1:
+        return [["transfer", "acct0", "acct1", 1], ["unstake", 1, "acct0", 5],
+                ["stake", "acct0", 2, 1], ["put", "k", i]][i % 4]
+    return ["put", f"k{client}", i]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_in_the_simulator_no_client_moves_another_owners_tokens_or_stake(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the simulator's faults (crashes, partitions, loss, delay, reboots), every theft
+    of client 1 is refused ("not owner") and acct0 keeps what its owner left it."""
+    monkeypatch.setattr(simulator, "operation", _owner_ops)
+    sim = Simulation(seed, SimOptions(requests=40))
+    result = sim.run()
+    assert result.verdict == "ok", (result.reasons, result.replay)
+    thefts = [e for e in sim.history if e[0] == "ok" and e[2] == 1 and e[4][1] != "no op"]
+    refusals = [e[4] for e in thefts if e[4] != [True, None]]
+    assert refusals and all(r == [False, "not owner"] for r in refusals), refusals
+    top = max(r.last_exec for r in sim.replicas)
+    for r in sim.replicas:
+        if r.last_exec == top:
+            assert r.ledger.balance("acct0") == GENESIS_BALANCE - 5
+            assert r.ledger.delegation(1, "acct0") == 5
+            assert r.ledger.balance("acct1") == GENESIS_BALANCE
+
+
+def _escape_ops(client: int, i: int) -> list[object]:
+    """Client 0 bonds 5 tokens of acct0 to validator 0, then asks to unbond them."""
+    if client == 0 and i < 2:
+        return [["stake", "acct0", 0, 5], ["unstake", 0, "acct0", 5]][i]
+    return ["put", f"k{client}", i]
+
+
+def test_in_the_simulator_stake_bonded_to_an_equivocator_is_slashed_with_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five equal stakes, primary 0 equivocates; client 0 bonds 5 tokens to it, then asks for
+    them back. Where the bond executed before the slash (the stake op's result is 0's bond
+    with them, 25), the slash burns them and the unbond gets nothing: acct0 never sees them
+    again. (Where it executed after, it bonded a validator already slashed, and unbonding
+    that is fair.) The ledger-level case of an unbond executed between the offence and the
+    slash: test_unbonding_stake_is_slashed_with_its_validator."""
+    monkeypatch.setattr(simulator, "operation", _escape_ops)
+    options = SimOptions(nodes=5, stake=(20,) * 5, byzantine=(0,), behaviour="equivocate",
+                         checkpoint_interval=16, faults=())
+    before_the_slash = 0
+    for seed in range(8):
+        sim = Simulation(seed, options)
+        result = sim.run()
+        assert result.verdict == "ok", result.reasons
+        staked, unstaked = [e[4] for e in sim.history if e[0] == "ok" and e[2] == 0][:2]
+        for r in sim.replicas[1:]:
+            assert r.stake.weights[0] == 0, "slashed"
+        if staked == [True, 25]:
+            before_the_slash += 1
+            assert unstaked == [False, "insufficient stake"], "the slash voided it"
+            for r in sim.replicas[1:]:
+                assert r.ledger.balance("acct0") == GENESIS_BALANCE - 5, "burnt"
+    assert before_the_slash >= 2, "seeds 1 and 2 bond before the slash"
