@@ -58,6 +58,7 @@ def test_availability_overall_and_per_second_agree_with_events(run: Path) -> Non
     ok = sum(1 for r in requests if r["outcome"] == "ok")
     assert summary["requests"] == len(requests)
     assert summary["committed"] == ok
+    assert summary["refused"] == {}, "each client spends from its own account, within its funds"
     assert summary["timed_out"] == len(requests) - ok
     assert summary["availability"] == round(ok / len(requests), 6)
     origin = min(r["start"] for r in requests)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -429,6 +430,7 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "clients": options.clients,
         "requests": len(outcomes),
         "committed": len(ok),
+        "refused": dict(sorted(Counter(o.refused for o in ok if o.refused).items())),
         "timed_out": len(outcomes) - len(ok),
         "never_sent": sum(1 for o in outcomes if o.sent is None),
         "offered_rps": round(len(outcomes) / issuing_s, 1) if issuing_s > 0 else 0.0,

@@ -101,7 +101,8 @@ class Outcome:
 
     ``start`` is the intended send time, ``sent`` the first actual send (None when it never
     left the backlog), ``end`` the acceptance (``start + deadline`` for a timeout). ``client``,
-    ``timestamp`` and ``op`` are None for a request that was never sent.
+    ``timestamp`` and ``op`` are None for a request that was never sent. ``refused`` is the
+    ledger's reason when it executed the op and refused it (an ``ok`` outcome: committed).
     """
 
     client: int | None
@@ -113,6 +114,7 @@ class Outcome:
     end: float
     sends: int
     view: int
+    refused: str | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -259,13 +261,15 @@ class Workload:
                                                 now + self.retransmit_s, self.retransmit_s)
             self._mqtt.publish(self._topic("req", c), self._cores[c].request(op))
 
-    def _finish(self, c: int, outcome: str, now: float) -> None:
+    def _finish(self, c: int, outcome: str, now: float, result: Any = None) -> None:
         pending = self._outstanding.pop(c)
         core = self._cores[c]
         end = now if outcome == "ok" else pending.intended + self.deadline_s
+        refused = (str(result[1]) if isinstance(result, list) and len(result) == 2
+                   and result[0] is False else None)
         self.outcomes.append(Outcome(c, core.timestamp, pending.op[0], outcome,
                                      self._wall(pending.intended), self._wall(pending.sent),
-                                     self._wall(end), pending.sends, core.view))
+                                     self._wall(end), pending.sends, core.view, refused))
         self._idle.append(c)
         if self._issuing and self.rate is None:
             self._backlog.append(now)
@@ -279,11 +283,11 @@ class Workload:
         with self._lock:
             if c not in self._outstanding:
                 return
-            accepted, _result = self._cores[c].on_reply(msg.payload)
+            accepted, result = self._cores[c].on_reply(msg.payload)
             if accepted:
                 now = time.monotonic()
                 late = now - self._outstanding[c].intended >= self.deadline_s
-                self._finish(c, "timeout" if late else "ok", now)
+                self._finish(c, "timeout" if late else "ok", now, result)
 
     def _schedule(self, now: float) -> None:
         """Open loop: put every request whose intended time has come into the backlog."""
