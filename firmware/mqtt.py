@@ -44,6 +44,8 @@ import asyncio
 import errno
 import select
 import socket
+import ssl
+from binascii import unhexlify
 from time import ticks_diff, ticks_ms
 
 try:
@@ -114,9 +116,22 @@ def _as_bytes(x):
     return x.encode() if isinstance(x, str) else x
 
 
+def login_of(broker):
+    """MQTTClient's user, password and tls arguments from a device's "broker" entry (the host
+    writes it: edgebft.lab.broker.Login.device_entry): TLS when it names a CA (hex DER), which
+    alone is trusted, the broker's name checked against its certificate."""
+    tls = None
+    if broker.get("ca"):
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.verify_mode = ssl.CERT_REQUIRED
+        tls.load_verify_locations(cadata=unhexlify(broker["ca"]))
+    return {"user": broker.get("user"), "password": broker.get("password"), "tls": tls}
+
+
 class MQTTClient:
     def __init__(self, client_id, host, port=1883, keepalive=30, will=None, on_message=None,
-                 max_packet=16384, rx_chunk=4096, tx_max=4096, user=None, password=None):
+                 max_packet=16384, rx_chunk=4096, tx_max=4096, user=None, password=None,
+                 tls=None):
         # A client; nothing happens on the network until connect() or run().
         #
         # Args:
@@ -130,6 +145,9 @@ class MQTTClient:
         #         max_packet, is read into a bytearray of its own while it lasts.
         #     tx_max: transmit batch buffer bytes. Bigger packets (up to max_packet) are
         #         allocated one by one; max_packet also bounds those queued and unacked QoS1.
+        #     tls: an ssl.SSLContext that verifies the broker (its CA loaded, CERT_REQUIRED),
+        #         or None for plain TCP. The broker's name checked is ``host``. A handshake
+        #         that fails (an untrusted certificate) is a connection error, "TLS: ...".
         assert keepalive >= 0
         assert max_packet >= 64
         assert rx_chunk >= 64
@@ -142,6 +160,7 @@ class MQTTClient:
         self.on_message = on_message
         self.user = user
         self.password = password
+        self.tls = tls
         self._rbuf = bytearray(min(rx_chunk, max_packet))
         self._rmv = memoryview(self._rbuf)
         self._qmax = max_packet  # byte bound of big QoS0 packets queued, and of unacked QoS1
@@ -328,11 +347,21 @@ class MQTTClient:
         except (OSError, AttributeError):
             pass
         await self._wait_writable(s)
+        if self.tls is not None:  # the handshake runs in the first writes and reads below
+            s = self.tls.wrap_socket(s, server_hostname=self.host,
+                                     do_handshake_on_connect=False)
+            s.setblocking(False)
+            self._sock = s
         self._stream = asyncio.StreamWriter(s, {})
         self._reset_link()
-        self._stream.write(self._connect_packet())
-        await self._stream.drain()
-        await asyncio.wait_for_ms(self._until_connack(), _CONNECT_TIMEOUT_MS)
+        try:
+            self._stream.write(self._connect_packet())
+            await self._stream.drain()
+            await asyncio.wait_for_ms(self._until_connack(), _CONNECT_TIMEOUT_MS)
+        except ValueError as ex:  # mbedTLS refused the broker's certificate
+            if self.tls is None:
+                raise
+            raise MQTTError("TLS: " + " ".join(str(ex).split()))
         if self._connack:
             raise MQTTError(self._connack)
         self.connected = True

@@ -33,7 +33,7 @@ except ImportError:  # CPython
 
 from edgebft.firmware import store
 from edgebft.firmware.faults import Faults
-from edgebft.firmware.mqtt import MQTTClient, MQTTError
+from edgebft.firmware.mqtt import MQTTClient, MQTTError, login_of
 from edgebft.protocol import cbor
 from edgebft.protocol import messages
 from edgebft.protocol import replica as rp
@@ -68,6 +68,8 @@ def _link_error(error):
         code = error.args[0]
         return "the broker refused the connection: %s (CONNACK %d)" % (
             _REFUSALS[code] if 0 < code < len(_REFUSALS) else "unknown reason", code)
+    if isinstance(error, MQTTError) and error.args and type(error.args[0]) is str:
+        return error.args[0]  # "TLS: ...", "no CONNACK", ...
     return repr(error)
 
 
@@ -117,9 +119,7 @@ class Runtime:
         broker = config["broker"]
         self.mqtt = MQTTClient(
             "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
-            keepalive=config.get("keepalive_s", 10), user=broker.get("user"),
-            password=broker.get("password"),
-            will=self.will, on_message=self.on_message,
+            keepalive=config.get("keepalive_s", 10), **login_of(broker), will=self.will, on_message=self.on_message,
             max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             rx_chunk=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             tx_max=messages.MESSAGE_BYTES_MAX)
@@ -297,8 +297,9 @@ class Runtime:
                         print("subscribe %s: %s; retrying" % (topic, why))
                         said = why
                     await asyncio.sleep_ms(200)
-        print("edgebft node %d up: %d replicas, broker %s:%d" % (
-            self.me, self.node.replica.stake.n, self.mqtt.host, self.mqtt.port))
+        print("edgebft node %d up: %d replicas, broker %s:%d%s" % (
+            self.me, self.node.replica.stake.n, self.mqtt.host, self.mqtt.port,
+            " over TLS" if self.mqtt.tls else ""))
         asyncio.create_task(self.report())
         asyncio.create_task(self.timers())
         await link

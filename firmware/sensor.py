@@ -27,7 +27,7 @@ except ImportError:  # CPython
     const = int
 
 from edgebft.firmware import store
-from edgebft.firmware.mqtt import MQTTClient, MQTTError
+from edgebft.firmware.mqtt import MQTTClient, MQTTError, login_of
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 
@@ -61,8 +61,7 @@ class Sensor:
                                [unhexlify(k) for k in config["keys"]], timestamp=first)
         broker = config["broker"]
         self.mqtt = MQTTClient("ebft-%s-sensor%d" % (config["cluster"], me), broker["host"],
-                               broker.get("port", 1883), keepalive=30,
-                               user=broker.get("user"), password=broker.get("password"),
+                               broker.get("port", 1883), keepalive=30, **login_of(broker),
                                on_message=self.on_message, max_packet=_PACKET_BYTES,
                                rx_chunk=_PACKET_BYTES, tx_max=_PACKET_BYTES)
         self.accepted = False

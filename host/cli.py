@@ -94,6 +94,9 @@ ACL_HELP = ("MQTT identities and an ACL on the broker (edgebft.lab.broker_auth):
             "req/k, only the host ctl/+. Default: on with mosquitto, off with the embedded "
             "broker (amqtt enforces none) and an external one (its identities would have to be "
             "installed before the run).")
+TLS_HELP = ("The broker speaks TLS only (edgebft.lab.broker_tls): a CA made for the cluster "
+            "signs the broker's certificate, and the nodes, the host's tools and applications "
+            "trust that CA alone (mosquitto only). Default: off.")
 
 
 RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.bench.BenchOptions)
@@ -106,6 +109,7 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.be
                       "the host), mqtt://host:port (external), or auto: mosquitto if installed, "
                       "else embedded."),
     click.option("--acl/--no-acl", default=None, help=ACL_HELP),
+    click.option("--tls/--no-tls", default=False, help=TLS_HELP),
     click.option("--micropython", default=None, metavar="PATH",
                  help=f"MicroPython Unix-port binary (default: ${ENV_VAR}, the venv's, PATH)."),
     click.option("--heap", default=HEAP_DEFAULT, show_default=True,
@@ -250,6 +254,7 @@ DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), d
 @click.option("--broker", default="auto", show_default=True,
               metavar="URL|mosquitto|embedded|auto", help="As for demo.")
 @click.option("--acl/--no-acl", default=None, help=ACL_HELP)
+@click.option("--tls/--no-tls", default=False, help=TLS_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default: a fresh folder under runs/cluster/).")
 @click.option("--micropython", default=None, metavar="PATH",
@@ -261,11 +266,12 @@ DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), d
               help="Also serve live per-node metrics in the Prometheus text format at "
                    "http://127.0.0.1:PORT/metrics (a detached exporter, stopped by 'cluster "
                    "down').")
-def cluster_up(nodes: int, stake: str | None, broker: str, acl: bool | None, out: Path | None,
-               micropython: str | None, heap: str, keys: int, metrics_port: int | None) -> None:
+def cluster_up(nodes: int, stake: str | None, broker: str, acl: bool | None, tls: bool,
+               out: Path | None, micropython: str | None, heap: str, keys: int,
+               metrics_port: int | None) -> None:
     """Start a broker and NODES emulated nodes that keep running after this command."""
     weights = _parse_stake(stake)
-    lab = lab_up(nodes, broker, out, weights, heap, micropython, metrics_port, keys, acl)
+    lab = lab_up(nodes, broker, out, weights, heap, micropython, metrics_port, keys, acl, tls)
     console.print(f"cluster {lab.state['cluster']} up: {lab.nodes} nodes, "
                   f"{lab.state['broker']['describe']}; state in {lab.path}", highlight=False)
     if metrics_port is not None:

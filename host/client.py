@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edgebft.devices.keys import ClusterKeys
-from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S
+from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S, Login
 from edgebft.lab.broker_auth import BrokerAuth
+from edgebft.lab.broker_tls import BrokerTLS
 from edgebft.lab.session import LabCluster, LabError
 from edgebft.lab.session import load as load_cluster
 from edgebft.protocol.client import ClientCore
@@ -97,25 +99,27 @@ class Identity:
 
     @classmethod
     def make(cls, cluster: str, client_id: int, host: str, port: int, acl: BrokerAuth | None,
-             stake: list[int], keys: ClusterKeys) -> Identity:
+             stake: list[int], keys: ClusterKeys, tls: BrokerTLS | None = None) -> Identity:
         """Client ``client_id``'s identity in cluster ``cluster`` of keys ``keys``, on the
-        broker at host:port (which enforces ``acl``, or takes anyone)."""
+        broker at host:port (which enforces ``acl``, or takes anyone; and speaks TLS with
+        ``tls``'s certificate, or plain TCP)."""
         if type(client_id) is not int or client_id < 0:
             raise ClientError(f"client id {client_id!r}: expected a non-negative integer")
-        broker: dict[str, Any] = {"host": host, "port": port}
-        if acl is not None:
-            if client_id >= acl.clients:
-                raise ClientError(f"client id {client_id}: the broker knows ids 0.."
-                                  f"{acl.clients - 1} only")
-            broker["user"], broker["password"] = acl.credentials(str(client_id))
-        return cls(cluster, client_id, broker, list(stake), keys.client_keys(client_id))
+        if acl is not None and client_id >= acl.clients:
+            raise ClientError(f"client id {client_id}: the broker knows ids 0.."
+                              f"{acl.clients - 1} only")
+        login = Login(None if acl is None else acl.credentials(str(client_id)),
+                      None if tls is None else tls.ca_der)
+        return cls(cluster, client_id, login.device_entry(host, port), list(stake),
+                   keys.client_keys(client_id))
 
     @classmethod
     def of(cls, cluster: LabCluster, client_id: int) -> Identity:
         """Client ``client_id``'s identity in the lab cluster ``cluster``."""
         b = cluster.state["broker"]
         return cls.make(cluster.state["cluster"], client_id, b["host"], b["port"],
-                        cluster.broker_auth(), cluster.state["stake"], cluster.keys())
+                        cluster.broker_auth(), cluster.state["stake"], cluster.keys(),
+                        cluster.broker_tls())
 
     def to_json(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "client": self.client, "broker": self.broker,
@@ -145,9 +149,9 @@ class Client:
 
     def __init__(self, identity: Identity, timeout_s: float = TIMEOUT_S) -> None:
         client_id = identity.client
-        credentials = None
-        if "user" in identity.broker:
-            credentials = (identity.broker["user"], identity.broker["password"])
+        broker = identity.broker
+        login = Login((broker["user"], broker["password"]) if "user" in broker else None,
+                      bytes.fromhex(broker["ca"]) if "ca" in broker else None)
         self.client_id = client_id
         self.timeout_s = timeout_s
         if len(identity.keys) != len(identity.stake):
@@ -164,18 +168,18 @@ class Client:
         self.reads = {"read-only": 0, "ordered": 0}  # how reads were answered
         self._subscribed = threading.Event()
         self._refused: list[str] = []
-        self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                                 client_id=f"ebft-{identity.cluster}-app{client_id}-"
-                                           f"{os.urandom(3).hex()}")
-        if credentials is not None:
-            self._mqtt.username_pw_set(*credentials)
+        self._mqtt = login.client(f"ebft-{identity.cluster}-app{client_id}-"
+                                  f"{os.urandom(3).hex()}")
         self._mqtt.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_message = self._on_message
         self._mqtt.on_subscribe = lambda *args: self._subscribed.set()
-        broker = identity.broker
         try:
             self._mqtt.connect(broker["host"], broker["port"], keepalive=30)
+        except ssl.SSLCertVerificationError as e:
+            raise ClientError(f"the broker at {broker['host']}:{broker['port']} is not the "
+                              f"one this identity's CA vouches for ({e.verify_message}); is "
+                              "this identity of that cluster?") from None
         except OSError as e:
             raise ClientError(f"cannot reach the cluster's broker at {broker['host']}:"
                               f"{broker['port']} ({e.strerror or e}); is the cluster up?"

@@ -29,6 +29,7 @@ from edgebft.devices.keys import ClusterKeys, generate_keys
 from edgebft.devices.micropython import HEAP_DEFAULT
 from edgebft.lab.broker import Broker, parse_broker, start_broker
 from edgebft.lab.broker_auth import HOST, BrokerAuth, node_identity
+from edgebft.lab.broker_tls import BrokerTLS
 from edgebft.lab.cluster import EmulatedCluster, node_argv
 from edgebft.lab.control import fresh_nonce, send_command
 from edgebft.lab.metrics import availability, latency_percentiles, percentile
@@ -86,6 +87,7 @@ class BenchOptions:
     nemesis_interval_s: float | None = None
     stake: list[int] | None = None  # per node; None: equal
     acl: bool | None = None  # broker identities and ACL (broker_auth); None: on for mosquitto
+    tls: bool = False  # the broker speaks TLS only, with the cluster's own CA (broker_tls)
     sensors: int = 0  # sensor clients (firmware/sensor.py) writing through the cluster
     extra: dict[str, Any] = field(default_factory=dict)
     command: str = "bench"  # names the run folder family: runs/<command>/
@@ -146,11 +148,10 @@ def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:
 def node_config(i: int, cluster: str, stake: Stake, broker: Broker,
                 key_row: dict[str, object], options: BenchOptions) -> dict[str, Any]:
     """The edgebft.json of node ``i`` (with its MQTT identity on a broker with ACLs)."""
-    login = broker.credentials(node_identity(i))
+    login = broker.login(node_identity(i))
     return {
         "node": i, "cluster": cluster, "stake": stake.weights,
-        "broker": {"host": broker.host, "port": broker.port,
-                   **({} if login is None else {"user": login[0], "password": login[1]})},
+        "broker": login.device_entry(broker.host, broker.port),
         "genesis": genesis(), "checkpoint_interval": options.checkpoint_interval,
         "store": {"ledger_pages": ledger_pages(options.keys + options.accounts)},
         "wifi": None, **key_row, **options.extra,
@@ -201,12 +202,13 @@ def launch(stack: contextlib.ExitStack, run: Path, options: BenchOptions,
                          "(only the mosquitto the host starts does); use --broker mosquitto "
                          "or --no-acl")
     auth = BrokerAuth(cluster_id, keys, ACL_CLIENTS) if acl else None
-    broker = stack.enter_context(start_broker(spec, run / "broker", auth))
+    tls = BrokerTLS.create(run / "broker" / "tls", cluster_id) if options.tls else None
+    broker = stack.enter_context(start_broker(spec, run / "broker", auth, tls))
     images = [build_image(run / "nodes" / f"node{i}",
                           node_config(i, cluster_id, stake, broker, keys.row(i), options))
               for i in range(options.nodes)]
     observer = Observer(broker.host, broker.port, cluster_id, options.nodes, keys,
-                        broker.credentials(HOST))
+                        broker.login(HOST))
     stack.callback(observer.close)
     cluster = stack.enter_context(EmulatedCluster(
         images, run / "logs", options.heap, micropython=options.micropython))
@@ -233,7 +235,8 @@ def start_sensors(stack: contextlib.ExitStack, run: Path, options: BenchOptions,
     logs = []
     for s in range(options.sensors):
         identity = Identity.make(up.cluster_id, options.clients + s, up.broker.host,
-                                 up.broker.port, up.broker.auth, stake.weights, up.keys)
+                                 up.broker.port, up.broker.auth, stake.weights, up.keys,
+                                 up.broker.tls)
         image = build_image(run / "sensors" / f"sensor{s}", {**identity.to_json(), "sensor": {
             "key": f"sensor/{s}", "period_ms": SENSOR_PERIOD_MS}}, "sensor.json")
         log = run / "logs" / f"sensor{s}.log"
@@ -306,14 +309,14 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
                             options.clients, rate=options.rate, keyspace=options.keys,
                             accounts=options.accounts, mix=Mix.parse(options.mix),
-                            credentials=broker.credentials(HOST))
+                            login=broker.login(HOST))
         stack.callback(workload.close)
         nonces = [0]
 
         def control(node: int, command: str, args: list[Any]) -> None:
             nonces[0] = fresh_nonce(nonces[0])
             send_command(broker.host, broker.port, cluster_id, node, keys.control[node],
-                         nonces[0], command, args, broker.credentials(HOST))
+                         nonces[0], command, args, broker.login(HOST))
 
         try:
             nemesis = make_nemesis(options.nemesis, cluster, observer, options.duration_s,

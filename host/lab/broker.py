@@ -34,9 +34,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
 
 from edgebft.lab.broker_auth import HOST, BrokerAuth
+from edgebft.lab.broker_tls import BrokerTLS, client_context
 from edgebft.lab.processes import kill_process_group, spawn, untrack_process
 
 BrokerKind = Literal["mosquitto", "embedded", "external"]
@@ -144,6 +147,40 @@ def parse_broker(spec: str) -> BrokerSpec:
 # --- brokers ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Login:
+    """How a host program logs in to a cluster's broker: as whom (``credentials``, (username,
+    password); None: anonymous) and over what: TLS trusting only ``ca_der`` (the cluster's CA
+    certificate, DER; broker_tls.py), or plain TCP when None."""
+
+    credentials: tuple[str, str] | None = None
+    ca_der: bytes | None = None
+
+    def client(self, client_id: str = "") -> mqtt.Client:
+        """A paho client (MQTT 3.1.1, not yet connected) that logs in this way."""
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv311)
+        if self.credentials is not None:
+            client.username_pw_set(*self.credentials)
+        if self.ca_der is not None:
+            client.tls_set_context(client_context(self.ca_der))
+        return client
+
+    def device_entry(self, host: str, port: int) -> dict[str, Any]:
+        """The "broker" entry of a device's configuration (a node's edgebft.json, a sensor's
+        or an application's identity): where the broker is, and the credentials and the CA
+        (hex DER) this login takes."""
+        entry: dict[str, Any] = {"host": host, "port": port}
+        if self.credentials is not None:
+            entry["user"], entry["password"] = self.credentials
+        if self.ca_der is not None:
+            entry["ca"] = self.ca_der.hex()
+        return entry
+
+
+PLAIN = Login()  # anonymous, plain TCP
+
+
 class Broker:
     """A running (or reachable) MQTT broker. Use as a context manager or call ``stop()``.
 
@@ -157,20 +194,23 @@ class Broker:
     def __init__(self, kind: BrokerKind, host: str, port: int, version: str = "",
                  proc: subprocess.Popen[bytes] | None = None, log: Path | None = None,
                  auth: BrokerAuth | None = None, argv: list[str] | None = None,
-                 output: Path | None = None) -> None:
+                 output: Path | None = None, tls: BrokerTLS | None = None) -> None:
         self.kind: BrokerKind = kind
         self.host = host
         self.port = port
         self.version = version
         self.log = log
         self.auth = auth  # identities and ACL it enforces (None: anyone may say anything)
+        self.tls = tls    # its CA and certificate (None: plain TCP)
         self._proc = proc
         self._argv = argv      # how it was started (its configuration names its port) ...
         self._output = output  # ... and where its output goes
 
-    def credentials(self, identity: str) -> tuple[str, str] | None:
-        """(username, password) for ``identity`` on this broker, None when it takes anyone."""
-        return None if self.auth is None else self.auth.credentials(identity)
+    def login(self, identity: str) -> Login:
+        """How ``identity`` logs in here: its credentials on a broker with ACLs, and TLS
+        trusting the cluster's CA on one that speaks TLS."""
+        return Login(None if self.auth is None else self.auth.credentials(identity),
+                     None if self.tls is None else self.tls.ca_der)
 
     @property
     def url(self) -> str:
@@ -195,7 +235,9 @@ class Broker:
     def describe(self) -> str:
         """One line for humans, e.g. ``mosquitto 2.0.11 on 127.0.0.1:41883``."""
         name = f"{self.kind} {self.version}".strip() if self.kind != "external" else "external"
-        return f"{name} on {self.host}:{self.port}" + (" with ACL" if self.auth else "")
+        extras = [x for x, on in (("ACL", self.auth), ("TLS", self.tls)) if on]
+        return f"{name} on {self.host}:{self.port}" + (
+            " with " + " and ".join(extras) if extras else "")
 
     def detach(self) -> None:
         """Leave the broker running after this process exits (``edgebft cluster up``)."""
@@ -279,16 +321,18 @@ def mosquitto_version(binary: Path) -> str:
     return match.group(1) if match else ""
 
 
-def mosquitto_config(port: int, log: Path, access: tuple[Path, Path] | None = None) -> str:
+def mosquitto_config(port: int, log: Path, access: tuple[Path, Path] | None = None,
+                     tls: BrokerTLS | None = None) -> str:
     """Return a mosquitto.conf for one loopback listener on ``port`` logging to ``log``:
     anonymous, or with ``access`` = (password file, ACL file) only for the identities those
-    files name (edgebft.lab.broker_auth).
+    files name (edgebft.lab.broker_auth); TLS only with ``tls`` (edgebft.lab.broker_tls).
 
     Running as root, mosquitto would drop to user ``mosquitto``, which may not be able to write
     ``log``; so as root it stays root (the broker listens on loopback only).
     """
     lines = [
         f"listener {port} {LOOPBACK}",
+        *([] if tls is None else tls.mosquitto_lines()),
         *(["allow_anonymous true"] if access is None else
           ["allow_anonymous false", f"password_file {access[0]}", f"acl_file {access[1]}"]),
         "persistence false",
@@ -308,19 +352,20 @@ def mosquitto_config(port: int, log: Path, access: tuple[Path, Path] | None = No
     return "\n".join(lines) + "\n"
 
 
-def _start_mosquitto(binary: Path, workdir: Path, auth: BrokerAuth | None) -> Broker:
+def _start_mosquitto(binary: Path, workdir: Path, auth: BrokerAuth | None,
+                     tls: BrokerTLS | None) -> Broker:
     version = mosquitto_version(binary)
     log = workdir / "mosquitto.log"
     conf = workdir / "mosquitto.conf"
     access = None if auth is None else auth.write(workdir)
     for _attempt in range(START_ATTEMPTS):
         port = free_port()
-        conf.write_text(mosquitto_config(port, log, access))
+        conf.write_text(mosquitto_config(port, log, access, tls))
         argv = [str(binary), "-c", str(conf)]
         proc = spawn(argv, workdir / "mosquitto.out")
         if _wait_listening(proc, LOOPBACK, port, START_TIMEOUT_S):
             return Broker("mosquitto", LOOPBACK, port, version, proc, log, auth, argv,
-                          workdir / "mosquitto.out")
+                          workdir / "mosquitto.out", tls)
         kill_process_group(proc)
         if "in use" not in _tail(log) + _tail(workdir / "mosquitto.out"):
             break
@@ -356,16 +401,14 @@ def _start_embedded(workdir: Path) -> Broker:
     )
 
 
-def check_reachable(host: str, port: int, credentials: tuple[str, str] | None = None,
+def check_reachable(host: str, port: int, login: Login = PLAIN,
                     timeout_s: float = REACH_TIMEOUT_S) -> None:
-    """Connect to ``host:port`` (as ``credentials`` = (username, password) if given) and
-    complete an MQTT CONNECT/CONNACK within ``timeout_s``.
+    """Connect to ``host:port`` (logging in as ``login`` says) and complete an MQTT
+    CONNECT/CONNACK within ``timeout_s``.
 
     Raises:
         BrokerError: "cannot reach MQTT broker at mqtt://h:p: <reason>; start one or use ...".
     """
-    import paho.mqtt.client as mqtt
-
     url = f"mqtt://{host}:{port}"
     connected = threading.Event()
     reason: list[str] = []
@@ -376,11 +419,8 @@ def check_reachable(host: str, port: int, credentials: tuple[str, str] | None = 
             reason.append(f"CONNACK refused: {rc}")
         connected.set()
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="",
-                         protocol=mqtt.MQTTv311)
+    client = login.client()
     client.on_connect = on_connect
-    if credentials is not None:
-        client.username_pw_set(*credentials)
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             pass
@@ -398,7 +438,8 @@ def check_reachable(host: str, port: int, credentials: tuple[str, str] | None = 
                           "--broker mosquitto|embedded")
 
 
-def start_broker(spec: BrokerSpec | str, workdir: Path, auth: BrokerAuth | None = None) -> Broker:
+def start_broker(spec: BrokerSpec | str, workdir: Path, auth: BrokerAuth | None = None,
+                 tls: BrokerTLS | None = None) -> Broker:
     """Start (or, for ``external``, check) the broker ``spec`` describes; return it running.
 
     Args:
@@ -408,6 +449,8 @@ def start_broker(spec: BrokerSpec | str, workdir: Path, auth: BrokerAuth | None 
         auth: the identities and ACL the broker enforces (mosquitto: written into workdir;
             external: installed there by its owner, and the reachability check logs in as the
             host); the embedded broker (amqtt) takes none: BrokerError.
+        tls: the CA and certificate the broker speaks TLS with (mosquitto only: BrokerError
+            for the others, whose listeners the host does not configure).
 
     Raises:
         BrokerError: the spec is bad, the broker does not come up (the message includes the
@@ -415,18 +458,21 @@ def start_broker(spec: BrokerSpec | str, workdir: Path, auth: BrokerAuth | None 
     """
     if isinstance(spec, str):
         spec = parse_broker(spec)
+    if tls is not None and spec.kind != "mosquitto":
+        raise BrokerError(f"--tls: the host sets TLS up only on the mosquitto it starts, not "
+                          f"on the {spec.kind} broker; use --broker mosquitto or --no-tls")
     if spec.kind == "external":
         assert spec.host is not None
         assert spec.port is not None
         check_reachable(spec.host, spec.port,
-                        None if auth is None else auth.credentials(HOST))
+                        Login(None if auth is None else auth.credentials(HOST)))
         return Broker("external", spec.host, spec.port, auth=auth)
     workdir.mkdir(parents=True, exist_ok=True)
     if spec.kind == "mosquitto":
         binary = spec.mosquitto or find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto not found; install it or use --broker embedded")
-        return _start_mosquitto(binary, workdir, auth)
+        return _start_mosquitto(binary, workdir, auth, tls)
     assert spec.kind == "embedded"
     if auth is not None:
         raise BrokerError("the embedded broker (amqtt) enforces no ACL: use --broker "

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import paho.mqtt.client as paho
-
+from edgebft.lab.broker import PLAIN, Login
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 
@@ -23,13 +22,10 @@ def command_wire(key: bytes, nonce: int, command: str, args: list[Any]) -> bytes
 
 
 def send_command(host: str, port: int, cluster: str, node: int, key: bytes, nonce: int,
-                 command: str, args: list[Any],
-                 credentials: tuple[str, str] | None = None) -> None:
+                 command: str, args: list[Any], login: Login = PLAIN) -> None:
     """Publish one command to ``node`` with QoS 1 and wait until the broker has it (logged in
-    as ``credentials``, the host's identity, on a broker with ACLs)."""
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
-    if credentials is not None:
-        client.username_pw_set(*credentials)
+    as ``login`` says: the host's identity on a broker with ACLs, TLS on one with TLS)."""
+    client = login.client()
     client.connect(host, port, keepalive=10)
     client.loop_start()
     try:

@@ -21,7 +21,7 @@ import paho.mqtt.client as paho
 
 from edgebft.check.verdict import Check
 from edgebft.devices.keys import ClusterKeys
-from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S
+from edgebft.lab.broker import PLAIN, RECONNECT_MAX_S, RECONNECT_MIN_S, Login
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 from edgebft.protocol.node import fresh_stamp
@@ -53,7 +53,7 @@ class Observer:
     the others (forgeries, replays, garbage)."""
 
     def __init__(self, host: str, port: int, cluster: str, nodes: int,
-                 keys: ClusterKeys, credentials: tuple[str, str] | None = None) -> None:
+                 keys: ClusterKeys, login: Login = PLAIN) -> None:
         self.cluster = cluster
         self.nodes = nodes
         self._macs = status_macs(keys)
@@ -65,12 +65,9 @@ class Observer:
         self.heap_peak: dict[int, int] = {}
         self.events: list[tuple[float, int, list[Any]]] = []
         self._lock = threading.Lock()
-        self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                                 client_id=f"ebft-{cluster}-observer-{os.urandom(3).hex()}")
+        self._mqtt = login.client(f"ebft-{cluster}-observer-{os.urandom(3).hex()}")
         self._mqtt.on_message = self._on_message
         self._mqtt.on_connect = self._on_connect
-        if credentials is not None:
-            self._mqtt.username_pw_set(*credentials)
         self._mqtt.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         self._mqtt.connect(host, port, keepalive=30)
         self._mqtt.loop_start()

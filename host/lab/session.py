@@ -42,8 +42,9 @@ from edgebft.lab.bench import (
     launch,
     new_run_dir,
 )
-from edgebft.lab.broker import Broker, BrokerError
+from edgebft.lab.broker import Broker, BrokerError, Login
 from edgebft.lab.broker_auth import HOST, BrokerAuth
+from edgebft.lab.broker_tls import BrokerTLS
 from edgebft.lab.cluster import node_argv
 from edgebft.lab.control import fresh_nonce, partition_reach, send_command
 from edgebft.lab.observer import Observer
@@ -96,10 +97,15 @@ class LabCluster:
             return None
         return BrokerAuth(self.state["cluster"], self.keys(), ACL_CLIENTS)
 
-    def credentials(self, identity: str = HOST) -> tuple[str, str] | None:
-        """(username, password) of ``identity`` on the cluster's broker; None without ACLs."""
-        auth = self.broker_auth()
-        return None if auth is None else auth.credentials(identity)
+    def broker_tls(self) -> BrokerTLS | None:
+        """The CA and certificate of the cluster's broker; None when it speaks plain TCP."""
+        return BrokerTLS(Path(self.state["tls"])) if self.state.get("tls") else None
+
+    def login(self, identity: str = HOST) -> Login:
+        """How ``identity`` logs in to the cluster's broker (credentials with ACLs, TLS)."""
+        auth, tls = self.broker_auth(), self.broker_tls()
+        return Login(None if auth is None else auth.credentials(identity),
+                     None if tls is None else tls.ca_der)
 
     def issue_client(self) -> int:
         """A client id never issued before in this cluster (from ISSUED_CLIENTS_FIRST on),
@@ -117,7 +123,7 @@ class LabCluster:
         logged in as the host; not started."""
         b = self.state["broker"]
         return Workload(b["host"], b["port"], self.state["cluster"], Stake(self.state["stake"]),
-                        self.keys(), clients, credentials=self.credentials(), **options)
+                        self.keys(), clients, login=self.login(), **options)
 
     def node(self, i: int) -> dict[str, Any]:
         if not 0 <= i < self.nodes:
@@ -140,13 +146,14 @@ def load(path: Path | None) -> LabCluster:
 def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
        stake: list[int] | None = None, heap: str = HEAP_DEFAULT,
        micropython: str | None = None, metrics_port: int | None = None,
-       keys: int = KEYS, acl: bool | None = None) -> LabCluster:
+       keys: int = KEYS, acl: bool | None = None, tls: bool = False) -> LabCluster:
     """Start a broker and ``nodes`` emulated nodes that outlive this process, and with
     ``metrics_port`` a Prometheus exporter on 127.0.0.1:``metrics_port``. ``keys``: the
     ledger's size to plan its pages for (edgebft.lab.bench.ledger_pages). ``acl``: MQTT
-    identities and an ACL on the broker (BenchOptions.acl)."""
+    identities and an ACL on the broker (BenchOptions.acl); ``tls``: the broker speaks TLS
+    only (BenchOptions.tls)."""
     options = BenchOptions(command="lab", nodes=nodes, broker=broker, heap=heap,
-                           micropython=micropython, keys=keys, acl=acl)
+                           micropython=micropython, keys=keys, acl=acl, tls=tls)
     options.check()
     if out is not None and Path(out).is_dir() and any(Path(out).iterdir()):
         raise LabError(f"--out {out}: the folder is not empty; a cluster starts in a fresh one "
@@ -178,7 +185,8 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
         "nodes": [{"pid": pid, "image": str(image), "paused": False}
                   for pid, image in zip(pids, started.images, strict=True)],
         "heap": heap, "micropython": str(cluster.micropython), "rom": cluster.rom,
-        "nonce": 0, "acl": b.auth is not None})
+        "nonce": 0, "acl": b.auth is not None,
+        "tls": None if b.tls is None else str(b.tls.folder)})
     lab.save()
     latest = run.parent / "latest"
     if run.parent.name == "cluster" and not latest.exists():
@@ -251,7 +259,7 @@ def status(lab: LabCluster, wait_s: float = STATUS_WAIT_S) -> dict[int, dict[str
     """The newest status of each node (retained on the broker), waited for ``wait_s``."""
     with _broker(lab) as b:
         observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes,
-                            lab.keys(), lab.credentials())
+                            lab.keys(), lab.login())
     try:
         observer.wait_all_online(wait_s)
         snap = observer.snapshot()
@@ -269,7 +277,7 @@ def send_control(lab: LabCluster, node: int, command: str, args: list[Any]) -> N
     lab.save()
     with _broker(lab) as b:
         send_command(b["host"], b["port"], lab.state["cluster"], node,
-                     lab.keys().control[node], nonce, command, args, lab.credentials())
+                     lab.keys().control[node], nonce, command, args, lab.login())
 
 
 def inject(lab: LabCluster, kind: str, node: int | None, p: float = 1.0, ms: int = 0,
@@ -346,7 +354,7 @@ def _restart_broker(lab: LabCluster, down_ms: int) -> str:
     wait_exit(record["pid"], REBOOT_WAIT_S)
     time.sleep(down_ms / 1000)
     broker = Broker(record["kind"], record["host"], record["port"], argv=record["argv"],
-                    output=lab.path / "broker" / "restarts.out")
+                    output=lab.path / "broker" / "restarts.out", tls=lab.broker_tls())
     try:
         broker.start_again()
     except BrokerError as e:
@@ -402,7 +410,7 @@ def _supervising(lab: LabCluster, nodes: list[int]) -> Iterator[Callable[[], Non
     node: "restarted" is said only of a node that is back."""
     with _broker(lab) as b:
         observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes,
-                            lab.keys(), lab.credentials())
+                            lab.keys(), lab.login())
     try:
         _wait_retained(observer, nodes)
         boots = {i: observer.snapshot().get(i, {}).get("boots") for i in nodes}

@@ -35,7 +35,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edgebft.devices.keys import ClusterKeys
-from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S
+from edgebft.lab.broker import PLAIN, RECONNECT_MAX_S, RECONNECT_MIN_S, Login
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 
@@ -150,7 +150,7 @@ class Workload:
     ops: Callable[[int, int], list[Any]] | None = None  # (client, i) -> op; None: operation()
     retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
-    credentials: tuple[str, str] | None = None  # (username, password) on a broker with ACLs
+    login: Login = PLAIN  # the host's identity on a broker with ACLs; TLS on one with TLS
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -176,12 +176,9 @@ class Workload:
         self._timer: threading.Thread | None = None
         self._mono0 = time.monotonic()
         self._wall0 = time.time()
-        self._mqtt = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                                 client_id=f"ebft-{self.cluster}-workload")
+        self._mqtt = self.login.client(f"ebft-{self.cluster}-workload")
         self._mqtt.on_message = self._on_message
         self._mqtt.on_connect = self._on_connect
-        if self.credentials is not None:
-            self._mqtt.username_pw_set(*self.credentials)
         self._mqtt.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         self._subscribed = threading.Event()
         self._mqtt.on_subscribe = lambda *a: self._subscribed.set()
