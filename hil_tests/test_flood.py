@@ -19,7 +19,7 @@ import pytest
 
 from conftest import wait_until
 from edgebft.lab import session as lab
-from edgebft.lab.broker import find_mosquitto
+from edgebft.lab.broker import Login, find_mosquitto
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 
@@ -28,7 +28,7 @@ FLOOD_RATE = 2000  # messages per second, spread over every topic shape
 INSIDER = "200"    # a client identity the flooder holds when the broker has ACLs
 
 
-def flood(cluster: lab.LabCluster, login: tuple[str, str] | None, stop: threading.Event,
+def flood(cluster: lab.LabCluster, login: Login, stop: threading.Event,
           sent: list[int]) -> None:
     """Publish random bytes on every topic a node reads or writes, FLOOD_RATE a second."""
     rng = random.Random(12)
@@ -39,9 +39,7 @@ def flood(cluster: lab.LabCluster, login: tuple[str, str] | None, stop: threadin
               + [f"{p}ctl/{i}" for i in range(n)] + [f"{p}req/{k}" for k in (0, 1, 200)]
               + [f"{p}rep/{k}" for k in (0, 1)])
     b = cluster.state["broker"]
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
-    if login is not None:
-        client.username_pw_set(*login)
+    client = login.client()
     client.connect(b["host"], b["port"])
     client.loop_start()
     try:
@@ -75,7 +73,7 @@ def test_a_flood_on_every_topic_under_load(cluster: lab.LabCluster) -> None:
     work = cluster.workload(clients=4)
     work.start()
     stop, sent = threading.Event(), [0]
-    login = cluster.credentials(INSIDER) if acl else None
+    login = cluster.login(INSIDER)
     flooder = threading.Thread(target=flood, args=(cluster, login, stop, sent), daemon=True)
     try:
         time.sleep(1.0)

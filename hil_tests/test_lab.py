@@ -14,7 +14,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
-import paho.mqtt.client as paho
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -154,10 +153,9 @@ def test_forged_and_replayed_control_commands_only_count(cluster: lab.LabCluster
     cluster_ref[:] = [cluster]
     before = lab.status(cluster)[1]["ctl_rejected"]
     b = cluster.state["broker"]
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
     # One who may publish on ctl/1 (the broker's host identity) without the control key: the
     # node's own check is what stops it.
-    client.username_pw_set(*cluster.credentials())
+    client = cluster.login().client()
     client.connect(b["host"], b["port"])
     client.loop_start()
     topic = f"ebft/{cluster.state['cluster']}/ctl/1"
