@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgebft import fault_kinds
+from edgebft.board_commands import COMMANDS as BOARD_COMMANDS
 from edgebft.check.verdict import NOT_LIVE, OK
 from edgebft.devices.micropython import ENV_VAR, HEAP_DEFAULT, MicroPythonNotFound
 from edgebft.lab.bench import CLIENTS_DEFAULT, BenchError, BenchOptions, run_bench
@@ -520,7 +521,7 @@ def _parse_plant(text: str | None) -> tuple[int, int] | None:
         raise SimError(f"--plant-divergence wants REPLICA:SEQ, got {text!r}") from None
 
 
-for _command in LEDGER_COMMANDS:  # put, get, open, transfer, balance, stake, ..., client
+for _command in LEDGER_COMMANDS + BOARD_COMMANDS:  # put, get, ..., client; boards, flash
     cli.add_command(_command)
 
 
