@@ -1,5 +1,6 @@
-"""``edgebft boards`` and ``edgebft flash``: the boards the host knows, and writing MicroPython
-and our code to one (edgebft.boards, edgebft.devices.flasher).
+"""``edgebft boards``, ``flash``, ``keys new`` and ``deploy``: the boards the host knows,
+writing MicroPython and our code to one (edgebft.boards, edgebft.devices.flasher), a site's
+keys (edgebft.devices.site) and putting a node on a board (edgebft.devices.deploy).
 
 Exit status: 0 done, 1 the board or the port failed (one line on stderr, nothing written when
 the chip is not the board's), 2 a usage error (an unknown board, a file that cannot be read or
@@ -20,7 +21,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from edgebft.boards import BoardError, board, boards
-from edgebft.devices import flasher
+from edgebft.devices import deploy, flasher
+from edgebft.devices.keys import generate_keys, save_keys
+from edgebft.devices.site import SiteError, load_site
 
 EXIT_DEVICE = 1
 EXIT_USAGE = 2
@@ -98,4 +101,70 @@ def flash(port: str, board_name: str, firmware: Path, romfs: Path | None, erase:
                f"{'erased, ' if erase else ''}{writes}; verified; reset")
 
 
-COMMANDS = (list_boards, flash)
+CLUSTER_OPTION = click.option(
+    "--cluster", "cluster_toml", required=True, type=click.Path(path_type=Path),
+    help="The site's cluster.toml (see README: 'Real boards').")
+
+
+@click.group()
+def keys() -> None:
+    """The secrets of a cluster of boards."""
+
+
+@keys.command("new")
+@CLUSTER_OPTION
+@click.option("--force", is_flag=True, help="Replace existing keys (every board must then be "
+                                            "deployed again).")
+def keys_new(cluster_toml: Path, force: bool) -> None:
+    """Make the cluster's keys and write them beside cluster.toml as <stem>.keys.json, mode
+    0600: every pairwise key, each node's client secret and control key."""
+    try:
+        site = load_site(cluster_toml)
+    except SiteError as e:
+        click.echo(f"edgebft: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    if site.keys_path.exists() and not force:
+        click.echo(f"edgebft: error: {site.keys_path} exists; --force replaces it (then deploy "
+                   "every board again)", err=True)
+        sys.exit(EXIT_USAGE)
+    save_keys(generate_keys(len(site.nodes)), site.keys_path)
+    click.echo(f"keys for {len(site.nodes)} nodes of {site.name}: {site.keys_path} (mode 0600)")
+
+
+@click.command("deploy")
+@click.option("--port", default=None,
+              help="The board's serial port (default: the node's port in cluster.toml).")
+@click.option("--node", "node_id", required=True, type=click.IntRange(min=0),
+              help="The node id the board becomes.")
+@CLUSTER_OPTION
+@click.option("--no-reset", is_flag=True, help="Leave the board at its REPL afterwards.")
+def deploy_node(port: str | None, node_id: int, cluster_toml: Path, no_reset: bool) -> None:
+    """Put node ID of the cluster on a board over its REPL: our modules as lib/*.mpy, main.py
+    and the node's edgebft.json (its keys, broker login and WiFi; never printed), each file
+    skipped when its SHA-256 on the board already matches and otherwise written to a new name
+    and renamed; then a soft reset boots the node."""
+    try:
+        site = load_site(cluster_toml)
+        node = site.node(node_id)
+        files = deploy.node_files(site.node_config(node_id, site.keys()))
+    except SiteError as e:
+        click.echo(f"edgebft: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    port = port or node.port
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"node {node_id} -> {port}", total=len(files))
+        try:
+            done = deploy.deploy(port, files, not no_reset,
+                                 lambda path, wrote: bar.advance(task))
+        except deploy.DeployError as e:
+            bar.stop()
+            click.echo(f"edgebft: {e}", err=True)
+            sys.exit(EXIT_DEVICE)
+    click.echo(f"deployed node {node_id} of {site.name} to {port}: {len(done.written)} files "
+               f"written, {len(done.skipped)} unchanged"
+               + ("; reset" if done.reset else "; left at the REPL"))
+
+
+COMMANDS = (list_boards, flash, keys, deploy_node)

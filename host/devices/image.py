@@ -80,6 +80,11 @@ def build_lib(lib: Path, compile_mpy: bool = True) -> Path:
     return lib
 
 
+def main_source() -> bytes:
+    """The device's main.py (firmware/main.py): boot, then the node or the sensor."""
+    return (_source_dir("edgebft.firmware") / "main.py").read_bytes()
+
+
 def build_rom(lib: Path) -> bytes:
     """A ROMFS image holding ``lib`` as ``/lib`` (mpremote's writer, read by vfs.VfsRom)."""
     from mpremote.romfs import VfsRomWriter
@@ -109,7 +114,7 @@ def build_image(dest: Path, config: dict[str, Any], config_name: str = "edgebft.
     which main.py then runs instead.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_source_dir("edgebft.firmware") / "main.py", dest / "main.py")
+    (dest / "main.py").write_bytes(main_source())
     build_lib(dest / "lib")
     (dest / "rom.img").write_bytes(build_rom(dest / "lib"))
     (dest / config_name).write_text(json.dumps(config, sort_keys=True, indent=1) + "\n")

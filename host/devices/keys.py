@@ -9,9 +9,11 @@ as any client.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgebft.protocol.replica import client_key
 
@@ -41,6 +43,25 @@ class ClusterKeys:
     def client_keys(self, client: int) -> list[bytes]:
         """The keys client ``client`` shares with each replica, in replica order."""
         return [client_key(secret, client) for secret in self.client_secrets]
+
+
+def save_keys(keys: ClusterKeys, path: Path) -> None:
+    """Write every key of the cluster to ``path`` as JSON (hex), created with mode 0600: it is
+    the host's copy, from which each device gets its row and each client its keys."""
+    text = json.dumps({"pairwise": [[k.hex() for k in row] for row in keys.pairwise],
+                       "client_secrets": [k.hex() for k in keys.client_secrets],
+                       "control": [k.hex() for k in keys.control]})
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def load_keys(path: Path) -> ClusterKeys:
+    """The keys save_keys() wrote to ``path`` (OSError, ValueError, KeyError when it cannot)."""
+    raw = json.loads(Path(path).read_text())
+    return ClusterKeys(pairwise=[[bytes.fromhex(k) for k in row] for row in raw["pairwise"]],
+                       client_secrets=[bytes.fromhex(k) for k in raw["client_secrets"]],
+                       control=[bytes.fromhex(k) for k in raw["control"]])
 
 
 def generate_keys(n: int, randbytes: Callable[[int], bytes] = os.urandom) -> ClusterKeys:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebft import fault_kinds
-from edgebft.devices.keys import ClusterKeys
+from edgebft.devices.keys import ClusterKeys, load_keys, save_keys
 from edgebft.devices.micropython import HEAP_DEFAULT
 from edgebft.lab.bench import (
     ACL_CLIENTS,
@@ -84,11 +84,7 @@ class LabCluster:
     def keys(self) -> ClusterKeys:
         """The cluster's keys (keys.json, read once: they never change)."""
         if self._keys is None:
-            raw = json.loads((self.path / KEYS_FILE).read_text())
-            self._keys = ClusterKeys(
-                pairwise=[[bytes.fromhex(k) for k in row] for row in raw["pairwise"]],
-                client_secrets=[bytes.fromhex(k) for k in raw["client_secrets"]],
-                control=[bytes.fromhex(k) for k in raw["control"]])
+            self._keys = load_keys(self.path / KEYS_FILE)
         return self._keys
 
     def broker_auth(self) -> BrokerAuth | None:
@@ -169,12 +165,7 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
     with contextlib.ExitStack() as stack:
         started = launch(stack, run, options, Stake(weights))
         keys, b, cluster = started.keys, started.broker, started.cluster
-        keys_path = run / KEYS_FILE
-        keys_path.write_text(json.dumps({
-            "pairwise": [[k.hex() for k in row] for row in keys.pairwise],
-            "client_secrets": [k.hex() for k in keys.client_secrets],
-            "control": [k.hex() for k in keys.control]}))
-        keys_path.chmod(0o600)
+        save_keys(keys, run / KEYS_FILE)
         pids = cluster.detach()  # from here on, leaving the stack stops neither
         broker_pid = b.pid
         b.detach()

@@ -1,0 +1,126 @@
+"""From zero to a running cluster of boards (issue 14), on virtual boards: MicroPython's Unix
+port behind pseudo-terminals (edgebft.devices.virtual_board), which mpremote's real transport
+drives as it drives a board's USB serial port.
+
+cluster.toml names four boards and a broker; `edgebft keys new` makes the secrets; `edgebft
+deploy` puts each node on its board over the REPL and resets it; the boards boot main.py from
+their flash and the cluster commits an application's writes. A second deploy writes nothing;
+secrets never reach the output; a bad cluster.toml or a dead port is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgebft import Client
+from edgebft.client import Identity
+from edgebft.devices.site import load_site
+from edgebft.lab.broker import find_mosquitto, start_broker
+
+pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
+
+EDGEBFT = [sys.executable, "-m", "edgebft"]
+BOARDS = ("esp32", "esp32", "esp32c3", "esp32s3")
+
+
+def edgebft(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EDGEBFT, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A broker, four virtual boards with empty flash, and a cluster.toml naming them."""
+    root = tmp_path_factory.mktemp("site")
+    boards = []
+    with start_broker("mosquitto", root / "broker") as broker:
+        try:
+            for i in range(len(BOARDS)):
+                (root / f"flash{i}").mkdir()
+                boards.append(subprocess.Popen(
+                    [sys.executable, "-m", "edgebft.devices.virtual_board",
+                     str(root / f"flash{i}"), "--port-file", str(root / f"port{i}")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            ports = []
+            for i in range(len(BOARDS)):
+                deadline = time.monotonic() + 10
+                while not (root / f"port{i}").exists():
+                    assert time.monotonic() < deadline, "a virtual board did not start"
+                    time.sleep(0.05)
+                ports.append((root / f"port{i}").read_text())
+            toml = (f'[cluster]\nname = "greenhouse"\n\n[broker]\nhost = "{broker.host}"\n'
+                    f'port = {broker.port}\n')
+            for i, (board, port) in enumerate(zip(BOARDS, ports, strict=True)):
+                toml += f'\n[[node]]\nid = {i}\nboard = "{board}"\nport = "{port}"\n'
+            (root / "cluster.toml").write_text(toml)
+            yield root / "cluster.toml"
+        finally:
+            for proc in boards:
+                proc.terminate()
+                proc.wait(10)
+
+
+def test_keys_then_deploy_then_the_boards_commit(site: Path) -> None:
+    made = edgebft("keys", "new", "--cluster", str(site))
+    assert made.returncode == 0, made.stderr
+    keys_path = site.with_name("cluster.keys.json")
+    assert keys_path.stat().st_mode & 0o777 == 0o600
+    again = edgebft("keys", "new", "--cluster", str(site))
+    assert again.returncode == 2 and "exists; --force replaces it" in again.stderr
+    secrets = [k for row in json.loads(keys_path.read_text()).values() for k in
+               (row if isinstance(row[0], str) else sum(row, []))]
+    for i in range(len(BOARDS)):
+        done = edgebft("deploy", "--node", str(i), "--cluster", str(site))
+        assert done.returncode == 0, done.stderr
+        assert "files written, 0 unchanged; reset" in done.stdout
+        assert not any(secret in done.stdout + done.stderr for secret in secrets)
+        config = json.loads((site.parent / f"flash{i}" / "edgebft.json").read_text())
+        assert config["node"] == i and config["client_secret"] in secrets
+        assert (site.parent / f"flash{i}" / "lib/edgebft/protocol/replica.mpy").exists()
+    s = load_site(site)
+    identity = Identity.make(s.name, 100, s.broker["host"], s.broker["port"], None, s.stake,
+                             s.keys())
+    with Client(identity, timeout_s=30) as ledger:  # the boards boot, then take requests
+        ledger.put("greeting", "from the boards")
+        assert ledger.get("greeting", ordered=True) == "from the boards"
+        assert ledger.transfer("acct100", "acct1", 5) == 999_995
+
+
+def test_a_second_deploy_writes_nothing_and_the_node_comes_back(site: Path) -> None:
+    done = edgebft("deploy", "--node", "2", "--cluster", str(site))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("deployed node 2 of greenhouse to ")
+    assert "0 files written, 27 unchanged; reset" in done.stdout, done.stdout
+    s = load_site(site)
+    identity = Identity.make(s.name, 101, s.broker["host"], s.broker["port"], None, s.stake,
+                             s.keys())
+    with Client(identity, timeout_s=30) as ledger:
+        ledger.put("after", "redeploy")
+        assert ledger.get("after", ordered=True) == "redeploy"
+
+
+def test_bad_input_is_one_line(site: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "cluster.toml"
+    bad.write_text(site.read_text().replace('board = "esp32c3"', 'board = "esp99"'))
+    done = edgebft("deploy", "--node", "0", "--cluster", str(bad))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"edgebft: error: {bad}: node 2: unknown board 'esp99'; known: esp32, esp32c3, "
+        "esp32c6, esp32s3"]
+    bad.write_text(site.read_text())
+    done = edgebft("deploy", "--node", "0", "--cluster", str(bad))
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"edgebft: error: no keys for {bad}: make them with 'edgebft keys new --cluster "
+        f"{bad}'"]
+    done = edgebft("deploy", "--node", "9", "--cluster", str(site))
+    assert done.returncode == 2 and "no node 9" in done.stderr
+    done = edgebft("deploy", "--node", "0", "--cluster", str(site), "--port",
+                   str(tmp_path / "ttyNONE"))
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,99 @@
+"""A virtual board: MicroPython's Unix port behind a serial-like pseudo-terminal, with a
+folder standing in for its flash (../shared/HARDWARE.md, "A virtual board").
+
+    python -m edgebft.devices.virtual_board FLASH [--port-file F] [--heap 320k]
+
+It prints (and writes to F) the path of its port, e.g. /dev/pts/7, which mpremote, pyserial
+and ``edgebft deploy`` open as they would /dev/ttyUSB0. Like a board running stock firmware it
+boots ``main.py`` from its flash when there is one and falls to the REPL when main.py ends or
+is interrupted (Ctrl-C from the port); a soft reset (Ctrl-D at the REPL) or a crash boots it
+again in the same flash, after "MPY: soft reboot". Both ends of its pseudo-terminals are raw
+(no CR/LF translation), or the raw REPL's framing breaks.
+
+The relay between the port and the interpreter owns the terminal: a raw terminal generates no
+SIGINT, so the first Ctrl-C while main.py runs is delivered as SIGINT (once the REPL's banner
+shows, main.py has ended and Ctrl-C reaches the REPL as a byte). Not confined: the Unix port's
+``/`` is the host's, so only tools that write relative paths (as deploy does) belong on it; it
+is test and demo equipment, not a sandbox.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import signal
+import subprocess
+import sys
+import tty
+from pathlib import Path
+
+from edgebft.devices.micropython import find_micropython
+
+# Stock firmware loads our modules' bytecode into the heap (no ROMFS): measured, a node deployed
+# this way holds ~164 KB live on the 64-bit Unix port (~100 KB from ROMFS), so the virtual
+# board gets twice that.
+HEAP = "320k"
+REBOOT_BANNER = b"MPY: soft reboot\r\n"
+_REPL_BANNER = b'Type "help()" for more information.'  # the REPL starts (after main.py)
+
+
+def _boot(micropython: str, flash: Path, heap: str, slave: int) -> subprocess.Popen[bytes]:
+    argv = [micropython, "-X", f"heapsize={heap}"]
+    if (flash / "main.py").exists():
+        argv += ["-i", "main.py"]  # the REPL once main.py ends, as on a board
+    return subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=flash,
+                            start_new_session=True)
+
+
+def serve(flash: Path, port_file: Path | None, heap: str) -> None:
+    """Run the board until killed (see the module docstring)."""
+    micropython = str(find_micropython())
+    port_master, port_slave = os.openpty()
+    tty.setraw(port_slave)
+    port = os.ttyname(port_slave)
+    if port_file is not None:
+        port_file.write_text(port)
+    print(port, flush=True)
+    while True:
+        board_master, board_slave = os.openpty()
+        tty.setraw(board_slave)
+        proc = _boot(micropython, flash, heap, board_slave)
+        os.close(board_slave)
+        interruptible = (flash / "main.py").exists()
+        while proc.poll() is None:
+            ready, _, _ = select.select([port_master, board_master], [], [], 0.05)
+            if port_master in ready:
+                data = os.read(port_master, 4096)
+                if interruptible and b"\x03" in data:
+                    os.kill(proc.pid, signal.SIGINT)
+                    interruptible = False
+                os.write(board_master, data)
+            if board_master in ready:
+                try:
+                    data = os.read(board_master, 4096)
+                except OSError:  # the interpreter is gone
+                    break
+                if _REPL_BANNER in data:  # main.py ended: Ctrl-C is the REPL's now
+                    interruptible = False
+                os.write(port_master, data)
+        proc.wait()
+        os.close(board_master)
+        os.write(port_master, REBOOT_BANNER)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m edgebft.devices.virtual_board",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("flash", type=Path, help="the folder that is the board's flash")
+    parser.add_argument("--port-file", type=Path, help="write the port's path here too")
+    parser.add_argument("--heap", default=HEAP, help=f"MicroPython heap (default {HEAP})")
+    args = parser.parse_args(argv)
+    if not args.flash.is_dir():
+        parser.error(f"{args.flash}: no such folder")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    serve(args.flash.resolve(), args.port_file, args.heap)
+
+
+if __name__ == "__main__":
+    main()
