@@ -11,6 +11,7 @@ secrets never reach the output; a bad cluster.toml or a dead port is one line.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from edgebft import Client
 from edgebft.client import Identity
 from edgebft.devices.site import load_site
 from edgebft.lab.broker import find_mosquitto, start_broker
+from edgebft.lab.control import fresh_nonce, send_command
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 
@@ -124,3 +126,39 @@ def test_bad_input_is_one_line(site: Path, tmp_path: Path) -> None:
                    str(tmp_path / "ttyNONE"))
     assert done.returncode == 1 and len(done.stderr.splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_provision_does_every_board_and_monitor_shows_them_boot(site: Path,
+                                                              tmp_path: Path) -> None:
+    """Node 3's port is dead: provision does the other three, reports it, exits 1; monitor
+    then shows each rebooted node's first lines, stamped and named, and node 3's port as
+    unopenable."""
+    dead = tmp_path / "ttyDEAD"
+    toml = site.read_text().rsplit("port = ", 1)[0] + f'port = "{dead}"\n'
+    broken = site.with_name("broken.toml")
+    broken.write_text(toml)
+    site.with_name("broken.keys.json").write_bytes(site.with_name("cluster.keys.json")
+                                                   .read_bytes())
+    done = edgebft("provision", "--cluster", str(broken))
+    assert done.returncode == 1
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()
+            if line.strip()[:1].isdigit()}
+    assert all("27" in rows[str(i)] and rows[str(i)].rstrip().endswith("ok") for i in range(3))
+    assert rows["3"].split()[1:5] == ["esp32s3", rows["3"].split()[2], "-", "0"]
+    assert done.stderr.splitlines() == [f"edgebft: node 3: {dead}: failed to access {dead}"]
+    watch = subprocess.Popen([*EDGEBFT, "monitor", "--cluster", str(broken), "--duration", "6"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # monitor has the ports open: reboot nodes 0-2 over MQTT, watch them boot
+    s = load_site(site)
+    keys = s.keys()
+    for i in range(3):
+        send_command(s.broker["host"], s.broker["port"], s.name, i, keys.control[i],
+                     fresh_nonce(0), "reboot", [])
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    lines = out.splitlines()
+    for i in range(3):
+        assert any(re.fullmatch(rf"\d\d:\d\d:\d\d\.\d{{3}} node{i} \| edgebft node {i} up: "
+                                r"4 replicas, broker .*", line) for line in lines), lines
+    assert any(line.split(" | ")[0].endswith("node3") and "cannot open" in line
+               for line in lines)

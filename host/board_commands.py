@@ -1,6 +1,8 @@
-"""``edgebft boards``, ``flash``, ``keys new`` and ``deploy``: the boards the host knows,
-writing MicroPython and our code to one (edgebft.boards, edgebft.devices.flasher), a site's
-keys (edgebft.devices.site) and putting a node on a board (edgebft.devices.deploy).
+"""``edgebft boards``, ``flash``, ``keys new``, ``deploy``, ``provision`` and ``monitor``: the
+boards the host knows, writing MicroPython and our code to one (edgebft.boards,
+edgebft.devices.flasher), a site's keys (edgebft.devices.site), putting a node on a board
+(edgebft.devices.deploy), every board at once (edgebft.devices.provision), and their serial
+logs (edgebft.devices.monitor).
 
 Exit status: 0 done, 1 the board or the port failed (one line on stderr, nothing written when
 the chip is not the board's), 2 a usage error (an unknown board, a file that cannot be read or
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from rich.table import Table
 from edgebft.boards import BoardError, board, boards
 from edgebft.devices import deploy, flasher
 from edgebft.devices.keys import generate_keys, save_keys
+from edgebft.devices.monitor import monitor
+from edgebft.devices.provision import provision
 from edgebft.devices.site import SiteError, load_site
 
 EXIT_DEVICE = 1
@@ -167,4 +172,72 @@ def deploy_node(port: str | None, node_id: int, cluster_toml: Path, no_reset: bo
                + ("; reset" if done.reset else "; left at the REPL"))
 
 
-COMMANDS = (list_boards, flash, keys, deploy_node)
+@click.command("provision")
+@CLUSTER_OPTION
+@click.option("--firmware", type=click.Path(path_type=Path), default=None,
+              help="Flash this MicroPython image first (each board's offsets); without it, "
+                   "deploy only.")
+@click.option("--romfs", type=click.Path(path_type=Path), default=None,
+              help="With --firmware: also write this ROMFS image to each romfs partition.")
+def provision_all(cluster_toml: Path, firmware: Path | None, romfs: Path | None) -> None:
+    """Every board of cluster.toml in parallel: flash (with --firmware), then deploy its node;
+    a line per board as it goes and a table at the end. One board failing does not stop the
+    others; exit 1 when any failed."""
+    try:
+        site = load_site(cluster_toml)
+        site.keys()
+    except SiteError as e:
+        click.echo(f"edgebft: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    lock = threading.Lock()
+
+    def report(node: int, what: str) -> None:
+        with lock:
+            console.print(f"node {node} ({site.node(node).port}): {what}", highlight=False)
+
+    results = provision(site, firmware, romfs, report)
+    table = Table(title=f"provisioned {site.name}", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("node", "board", "port", "flashed", "written", "unchanged", "result"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(str(r.node), r.board, r.port, r.flashed, str(r.written), str(r.unchanged),
+                      "ok" if r.error is None else f"[red]{r.error}[/]")
+    console.print(table)
+    for r in results:
+        if r.error is not None:
+            click.echo(f"edgebft: node {r.node}: {r.error}", err=True)
+    if any(r.error for r in results):
+        sys.exit(EXIT_DEVICE)
+
+
+@click.command("monitor")
+@click.option("--port", "ports", multiple=True,
+              help="A board's serial port (repeatable); or take them from --cluster.")
+@click.option("--cluster", "cluster_toml", type=click.Path(path_type=Path), default=None,
+              help="Every node's port from this cluster.toml, named node<ID>.")
+@click.option("--duration", "duration_s", type=float, default=None,
+              help="Stop after this many seconds (default: at Ctrl-C).")
+def monitor_boards(ports: tuple[str, ...], cluster_toml: Path | None,
+                   duration_s: float | None) -> None:
+    """Print the serial logs of one or many boards, each line stamped with the host's clock
+    and prefixed by its node (or port): '15:04:05.123 node2 | ...'."""
+    named = {Path(p).name: p for p in ports}
+    if cluster_toml is not None:
+        try:
+            named.update({f"node{n.id}": n.port for n in load_site(cluster_toml).nodes})
+        except SiteError as e:
+            click.echo(f"edgebft: error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+    if not named:
+        click.echo("edgebft: error: give --port (one or more) or --cluster", err=True)
+        sys.exit(EXIT_USAGE)
+    stop = threading.Event()
+    if duration_s is not None:
+        threading.Timer(duration_s, stop.set).start()
+    try:
+        monitor(named, lambda line: click.echo(line), stop)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+COMMANDS = (list_boards, flash, keys, deploy_node, provision_all, monitor_boards)

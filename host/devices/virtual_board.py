@@ -5,16 +5,17 @@ folder standing in for its flash (../shared/HARDWARE.md, "A virtual board").
 
 It prints (and writes to F) the path of its port, e.g. /dev/pts/7, which mpremote, pyserial
 and ``edgebft deploy`` open as they would /dev/ttyUSB0. Like a board running stock firmware it
-boots ``main.py`` from its flash when there is one and falls to the REPL when main.py ends or
-is interrupted (Ctrl-C from the port); a soft reset (Ctrl-D at the REPL) or a crash boots it
-again in the same flash, after "MPY: soft reboot". Both ends of its pseudo-terminals are raw
-(no CR/LF translation), or the raw REPL's framing breaks.
+boots ``main.py`` from its flash when there is one; main.py interrupted (Ctrl-C from the port)
+or crashed leaves it at the REPL; a reset from main.py (``machine.soft_reset``: the Unix port
+has no ``machine.reset``) or a soft reset at the REPL (Ctrl-D) boots it again in the same
+flash, after "MPY: soft reboot". Both ends of its pseudo-terminals are raw (no CR/LF
+translation), or the raw REPL's framing breaks.
 
 The relay between the port and the interpreter owns the terminal: a raw terminal generates no
-SIGINT, so the first Ctrl-C while main.py runs is delivered as SIGINT (once the REPL's banner
-shows, main.py has ended and Ctrl-C reaches the REPL as a byte). Not confined: the Unix port's
-``/`` is the host's, so only tools that write relative paths (as deploy does) belong on it; it
-is test and demo equipment, not a sandbox.
+SIGINT, so the first Ctrl-C while main.py runs is delivered as SIGINT (at the REPL, Ctrl-C is
+a byte like any other). Not confined: the Unix port's ``/`` is the host's, so only tools that
+write relative paths (as deploy does) belong on it; it is test and demo equipment, not a
+sandbox.
 """
 
 from __future__ import annotations
@@ -35,13 +36,11 @@ from edgebft.devices.micropython import find_micropython
 # board gets twice that.
 HEAP = "320k"
 REBOOT_BANNER = b"MPY: soft reboot\r\n"
-_REPL_BANNER = b'Type "help()" for more information.'  # the REPL starts (after main.py)
 
 
-def _boot(micropython: str, flash: Path, heap: str, slave: int) -> subprocess.Popen[bytes]:
-    argv = [micropython, "-X", f"heapsize={heap}"]
-    if (flash / "main.py").exists():
-        argv += ["-i", "main.py"]  # the REPL once main.py ends, as on a board
+def _boot(micropython: str, flash: Path, heap: str, slave: int,
+          script: bool) -> subprocess.Popen[bytes]:
+    argv = [micropython, "-X", f"heapsize={heap}"] + (["main.py"] if script else [])
     return subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=flash,
                             start_new_session=True)
 
@@ -55,31 +54,41 @@ def serve(flash: Path, port_file: Path | None, heap: str) -> None:
     if port_file is not None:
         port_file.write_text(port)
     print(port, flush=True)
+    script = True  # what a boot runs: main.py when the flash has one, else the REPL
+    typed = b""    # what the port sent from Ctrl-C on, while main.py was ending: the REPL's
     while True:
         board_master, board_slave = os.openpty()
         tty.setraw(board_slave)
-        proc = _boot(micropython, flash, heap, board_slave)
+        running_main = script and (flash / "main.py").exists()
+        proc = _boot(micropython, flash, heap, board_slave, running_main)
         os.close(board_slave)
-        interruptible = (flash / "main.py").exists()
+        if not running_main and typed:
+            os.write(board_master, typed)
+        typed = b""
+        interrupted = False
         while proc.poll() is None:
             ready, _, _ = select.select([port_master, board_master], [], [], 0.05)
             if port_master in ready:
                 data = os.read(port_master, 4096)
-                if interruptible and b"\x03" in data:
-                    os.kill(proc.pid, signal.SIGINT)
-                    interruptible = False
-                os.write(board_master, data)
+                if running_main and not interrupted and b"\x03" in data:
+                    os.kill(proc.pid, signal.SIGINT)  # raw terminals send no SIGINT
+                    interrupted = True
+                if interrupted:
+                    typed += data  # main.py reads no input: the REPL after it will
+                else:
+                    os.write(board_master, data)
             if board_master in ready:
                 try:
-                    data = os.read(board_master, 4096)
+                    os.write(port_master, os.read(board_master, 4096))
                 except OSError:  # the interpreter is gone
                     break
-                if _REPL_BANNER in data:  # main.py ended: Ctrl-C is the REPL's now
-                    interruptible = False
-                os.write(port_master, data)
-        proc.wait()
+        code = proc.wait()
         os.close(board_master)
-        os.write(port_master, REBOOT_BANNER)
+        # main.py reset the board (machine.soft_reset: exit 0), or the REPL was soft-reset
+        # (Ctrl-D): boot again. main.py interrupted or crashed: the REPL, as on a board.
+        script = not running_main or (code == 0 and not interrupted)
+        if script:
+            os.write(port_master, REBOOT_BANNER)
 
 
 def main(argv: list[str] | None = None) -> None:
