@@ -53,7 +53,7 @@ stake = Stake([1] * N)
 keys = [[hashlib.sha256(bytes([min(i, j), max(i, j)])).digest() for j in range(N)]
         for i in range(N)]
 secrets = [hashlib.sha256(bytes([i])).digest() for i in range(N)]
-genesis = {"acct%d" % a: 1000000 for a in range(16)}
+genesis = {"acct*": [CLIENTS, 1000000]}  # acct<c> owned by client c
 gc.collect(); base = gc.mem_alloc()
 rs = [rp.Replica(i, stake, keys[i], secrets[i], genesis=genesis, checkpoint_interval=K,
                  flash=Flash("flash-%d-%d" % (K, i))) for i in range(N)]
@@ -64,7 +64,7 @@ gc.collect(); start = gc.mem_alloc()
 queue = []; peak = 0
 for k in range(REQUESTS):
     c = clients[k % CLIENTS]
-    wire = c.request(["transfer", "acct%d" % (k % 16), "acct%d" % ((k + 1) % 16), 1]
+    wire = c.request(["transfer", "acct%d" % (k % CLIENTS), "acct%d" % ((k + 1) % CLIENTS), 1]
                      if k % 2 else ["put", "k%d" % (k % 32), k])
     for i in range(N):
         queue.append((i, wire))
