@@ -137,8 +137,14 @@ class Ledger:
             return 0
         return entry[0]
 
-    def _has_room(self, entry):
-        return self.store.count < ENTRIES_MAX or self.store.get(entry) is not None
+    def _has_room(self, *entries):
+        """Whether writing ``entries`` keeps the store within ENTRIES_MAX (an account of the
+        genesis range becomes an entry when first written)."""
+        new = 0
+        for entry in entries:
+            if self.store.get(entry) is None:
+                new += 1
+        return self.store.count + new <= ENTRIES_MAX
 
     def _owned(self, name, client):
         """The [balance, owner] of ``name`` when ``client`` owns it, else a failed result
@@ -175,8 +181,8 @@ class Ledger:
         if name == "unstake" and len(op) == 4:
             return self._unstake(client, op[1], op[2], op[3])
         if name == "delegations" and len(op) == 2 and _is_name(op[1]):
-            return [True, [[v, self.delegation(v, op[1])] for v in range(len(self.bonds))
-                           if self.delegation(v, op[1])]]
+            held = [[v, self.delegation(v, op[1])] for v in range(len(self.bonds))]
+            return [True, [d for d in held if d[1]]]
         if name == "validators" and len(op) == 1:
             return [True, [self.epoch, self.validators, self.bonds]]
         if name == "accuse" and len(op) == 2 and replica >= 0:
@@ -212,9 +218,12 @@ class Ledger:
         target = self.account(dst)
         if target is None:
             return [False, "no such account"]
-        if src != dst:
-            self._set_balance(src, entry, entry[0] - amount)
-            self._set_balance(dst, target, target[0] + amount)
+        if src == dst:
+            return [True, entry[0]]
+        if not self._has_room("a" + src, "a" + dst):
+            return [False, "store full"]
+        self._set_balance(src, entry, entry[0] - amount)
+        self._set_balance(dst, target, target[0] + amount)
         return [True, entry[0] - amount]
 
     def _validator(self, v):
@@ -229,7 +238,7 @@ class Ledger:
         if entry[0] < amount:
             return [False, "insufficient funds"]
         key = "d%d:%s" % (validator, name)
-        if not self._has_room(key):
+        if not self._has_room(key, "a" + name):
             return [False, "store full"]
         self._set_balance(name, entry, entry[0] - amount)
         self.store.put(key, [self.delegation(validator, name) + amount,

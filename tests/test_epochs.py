@@ -7,6 +7,7 @@ from test_replica import Net
 
 from conftest import ledger_state, new_ledger
 from edgebft.lab.workload import GENESIS_BALANCE
+from edgebft.protocol import ledger as ledger_module
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.replica import REPLICA_CLIENT_BASE
@@ -389,3 +390,15 @@ def test_in_the_simulator_stake_bonded_to_an_equivocator_is_slashed_with_it(
             for r in sim.replicas[1:]:
                 assert r.ledger.balance("acct0") == GENESIS_BALANCE - 5, "burnt"
     assert before_the_slash >= 2, "seeds 1 and 2 bond before the slash"
+
+
+def test_a_transfer_to_oneself_changes_nothing_and_genesis_accounts_count_once_written(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = new_ledger({"acct*": [4, 10]})
+    assert ledger.execute(["transfer", "acct1", "acct1", 3], 1) == [True, 10]
+    assert ledger.store.count == 0
+    monkeypatch.setattr(ledger_module, "ENTRIES_MAX", 1)
+    assert ledger.execute(["transfer", "acct1", "acct2", 3], 1) == [False, "store full"], \
+        "two genesis accounts would become two entries"
+    assert ledger.execute(["put", "k", 1], 1) == [True, None]
+    assert ledger.execute(["stake", "acct1", 0, 1], 1) == [False, "store full"]
