@@ -29,7 +29,7 @@ import sys
 import tty
 from pathlib import Path
 
-from edgebft.devices.micropython import find_micropython
+from edgebft.devices.micropython import MicroPythonNotFound, find_micropython
 
 # Stock firmware loads our modules' bytecode into the heap (no ROMFS): measured, a node deployed
 # this way holds ~164 KB live on the 64-bit Unix port (~100 KB from ROMFS), so the virtual
@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.flash.is_dir():
         parser.error(f"{args.flash}: no such folder")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    serve(args.flash.resolve(), args.port_file, args.heap)
+    try:
+        serve(args.flash.resolve(), args.port_file, args.heap)
+    except MicroPythonNotFound as e:
+        parser.exit(2, f"edgebft: error: {e}\n")
 
 
 if __name__ == "__main__":
