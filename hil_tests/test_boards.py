@@ -11,6 +11,7 @@ secrets never reach the output; a bad cluster.toml or a dead port is one line.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,7 +24,14 @@ import pytest
 from edgebft import Client
 from edgebft.client import Identity
 from edgebft.devices.site import load_site
-from edgebft.lab.broker import find_mosquitto, start_broker
+from edgebft.lab.broker import (
+    BrokerError,
+    Login,
+    check_reachable,
+    find_mosquitto,
+    free_port,
+    start_broker,
+)
 from edgebft.lab.control import fresh_nonce, send_command
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
@@ -162,3 +170,42 @@ def test_provision_does_every_board_and_monitor_shows_them_boot(site: Path,
                                 r"4 replicas, broker .*", line) for line in lines), lines
     assert any(line.split(" | ")[0].endswith("node3") and "cannot open" in line
                for line in lines)
+
+
+def test_broker_config_makes_a_site_broker_that_enforces_identities_over_tls(
+        site: Path, tmp_path: Path) -> None:
+    """`edgebft broker-config --tls` for a site's own mosquitto: the host logs in over TLS
+    with its password; without credentials, or without TLS, nobody gets a session."""
+    toml = re.sub(r"port = \d+\n", f"port = {free_port()}\nacl = true\n"
+                  f'ca = "{tmp_path / "broker" / "tls" / "ca.crt"}"\n', site.read_text(), count=1)
+    own = tmp_path / "cluster.toml"
+    own.write_text(toml)
+    own.with_name("cluster.keys.json").write_bytes(site.with_name("cluster.keys.json")
+                                                    .read_bytes())
+    done = edgebft("broker-config", "--cluster", str(own), "--out", str(tmp_path / "broker"),
+                   "--tls", "--name", "127.0.0.1")
+    assert done.returncode == 0, done.stderr
+    config = tmp_path / "broker" / "mosquitto.conf"
+    assert (tmp_path / "broker" / "passwords").stat().st_mode & 0o777 == 0o600
+    if os.geteuid() == 0:  # as root mosquitto would run as user mosquitto, who cannot read them
+        config.write_text(config.read_text() + "user root\n")
+    s = load_site(own)
+    broker = subprocess.Popen([str(find_mosquitto()), "-c", str(config)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        login = s.login("host", s.keys())
+        assert login.ca_der is not None and login.credentials is not None
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                check_reachable("127.0.0.1", s.broker["port"], login, 2.0)
+                break
+            except BrokerError:
+                assert time.monotonic() < deadline, "the site's broker did not take the host"
+                time.sleep(0.2)
+        for stranger in (Login(None, login.ca_der), Login(login.credentials)):
+            with pytest.raises(BrokerError):
+                check_reachable("127.0.0.1", s.broker["port"], stranger, 2.0)
+    finally:
+        broker.terminate()
+        broker.wait(10)

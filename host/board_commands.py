@@ -29,6 +29,10 @@ from edgebft.devices.keys import generate_keys, save_keys
 from edgebft.devices.monitor import monitor
 from edgebft.devices.provision import provision
 from edgebft.devices.site import SiteError, load_site
+from edgebft.lab.bench import ACL_CLIENTS
+from edgebft.lab.broker import mosquitto_config
+from edgebft.lab.broker_auth import BrokerAuth
+from edgebft.lab.broker_tls import BrokerTLS
 
 EXIT_DEVICE = 1
 EXIT_USAGE = 2
@@ -240,4 +244,41 @@ def monitor_boards(ports: tuple[str, ...], cluster_toml: Path | None,
         stop.set()
 
 
-COMMANDS = (list_boards, flash, keys, deploy_node, provision_all, monitor_boards)
+@click.command("broker-config")
+@CLUSTER_OPTION
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="A folder for the files (created; mode 0600 for the secret ones).")
+@click.option("--tls", is_flag=True,
+              help="Also make a CA for the cluster and a certificate for the broker, and a TLS "
+                   "listener (then set ca = \"OUT/tls/ca.crt\" under [broker]).")
+@click.option("--name", "names", multiple=True,
+              help="With --tls: a name or address the boards reach the broker by (repeatable; "
+                   "default: [broker] host).")
+def broker_config(cluster_toml: Path, out: Path, tls: bool, names: tuple[str, ...]) -> None:
+    """Write what a site's own mosquitto needs to enforce the cluster's identities: the
+    password file (every node, the host, client ids 0-1023), the ACL, and a mosquitto.conf
+    listening on [broker] port on every interface and logging to its standard output; with
+    --tls a CA, the broker's certificate and key, and a TLS-only listener. mosquitto.conf names
+    the files by their paths here: keep them there on the broker host (owned by the user
+    mosquitto runs as: the secret ones are mode 0600), or edit it. Then set acl = true (and
+    the ca) under [broker] and deploy the boards."""
+    try:
+        site = load_site(cluster_toml)
+        cluster_keys = site.keys()
+    except SiteError as e:
+        click.echo(f"edgebft: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    out = out.resolve()  # mosquitto.conf names the files by absolute path
+    access = BrokerAuth(site.name, cluster_keys, ACL_CLIENTS).write(out)
+    made = BrokerTLS.create(out / "tls", site.name, names or (site.broker["host"],)) \
+        if tls else None
+    config = out / "mosquitto.conf"
+    config.write_text(mosquitto_config(site.broker["port"], None, access, made, bind=None))
+    click.echo(f"broker files for {site.name} in {out}: mosquitto.conf, {access[0].name}, "
+               f"{access[1].name}" + (", tls/ (CA, certificate, key)" if made else "")
+               + "; run mosquitto -c mosquitto.conf there, set acl = true"
+               + (f' and ca = "{made.folder / "ca.crt"}"' if made else "")
+               + " under [broker], then deploy")
+
+
+COMMANDS = (list_boards, flash, keys, deploy_node, provision_all, monitor_boards, broker_config)

@@ -321,22 +321,23 @@ def mosquitto_version(binary: Path) -> str:
     return match.group(1) if match else ""
 
 
-def mosquitto_config(port: int, log: Path, access: tuple[Path, Path] | None = None,
-                     tls: BrokerTLS | None = None) -> str:
-    """Return a mosquitto.conf for one loopback listener on ``port`` logging to ``log``:
-    anonymous, or with ``access`` = (password file, ACL file) only for the identities those
-    files name (edgebft.lab.broker_auth); TLS only with ``tls`` (edgebft.lab.broker_tls).
+def mosquitto_config(port: int, log: Path | None, access: tuple[Path, Path] | None = None,
+                     tls: BrokerTLS | None = None, bind: str | None = LOOPBACK) -> str:
+    """Return a mosquitto.conf for one listener on ``port`` (on ``bind``; None: every
+    interface, a site's broker) logging to ``log`` (None: its standard output): anonymous, or
+    with ``access`` = (password file, ACL file) only for the identities those files name
+    (edgebft.lab.broker_auth); TLS only with ``tls`` (edgebft.lab.broker_tls).
 
     Running as root, mosquitto would drop to user ``mosquitto``, which may not be able to write
-    ``log``; so as root it stays root (the broker listens on loopback only).
+    ``log``; so a loopback broker started as root stays root.
     """
     lines = [
-        f"listener {port} {LOOPBACK}",
+        f"listener {port}" + ("" if bind is None else f" {bind}"),
         *([] if tls is None else tls.mosquitto_lines()),
         *(["allow_anonymous true"] if access is None else
           ["allow_anonymous false", f"password_file {access[0]}", f"acl_file {access[1]}"]),
         "persistence false",
-        f"log_dest file {log}",
+        "log_dest stdout" if log is None else f"log_dest file {log}",
         "log_type error",
         "log_type warning",
         "log_type notice",
@@ -347,7 +348,7 @@ def mosquitto_config(port: int, log: Path, access: tuple[Path, Path] | None = No
         f"max_inflight_messages {MOSQUITTO_MAX_INFLIGHT_MESSAGES}",
         "set_tcp_nodelay true",  # small messages, latency measured: no Nagle delay
     ]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and bind == LOOPBACK:
         lines.append("user root")
     return "\n".join(lines) + "\n"
 
