@@ -115,6 +115,21 @@ def test_a_second_deploy_writes_nothing_and_the_node_comes_back(site: Path) -> N
         assert ledger.get("after", ordered=True) == "redeploy"
 
 
+def test_applications_reach_the_boards_by_cluster_toml_or_an_identity(site: Path) -> None:
+    done = edgebft("put", "site-key", "42", "--cluster", str(site), "--client", "7")
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+    made = edgebft("client", "new", "--cluster", str(site))
+    assert made.returncode == 0, made.stderr
+    number, path = re.fullmatch(r"client (\d+): (.*)\n", made.stdout).groups()
+    assert int(number) >= 256 and Path(path).stat().st_mode & 0o777 == 0o600
+    assert edgebft("client", "new", "--cluster", str(site)).stdout.startswith(
+        f"client {int(number) + 1}: ")
+    done = edgebft("get", "site-key", "--identity", path)
+    assert (done.returncode, done.stdout) == (0, "42\n"), done.stderr
+    with Client.connect(cluster_toml=site, client_id=8) as ledger:
+        assert ledger.transfer("acct8", "acct9", 2) == 999_998
+
+
 def test_bad_input_is_one_line(site: Path, tmp_path: Path) -> None:
     bad = tmp_path / "cluster.toml"
     bad.write_text(site.read_text().replace('board = "esp32c3"', 'board = "esp99"'))

@@ -4,6 +4,7 @@ many application clients at once, and the README's example, run as written."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from edgebft import Client, ClientError, Rejected, Timeout, UnknownKey
+from edgebft import AsyncClient, Client, ClientError, Rejected, Timeout, UnknownKey
 from edgebft.lab import session as lab
 from edgebft.lab.broker import find_mosquitto
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
@@ -223,6 +224,40 @@ def test_a_client_opens_an_account_and_bonds_and_unbonds_its_stake(
         assert owner.balance("savings102", ordered=True) == 10
     done = edgebft(cluster, "delegations", "savings102")
     assert (done.returncode, done.stdout) == (0, "none\n")
+
+
+def test_many_async_clients_on_one_event_loop(cluster: lab.LabCluster) -> None:
+    async def app(k: int) -> object:
+        async with await AsyncClient.connect(cluster.path, client_id=k) as ledger:
+            await ledger.put(f"async{k}", k)
+            value = await ledger.get(f"async{k}", ordered=True)
+            with pytest.raises(Rejected):
+                await ledger.transfer(f"acct{k}", "acct1", 10**12)
+            return value
+
+    async def main() -> list[object]:
+        return list(await asyncio.gather(*(app(k) for k in range(140, 156))))
+
+    assert asyncio.run(main()) == list(range(140, 156))
+
+
+def test_what_the_ledger_would_refuse_for_its_shape_is_never_sent(
+        cluster: lab.LabCluster) -> None:
+    with Client.connect(cluster.path, client_id=104) as ledger:
+        before = ledger._core.timestamp
+        for call, message in (
+                (lambda: ledger.put("k" * 33, 1), "is not a key or account name"),
+                (lambda: ledger.put("k", "v" * 100), "more than 64"),
+                (lambda: ledger.get(""), "is not a key or account name"),
+                (lambda: ledger.transfer("acct104", "acct1", 0), "not a positive integer"),
+                (lambda: ledger.stake("acct104", 9, 1), "validator 9 is not a replica")):
+            with pytest.raises(ClientError, match=message):
+                call()
+        assert ledger._core.timestamp == before, "no request was made"
+    done = edgebft(cluster, "put", "k" * 33, "v")
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"edgebft: error: put: {'k' * 33!r} is not a key or account name (text of 1 to 32 "
+        "characters); nothing sent"]
 
 
 def test_a_stopped_cluster_times_out(cluster: lab.LabCluster) -> None:

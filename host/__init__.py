@@ -4,7 +4,7 @@ The client is imported on first use only: node processes and tools that import a
 this package (``python -m edgebft.devices.romboot``) do not pay for paho and the lab.
 """
 
-_CLIENT_NAMES = ("Client", "ClientError", "Rejected", "Timeout", "UnknownKey")
+_CLIENT_NAMES = ("AsyncClient", "Client", "ClientError", "Rejected", "Timeout", "UnknownKey")
 __all__ = list(_CLIENT_NAMES)
 
 

@@ -34,6 +34,7 @@ delegations; unbonded tokens come back after UNBONDING_CHECKPOINTS checkpoints.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
@@ -46,12 +47,15 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edgebft.devices.keys import ClusterKeys
+from edgebft.lab.bench import ACL_CLIENTS
 from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S, Login
 from edgebft.lab.broker_auth import BrokerAuth
 from edgebft.lab.broker_tls import BrokerTLS
 from edgebft.lab.session import LabCluster, LabError
 from edgebft.lab.session import load as load_cluster
+from edgebft.protocol import cbor
 from edgebft.protocol.client import ClientCore
+from edgebft.protocol.ledger import NAME_BYTES_MAX, VALUE_BYTES_MAX, is_amount, is_name
 from edgebft.protocol.stake import Stake
 
 RETRANSMIT_S = 0.5
@@ -120,6 +124,22 @@ class Identity:
         return cls.make(cluster.state["cluster"], client_id, b["host"], b["port"],
                         cluster.broker_auth(), cluster.state["stake"], cluster.keys(),
                         cluster.broker_tls())
+
+    @classmethod
+    def of_site(cls, cluster_toml: Path, client_id: int) -> Identity:
+        """Client ``client_id``'s identity in the cluster of boards ``cluster_toml``."""
+        from edgebft.devices.site import SiteError, load_site  # boards: esptool, tomllib
+
+        try:
+            site = load_site(cluster_toml)
+            keys = site.keys()
+        except SiteError as e:
+            raise ClientError(str(e)) from None
+        if type(client_id) is not int or not 0 <= client_id < ACL_CLIENTS:
+            raise ClientError(f"client id {client_id!r}: expected 0..{ACL_CLIENTS - 1}")
+        return cls(site.name, client_id, site.login(str(client_id), keys).device_entry(
+            site.broker["host"], site.broker["port"]), list(site.stake),
+            keys.client_keys(client_id))
 
     def to_json(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "client": self.client, "broker": self.broker,
@@ -193,13 +213,18 @@ class Client:
 
     @classmethod
     def connect(cls, run_dir: str | Path | None = None, client_id: int = 0,
-                timeout_s: float = TIMEOUT_S, identity: str | Path | None = None) -> Client:
+                timeout_s: float = TIMEOUT_S, identity: str | Path | None = None,
+                cluster_toml: str | Path | None = None) -> Client:
         """A client of the emulated cluster in ``run_dir`` (default: runs/cluster/latest, the
-        last ``edgebft cluster up``) as ``client_id``; or, given an ``identity`` file
-        (``edgebft client new``), as that identity, with no access to the cluster's folder.
-        ClientError for a folder with no cluster or a bad identity file."""
+        last ``edgebft cluster up``) as ``client_id``; or of the boards of ``cluster_toml``
+        (its keys beside it, edgebft.devices.site) as ``client_id``; or, given an ``identity``
+        file (``edgebft client new``), as that identity, with no access to the cluster's
+        folder. ClientError for a folder with no cluster, a bad cluster.toml or a bad identity
+        file."""
         if identity is not None:
             return cls(Identity.load(Path(identity)), timeout_s)
+        if cluster_toml is not None:
+            return cls(Identity.of_site(Path(cluster_toml), client_id), timeout_s)
         try:
             cluster = load_cluster(Path(run_dir) if run_dir is not None else None)
         except LabError as e:
@@ -267,10 +292,40 @@ class Client:
         """Any ledger operation (protocol/ledger.py): its result, or Rejected or Timeout."""
         return self._call(op)
 
+    def _check(self, op: list[Any]) -> None:
+        """Refuse, before anything is sent, an op the ledger would refuse for its shape: a key
+        or account that is not 1..NAME_BYTES_MAX characters, a value over VALUE_BYTES_MAX
+        bytes of CBOR, an amount that is not a positive integer, a validator that is not a
+        replica. ClientError, one line."""
+        arity = {"put": 3, "get": 2, "balance": 2, "open": 2, "delegations": 2, "transfer": 4,
+                 "stake": 4, "unstake": 4}
+        if not isinstance(op, list) or not op or arity.get(op[0]) != len(op):
+            return  # call() with another op: the ledger judges it
+        name = op[0]
+        names = {"put": op[1:2], "get": op[1:2], "balance": op[1:2], "open": op[1:2],
+                 "delegations": op[1:2], "transfer": op[1:3], "stake": op[1:2],
+                 "unstake": op[2:3]}.get(name, [])
+        for text in names:
+            if not is_name(text):
+                raise ClientError(f"{name}: {text!r} is not a key or account name (text of 1 "
+                                  f"to {NAME_BYTES_MAX} characters); nothing sent")
+        if name == "put" and len(cbor.encode(op[2])) > VALUE_BYTES_MAX:
+            raise ClientError(f"put: the value takes {len(cbor.encode(op[2]))} bytes of CBOR, "
+                              f"more than {VALUE_BYTES_MAX}; nothing sent")
+        if name in ("transfer", "stake", "unstake") and not is_amount(op[3]):
+            raise ClientError(f"{name}: amount {op[3]!r} is not a positive integer below 2**63;"
+                              " nothing sent")
+        validator = {"stake": op[2:3], "unstake": op[1:2]}.get(name, [])
+        for v in validator:
+            if type(v) is not int or not 0 <= v < self._core.stake.n:
+                raise ClientError(f"{name}: validator {v!r} is not a replica (0 to "
+                                  f"{self._core.stake.n - 1}); nothing sent")
+
     # ---- one request
 
     def _read(self, op: list[Any], ordered: bool) -> Any:
         """A read: read-only first unless ``ordered``, then ordered if that did not decide."""
+        self._check(op)
         if not ordered:
             with self._lock:
                 self._done.clear()
@@ -290,6 +345,7 @@ class Client:
         return self._call(op)
 
     def _call(self, op: list[Any]) -> Any:
+        self._check(op)
         with self._lock:
             self._done.clear()
             with self._core_lock:
@@ -327,3 +383,42 @@ class Client:
             self._done.set()
         elif undecided:
             self._done.set()  # a read-only request whose replies disagree: ask again, ordered
+
+
+class AsyncClient:
+    """The asyncio face of Client: ``await AsyncClient.connect(...)`` (Client.connect's
+    arguments), then the same operations as coroutines (put, get, open, transfer, balance,
+    stake, unstake, delegations, validators, call), with the same results and exceptions. Each
+    call runs the blocking one in a worker thread (asyncio.to_thread), so one event loop serves
+    many application clients at once, each with its own id; one request at a time per client,
+    as for Client."""
+
+    OPERATIONS = frozenset({"put", "get", "open", "transfer", "balance", "stake", "unstake",
+                            "delegations", "validators", "call"})
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @classmethod
+    async def connect(cls, *args: Any, **kwargs: Any) -> AsyncClient:
+        return cls(await asyncio.to_thread(Client.connect, *args, **kwargs))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.OPERATIONS:
+            raise AttributeError(name)
+        method = getattr(self.client, name)
+
+        async def operation(*args: Any, **kwargs: Any) -> Any:
+            return await asyncio.to_thread(method, *args, **kwargs)
+
+        operation.__doc__ = method.__doc__
+        return operation

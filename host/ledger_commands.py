@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from edgebft.client import Client, ClientError, Identity, Rejected, Timeout, UnknownKey
+from edgebft.lab.bench import ACL_CLIENTS, ISSUED_CLIENTS_FIRST
 from edgebft.lab.session import LabError
 from edgebft.lab.session import load as load_cluster
 
@@ -32,6 +33,9 @@ def _common(command: Callable[..., None]) -> Callable[..., None]:
     for option in reversed([
         click.option("--dir", "run_dir", type=click.Path(path_type=Path), default=None,
                      help="The cluster's run folder (default: runs/cluster/latest)."),
+        click.option("--cluster", "cluster_toml", type=click.Path(path_type=Path),
+                     default=None, help="A cluster of boards: its cluster.toml (instead of "
+                                        "--dir)."),
         click.option("--client", "client_id", type=click.IntRange(min=0),
                      default=CLIENT_DEFAULT, show_default=True,
                      help="The client id to speak as (one process at a time per id)."),
@@ -52,7 +56,7 @@ def _run(options: dict[str, Any], call: Callable[[Client], Any],
     as_json = options["as_json"]
     try:
         with Client.connect(options["run_dir"], options["client_id"], options["timeout_s"],
-                            options["identity"]) as client:
+                            options["identity"], options["cluster_toml"]) as client:
             result = call(client)
     except (Rejected, UnknownKey, Timeout) as e:
         code = EXIT_TIMEOUT if isinstance(e, Timeout) else EXIT_REJECTED
@@ -168,29 +172,52 @@ def validators(**options: Any) -> None:
 
 @click.group()
 def client() -> None:
-    """Client identities of a lab cluster."""
+    """Client identities of a lab cluster or of a cluster of boards."""
 
 
 @client.command("new")
 @click.option("--dir", "run_dir", type=click.Path(path_type=Path), default=None,
               help="The cluster's run folder (default: runs/cluster/latest).")
+@click.option("--cluster", "cluster_toml", type=click.Path(path_type=Path), default=None,
+              help="A cluster of boards: its cluster.toml (instead of --dir).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to write it (default: RUN/clients/client<ID>.json).")
-def client_new(run_dir: Path | None, out: Path | None) -> None:
-    """Issue a client id never used in the cluster and write its identity file (mode 0600):
-    the cluster, the broker and the client's login there, the stake, and the keys it shares
-    with each replica; no replica's keys. Give it to an application (Client.connect(identity=
-    FILE), or --identity FILE on the commands above)."""
+              help="Where to write it (default: RUN/clients/client<ID>.json, or "
+                   "clients/client<ID>.json beside cluster.toml).")
+def client_new(run_dir: Path | None, cluster_toml: Path | None, out: Path | None) -> None:
+    """Issue a client id never used in the cluster (from 256 on) and write its identity file
+    (mode 0600): the cluster, the broker and the client's login there (and its CA with TLS),
+    the stake, and the keys it shares with each replica; no replica's keys. Give it to an
+    application (Client.connect(identity=FILE), or --identity FILE on the commands above)."""
     try:
-        cluster = load_cluster(run_dir)
-        number = cluster.issue_client()
-    except LabError as e:
+        if cluster_toml is not None:
+            number, folder = issue_site_client(cluster_toml), cluster_toml.parent
+            identity = Identity.of_site(cluster_toml, number)
+        else:
+            cluster = load_cluster(run_dir)
+            number, folder = cluster.issue_client(), cluster.path
+            identity = Identity.of(cluster, number)
+    except (LabError, ClientError) as e:
         click.echo(f"edgebft: error: {e}", err=True)
         sys.exit(EXIT_USER_ERROR)
-    path = out or cluster.path / "clients" / f"client{number}.json"
+    path = out or folder / "clients" / f"client{number}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Identity.of(cluster, number).save(path)
+    identity.save(path)
     click.echo(f"client {number}: {path}")
+
+
+def issue_site_client(cluster_toml: Path) -> int:
+    """The next client id of a cluster of boards (from ISSUED_CLIENTS_FIRST on), counted in
+    <stem>.issued beside its cluster.toml; ClientError once the broker's identities run out."""
+    counter = cluster_toml.with_name(cluster_toml.stem + ".issued")
+    try:
+        number = int(counter.read_text()) if counter.exists() else ISSUED_CLIENTS_FIRST
+    except ValueError:
+        raise ClientError(f"{counter}: not a client count") from None
+    if number >= ACL_CLIENTS:
+        raise ClientError(f"all {ACL_CLIENTS - ISSUED_CLIENTS_FIRST} client identities of "
+                          f"{cluster_toml} are issued")
+    counter.write_text(f"{number + 1}\n")
+    return number
 
 
 COMMANDS = (put, get, open_account, transfer, balance, stake, unstake, delegations, validators,

@@ -12,7 +12,7 @@
 #   entries "k<key>", "a<account>", "d<validator>:<account>" and "u<n>": RAM holds its page
 #   cache, whatever their number. The store holds at most ENTRIES_MAX of them: beyond it an op
 #   that adds one fails ("store full"), the same on every replica. Values are at most
-#   _VALUE_BYTES_MAX bytes of CBOR.
+#   VALUE_BYTES_MAX bytes of CBOR.
 # - Ownership (issue 13): every op executes with the id of the client that sent it (its
 #   authenticator proved it). An account holds [balance, owner]: the client that opened it
 #   (["open", name]) or that genesis names. Only the owner spends from an account (transfer,
@@ -51,13 +51,14 @@ _READS = ("get", "balance", "delegations", "validators")
 
 ENTRIES_MAX = 1 << 16
 UNBONDING_CHECKPOINTS = 2  # an unbond stays slashable through the epoch it leaves and a K more
-_NAME_BYTES_MAX = const(32)
-_VALUE_BYTES_MAX = const(64)
+NAME_BYTES_MAX = const(32)
+VALUE_BYTES_MAX = const(64)
 _FUNDED_MAX = const(1 << 20)  # accounts a genesis range may fund
 
 
-def _is_name(x):
-    return type(x) is str and 0 < len(x) <= _NAME_BYTES_MAX
+def is_name(x):
+    """A key or an account name: text of 1 .. NAME_BYTES_MAX characters."""
+    return type(x) is str and 0 < len(x) <= NAME_BYTES_MAX
 
 
 def _is_pair(x):
@@ -67,7 +68,8 @@ def _is_pair(x):
         and type(x[1]) is int and x[1] >= 0
 
 
-def _is_amount(x):
+def is_amount(x):
+    """An amount of tokens: a positive int below 2**63."""
     return type(x) is int and 0 < x < 1 << 63
 
 
@@ -89,7 +91,7 @@ class Ledger:
         self.unbond_tail = 0
         self.funded = None    # the genesis range [prefix, count, balance], or None
         for name, entry in sorted((genesis or {}).items()):
-            if not (_is_name(name) and _is_pair(entry)):
+            if not (is_name(name) and _is_pair(entry)):
                 raise ValueError("bad genesis entry %r" % (name,))
             if name[-1] != "*":
                 store.put("a" + name, [entry[0], entry[1]])
@@ -149,7 +151,7 @@ class Ledger:
     def _owned(self, name, client):
         """The [balance, owner] of ``name`` when ``client`` owns it, else a failed result
         (whose first item is False, never a balance)."""
-        entry = self.account(name) if _is_name(name) else None
+        entry = self.account(name) if is_name(name) else None
         if entry is None:
             return [False, "no such account"]
         if entry[1] != client:
@@ -166,11 +168,11 @@ class Ledger:
         if type(op) is not list or not op or type(op[0]) is not str:
             return [False, "bad op"]
         name = op[0]
-        if name == "get" and len(op) == 2 and _is_name(op[1]):
+        if name == "get" and len(op) == 2 and is_name(op[1]):
             return [True, self.get(op[1])]
-        if name == "put" and len(op) == 3 and _is_name(op[1]):
+        if name == "put" and len(op) == 3 and is_name(op[1]):
             return self._put(op[1], op[2])
-        if name == "balance" and len(op) == 2 and _is_name(op[1]):
+        if name == "balance" and len(op) == 2 and is_name(op[1]):
             return [True, self.balance(op[1])]
         if name == "transfer" and len(op) == 4:
             return self._transfer(client, op[1], op[2], op[3])
@@ -180,7 +182,7 @@ class Ledger:
             return self._stake(client, op[1], op[2], op[3])
         if name == "unstake" and len(op) == 4:
             return self._unstake(client, op[1], op[2], op[3])
-        if name == "delegations" and len(op) == 2 and _is_name(op[1]):
+        if name == "delegations" and len(op) == 2 and is_name(op[1]):
             held = [[v, self.delegation(v, op[1])] for v in range(len(self.bonds))]
             return [True, [d for d in held if d[1]]]
         if name == "validators" and len(op) == 1:
@@ -190,7 +192,7 @@ class Ledger:
         return [False, "bad op"]
 
     def _put(self, key, value):
-        if len(cbor.encode(value)) > _VALUE_BYTES_MAX:
+        if len(cbor.encode(value)) > VALUE_BYTES_MAX:
             return [False, "value too large"]
         if not self._has_room("k" + key):
             return [False, "store full"]
@@ -198,7 +200,7 @@ class Ledger:
         return [True, None]
 
     def _open(self, client, name):
-        if not _is_name(name):
+        if not is_name(name):
             return [False, "bad open"]
         if self.account(name) is not None:
             return [False, "account exists"]
@@ -208,7 +210,7 @@ class Ledger:
         return [True, None]
 
     def _transfer(self, client, src, dst, amount):
-        if not (_is_name(src) and _is_name(dst)) or not _is_amount(amount):
+        if not (is_name(src) and is_name(dst)) or not is_amount(amount):
             return [False, "bad transfer"]
         entry = self._owned(src, client)
         if entry[0] is False:
@@ -230,7 +232,7 @@ class Ledger:
         return type(v) is int and 0 <= v < len(self.bonds)
 
     def _stake(self, client, name, validator, amount):
-        if not (_is_name(name) and self._validator(validator)) or not _is_amount(amount):
+        if not (is_name(name) and self._validator(validator)) or not is_amount(amount):
             return [False, "bad stake"]
         entry = self._owned(name, client)
         if entry[0] is False:
@@ -247,7 +249,7 @@ class Ledger:
         return [True, self.bonds[validator]]
 
     def _unstake(self, client, validator, name, amount):
-        if not (_is_name(name) and self._validator(validator)) or not _is_amount(amount):
+        if not (is_name(name) and self._validator(validator)) or not is_amount(amount):
             return [False, "bad unstake"]
         entry = self._owned(name, client)
         if entry[0] is False:
