@@ -362,6 +362,11 @@ class MQTTClient:
             if self.tls is None:
                 raise
             raise MQTTError("TLS: " + " ".join(str(ex).split()))
+        except OSError as ex:  # before CONNACK over TLS: most likely no TLS handshake at all
+            if self.tls is None:
+                raise
+            raise MQTTError("TLS: no handshake with the broker (%r): does it speak TLS on "
+                            "this port?" % (ex,))
         if self._connack:
             raise MQTTError(self._connack)
         self.connected = True

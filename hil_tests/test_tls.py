@@ -110,3 +110,34 @@ def test_a_broker_restart_is_ridden_out_over_tls(cluster: lab.LabCluster) -> Non
         ledger.put("after", "restart")
         assert ledger.get("after") == "restart"
     assert wait_until(lambda: all(s.get("online") for s in lab.status(cluster).values()), 10)
+
+
+def test_tls_asked_of_a_plain_broker_is_refused_never_plaintext(tmp_path: Path) -> None:
+    """A node and an application holding a CA, against a broker without TLS: each says so in
+    one line and neither falls back to plain TCP."""
+    plain = lab.up(broker="mosquitto", out=tmp_path / "run")
+    try:
+        config_path = Path(plain.node(2)["image"]) / "edgebft.json"
+        config = json.loads(config_path.read_text())
+        ca = BrokerTLS.create(tmp_path / "ca", "ca").ca_der.hex()
+        config["broker"]["ca"] = ca
+        config_path.write_text(json.dumps(config))
+        done = subprocess.run([*EDGEBFT, "inject", "restart", "2", "--dir", str(plain.path)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "did not report in" in done.stderr
+        log = (plain.path / "logs" / "node2.log").read_text().split("node2 start:")[-1]
+        said = [line for line in log.splitlines() if "TLS:" in line]
+        assert len(said) == 1 and "does it speak TLS on this port?" in said[0], log
+        made = subprocess.run([*EDGEBFT, "client", "new", "--dir", str(plain.path), "--out",
+                               str(tmp_path / "app.json")], capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        identity = json.loads((tmp_path / "app.json").read_text())
+        identity["broker"]["ca"] = ca
+        (tmp_path / "app.json").write_text(json.dumps(identity))
+        done = subprocess.run([*EDGEBFT, "get", "k", "--identity", str(tmp_path / "app.json")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].endswith("does the broker speak TLS on this port?")
+    finally:
+        lab.down(plain)

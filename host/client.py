@@ -201,9 +201,10 @@ class Client:
                               f"one this identity's CA vouches for ({e.verify_message}); is "
                               "this identity of that cluster?") from None
         except OSError as e:
+            hint = ("does the broker speak TLS on this port?" if login.ca_der is not None
+                    else "is the cluster up?")
             raise ClientError(f"cannot reach the cluster's broker at {broker['host']}:"
-                              f"{broker['port']} ({e.strerror or e}); is the cluster up?"
-                              ) from None
+                              f"{broker['port']} ({e.strerror or e}); {hint}") from None
         self._mqtt.loop_start()
         if not self._subscribed.wait(CONNECT_TIMEOUT_S):
             self.close()
