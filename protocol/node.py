@@ -28,8 +28,10 @@
 #   two ticks in a row: a node that is merely slow still times out. A tick while the driver's
 #   link is down (tick(clock, linked=False): a broker outage) does nothing, so the outage
 #   is such a stall too; and for _RELINK_GRACE_MS after the link is back neither the
-#   detector nor the replica's view-change timer judges anyone (a Last Will still counts):
-#   the peers come back over their reconnect back-off.
+#   detector nor the replica's view-change timer judges anyone, and no suspicion, not even one
+#   a Last Will raised, starts a view change: the peers come back over their reconnect
+#   back-off. (A broker that shuts down publishes every client's Will: a primary that
+#   reconnected last was still suspected when its backups were back, and they left it.)
 # - Suspicion gate: a suspected primary starts a view change (Replica.suspect) only when
 #   requests wait and nothing executed for _NO_PROGRESS_MS: a primary that a lossy link hides
 #   from our detector while the cluster goes on (an omission fault) is not worth leaving the
@@ -194,7 +196,7 @@ class Node:
             self.executed = r.last_exec
             self.progress_ms = clock
         if (self.detector.suspect[r.primary()] and r.status == NORMAL and r.waiting
-                and clock - self.progress_ms >= _NO_PROGRESS_MS):
+                and clock - self.progress_ms >= _NO_PROGRESS_MS and clock >= self.judge_from):
             r.suspect(clock + self.skew_ms)
             if r.status == VIEW_CHANGE:
                 self.counts["suspicions"] += 1

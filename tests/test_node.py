@@ -173,3 +173,55 @@ def test_a_broker_outage_is_a_stall_and_peers_get_time_to_come_back() -> None:
         me.tick(clock)
         clock += 20
     assert me.detector.suspect[1], "still silent after the grace: suspected"
+
+
+def outbox_to(node: Node, to: int) -> list[bytes]:
+    """What ``node`` sent to replica ``to`` (broadcasts included); its outbox emptied."""
+    sent: list[bytes] = []
+    rp.route(node.replica.out, sent.append,
+             lambda j, wire: sent.append(wire) if j == to else None, lambda c, wire: None)
+    return sent
+
+
+def tick_with_backups(nodes: list[Node], clock: int) -> None:
+    """Tick node 1 and the backups 2 and 3, which talk to it (0, the primary, is away)."""
+    nodes[1].tick(clock)
+    for j in (2, 3):
+        nodes[j].tick(clock)
+        for wire in outbox_to(nodes[j], 1):
+            nodes[1].message(wire, j, clock)
+
+
+def test_a_primary_whose_will_came_with_the_broker_is_not_left_within_the_grace() -> None:
+    """A broker that shuts down publishes every client's Last Will (mosquitto on SIGTERM), so
+    a backup comes back from the outage still suspecting the primary, with a request waiting.
+    Within _RELINK_GRACE_MS it starts no view change (the primary reconnects over its back-off,
+    and its first heartbeat clears the suspicion); a primary that stays silent past the grace
+    is left as usual (hil_tests/test_demo.py rides out a real broker restart)."""
+    for primary_returns in (True, False):
+        nodes, client = cluster()
+        me = nodes[1]  # a backup of view 0
+        me.tick(0)
+        me.message(client.request(["put", "k", 1]), None, 0)
+        assert me.replica.waiting, "the request waits for the primary"
+        clock = 0
+        while clock < 40:  # the broker shuts down: 0's Will, then our own link drops
+            me.tick(clock)
+            clock += 20
+        me.peer_status(PEERS[0].will_wire(0, 1), 0, clock)
+        assert me.detector.suspect[0]
+        while clock < 3000:
+            me.tick(clock, linked=False)
+            clock += 20
+        while clock < 4900:  # back, within the grace: 2 and 3 talk to us, 0 not yet back
+            tick_with_backups(nodes, clock)
+            clock += 20
+        assert me.replica.status == "normal", "no view change within the grace"
+        if primary_returns:
+            me.peer_status(PEERS[0].status_wire(0, 2, 1, {}), 0, clock)
+            assert not me.detector.suspect[0] and me.replica.status == "normal"
+            continue
+        while clock < 7000:  # 0 stays silent
+            tick_with_backups(nodes, clock)
+            clock += 20
+        assert me.replica.status == "view change", "silent past the grace: left"
