@@ -47,6 +47,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edgebft.devices.keys import ClusterKeys
+from edgebft.devices.site import SiteError, load_site
 from edgebft.lab.bench import ACL_CLIENTS
 from edgebft.lab.broker import RECONNECT_MAX_S, RECONNECT_MIN_S, Login
 from edgebft.lab.broker_auth import BrokerAuth
@@ -128,8 +129,6 @@ class Identity:
     @classmethod
     def of_site(cls, cluster_toml: Path, client_id: int) -> Identity:
         """Client ``client_id``'s identity in the cluster of boards ``cluster_toml``."""
-        from edgebft.devices.site import SiteError, load_site  # boards: esptool, tomllib
-
         try:
             site = load_site(cluster_toml)
             keys = site.keys()
