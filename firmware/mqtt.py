@@ -68,6 +68,9 @@ _SUBACK = const(0x90)
 _PINGRESP = const(0xD0)
 _DUP = const(0x08)
 
+_REFUSALS = (None, "unacceptable protocol version", "client id rejected", "server unavailable",
+             "bad user name or password", "not authorized")
+_RESUBSCRIBE_MS = const(200)
 _BACKOFF_MIN_MS = const(100)
 _BACKOFF_MAX_MS = const(1000)  # a broker that comes back is found within a second
 _STABLE_MS = const(2000)  # a connection that lived this long resets the back-off
@@ -231,6 +234,33 @@ class MQTTClient:
         await self._wait_acked(not self._running)
         if e[2] == 0x80:
             raise MQTTError("refused", topic)
+
+    async def subscribe_retrying(self, topic):
+        # subscribe(), again every _RESUBSCRIBE_MS until the broker grants it (the link may be
+        # down, the broker slow to start or refusing us); why it failed is printed once per
+        # reason, not every retry.
+        said = None
+        while True:
+            try:
+                return await self.subscribe(topic)
+            except MQTTError as ex:
+                why = self.why(ex)
+                if why != said:
+                    print("subscribe %s: %s; retrying" % (topic, why))
+                    said = why
+                await asyncio.sleep_ms(_RESUBSCRIBE_MS)
+
+    def why(self, ex=None):
+        # One line for the link's last error (else ``ex``): a CONNACK refusal by its code
+        # (MQTT 3.1.1, 3.2.2.3), our own reasons ("TLS: ...", "no CONNACK") as they are.
+        error = self.last_error or ex
+        if isinstance(error, MQTTError) and error.args and type(error.args[0]) is int:
+            code = error.args[0]
+            return "the broker refused the connection: %s (CONNACK %d)" % (
+                _REFUSALS[code] if 0 < code < len(_REFUSALS) else "unknown reason", code)
+        if isinstance(error, MQTTError) and error.args and type(error.args[0]) is str:
+            return error.args[0]
+        return repr(error)
 
     def publish(self, topic, payload, retain=False, qos=0):
         # Queue a PUBLISH without blocking; the writer sends it within this loop turn.

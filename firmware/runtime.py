@@ -33,7 +33,7 @@ except ImportError:  # CPython
 
 from edgebft.firmware import store
 from edgebft.firmware.faults import Faults
-from edgebft.firmware.mqtt import MQTTClient, MQTTError, login_of
+from edgebft.firmware.mqtt import MQTTClient, login_of
 from edgebft.protocol import cbor
 from edgebft.protocol import messages
 from edgebft.protocol import replica as rp
@@ -53,24 +53,8 @@ _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around 
 _GC_THRESHOLD_MIN_BYTES = const(4096)
 _GC_RESERVE_BYTES = const(16384)
 _ERROR_LOG_MS = const(10000)
-_REFUSALS = (None, "unacceptable protocol version", "client id rejected", "server unavailable",
-             "bad user name or password", "not authorized")
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "fetch", "transferred", "restored",
                      "epoch", "store_error")
-
-
-def _link_error(error):
-    """One line for the broker connection's last error (None for none): a refusal by its
-    CONNACK code (MQTT 3.1.1, 3.2.2.3), else the exception."""
-    if error is None:
-        return None
-    if isinstance(error, MQTTError) and error.args and type(error.args[0]) is int:
-        code = error.args[0]
-        return "the broker refused the connection: %s (CONNACK %d)" % (
-            _REFUSALS[code] if 0 < code < len(_REFUSALS) else "unknown reason", code)
-    if isinstance(error, MQTTError) and error.args and type(error.args[0]) is str:
-        return error.args[0]  # "TLS: ...", "no CONNACK", ...
-    return repr(error)
 
 
 def load_config(path=CONFIG_PATH):
@@ -286,17 +270,7 @@ class Runtime:
         await asyncio.sleep_ms(0)  # let the link task start
         for topic in ("from/+", "req/+", "to/%d/from/+" % self.me, "ctl/%d" % self.me,
                       "status/+"):
-            said = None
-            while True:
-                try:
-                    await self.mqtt.subscribe(self.prefix + topic)
-                    break
-                except MQTTError as e:
-                    why = _link_error(self.mqtt.last_error) or repr(e)
-                    if why != said:  # once per reason, not every retry
-                        print("subscribe %s: %s; retrying" % (topic, why))
-                        said = why
-                    await asyncio.sleep_ms(200)
+            await self.mqtt.subscribe_retrying(self.prefix + topic)
         print("edgebft node %d up: %d replicas, broker %s:%d%s" % (
             self.me, self.node.replica.stake.n, self.mqtt.host, self.mqtt.port,
             " over TLS" if self.mqtt.tls else ""))

@@ -82,12 +82,7 @@ class Sensor:
     async def run(self):
         link = asyncio.create_task(self.mqtt.run())
         await asyncio.sleep_ms(0)
-        while True:
-            try:
-                await self.mqtt.subscribe(self.topic_rep)
-                break
-            except MQTTError:
-                await asyncio.sleep_ms(200)
+        await self.mqtt.subscribe_retrying(self.topic_rep)
         n = 0
         while True:
             n += 1

@@ -113,10 +113,8 @@ class Identity:
         if acl is not None and client_id >= acl.clients:
             raise ClientError(f"client id {client_id}: the broker knows ids 0.."
                               f"{acl.clients - 1} only")
-        login = Login(None if acl is None else acl.credentials(str(client_id)),
-                      None if tls is None else tls.ca_der)
-        return cls(cluster, client_id, login.device_entry(host, port), list(stake),
-                   keys.client_keys(client_id))
+        return cls(cluster, client_id, Login.of(str(client_id), acl, tls).device_entry(host, port),
+                   list(stake), keys.client_keys(client_id))
 
     @classmethod
     def of(cls, cluster: LabCluster, client_id: int) -> Identity:
@@ -169,8 +167,7 @@ class Client:
     def __init__(self, identity: Identity, timeout_s: float = TIMEOUT_S) -> None:
         client_id = identity.client
         broker = identity.broker
-        login = Login((broker["user"], broker["password"]) if "user" in broker else None,
-                      bytes.fromhex(broker["ca"]) if "ca" in broker else None)
+        login = Login.of_entry(broker)
         self.client_id = client_id
         self.timeout_s = timeout_s
         if len(identity.keys) != len(identity.stake):

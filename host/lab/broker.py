@@ -156,6 +156,19 @@ class Login:
     credentials: tuple[str, str] | None = None
     ca_der: bytes | None = None
 
+    @classmethod
+    def of(cls, identity: str, auth: BrokerAuth | None, tls: BrokerTLS | None) -> Login:
+        """How ``identity`` logs in to a broker that enforces ``auth`` (None: takes anyone)
+        and speaks TLS with ``tls``'s certificate (None: plain TCP)."""
+        return cls(None if auth is None else auth.credentials(identity),
+                   None if tls is None else tls.ca_der)
+
+    @classmethod
+    def of_entry(cls, entry: dict[str, Any]) -> Login:
+        """The login a device's "broker" entry holds (the inverse of device_entry)."""
+        return cls((entry["user"], entry["password"]) if "user" in entry else None,
+                   bytes.fromhex(entry["ca"]) if "ca" in entry else None)
+
     def client(self, client_id: str = "") -> mqtt.Client:
         """A paho client (MQTT 3.1.1, not yet connected) that logs in this way."""
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -209,8 +222,7 @@ class Broker:
     def login(self, identity: str) -> Login:
         """How ``identity`` logs in here: its credentials on a broker with ACLs, and TLS
         trusting the cluster's CA on one that speaks TLS."""
-        return Login(None if self.auth is None else self.auth.credentials(identity),
-                     None if self.tls is None else self.tls.ca_der)
+        return Login.of(identity, self.auth, self.tls)
 
     @property
     def url(self) -> str:

@@ -22,6 +22,7 @@ import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -43,14 +44,10 @@ class BrokerTLS:
 
     folder: Path
 
-    @property
-    def ca_pem(self) -> str:
-        """The CA certificate, PEM (what host programs trust)."""
-        return (self.folder / CA_PEM).read_text()
-
-    @property
+    @cached_property
     def ca_der(self) -> bytes:
-        """The CA certificate, DER (what a node's ``ssl`` loads)."""
+        """The CA certificate, DER: what nodes (MicroPython's ``ssl``) and host programs
+        trust; read once."""
         return (self.folder / CA_DER).read_bytes()
 
     def mosquitto_lines(self) -> list[str]:
@@ -105,9 +102,9 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def client_context(ca_pem: str) -> ssl.SSLContext:
-    """An SSLContext that trusts only ``ca_pem`` and checks the broker's name against its
-    certificate (TLS 1.2 or later)."""
-    context = ssl.create_default_context(cadata=ca_pem)
+def client_context(ca_der: bytes) -> ssl.SSLContext:
+    """An SSLContext that trusts only the CA certificate ``ca_der`` and checks the broker's
+    name against its certificate (TLS 1.2 or later)."""
+    context = ssl.create_default_context(cadata=ca_der)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

@@ -99,9 +99,7 @@ class LabCluster:
 
     def login(self, identity: str = HOST) -> Login:
         """How ``identity`` logs in to the cluster's broker (credentials with ACLs, TLS)."""
-        auth, tls = self.broker_auth(), self.broker_tls()
-        return Login(None if auth is None else auth.credentials(identity),
-                     None if tls is None else tls.ca_der)
+        return Login.of(identity, self.broker_auth(), self.broker_tls())
 
     def issue_client(self) -> int:
         """A client id never issued before in this cluster (from ISSUED_CLIENTS_FIRST on),
