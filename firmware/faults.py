@@ -6,6 +6,8 @@
 #   every nonce accepted before (the last one persists in flash, so a replay after a reboot
 #   is refused too). Anything else is counted in `rejected` and changes nothing, as is a
 #   command the node has no heap for (loading a Byzantine behaviour on a full heap).
+# - reboot resets the node; oom fills its heap until an allocation fails, which the runtime
+#   answers as it answers any MemoryError: it restarts the node in place from its flash.
 # - Faults act on replica-to-replica traffic only, at the edge of the runtime: the protocol
 #   code never knows. heal() undoes every fault.
 # - Bounded: at most _DELAYED_MAX messages and _DELAYED_BYTES_MAX bytes (each message's wire plus
@@ -110,6 +112,8 @@ class Faults:
         store.save_int(msg.nonce, NONCE_PATH)
         if msg.command == "reboot":
             _reset()  # after the nonce is in flash: a replay after the reset is refused
+        if msg.command == "oom":
+            _exhaust()
         return msg.command
 
     def _apply(self, command, args):
@@ -135,8 +139,8 @@ class Faults:
                 raise ValueError("behaviour")
             self.colluders = tuple(_ids(args[1])) if len(args) > 1 else ()
             self.byzantine = args[0]
-        elif command == "reboot":
-            pass  # on_control resets once the nonce is saved
+        elif command in ("reboot", "oom"):
+            pass  # on_control acts once the nonce is saved
         else:
             raise ValueError("unknown command")
 
@@ -189,6 +193,14 @@ class Faults:
             self.delayed_bytes -= len(entry[2]) + _ENTRY_BYTES
             out.append((entry[1], entry[2]))
         return out
+
+
+def _exhaust():
+    """Fill the heap until an allocation fails: the MemoryError a leak or a fragmented heap
+    ends in, raised to the runtime, which restarts the node in place (runtime.main)."""
+    hog = []
+    while True:
+        hog.append(bytearray(1024))
 
 
 def _reset():

@@ -109,6 +109,7 @@ class Runtime:
             tx_max=messages.MESSAGE_BYTES_MAX)
         self.senders = (self.send_all, self.send_to, self.send_reply)  # bound once: route()
         self.heap_peak = 0
+        self.restarts = 0           # in-place restarts after a MemoryError (main())
         self.conn = 0               # connection attempts to the broker in this boot
         self.status_seq = 0         # statuses published on the current connection
         self.status_skipped = 0
@@ -161,12 +162,8 @@ class Runtime:
                 node.peer_status(bytes(payload), j, self.clock())
                 self.drain()
                 return
-        try:  # a request, or a replica's message: .../from/<j> or .../to/<me>/from/<j>
-            node.message(bytes(payload), j, self.clock())
-        except MemoryError:
-            gc.collect()
-            print("out of memory: %d bytes free after collection" % gc.mem_free())
-            raise  # a board's watchdog reboots it; it restores from flash
+        # a request, or a replica's message: .../from/<j> or .../to/<me>/from/<j>
+        node.message(bytes(payload), j, self.clock())  # MemoryError: main() restarts us
         self.drain()
 
     def send_all(self, wire):
@@ -234,6 +231,7 @@ class Runtime:
         status["reconnects"] = self.mqtt.reconnects
         status["uptime_ms"] = clock
         status["boots"] = self.boots
+        status["restarts"] = self.restarts
         status["status_skipped"] = self.status_skipped
         status["faults"] = self.faults.describe()
         status["fault_dropped"] = self.faults.dropped
@@ -280,11 +278,27 @@ class Runtime:
 
 
 def main():
-    gc.threshold(_GC_THRESHOLD_MIN_BYTES)
-    config = load_config()
-    node = Runtime(config)
-    gc.collect()
-    gc.threshold(config.get("gc_threshold_bytes") or
-                 max(_GC_THRESHOLD_MIN_BYTES, gc.mem_free() - _GC_RESERVE_BYTES))
-    config = None
-    asyncio.run(node.run())
+    """Run the node for good. A MemoryError anywhere (a heap too fragmented for one more
+    allocation) restarts it in place, as a board's reset would but in the same process (the
+    modules stay loaded): every object of the old node is dropped, and the node is restored
+    from flash like after a crash (a new boot for its peers; ``restarts`` in its
+    status counts these)."""
+    restarts = 0
+    while True:
+        gc.threshold(_GC_THRESHOLD_MIN_BYTES)
+        config = load_config()
+        node = Runtime(config)
+        node.restarts = restarts
+        gc.collect()
+        gc.threshold(config.get("gc_threshold_bytes") or
+                     max(_GC_THRESHOLD_MIN_BYTES, gc.mem_free() - _GC_RESERVE_BYTES))
+        config = None
+        try:
+            asyncio.run(node.run())
+        except MemoryError:  # run() dropped the broker link on its way out (peers get our Will)
+            gc.collect()  # what was free, in pieces too small: the heap's fragmentation
+            print("out of memory (%d bytes free after collection): restarting from flash"
+                  % gc.mem_free())
+        node = None
+        asyncio.new_event_loop()  # the old node's tasks go with the old loop
+        restarts += 1

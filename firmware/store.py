@@ -18,10 +18,14 @@ _TMP = ".tmp"
 
 
 def load(path=STATE_PATH):
-    """The saved bytes, or None when nothing was saved."""
+    """The saved bytes, or None when nothing was saved. Read in one allocation of the
+    file's size (read() with no size grows its buffer 256 bytes at a time, each step a
+    reallocation that fragments the heap)."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            size = f.seek(0, 2)
+            f.seek(0)
+            return f.read(size)
     except OSError:
         return None
 

@@ -244,6 +244,24 @@ def test_reboot_command_resets_the_node(cluster: lab.LabCluster, load: Workload)
     heal_and_catch_up(cluster, node)
 
 
+def test_oom_restarts_the_node_in_place_from_its_flash(cluster: lab.LabCluster,
+                                                       load: Workload) -> None:
+    """A node whose heap runs out (a MemoryError anywhere) drops its link, restarts in the
+    same process from its flash as a new boot, and catches up."""
+    node, before = a_backup(cluster)
+    pid = cluster.state["nodes"][node]["pid"]
+    print(lab.inject(cluster, "oom", node))
+    cluster = lab.load(cluster.path)
+    assert cluster.state["nodes"][node]["pid"] == pid, "the same process"
+    booted = wait_for(cluster, "the node back online after running out of heap",
+                      lambda s: s[node].get("online")
+                      and s[node]["boots"] == before[node]["boots"] + 1)
+    assert booted[node]["restarts"] == before[node].get("restarts", 0) + 1
+    assert booted[node]["store"]["error"] is None
+    assert executed(booted, node) >= executed(before, node), "restored from its flash"
+    heal_and_catch_up(cluster, node)
+
+
 def test_skew_shows_in_status_and_heal_resets_it(cluster: lab.LabCluster,
                                                  load: Workload) -> None:
     node, _ = a_backup(cluster)

@@ -345,7 +345,8 @@ def cluster_down(run_dir: Path | None) -> None:
                          for a in fault_kinds.aliases("inject"))
              + ".\n\nActions: resume (SIGCONT), restart (crash, then boot again from its "
              "flash).\n\nOptions by kind: " + fault_kinds.inject_options()
-             + ". An emulated node that reboots exits and is booted again from its flash.\n\n"
+             + ". An emulated node that reboots exits and is booted again from its flash; "
+             "one that runs out of heap (oom) restarts in place, in the same process.\n\n"
              "'edgebft heal' undoes them all.")
 @click.argument("kind", metavar="KIND", type=click.Choice(
     fault_kinds.names("inject") + ACTIONS + fault_kinds.aliases("inject")))

@@ -39,6 +39,8 @@ KINDS = (
               inject="signal", nemesis=True, sim=True, aliases=("kill", "crash-primary")),
     FaultKind("reboot", "the node resets itself and boots again from its flash at once",
               inject="control", sim=True),
+    FaultKind("oom", "the node's heap fills up until an allocation fails; it restarts in place "
+              "from its flash", inject="control", nemesis=True),
     FaultKind("pause", "the node stands still under SIGSTOP until heal resumes it",
               inject="signal", nemesis=True, sim=True),
     FaultKind("partition", "the node, with its group, cut off from the other replicas",

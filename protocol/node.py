@@ -110,7 +110,7 @@ class Node:
         try:
             self.replica.receive(wire, clock + self.skew_ms)
         except MemoryError:
-            raise  # the heap's, not the input's: the driver decides (a board reboots)
+            raise  # the heap's, not the input's: the runtime restarts the node from flash
         except Exception as e:
             if not self.contain:
                 raise

@@ -8,9 +8,10 @@ fault before the next strike and always heals before the run ends (``heal()``).
 Kinds (``KINDS``, the nemesis kinds of edgebft.fault_kinds): crash (SIGKILL, restarted from
 its flash), pause (SIGSTOP, then SIGCONT), partition (the primary cut off from every other
 replica), omission (the primary loses ``OMISSION_PERMILLE``/1000 of its messages), delay (its
-messages held ``DELAY_MS`` plus up to ``DELAY_JITTER_MS``) and byzantine (it equivocates).
-The last four are authenticated control commands (firmware/faults.py), sent by the caller's
-``control``.
+messages held ``DELAY_MS`` plus up to ``DELAY_JITTER_MS``), duplicate (it sends a share of
+its messages twice), byzantine (it equivocates) and oom (its heap fills up; it restarts in
+place from its flash). The control kinds (all but crash, pause and broker-restart) are
+authenticated control commands (firmware/faults.py), sent by the caller's ``control``.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def actions(cluster: EmulatedCluster, control: Control | None,
             "delay": Action(command("delay", [DELAY_MS, DELAY_JITTER_MS]), heal),
             "omission": Action(command("omission", [OMISSION_PERMILLE, None]), heal),
             "duplicate": Action(command("duplicate", [DUPLICATE_PERMILLE]), heal),
-            "byzantine": Action(command("byzantine", ["equivocate"]), heal)}
+            "byzantine": Action(command("byzantine", ["equivocate"]), heal),
+            "oom": Action(command("oom", []), heal)}
 
 
 @dataclass

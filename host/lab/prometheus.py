@@ -46,6 +46,7 @@ GAUGES = (
     ("tx", "edgebft_tx_messages", "Protocol messages sent since boot."),
     ("executed_requests", "edgebft_executed_requests", "Client requests executed since boot."),
     ("boots", "edgebft_boots", "Boots the node counted in its flash, this one included."),
+    ("restarts", "edgebft_restarts", "In-place restarts from flash this boot (heap exhausted)."),
     ("transfer_bytes", "edgebft_transfer_bytes", "Bytes fetched by state transfer since boot."),
     ("errors", "edgebft_message_errors", "Messages dropped because handling them raised."),
     ("stalls", "edgebft_stalls", "Ticks that found the node had stood still (not counted)."),

@@ -320,6 +320,10 @@ def inject(lab: LabCluster, kind: str, node: int | None, p: float = 1.0, ms: int
         send_control(lab, node, "byzantine", [mode, colluders or []])
         return f"node {node} is Byzantine: {mode}" + (
             f" with colluders {colluders}" if colluders else "")
+    if kind == "oom":
+        with _supervising(lab, [node]):
+            send_control(lab, node, "oom", [])  # the node restarts by itself: no respawn
+        return f"node {node} ran out of heap and restarted in place from its flash"
     if kind == "reboot":
         with _supervising(lab, [node]) as respawn:
             send_control(lab, node, "reboot", [])
@@ -393,8 +397,8 @@ def heal(lab: LabCluster) -> str:
 @contextmanager
 def _supervising(lab: LabCluster, nodes: list[int]) -> Iterator[Callable[[], None]]:
     """Restart ``nodes`` and vouch for them: the block stops them (or finds them stopped)
-    and calls the ``respawn`` it is given, which starts each again from its image folder;
-    on leaving, each must report online with a new boot count within STARTUP_TIMEOUT_S, or
+    and calls the ``respawn`` it is given, which starts each again from its image folder (or
+    makes them restart by themselves and does not call it); on leaving, each must report online with a new boot count within STARTUP_TIMEOUT_S, or
     LabError names those that did not and their logs. The one way this module restarts a
     node: "restarted" is said only of a node that is back."""
     with _broker(lab) as b:
