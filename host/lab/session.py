@@ -398,9 +398,10 @@ def heal(lab: LabCluster) -> str:
 def _supervising(lab: LabCluster, nodes: list[int]) -> Iterator[Callable[[], None]]:
     """Restart ``nodes`` and vouch for them: the block stops them (or finds them stopped)
     and calls the ``respawn`` it is given, which starts each again from its image folder (or
-    makes them restart by themselves and does not call it); on leaving, each must report online with a new boot count within STARTUP_TIMEOUT_S, or
-    LabError names those that did not and their logs. The one way this module restarts a
-    node: "restarted" is said only of a node that is back."""
+    makes them restart by themselves and does not call it); on leaving, each must report
+    online with a new boot count within STARTUP_TIMEOUT_S, or LabError names those that did
+    not and their logs. The one way this module restarts a node: "restarted" is said only of
+    a node that is back."""
     with _broker(lab) as b:
         observer = Observer(b["host"], b["port"], lab.state["cluster"], lab.nodes,
                             lab.keys(), lab.login())
