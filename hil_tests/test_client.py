@@ -57,10 +57,16 @@ def test_ordered_operations_from_a_program(cluster: lab.LabCluster) -> None:
         assert refused.value.reason == "insufficient funds"
         with pytest.raises(Rejected) as refused:
             ledger.transfer("acct2", "acct101", 1)
-        assert refused.value.reason == "not owner"
+        assert (refused.value.reason, refused.value.sent) == ("not owner", False)
+        with pytest.raises(Rejected) as refused:
+            ledger.transfer("nobody", "acct101", 1)
+        assert (refused.value.reason, refused.value.sent) == ("no such account", False)
         with pytest.raises(Rejected) as refused:
             ledger.transfer("acct101", "nobody", 1)
-        assert refused.value.reason == "no such account"
+        assert (refused.value.reason, refused.value.sent) == ("no such account", True)
+        assert ledger.account("acct101") == {"balance": ledger.balance("acct101"),
+                                             "owner": 101}
+        assert ledger.account("nobody") is None
         with pytest.raises(UnknownKey):
             ledger.get("never written")
         with pytest.raises(KeyError):  # UnknownKey is a KeyError too
@@ -103,7 +109,8 @@ def test_shell_commands_print_one_line_and_say_how_it_went(cluster: lab.LabClust
     assert done.returncode == 1
     assert done.stderr == "edgebft: transfer rejected: insufficient funds\n"
     done = edgebft(cluster, "transfer", "acct4", "acct5", "3")
-    assert (done.returncode, done.stderr) == (1, "edgebft: transfer rejected: not owner\n")
+    assert (done.returncode, done.stderr) == (
+        1, "edgebft: transfer rejected: not owner (acct4 is client 4's); nothing sent\n")
     done = edgebft(cluster, "transfer", "acct200", "acct5", "3")
     assert (done.returncode, done.stdout) == (0, "999997\n")
     assert re.fullmatch(r"\d+\n", edgebft(cluster, "balance", "acct5").stdout)
@@ -208,15 +215,27 @@ def test_a_client_opens_an_account_and_bonds_and_unbonds_its_stake(
             other.open("savings102")
         assert refused.value.reason == "account exists"
         owner.transfer("acct102", "savings102", 10)
+        reads = dict(other.reads)
         with pytest.raises(Rejected) as refused:
             other.transfer("savings102", "acct103", 1)
-        assert refused.value.reason == "not owner"
+        assert (refused.value.reason, refused.value.sent) == ("not owner", False)
+        assert sum(other.reads.values()) == sum(reads.values()) + 1, "the owner, read once"
+        with pytest.raises(Rejected) as refused:
+            other.stake("savings102", 2, 1)
+        assert (refused.value.reason, refused.value.sent) == ("not owner", False)
+        assert sum(other.reads.values()) == sum(reads.values()) + 1, "the owner, kept"
+        with pytest.raises(Rejected) as refused:  # sent anyway: the ledger refuses it
+            other.call(["transfer", "savings102", "acct103", 1])
+        assert (refused.value.reason, refused.value.sent) == ("not owner", True)
         bond = owner.validators()["bonds"][2]
         assert owner.stake("savings102", 2, 4) == bond + 4
         assert owner.delegations("savings102") == {2: 4}
         with pytest.raises(Rejected) as refused:
             other.unstake(2, "savings102", 4)
-        assert refused.value.reason == "not owner"
+        assert (refused.value.reason, refused.value.sent) == ("not owner", False)
+        with pytest.raises(Rejected) as refused:
+            other.call(["unstake", 2, "savings102", 4])
+        assert (refused.value.reason, refused.value.sent) == ("not owner", True)
         assert owner.unstake(2, "savings102", 4) == bond
         assert owner.balance("savings102", ordered=True) == 6, "unbonding, not back yet"
         for i in range(3 * CHECKPOINT_INTERVAL):  # past two checkpoints

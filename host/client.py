@@ -9,15 +9,17 @@
 Every write is one ordered request: authenticated with the client's keys (one tag per replica),
 published to every replica through the broker, sent again every RETRANSMIT_S until replies
 that match carry more than 1/3 of the stake (protocol/client.py: at least one correct replica
-vouches for the result). Reads (get, balance, validators) are read-only requests first (PBFT's
-optimisation: every replica answers from its executed state, one round trip, accepted on
-matching replies over 2/3 of stake); when the replies disagree (a write in progress, a
-lagging or lying replica) or none is decided within READ_WAIT_S, the read is made again,
-ordered (``ordered=True`` asks for that at once; ``reads`` counts both). A call returns the
-result, or raises:
+vouches for the result). Reads (get, balance, account, delegations, validators) are
+read-only requests first (PBFT's optimisation: every replica answers from its executed state,
+one round trip, accepted on matching replies over 2/3 of stake); when the replies disagree (a
+write in progress, a lagging or lying replica) or none is decided within READ_WAIT_S, the read
+is made again, ordered (``ordered=True`` asks for that at once; ``reads`` counts both). A call
+returns the result, or raises:
 
 - Rejected: the ledger refused the operation (``reason``: "insufficient funds", "not owner",
-  "no such account", "value too large", "store full", ...);
+  "no such account", "value too large", "store full", ...); an operation that spends from an
+  account this client does not own (transfer, stake, unstake) is refused so before it is sent
+  (``sent`` False: the owner is read first, once per account);
 - UnknownKey (a KeyError): ``get`` of a key that holds no value;
 - Timeout: no accepted reply within ``timeout_s`` (the cluster may be down or cut off). The
   request may still execute later; it executes at most once.
@@ -63,6 +65,7 @@ RETRANSMIT_S = 0.5
 READ_WAIT_S = 0.2  # a read-only request's chance before it is asked again, ordered
 TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
+OWNERS_KEPT = 1024  # accounts whose owner a client remembers (then it forgets them all)
 
 
 class ClientError(RuntimeError):
@@ -70,12 +73,15 @@ class ClientError(RuntimeError):
 
 
 class Rejected(ClientError):
-    """The ledger refused the operation; ``reason`` says why."""
+    """The ledger refused the operation; ``reason`` says why (``why`` adds to the message).
+    ``sent`` is False when the client refused it for the ledger, from the ledger's state,
+    without sending it (an account this client does not own)."""
 
-    def __init__(self, op: list[Any], reason: Any) -> None:
-        super().__init__(f"{op[0]} rejected: {reason}")
+    def __init__(self, op: list[Any], reason: Any, sent: bool = True, why: str = "") -> None:
+        super().__init__(f"{op[0]} rejected: {reason}{why}" + ("" if sent else "; nothing sent"))
         self.op = op
         self.reason = reason
+        self.sent = sent
 
 
 class UnknownKey(ClientError, KeyError):
@@ -182,6 +188,7 @@ class Client:
         self._done = threading.Event()  # the outstanding request is accepted, or undecided
         self._result: Any = None
         self.reads = {"read-only": 0, "ordered": 0}  # how reads were answered
+        self._owners: dict[str, int] = {}  # account -> owner (never changes once opened)
         self._subscribed = threading.Event()
         self._refused: list[str] = []
         self._mqtt = login.client(f"ebft-{identity.cluster}-app{client_id}-"
@@ -258,22 +265,27 @@ class Client:
     def transfer(self, source: str, dest: str, amount: int) -> int:
         """Move ``amount`` tokens from this client's account ``source`` to the existing
         account ``dest``; returns what ``source`` holds after."""
-        return int(self._call(["transfer", source, dest, amount]))
+        return int(self._spend(["transfer", source, dest, amount], source))
 
     def balance(self, account: str, ordered: bool = False) -> int:
         """The balance of ``account`` (0 for one that does not exist)."""
         return int(self._read(["balance", account], ordered) or 0)
 
+    def account(self, name: str, ordered: bool = False) -> dict[str, int] | None:
+        """{"balance", "owner"} of account ``name``, or None when it does not exist."""
+        entry = self._read(["account", name], ordered)
+        return None if entry is None else {"balance": entry[0], "owner": entry[1]}
+
     def stake(self, account: str, validator: int, amount: int) -> int:
         """Bond ``amount`` tokens of this client's ``account`` to replica ``validator`` (in
         force from the next checkpoint); returns the validator's new bond."""
-        return int(self._call(["stake", account, validator, amount]))
+        return int(self._spend(["stake", account, validator, amount], account))
 
     def unstake(self, validator: int, account: str, amount: int) -> int:
         """Unbond ``amount`` of what ``account`` delegated to ``validator``: out of the bond at
         once, back in the account after the unbonding period (burnt if the validator is
         slashed meanwhile); returns the validator's new bond."""
-        return int(self._call(["unstake", validator, account, amount]))
+        return int(self._spend(["unstake", validator, account, amount], account))
 
     def delegations(self, account: str, ordered: bool = False) -> dict[int, int]:
         """{validator: tokens} that ``account`` has bonded and not unbonded."""
@@ -294,12 +306,13 @@ class Client:
         or account that is not 1..NAME_BYTES_MAX characters, a value over VALUE_BYTES_MAX
         bytes of CBOR, an amount that is not a positive integer, a validator that is not a
         replica. ClientError, one line."""
-        arity = {"put": 3, "get": 2, "balance": 2, "open": 2, "delegations": 2, "transfer": 4,
-                 "stake": 4, "unstake": 4}
+        arity = {"put": 3, "get": 2, "balance": 2, "account": 2, "open": 2, "delegations": 2,
+                 "transfer": 4, "stake": 4, "unstake": 4}
         if not isinstance(op, list) or not op or arity.get(op[0]) != len(op):
             return  # call() with another op: the ledger judges it
         name = op[0]
-        names = {"put": op[1:2], "get": op[1:2], "balance": op[1:2], "open": op[1:2],
+        names = {"put": op[1:2], "get": op[1:2], "balance": op[1:2], "account": op[1:2],
+                 "open": op[1:2],
                  "delegations": op[1:2], "transfer": op[1:3], "stake": op[1:2],
                  "unstake": op[2:3]}.get(name, [])
         for text in names:
@@ -317,6 +330,24 @@ class Client:
             if type(v) is not int or not 0 <= v < self._core.stake.n:
                 raise ClientError(f"{name}: validator {v!r} is not a replica (0 to "
                                   f"{self._core.stake.n - 1}); nothing sent")
+
+    def _spend(self, op: list[Any], account: str) -> Any:
+        """``op``, which spends from ``account``: refused before anything is sent unless this
+        client owns the account (Rejected, ``sent`` False, with the ledger's reason: "no such
+        account" or "not owner"). The owner is read once per account (read-only) and kept:
+        an account's owner never changes once it exists. ``op`` itself is checked first."""
+        self._check(op)
+        owner = self._owners.get(account)
+        if owner is None:
+            entry = self.account(account)
+            if entry is None:
+                raise Rejected(op, "no such account", sent=False)
+            if len(self._owners) >= OWNERS_KEPT:
+                self._owners.clear()
+            owner = self._owners[account] = entry["owner"]
+        if owner != self.client_id:
+            raise Rejected(op, "not owner", sent=False, why=f" ({account} is client {owner}'s)")
+        return self._call(op)
 
     # ---- one request
 
@@ -390,8 +421,8 @@ class AsyncClient:
     many application clients at once, each with its own id; one request at a time per client,
     as for Client."""
 
-    OPERATIONS = frozenset({"put", "get", "open", "transfer", "balance", "stake", "unstake",
-                            "delegations", "validators", "call"})
+    OPERATIONS = frozenset({"put", "get", "open", "transfer", "balance", "account", "stake",
+                            "unstake", "delegations", "validators", "call"})
 
     def __init__(self, client: Client) -> None:
         self.client = client

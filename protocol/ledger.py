@@ -47,7 +47,7 @@ except ImportError:  # CPython
 
 from . import cbor
 
-_READS = ("get", "balance", "delegations", "validators")
+_READS = ("get", "balance", "account", "delegations", "validators")
 
 ENTRIES_MAX = 1 << 16
 UNBONDING_CHECKPOINTS = 2  # an unbond stays slashable through the epoch it leaves and a K more
@@ -104,8 +104,9 @@ class Ledger:
         self.digest = b"\x00" * 32  # the genesis digest
 
     def read(self, op):
-        """The result of the read-only ``op`` (get, balance, delegations, validators) on the
-        executed state, which it leaves as it is; [False, "not a read"] for any other op."""
+        """The result of the read-only ``op`` (get, balance, account, delegations, validators)
+        on the executed state, which it leaves as it is; [False, "not a read"] for any other
+        op."""
         if type(op) is not list or not op or op[0] not in _READS:
             return [False, "not a read"]
         return self.execute(op, -1)
@@ -174,6 +175,8 @@ class Ledger:
             return self._put(op[1], op[2])
         if name == "balance" and len(op) == 2 and is_name(op[1]):
             return [True, self.balance(op[1])]
+        if name == "account" and len(op) == 2 and is_name(op[1]):
+            return [True, self.account(op[1])]
         if name == "transfer" and len(op) == 4:
             return self._transfer(client, op[1], op[2], op[3])
         if name == "open" and len(op) == 2:

@@ -78,6 +78,11 @@ def test_only_the_owner_spends_and_unbonds() -> None:
     assert ledger.execute(["transfer", "alice", "nobody", 5], ALICE) == [True, 85]
     assert ledger.execute(["transfer", "nobody", "mallory", 5], MALLORY) == [True, 0]
     assert ledger.balance("mallory") == 6
+    # What a client reads to refuse, before sending, a spend from an account not its own.
+    assert ledger.read(["account", "nobody"]) == [True, [0, MALLORY]]
+    assert ledger.read(["account", "alice"]) == [True, [85, ALICE]]
+    assert ledger.read(["account", "nobody at all"]) == [True, None]
+    assert ledger.read(["account", 7]) == [False, "bad op"]
 
 
 def test_a_genesis_range_funds_accounts_owned_by_their_client() -> None:
