@@ -245,6 +245,33 @@ def test_a_client_opens_an_account_and_bonds_and_unbonds_its_stake(
     assert (done.returncode, done.stdout) == (0, "none\n")
 
 
+def test_stake_unbonding_from_an_equivocator_is_slashed_with_it(tmp_path: Path) -> None:
+    """Five equal replicas (the two the primary's real and null pre-prepares reach prove
+    the equivocation with over 1/3 of stake). A client bonds 5 tokens to validator 0, the
+    primary, and unbonds them at once; then 0 equivocates. The accusations are ordered
+    within the unbonding period (UNBONDING_CHECKPOINTS checkpoints), so the slash burns the
+    unbonding tokens: well past the period, the account has not seen them again."""
+    cluster = lab.up(nodes=5, broker="mosquitto", out=tmp_path / "run")
+    try:
+        with Client.connect(cluster.path, client_id=100, timeout_s=10) as ledger:
+            before = ledger.balance("acct100", ordered=True)
+            assert ledger.stake("acct100", 0, 5) == 6
+            assert ledger.unstake(0, "acct100", 5) == 1
+            assert ledger.balance("acct100", ordered=True) == before - 5, "unbonding"
+            print(lab.inject(cluster, "byzantine", 0, mode="equivocate"))
+            i = 0
+            while ledger.validators(ordered=True)["bonds"][0] != 0:
+                assert i < 40, "validator 0 slashed after its equivocation"
+                ledger.put("after", i)
+                i += 1
+            for j in range(3 * CHECKPOINT_INTERVAL):  # past the unbonding period
+                ledger.put("later", j)
+            assert ledger.balance("acct100", ordered=True) == before - 5, "burnt"
+            assert ledger.delegations("acct100", ordered=True) == {}
+    finally:
+        lab.down(cluster)
+
+
 def test_many_async_clients_on_one_event_loop(cluster: lab.LabCluster) -> None:
     async def app(k: int) -> object:
         async with await AsyncClient.connect(cluster.path, client_id=k) as ledger:
