@@ -85,6 +85,11 @@ class Faults:
         self.colluders = ()
         self.sent = []            # what "replay" replays
 
+    def injected(self):
+        """Whether any fault is in force."""
+        return bool(self.drop_permille or self.delay_ms or self.dup_permille
+                    or self.reachable is not None or self.skew_ms or self.byzantine)
+
     def describe(self):
         return {"drop_permille": self.drop_permille, "drop_peers": self.drop_peers,
                 "delay_ms": self.delay_ms, "dup_permille": self.dup_permille,

@@ -7,9 +7,14 @@ if rom:
     vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(address), int(size))), "/rom")
     sys.path.insert(0, "/rom/lib")
 sys.path.append("lib")
-try:  # a sensor's image has sensor.json (firmware/sensor.py), a replica's edgebft.json
-    os.stat("sensor.json")
-    from edgebft.firmware import sensor as app
-except OSError:
-    from edgebft.firmware import runtime as app
-app.main()
+from edgebft.firmware import board
+why = board.safe_mode()  # before the node's modules: one of them may be what crashes
+if why:
+    print("edgebft: safe mode: %s; the node does not start, the REPL is free" % why)
+else:
+    try:  # a sensor's image has sensor.json (firmware/sensor.py), a replica's edgebft.json
+        os.stat("sensor.json")
+        from edgebft.firmware import sensor as app
+    except OSError:
+        from edgebft.firmware import runtime as app
+    app.main()

@@ -31,7 +31,7 @@ try:
 except ImportError:  # CPython
     const = int  # CPython: const(x) is x
 
-from edgebft.firmware import store
+from edgebft.firmware import board, store
 from edgebft.firmware.faults import Faults
 from edgebft.firmware.mqtt import MQTTClient, login_of
 from edgebft.protocol import cbor
@@ -64,9 +64,11 @@ def load_config(path=CONFIG_PATH):
 
 
 class Runtime:
-    """One node attached to the broker named in its configuration."""
+    """One node attached to the broker named in its configuration, on a board (its ``led``
+    and ``watchdog``, the boot's ``reset_cause``; ``restarts`` in place before this one:
+    see main())."""
 
-    def __init__(self, config):
+    def __init__(self, config, led, watchdog, reset_cause="power-on", restarts=0):
         self.me = config["node"]
         cluster = config["cluster"]
         self.prefix = "ebft/%s/" % cluster
@@ -109,7 +111,11 @@ class Runtime:
             tx_max=messages.MESSAGE_BYTES_MAX)
         self.senders = (self.send_all, self.send_to, self.send_reply)  # bound once: route()
         self.heap_peak = 0
-        self.restarts = 0           # in-place restarts after a MemoryError (main())
+        self.led = led
+        self.reset_cause = reset_cause
+        self.restarts = restarts    # in-place restarts after a MemoryError (main())
+        self.watchdog = watchdog
+        self.stable = False         # ran board.STABLE_MS (its boot did not crash)
         self.conn = 0               # connection attempts to the broker in this boot
         self.status_seq = 0         # statuses published on the current connection
         self.status_skipped = 0
@@ -232,6 +238,8 @@ class Runtime:
         status["uptime_ms"] = clock
         status["boots"] = self.boots
         status["restarts"] = self.restarts
+        status["reset_cause"] = self.reset_cause
+        status["led"] = self.led.state
         status["status_skipped"] = self.status_skipped
         status["faults"] = self.faults.describe()
         status["fault_dropped"] = self.faults.dropped
@@ -251,7 +259,8 @@ class Runtime:
 
     async def timers(self):
         """Tick the node (its timers, the failure detector; told whether the broker link is
-        up) and release held messages."""
+        up), release held messages, feed the watchdog and show the node's state on the
+        LED."""
         while True:
             clock = self.clock()
             self.node.tick(clock, self.mqtt.connected)
@@ -259,7 +268,23 @@ class Runtime:
             self.log_errors()
             for topic, wire in self.faults.due(clock):
                 self.mqtt.publish(topic, wire)
+            self.watchdog.feed()
+            self.led.show(self.led_state(), clock)
+            if not self.stable and clock >= board.STABLE_MS:
+                self.stable = True
+                board.stable()
             await asyncio.sleep_ms(TICK_MS)
+
+    def led_state(self):
+        """"connecting" without the broker; "fault" with a fault injected, or a store that
+        failed verification at boot until a stable checkpoint replaced it; else "primary" or
+        "backup"."""
+        if not self.mqtt.connected:
+            return "connecting"
+        replica = self.node.replica
+        if self.faults.injected() or (replica.state.error and replica.state.h < 0):
+            return "fault"
+        return "primary" if replica.primary() == self.me else "backup"
 
     async def run(self):
         # The client connects, reconnects with back-off and re-subscribes by itself; a
@@ -284,11 +309,17 @@ def main():
     from flash like after a crash (a new boot for its peers; ``restarts`` in its
     status counts these)."""
     restarts = 0
+    config = load_config()
+    led = board.Led(config.get("led"))
+    if config.get("wifi") and board.ON_BOARD:
+        from edgebft.firmware import wifi
+        wifi.connect(config["wifi"], led)
+    watchdog = board.Watchdog(config.get("watchdog_ms", 0))
+    cause = board.reset_cause()
     while True:
         gc.threshold(_GC_THRESHOLD_MIN_BYTES)
         config = load_config()
-        node = Runtime(config)
-        node.restarts = restarts
+        node = Runtime(config, led, watchdog, cause, restarts)
         gc.collect()
         gc.threshold(config.get("gc_threshold_bytes") or
                      max(_GC_THRESHOLD_MIN_BYTES, gc.mem_free() - _GC_RESERVE_BYTES))

@@ -71,6 +71,10 @@ def test_status_shows_every_node(cluster: lab.LabCluster) -> None:
     assert "entries" in out, "the ledger's size on flash is a column"
     snap = lab.status(cluster)
     assert all(snap[n]["online"] for n in range(4))
+    # The board layer (firmware/board.py) as the Unix port runs it: the LED is a state.
+    assert [snap[n]["led"] for n in range(4)] == [
+        "primary" if snap[n]["primary"] == n else "backup" for n in range(4)]
+    assert {snap[n]["reset_cause"] for n in range(4)} == {"power-on"}
 
 
 def test_status_watch_redraws_until_interrupted(cluster: lab.LabCluster) -> None:
@@ -136,6 +140,7 @@ def test_omission_isolates_a_node_and_heal_lets_it_catch_up(cluster: lab.LabClus
     cli("inject", "omission", "3", "--p", "1.0", "--dir", str(cluster.path))
     snap = wait_for(lambda s: s[3].get("faults", {}).get("drop_permille") == 1000)
     assert snap[3]["faults"]["drop_permille"] == 1000
+    assert snap[3]["led"] == "fault"
     assert load(cluster, 2.0) > 0, "three nodes still commit"
     snap = lab.status(cluster)
     assert snap[3]["last_exec"] < snap[0]["last_exec"]
@@ -145,6 +150,7 @@ def test_omission_isolates_a_node_and_heal_lets_it_catch_up(cluster: lab.LabClus
     assert load(cluster, 1.0) > 0
     snap = wait_for(lambda s: s[3]["last_exec"] >= s[0]["last_exec"] - 8)
     assert snap[3]["faults"]["drop_permille"] == 0
+    assert snap[3]["led"] == "backup"
     assert snap[3]["last_exec"] > isolated_at, "the healed node executes again"
     assert snap[3]["last_exec"] >= snap[0]["last_exec"] - 8, "within a checkpoint of the rest"
 

@@ -321,9 +321,9 @@ def cluster_status(run_dir: Path | None, watch_s: float | None) -> None:
 def _status_table(lab: LabCluster) -> Table:
     table = Table(title=f"cluster {lab.state['cluster']} ({lab.path}) at "
                         f"{time.strftime('%H:%M:%S')}")
-    for name in ("node", "role", "view", "executed", "checkpoint", "entries", "heap", "faults",
-                 "phi"):
-        table.add_column(name)
+    for name in ("node", "role", "view", "exec", "stable", "entries", "heap", "faults", "phi"):
+        # a narrow terminal (80 columns, a pipe) folds phi, never a role to "prima…"
+        table.add_column(name, min_width=len("primary") if name == "role" else None)
     for row in status_rows(lab_status(lab)):
         table.add_row(*row)
     return table

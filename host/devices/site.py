@@ -4,6 +4,7 @@
     name = "greenhouse"          # topics ebft/<name>/...; letters, digits, - and _
     stake = [1, 1, 1, 1]         # optional: equal stakes
     checkpoint_interval = 8      # optional
+    watchdog_s = 30              # optional: each board's watchdog (default 0: off)
 
     [broker]                     # the site's MQTT broker, as the boards reach it
     host = "192.168.1.10"
@@ -71,6 +72,7 @@ class Site:
     broker: dict[str, Any]
     wifi: dict[str, str] | None
     nodes: list[SiteNode]
+    watchdog_s: float = 0.0
 
     @property
     def keys_path(self) -> Path:
@@ -104,13 +106,15 @@ class Site:
 
     def node_config(self, i: int, keys: ClusterKeys) -> dict[str, Any]:
         """Node ``i``'s edgebft.json: its id, the cluster, its row of keys, the broker entry
-        with its own login, the WiFi, the genesis the lab uses."""
-        self.node(i)
+        with its own login, the WiFi, the genesis the lab uses, its board's LED and the
+        watchdog (firmware/board.py)."""
+        node = self.node(i)
         login = self.login(node_identity(i), keys)
         return {"node": i, "cluster": self.name, "stake": self.stake,
                 "broker": login.device_entry(self.broker["host"], self.broker["port"]),
                 "genesis": genesis(), "checkpoint_interval": self.checkpoint_interval,
-                "wifi": self.wifi, **keys.row(i)}
+                "wifi": self.wifi, "led": board(node.board).led,
+                "watchdog_ms": round(self.watchdog_s * 1000), **keys.row(i)}
 
 
 def _ca_der(path: Path) -> bytes:
@@ -146,6 +150,7 @@ def load_site(path: Path) -> Site:
         if wifi is not None:
             wifi = {"ssid": str(wifi["ssid"]), "password": str(wifi.get("password", ""))}
         interval = int(cluster.get("checkpoint_interval", CHECKPOINT_INTERVAL))
+        watchdog_s = float(cluster.get("watchdog_s", 0))
     except KeyError as e:
         raise SiteError(f"{path}: missing {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -163,4 +168,7 @@ def load_site(path: Path) -> Site:
             board(n.board)
         except BoardError as e:
             raise SiteError(f"{path}: node {n.id}: {e}") from None
-    return Site(path, name, stake, interval, entry, wifi, sorted(nodes, key=lambda n: n.id))
+    if not (watchdog_s == 0 or 1 <= watchdog_s <= 3600):
+        raise SiteError(f"{path}: watchdog_s {watchdog_s:g}: 0 (off) or 1 to 3600 seconds")
+    return Site(path, name, stake, interval, entry, wifi, sorted(nodes, key=lambda n: n.id),
+                watchdog_s)
