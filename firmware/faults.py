@@ -13,6 +13,8 @@
 # - Bounded: at most _DELAYED_MAX messages and _DELAYED_BYTES_MAX bytes (each message's wire plus
 #   _ENTRY_BYTES of bookkeeping) wait in the delay queue; beyond it they are dropped. A loaded
 #   primary delayed by a few hundred ms would otherwise fill a 100 KB heap with its backlog.
+from random import getrandbits
+
 from edgebft.firmware import store
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
@@ -22,13 +24,6 @@ try:
 except ImportError:  # CPython
     const = int  # CPython: const(x) is x
 
-try:
-    from random import getrandbits
-except ImportError:  # pragma: no cover
-    from os import urandom
-
-    def getrandbits(bits):
-        return int.from_bytes(urandom(4), "big") & ((1 << bits) - 1)
 
 NONCE_PATH = "nonce"
 _DELAYED_MAX = const(64)

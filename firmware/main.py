@@ -4,7 +4,9 @@ rom = getattr(os, "getenv", lambda name: None)("EDGEBFT_ROM")  # set by edgebft.
 if rom:
     import uctypes, vfs
     address, size = rom.split(":")
-    vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(address), int(size))), "/rom")
+    # VfsRom is in ports built with ROMFS (romboot's Unix port), not in the stubs' ESP32
+    image = uctypes.bytearray_at(int(address), int(size))
+    vfs.mount(vfs.VfsRom(image), "/rom")  # pyright: ignore[reportAttributeAccessIssue]
     sys.path.insert(0, "/rom/lib")
 sys.path.append("lib")
 from edgebft.firmware import board

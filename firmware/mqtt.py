@@ -46,18 +46,18 @@ import select
 import socket
 import ssl
 from binascii import unhexlify
+from random import getrandbits
 from time import ticks_diff, ticks_ms
+
+TYPE_CHECKING = False  # True only to a type checker (tools/typecheck.sh)
+if TYPE_CHECKING:
+    from typing import Any
 
 try:
     from micropython import const
 except ImportError:  # CPython, for tooling only
     const = int  # CPython: const(x) is x
 
-try:
-    from random import getrandbits
-except ImportError:  # ports built without random: no jitter
-    def getrandbits(n):
-        return 0
 
 _CONNECT = const(0x10)
 _CONNACK = const(0x20)
@@ -179,7 +179,8 @@ class MQTTClient:
         self._topics = {}
         self._pid = 0
         self._sock = None
-        self._stream = None
+        # asyncio's Stream: readinto and out_buf are MicroPython's, not in the stubs
+        self._stream = None  # type: Any
         self._tx_ev = asyncio.Event()
         self._ack_ev = asyncio.Event()
         self._down = asyncio.Event()
@@ -425,7 +426,10 @@ class MQTTClient:
         cid = _as_bytes(self.client_id)
         flags = 0x02 if self._clean else 0
         n = 10 + 2 + len(cid)
-        will = self.will() if callable(self.will) else self.will
+        will = self.will  # type: Any
+        if callable(will):
+            will = will()
+        wt = wp = b""
         if will:
             wt, wp = _as_bytes(will[0]), _as_bytes(will[1])
             flags |= 0x04 | (will[3] & 3) << 3 | (0x20 if will[2] else 0)
@@ -606,7 +610,7 @@ class MQTTClient:
         while True:
             await asyncio.sleep_ms(max(ka // 4, 50))
             now = ticks_ms()
-            if self._ping_ms >= 0:
+            if self._ping_ms >= 0:  # pyright: ignore[reportOperatorIssue] (-1, or ticks: an int)
                 silent_ms = min(ticks_diff(now, self._ping_ms), ticks_diff(now, self._last_rx))
                 if silent_ms >= half:
                     self._lost(MQTTError("no pingrsp"))
@@ -791,6 +795,7 @@ class MQTTClient:
             j = i + 1
             rl = 0
             sh = 0
+            b = 0x80  # no length byte read: incomplete
             while True:
                 if j >= end:
                     break

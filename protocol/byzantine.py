@@ -78,6 +78,7 @@ def _view_skew(replica, dest, wire, randbits):
         return [(dest, wire)]
     result = [(dest, wire)] if randbits(1) else []
     fields = cbor.decode(msg.body)
+    assert type(fields) is list  # a body decode() took
     for view in range(max(msg.view - 1, 0), msg.view + VIEW_SKEW_AHEAD + 1):
         if view != msg.view:
             fields[3] = view

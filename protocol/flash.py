@@ -78,7 +78,7 @@ class MemFlash:
 
     def cut(self, k):
         """Undo the last ``k`` operations (as many as are remembered)."""
-        torn = None
+        name = torn = None
         while k > 0 and self.journal:
             name, before, torn = self.journal.pop()
             if before is None:

@@ -319,6 +319,7 @@ class Ledger:
                 break  # the queue is in release order
             if u[2]:
                 entry = self.account(u[1])
+                assert entry is not None  # it was its delegator's, and accounts stay
                 self._set_balance(u[1], entry, entry[0] + u[2])
             self.store.delete(key)
             self.unbond_head += 1

@@ -14,6 +14,10 @@ try:
 except ImportError:  # CPython
     const = int  # CPython: const(x) is x
 
+TYPE_CHECKING = False  # True only to a type checker (tools/typecheck.sh): never imported
+if TYPE_CHECKING:
+    from typing import Any
+
 VERSION = 1
 
 REQUEST = 1      # [v, 1, client, timestamp, op]                      auth: one tag per replica
@@ -87,6 +91,9 @@ class Message:
         self.sender = sender
         self.body = body
         self.auth = auth
+
+    if TYPE_CHECKING:  # the fields decode() sets, by type: any name, to a type checker
+        def __getattr__(self, name: str) -> Any: ...
 
 
 

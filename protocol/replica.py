@@ -922,6 +922,7 @@ class Replica(ViewChanging, StateTransfer):
         newer of the two plus the window."""
         r = cls(me, stake, keys, client_secret, **kwargs)
         fields = cbor.decode(saved)
+        assert type(fields) is list  # what durable() wrote
         view, h = fields[0], fields[1]
         view_low = fields[2] if len(fields) > 2 and type(fields[2]) is int else 0
         r.view = view

@@ -154,13 +154,14 @@ class Stake:
         ids = self._ids
         v = self._view
         r = self.RECENT
+        p = None  # view > self._view: the loop runs at least once
         while v < view:
             v += 1
             p = ids[proposer_step(powers, prio, total)]
             self._recent[v % r] = p
             self._recent_view[v % r] = v
         self._view = view
-        assert self.weights[p] > 0  # only a replica with stake proposes
+        assert p is not None and self.weights[p] > 0  # only a replica with stake proposes
         return p
 
     def priorities(self, view):
@@ -173,7 +174,7 @@ class Stake:
         else:
             prio = list(self._start)
             self._run(prio, view + 1)
-        out = [None] * self.n
+        out = [None] * self.n  # type: list
         for k in range(len(self._ids)):
             out[self._ids[k]] = prio[k]
         return out

@@ -363,6 +363,7 @@ class Fetch:
         while self.part < state.parts():
             store, i = state._store_page(self.part)
             s = 0 if store is state.ledger else 1
+            assert self.target is not None and self.own is not None  # part 0 is in
             tag, own = tag_at(self.target[s], i), tag_at(self.own[s], i)
             if self.full:
                 return

@@ -1,3 +1,5 @@
+# pyright: reportAttributeAccessIssue=false
+# (StateTransfer is a mixin of replica.Replica: the attributes it reads are the replica's.)
 # State transfer (PBFT-NOTES N7): a replica that lags behind a checkpoint replicas with over
 # 1/3 of stake vouch for fetches its state, part by part, and serves its own to others.
 #
@@ -71,7 +73,9 @@ class StateTransfer:
 
     def _fetch_next(self):
         t = self.transfer
-        part, offset = t.fetch.want()
+        want = None if t is None else t.fetch.want()
+        assert t is not None and want is not None  # only while a transfer misses parts
+        part, offset = want
         self._send(t.sources[t.source % len(t.sources)], m.FETCH, t.seq, t.digest, part, offset)
 
     def _vouched(self, seq, digest):
@@ -158,6 +162,7 @@ class StateTransfer:
     def _retransmit_fetch(self):
         """RT1 during a transfer: no chunk since the last tick, so ask the next source."""
         t = self.transfer
+        assert t is not None  # called during a transfer only
         if t.fetch.bytes == t.mark:
             t.source += 1
             self._fetch_next()

@@ -1,3 +1,5 @@
+# pyright: reportAttributeAccessIssue=false
+# (ViewChanging is a mixin of replica.Replica: the attributes it reads are the replica's.)
 # View change without signatures: the new primary's decision procedure (PBFT-NOTES 3.4).
 #
 # Rules:
@@ -398,6 +400,7 @@ class ViewChanging:
             return
         if self._state_first(decision):
             return
+        assert stake is not None  # a decision was made with it
         if msg.sender != stake.primary(msg.view):
             self._drop("new-view not from primary")
             self.new_view = None
