@@ -92,7 +92,25 @@ def test_flash_writes_the_firmware_and_our_romfs_and_reads_back_identical(
     assert done.stdout.startswith(f"flashed esp32 on {esp32}: ESP32-")
     assert "firmware 300,000 B at 0x1000" in done.stdout and "at 0x1E0000" in done.stdout
     assert read_back(esp32, 0x1000, 300_000) == firmware.read_bytes()
-    assert read_back(esp32, 0x1E0000, rom.stat().st_size) == rom.read_bytes()
+    flashed = read_back(esp32, 0x1E0000, rom.stat().st_size)
+    assert flashed == rom.read_bytes()
+    # Flash, then boot: the partition's bytes, mapped as a board maps its ROMFS partition
+    # (romboot), mount at /rom and our modules import from them, in place.
+    board = tmp_path / "board"
+    board.mkdir()
+    (board / "romfs.img").write_bytes(flashed)
+    (board / "probe.py").write_text(
+        "import os, sys, uctypes, vfs\n"
+        "address, size = os.getenv('EDGEBFT_ROM').split(':')\n"
+        "vfs.mount(vfs.VfsRom(uctypes.bytearray_at(int(address), int(size))), '/rom')\n"
+        "sys.path.insert(0, '/rom/lib')\n"
+        "from edgebft.firmware import runtime\n"
+        "print(runtime.__file__)\n")
+    done = subprocess.run([sys.executable, "-m", "edgebft.devices.romboot", "romfs.img",
+                           "-X", "heapsize=160k", "probe.py"], cwd=board, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == "/rom/lib/edgebft/firmware/runtime.mpy\n"
 
 
 def test_a_chip_that_is_not_the_boards_is_refused_and_nothing_is_written(
