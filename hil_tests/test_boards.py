@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -34,38 +35,47 @@ from edgebft.lab.broker import (
     start_broker,
 )
 from edgebft.lab.control import fresh_nonce, send_command
+from edgebft.lab.observer import Observer
 
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 
 EDGEBFT = [sys.executable, "-m", "edgebft"]
 BOARDS = ("esp32", "esp32", "esp32c3", "esp32s3")
-FILES = len(node_files({}))  # what a deploy puts on a board: main.py, lib/**, edgebft.json
+FILES = len(node_files({}).files)  # a deploy to stock firmware: main.py, lib/**, edgebft.json
 
 
 def edgebft(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*EDGEBFT, *args], capture_output=True, text=True, timeout=120)
 
 
+boards: list[subprocess.Popen[bytes]] = []  # the site's virtual boards, by node
+
+
+def virtual_board(root: Path, i: int, *flags: str) -> str:
+    """Start node i's virtual board on flash folder ``root/flash<i>``; its port."""
+    port_file = root / f"port{i}"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "edgebft.devices.virtual_board",
+                             str(root / f"flash{i}"), "--port-file", str(port_file), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    boards[i:i + 1] = [proc]
+    deadline = time.monotonic() + 10
+    while not (port_file.exists() and port_file.read_text()):
+        assert time.monotonic() < deadline, "a virtual board did not start"
+        time.sleep(0.05)
+    return port_file.read_text()
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A broker, four virtual boards with empty flash, and a cluster.toml naming them."""
     root = tmp_path_factory.mktemp("site")
-    boards = []
     with start_broker("mosquitto", root / "broker") as broker:
         try:
-            for i in range(len(BOARDS)):
-                (root / f"flash{i}").mkdir()
-                boards.append(subprocess.Popen(
-                    [sys.executable, "-m", "edgebft.devices.virtual_board",
-                     str(root / f"flash{i}"), "--port-file", str(root / f"port{i}")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             ports = []
             for i in range(len(BOARDS)):
-                deadline = time.monotonic() + 10
-                while not (root / f"port{i}").exists():
-                    assert time.monotonic() < deadline, "a virtual board did not start"
-                    time.sleep(0.05)
-                ports.append((root / f"port{i}").read_text())
+                (root / f"flash{i}").mkdir()
+                ports.append(virtual_board(root, i))
             toml = (f'[cluster]\nname = "greenhouse"\n\n[broker]\nhost = "{broker.host}"\n'
                     f'port = {broker.port}\n')
             for i, (board, port) in enumerate(zip(BOARDS, ports, strict=True)):
@@ -76,6 +86,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             for proc in boards:
                 proc.terminate()
                 proc.wait(10)
+            boards.clear()
 
 
 def test_keys_then_deploy_then_the_boards_commit(site: Path) -> None:
@@ -170,7 +181,7 @@ def test_provision_does_every_board_and_monitor_shows_them_boot(site: Path,
             if line.strip()[:1].isdigit()}
     assert all(str(FILES) in rows[str(i)] and rows[str(i)].rstrip().endswith("ok")
                for i in range(3))
-    assert rows["3"].split()[1:5] == ["esp32s3", rows["3"].split()[2], "-", "0"]
+    assert rows["3"].split()[1:6] == ["esp32s3", rows["3"].split()[2], "-", "-", "0"]
     assert done.stderr.splitlines() == [f"edgebft: node 3: {dead}: failed to access {dead}"]
     watch = subprocess.Popen([*EDGEBFT, "monitor", "--cluster", str(broken), "--duration", "6"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -227,3 +238,46 @@ def test_broker_config_makes_a_site_broker_that_enforces_identities_over_tls(
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+def test_a_board_with_romfs_gets_our_code_in_its_partition(site: Path) -> None:
+    """Node 3's board flashed with firmware built with ROMFS (a virtual board with --romfs on
+    the same flash): deploy writes our code as one image into its romfs partition, not lib/;
+    mpremote's own `romfs query` finds the image; the node boots from /rom, so its heap holds
+    no bytecode, and commits with the rest; a second deploy writes nothing."""
+    root = site.parent
+    boards[3].terminate()
+    boards[3].wait(10)
+    shutil.rmtree(root / "flash3" / "lib")  # what the partition replaces
+    port = virtual_board(root, 3, "--romfs")
+    done = edgebft("deploy", "--node", "3", "--cluster", str(site), "--port", port)
+    assert done.returncode == 0, done.stderr
+    rom = node_files({}).rom
+    assert f"romfs {len(rom):,} B written; 0 files written, 2 unchanged; reset" in done.stdout
+    assert (root / "flash3" / "romfs.img").read_bytes()[:len(rom)] == rom
+    assert not (root / "flash3" / "lib").exists()
+    s = load_site(site)
+    observer = Observer(s.broker["host"], s.broker["port"], s.name, len(BOARDS), s.keys(),
+                        s.login("host", s.keys()))
+    try:
+        with Client.connect(cluster_toml=site, client_id=9, timeout_s=30) as ledger:
+            ledger.put("romfs", "node 3 from its partition")
+            for i in range(20):
+                ledger.put("tick", i)
+        assert observer.wait_converged(30), "node 3 executes with the rest"
+        heap = {n: s["heap_used"] for n, s in observer.snapshot().items()}
+    finally:
+        observer.close()
+    print(f"\nheap used, lib/ (nodes 0-2) vs ROMFS (node 3): {heap}")
+    assert heap[3] + 32 * 1024 < min(heap[n] for n in range(3)), "no bytecode in the heap"
+    again = edgebft("deploy", "--node", "3", "--cluster", str(site), "--port", port,
+                    "--no-reset")
+    assert "romfs unchanged; 0 files written, 2 unchanged; left at the REPL" in again.stdout
+    query = subprocess.run([str(Path(sys.executable).parent / "mpremote"), "connect", port,
+                            "resume", "romfs", "query"], capture_output=True, text=True,
+                           timeout=60)
+    found = re.search(r"ROMFS image size: (\d+)", query.stdout)
+    assert found is not None, query.stdout
+    size = int(found.group(1))  # after a header of magic (3 bytes) and size (7 bits a byte)
+    assert 3 + (size.bit_length() + 6) // 7 + size == len(rom)
+

@@ -1,8 +1,8 @@
-"""``edgebft boards``, ``flash``, ``keys new``, ``deploy``, ``provision`` and ``monitor``: the
-boards the host knows, writing MicroPython and our code to one (edgebft.boards,
-edgebft.devices.flasher), a site's keys (edgebft.devices.site), putting a node on a board
-(edgebft.devices.deploy), every board at once (edgebft.devices.provision), and their serial
-logs (edgebft.devices.monitor).
+"""``edgebft boards``, ``romfs``, ``flash``, ``keys new``, ``deploy``, ``provision`` and
+``monitor``: the boards the host knows, the ROMFS image of our code, writing MicroPython and
+that image to one (edgebft.boards, edgebft.devices.flasher), a site's keys
+(edgebft.devices.site), putting a node on a board (edgebft.devices.deploy), every board at
+once (edgebft.devices.provision), and their serial logs (edgebft.devices.monitor).
 
 Exit status: 0 done, 1 the board or the port failed (one line on stderr, nothing written when
 the chip is not the board's), 2 a usage error (an unknown board, a file that cannot be read or
@@ -63,6 +63,20 @@ def list_boards(as_json: bool) -> None:
     for b in known.values():
         console.print(f"{b.name}: {b.description}; heap budget {b.heap_budget_bytes // 1000} "
                       f"KB; MicroPython download {b.micropython_board}", highlight=False)
+
+
+@click.command("romfs")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def romfs_image(out: Path) -> None:
+    """Write OUT: the ROMFS image of the node's code (lib/edgebft/**.mpy), the one `deploy`
+    puts into a board's romfs partition and `flash --romfs OUT` writes there. The same for
+    every node: a node's configuration is a file of its own (edgebft.json)."""
+    try:
+        out.write_bytes(deploy.node_files({}).rom)
+    except OSError as e:
+        click.echo(f"edgebft: error: {out}: {e.strerror or e}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"{out}: ROMFS image, {out.stat().st_size:,} B")
 
 
 @click.command("flash")
@@ -148,10 +162,12 @@ def keys_new(cluster_toml: Path, force: bool) -> None:
 @CLUSTER_OPTION
 @click.option("--no-reset", is_flag=True, help="Leave the board at its REPL afterwards.")
 def deploy_node(port: str | None, node_id: int, cluster_toml: Path, no_reset: bool) -> None:
-    """Put node ID of the cluster on a board over its REPL: our modules as lib/*.mpy, main.py
-    and the node's edgebft.json (its keys, broker login and WiFi; never printed), each file
-    skipped when its SHA-256 on the board already matches and otherwise written to a new name
-    and renamed; then a soft reset boots the node."""
+    """Put node ID of the cluster on a board over its REPL: our modules into its romfs
+    partition as one ROMFS image when its firmware has one (the header written last), else as
+    lib/*.mpy; main.py and the node's edgebft.json (its keys, broker login and WiFi; never
+    printed). What already matches is skipped (a file by its SHA-256 on the board, the
+    partition by the hash of its first bytes); a file is written to a new name and renamed.
+    Then a soft reset boots the node."""
     try:
         site = load_site(cluster_toml)
         node = site.node(node_id)
@@ -163,17 +179,29 @@ def deploy_node(port: str | None, node_id: int, cluster_toml: Path, no_reset: bo
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(f"node {node_id} -> {port}", total=len(files))
+        task = bar.add_task(f"node {node_id} -> {port}", total=len(files.files))
+
+        def advance(path: str, wrote: bool) -> None:
+            if path == "romfs":  # the image stands for lib/
+                bar.update(task, total=1 + sum(not p.startswith("lib/") for p in files.files))
+            bar.advance(task)
+
         try:
-            done = deploy.deploy(port, files, not no_reset,
-                                 lambda path, wrote: bar.advance(task))
+            done = deploy.deploy(port, files, not no_reset, advance)
         except deploy.DeployError as e:
             bar.stop()
             click.echo(f"edgebft: {e}", err=True)
             sys.exit(EXIT_DEVICE)
-    click.echo(f"deployed node {node_id} of {site.name} to {port}: {len(done.written)} files "
-               f"written, {len(done.skipped)} unchanged"
+    click.echo(f"deployed node {node_id} of {site.name} to {port}: {_romfs_text(done.romfs)}"
+               f"{len(done.written)} files written, {len(done.skipped)} unchanged"
                + ("; reset" if done.reset else "; left at the REPL"))
+
+
+def _romfs_text(romfs: int | None) -> str:
+    """What a deploy did to the romfs partition, as the start of its summary."""
+    if romfs is None:
+        return ""
+    return "romfs unchanged; " if romfs == 0 else f"romfs {romfs:,} B written; "
 
 
 @click.command("provision")
@@ -201,11 +229,13 @@ def provision_all(cluster_toml: Path, firmware: Path | None, romfs: Path | None)
 
     results = provision(site, firmware, romfs, report)
     table = Table(title=f"provisioned {site.name}", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in ("node", "board", "port", "flashed", "written", "unchanged", "result"):
+    for column in ("node", "board", "port", "flashed", "romfs", "written", "unchanged",
+                   "result"):
         table.add_column(column)
     for r in results:
-        table.add_row(str(r.node), r.board, r.port, r.flashed, str(r.written), str(r.unchanged),
-                      "ok" if r.error is None else f"[red]{r.error}[/]")
+        romfs = "-" if r.romfs is None else ("same" if r.romfs == 0 else f"{r.romfs:,} B")
+        table.add_row(str(r.node), r.board, r.port, r.flashed, romfs, str(r.written),
+                      str(r.unchanged), "ok" if r.error is None else f"[red]{r.error}[/]")
     console.print(table)
     for r in results:
         if r.error is not None:
@@ -281,4 +311,5 @@ def broker_config(cluster_toml: Path, out: Path, tls: bool, names: tuple[str, ..
                + " under [broker], then deploy")
 
 
-COMMANDS = (list_boards, flash, keys, deploy_node, provision_all, monitor_boards, broker_config)
+COMMANDS = (list_boards, romfs_image, flash, keys, deploy_node, provision_all, monitor_boards,
+            broker_config)

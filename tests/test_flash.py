@@ -84,7 +84,10 @@ def test_flash_writes_the_firmware_and_our_romfs_and_reads_back_identical(
     firmware = tmp_path / "micropython.bin"
     firmware.write_bytes(os.urandom(300_000))
     rom = tmp_path / "rom.img"
-    rom.write_bytes(build_rom(build_lib(tmp_path / "lib")))
+    made = subprocess.run([*EDGEBFT, "romfs", str(rom)], capture_output=True, text=True,
+                          timeout=60)
+    assert made.stdout == f"{rom}: ROMFS image, {rom.stat().st_size:,} B\n", made.stderr
+    assert rom.read_bytes() == build_rom(build_lib(tmp_path / "lib")), "the image deploy writes"
     done = subprocess.run([*EDGEBFT, "flash", "--port", esp32, "--board", "esp32", "--firmware",
                            str(firmware), "--romfs", str(rom), "--erase"],
                           capture_output=True, text=True, timeout=120)

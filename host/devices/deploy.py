@@ -1,17 +1,22 @@
 """Put a node on a board over its REPL (mpremote's serial transport): our code, the node's
 configuration, then a reset that boots it.
 
-The board runs MicroPython's stock firmware: our modules go to its filesystem as ``lib/*.mpy``
-(ROMFS, where a custom firmware has it, is written by ``edgebft flash --romfs``), with
-``main.py`` and the node's ``edgebft.json``. A file whose SHA-256 on the board already matches
-is skipped, so a second deploy of the same code writes only what changed. Each file is written
-to ``<name>.new`` and renamed over the old one (atomic on LittleFS and on the Unix port), so a
-deploy cut off halfway leaves every file either old or new, never truncated. The configuration
-holds the node's keys and password: they are never printed, only file names are.
+Our modules go where the firmware can run them from: into the board's ``romfs`` partition
+as one ROMFS image (the image emulation boots from) when the firmware was built with ROMFS
+(``vfs.rom_ioctl`` answers and the partition holds the image), else to its filesystem as
+``lib/*.mpy`` (stock firmware); then ``main.py`` and the node's ``edgebft.json``. What already
+matches is skipped, so a second deploy of the same code writes only what changed: a file
+whose SHA-256 on the board is the same, a partition whose first bytes hash to the image's.
+Each file is written to ``<name>.new`` and renamed over the old one (atomic on LittleFS and on
+the Unix port), so a deploy cut off halfway leaves every file either old or new, never
+truncated; the ROMFS image is written with its first block (its header) last, so a partition
+cut off halfway holds no image the firmware would mount. The configuration holds the node's
+keys and password: they are never printed, only file names are.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import tempfile
@@ -23,10 +28,12 @@ from typing import Any
 from mpremote.transport import TransportError
 from mpremote.transport_serial import SerialTransport
 
-from edgebft.devices.image import build_lib, main_source
+from edgebft.devices.image import build_lib, build_rom, main_source
 
 CONFIG_NAME = "edgebft.json"
 BAUD = 115200
+ROMFS_CHUNK = 2048        # bytes of image per exec (base64 on the wire; heap on the board)
+ROMFS_ERASE_MAX = 32768   # bytes erased per call (each call blocks the board's REPL)
 
 
 class DeployError(RuntimeError):
@@ -39,26 +46,38 @@ class Deployed:
     written: tuple[str, ...]
     skipped: tuple[str, ...]
     reset: bool
+    romfs: int | None = None  # image bytes written to the romfs partition (0: it matched);
+    #                           None: the firmware has none, and lib/ was used
 
 
-def node_files(config: dict[str, Any]) -> dict[str, bytes]:
-    """What a node's board holds: main.py, lib/edgebft/** (compiled as for emulation) and
-    edgebft.json with ``config``; paths relative to the board's root."""
+@dataclass(frozen=True)
+class NodeFiles:
+    """What a node's board holds: ``files`` (main.py, lib/edgebft/** compiled as for
+    emulation, edgebft.json; paths relative to the board's root) and ``rom``, the ROMFS image
+    of the same lib/ for a firmware with a romfs partition."""
+
+    files: dict[str, bytes]
+    rom: bytes
+
+
+def node_files(config: dict[str, Any]) -> NodeFiles:
+    """The files and ROMFS image of a node whose edgebft.json is ``config``."""
     files = {"main.py": main_source()}
     with tempfile.TemporaryDirectory() as tmp:
         lib = build_lib(Path(tmp) / "lib")
         for path in sorted(lib.rglob("*")):
             if path.is_file():
                 files["lib/" + path.relative_to(lib).as_posix()] = path.read_bytes()
+        rom = build_rom(lib)
     files[CONFIG_NAME] = (json.dumps(config, sort_keys=True) + "\n").encode()
-    return files
+    return NodeFiles(files, rom)
 
 
-def deploy(port: str, files: dict[str, bytes], reset: bool = True,
+def deploy(port: str, node: NodeFiles, reset: bool = True,
            progress: Callable[[str, bool], None] | None = None) -> Deployed:
-    """Write ``files`` to the board on ``port`` (skipping those already there), then, with
-    ``reset``, soft-reset it so it boots main.py. ``progress(path, written)`` is called per
-    file.
+    """Put ``node`` on the board on ``port`` (see the module docstring), then, with ``reset``,
+    soft-reset it so it boots main.py. ``progress(path, written)`` is called per file (and
+    once for the ROMFS image, as "romfs", when there is a partition).
 
     Raises:
         DeployError: the port cannot be opened, no REPL answers, or a write failed.
@@ -70,6 +89,12 @@ def deploy(port: str, files: dict[str, bytes], reset: bool = True,
     written, skipped = [], []
     try:
         transport.enter_raw_repl(soft_reset=False)
+        romfs = _write_romfs(transport, node.rom)
+        files = node.files
+        if romfs is not None:
+            files = {path: data for path, data in files.items() if not path.startswith("lib/")}
+            if progress is not None:
+                progress("romfs", romfs > 0)
         made: set[str] = set()
         for path, data in files.items():
             _make_dirs(transport, PurePosixPath(path).parent, made)
@@ -89,7 +114,39 @@ def deploy(port: str, files: dict[str, bytes], reset: bool = True,
         raise DeployError(f"{port}: {' '.join(str(e).split()) or type(e).__name__}") from None
     finally:
         transport.close()
-    return Deployed(port, tuple(written), tuple(skipped), reset)
+    return Deployed(port, tuple(written), tuple(skipped), reset, romfs)
+
+
+def _write_romfs(transport: SerialTransport, image: bytes) -> int | None:
+    """Write ``image`` to the board's ROMFS partition 0 over ``vfs.rom_ioctl`` (the protocol
+    of mpremote's ``romfs deploy``: erase, write, complete); the bytes written, 0 when the
+    partition already starts with it, None when the firmware has no partition (a memory-mapped
+    one, as on an ESP32) big enough."""
+    transport.exec("import vfs\ntry:\n d = vfs.rom_ioctl(2, 0) if vfs.rom_ioctl(1) > 0 else None\n"
+                   "except AttributeError:\n d = None\n"
+                   "if not isinstance(d, memoryview):\n d = None")
+    size = transport.eval("0 if d is None else len(d)")
+    if size < len(image):
+        return None
+    if transport.eval(f"__import__('hashlib').sha256(d[:{len(image)}]).digest()") == \
+            hashlib.sha256(image).digest():
+        return 0
+    transport.exec("try:\n vfs.umount('/rom')\nexcept OSError:\n pass")
+    block = transport.eval("vfs.rom_ioctl(6, 0)")
+    if block <= 0 or block >= size:
+        transport.eval(f"vfs.rom_ioctl(3, 0, {len(image)})")
+    else:
+        for offset in range(0, len(image), ROMFS_ERASE_MAX):
+            length = min(ROMFS_ERASE_MAX, len(image) - offset)
+            length = (length + block - 1) // block * block  # whole blocks
+            transport.eval(f"vfs.rom_ioctl(3, 0, {offset}, {length})")
+    offsets = list(range(0, len(image), ROMFS_CHUNK))
+    for offset in offsets[1:] + offsets[:1]:  # the header last: torn, it is no image
+        chunk = base64.b64encode(image[offset:offset + ROMFS_CHUNK]).decode()
+        transport.exec(f"vfs.rom_ioctl(4, 0, {offset}, __import__('binascii')"
+                       f".a2b_base64({chunk!r}))")
+    transport.eval("vfs.rom_ioctl(5, 0)")
+    return len(image)
 
 
 def _make_dirs(transport: SerialTransport, folder: PurePosixPath, made: set[str]) -> None:

@@ -28,6 +28,7 @@ class Result:
     written: int = 0
     unchanged: int = 0
     error: str | None = None
+    romfs: int | None = None  # bytes written to its romfs partition (None: lib/ was used)
 
 
 Report = Callable[[int, str], None]  # (node, what it is doing now)
@@ -46,10 +47,11 @@ def provision(site: Site, firmware: Path | None = None, romfs: Path | None = Non
                 say("flashing")
                 job = flasher.plan(board(result.board), firmware, romfs)
                 result.flashed = flasher.flash(result.port, job).chip
-            files = deploy.node_files(site.node_config(result.node, keys))
+            node = deploy.node_files(site.node_config(result.node, keys))
             say("deploying")
-            done = _deploy_when_up(result.port, files, BOOT_WAIT_S if firmware else 0.0)
+            done = _deploy_when_up(result.port, node, BOOT_WAIT_S if firmware else 0.0)
             result.written, result.unchanged = len(done.written), len(done.skipped)
+            result.romfs = done.romfs
             say("done")
         except (flasher.FlashError, deploy.DeployError) as e:
             result.error = str(e)
@@ -63,12 +65,12 @@ def provision(site: Site, firmware: Path | None = None, romfs: Path | None = Non
     return results
 
 
-def _deploy_when_up(port: str, files: dict[str, bytes], wait_s: float) -> deploy.Deployed:
+def _deploy_when_up(port: str, node: deploy.NodeFiles, wait_s: float) -> deploy.Deployed:
     """deploy(), retried for ``wait_s`` while the board boots (just flashed)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return deploy.deploy(port, files)
+            return deploy.deploy(port, node)
         except deploy.DeployError:
             if time.monotonic() >= deadline:
                 raise

@@ -8,7 +8,12 @@ node the same: it maps the image's ``rom.img`` into memory, hands its address to
 ``vfs.VfsRom(uctypes.bytearray_at(address, size))``. The -X heapsize budget then holds data
 and the per-module objects only, as on a board, instead of a copy of every module's bytecode.
 
-Usage: python -m edgebft.devices.romboot ROM_IMAGE [micropython arguments...]
+With ``--partition``, the file is instead a board's ROMFS partition, mapped writable (what
+MicroPython writes to it reaches the file) and handed over in ``$EDGEBFT_ROMFS_PARTITION``:
+a virtual board's firmware with ROMFS (edgebft.devices.virtual_boot gives it vfs.rom_ioctl
+over that memory).
+
+Usage: python -m edgebft.devices.romboot [--partition] FILE [micropython arguments...]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import sys
 
 ENV_VAR = "EDGEBFT_ROM"
+PARTITION_ENV_VAR = "EDGEBFT_ROMFS_PARTITION"
 
 
 def available() -> bool:
@@ -29,17 +35,21 @@ def available() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    partition = bool(args) and args[0] == "--partition"
+    args = args[1:] if partition else args
     if not args:
-        print("usage: python -m edgebft.devices.romboot ROM_IMAGE [micropython arguments...]",
-              file=sys.stderr)
+        print("usage: python -m edgebft.devices.romboot [--partition] FILE "
+              "[micropython arguments...]", file=sys.stderr)
         return 2
     import micropython_run
 
-    with open(args[0], "rb") as f:
-        rom = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    with open(args[0], "r+b" if partition else "rb") as f:
+        rom = mmap.mmap(f.fileno(), 0,
+                        access=mmap.ACCESS_WRITE if partition else mmap.ACCESS_COPY)
     address = ctypes.addressof(ctypes.c_char.from_buffer(rom))
-    os.environ[ENV_VAR] = f"{address}:{len(rom)}"
+    os.environ[PARTITION_ENV_VAR if partition else ENV_VAR] = f"{address}:{len(rom)}"
     code = micropython_run.run_main(["micropython", *args[1:]])
+    rom.flush()
     return int(code or 0)
 
 
