@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +129,46 @@ def test_a_second_deploy_writes_nothing_and_the_node_comes_back(site: Path) -> N
     with Client(identity, timeout_s=30) as ledger:
         ledger.put("after", "redeploy")
         assert ledger.get("after", ordered=True) == "redeploy"
+
+
+def relay(port: str) -> tuple[str, threading.Event]:
+    """A TCP server on 127.0.0.1 that relays its one connection to serial ``port`` (a board
+    on a lab host, as ser2net does); its socket:// URL and the event that stops it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as ser2net sets it
+        fd = os.open(port, os.O_RDWR | os.O_NOCTTY)
+        try:
+            while not stop.is_set():
+                ready, _, _ = select.select([conn, fd], [], [], 0.05)
+                if conn in ready:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    os.write(fd, data)
+                if fd in ready:
+                    conn.sendall(os.read(fd, 4096))
+        finally:
+            os.close(fd)
+            conn.close()
+            server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"socket://127.0.0.1:{server.getsockname()[1]}", stop
+
+
+def test_deploy_reaches_a_board_on_a_lab_host_over_socket(site: Path) -> None:
+    url, stop = relay((site.parent / "port1").read_text())
+    try:
+        done = edgebft("deploy", "--node", "1", "--cluster", str(site), "--port", url)
+    finally:
+        stop.set()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"deployed node 1 of greenhouse to {url}: 0 files written, "
+                                  f"{FILES} unchanged; reset"), done.stdout
 
 
 def test_applications_reach_the_boards_by_cluster_toml_or_an_identity(site: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ def deploy(port: str, node: NodeFiles, reset: bool = True,
         raise DeployError(f"{port}: {' '.join(str(e).split())}") from None
     written, skipped = [], []
     try:
+        _no_delay(transport)
         transport.enter_raw_repl(soft_reset=False)
         romfs = _write_romfs(transport, node.rom)
         files = node.files
@@ -115,6 +117,15 @@ def deploy(port: str, node: NodeFiles, reset: bool = True,
     finally:
         transport.close()
     return Deployed(port, tuple(written), tuple(skipped), reset, romfs)
+
+
+def _no_delay(transport: SerialTransport) -> None:
+    """A socket:// port (a board on a lab host) sends each write at once: the raw REPL's
+    exchanges are small writes that wait for an answer, which Nagle's algorithm would hold
+    back for the peer's delayed acknowledgement (a deploy of unchanged files: 8 s, not 1.5)."""
+    sock = getattr(transport.serial, "_socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _write_romfs(transport: SerialTransport, image: bytes) -> int | None:
