@@ -324,3 +324,32 @@ def test_a_board_with_romfs_gets_our_code_in_its_partition(site: Path) -> None:
     size = int(found.group(1))  # after a header of magic (3 bytes) and size (7 bits a byte)
     assert 3 + (size.bit_length() + 6) // 7 + size == len(rom)
 
+
+
+def test_a_virtual_board_is_confined_to_its_flash_folder(tmp_path: Path) -> None:
+    """`edgebft virtual-board FLASH --link PATH`: the port under a stable name while it runs;
+    a program on it writes into FLASH whatever path it names, and reads nothing outside."""
+    flash, link = tmp_path / "flash", tmp_path / "ttyV0"
+    flash.mkdir()
+    board = subprocess.Popen([*EDGEBFT, "virtual-board", str(flash), "--link", str(link)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert board.stdout is not None
+        port = board.stdout.readline().strip()
+        assert link.is_symlink() and os.readlink(link) == port
+        code = ("open('/made.txt', 'w').write('inside')\n"
+                "for path in ('/etc/hostname', '../../etc/hostname', '/lib/../../etc/hostname'):\n"
+                "    try:\n"
+                "        open(path)\n"
+                "        print('escaped', path)\n"
+                "    except OSError:\n"
+                "        print('confined')\n")
+        done = subprocess.run([str(Path(sys.executable).parent / "mpremote"), "connect",
+                               str(link), "resume", "exec", code], capture_output=True,
+                              text=True, timeout=60)
+        assert done.stdout.split() == ["confined"] * 3, done.stdout + done.stderr
+        assert (flash / "made.txt").read_text() == "inside"
+    finally:
+        board.terminate()
+        board.wait(10)
+    assert not link.exists() and not link.is_symlink(), "the link goes with the board"

@@ -12,6 +12,7 @@ does not fit).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from dataclasses import asdict
@@ -25,7 +26,9 @@ from rich.table import Table
 
 from edgebft.boards import BoardError, board, boards
 from edgebft.devices import deploy, flasher
+from edgebft.devices import virtual_board as virtual
 from edgebft.devices.keys import generate_keys, save_keys
+from edgebft.devices.micropython import MicroPythonNotFound
 from edgebft.devices.monitor import monitor
 from edgebft.devices.provision import provision
 from edgebft.devices.site import SiteError, load_site
@@ -63,6 +66,40 @@ def list_boards(as_json: bool) -> None:
     for b in known.values():
         console.print(f"{b.name}: {b.description}; heap budget {b.heap_budget_bytes // 1000} "
                       f"KB; MicroPython download {b.micropython_board}", highlight=False)
+
+
+@click.command("virtual-board")
+@click.argument("flash_dir", metavar="FLASH", type=click.Path(file_okay=False, exists=True,
+                                                              path_type=Path))
+@click.option("--port-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the board's port (a pseudo-terminal) to this file too.")
+@click.option("--link", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="PATH", help="Make PATH a symbolic link to the port while the board runs "
+                   "(/tmp/ttyV0, say: a name that stays the same across runs).")
+@click.option("--heap", default=virtual.HEAP, show_default=True,
+              help="MicroPython heap (-X heapsize): stock firmware loads our bytecode into it.")
+@click.option("--romfs", is_flag=True,
+              help="Firmware built with ROMFS: a 128 KiB romfs partition (romfs.img in FLASH) "
+                   "behind vfs.rom_ioctl, mounted at /rom at boot; deploy writes our code "
+                   "there.")
+def virtual_board(flash_dir: Path, port_file: Path | None, link: Path | None, heap: str,
+                  romfs: bool) -> None:
+    """Run a virtual board until stopped (Ctrl-C, SIGTERM): MicroPython's Unix port behind a
+    pseudo-terminal, FLASH (a folder, the root of its filesystem) standing in for its flash.
+    Prints the port, which deploy, provision, monitor and mpremote open like a board's USB
+    serial port; it boots main.py from FLASH, falls to the REPL when that is interrupted or
+    crashes, and boots again after a reset."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        virtual.serve(flash_dir.resolve(), port_file, heap, romfs, link)
+    except MicroPythonNotFound as e:
+        click.echo(f"edgebft: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if link is not None and link.is_symlink():
+            link.unlink()
 
 
 @click.command("romfs")
@@ -312,4 +349,4 @@ def broker_config(cluster_toml: Path, out: Path, tls: bool, names: tuple[str, ..
 
 
 COMMANDS = (list_boards, romfs_image, flash, keys, deploy_node, provision_all, monitor_boards,
-            broker_config)
+            broker_config, virtual_board)

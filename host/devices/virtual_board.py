@@ -1,30 +1,30 @@
 """A virtual board: MicroPython's Unix port behind a serial-like pseudo-terminal, with a
 folder standing in for its flash (../shared/HARDWARE.md, "A virtual board").
 
-    python -m edgebft.devices.virtual_board FLASH [--port-file F] [--heap 320k] [--romfs]
+    edgebft virtual-board FLASH [--port-file F] [--link PATH] [--heap 320k] [--romfs]
+    python -m edgebft.devices.virtual_board ...     (the same)
 
-It prints (and writes to F) the path of its port, e.g. /dev/pts/7, which mpremote, pyserial
-and ``edgebft deploy`` open as they would /dev/ttyUSB0. Like a board running stock firmware it
-boots ``main.py`` from its flash when there is one; main.py interrupted (Ctrl-C from the port)
-or crashed leaves it at the REPL; a reset from main.py (``machine.soft_reset``: the Unix port
-has no ``machine.reset``) or a soft reset at the REPL (Ctrl-D) boots it again in the same
-flash, after "MPY: soft reboot". Both ends of its pseudo-terminals are raw (no CR/LF
-translation), or the raw REPL's framing breaks. With ``--romfs`` it is a board whose firmware
-was built with ROMFS: a 128 KiB ``romfs`` partition (``romfs.img`` in the flash folder, mapped
-writable by edgebft.devices.romboot), ``vfs.rom_ioctl`` over it and /rom mounted at boot
-(edgebft.devices.virtual_boot), so ``edgebft deploy`` and mpremote's ``romfs`` commands work
-on it as on such a board.
+It prints (and writes to F, and links PATH to) the path of its port, e.g. /dev/pts/7, which
+mpremote, pyserial and ``edgebft deploy`` open as they would /dev/ttyUSB0. Like a board running
+stock firmware it boots ``main.py`` from its flash when there is one; main.py interrupted
+(Ctrl-C from the port) or crashed leaves it at the REPL; a reset from main.py
+(``machine.soft_reset``: the Unix port has no ``machine.reset``) or a soft reset at the REPL
+(Ctrl-D) boots it again in the same flash, after "MPY: soft reboot". Both ends of its pseudo-
+terminals are raw (no CR/LF translation), or the raw REPL's framing breaks. With ``--romfs`` it
+is a board whose firmware was built with ROMFS: a 128 KiB ``romfs`` partition (``romfs.img`` in
+the flash folder, mapped writable by edgebft.devices.romboot), ``vfs.rom_ioctl`` over it and
+/rom mounted at boot (edgebft.devices.virtual_boot), so ``edgebft deploy`` and mpremote's
+``romfs`` commands work on it as on such a board.
 
 The relay between the port and the interpreter owns the terminal: a raw terminal generates no
 SIGINT, so the first Ctrl-C while main.py runs is delivered as SIGINT (at the REPL, Ctrl-C is
-a byte like any other). Not confined: the Unix port's ``/`` is the host's, so only tools that
-write relative paths (as deploy does) belong on it; it is test and demo equipment, not a
-sandbox.
+a byte like any other). Confined: its flash folder is the root of its filesystem
+(edgebft.devices.virtual_boot), so a tool or a program on it reaches nothing outside. (Test
+and demo equipment all the same: MicroPython's Unix port is no security boundary.)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import select
 import signal
@@ -33,7 +33,7 @@ import sys
 import tty
 from pathlib import Path
 
-from edgebft.devices.micropython import MicroPythonNotFound, find_micropython
+from edgebft.devices.micropython import find_micropython
 
 # Stock firmware loads our modules' bytecode into the heap (no ROMFS): measured, a node deployed
 # this way holds ~164 KB live on the 64-bit Unix port (~100 KB from ROMFS), so the virtual
@@ -47,29 +47,34 @@ BOOT = str(Path(__file__).with_name("virtual_boot.py"))
 
 def _boot(micropython: str, flash: Path, heap: str, slave: int, script: bool,
           romfs: bool) -> subprocess.Popen[bytes]:
-    """Start the interpreter on ``slave``: main.py (``script``) or the REPL; with ``romfs``,
-    through romboot with the flash's romfs.img as the ROMFS partition and virtual_boot's
-    vfs.rom_ioctl (the firmware of a board built with ROMFS)."""
-    heap_arg = ["-X", f"heapsize={heap}"]
-    env = None
+    """Start the interpreter on ``slave`` in the board's flash folder, booted by
+    virtual_boot (confined to the folder): main.py (``script``) or the REPL; with ``romfs``,
+    through romboot with the folder's romfs.img as the ROMFS partition (the firmware of a
+    board built with ROMFS)."""
+    interpreter = [micropython]
     if romfs:
-        argv = [sys.executable, "-m", "edgebft.devices.romboot", "--partition",
-                str(flash / ROMFS_IMAGE), *heap_arg, *([] if script else ["-i"]), BOOT]
-        env = {**os.environ, "EDGEBFT_BOOT": "main" if script else "repl"}
-    else:
-        argv = [micropython, *heap_arg] + (["main.py"] if script else [])
+        interpreter = [sys.executable, "-m", "edgebft.devices.romboot", "--partition",
+                       str(flash / ROMFS_IMAGE)]
+    argv = [*interpreter, "-X", f"heapsize={heap}", *([] if script else ["-i"]), BOOT]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBFT_")}
+    env["EDGEBFT_BOOT"] = "main" if script else "repl"
     return subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=flash,
                             start_new_session=True, env=env)
 
 
-def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False) -> None:
-    """Run the board until killed (see the module docstring)."""
+def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False,
+          link: Path | None = None) -> None:
+    """Run the board until killed (see the module docstring). Raises MicroPythonNotFound."""
     micropython = str(find_micropython())
     if romfs and not (flash / ROMFS_IMAGE).exists():
         (flash / ROMFS_IMAGE).write_bytes(b"\xff" * ROMFS_BYTES)  # erased flash
     port_master, port_slave = os.openpty()
     tty.setraw(port_slave)
     port = os.ttyname(port_slave)
+    if link is not None:
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(port)
     if port_file is not None:
         port_file.write_text(port)
     print(port, flush=True)
@@ -110,25 +115,7 @@ def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False) -
             os.write(port_master, REBOOT_BANNER)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m edgebft.devices.virtual_board",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("flash", type=Path, help="the folder that is the board's flash")
-    parser.add_argument("--port-file", type=Path, help="write the port's path here too")
-    parser.add_argument("--heap", default=HEAP, help=f"MicroPython heap (default {HEAP})")
-    parser.add_argument("--romfs", action="store_true",
-                        help="firmware built with ROMFS: a 128 KiB romfs partition (romfs.img "
-                             "in the flash folder), mounted at /rom when it holds an image; "
-                             "deploy writes our code there")
-    args = parser.parse_args(argv)
-    if not args.flash.is_dir():
-        parser.error(f"{args.flash}: no such folder")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        serve(args.flash.resolve(), args.port_file, args.heap, args.romfs)
-    except MicroPythonNotFound as e:
-        parser.exit(2, f"edgebft: error: {e}\n")
-
-
 if __name__ == "__main__":
-    main()
+    from edgebft.board_commands import virtual_board
+
+    virtual_board()

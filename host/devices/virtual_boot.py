@@ -1,18 +1,22 @@
-"""The boot of a virtual board whose firmware has ROMFS. Runs on MicroPython (the Unix port that
-edgebft.devices.virtual_board starts through ``romboot --partition``), never on CPython.
+"""The boot of a virtual board (edgebft.devices.virtual_board). Runs on MicroPython's Unix port,
+never on CPython.
 
-An ESP32 built with MICROPY_VFS_ROM gives ``vfs.rom_ioctl`` over its ``romfs`` flash partition,
-mounts the partition at /rom when it holds a ROMFS image, and puts /rom and /rom/lib at the
-front of ``sys.path``. The Unix port has none of it, so this boot gives the same, over the
-partition the host mapped at ``$EDGEBFT_ROMFS_PARTITION`` (address:size; the flash folder's
-``romfs.img``): ``vfs`` becomes this module's proxy of the built-in one (an entry in
-sys.modules), with ``rom_ioctl``:
+- Confinement: the board's flash folder (the working directory it starts in) becomes the
+  root of its filesystem (a VfsPosix of it mounted at /, in place of the host's root), so
+  nothing on the board, nor anything a tool sends it, reads or writes outside it.
+- ROMFS, when ``$EDGEBFT_ROMFS_PARTITION`` names the partition (address:size) that
+  ``romboot --partition`` mapped from the folder's ``romfs.img``: an ESP32 built with
+  MICROPY_VFS_ROM gives ``vfs.rom_ioctl`` over its ``romfs`` flash partition, mounts it at /rom
+  when it holds a ROMFS image, and puts /rom and /rom/lib at the front of ``sys.path``; the
+  Unix port has none of it, so this boot gives the same: ``vfs`` becomes this module's proxy
+  of the built-in one (an entry in sys.modules), with ``rom_ioctl``:
 
-- ``rom_ioctl(1)``: 1 partition; ``rom_ioctl(2, 0)``: its memory (a memoryview), else -ENODEV;
-- ``rom_ioctl(3, 0, length)`` or ``(3, 0, offset, length)``: erase (0xFF) whole blocks of
-  BLOCK_BYTES from ``offset``; returns the smallest write (4 bytes);
-- ``rom_ioctl(4, 0, offset, data)``: write ``data`` at ``offset``; ``rom_ioctl(5, 0)``: done;
-- ``rom_ioctl(6, 0)``: the block size.
+  - ``rom_ioctl(1)``: 1 partition; ``rom_ioctl(2, 0)``: its memory (a memoryview), else
+    -ENODEV;
+  - ``rom_ioctl(3, 0, length)`` or ``(3, 0, offset, length)``: erase (0xFF) whole blocks of
+    BLOCK_BYTES from ``offset``; returns the smallest write (4 bytes);
+  - ``rom_ioctl(4, 0, offset, data)``: write ``data`` at ``offset``; ``rom_ioctl(5, 0)``: done;
+  - ``rom_ioctl(6, 0)``: the block size.
 
 Then, with ``$EDGEBFT_BOOT`` set to ``main``, it runs main.py, as a board boots; otherwise the
 REPL follows (``micropython -i``).
@@ -29,8 +33,16 @@ _ERASED = b"\xff" * BLOCK_BYTES
 _MIN_WRITE = 4
 _ENODEV = 19
 
-_address, _size = os.getenv("EDGEBFT_ROMFS_PARTITION").split(":")
-_partition = uctypes.bytearray_at(int(_address), int(_size))
+_root = os.getcwd()
+_vfs.umount("/")
+_vfs.mount(_vfs.VfsPosix(_root), "/")
+sys.path[0] = ""  # the Unix port put this script's folder there; a board has the cwd
+
+_mapped = os.getenv("EDGEBFT_ROMFS_PARTITION")
+_partition = None
+if _mapped:
+    _address, _size = _mapped.split(":")
+    _partition = uctypes.bytearray_at(int(_address), int(_size))
 
 
 def rom_ioctl(op, *args):
@@ -65,16 +77,15 @@ class _Vfs:
         return getattr(_vfs, name)
 
 
-sys.path[0] = ""  # the Unix port put this script's folder there; a board has the cwd
-_proxy = _Vfs()
-_proxy.rom_ioctl = rom_ioctl
-sys.modules["vfs"] = _proxy
-
-try:
-    _vfs.mount(_vfs.VfsRom(memoryview(_partition)), "/rom")
-    sys.path[1:1] = ["/rom", "/rom/lib"]
-except OSError:
-    pass  # an erased partition, or no ROMFS image in it: nothing to mount, as on a board
+if _partition is not None:
+    _proxy = _Vfs()
+    _proxy.rom_ioctl = rom_ioctl
+    sys.modules["vfs"] = _proxy
+    try:
+        _vfs.mount(_vfs.VfsRom(memoryview(_partition)), "/rom")
+        sys.path[1:1] = ["/rom", "/rom/lib"]
+    except OSError:
+        pass  # an erased partition, or no ROMFS image in it: nothing to mount, as on a board
 
 if os.getenv("EDGEBFT_BOOT") == "main":
     import main  # noqa: F401  (runs the board's main.py)
