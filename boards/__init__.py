@@ -4,6 +4,8 @@ One JSON file per board in this folder (``esp32.json``, ...):
 
 - ``chip``: the chip name as esptool reports it (``ESPLoader.CHIP_NAME``); flashing refuses a
   board whose chip differs;
+- ``image_chip_id``: the chip id an ESP image for it carries (bytes 12-13 of the image
+  header, esptool's ``IMAGE_CHIP_ID``); flashing refuses firmware built for another chip;
 - ``firmware_offset``: where MicroPython's combined image (bootloader, partition table, app)
   is written: 0x1000 on the ESP32, 0x0 on the newer chips;
 - ``flash_size``, ``baud`` (for writing), ``reset`` (esptool's ``--before``: default-reset for
@@ -45,6 +47,7 @@ class Board:
     name: str
     description: str
     chip: str
+    image_chip_id: int
     firmware_offset: int
     flash_size: str
     baud: int
@@ -63,7 +66,8 @@ def _board(raw: dict[str, Any]) -> Board:
     layouts = {layout: tuple(Partition(p["name"], p["type"], p["subtype"], int(p["offset"], 16),
                                        int(p["size"], 16)) for p in parts)
                for layout, parts in raw["partitions"].items()}
-    return Board(raw["name"], raw["description"], raw["chip"], int(raw["firmware_offset"], 16),
+    return Board(raw["name"], raw["description"], raw["chip"], int(raw["image_chip_id"]),
+                 int(raw["firmware_offset"], 16),
                  raw["flash_size"], int(raw["baud"]), raw["reset"], dict(raw["led"]),
                  raw["micropython_board"], int(raw["heap_budget_bytes"]), layouts)
 

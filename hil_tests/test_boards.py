@@ -10,6 +10,7 @@ secrets never reach the output; a bad cluster.toml or a dead port is one line.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import pytest
 
 from edgebft import Client
 from edgebft.client import Identity
+from edgebft.devices import deploy as deploy_module
 from edgebft.devices.deploy import node_files
 from edgebft.devices.site import load_site
 from edgebft.lab.broker import (
@@ -353,3 +355,38 @@ def test_a_virtual_board_is_confined_to_its_flash_folder(tmp_path: Path) -> None
         board.terminate()
         board.wait(10)
     assert not link.exists() and not link.is_symlink(), "the link goes with the board"
+
+
+def test_required_modules_are_every_builtin_the_node_imports() -> None:
+    """deploy.REQUIRED_MODULES against the imports of firmware/ and protocol/ (ours and the
+    lazy ones a configuration asks for aside), so the check before a deploy stays true."""
+    root = Path(deploy_module.__file__).resolve().parents[2]
+    lazy = {"network", "neopixel", "uctypes", "vfs", "typing"}  # wifi, WS2812, ROMFS, checker
+    found = set()
+    for path in [*(root / "firmware").glob("*.py"), *(root / "protocol").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    assert found - {"edgebft"} - lazy == set(deploy_module.REQUIRED_MODULES)
+
+
+def test_a_firmware_without_a_module_we_need_is_refused_and_nothing_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A board whose firmware lacks a module the node imports (here: one no firmware has,
+    standing for ssl on a build without it): one line, and the flash untouched."""
+    (tmp_path / "flash0").mkdir()
+    port = virtual_board(tmp_path, 0)
+    try:
+        monkeypatch.setattr(deploy_module, "REQUIRED_MODULES",
+                            (*deploy_module.REQUIRED_MODULES, "no_such_module"))
+        with pytest.raises(deploy_module.DeployError) as refused:
+            deploy_module.deploy(port, node_files({}))
+        assert str(refused.value) == (
+            f"{port}: the board's firmware lacks no_such_module, which the node needs: flash a "
+            "MicroPython build that has it; nothing written")
+        assert os.listdir(tmp_path / "flash0") == []
+    finally:
+        boards[0].terminate()
+        boards[0].wait(10)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from esptool.cmds import attach_flash, detect_chip, read_flash, run_stub
+from esptool.targets import CHIP_DEFS
 
 from edgebft.boards import BoardError, board, boards
 from edgebft.devices import flasher
@@ -54,6 +55,13 @@ def esp32c3(tmp_path: Path) -> Iterator[str]:
     yield from mock_board(tmp_path, "esp32c3")
 
 
+def esp_image(chip_id: int, size: int) -> bytes:
+    """Bytes shaped like an ESP image for ``chip_id`` (its header's magic and chip id), the
+    rest random: what flash checks of a firmware file, not a program."""
+    header = bytes([0xE9, 3, 2, 0x20]) + bytes(8) + chip_id.to_bytes(2, "little")
+    return header + os.urandom(size - len(header))
+
+
 def read_back(port: str, offset: int, size: int) -> bytes:
     with detect_chip(port, 115200) as esp:
         esp = run_stub(esp)
@@ -72,6 +80,9 @@ def test_boards_describe_the_four_chips() -> None:
             assert all(a[1] <= b_[0] for a, b_ in zip(ends, ends[1:], strict=False)), b.name
         romfs = b.partition("romfs")
         assert romfs is not None and (romfs.offset, romfs.size) == (0x1E0000, 0x20000)
+    for b in known.values():  # the chip id an image for it carries, as esptool knows it
+        assert CHIP_DEFS[b.name].IMAGE_CHIP_ID == b.image_chip_id
+        assert CHIP_DEFS[b.name].CHIP_NAME == b.chip
     with pytest.raises(BoardError, match="unknown board 'esp99'; known: esp32"):
         board("esp99")
     done = subprocess.run([*EDGEBFT, "boards", "--json"], capture_output=True, text=True)
@@ -82,7 +93,7 @@ def test_boards_describe_the_four_chips() -> None:
 def test_flash_writes_the_firmware_and_our_romfs_and_reads_back_identical(
         esp32: str, tmp_path: Path) -> None:
     firmware = tmp_path / "micropython.bin"
-    firmware.write_bytes(os.urandom(300_000))
+    firmware.write_bytes(esp_image(0, 300_000))
     rom = tmp_path / "rom.img"
     made = subprocess.run([*EDGEBFT, "romfs", str(rom)], capture_output=True, text=True,
                           timeout=60)
@@ -119,7 +130,7 @@ def test_flash_writes_the_firmware_and_our_romfs_and_reads_back_identical(
 def test_a_chip_that_is_not_the_boards_is_refused_and_nothing_is_written(
         esp32c3: str, tmp_path: Path) -> None:
     firmware = tmp_path / "micropython.bin"
-    firmware.write_bytes(b"\x5a" * 4096)
+    firmware.write_bytes(esp_image(0, 4096))
     done = subprocess.run([*EDGEBFT, "flash", "--port", esp32c3, "--board", "esp32",
                            "--firmware", str(firmware)], capture_output=True, text=True,
                           timeout=120)
@@ -132,18 +143,25 @@ def test_a_chip_that_is_not_the_boards_is_refused_and_nothing_is_written(
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
-    big.write_bytes(b"\0" * (0x1E0000 + 1))  # at 0x0 (C3), past the app at 0x10000 + 0x1D0000
+    big.write_bytes(esp_image(5, 0x1E0000 + 1))  # at 0x0 (C3), past its app at 0x10000 + 0x1D0000
     rom = tmp_path / "rom.img"
-    rom.write_bytes(b"\0" * (0x20000 + 1))
+    rom.write_bytes(b"\xd2\xcd\x31" + b"\0" * 0x20000)
     small = tmp_path / "small.bin"
-    small.write_bytes(b"\0" * 1024)
+    small.write_bytes(esp_image(0, 1024))
+    text = tmp_path / "notes.txt"
+    text.write_text("not firmware\n" * 10)
     cases = {
         ("--board", "esp99", "--firmware", str(small)): "unknown board 'esp99'",
         ("--board", "esp32", "--firmware", str(tmp_path / "none.bin")): "cannot read",
-        ("--board", "esp32c3", "--firmware", str(big), "--romfs", str(small)):
+        ("--board", "esp32c3", "--firmware", str(big), "--romfs", str(rom)):
             "past the app partition",
         ("--board", "esp32", "--firmware", str(small), "--romfs", str(rom)):
             "more than the romfs partition's 131,072",
+        ("--board", "esp32", "--firmware", str(text)): "not an ESP image",
+        ("--board", "esp32s3", "--firmware", str(small)):
+            "an image for chip id 0, not for esp32s3's ESP32-S3 (chip id 9)",
+        ("--board", "esp32", "--firmware", str(small), "--romfs", str(text)):
+            "not a ROMFS image (make one with 'edgebft romfs')",
     }
     for args, message in cases.items():
         done = subprocess.run([*EDGEBFT, "flash", "--port", "/dev/null", *args],
@@ -153,13 +171,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert len(lines) == 1 and message in lines[0], (args, lines)
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    with pytest.raises(flasher.FlashError, match="the firmware is empty"):
+    with pytest.raises(flasher.FlashError, match="not an ESP image"):
         flasher.plan(board("esp32"), empty)
 
 
 def test_a_port_that_does_not_exist_is_one_line_and_exit_1(tmp_path: Path) -> None:
     firmware = tmp_path / "micropython.bin"
-    firmware.write_bytes(b"\0" * 1024)
+    firmware.write_bytes(esp_image(0, 1024))
     done = subprocess.run([*EDGEBFT, "flash", "--port", str(tmp_path / "ttyNONE"), "--board",
                            "esp32", "--firmware", str(firmware)], capture_output=True, text=True,
                           timeout=120)

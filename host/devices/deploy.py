@@ -33,6 +33,12 @@ from edgebft.devices.image import build_lib, build_rom, main_source
 
 CONFIG_NAME = "edgebft.json"
 BAUD = 115200
+# The built-in modules the node imports (firmware/, protocol/): a board whose firmware lacks
+# one is refused before anything is written. Those a configuration asks for of a chip come on
+# top (chip_modules; firmware/board.py does without them on the Unix port).
+REQUIRED_MODULES = ("array", "asyncio", "binascii", "errno", "gc", "hashlib", "json",
+                    "machine", "micropython", "os", "random", "select", "socket", "ssl",
+                    "struct", "sys", "time")
 ROMFS_CHUNK = 2048        # bytes of image per exec (base64 on the wire; heap on the board)
 ROMFS_ERASE_MAX = 32768   # bytes erased per call (each call blocks the board's REPL)
 
@@ -74,6 +80,15 @@ def node_files(config: dict[str, Any]) -> NodeFiles:
     return NodeFiles(files, rom)
 
 
+def chip_modules(config: dict[str, Any]) -> tuple[str, ...]:
+    """The built-in modules a node with ``config`` needs on a chip besides REQUIRED_MODULES:
+    network to join a WiFi, neopixel for a WS2812 LED (firmware/wifi.py, board.py)."""
+    extra = ("network",) if config.get("wifi") else ()
+    if (config.get("led") or {}).get("kind") == "ws2812":
+        extra += ("neopixel",)
+    return extra
+
+
 def deploy(port: str, node: NodeFiles, reset: bool = True,
            progress: Callable[[str, bool], None] | None = None) -> Deployed:
     """Put ``node`` on the board on ``port`` (see the module docstring), then, with ``reset``,
@@ -81,8 +96,10 @@ def deploy(port: str, node: NodeFiles, reset: bool = True,
     once for the ROMFS image, as "romfs", when there is a partition).
 
     Raises:
-        DeployError: the port cannot be opened, no REPL answers, or a write failed.
+        DeployError: the port cannot be opened, no REPL answers, the board's firmware lacks
+        a module the node needs (nothing written then), or a write failed.
     """
+    chip_only = chip_modules(json.loads(node.files.get(CONFIG_NAME, b"{}")))
     try:
         transport = SerialTransport(port, baudrate=BAUD)
     except TransportError as e:
@@ -91,6 +108,18 @@ def deploy(port: str, node: NodeFiles, reset: bool = True,
     try:
         _no_delay(transport)
         transport.enter_raw_repl(soft_reset=False)
+        transport.exec("def _has(name):\n try:\n  __import__(name)\n  return True\n"
+                       " except ImportError:\n  return False")
+        on_chip = "__import__('sys').platform not in ('linux', 'darwin', 'win32')"  # ON_BOARD
+        needed = f"{list(REQUIRED_MODULES)!r} + ({list(chip_only)!r} if {on_chip} else [])"
+        missing = transport.eval(f"[m for m in {needed} if not _has(m)]")
+        if missing:
+            transport.exit_raw_repl()
+            if reset:
+                transport.serial.write(b"\x04")  # what ran before boots again
+            raise DeployError(f"{port}: the board's firmware lacks {', '.join(missing)}, which "
+                              "the node needs: flash a MicroPython build that has "
+                              f"{'it' if len(missing) == 1 else 'them'}; nothing written")
         romfs = _write_romfs(transport, node.rom)
         files = node.files
         if romfs is not None:

@@ -31,6 +31,9 @@ from esptool.util import FatalError
 from edgebft.boards import Board
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
+IMAGE_MAGIC = 0xE9        # the first byte of an ESP image (esptool's ESPLoader.ESP_IMAGE_MAGIC)
+IMAGE_HEADER_BYTES = 24   # the image header with its extended part (the chip id at 12-13)
+ROMFS_MAGIC = b"\xd2\xcd\x31"  # a ROMFS image starts with it (MicroPython's vfs_rom)
 
 
 class FlashError(RuntimeError):
@@ -52,16 +55,22 @@ def plan(board: Board, firmware: Path, romfs: Path | None = None,
     given, ``romfs`` (an image of edgebft.devices.image.build_rom) on ``board``.
 
     Raises:
-        FlashError: a file that cannot be read, an empty firmware, a firmware that would
-        run into the partition after its app, or a ROMFS image larger than the board's
-        romfs partition (or a board without one).
+        FlashError: a file that cannot be read, a firmware that is no ESP image (its header's
+        magic byte) or one for another chip (its header's chip id), a firmware that would
+        run into the partition after its app, a ROMFS image that is none (its magic) or is
+        larger than the board's romfs partition (or a board without one).
     """
     layout = "romfs" if romfs is not None else "stock"
     app = board.partition("factory", layout)
     assert app is not None, f"board {board.name}: no factory partition in {layout}"
     data = _read(firmware, "firmware")
-    if not data:
-        raise FlashError(f"{firmware}: the firmware is empty")
+    if len(data) < IMAGE_HEADER_BYTES or data[0] != IMAGE_MAGIC:
+        raise FlashError(f"{firmware}: not an ESP image (no 0x{IMAGE_MAGIC:X} magic byte at "
+                         "its start): give MicroPython's firmware.bin for the board")
+    chip_id = int.from_bytes(data[12:14], "little")
+    if chip_id != board.image_chip_id:
+        raise FlashError(f"{firmware}: an image for chip id {chip_id}, not for "
+                         f"{board.name}'s {board.chip} (chip id {board.image_chip_id})")
     end = board.firmware_offset + len(data)
     if end > app.offset + app.size:
         raise FlashError(f"{firmware}: {len(data):,} bytes at 0x{board.firmware_offset:X} end at "
@@ -73,6 +82,8 @@ def plan(board: Board, firmware: Path, romfs: Path | None = None,
         if part is None:
             raise FlashError(f"board {board.name} has no romfs partition")
         image = _read(romfs, "ROMFS image")
+        if not image.startswith(ROMFS_MAGIC):
+            raise FlashError(f"{romfs}: not a ROMFS image (make one with 'edgebft romfs')")
         if len(image) > part.size:
             raise FlashError(f"{romfs}: {len(image):,} bytes, more than the romfs partition's "
                              f"{part.size:,}")
