@@ -11,6 +11,7 @@ secrets never reach the output; a bad cluster.toml or a dead port is one line.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -121,10 +122,17 @@ def test_keys_then_deploy_then_the_boards_commit(site: Path) -> None:
 
 
 def test_a_second_deploy_writes_nothing_and_the_node_comes_back(site: Path) -> None:
-    done = edgebft("deploy", "--node", "2", "--cluster", str(site))
+    done = edgebft("deploy", "--node", "2", "--cluster", str(site), "--no-reset")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("deployed node 2 of greenhouse to ")
-    assert f"0 files written, {FILES} unchanged; reset" in done.stdout, done.stdout
+    assert f"0 files written, {FILES} unchanged; left at the REPL" in done.stdout, done.stdout
+    # mpremote's own hash of what is on the board agrees with what deploy meant to put there
+    wanted = node_files({}).files["lib/edgebft/protocol/replica.mpy"]
+    port = (site.parent / "port2").read_text()
+    done = subprocess.run([str(Path(sys.executable).parent / "mpremote"), "connect", port,
+                           "resume", "fs", "sha256sum", ":lib/edgebft/protocol/replica.mpy",
+                           "soft-reset"], capture_output=True, text=True, timeout=60)
+    assert hashlib.sha256(wanted).hexdigest() in done.stdout, done.stdout + done.stderr
     s = load_site(site)
     identity = Identity.make(s.name, 101, s.broker["host"], s.broker["port"], None, s.stake,
                              s.keys())
