@@ -250,8 +250,8 @@ def _romfs_text(romfs: int | None) -> str:
               help="With --firmware: also write this ROMFS image to each romfs partition.")
 def provision_all(cluster_toml: Path, firmware: Path | None, romfs: Path | None) -> None:
     """Every board of cluster.toml in parallel: flash (with --firmware), then deploy its node;
-    a line per board as it goes and a table at the end. One board failing does not stop the
-    others; exit 1 when any failed."""
+    a progress bar per board on a terminal (a line per board and stage in a log), and a table
+    at the end. One board failing does not stop the others; exit 1 when any failed."""
     try:
         site = load_site(cluster_toml)
         site.keys()
@@ -259,12 +259,23 @@ def provision_all(cluster_toml: Path, firmware: Path | None, romfs: Path | None)
         click.echo(f"edgebft: error: {e}", err=True)
         sys.exit(EXIT_USAGE)
     lock = threading.Lock()
+    stages: dict[int, str] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                  console=console, disable=not console.is_terminal) as bars:
+        tasks = {n.id: bars.add_task(f"node {n.id} {n.port}: waiting", total=1)
+                 for n in site.nodes}
 
-    def report(node: int, what: str) -> None:
-        with lock:
-            console.print(f"node {node} ({site.node(node).port}): {what}", highlight=False)
+        def report(node: int, what: str, done: int, total: int) -> None:
+            with lock:
+                bars.update(tasks[node], description=f"node {node} {site.node(node).port}: "
+                            f"{what}", completed=done, total=total)
+                if not console.is_terminal and stages.get(node) != what:
+                    console.print(f"node {node} ({site.node(node).port}): {what}",
+                                  highlight=False)  # a log: a line per stage
+                stages[node] = what
 
-    results = provision(site, firmware, romfs, report)
+        results = provision(site, firmware, romfs, report)
     table = Table(title=f"provisioned {site.name}", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in ("node", "board", "port", "flashed", "romfs", "written", "unchanged",
                    "result"):

@@ -6,11 +6,13 @@ erases the whole flash when asked, writes the firmware at the board's offset and
 image at its ``romfs`` partition, verifies both against their digests, and hard-resets the
 chip. Nothing is written before the chip is identified, and every check of sizes and offsets
 happens in ``plan()``, before a port is opened. esptool's log goes to a logger of ours: its
-progress bars feed a callback, its messages are kept for the error that may follow.
+progress bars feed the flashing thread's callback (boards flash in parallel threads), and
+nothing is printed; a failure is esptool's FatalError, whose message we pass on.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from esptool.cmds import (
     verify_flash,
     write_flash,
 )
-from esptool.logger import EspLog, TemplateLogger, log
+from esptool.logger import TemplateLogger, log
 from esptool.util import FatalError
 
 from edgebft.boards import Board
@@ -99,37 +101,39 @@ def _read(path: Path, what: str) -> bytes:
 
 
 class _Logger(TemplateLogger):
-    """esptool's output: progress bars to ``progress``, messages kept (the last few explain
-    a failure), nothing printed."""
+    """esptool's output, nothing printed: its progress bars go to the ``progress`` of the
+    thread that is flashing. esptool has one logger for the process, and provision flashes
+    boards in parallel threads: one instance, installed for good, with a callback per thread."""
 
-    def __init__(self, progress: Progress | None) -> None:
-        self.progress = progress
-        self.lines: list[str] = []
+    def __init__(self) -> None:
+        self.local = threading.local()
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        text = " ".join(str(a) for a in args).strip()
-        if text:
-            self.lines.append(text)
+        pass
 
     def note(self, message: str) -> None:
-        self.lines.append(f"note: {message}")
+        pass
 
     def warning(self, message: str) -> None:
-        self.lines.append(f"warning: {message}")
+        pass
 
     def error(self, message: str) -> None:
-        self.lines.append(f"error: {message}")
+        pass
 
     def stage(self, finish: bool = False) -> None:
         pass
 
     def progress_bar(self, cur_iter: int, total_iters: int, prefix: str = "", suffix: str = "",
                      bar_length: int = 30) -> None:
-        if self.progress is not None:
-            self.progress(prefix.strip() or "working", cur_iter, total_iters)
+        progress = getattr(self.local, "progress", None)
+        if progress is not None:
+            progress(prefix.strip() or "working", cur_iter, total_iters)
 
     def set_verbosity(self, verbosity: str) -> None:
         pass
+
+
+_LOGGER = _Logger()
 
 
 @dataclass(frozen=True)
@@ -150,9 +154,8 @@ def flash(port: str, job: FlashPlan, baud: int | None = None,
         FlashError: the port cannot be opened, no bootloader answers, the chip is not the
         board's (nothing written), or a write or its verification failed.
     """
-    logger = _Logger(progress)
-    previous = EspLog.instance
-    log.set_logger(logger)
+    log.set_logger(_LOGGER)
+    _LOGGER.local.progress = progress
     try:
         with detect_chip(port, baud or job.board.baud, connect_mode=job.board.reset) as esp:
             if esp.CHIP_NAME != job.board.chip:
@@ -175,5 +178,5 @@ def flash(port: str, job: FlashPlan, baud: int | None = None,
     except OSError as e:
         raise FlashError(f"{port}: {e.strerror or e}") from None
     finally:
-        EspLog.instance = previous
+        _LOGGER.local.progress = None
     return Flashed(port, chip, mac, tuple((w, o, len(d)) for w, o, d in job.writes))

@@ -31,7 +31,9 @@ class Result:
     romfs: int | None = None  # bytes written to its romfs partition (None: lib/ was used)
 
 
-Report = Callable[[int, str], None]  # (node, what it is doing now)
+# (node, what it is doing now: "flashing", "deploying", "done" or "failed", and how far: done
+# of total, esptool's blocks while flashing, files while deploying)
+Report = Callable[[int, str, int, int], None]
 
 
 def provision(site: Site, firmware: Path | None = None, romfs: Path | None = None,
@@ -41,18 +43,31 @@ def provision(site: Site, firmware: Path | None = None, romfs: Path | None = Non
     results = [Result(n.id, n.board, n.port) for n in site.nodes]
 
     def one(result: Result) -> None:
-        say = (lambda what: report(result.node, what)) if report else (lambda what: None)
+        def say(what: str, done: int = 0, total: int = 1) -> None:
+            if report is not None:
+                report(result.node, what, done, total)
+
         try:
             if firmware is not None:
                 say("flashing")
                 job = flasher.plan(board(result.board), firmware, romfs)
-                result.flashed = flasher.flash(result.port, job).chip
+                result.flashed = flasher.flash(
+                    result.port, job, progress=lambda what, i, n: say("flashing", i, n)).chip
             node = deploy.node_files(site.node_config(result.node, keys))
-            say("deploying")
-            done = _deploy_when_up(result.port, node, BOOT_WAIT_S if firmware else 0.0)
+            files = [0, len(node.files)]  # deployed, of
+
+            def deployed(path: str, wrote: bool) -> None:
+                if path == "romfs":  # the image stands for lib/
+                    files[1] = 1 + sum(not p.startswith("lib/") for p in node.files)
+                files[0] += 1
+                say("deploying", *files)
+
+            say("deploying", *files)
+            done = _deploy_when_up(result.port, node, BOOT_WAIT_S if firmware else 0.0,
+                                   deployed)
             result.written, result.unchanged = len(done.written), len(done.skipped)
             result.romfs = done.romfs
-            say("done")
+            say("done", 1, 1)
         except (flasher.FlashError, deploy.DeployError) as e:
             result.error = str(e)
             say("failed")
@@ -65,12 +80,13 @@ def provision(site: Site, firmware: Path | None = None, romfs: Path | None = Non
     return results
 
 
-def _deploy_when_up(port: str, node: deploy.NodeFiles, wait_s: float) -> deploy.Deployed:
+def _deploy_when_up(port: str, node: deploy.NodeFiles, wait_s: float,
+                    progress: Callable[[str, bool], None]) -> deploy.Deployed:
     """deploy(), retried for ``wait_s`` while the board boots (just flashed)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            return deploy.deploy(port, node)
+            return deploy.deploy(port, node, progress=progress)
         except deploy.DeployError:
             if time.monotonic() >= deadline:
                 raise
