@@ -24,8 +24,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import serial
+from serial.rfc2217 import PortManager
 
 from edgebft import Client
 from edgebft.client import Identity
@@ -141,44 +144,78 @@ def test_a_second_deploy_writes_nothing_and_the_node_comes_back(site: Path) -> N
         assert ledger.get("after", ordered=True) == "redeploy"
 
 
-def relay(port: str) -> tuple[str, threading.Event]:
-    """A TCP server on 127.0.0.1 that relays its one connection to serial ``port`` (a board
-    on a lab host, as ser2net does); its socket:// URL and the event that stops it."""
+class PtySerial(serial.Serial):
+    """A virtual board's pseudo-terminal as pyserial's Serial: a pty has no modem lines, so
+    they read as off and setting them does nothing (RFC 2217's server asks for them)."""
+
+    cts = dsr = ri = cd = property(lambda self: False)
+
+    def _update_rts_state(self) -> None:
+        pass
+
+    def _update_dtr_state(self) -> None:
+        pass
+
+
+def relay(port: str, rfc2217: bool = False) -> tuple[str, threading.Event]:
+    """A TCP server on 127.0.0.1 that relays its one connection to serial ``port``: a board
+    on a lab host, as ser2net gives it (raw bytes: ``socket://``) or with RFC 2217's telnet
+    options (``rfc2217://``, pyserial's PortManager on this side); its URL and the event
+    that stops it."""
     server = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
     def serve() -> None:
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as ser2net sets it
-        fd = os.open(port, os.O_RDWR | os.O_NOCTTY)
+        board = PtySerial(port, timeout=0)
+        # the manager answers telnet options through a write() of the connection
+        manager = PortManager(board, SimpleNamespace(write=conn.sendall)) if rfc2217 else None
         try:
             while not stop.is_set():
-                ready, _, _ = select.select([conn, fd], [], [], 0.05)
+                ready, _, _ = select.select([conn, board.fileno()], [], [], 0.05)
                 if conn in ready:
                     data = conn.recv(4096)
                     if not data:
                         break
-                    os.write(fd, data)
-                if fd in ready:
-                    conn.sendall(os.read(fd, 4096))
+                    board.write(b"".join(manager.filter(data)) if manager else data)
+                if board.fileno() in ready:
+                    data = board.read(4096)
+                    conn.sendall(b"".join(manager.escape(data)) if manager else data)
         finally:
-            os.close(fd)
+            board.close()
             conn.close()
             server.close()
 
     threading.Thread(target=serve, daemon=True).start()
-    return f"socket://127.0.0.1:{server.getsockname()[1]}", stop
+    scheme = "rfc2217" if rfc2217 else "socket"
+    return f"{scheme}://127.0.0.1:{server.getsockname()[1]}", stop
 
 
-def test_deploy_reaches_a_board_on_a_lab_host_over_socket(site: Path) -> None:
-    url, stop = relay((site.parent / "port1").read_text())
+@pytest.mark.parametrize("rfc2217", [False, True], ids=["socket", "rfc2217"])
+def test_deploy_reaches_a_board_on_a_lab_host(site: Path, tmp_path: Path,
+                                              rfc2217: bool) -> None:
+    """A board of its own (not one of the site's running nodes), behind a TCP relay: deploy
+    writes everything to an empty one, then nothing."""
+    (tmp_path / "flash1").mkdir()
+    board = subprocess.Popen([*EDGEBFT, "virtual-board", str(tmp_path / "flash1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        done = edgebft("deploy", "--node", "1", "--cluster", str(site), "--port", url)
+        assert board.stdout is not None
+        port = board.stdout.readline().strip()
+        for written, unchanged in ((FILES, 0), (0, FILES)):
+            url, stop = relay(port, rfc2217)
+            try:
+                done = edgebft("deploy", "--node", "1", "--cluster", str(site), "--port", url,
+                               "--no-reset")
+            finally:
+                stop.set()
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == (f"deployed node 1 of greenhouse to {url}: {written} files "
+                                   f"written, {unchanged} unchanged; left at the REPL\n")
     finally:
-        stop.set()
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"deployed node 1 of greenhouse to {url}: 0 files written, "
-                                  f"{FILES} unchanged; reset"), done.stdout
+        board.terminate()
+        board.wait(10)
 
 
 def test_applications_reach_the_boards_by_cluster_toml_or_an_identity(site: Path) -> None:
