@@ -81,15 +81,24 @@ def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False,
     script = True  # what a boot runs: main.py when the flash has one, else the REPL
     typed = b""    # what the port sent from Ctrl-C on, while main.py was ending: the REPL's
     while True:
-        board_master, board_slave = os.openpty()
-        tty.setraw(board_slave)
-        running_main = script and (flash / "main.py").exists()
-        proc = _boot(micropython, flash, heap, board_slave, running_main, romfs)
-        os.close(board_slave)
-        if not running_main and typed:
-            os.write(board_master, typed)
-        typed = b""
-        interrupted = False
+        script, typed = _run_once(micropython, flash, heap, romfs, port_master, script, typed)
+
+
+def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master: int,
+              script: bool, typed: bytes) -> tuple[bool, bytes]:
+    """One boot, relayed between the port and the interpreter until it ends; what the next
+    boot runs (``script``) and the bytes it inherits (``typed``). The board stopped (SIGTERM,
+    Ctrl-C) stops the interpreter too: it runs in a session of its own."""
+    board_master, board_slave = os.openpty()
+    tty.setraw(board_slave)
+    running_main = script and (flash / "main.py").exists()
+    proc = _boot(micropython, flash, heap, board_slave, running_main, romfs)
+    os.close(board_slave)
+    if not running_main and typed:
+        os.write(board_master, typed)
+    typed = b""
+    interrupted = False
+    try:
         while proc.poll() is None:
             ready, _, _ = select.select([port_master, board_master], [], [], 0.05)
             if port_master in ready:
@@ -106,14 +115,18 @@ def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False,
                     os.write(port_master, os.read(board_master, 4096))
                 except OSError:  # the interpreter is gone
                     break
-        code = proc.wait()
-        os.close(board_master)
-        # main.py reset the board (machine.soft_reset: exit 0), or the REPL was soft-reset
-        # (Ctrl-D): boot again. main.py interrupted or crashed: the REPL, as on a board.
-        script = not running_main or (code == 0 and not interrupted)
-        if script:
-            os.write(port_master, REBOOT_BANNER)
-
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    code = proc.wait()
+    os.close(board_master)
+    # main.py reset the board (machine.soft_reset: exit 0), or the REPL was soft-reset
+    # (Ctrl-D): boot again. main.py interrupted or crashed: the REPL, as on a board.
+    script = not running_main or (code == 0 and not interrupted)
+    if script:
+        os.write(port_master, REBOOT_BANNER)
+    return script, typed
 
 if __name__ == "__main__":
     from edgebft.board_commands import virtual_board

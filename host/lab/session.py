@@ -191,7 +191,10 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
 
 def down(lab: LabCluster) -> None:
     """Stop every node, the broker and the exporter the cluster started (SIGKILL to each
-    group)."""
+    group): those its state file names now (an inject or heal from another process restarts
+    nodes and records their new pids there, not in ``lab``)."""
+    if (lab.path / STATE_FILE).is_file():
+        lab.state = load(lab.path).state
     for node in lab.state["nodes"]:
         signal_group(node["pid"], signal.SIGCONT)
         signal_group(node["pid"], signal.SIGKILL)
