@@ -134,22 +134,41 @@ def _deploy_all(toml: Path, nodes: int) -> None:
         _edgebft("deploy", "--node", str(i), "--cluster", str(toml))
 
 
+def start_virtual_board(root: Path, i: int,
+                        *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    """Start node i's virtual board on flash folder ``root/flash<i>`` (made if missing); the
+    process and its port (also in ``root/port<i>``)."""
+    (root / f"flash{i}").mkdir(parents=True, exist_ok=True)
+    port_file = root / f"port{i}"
+    port_file.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "edgebft.devices.virtual_board",
+                             str(root / f"flash{i}"), "--port-file", str(port_file), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not (port_file.exists() and port_file.read_text()):
+        assert time.monotonic() < deadline, "a virtual board did not start"
+        time.sleep(0.05)
+    return proc, port_file.read_text()
+
+
+def write_site(path: Path, name: str, broker: Broker, ports: list[str]) -> Path:
+    """A cluster.toml at ``path`` naming the boards on ``ports`` (as BOARDS) and ``broker``."""
+    text = (f'[cluster]\nname = "{name}"\n\n[broker]\nhost = "{broker.host}"\n'
+            f'port = {broker.port}\n')
+    for i, (board, port) in enumerate(zip(BOARDS, ports, strict=True)):
+        text += f'\n[[node]]\nid = {i}\nboard = "{board}"\nport = "{port}"\n'
+    path.write_text(text)
+    return path
+
+
 def _virtual(root: Path) -> Iterator[HilCluster]:
     boards = []
     with start_broker("mosquitto", _mkdir(root / "broker")) as broker:
         try:
             for i in range(len(BOARDS)):
-                boards.append(subprocess.Popen(
-                    [sys.executable, "-m", "edgebft.devices.virtual_board",
-                     str(_mkdir(root / f"flash{i}")), "--port-file", str(root / f"port{i}")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            ports = [_wait_file(root / f"port{i}") for i in range(len(BOARDS))]
-            toml = root / "cluster.toml"
-            text = (f'[cluster]\nname = "hil"\n\n[broker]\nhost = "{broker.host}"\n'
-                    f'port = {broker.port}\n')
-            for i, (board, port) in enumerate(zip(BOARDS, ports, strict=True)):
-                text += f'\n[[node]]\nid = {i}\nboard = "{board}"\nport = "{port}"\n'
-            toml.write_text(text)
+                boards.append(start_virtual_board(root, i)[0])
+            toml = write_site(root / "cluster.toml", "hil", broker,
+                              [(root / f"port{i}").read_text() for i in range(len(BOARDS))])
             _edgebft("keys", "new", "--cluster", str(toml))
             _deploy_all(toml, len(BOARDS))
             site = load_site(toml)
@@ -164,14 +183,6 @@ def _virtual(root: Path) -> Iterator[HilCluster]:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _wait_file(path: Path, timeout_s: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout_s
-    while not (path.exists() and path.read_text()):
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
-    return path.read_text()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

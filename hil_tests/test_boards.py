@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import serial
+from hil_targets import BOARDS, start_virtual_board, write_site
 from serial.rfc2217 import PortManager
 
 from edgebft import Client
@@ -49,7 +50,6 @@ from edgebft.lab.observer import Observer
 pytestmark = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed")
 
 EDGEBFT = [sys.executable, "-m", "edgebft"]
-BOARDS = ("esp32", "esp32", "esp32c3", "esp32s3")
 FILES = len(node_files({}).files)  # a deploy to stock firmware: main.py, lib/**, edgebft.json
 
 
@@ -61,18 +61,11 @@ boards: list[subprocess.Popen[bytes]] = []  # the site's virtual boards, by node
 
 
 def virtual_board(root: Path, i: int, *flags: str) -> str:
-    """Start node i's virtual board on flash folder ``root/flash<i>``; its port."""
-    port_file = root / f"port{i}"
-    port_file.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "edgebft.devices.virtual_board",
-                             str(root / f"flash{i}"), "--port-file", str(port_file), *flags],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start node i's virtual board on flash folder ``root/flash<i>`` (kept in ``boards``);
+    its port."""
+    proc, port = start_virtual_board(root, i, *flags)
     boards[i:i + 1] = [proc]
-    deadline = time.monotonic() + 10
-    while not (port_file.exists() and port_file.read_text()):
-        assert time.monotonic() < deadline, "a virtual board did not start"
-        time.sleep(0.05)
-    return port_file.read_text()
+    return port
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +74,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("site")
     with start_broker("mosquitto", root / "broker") as broker:
         try:
-            ports = []
-            for i in range(len(BOARDS)):
-                (root / f"flash{i}").mkdir()
-                ports.append(virtual_board(root, i))
-            toml = (f'[cluster]\nname = "greenhouse"\n\n[broker]\nhost = "{broker.host}"\n'
-                    f'port = {broker.port}\n')
-            for i, (board, port) in enumerate(zip(BOARDS, ports, strict=True)):
-                toml += f'\n[[node]]\nid = {i}\nboard = "{board}"\nport = "{port}"\n'
-            (root / "cluster.toml").write_text(toml)
-            yield root / "cluster.toml"
+            ports = [virtual_board(root, i) for i in range(len(BOARDS))]
+            yield write_site(root / "cluster.toml", "greenhouse", broker, ports)
         finally:
             for proc in boards:
                 proc.terminate()
@@ -421,8 +406,7 @@ def test_a_firmware_without_a_module_we_need_is_refused_and_nothing_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A board whose firmware lacks a module the node imports (here: one no firmware has,
     standing for ssl on a build without it): one line, and the flash untouched."""
-    (tmp_path / "flash0").mkdir()
-    port = virtual_board(tmp_path, 0)
+    board, port = start_virtual_board(tmp_path, 0)  # not one of the site's
     try:
         monkeypatch.setattr(deploy_module, "REQUIRED_MODULES",
                             (*deploy_module.REQUIRED_MODULES, "no_such_module"))
@@ -433,5 +417,5 @@ def test_a_firmware_without_a_module_we_need_is_refused_and_nothing_written(
             "MicroPython build that has it; nothing written")
         assert os.listdir(tmp_path / "flash0") == []
     finally:
-        boards[0].terminate()
-        boards[0].wait(10)
+        board.terminate()
+        board.wait(10)

@@ -148,8 +148,12 @@ def test_partition_stops_a_node_until_healed(cluster: lab.LabCluster, load: Work
     assert executed(later, node) == executed(stalled, node), "the cut-off node executes nothing"
     assert executed(later, node) < min(executed(later, j) for j in rest)
     assert later[node]["fault_dropped"] > 0
-    healed = heal_and_catch_up(cluster, node)
-    assert all(healed[j]["faults"]["reachable"] is None for j in range(cluster.nodes))
+    heal_and_catch_up(cluster, node)
+    # each node reports the heal in its next status (every 0.5 s): the struck one's may come
+    # first
+    wait_for(cluster, "the partition healed on every node",
+             lambda s: all(s[j].get("faults", {}).get("reachable") is None
+                           for j in range(cluster.nodes)))
 
 
 def test_delay_on_the_primary_raises_latency(cluster: lab.LabCluster, load: Workload) -> None:

@@ -312,9 +312,8 @@ class Client:
             return  # call() with another op: the ledger judges it
         name = op[0]
         names = {"put": op[1:2], "get": op[1:2], "balance": op[1:2], "account": op[1:2],
-                 "open": op[1:2],
-                 "delegations": op[1:2], "transfer": op[1:3], "stake": op[1:2],
-                 "unstake": op[2:3]}.get(name, [])
+                 "open": op[1:2], "delegations": op[1:2], "transfer": op[1:3],
+                 "stake": op[1:2], "unstake": op[2:3]}.get(name, [])
         for text in names:
             if not is_name(text):
                 raise ClientError(f"{name}: {text!r} is not a key or account name (text of 1 "
