@@ -14,9 +14,7 @@ try:
 except ImportError:  # CPython
     const = int  # CPython: const(x) is x
 
-TYPE_CHECKING = False  # True only to a type checker (tools/typecheck.sh): never imported
-if TYPE_CHECKING:
-    from typing import Any
+TYPE_CHECKING = False  # True only to a type checker (tools/typecheck.sh)
 
 VERSION = 1
 
@@ -93,7 +91,8 @@ class Message:
         self.auth = auth
 
     if TYPE_CHECKING:  # the fields decode() sets, by type: any name, to a type checker
-        def __getattr__(self, name: str) -> Any: ...
+        def __getattr__(self, name):
+            return self.__dict__[name]
 
 
 
