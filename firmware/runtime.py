@@ -318,7 +318,7 @@ def main():
     cause = board.reset_cause()
     while True:
         gc.threshold(_GC_THRESHOLD_MIN_BYTES)
-        config = load_config()
+        config = config or load_config()  # read again only for a restart
         node = Runtime(config, led, watchdog, cause, restarts)
         gc.collect()
         gc.threshold(config.get("gc_threshold_bytes") or

@@ -100,6 +100,10 @@ class HilCluster:
             self.control(node, "reboot", [])
 
     def heal(self) -> None:
+        """Undo every fault (the lab's heal also boots again a node that is down)."""
+        if self._lab is not None:
+            lab.heal(self._lab)
+            return
         for node in range(self.nodes):
             self.control(node, "heal", [])
 
