@@ -30,11 +30,22 @@
 # - A replica that lags executes a sequence number on a commit certificate (matching
 #   commits over 2/3 of stake in its view) plus a batch that hashes to the certified digest,
 #   even without its own prepare: the certificate proves correct replicas prepared it.
+#   So does a replica left alone in a view change while the others go on in a lower view
+#   (self.left: the view it left, or a higher one the others installed without it): in a
+#   view change its log holds nothing else, so it collects there the commits of that one
+#   view (commits of different views prove nothing together; a commit of a higher one
+#   clears the log and moves self.left up), its peers answer its STATUS with their commits
+#   and batches, and it votes on nothing. Its VIEW-CHANGE stays true, so it is ready when the
+#   others change view; installing a view clears the log. Without this it caught up only by
+#   state transfer at each checkpoint (still its way if a Byzantine peer moves self.left
+#   past the others' view: one commit does that).
 # - Crash recovery (PBFT-NOTES RC3, the "bound" variant): durable() holds the view entered
-#   and the stable checkpoint, and the flash the stable state; durable() changes once per view
-#   and per checkpoint (bounded flash writes). A restored replica never votes in its persisted
-#   view for a sequence number up to h + window, the most it may have voted on before the
-#   crash.
+#   and the stable checkpoint, and whether it was still changing to that view (then from
+#   which); the flash holds the stable state. durable() changes when a view change starts,
+#   when a view installs and at each checkpoint (bounded flash writes). A restored replica
+#   never votes in its persisted view for a sequence number up to h + window, the most it may
+#   have voted on before the crash; restored in a view change, it resumes it with a
+#   VIEW-CHANGE that may omit what it voted before the crash (RC2 counts it toward f).
 # - Epochs (DESIGN.md section 3): the validator set is the ledger's, put in force at a
 #   checkpoint B by Ledger.end_epoch(); every correct replica switches at the same B. The sets
 #   of the sequence numbers in the window are kept (self.sets); the set of sequence number s
@@ -171,6 +182,7 @@ class Replica(ViewChanging, StateTransfer):
                                    _BODY_BYTES_MAX // (checkpoint_interval + pipeline_max))
         self.now = 0
         self.view = 0
+        self.left = 0             # the view we left for the view change under way
         self.status = NORMAL      # VIEW_CHANGE between sending VIEW-CHANGE and installing the
         #                           new view; moved only by _to (viewchange.py)
         self.view_low = 0         # the checkpoint the current view was installed from
@@ -578,6 +590,13 @@ class Replica(ViewChanging, StateTransfer):
         self._on_vote(msg, self.log.prepares)
 
     def on_commit(self, msg):
+        if (self.status == VIEW_CHANGE and self.left <= msg.view < self.view
+                and msg.seq > self.last_exec and self._in_window(msg.seq)):
+            if msg.view > self.left:  # the others installed a view we did not: follow it
+                self.left = msg.view
+                self.log.clear()
+            self._on_vote(msg, self.log.commits)  # catching up alone (see the header)
+            return
         if self.ignore_phase(msg):
             return
         self._on_vote(msg, self.log.commits)
@@ -629,11 +648,14 @@ class Replica(ViewChanging, StateTransfer):
         self.on_request(m.decode(wire))  # our own copy: T1 waits for it, a primary batches it
 
     def _check_prepared(self, seq, i):
-        """Prepared (N4): record it (P) and multicast COMMIT, if we may vote on ``seq``."""
+        """Prepared (N4): record it (P) and multicast COMMIT, if we may vote on ``seq``. If not
+        (yet), the commits that came before the batch may already certify it."""
         log = self.log
-        if log.prepared(i) or not log.accepted(i) or not self._may_vote(seq):
+        if log.prepared(i) or not log.accepted(i):
             return
-        if not self.vstake.is_quorum(log.stake(log.prepares, i, self.vstake.weights)):
+        if not (self._may_vote(seq)
+                and self.vstake.is_quorum(log.stake(log.prepares, i, self.vstake.weights))):
+            self._check_committed(seq, i)
             return
         log.mark_prepared(i)
         self.oplog.prepared(seq, log.digests[i], self.view)
@@ -711,11 +733,17 @@ class Replica(ViewChanging, StateTransfer):
                 self._enter_epoch()
             self._broadcast(m.CHECKPOINT, seq, self.own_checkpoints[seq])
             self._check_stable(seq)
-            for later in range(seq + 1, seq + self.K + 1):  # the votes _may_vote held back
-                i = log.find(later)
-                if i >= 0 and log.accepted(i):
-                    self._prepare(later, i)
-                    self._check_prepared(later, i)
+            self._vote_held_back(seq)
+
+    def _vote_held_back(self, seq):
+        """We executed checkpoint ``seq`` (or adopted it by state transfer): vote for what
+        _may_vote held back, the accepted slots up to the next checkpoint."""
+        log = self.log
+        for later in range(seq + 1, seq + self.K + 1):
+            i = log.find(later)
+            if i >= 0 and log.accepted(i):
+                self._prepare(later, i)
+                self._check_prepared(later, i)
 
     def _enter_epoch(self):
         """Put the ledger's validator set in force (after executing or installing its first
@@ -861,7 +889,8 @@ class Replica(ViewChanging, StateTransfer):
             if self.is_primary() and self.status == NORMAL:
                 self._resend_new_view(j)
             return
-        if msg.view != self.view or self.status == VIEW_CHANGE:
+        alone = msg.view > self.view  # in a view change we are not in: our commits only
+        if self.status == VIEW_CHANGE or alone and not msg.limbo:
             return
         for seq in msg.missing:
             if type(seq) is int:
@@ -875,6 +904,8 @@ class Replica(ViewChanging, StateTransfer):
             if self.log.committed(i) and seq <= top:
                 self._send(j, m.COMMIT, self.view, seq, d)
                 self._send_batch(j, seq)
+            elif alone:
+                continue
             elif self.log.voted(self.log.prepares, i, self.me) and self._may_vote(seq):
                 if self.is_primary():
                     self._send(j, m.PRE_PREPARE, self.view, seq, d, self.log.batches[i])
@@ -908,11 +939,14 @@ class Replica(ViewChanging, StateTransfer):
     # ----------------------------------------------------------------- durability
 
     def durable(self):
-        """What must survive a crash besides the flash state (RC3): [view, h, view_low]; see
-        the header. view_low may be that of an earlier view (not yet installed): lower is
-        safe, as it only freezes more."""
+        """What must survive a crash besides the flash state (RC3): [view, h, view_low, left];
+        see the header. view_low may be that of an earlier view (not yet installed): lower is
+        safe, as it only freezes more. left < view: we were changing view, from view left
+        (a restore resumes the view change: restored NORMAL in a view nobody installed, it
+        waited alone there for the others to change view)."""
         self.dirty = False
-        return cbor.encode([self.view, self.h, self.view_low])
+        left = self.left if self.status == VIEW_CHANGE else self.view
+        return cbor.encode([self.view, self.h, self.view_low, left])
 
     @classmethod
     def restore(cls, saved, me, stake, keys, client_secret, **kwargs):
@@ -934,6 +968,10 @@ class Replica(ViewChanging, StateTransfer):
         r.vstake = r._set_at(view_low) or r.stake  # none kept: frozen, and left at once
         r.vc_timeout = r.view_timeout_ms
         r.events.append(("restored", view, h))
+        left = fields[3] if len(fields) > 3 and type(fields[3]) is int else view
+        if left < view:  # a VIEW-CHANGE with what we voted since h forgotten: RC2 counts us
+            r.view = left
+            r._start_view_change(view)
         return r
 
     # ----------------------------------------------------------------- invariants

@@ -155,6 +155,7 @@ class StateTransfer:
         self.events.append(("transferred", seq, digest))
         self._broadcast(m.CHECKPOINT, seq, digest)  # peers may still need our vote
         self._mark_stable(seq)
+        self._vote_held_back(seq)
         self._execute_ready()
         if self.status == VIEW_CHANGE:
             self._after_view_change_input()  # a new view may have waited for this state

@@ -177,6 +177,8 @@ class ViewChanging:
     def _start_view_change(self, view):
         """Move to ``view`` and multicast VIEW-CHANGE (V2); also T3 and T4 come here."""
         assert view > self.view or (view == self.view and self.status == NORMAL)
+        if self.status == NORMAL:
+            self.left = self.view
         self.view = view
         self._to(VIEW_CHANGE)
         self.counts["view_changes"] += 1
@@ -413,6 +415,7 @@ class ViewChanging:
         low, chosen = decision[0], decision[2]
         assert low <= self.last_exec
         self._to(NORMAL)
+        self.log.clear()  # commits of the view we left, if we caught up alone (replica.py)
         self.vstake = stake
         self.view_low = low
         self.dirty = True

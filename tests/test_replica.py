@@ -189,3 +189,30 @@ def test_pre_prepare_from_a_backup_and_a_tampered_batch_are_rejected() -> None:
     backup.receive(body + auth.authenticator(macs, body), 0)
     assert backup.drops["bad batch"] == 1
     assert backup.out == []
+
+
+def test_a_restored_replica_that_may_not_vote_executes_on_commits_that_came_first() -> None:
+    """A restored replica may not vote up to h + window (RC3), so it never prepares what
+    follows; it executes on the others' commit certificate. Here the commits reach it before
+    the pre-prepare with the batch: accepting the batch must look for the certificate, which
+    waited for it (it used to look only once the replica could prepare, and no later input
+    looked again: the commits came once, and the batch only with the pre-prepare)."""
+    net = Net()
+    old = net.replicas[3]
+    net.replicas[3] = restored = rp.Replica.restore(
+        old.durable(), 3, net.stake, net.keys.pairwise[3], net.keys.client_secrets[3],
+        checkpoint_interval=4, genesis={"a": [100, 7], "b": [0, 8]}, flash=old.state.flash)
+    assert restored.recovering()
+    del restored.out[:]
+    net.submit(net.client(7).request(["put", "x", 1]))
+    net.run(dropped=lambda to, msg: to == 3)
+    assert {r.last_exec for r in net.replicas[:3]} == {1}
+    primary = net.replicas[0]
+    i = primary.log.find(1)
+    digest, batch = primary.log.digests[i], primary.oplog.body_of(1, primary.log.digests[i])
+    for j in (0, 1, 2):
+        restored.receive(net.replicas[j].authenticated(m.body(m.COMMIT, j, 0, 1, digest)), 0)
+    assert restored.last_exec == 0, "no batch yet"
+    restored.receive(primary.authenticated(m.body(m.PRE_PREPARE, 0, 0, 1, digest, batch)), 0)
+    assert restored.last_exec == 1
+    assert restored.ledger.get("x") == 1

@@ -201,3 +201,87 @@ def test_a_state_transfer_stops_the_request_timer_of_the_requests_it_drops() -> 
         net.run()
     assert ("transferred", 12) in [e[:2] for e in lone.events]
     assert (lone.h, lone.waiting, lone.vc_deadline) == (12, {}, None)
+
+
+def alone_in_view_1() -> tuple[Net, rp.Replica]:
+    """Backup 3 went to view 1 alone (its request timer ran out while the others heard
+    nothing of its client's request); the others stay in view 0."""
+    net, lone = lone_backup_waiting(100)
+    deadline = lone.vc_deadline
+    hear_the_others(net, lone, deadline)
+    lone.tick(deadline)
+    assert (lone.view, lone.status, lone.left) == (1, "view change", 0)
+    net.now = deadline
+    return net, lone
+
+
+def test_a_replica_alone_in_a_view_change_executes_what_the_view_it_left_commits() -> None:
+    """The others go on committing in view 0 and the load stops between two checkpoints. The
+    lone replica's STATUS (RT1) is answered with the others' commits and batches, and it
+    executes on those certificates, voting on nothing: it converges, where it used to stay at
+    the last checkpoint for good. It stays in its view change, which still counts when the
+    others change view: all four install view 1 and execute the next request."""
+    net, lone = alone_in_view_1()
+    alice = net.client(9)
+    for n in range(6):
+        net.call(alice, ["put", "k", n])
+    others = net.replicas[:3]
+    assert {r.last_exec for r in others} == {7}
+    assert lone.last_exec < 7
+    from_lone: list[int] = []
+
+    def note(to: int, msg: m.Message) -> bool:
+        if msg.sender == lone.me:
+            from_lone.append(msg.kind)
+        return False
+
+    for now in range(net.now + 100, net.now + 1000, 100):
+        net.tick(now)
+        net.run(dropped=note)
+    assert lone.last_exec == 7
+    assert lone.ledger.digest == others[0].ledger.digest
+    assert lone.ledger.get("k") == 5
+    assert (lone.view, lone.status) == (1, "view change")
+    assert m.STATUS in from_lone
+    assert not {m.PREPARE, m.COMMIT} & set(from_lone), "it voted on nothing"
+    for r in others[1:]:
+        r.suspect(net.now)
+        net._collect(r.me)
+    net.run()
+    assert {(r.view, r.status) for r in net.replicas} == {(1, "normal")}
+    net.call(alice, ["put", "k", "after"])
+    assert {r.ledger.get("k") for r in net.replicas} == {"after"}
+    assert len({r.last_exec for r in net.replicas}) == 1
+
+
+def test_a_replica_alone_in_a_view_change_counts_commits_of_one_view_only() -> None:
+    """Commits of different views for one digest prove nothing together (the digest may have
+    prepared in neither view at a quorum): those of a view below the one it left are not
+    counted. Here replica 3 left view 1, and commits of view 0 arrive with view 1's."""
+    net = Net()
+    alice = net.client(7)
+    net.call(alice, ["balance", "a"])
+    for r in net.replicas[1:]:
+        r.suspect(10)
+        net._collect(r.me)
+    net.run()
+    assert {(r.view, r.status) for r in net.replicas} == {(1, "normal")}
+    lone = net.replicas[3]
+    lone.suspect(20)  # heard everyone lately: goes to view 2 alone
+    del lone.out[:]
+    assert (lone.view, lone.status, lone.left) == (2, "view change", 1)
+    batch = [alice.request(["put", "x", 1])]
+    seq, digest = lone.last_exec + 1, rp.batch_digest(batch)
+
+    def commit(j: int, view: int) -> bytes:
+        return net.replicas[j].authenticated(m.body(m.COMMIT, j, view, seq, digest))
+
+    for j, view in ((0, 0), (1, 0), (2, 1)):
+        lone.receive(commit(j, view), 30)
+    lone.receive(net.replicas[0].authenticated(m.body(m.BATCH, 0, seq, digest, batch)), 30)
+    assert lone.last_exec == seq - 1, "one commit of view 1: no certificate"
+    for j in (0, 1):
+        lone.receive(commit(j, 1), 30)
+    lone.receive(net.replicas[0].authenticated(m.body(m.BATCH, 0, seq, digest, batch)), 30)
+    assert lone.last_exec == seq, "three commits of view 1 and the batch"
+    assert lone.ledger.get("x") == 1

@@ -24,7 +24,10 @@ Rules:
   or ``liveness_ms`` more have passed.
 - Verdicts come from checkers over the run's history (Jepsen's model), never from what the
   replicas claim about themselves: safety (executed and stable digests agree per sequence
-  number), client safety (one accepted result per request) and liveness (all accepted in time).
+  number), client safety (one accepted result per request), liveness (all accepted in time)
+  and convergence (once all are accepted, every correct replica executes the last of them
+  within SETTLE_MS with no new load: one left behind, alone in a view change say, is a
+  replica the cluster can no longer count on).
 - Byzantine replicas (``byzantine``) run a behaviour of edgebft.protocol.byzantine, or are
   twins (Bano et al., "Twins", OPODIS 2021): two instances of one replica with the same id and
   keys, each behaving correctly on its own. While faults last, a seeded sequence of twin phases
@@ -73,6 +76,7 @@ FAULT_GAP_MS = (100, 1_000)      # between the starts of two faults
 FAULT_LENGTH_MS = (200, 2_500)   # crash, partition, loss and delay windows
 REBOOT_DOWN_MS = (0, 200)        # a power cycle: down briefly, then restore from flash
 CUT_OPERATIONS_MAX = 12          # a crash undoes up to this many of the last flash operations
+SETTLE_MS = 5_000                # convergence: after the last acceptance, with no load
 DEFAULT_NODES = 4
 DEFAULT_REQUESTS = 30
 DEFAULT_CLIENTS = 4
@@ -814,6 +818,8 @@ class Simulation:
         error = None
         try:
             self._loop(deadline_ms)
+            if self.accepted >= options.requests:
+                self.settle(SETTLE_MS)
         except Exception as e:  # a replica's invariant or our own: report, do not crash
             error = self._describe_error(e)
             self.history.append(("error", self.now, error))
@@ -871,7 +877,8 @@ class Simulation:
         options = self.options
         checks = [check_safety(self.history), check_client_safety(self.history),
                   check_liveness(self.history, options.requests,
-                                 options.fault_ms + options.liveness_ms)]
+                                 options.fault_ms + options.liveness_ms),
+                  check_convergence(self.history, self._correct_up())]
         verdict = Verdict(tuple(checks), error)  # an error: liveness says nothing
         views = {e[3] for e in self.history if e[0] == "view"}
         return SeedResult(
@@ -885,6 +892,10 @@ class Simulation:
             transfers=sum(1 for e in self.history if e[0] == "transferred"),
             stalls=sum(self._correct_counts("stalls")),
             suspicions=sum(self._correct_counts("suspicions")))
+
+    def _correct_up(self) -> list[int]:
+        """The correct replicas running at the end of the run."""
+        return [i for i in range(self.options.nodes) if i not in self.byzantine and self.up[i]]
 
     def _correct_counts(self, name: str) -> list[int]:
         """A Node count of each correct replica's current instance (since its last restart)."""
@@ -967,6 +978,23 @@ def check_liveness(history: list[tuple[Any, ...]], requests: int, bound_ms: int)
         detail = f"; oldest: client {c} request {ts} invoked at {invoked[(c, ts)]} ms"
     return Check("liveness", False, f"{len(done)}/{requests} requests accepted by "
                                     f"{bound_ms} ms{detail}")
+
+
+def check_convergence(history: list[tuple[Any, ...]], replicas: Sequence[int]) -> Check:
+    """Every replica of ``replicas`` executed the highest sequence number any replica executed
+    (the run settled with no new load first). Unknown when nothing executed."""
+    last: dict[int, int] = {i: 0 for i in replicas}
+    for e in history:
+        if e[0] in ("executed", "transferred") and e[2] in last:
+            last[e[2]] = max(last[e[2]], e[3])
+    top = max([e[3] for e in history if e[0] == "executed"], default=0)
+    if not top:
+        return Check("convergence", None, "nothing executed")
+    behind = sorted(i for i in last if last[i] < top)
+    if not behind:
+        return Check("convergence", True)
+    return Check("convergence", False, ", ".join(f"replica {i} at {last[i]}" for i in behind)
+                 + f" of {top} once settled")
 
 
 # ---------------------------------------------------------------------- entry points
