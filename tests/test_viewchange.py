@@ -285,3 +285,38 @@ def test_a_replica_alone_in_a_view_change_counts_commits_of_one_view_only() -> N
     lone.receive(net.replicas[0].authenticated(m.body(m.BATCH, 0, seq, digest, batch)), 30)
     assert lone.last_exec == seq, "three commits of view 1 and the batch"
     assert lone.ledger.get("x") == 1
+
+
+def test_a_state_transfer_releases_the_votes_the_checkpoint_held_back() -> None:
+    """A backup that accepted a pre-prepare past the next checkpoint may not vote on it
+    (_may_vote) until it has that checkpoint. Executing the checkpoint releases the vote;
+    adopting it by state transfer must too, or the backup's prepare and commit never come
+    (seed 200 of the Byzantine twins sweep: the others' commits, a twin's among them, fell one
+    short of a certificate without its own, and it stayed behind until the next request)."""
+    net = Net(n=4, k=4)
+    alice = net.client(7)
+    for _ in range(4):
+        net.call(alice, ["balance", "a"])
+    net.down.add(3)
+    for _ in range(4):
+        net.call(alice, ["balance", "a"])
+    lone = net.replicas[3]
+    assert (lone.last_exec, net.replicas[0].h) == (4, 8)
+    net.down.clear()
+    net.submit(alice.request(["put", "x", 9]))
+    net.run(dropped=lambda to, msg: to == 3 and msg.kind != m.PRE_PREPARE)
+    i = lone.log.find(9)
+    assert i >= 0 and lone.log.accepted(i) and not lone.log.voted(lone.log.prepares, i, 3)
+    prepared: list[int] = []
+
+    def note(to: int, msg: m.Message) -> bool:
+        if msg.sender == 3 and msg.kind == m.PREPARE:
+            prepared.append(msg.seq)
+        return False
+
+    for now in (100, 200, 300):  # STATUS, checkpoint 8 beyond its window, FETCH, CHUNK
+        net.tick(now)
+        net.run(dropped=note)
+    assert ("transferred", 8) in [e[:2] for e in lone.events]
+    assert 9 in prepared, "its vote on 9, held back until it had checkpoint 8"
+    assert lone.last_exec == 9

@@ -26,8 +26,11 @@ Rules:
   replicas claim about themselves: safety (executed and stable digests agree per sequence
   number), client safety (one accepted result per request), liveness (all accepted in time)
   and convergence (once all are accepted, every correct replica executes the last of them
-  within SETTLE_MS with no new load: one left behind, alone in a view change say, is a
-  replica the cluster can no longer count on).
+  within SETTLE_MS with no new load, or else once one more request is accepted: one left
+  behind, alone in a view change say, is a replica the cluster can no longer count on. The
+  probe request is there because PBFT promises progress to requests, not catch-up at rest:
+  when the only votes that could carry a lagging replica died with a restarted one, it is
+  the next request, and the view change it may need, that carries it).
 - Byzantine replicas (``byzantine``) run a behaviour of edgebft.protocol.byzantine, or are
   twins (Bano et al., "Twins", OPODIS 2021): two instances of one replica with the same id and
   keys, each behaving correctly on its own. While faults last, a seeded sequence of twin phases
@@ -820,9 +823,12 @@ class Simulation:
             self._loop(deadline_ms)
             if self.accepted >= options.requests:
                 self.settle(SETTLE_MS)
+                if self._behind():
+                    self._probe()
         except Exception as e:  # a replica's invariant or our own: report, do not crash
             error = self._describe_error(e)
             self.history.append(("error", self.now, error))
+        self.options = options  # as given: settling and the probe changed the request count
         return self._result(error)
 
     def _describe_error(self, e: Exception) -> str:
@@ -843,14 +849,26 @@ class Simulation:
         end = self.now + extra_ms
         self._loop(end, stop_when_accepted=False)
 
+    def _probe(self) -> None:
+        """One more request (client 0's), then SETTLE_MS more with no load."""
+        self.options = replace(self.options, requests=self.accepted + 1)
+        self._schedule_issue(0)
+        self._loop(self.now + self.options.liveness_ms)
+        self.settle(SETTLE_MS)
+
+    def _behind(self) -> bool:
+        """Has a correct replica running executed less than another?"""
+        heads = [self.nodes[i].replica.last_exec for i in self._correct_up()]
+        return min(heads, default=0) < max(heads, default=0)
+
     def _loop(self, deadline_ms: int, stop_when_accepted: bool = True) -> None:
         queue = self.queue
         requests = self.options.requests
         while queue and (self.accepted < requests or not stop_when_accepted):
-            at_ms, _, kind, a, b = heapq.heappop(queue)
-            if at_ms > deadline_ms:
-                self.now = deadline_ms
+            if queue[0][0] > deadline_ms:
+                self.now = deadline_ms  # the event stays queued: settle() may go on from here
                 return
+            at_ms, _, kind, a, b = heapq.heappop(queue)
             assert at_ms >= self.now
             self.now = at_ms
             self.current = (kind, a)
@@ -885,7 +903,8 @@ class Simulation:
             seed=self.seed, verdict=verdict.name, reasons=verdict.reasons, checks=checks,
             sim_ms=self.now, delivered=self.delivered, dropped=self.dropped,
             view_changes=len(views),
-            accepted=self.accepted, requests=options.requests, faults=len(self.faults),
+            accepted=min(self.accepted, options.requests),  # the probe is not the run's
+            requests=options.requests, faults=len(self.faults),
             history_digest=history_digest(self.history),
             replay=options.replay_command(self.seed),
             fault_kinds=tuple(e[2].split()[0] for e in self.history if e[0] == "fault"),
