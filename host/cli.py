@@ -469,7 +469,9 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
     Each seed draws keys, latencies, faults and client timing from random.Random(seed), runs
     the replicas of edgebft.protocol until every request is accepted or the liveness bound
     passes, and checks the history: safety (replicas agree on every executed and stable
-    digest), client safety and liveness. A failing seed prints the command that replays it.
+    digest), client safety, liveness and convergence (every correct replica executes the
+    last request, with no load, else once one more request comes). A failing seed prints
+    the command that replays it.
     Byzantine replicas (--byzantine, --behaviour) are not judged; below 1/3 of stake they
     must break neither safety nor liveness. Exits 0 when every seed is ok, 1 on any
     violation, 2 on bad options.
