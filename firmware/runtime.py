@@ -21,6 +21,7 @@
 # - Memory stays bounded: no per-message state here.
 import gc
 import json
+import sys
 import time
 
 import asyncio
@@ -326,10 +327,11 @@ def main():
         config = None
         try:
             asyncio.run(node.run())
-        except MemoryError:  # run() dropped the broker link on its way out (peers get our Will)
+        except MemoryError as e:  # run() dropped the broker link on its way out (peers get our Will)
             gc.collect()  # what was free, in pieces too small: the heap's fragmentation
             print("out of memory (%d bytes free after collection): restarting from flash"
                   % gc.mem_free())
+            sys.print_exception(e)
         node = None
         asyncio.new_event_loop()  # the old node's tasks go with the old loop
         restarts += 1

@@ -12,12 +12,19 @@
 #   encode(decode(data)) == data. Peer bytes are untrusted: every malformed input raises
 #   DecodeError and nothing else, lengths are checked against the buffer before anything is
 #   allocated, and nesting is bounded by _DEPTH_MAX (recursion depth is bounded too).
-# - Portable: runs unchanged on MicroPython and CPython; imports only struct. MicroPython's str()
-#   accepts overlong forms, surrogates and code points above U+10FFFF, so non-ASCII text is
-#   checked here (RFC 3629 section 4).
+# - Portable: runs unchanged on MicroPython and CPython; imports only struct and sys.
+#   MicroPython's str() accepts overlong forms, surrogates and code points above U+10FFFF, so
+#   non-ASCII text is checked here (RFC 3629 section 4).
 # - Heads are appended byte by byte to one bytearray; decoding indexes into the input bytes.
+# - Memory (MicroPython): encode() appends into one module-level bytearray that keeps the
+#   capacity of the largest encoding so far, then copies out exactly the bytes encoded. A
+#   fresh bytearray grew by reallocation, each step a block that may move and leave a hole:
+#   on a nearly full heap those holes made a 1 KB page encoding fail with 30 KB free. A page
+#   bound for flash is written from the scratch itself (encode_transient). Not on CPython,
+#   where host threads may encode at once.
 
 import struct
+import sys
 
 try:
     from micropython import const
@@ -28,6 +35,9 @@ except ImportError:
 # room for the ledger's values and keeps recursion far from MicroPython's stack limit.
 _DEPTH_MAX = const(16)
 _UINT_END = 1 << 64  # ints must lie in [-_UINT_END, _UINT_END)
+
+_SCRATCH_BYTES = const(2048)  # the scratch's first capacity: a page or a batch encodes within
+_scratch = bytearray(_SCRATCH_BYTES) if sys.implementation.name == "micropython" else None
 
 _MT_UINT = const(0x00)
 _MT_NINT = const(0x20)
@@ -59,9 +69,20 @@ def encode(obj):
     Raises:
         EncodeError: unsupported type, int out of range, dict key not int/str/bytes, too deep.
     """
-    buf = bytearray()
+    return bytes(encode_transient(obj))
+
+
+def encode_transient(obj):
+    """encode(obj) as a bytearray for a caller that uses it at once and keeps nothing of it
+    (a page written to flash): on MicroPython the module's scratch itself, which the next
+    encode overwrites, so no copy is allocated."""
+    buf = _scratch
+    if buf is None:
+        buf = bytearray()
+    else:
+        buf[:] = b""  # empty, its capacity kept
     _enc(buf, obj, 0)
-    return bytes(buf)
+    return buf
 
 
 def _head(buf, mt, n):

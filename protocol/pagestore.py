@@ -156,9 +156,11 @@ class PageStore:
         return page
 
     def encode_page(self, page):
+        """The bytes of a page, for use at once (cbor.encode_transient: the next encoding
+        overwrites them)."""
         if not page:
             return b""
-        return cbor.encode([[k, page[k]] for k in sorted(page)])
+        return cbor.encode_transient([[k, page[k]] for k in sorted(page)])
 
     def _page(self, i):
         page = self.cache.get(i)

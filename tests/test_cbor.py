@@ -268,3 +268,25 @@ def test_encode_errors_on_micropython(micropython: Path, mp_lib: Path):
     assert proc.returncode == 0, proc.stderr
     expected = cbor.encode({"b": 1, "a": (2, b"x", bytearray(b"y"), None)}).hex()
     assert proc.stdout.split() == ["6", expected]
+
+
+def test_encode_reuses_one_buffer_on_micropython(micropython: Path, mp_lib: Path):
+    """On MicroPython encode() appends into one scratch that keeps its capacity: encoding a
+    1 KB item allocates only the bytes it returns, where a fresh buffer grew by reallocation
+    (as much again). What encode returned stays intact after the next encoding, and an item
+    larger than the scratch's first capacity still encodes whole."""
+    code = (
+        "import gc\n"
+        "from edgebft.protocol import cbor\n"
+        "page = [[i, b'v' * 40] for i in range(24)]\n"
+        "first = cbor.encode(page)\n"
+        "gc.collect(); gc.disable()\n"
+        "a = gc.mem_alloc()\n"
+        "again = cbor.encode(page)\n"
+        "print(gc.mem_alloc() - a - len(again) < 256)\n"
+        "other = cbor.encode(['x' * 5000])\n"
+        "print(first == again, len(other), cbor.decode(first) == page)\n"
+    )
+    proc = run_mp(micropython, mp_lib, code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", str(len(cbor.encode(["x" * 5000]))), "True"]
