@@ -36,8 +36,9 @@ except ImportError:
 _DEPTH_MAX = const(16)
 _UINT_END = 1 << 64  # ints must lie in [-_UINT_END, _UINT_END)
 
-_SCRATCH_BYTES = const(2048)  # the scratch's first capacity: a page or a batch encodes within
-_scratch = bytearray(_SCRATCH_BYTES) if sys.implementation.name == "micropython" else None
+# Empty at import (a board that loads our modules into its heap has no 2 KB to spare then);
+# it grows once, to the largest encoding, and stays that size.
+_scratch = bytearray() if sys.implementation.name == "micropython" else None
 
 _MT_UINT = const(0x00)
 _MT_NINT = const(0x20)

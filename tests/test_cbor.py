@@ -274,7 +274,7 @@ def test_encode_reuses_one_buffer_on_micropython(micropython: Path, mp_lib: Path
     """On MicroPython encode() appends into one scratch that keeps its capacity: encoding a
     1 KB item allocates only the bytes it returns, where a fresh buffer grew by reallocation
     (as much again). What encode returned stays intact after the next encoding, and an item
-    larger than the scratch's first capacity still encodes whole."""
+    larger than any before still encodes whole."""
     code = (
         "import gc\n"
         "from edgebft.protocol import cbor\n"
