@@ -12,7 +12,7 @@
 #   encode(decode(data)) == data. Peer bytes are untrusted: every malformed input raises
 #   DecodeError and nothing else, lengths are checked against the buffer before anything is
 #   allocated, and nesting is bounded by _DEPTH_MAX (recursion depth is bounded too).
-# - Portable: runs unchanged on MicroPython and CPython; imports only struct and sys.
+# - Portable: runs unchanged on MicroPython and CPython; imports only struct.
 #   MicroPython's str() accepts overlong forms, surrogates and code points above U+10FFFF, so
 #   non-ASCII text is checked here (RFC 3629 section 4).
 # - Heads are appended byte by byte to one bytearray; decoding indexes into the input bytes.
@@ -24,12 +24,13 @@
 #   where host threads may encode at once.
 
 import struct
-import sys
 
 try:
     from micropython import const
+    _SHARED_SCRATCH = True  # one thread: encode() may reuse one buffer
 except ImportError:
     const = int  # CPython: const(x) is x
+    _SHARED_SCRATCH = False
 
 # Containers nested in one item. Our messages nest 3 deep (message, batch, request); 16 leaves
 # room for the ledger's values and keeps recursion far from MicroPython's stack limit.
@@ -38,7 +39,7 @@ _UINT_END = 1 << 64  # ints must lie in [-_UINT_END, _UINT_END)
 
 # Empty at import (a board that loads our modules into its heap has no 2 KB to spare then);
 # it grows once, to the largest encoding, and stays that size.
-_scratch = bytearray() if sys.implementation.name == "micropython" else None
+_scratch = bytearray() if _SHARED_SCRATCH else None
 
 _MT_UINT = const(0x00)
 _MT_NINT = const(0x20)

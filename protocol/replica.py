@@ -551,6 +551,7 @@ class Replica(ViewChanging, StateTransfer):
         if earlier:
             self._contradicted(msg.seq, earlier)
         self._check_prepared(msg.seq, i)
+        self._check_committed(msg.seq, i)  # commits that came before the batch (as on_batch)
 
     def _accept(self, i, seq, digest, batch):
         """Log the pre-prepare of ``seq``; a backup multicasts its PREPARE (N2, N3)."""
@@ -654,14 +655,11 @@ class Replica(ViewChanging, StateTransfer):
         self.on_request(m.decode(wire))  # our own copy: T1 waits for it, a primary batches it
 
     def _check_prepared(self, seq, i):
-        """Prepared (N4): record it (P) and multicast COMMIT, if we may vote on ``seq``. If not
-        (yet), the commits that came before the batch may already certify it."""
+        """Prepared (N4): record it (P) and multicast COMMIT, if we may vote on ``seq``."""
         log = self.log
-        if log.prepared(i) or not log.accepted(i):
+        if log.prepared(i) or not log.accepted(i) or not self._may_vote(seq):
             return
-        if not (self._may_vote(seq)
-                and self.vstake.is_quorum(log.stake(log.prepares, i, self.vstake.weights))):
-            self._check_committed(seq, i)
+        if not self.vstake.is_quorum(log.stake(log.prepares, i, self.vstake.weights)):
             return
         log.mark_prepared(i)
         self.oplog.prepared(seq, log.digests[i], self.view)

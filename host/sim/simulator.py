@@ -823,7 +823,7 @@ class Simulation:
             self._loop(deadline_ms)
             if self.accepted >= options.requests:
                 self.settle(SETTLE_MS)
-                if self._behind():
+                if check_convergence(self.history, self._correct_up()).valid is False:
                     self._probe()
         except Exception as e:  # a replica's invariant or our own: report, do not crash
             error = self._describe_error(e)
@@ -855,11 +855,6 @@ class Simulation:
         self._schedule_issue(0)
         self._loop(self.now + self.options.liveness_ms)
         self.settle(SETTLE_MS)
-
-    def _behind(self) -> bool:
-        """Has a correct replica running executed less than another?"""
-        heads = [self.nodes[i].replica.last_exec for i in self._correct_up()]
-        return min(heads, default=0) < max(heads, default=0)
 
     def _loop(self, deadline_ms: int, stop_when_accepted: bool = True) -> None:
         queue = self.queue
