@@ -71,12 +71,15 @@ class Cache:
             e[1] = self.clock
 
     def _victim(self):
-        best = None
-        rank = None
+        """The key the policy evicts (entries compared in place: no tuple per entry)."""
+        entries = self.entries
         lfu = self.policy == "lfu"
-        for k, e in self.entries.items():
-            r = (e[2], e[1]) if lfu else (e[1], 0)
-            if rank is None or r < rank:
-                best, rank = k, r
+        best = None
+        b = None
+        for k in entries:
+            e = entries[k]
+            if b is None or (e[2] < b[2] or e[2] == b[2] and e[1] < b[1] if lfu
+                             else e[1] < b[1]):
+                best, b = k, e
         assert best is not None  # called on a full cache only
         return best

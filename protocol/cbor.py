@@ -27,10 +27,10 @@ import struct
 
 try:
     from micropython import const
-    _SHARED_SCRATCH = True  # one thread: encode() may reuse one buffer
+    SHARED_SCRATCH = True  # one thread: a module may reuse one buffer (here and pagestore.py)
 except ImportError:
     const = int  # CPython: const(x) is x
-    _SHARED_SCRATCH = False
+    SHARED_SCRATCH = False
 
 # Containers nested in one item. Our messages nest 3 deep (message, batch, request); 16 leaves
 # room for the ledger's values and keeps recursion far from MicroPython's stack limit.
@@ -39,7 +39,7 @@ _UINT_END = 1 << 64  # ints must lie in [-_UINT_END, _UINT_END)
 
 # Empty at import (a board that loads our modules into its heap has no 2 KB to spare then);
 # it grows once, to the largest encoding, and stays that size.
-_scratch = bytearray() if _SHARED_SCRATCH else None
+_scratch = bytearray() if SHARED_SCRATCH else None
 
 _MT_UINT = const(0x00)
 _MT_NINT = const(0x20)

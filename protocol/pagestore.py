@@ -31,7 +31,9 @@ SUM_BYTES = 256  # the digest: a sum modulo 2^2048
 _SUM_MOD = 1 << (8 * SUM_BYTES)
 PAGE_BYTES_MAX = 16384  # a page file larger than this is corrupt (a transferred one: refused)
 _BATCH = 32  # names listed at a time: a flash holds thousands
-_COUNTERS = bytes(range(SUM_BYTES // 32))  # block i hashes _COUNTERS[i:i + 1] first
+_COUNTERS = tuple(bytes((i,)) for i in range(SUM_BYTES // 32))  # block i hashes _COUNTERS[i] first
+# entry_hash's blocks, read into an int at once; one buffer where there is one thread
+_HASH_SCRATCH = bytearray(SUM_BYTES) if cbor.SHARED_SCRATCH else None
 
 
 def delete_all(flash, prefix):
@@ -48,13 +50,24 @@ def entry_hash(key, value):
     """The AdHash term of one entry: SHA-256 in counter mode over its CBOR, 2048 bits. Each
     block is hashed from its counter byte then the encoding, into one buffer: no copy of the
     encoding per block (this runs twice for every write a request makes)."""
-    enc = cbor.encode([key, value])
-    out = bytearray(SUM_BYTES)
+    enc = cbor.encode_transient([key, value])  # hashed at once
+    out = _HASH_SCRATCH or bytearray(SUM_BYTES)
     for i in range(SUM_BYTES // 32):
-        block = hashlib.sha256(_COUNTERS[i:i + 1])
+        block = hashlib.sha256(_COUNTERS[i])
         block.update(enc)
         out[32 * i:32 * i + 32] = block.digest()
     return int.from_bytes(out, "big")
+
+
+def add_term(total, new, old):
+    """total + new - old reduced modulo 2^2048, for terms and a total already reduced: a
+    comparison and at most one more addition instead of a division (a put's hot path)."""
+    total += new - old
+    if total < 0:
+        return total + _SUM_MOD
+    if total >= _SUM_MOD:
+        return total - _SUM_MOD
+    return total
 
 
 def sum_bytes(total):
@@ -105,12 +118,25 @@ class PageStore:
         self.total = 0         # AdHash of the entries
         self.count = 0         # number of entries
         self.tags = bytearray(2 * pages)
+        self._last_key = None  # page_of's memo
+        self._last_page = 0
 
     # ----------------------------------------------------------------- names and pages
 
     def page_of(self, key):
-        d = hashlib.sha256(cbor.encode(key)).digest()
-        return int.from_bytes(d[:4], "big") % self.pages
+        """The page of ``key``: the first 4 bytes of SHA-256 of its CBOR, big-endian, modulo
+        the page count (reduced byte by byte: no int past 31 bits, none allocated on a
+        board). The last key asked is remembered: an operation reads then writes one key."""
+        if key == self._last_key:
+            return self._last_page
+        d = hashlib.sha256(cbor.encode_transient(key)).digest()
+        n = self.pages
+        i = 0
+        for b in range(4):
+            i = (i * 256 + d[b]) % n
+        self._last_key = key
+        self._last_page = i
+        return i
 
     def name(self, i, version=None):
         if version is None:
@@ -196,12 +222,10 @@ class PageStore:
         i = self.page_of(key)
         page = self._page(i)
         old = page.get(key)
-        total = self.total + entry_hash(key, value)
         if old is None:
             self.count += 1
-        else:
-            total -= entry_hash(key, old)
-        self.total = total % _SUM_MOD
+        self.total = add_term(self.total, entry_hash(key, value),
+                              0 if old is None else entry_hash(key, old))
         page[key] = value
         self.dirty[i] = True
 
@@ -212,7 +236,7 @@ class PageStore:
         old = page.pop(key, None)
         if old is not None:
             self.count -= 1
-            self.total = (self.total - entry_hash(key, old)) % _SUM_MOD
+            self.total = add_term(self.total, 0, entry_hash(key, old))
             self.dirty[i] = True
 
     def flush(self):

@@ -9,7 +9,9 @@ difference.
 Then, for each checkpoint interval K: the bytes one Replica allocates when built (its
 preallocated log, oplog and tables), and the most its live state (log, checkpoints, bodies,
 reply cache) grows above that while four replicas in one MicroPython process commit requests
-(measured after a collection every 8 requests; per replica).
+(measured after a collection every 8 requests; per replica), and the bytes they allocate per
+request (collection off while the 8 run; per replica): what the garbage collector of a node
+sweeps up, so its share of the node's CPU.
 
 Run: .venv/bin/python tools/bench_memory.py
 """
@@ -61,7 +63,7 @@ gc.collect(); built = (gc.mem_alloc() - base) // N
 clients = [ClientCore(c, stake, [rp.client_key(secrets[i], c) for i in range(N)])
            for c in range(CLIENTS)]
 gc.collect(); start = gc.mem_alloc()
-queue = []; peak = 0
+queue = []; peak = 0; allocated = 0
 for k in range(REQUESTS):
     c = clients[k % CLIENTS]
     wire = c.request(["transfer", "acct%d" % (k % CLIENTS), "acct%d" % ((k + 1) % CLIENTS), 1]
@@ -69,6 +71,7 @@ for k in range(REQUESTS):
     for i in range(N):
         queue.append((i, wire))
     if k % CLIENTS == CLIENTS - 1:  # a burst of requests, then let the cluster run
+        gc.disable(); before = gc.mem_alloc()
         while queue:
             to, w = queue.pop(0)
             r = rs[to]
@@ -76,9 +79,10 @@ for k in range(REQUESTS):
             rp.route(r.out, lambda out: queue.extend([(j, out) for j in range(N) if j != to]),
                      lambda j, out: None, lambda c, out: None)
             del r.events[:]
+        allocated += gc.mem_alloc() - before; gc.enable()
         gc.collect()
         peak = max(peak, (gc.mem_alloc() - start) // N)
-print(K, built, peak, rs[0].last_exec, rs[0].h)
+print(K, built, peak, allocated // (N * REQUESTS), rs[0].last_exec, rs[0].h)
 '''
 
 
@@ -108,16 +112,17 @@ def main() -> int:
               f"{QSTRS_AT_RUNTIME} more, so the import may take {QSTRS_BUDGET})")
         script = Path(tmp) / "bench_memory_mp.py"
         script.write_text(SCRIPT)
-        print(f"{'K':>4} {'built (B)':>10} {'live above (B)':>15} {'executed':>9} {'stable':>7}")
+        print(f"{'K':>4} {'built (B)':>10} {'live above (B)':>15} {'allocated (B/req)':>18} "
+              f"{'executed':>9} {'stable':>7}")
         for k in (8, 16, 32):
-            done = subprocess.run([str(micropython), "-X", "heapsize=2m", str(script), str(k),
+            done = subprocess.run([str(micropython), "-X", "heapsize=4m", str(script), str(k),
                                    "400"], env={"MICROPYPATH": f"{lib}:.frozen"},
                                   capture_output=True, text=True, timeout=300, cwd=tmp)
             if done.returncode != 0:
                 print(done.stderr, file=sys.stderr)
                 return 1
-            k_, built, peak, executed, stable = done.stdout.split()
-            print(f"{k_:>4} {built:>10} {peak:>15} {executed:>9} {stable:>7}")
+            k_, built, peak, allocated, executed, stable = done.stdout.split()
+            print(f"{k_:>4} {built:>10} {peak:>15} {allocated:>18} {executed:>9} {stable:>7}")
     return 0
 
 
