@@ -83,11 +83,6 @@ def page_tag(data):
     return (d[0] << 8 | d[1]) or 1
 
 
-def tag_at(tags, i):
-    """Page i's tag in a tag list (2 bytes a page, big-endian)."""
-    return tags[2 * i] << 8 | tags[2 * i + 1]
-
-
 def set_tag(tags, i, tag):
     tags[2 * i] = tag >> 8
     tags[2 * i + 1] = tag & 0xFF
@@ -256,23 +251,26 @@ class PageStore:
                 if marked(bits, i):
                     self.flash.rename(self.name(i, v), self.name(i))
 
-    def discard(self, h, total, count, tags):
-        """Forget everything written after checkpoint h, whose digest, entry count and tags
-        the caller gives: the state becomes that of h."""
+    def discard(self, h, total, count):
+        """Forget everything written after checkpoint h, whose digest and entry count the
+        caller gives (and then h's tags, into self.tags): the state becomes that of h."""
         for v in list(self.versions):
             if v > h:
                 bits = self.versions.pop(v)
                 for i in range(self.pages):
                     if marked(bits, i):
                         self.flash.delete(self.name(i, v))
-        self.reset(total, count, tags)
+        self.reset(total, count)
 
-    def reset(self, total, count, tags):
+    def reset(self, total, count, tags=None):
+        """Drop the cache: the pages now hold ``count`` entries of digest ``total``, and the
+        tags given (None: self.tags, which the caller keeps right)."""
         self.cache.clear()
         self.dirty = {}
         self.total = total
         self.count = count
-        self.tags[:] = tags
+        if tags is not None:
+            self.tags[:] = tags
 
     def recover(self, h, versions):
         """After a restart at stable checkpoint h: fold what a power cut left unfolded at or

@@ -29,14 +29,18 @@
 import hashlib
 
 from . import cbor
-from .pagestore import (PAGE_BYTES_MAX, PageError, PageStore, delete_all, marked, set_tag,
-                        sum_bytes, tag_at)
+from .pagestore import (PAGE_BYTES_MAX, PageError, PageStore, delete_all, marked, page_tag,
+                        set_tag, sum_bytes)
 
 STABLE = "stable"
 _STAGE = "X."
 LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages
 CLIENT_PAGES = 64
 _META_BYTES_MAX = 1024  # a record's meta (a record adds 2 bytes of tag per page)
+# A record's tags are read from flash this many bytes at a time, never whole: 2 bytes a page
+# make 2 KB and more for a large ledger, and a node that had 30 KB free in pieces ran out of
+# heap reading a 2.8 KB record whole in the middle of a state transfer.
+_TAG_WINDOW = 64
 _PINNED_VERSIONS_MAX = 32  # a pin that holds more unfolded versions than this is dropped
 _FLASH_RESERVE_BYTES = 65536  # a transfer never stages into the last of the flash
 
@@ -88,7 +92,7 @@ class State:
         try:
             fields = [int(x) for x in saved.split()]
             h = fields[0]
-            meta, tags = self._read_record(h)
+            meta, end = self._read_meta(h)
             # Execution runs at most a window (2K) past h; a version is its next checkpoint.
             versions = sorted(set(fields[1:]) | {h + self.interval, h + 2 * self.interval})
             for store in self.stores:
@@ -100,7 +104,7 @@ class State:
                 store = self.stores[s]
                 total, count, found = store.scan()
                 if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s] \
-                        or found != tags[s]:
+                        or not self._tags_match(_record_name(h), end, s, found):
                     raise StateError("%s pages do not match checkpoint %d" % ("LC"[s], h))
                 store.reset(total, count, found)
         except (ValueError, TypeError, IndexError, OSError) as e:
@@ -111,21 +115,46 @@ class State:
         self.records = [h]
         return meta, meta_digest(meta)
 
-    def _read_record(self, seq, name=None):
-        """(meta, [ledger tags, client tags]) of checkpoint ``seq``'s record; StateError when it
-        is missing or malformed (it may come from a peer)."""
-        data = self.flash.read(name or _record_name(seq))
-        if data is None:
+    def _read_meta(self, seq, name=None):
+        """(meta, where its tags start) of checkpoint ``seq``'s record (file ``name``, by
+        default its own), reading only the meta; StateError when the record is missing or
+        malformed (it may come from a peer): its size must be the meta and both stores'
+        tags."""
+        name = name or _record_name(seq)
+        size = self.flash.size(name)
+        if size < 0:
             raise StateError("no record of checkpoint %d" % seq)
         try:
-            meta, end = cbor.decode_prefix(data, 0)
+            meta, end = cbor.decode_prefix(self.flash.read_at(name, 0, _META_BYTES_MAX), 0)
         except cbor.DecodeError as e:
             raise StateError("bad record of checkpoint %d: %s" % (seq, e))
-        split = end + len(self.ledger.tags)
         if type(meta) is not list or len(meta) != 6 or meta[0] != seq \
-                or len(data) != split + len(self.clients.tags):
+                or size != end + len(self.ledger.tags) + len(self.clients.tags):
             raise StateError("bad record of checkpoint %d" % seq)
-        return meta, [data[end:split], data[split:]]
+        return meta, end
+
+    def _tags_at(self, s, start):
+        """Where store s's tags start in a record whose tags start at ``start``."""
+        return start + (len(self.ledger.tags) if s else 0)
+
+    def _tags_match(self, name, start, s, tags):
+        """Does record ``name`` (tags from ``start``) hold ``tags`` for store s?"""
+        at = self._tags_at(s, start)
+        for o in range(0, len(tags), _TAG_WINDOW):
+            n = min(_TAG_WINDOW, len(tags) - o)
+            if self.flash.read_at(name, at + o, n) != tags[o:o + n]:
+                return False
+        return True
+
+    def _load_tags(self, name, start, s, into):
+        """Copy store s's tags from record ``name`` (tags from ``start``) into ``into``."""
+        at = self._tags_at(s, start)
+        for o in range(0, len(into), _TAG_WINDOW):
+            n = min(_TAG_WINDOW, len(into) - o)
+            chunk = self.flash.read_at(name, at + o, n)
+            if chunk is None or len(chunk) != n:
+                raise StateError("record %s cut short" % name)
+            into[o:o + n] = chunk
 
     def wipe(self):
         for store in self.stores:
@@ -194,13 +223,14 @@ class State:
             self.flash.delete(_record_name(old))
             self.records.remove(old)
 
-    def rollback(self, record=None):
-        """Forget everything executed after the stable checkpoint. ``record``: its (meta, tags)
-        when the caller has read them already (one record-sized allocation fewer, in the
-        transfer that runs a node closest to the end of its heap)."""
-        meta, tags = record or self._read_record(self.h)
+    def rollback(self, meta, start):
+        """Forget everything executed after the stable checkpoint, whose record's meta and
+        where its tags start the caller has read."""
+        name = _record_name(self.h)
         for s in range(2):
-            self.stores[s].discard(self.h, *_store_digest(meta, s), tags[s])
+            store = self.stores[s]
+            store.discard(self.h, *_store_digest(meta, s))
+            self._load_tags(name, start, s, store.tags)
         for c in [c for c in self.records if c > self.h]:
             self.flash.delete(_record_name(c))
             self.records.remove(c)
@@ -257,13 +287,12 @@ class State:
         staged ones hold (open() verified ours)."""
         seq = fetch.seq
         try:
-            meta, tags = self._read_record(seq, self.stage_name(0))
-            own_meta, own_tags = self._read_record(self.h)
+            meta = self._read_meta(seq, self.stage_name(0))[0]
+            own_meta, own_start = self._read_meta(self.h)
             for s in range(2):
                 store = self.stores[s]
                 base = 1 + s * self.ledger.pages
                 total, count = _store_digest(own_meta, s)
-                found = bytearray(own_tags[s])
                 for i in range(store.pages):
                     if not marked(fetch.staged, base + i):
                         continue
@@ -271,28 +300,52 @@ class State:
                     new = store.page_sum(i, self.flash.read(self.stage_name(base + i)))
                     total += new[0] - old[0]
                     count += new[1] - old[1]
-                    set_tag(found, i, new[2])
                 if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s]:
                     raise StateError("pages do not match the record")
-                tags[s] = found
         except (PageError, StateError, ValueError, TypeError) as e:
             self.clear_stage()
             raise StateError(str(e))
-        self.rollback((own_meta, own_tags))
-        own_meta = own_tags = None
+        # Our tags as of h, then the staged pages' own (the record's tags are not trusted).
+        self.rollback(own_meta, own_start)
+        own_meta = None
         self._commit(self.h, (seq,))  # a power cut from here on deletes version seq
         for part in range(1, self.parts()):
             if marked(fetch.staged, part):
                 store, i = self._store_page(part)
-                self.flash.rename(self.stage_name(part), store.name(i, seq))
+                name = self.stage_name(part)
+                set_tag(store.tags, i, page_tag(self.flash.read(name)))
+                self.flash.rename(name, store.name(i, seq))
                 store.mark(i, seq)
-        self.flash.write(_record_name(seq), (cbor.encode(meta), tags[0], tags[1]))
+        self.flash.write(_record_name(seq), (cbor.encode(meta), self.ledger.tags,
+                                             self.clients.tags))
         self.flash.delete(self.stage_name(0))
         self.records.append(seq)
         self.stable(seq)
         for s in range(2):
-            self.stores[s].reset(*_store_digest(meta, s), tags[s])
+            self.stores[s].reset(*_store_digest(meta, s))
         return meta
+
+
+class RecordTags:
+    """The page tags a record on flash holds, read a window at a time (see _TAG_WINDOW)."""
+
+    def __init__(self, state, name, start):
+        self.state = state
+        self.name = name
+        self.start = start
+        self.base = -1       # the offset (from start) of the window read
+        self.window = b""
+
+    def at(self, s, i):
+        """Store s's tag of page i; -1 when the record cannot be read (a page to fetch)."""
+        o = self.state._tags_at(s, 0) + 2 * i
+        if not self.base <= o < self.base + len(self.window) - 1:
+            self.base = o
+            self.window = self.state.flash.read_at(self.name, self.start + o, _TAG_WINDOW)
+            if self.window is None or len(self.window) < 2:
+                self.window = b""
+                return -1
+        return self.window[o - self.base] << 8 | self.window[o - self.base + 1]
 
 
 class Fetch:
@@ -309,8 +362,8 @@ class Fetch:
         self.full = full
         self.part = 0      # the part being fetched
         self.offset = 0    # bytes of it staged
-        self.target = None  # the record's tags, once part 0 is in
-        self.own = None     # our tags as of our stable checkpoint, then
+        self.target = None  # the record's RecordTags, once part 0 is in
+        self.own = None     # our record's, as of our stable checkpoint then
         self.bytes = 0     # bytes received
         self.record_max = _META_BYTES_MAX + 2 * (state.parts() - 1)
         self.staged = bytearray((state.parts() + 7) // 8)  # bitmap of the pages staged
@@ -337,16 +390,17 @@ class Fetch:
         if self.offset < total:
             return None
         if part == 0:
+            state = self.state
             try:
-                meta, tags = self.state._read_record(self.seq, name)
+                meta, start = state._read_meta(self.seq, name)
                 if meta_digest(meta) != self.digest:
                     raise StateError("record does not match the checkpoint digest")
             except (StateError, ValueError, TypeError):
-                self.state.flash.delete(name)
+                state.flash.delete(name)
                 self.offset = 0
                 return "bad record"
-            self.target = tags
-            self.own = self.state._read_record(self.state.h)[1]
+            self.target = RecordTags(state, name, start)
+            self.own = RecordTags(state, _record_name(state.h), state._read_meta(state.h)[1])
         else:
             self._stage(part)
         self._advance()
@@ -364,7 +418,7 @@ class Fetch:
             store, i = state._store_page(self.part)
             s = 0 if store is state.ledger else 1
             assert self.target is not None and self.own is not None  # part 0 is in
-            tag, own = tag_at(self.target[s], i), tag_at(self.own[s], i)
+            tag, own = self.target.at(s, i), self.own.at(s, i)
             if self.full:
                 return
             if tag == 0:

@@ -264,12 +264,13 @@ def test_lying_tags_fail_the_check_and_a_full_fetch_recovers() -> None:
     net, cores = _busy_cluster(200)
     behind = net.replicas[3]
     _miss_puts(net, cores)
-    own = behind.state._read_record(behind.state.h)[1]
+    state = behind.state
+    tag_bytes = len(state.ledger.tags) + len(state.clients.tags)  # a record ends with them
+    own = state.flash.files[f"ck{state.h}"][-tag_bytes:]
     for source in net.replicas[:3]:
         files = source.state.flash.files
         for name in [name for name in files if name.startswith("ck")]:
-            meta_end = len(files[name]) - len(own[0]) - len(own[1])
-            files[name] = files[name][:meta_end] + bytes(own[0]) + bytes(own[1])
+            files[name] = files[name][:-tag_bytes] + own
     net.down.clear()
     _tick(net, 40, lambda: _transferred(behind))
     assert behind.drops.get("transferred state does not verify", 0) >= 1
