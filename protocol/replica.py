@@ -44,8 +44,19 @@
 #   which); the flash holds the stable state. durable() changes when a view change starts,
 #   when a view installs and at each checkpoint (bounded flash writes). A restored replica
 #   never votes in its persisted view for a sequence number up to h + window, the most it may
-#   have voted on before the crash; restored in a view change, it resumes it with a
-#   VIEW-CHANGE that may omit what it voted before the crash (RC2 counts it toward f).
+#   have voted on before the crash; restored in a view change, it resumes it.
+# - Write-ahead of P (RC3 (b), its P entries only): a replica appends each P entry it makes
+#   (seq, digest, view) to PREPARED_LOG on flash before the COMMIT that follows it leaves, and
+#   a restore puts the entries above h back in its oplog; the log is rewritten with those
+#   entries at each stable checkpoint, and when appends make it longer than
+#   _PREPARED_LOG_BYTES_MAX. So a restart (a crash, or the in-place one after a MemoryError)
+#   no longer makes its VIEW-CHANGE omit what it prepared: a request that committed was
+#   prepared by replicas with over 2/3 of stake, and every VIEW-CHANGE quorum meets one of
+#   them that reports it (A1). Without it, two replicas restarting together on a fragmented
+#   heap while a third recovered from a crash were more than f amnesic replicas, and the
+#   emulated cluster executed two different batches at one sequence number (bench --clients
+#   64 --nemesis crash,broker-restart,oom). Q entries and COMMITs are not logged, so a
+#   restored replica still votes on nothing up to h + window in its persisted view.
 # - Epochs (DESIGN.md section 3): the validator set is the ledger's, put in force at a
 #   checkpoint B by Ledger.end_epoch(); every correct replica switches at the same B. The sets
 #   of the sequence numbers in the window are kept (self.sets); the set of sequence number s
@@ -129,6 +140,8 @@ _CATCH_UP_MAX = const(8)          # sequence numbers answered per STATUS
 _HEARD_MS = const(500)            # a replica heard from within this long is in reach
 _PRE_PREPARE_OVERHEAD_BYTES = const(128)
 _MACS_CLIENT_MAX = const(16)
+PREPARED_LOG = "P"                # the P entries written ahead (see the header)
+_PREPARED_LOG_BYTES_MAX = const(4096)
 REPLICA_CLIENT_BASE = 0xF000  # replica i's own client id (its accusations) is this + i
 
 
@@ -203,6 +216,8 @@ class Replica(ViewChanging, StateTransfer):
         self.last_exec = 0
         self.log = Log(self.window, stake.n)
         self.oplog = Oplog(self.window)  # P, Q and batch bodies across views, seq > h
+        self.state.flash.delete(PREPARED_LOG)  # built afresh: nothing prepared (restore: read first)
+        self.prepared_log_bytes = 0
         self.checkpoints = {}     # seq -> {replica: digest}, h < seq <= h + window
         self.ahead = {}           # replica -> (seq, digest) of its newest checkpoint beyond
         self.own_checkpoints = {}  # seq -> digest (their records are on flash)
@@ -663,6 +678,7 @@ class Replica(ViewChanging, StateTransfer):
             return
         log.mark_prepared(i)
         self.oplog.prepared(seq, log.digests[i], self.view)
+        self._write_prepared(seq, log.digests[i])  # before the COMMIT leaves (header)
         log.vote(log.commits, i, self.me, log.digests[i])
         self._broadcast(m.COMMIT, self.view, seq, log.digests[i])
         self._check_committed(seq, i)
@@ -828,6 +844,7 @@ class Replica(ViewChanging, StateTransfer):
         for j in [j for j in self.ahead if self.ahead[j][0] <= seq]:
             del self.ahead[j]
         self.oplog.collect(seq)
+        self._rewrite_prepared()
         for old in [s for s in self.own_checkpoints if s < seq]:
             del self.own_checkpoints[old]
         if self.state.h != seq:
@@ -912,11 +929,48 @@ class Replica(ViewChanging, StateTransfer):
                 continue
             elif self.log.voted(self.log.prepares, i, self.me) and self._may_vote(seq):
                 if self.is_primary():
-                    self._send(j, m.PRE_PREPARE, self.view, seq, d, self.log.batches[i])
+                    if self.log.batches[i] is not None:  # a chosen batch we lack: BATCH brings it
+                        self._send(j, m.PRE_PREPARE, self.view, seq, d, self.log.batches[i])
                 else:
                     self._send(j, m.PREPARE, self.view, seq, d)
             if self.log.voted(self.log.commits, i, self.me) and seq > top:
                 self._send(j, m.COMMIT, self.view, seq, d)
+
+    def _write_prepared(self, seq, digest):
+        """Append the P entry (seq, digest, view) to PREPARED_LOG (write-ahead, see the
+        header); rewrite the log first when it has grown past _PREPARED_LOG_BYTES_MAX."""
+        if self.prepared_log_bytes > _PREPARED_LOG_BYTES_MAX:
+            self._rewrite_prepared()
+        entry = cbor.encode([seq, digest, self.view])
+        self.state.flash.append(PREPARED_LOG, entry)
+        self.prepared_log_bytes += len(entry)
+
+    def _rewrite_prepared(self):
+        """Replace PREPARED_LOG by the oplog's P entries above h (atomically)."""
+        entries = tuple(cbor.encode(e) for e in self.oplog.entries(self.h)[0])
+        if entries:
+            self.state.flash.write(PREPARED_LOG, entries)
+        else:
+            self.state.flash.delete(PREPARED_LOG)
+        self.prepared_log_bytes = sum(len(e) for e in entries)
+
+    def _read_prepared(self, data):
+        """Put back in the oplog the P entries PREPARED_LOG held (``data``, or None) for
+        sequence numbers in the window, from views up to ours, in the order written (a later
+        one for a sequence number is newer); a torn last entry is ignored. Then rewrite it."""
+        end = 0
+        while data and end < len(data):
+            try:
+                entry, end = cbor.decode_prefix(data, end)
+            except cbor.DecodeError:
+                break  # the append a crash tore
+            if (type(entry) is list and len(entry) == 3 and type(entry[0]) is int
+                    and self._in_window(entry[0]) and type(entry[1]) is bytes
+                    and len(entry[1]) == m.DIGEST_BYTES and type(entry[2]) is int
+                    and 0 <= entry[2] <= self.view):
+                self.oplog.prepared(entry[0], entry[1], entry[2])
+                self.oplog.voted(entry[0], entry[1], entry[2])
+        self._rewrite_prepared()
 
     def _send_batch(self, dest, seq):
         i = self.log.find(seq)
@@ -958,12 +1012,15 @@ class Replica(ViewChanging, StateTransfer):
         reboot. The flash's stable checkpoint may be older than the saved h (a power cut
         before its commit record, or a store that failed verification): no votes up to the
         newer of the two plus the window."""
+        flash = kwargs.get("flash")
+        prepared = flash.read(PREPARED_LOG) if flash is not None else None
         r = cls(me, stake, keys, client_secret, **kwargs)
         fields = cbor.decode(saved)
         assert type(fields) is list  # what durable() wrote
         view, h = fields[0], fields[1]
         view_low = fields[2] if len(fields) > 2 and type(fields[2]) is int else 0
         r.view = view
+        r._read_prepared(prepared)
         r.no_vote_view = view
         r.no_vote_seq = max(h, r.h) + r.window
         if r.h:
@@ -973,7 +1030,7 @@ class Replica(ViewChanging, StateTransfer):
         r.vc_timeout = r.view_timeout_ms
         r.events.append(("restored", view, h))
         left = fields[3] if len(fields) > 3 and type(fields[3]) is int else view
-        if left < view:  # a VIEW-CHANGE with what we voted since h forgotten: RC2 counts us
+        if left < view:  # our VIEW-CHANGE again, with the P entries written ahead
             r.view = left
             r._start_view_change(view)
         return r

@@ -216,3 +216,37 @@ def test_a_restored_replica_that_may_not_vote_executes_on_commits_that_came_firs
     restored.receive(primary.authenticated(m.body(m.PRE_PREPARE, 0, 0, 1, digest, batch)), 0)
     assert restored.last_exec == 1
     assert restored.ledger.get("x") == 1
+
+
+def test_replicas_restarted_after_preparing_carry_the_request_into_the_next_view() -> None:
+    """Write-ahead of P (RC3 b): seq 1 prepares everywhere but commits only at replica 3; then
+    0, 1 and 2 restart (a crash, or the in-place restart after a MemoryError) and 3 goes down.
+    Their VIEW-CHANGEs must still report seq 1 as prepared, so the new view executes the same
+    request there as 3 did. Amnesic, they chose a null request: two different histories."""
+    net = Net()
+    net.submit(net.client(7).request(["put", "x", 1]))
+    net.run(dropped=lambda to, msg: msg.kind == m.COMMIT and to != 3)
+    assert [r.last_exec for r in net.replicas] == [0, 0, 0, 1]
+    for i in (0, 1, 2):
+        old = net.replicas[i]
+        net.replicas[i] = rp.Replica.restore(
+            old.durable(), i, net.stake, net.keys.pairwise[i], net.keys.client_secrets[i],
+            checkpoint_interval=4, genesis={"a": [100, 7], "b": [0, 8]}, flash=old.state.flash)
+        assert net.replicas[i].oplog.entries(0)[0] == [[1, old.log.digests[old.log.find(1)], 0]]
+    net.queue.clear()
+    net.down = {3}
+    net.submit(net.client(8).request(["put", "y", 2]))
+    digest = net.replicas[3].log.digests[net.replicas[3].log.find(1)]
+    for now in range(0, 3000, 100):  # the restored primary may not propose: T1 changes view
+        net.tick(now)
+        net.run()
+    for r in net.replicas[:3]:  # seq 1 is the request 3 executed; its batch is only at 3
+        assert r.view >= 1 and r.last_exec == 0 and r.log.digests[r.log.find(1)] == digest
+        assert "malformed" not in r.drops, "no PRE-PREPARE without its batch"
+    net.down.clear()
+    for now in range(3000, 6000, 100):
+        net.tick(now)
+        net.run()
+    assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
+    for r in net.replicas:
+        assert r.ledger.read(["get", "x"]) == [True, 1] and r.ledger.read(["get", "y"]) == [True, 2]

@@ -141,13 +141,16 @@ def test_a_replica_whose_certificate_died_with_a_restart_converges_with_the_next
     them at rest (PBFT promises progress to requests, not catch-up), so the check sends one
     more request, which carries it. It did not at first: the simulator's loop dropped the
     first event past a deadline, replica 1's next tick among them, so its request timer
-    never fired again."""
+    never fired again. Since replicas write their P entries ahead (replica.py), the seed's
+    flash operations, and so its schedule, differ: it converges without the probe now (no
+    seed of 1,200 at these stakes, nor of 1,200 by default, needed one), and a probe would
+    still not be counted."""
     sim = Simulation(980, SimOptions(faults=("crash", "partition", "omission"),
                                      stake=(33, 33, 34, 0)))
     result = sim.run()
     assert result.ok, result.reasons
-    assert (result.accepted, result.requests) == (30, 30), "the probe is not counted"
-    assert len([e for e in sim.history if e[0] == "invoke"]) == 31, "one probe"
+    assert (result.accepted, result.requests) == (30, 30), "a probe is not counted"
+    assert len([e for e in sim.history if e[0] == "invoke"]) <= 31, "one probe at most"
 
 
 def test_the_convergence_check_names_the_replicas_left_behind() -> None:
