@@ -249,4 +249,5 @@ def test_replicas_restarted_after_preparing_carry_the_request_into_the_next_view
         net.run()
     assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
     for r in net.replicas:
-        assert r.ledger.read(["get", "x"]) == [True, 1] and r.ledger.read(["get", "y"]) == [True, 2]
+        assert r.ledger.read(["get", "x"]) == [True, 1]
+        assert r.ledger.read(["get", "y"]) == [True, 2]
