@@ -459,11 +459,17 @@ SIM_SEEDS_DEFAULT = 100
                    "(crash, reboot, pause), cut off by a partition (its smaller side by stake) "
                    "and Byzantine hold less than 1/3 of the stake in force. Beyond it a seed "
                    "may be unsafe or not live; the checkers must say so.")
+@click.option("--overlap-restarts", is_flag=True,
+              help="Let a crash, reboot or pause start while another replica is still "
+                   "recovering from a restart (by default it waits: a recovering replica "
+                   "votes on nothing in its old view, so it counts toward the bound). Seeds "
+                   "must stay safe (replicas write their P entries ahead) and need not be "
+                   "live: use with --safety-only.")
 def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults_text: str,
         requests: int, clients: int, loss_max: float, delay_ms_max: int, fault_ms: int,
         liveness_ms: int, checkpoint_interval: int, view_timeout_ms: int, safety_only: bool,
         plant: str | None, stake: str | None, byzantine: str | None, behaviour_text: str,
-        churn: bool, state_keys: int, beyond_bound: bool) -> None:
+        churn: bool, state_keys: int, beyond_bound: bool, overlap_restarts: bool) -> None:
     """Deterministic simulation: whole clusters in-process on a simulated network and clock.
 
     Each seed draws keys, latencies, faults and client timing from random.Random(seed), runs
@@ -487,7 +493,8 @@ def sim(nodes: int, seed_count: int | None, start: int, seed: int | None, faults
                          view_timeout_ms=view_timeout_ms, plant_divergence=_parse_plant(plant),
                          stake=tuple(_parse_stake(stake) or ()) or None,
                          byzantine=tuple(_parse_ids(byzantine, "--byzantine") or ()),
-                         churn=churn, state_keys=state_keys, beyond_bound=beyond_bound)
+                         churn=churn, state_keys=state_keys, beyond_bound=beyond_bound,
+                         overlap_restarts=overlap_restarts)
     try:
         behaviours = parse_behaviours(behaviour_text)
     except SimError as e:

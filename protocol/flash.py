@@ -19,6 +19,9 @@
 # its last k operations (of the at most JOURNAL_MAX it remembers), which is the flash a node
 # leaves when it dies k operations earlier, in the middle of whatever it was writing; the
 # oldest operation it undoes, if it was a non-atomic write, is left torn (its first half).
+# cut() never undoes an operation made before the last sent(): its owner calls sent() when a
+# message leaves, and a node that died before an operation never sent what came after it (a
+# replica writes its P entries ahead of its COMMITs, replica.py).
 JOURNAL_MAX = 64
 
 
@@ -29,6 +32,7 @@ class MemFlash:
         self.capacity = capacity
         self.files = {}
         self.journal = []  # (name, bytes before or None, torn bytes or None), newest last
+        self.unsent = 0    # operations since the last sent(): the most cut() undoes
         self.writes = 0
         self.bytes_written = 0
 
@@ -76,9 +80,16 @@ class MemFlash:
         if name in self.files:
             self._set(name, None)
 
+    def sent(self):
+        """A message left: the operations so far happened, whatever cut() comes later."""
+        self.unsent = 0
+
     def cut(self, k):
-        """Undo the last ``k`` operations (as many as are remembered)."""
+        """Undo the last ``k`` operations, at most those since the last sent() (and as many
+        as are remembered)."""
         name = torn = None
+        k = min(k, self.unsent)
+        self.unsent -= k
         while k > 0 and self.journal:
             name, before, torn = self.journal.pop()
             if before is None:
@@ -92,6 +103,7 @@ class MemFlash:
     def _set(self, name, data, atomic=True):
         torn = None if atomic or data is None else data[:len(data) // 2]
         self.journal.append((name, self.files.get(name), torn))
+        self.unsent += 1
         if len(self.journal) > JOURNAL_MAX:
             del self.journal[0]
         if data is None:

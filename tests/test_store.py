@@ -180,6 +180,7 @@ def test_a_power_cut_at_any_operation_leaves_a_flash_that_opens_and_verifies() -
         torn = MemFlash()
         torn.files = dict(flash.files)
         torn.journal = list(flash.journal)
+        torn.unsent = len(torn.journal)  # any operation, whatever messages followed it
         torn.cut(cut)
         restored = rp.Replica.restore(r.durable(), 1, net.stake, net.keys.pairwise[1],
                                       net.keys.client_secrets[1], checkpoint_interval=4,
@@ -187,6 +188,19 @@ def test_a_power_cut_at_any_operation_leaves_a_flash_that_opens_and_verifies() -
         assert restored.state.error is None, (cut, restored.state.error)
         assert restored.h <= r.h and restored.h == restored.last_exec
         assert restored.own_checkpoints[restored.h] == agreed[restored.h], cut
+
+
+def test_a_power_cut_never_undoes_what_a_sent_message_followed() -> None:
+    """A node that died before an operation never sent what came after it: cut() stops at
+    the last sent() (the P entries a COMMIT follows, replica.py)."""
+    flash = MemFlash()
+    flash.write("a", b"1")
+    flash.append("P", b"entry")
+    flash.sent()
+    flash.write("b", b"2", False)
+    flash.write("c", b"3")
+    flash.cut(10)
+    assert flash.files == {"a": b"1", "P": b"entry", "b": b""}, "b torn, c undone, no more"
 
 
 def test_a_corrupt_page_fails_verification_and_the_replica_recovers_by_transfer() -> None:
