@@ -31,7 +31,7 @@ SUM_BYTES = 256  # the digest: a sum modulo 2^2048
 _SUM_MOD = 1 << (8 * SUM_BYTES)
 PAGE_BYTES_MAX = 16384  # a page file larger than this is corrupt (a transferred one: refused)
 _BATCH = 32  # names listed at a time: a flash holds thousands
-_COUNTERS = tuple(bytes((i,)) for i in range(SUM_BYTES // 32))  # block i hashes _COUNTERS[i] first
+_COUNTERS = tuple(bytes((i,)) for i in range(SUM_BYTES // 32))  # block i hashes this first
 # entry_hash's blocks, read into an int at once; one buffer where there is one thread
 _HASH_SCRATCH = bytearray(SUM_BYTES) if cbor.SHARED_SCRATCH else None
 

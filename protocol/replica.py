@@ -216,7 +216,7 @@ class Replica(ViewChanging, StateTransfer):
         self.last_exec = 0
         self.log = Log(self.window, stake.n)
         self.oplog = Oplog(self.window)  # P, Q and batch bodies across views, seq > h
-        self.state.flash.delete(PREPARED_LOG)  # built afresh: nothing prepared (restore: read first)
+        self.state.flash.delete(PREPARED_LOG)  # built afresh (restore reads it first)
         self.prepared_log_bytes = 0
         self.checkpoints = {}     # seq -> {replica: digest}, h < seq <= h + window
         self.ahead = {}           # replica -> (seq, digest) of its newest checkpoint beyond
@@ -345,8 +345,9 @@ class Replica(ViewChanging, StateTransfer):
 
     def recovering(self):
         """True after a restore until every sequence number it may have voted on before the
-        crash is stable. Until then it counts toward f: its VIEW-CHANGEs may omit what it
-        prepared before the crash (PBFT-NOTES RC2, RC3)."""
+        crash is stable. Until then it votes on nothing in its old view, so it counts toward
+        f for liveness; not for safety, as its VIEW-CHANGEs carry the P entries it wrote
+        ahead (PBFT-NOTES RC3)."""
         return self.h < self.no_vote_seq
 
     def live_slots(self):
