@@ -11,15 +11,17 @@
 # - "stable" holds "h v1 v2 ...": the stable checkpoint h and every version that has files
 #   when it is written (versions are checkpoint numbers; execution adds at most h + K and
 #   h + 2K before the next commit). Writing it is the commit; the folds that follow are redone
-#   by open() after a power cut, which visits each of those versions in turn, oldest first. So at any instant of a power cut
-#   or SIGKILL, open() finds the state of h (a torn batch beyond h is discarded) and checks it
-#   against h's record (every page read, every entry hashed) before the replica trusts it.
+#   by open() after a power cut, which visits each of those versions in turn, oldest first.
+#   So at any instant of a power cut or SIGKILL, open() finds the state of h (a torn batch
+#   beyond h is discarded) and checks it against h's record (every page read, every entry
+#   hashed) before the replica trusts it.
 # - State transfer of checkpoint c streams parts: part 0 is c's record, part 1 + i page i of
 #   the ledger, part 1 + L + i page i of the client table (L ledger pages), each as of c, read
-#   from flash in chunks. The receiver (Fetch) stages what it fetches on flash, fetches only the
-#   pages whose tags differ from its own stable ones (all of them after a failed check), and
-#   install() switches to the new state only once the record matches the vouched digest and
-#   the pages match the record's digests. A checkpoint being served stays readable while the
+#   from flash in chunks. The receiver (fetch.py's Fetch, a module loaded by the first
+#   transfer) stages what it fetches on flash, fetches only the pages whose tags differ from
+#   its own stable ones (all of them after a failed check), and its install() switches to the
+#   new state only once the record matches the vouched digest and the pages match the
+#   record's digests. A checkpoint being served stays readable while the
 #   stable checkpoint moves on (pin(): its versions are not folded and its record is kept, for
 #   at most _PINNED_VERSIONS_MAX versions), so a transfer under load can finish.
 # - Flash writes per checkpoint interval: the pages its batches changed, each once (when the
@@ -29,8 +31,7 @@
 import hashlib
 
 from . import cbor
-from .pagestore import (PAGE_BYTES_MAX, PageError, PageStore, delete_all, marked, page_tag,
-                        set_tag, sum_bytes)
+from .pagestore import PageStore, delete_all, sum_bytes
 
 STABLE = "stable"
 _STAGE = "X."
@@ -92,7 +93,7 @@ class State:
         try:
             fields = [int(x) for x in saved.split()]
             h = fields[0]
-            meta, end = self._read_meta(h)
+            meta, end = self.read_meta(h)
             # Execution runs at most a window (2K) past h; a version is its next checkpoint.
             versions = sorted(set(fields[1:]) | {h + self.interval, h + 2 * self.interval})
             for store in self.stores:
@@ -115,7 +116,7 @@ class State:
         self.records = [h]
         return meta, meta_digest(meta)
 
-    def _read_meta(self, seq, name=None):
+    def read_meta(self, seq, name=None):
         """(meta, where its tags start) of checkpoint ``seq``'s record (file ``name``, by
         default its own), reading only the meta; StateError when the record is missing or
         malformed (it may come from a peer): its size must be the meta and both stores'
@@ -133,22 +134,22 @@ class State:
             raise StateError("bad record of checkpoint %d" % seq)
         return meta, end
 
-    def _tags_at(self, s, start):
+    def tags_at(self, s, start):
         """Where store s's tags start in a record whose tags start at ``start``."""
         return start + (len(self.ledger.tags) if s else 0)
 
     def _tags_match(self, name, start, s, tags):
         """Does record ``name`` (tags from ``start``) hold ``tags`` for store s?"""
-        at = self._tags_at(s, start)
+        at = self.tags_at(s, start)
         for o in range(0, len(tags), _TAG_WINDOW):
             n = min(_TAG_WINDOW, len(tags) - o)
             if self.flash.read_at(name, at + o, n) != tags[o:o + n]:
                 return False
         return True
 
-    def _load_tags(self, name, start, s, into):
+    def load_tags(self, name, start, s, into):
         """Copy store s's tags from record ``name`` (tags from ``start``) into ``into``."""
-        at = self._tags_at(s, start)
+        at = self.tags_at(s, start)
         for o in range(0, len(into), _TAG_WINDOW):
             n = min(_TAG_WINDOW, len(into) - o)
             chunk = self.flash.read_at(name, at + o, n)
@@ -223,18 +224,6 @@ class State:
             self.flash.delete(_record_name(old))
             self.records.remove(old)
 
-    def rollback(self, meta, start):
-        """Forget everything executed after the stable checkpoint, whose record's meta and
-        where its tags start the caller has read."""
-        name = _record_name(self.h)
-        for s in range(2):
-            store = self.stores[s]
-            store.discard(self.h, *_store_digest(meta, s))
-            self._load_tags(name, start, s, store.tags)
-        for c in [c for c in self.records if c > self.h]:
-            self.flash.delete(_record_name(c))
-            self.records.remove(c)
-
     def counts(self):
         """For the status: page cache hits and misses, flash writes and bytes written, ledger
         entries, clients, and the verification error of open()."""
@@ -278,153 +267,3 @@ class State:
 
     def clear_stage(self):
         delete_all(self.flash, _STAGE)
-
-    def install(self, fetch):
-        """Switch to the checkpoint a complete Fetch staged, if the pages (staged, else ours
-        as of h) match its record (whose digest the Fetch checked). Returns the record's meta;
-        StateError (the stage cleared) when they do not. The check reads only the staged
-        pages and ours they replace: our digest as of h, less what those held, plus what the
-        staged ones hold (open() verified ours)."""
-        seq = fetch.seq
-        try:
-            meta = self._read_meta(seq, self.stage_name(0))[0]
-            own_meta, own_start = self._read_meta(self.h)
-            for s in range(2):
-                store = self.stores[s]
-                base = 1 + s * self.ledger.pages
-                total, count = _store_digest(own_meta, s)
-                for i in range(store.pages):
-                    if not marked(fetch.staged, base + i):
-                        continue
-                    old = store.page_sum(i, self.flash.read(store.file_at(i, self.h)))
-                    new = store.page_sum(i, self.flash.read(self.stage_name(base + i)))
-                    total += new[0] - old[0]
-                    count += new[1] - old[1]
-                if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s]:
-                    raise StateError("pages do not match the record")
-        except (PageError, StateError, ValueError, TypeError) as e:
-            self.clear_stage()
-            raise StateError(str(e))
-        # Our tags as of h, then the staged pages' own (the record's tags are not trusted).
-        self.rollback(own_meta, own_start)
-        own_meta = None
-        self._commit(self.h, (seq,))  # a power cut from here on deletes version seq
-        for part in range(1, self.parts()):
-            if marked(fetch.staged, part):
-                store, i = self._store_page(part)
-                name = self.stage_name(part)
-                set_tag(store.tags, i, page_tag(self.flash.read(name)))
-                self.flash.rename(name, store.name(i, seq))
-                store.mark(i, seq)
-        self.flash.write(_record_name(seq), (cbor.encode(meta), self.ledger.tags,
-                                             self.clients.tags))
-        self.flash.delete(self.stage_name(0))
-        self.records.append(seq)
-        self.stable(seq)
-        for s in range(2):
-            self.stores[s].reset(*_store_digest(meta, s))
-        return meta
-
-
-class RecordTags:
-    """The page tags a record on flash holds, read a window at a time (see _TAG_WINDOW)."""
-
-    def __init__(self, state, name, start):
-        self.state = state
-        self.name = name
-        self.start = start
-        self.base = -1       # the offset (from start) of the window read
-        self.window = b""
-
-    def at(self, s, i):
-        """Store s's tag of page i; -1 when the record cannot be read (a page to fetch)."""
-        o = self.state._tags_at(s, 0) + 2 * i
-        if not self.base <= o < self.base + len(self.window) - 1:
-            self.base = o
-            self.window = self.state.flash.read_at(self.name, self.start + o, _TAG_WINDOW)
-            if self.window is None or len(self.window) < 2:
-                self.window = b""
-                return -1
-        return self.window[o - self.base] << 8 | self.window[o - self.base + 1]
-
-
-class Fetch:
-    """The receiving side of one state transfer of checkpoint (``seq``, ``digest``): which
-    part to ask for next, and the chunks staged on flash. ``full``: fetch every page, whatever
-    the tags say (after a transfer that failed its check: the tags may have lied). A source
-    cannot fill our flash: the record must match the digest before any page is asked for, and
-    no part is staged into the last _FLASH_RESERVE_BYTES of the flash."""
-
-    def __init__(self, state, seq, digest, full=False):
-        self.state = state
-        self.seq = seq
-        self.digest = digest
-        self.full = full
-        self.part = 0      # the part being fetched
-        self.offset = 0    # bytes of it staged
-        self.target = None  # the record's RecordTags, once part 0 is in
-        self.own = None     # our record's, as of our stable checkpoint then
-        self.bytes = 0     # bytes received
-        self.record_max = _META_BYTES_MAX + 2 * (state.parts() - 1)
-        self.staged = bytearray((state.parts() + 7) // 8)  # bitmap of the pages staged
-        state.clear_stage()
-
-    def want(self):
-        """(part, offset) to ask for next, or None once everything is staged."""
-        return None if self.part >= self.state.parts() else (self.part, self.offset)
-
-    def take(self, part, offset, total, data):
-        """Stage the chunk wanted (see want()). None when taken, else why it was refused."""
-        if offset + len(data) > total \
-                or total > (self.record_max if part == 0 else PAGE_BYTES_MAX):
-            return "bad chunk"
-        if offset == 0 and total > self.state.flash.free() - _FLASH_RESERVE_BYTES:
-            return "no room on flash for the state"
-        name = self.state.stage_name(part)
-        if offset == 0:
-            self.state.flash.write(name, data)
-        else:
-            self.state.flash.append(name, data)
-        self.offset += len(data)
-        self.bytes += len(data)
-        if self.offset < total:
-            return None
-        if part == 0:
-            state = self.state
-            try:
-                meta, start = state._read_meta(self.seq, name)
-                if meta_digest(meta) != self.digest:
-                    raise StateError("record does not match the checkpoint digest")
-            except (StateError, ValueError, TypeError):
-                state.flash.delete(name)
-                self.offset = 0
-                return "bad record"
-            self.target = RecordTags(state, name, start)
-            self.own = RecordTags(state, _record_name(state.h), state._read_meta(state.h)[1])
-        else:
-            self._stage(part)
-        self._advance()
-        return None
-
-    def _stage(self, part):
-        self.staged[part >> 3] |= 1 << (part & 7)
-
-    def _advance(self):
-        """Move to the next page that differs from ours (empty ones are staged here)."""
-        state = self.state
-        self.offset = 0
-        self.part += 1
-        while self.part < state.parts():
-            store, i = state._store_page(self.part)
-            s = 0 if store is state.ledger else 1
-            assert self.target is not None and self.own is not None  # part 0 is in
-            tag, own = self.target.at(s, i), self.own.at(s, i)
-            if self.full:
-                return
-            if tag == 0:
-                if own != 0:
-                    state.flash.write(state.stage_name(self.part), b"")
-                    self._stage(self.part)
-            elif tag != own:
-                return
-            self.part += 1

@@ -22,7 +22,7 @@ except ImportError:  # CPython
     const = int
 
 from . import messages as m
-from .state import Fetch, StateError
+from .state import StateError
 from .viewchange import NORMAL, VIEW_CHANGE
 
 _CHUNK_BYTES = const(1024)  # state transfer chunk
@@ -66,8 +66,9 @@ class StateTransfer:
         assert seq > self.last_exec and self.me not in sources
         if not sources:
             sources = [j for j in range(self.stake.n) if j != self.me]
+        from . import fetch as fetching  # loaded by the first transfer: a smaller boot heap
         self.transfer = Transfer(seq, digest, sources, True,
-                                  Fetch(self.state, seq, digest, self.fetch_full))
+                                  fetching.Fetch(self.state, seq, digest, self.fetch_full))
         self.events.append(("fetch", seq, digest))
         self._fetch_next()
 
@@ -117,7 +118,8 @@ class StateTransfer:
             # its digest and its vouchers when complete).
             t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
             t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
-            t.fetch = Fetch(self.state, msg.seq, msg.digest, self.fetch_full)
+            from . import fetch as fetching  # loaded: a transfer runs
+            t.fetch = fetching.Fetch(self.state, msg.seq, msg.digest, self.fetch_full)
         if t is None or msg.seq != t.seq or msg.digest != t.digest \
                 or t.fetch.want() != (msg.part, msg.offset):
             return
@@ -133,8 +135,9 @@ class StateTransfer:
             self.state.clear_stage()
             self._drop("state not vouched for")
             return
+        from . import fetch as fetching  # loaded: a transfer runs
         try:
-            meta = self.state.install(t.fetch)
+            meta = fetching.install(self.state, t.fetch)
         except StateError:
             self.fetch_full = True  # the tags we went by may have lied: take every page
             self._drop("transferred state does not verify")
