@@ -1,5 +1,5 @@
 # State transfer, receiving side: the Fetch that stages a checkpoint's parts on flash, the
-# record tags it goes by, and install(), which checks the staged state and switches to it.
+# record tags it goes by, and its install(), which checks the staged state and switches to it.
 # Loaded only when a replica first fetches a state (transfer.py): a node that loads its
 # modules into its heap (a board without ROMFS) boots in less.
 #
@@ -10,53 +10,6 @@ from . import cbor
 from .pagestore import PAGE_BYTES_MAX, PageError, marked, page_tag, set_tag, sum_bytes
 from .state import (_FLASH_RESERVE_BYTES, _META_BYTES_MAX, _TAG_WINDOW, StateError,
                     _record_name, _store_digest, meta_digest)
-
-
-def install(state, fetch):
-    """Switch to the checkpoint a complete Fetch staged, if the pages (staged, else ours
-    as of h) match its record (whose digest the Fetch checked). Returns the record's meta;
-    StateError (the stage cleared) when they do not. The check reads only the staged
-    pages and ours they replace: our digest as of h, less what those held, plus what the
-    staged ones hold (open() verified ours)."""
-    seq = fetch.seq
-    try:
-        meta = state.read_meta(seq, state.stage_name(0))[0]
-        own_meta, own_start = state.read_meta(state.h)
-        for s in range(2):
-            store = state.stores[s]
-            base = 1 + s * state.ledger.pages
-            total, count = _store_digest(own_meta, s)
-            for i in range(store.pages):
-                if not marked(fetch.staged, base + i):
-                    continue
-                old = store.page_sum(i, state.flash.read(store.file_at(i, state.h)))
-                new = store.page_sum(i, state.flash.read(state.stage_name(base + i)))
-                total += new[0] - old[0]
-                count += new[1] - old[1]
-            if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s]:
-                raise StateError("pages do not match the record")
-    except (PageError, StateError, ValueError, TypeError) as e:
-        state.clear_stage()
-        raise StateError(str(e))
-    # Our tags as of h, then the staged pages' own (the record's tags are not trusted).
-    _rollback(state, own_meta, own_start)
-    own_meta = None
-    state._commit(state.h, (seq,))  # a power cut from here on deletes version seq
-    for part in range(1, state.parts()):
-        if marked(fetch.staged, part):
-            store, i = state._store_page(part)
-            name = state.stage_name(part)
-            set_tag(store.tags, i, page_tag(state.flash.read(name)))
-            state.flash.rename(name, store.name(i, seq))
-            store.mark(i, seq)
-    state.flash.write(_record_name(seq), (cbor.encode(meta), state.ledger.tags,
-                                         state.clients.tags))
-    state.flash.delete(state.stage_name(0))
-    state.records.append(seq)
-    state.stable(seq)
-    for s in range(2):
-        state.stores[s].reset(*_store_digest(meta, s))
-    return meta
 
 
 def _rollback(state, meta, start):
@@ -174,3 +127,50 @@ class Fetch:
             elif tag != own:
                 return
             self.part += 1
+
+    def install(self):
+        """Switch to the checkpoint this Fetch staged (complete), if the pages (staged, else ours
+        as of h) match its record (whose digest take() checked). Returns the record's meta;
+        StateError (the stage cleared) when they do not. The check reads only the staged
+        pages and ours they replace: our digest as of h, less what those held, plus what the
+        staged ones hold (open() verified ours)."""
+        state = self.state
+        seq = self.seq
+        try:
+            meta = state.read_meta(seq, state.stage_name(0))[0]
+            own_meta, own_start = state.read_meta(state.h)
+            for s in range(2):
+                store = state.stores[s]
+                base = 1 + s * state.ledger.pages
+                total, count = _store_digest(own_meta, s)
+                for i in range(store.pages):
+                    if not marked(self.staged, base + i):
+                        continue
+                    old = store.page_sum(i, state.flash.read(store.file_at(i, state.h)))
+                    new = store.page_sum(i, state.flash.read(state.stage_name(base + i)))
+                    total += new[0] - old[0]
+                    count += new[1] - old[1]
+                if sum_bytes(total) != meta[2 + 2 * s] or count != meta[3 + 2 * s]:
+                    raise StateError("pages do not match the record")
+        except (PageError, StateError, ValueError, TypeError) as e:
+            state.clear_stage()
+            raise StateError(str(e))
+        # Our tags as of h, then the staged pages' own (the record's tags are not trusted).
+        _rollback(state, own_meta, own_start)
+        own_meta = None
+        state._commit(state.h, (seq,))  # a power cut from here on deletes version seq
+        for part in range(1, state.parts()):
+            if marked(self.staged, part):
+                store, i = state._store_page(part)
+                name = state.stage_name(part)
+                set_tag(store.tags, i, page_tag(state.flash.read(name)))
+                state.flash.rename(name, store.name(i, seq))
+                store.mark(i, seq)
+        state.flash.write(_record_name(seq), (cbor.encode(meta), state.ledger.tags,
+                                             state.clients.tags))
+        state.flash.delete(state.stage_name(0))
+        state.records.append(seq)
+        state.stable(seq)
+        for s in range(2):
+            state.stores[s].reset(*_store_digest(meta, s))
+        return meta

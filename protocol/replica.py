@@ -951,7 +951,7 @@ class Replica(ViewChanging, StateTransfer):
         entries = tuple(cbor.encode(e) for e in self.oplog.entries(self.h)[0])
         if entries:
             self.state.flash.write(PREPARED_LOG, entries)
-        else:
+        elif self.prepared_log_bytes:  # else there is no file: no delete at every checkpoint
             self.state.flash.delete(PREPARED_LOG)
         self.prepared_log_bytes = sum(len(e) for e in entries)
 

@@ -138,24 +138,28 @@ class State:
         """Where store s's tags start in a record whose tags start at ``start``."""
         return start + (len(self.ledger.tags) if s else 0)
 
+    def _tag_windows(self, name, start, s, n):
+        """(offset, bytes) of store s's first ``n`` tag bytes in record ``name`` (tags from
+        ``start``), _TAG_WINDOW bytes at a time; StateError when the record is cut short."""
+        at = self.tags_at(s, start)
+        for o in range(0, n, _TAG_WINDOW):
+            k = min(_TAG_WINDOW, n - o)
+            chunk = self.flash.read_at(name, at + o, k)
+            if chunk is None or len(chunk) != k:
+                raise StateError("record %s cut short" % name)
+            yield o, chunk
+
     def _tags_match(self, name, start, s, tags):
         """Does record ``name`` (tags from ``start``) hold ``tags`` for store s?"""
-        at = self.tags_at(s, start)
-        for o in range(0, len(tags), _TAG_WINDOW):
-            n = min(_TAG_WINDOW, len(tags) - o)
-            if self.flash.read_at(name, at + o, n) != tags[o:o + n]:
+        for o, chunk in self._tag_windows(name, start, s, len(tags)):
+            if chunk != tags[o:o + len(chunk)]:
                 return False
         return True
 
     def load_tags(self, name, start, s, into):
         """Copy store s's tags from record ``name`` (tags from ``start``) into ``into``."""
-        at = self.tags_at(s, start)
-        for o in range(0, len(into), _TAG_WINDOW):
-            n = min(_TAG_WINDOW, len(into) - o)
-            chunk = self.flash.read_at(name, at + o, n)
-            if chunk is None or len(chunk) != n:
-                raise StateError("record %s cut short" % name)
-            into[o:o + n] = chunk
+        for o, chunk in self._tag_windows(name, start, s, len(into)):
+            into[o:o + len(chunk)] = chunk
 
     def wipe(self):
         for store in self.stores:

@@ -135,9 +135,8 @@ class StateTransfer:
             self.state.clear_stage()
             self._drop("state not vouched for")
             return
-        from . import fetch as fetching  # loaded: a transfer runs
         try:
-            meta = fetching.install(self.state, t.fetch)
+            meta = t.fetch.install()
         except StateError:
             self.fetch_full = True  # the tags we went by may have lied: take every page
             self._drop("transferred state does not verify")
