@@ -305,7 +305,8 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         config = {**asdict(options), "out": str(run), "cluster": cluster_id,
                   "broker": broker.describe(), "micropython": str(cluster.micropython)}
         (run / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
-        sensor_logs = start_sensors(stack, run, options, up, stake)
+        sensors = stack.enter_context(contextlib.ExitStack())
+        sensor_logs = start_sensors(sensors, run, options, up, stake)
         workload = Workload(broker.host, broker.port, cluster_id, stake, keys,
                             options.clients, rate=options.rate, keyspace=options.keys,
                             accounts=options.accounts, mix=Mix.parse(options.mix),
@@ -334,6 +335,8 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         if nemesis is not None:
             nemesis.heal()  # always healed before the end (Jepsen)
         workload.drain(DEADLINE_S + 1.0)
+        sensors.close()  # all load stops before convergence is judged: a sensor's next write
+        # would move some nodes' last executed sequence past the others' last status
         faults = nemesis.faults if nemesis is not None else []
         byzantine = sorted({f.node for f in faults if f.kind == "byzantine"})
         converged = observer.wait_converged(CONVERGE_TIMEOUT_S + (5.0 if nemesis else 0.0),
