@@ -18,5 +18,12 @@ else:
         os.stat("sensor.json")
         from edgebft.firmware import sensor as app
     except OSError:
+        # Without ROMFS the modules load into the heap, and loading one leaves garbage around
+        # what it keeps. The protocol's (replica.py imports them) go first, into a heap still
+        # whole, then that garbage is collected before the rest load: on the Unix port, a
+        # node booting from lib/ needs 141 KB of heap instead of 161 KB.
+        import gc
+        from edgebft.protocol import replica
+        gc.collect()
         from edgebft.firmware import runtime as app
     app.main()

@@ -166,7 +166,7 @@ class Runtime:
             if topic.startswith("status", len(self.prefix)):  # .../status/<j>
                 # a retained one too: it starts the clock of a peer silent since before we
                 # subscribed
-                node.peer_status(bytes(payload), j, self.clock())
+                node.peer_status(payload, j, self.clock())
                 self.drain()
                 return
         # a request, or a replica's message: .../from/<j> or .../to/<me>/from/<j>

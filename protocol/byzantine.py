@@ -34,7 +34,7 @@ _VIEWED = (m.PRE_PREPARE, m.PREPARE, m.COMMIT, m.VIEW_CHANGE, m.VC_ACK, m.NEW_VI
 
 
 def _signed(replica, kind, *fields):
-    return replica.authenticated(m.body(kind, replica.me, *fields))
+    return m.wire(replica.macs, kind, replica.me, *fields)
 
 
 def _to_each(replica, wire_for):

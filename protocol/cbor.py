@@ -202,8 +202,34 @@ def decode_prefix(data, offset=0):
     return _item(data, offset, 0)
 
 
+def decode_uints(data, count):
+    """Decode the first ``count`` items of the array that ``data`` starts with, which must be
+    unsigned ints, and nothing after them: the fields a reader needs ahead of a large last
+    one it does not.
+
+    Args:
+        data: bytes or a memoryview (not copied); must start with an array of fewer than 24
+            items (a one-byte head).
+    Returns:
+        (ints, length): the first min(count, length) items, and the array's length.
+    Raises:
+        DecodeError: no such array, an item not an unsigned int, or one decode() rejects.
+    """
+    if not data or data[0] >> 5 != 4 or data[0] & 31 >= 24:
+        raise DecodeError("not a short array")
+    length = data[0] & 31
+    ints = []
+    i = 1
+    for _ in range(min(count, length)):
+        if i >= len(data) or data[i] >> 5:
+            raise DecodeError("not an unsigned int")
+        x, i = _item(data, i, 1)
+        ints.append(x)
+    return ints, length
+
+
 def _item(b, i, depth):
-    # Contract: decode the item at b[i:] (b is bytes); return (value, offset past it) or raise
+    # Contract: decode the item at b[i:] (b is bytes; a memoryview for decode_uints); return (value, offset past it) or raise
     # DecodeError. Every length is checked against len(b) before it is used.
     end = len(b)
     if i >= end:

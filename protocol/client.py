@@ -64,8 +64,7 @@ class ClientCore:
 
     def request_wire(self, op):
         """The wire bytes of the outstanding request (for retransmission)."""
-        body = m.body(m.REQUEST, self.client, self.timestamp, op)
-        return body + auth.authenticator(self.macs, body)
+        return m.wire(self.macs, m.REQUEST, self.client, self.timestamp, op)
 
     def on_reply(self, wire):
         """Handle one reply; return (True, result) once accepted, else (False, None)."""

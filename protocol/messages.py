@@ -7,7 +7,7 @@
 # - Every body starts [VERSION, type, sender, ...]; the remaining fields are fixed per type.
 # - decode() checks shape and field types and raises MessageError (never anything else) for
 #   any input. It does not check MACs: that needs keys and is the replica's job.
-from . import cbor
+from . import auth, cbor
 
 try:
     from micropython import const
@@ -150,7 +150,37 @@ def decode(wire):
     return msg
 
 
+def decode_stamp(body):
+    """The HEARTBEAT or OFFLINE whose body is ``body`` (bytes or a memoryview), decoded up to
+    its stamp: a Message with kind, sender, boot, conn and, for a HEARTBEAT, seq (body and
+    auth None). A heartbeat's status map, which its peers do not need, is not decoded (nor
+    checked: the host's decode() does that). Raise MessageError for anything else."""
+    try:
+        fields, length = cbor.decode_uints(body, 6)  # [v, kind, sender, boot, conn, seq]
+    except cbor.DecodeError as e:
+        raise MessageError("bad CBOR: %s" % e)
+    if length < 5 or fields[0] != VERSION or not (fields[1] == HEARTBEAT and length == 7
+                                                   or fields[1] == OFFLINE and length == 5):
+        raise MessageError("not a HEARTBEAT or OFFLINE")
+    msg = Message(fields[1], fields[2], None, None)
+    spec = _FIELDS[fields[1]]
+    for k in range(3, len(fields)):  # boot, conn, seq: the stamp
+        setattr(msg, spec[2 * (k - 3)], fields[k])
+    return msg
+
+
 def body(kind, sender, *fields):
     """Encode the body of a message of ``kind`` (its fields in the order of _FIELDS)."""
     assert len(fields) == len(_FIELDS[kind]) // 2
     return cbor.encode([VERSION, kind, sender] + list(fields))
+
+
+def wire(macs, kind, sender, *fields):
+    """The wire of a message of ``kind`` from ``sender`` to every holder of ``macs``: its
+    body followed by auth.authenticator(macs, body). The body is encoded and the tags are
+    appended in cbor's scratch, so the one allocation the size of the message is the wire
+    itself (a board's heap often has 20-30 KB free, none of it in one 2 KB piece)."""
+    assert len(fields) == len(_FIELDS[kind]) // 2
+    buf = cbor.encode_transient([VERSION, kind, sender] + list(fields))
+    buf += auth.authenticator(macs, buf)
+    return bytes(buf)

@@ -37,9 +37,11 @@
 #   from our detector while the cluster goes on (an omission fault) is not worth leaving the
 #   others for, alone in a higher view. Checked after every heartbeat and tick, in each view.
 # - No input stops a node: an exception the replica raises on a message (other than
-#   MemoryError, which is the heap's and not the input's) drops that message, is counted in
-#   "errors" and kept in `error` (its type and text) for the status. The simulator turns this
-#   off (contain=False): there an exception is a bug to report, not an input to survive.
+#   MemoryError, which is the heap's and not the input's: the runtime restarts the node from
+#   flash; the replica handles it only where it had changed nothing, serving a FETCH) drops
+#   that message, is counted in "errors" and kept in `error` (its type and text) for the
+#   status. The simulator turns this off (contain=False): there an exception is a bug to
+#   report, not an input to survive.
 # - counts: "stalls" (ticks that found a stall), "suspicions" (view changes the detector
 #   started) and "errors": the simulator's seeds and the status report them.
 # - Memory: fixed; `checkpoints` keeps the newest _CHECKPOINTS_KEPT executed [seq, digest].
@@ -127,25 +129,31 @@ class Node:
         """Our heartbeat: the status map ``status``, stamped and authenticated for every
         peer. ``seq`` grows with every status of connection ``conn`` of boot ``boot``."""
         r = self.replica
-        return r.authenticated(m.body(m.HEARTBEAT, r.me, boot, conn, seq, status))
+        return m.wire(r.macs, m.HEARTBEAT, r.me, boot, conn, seq, status)
 
     def will_wire(self, boot, conn):
         """Our Last Will for connection ``conn`` of boot ``boot`` (set when it connects)."""
         r = self.replica
-        return r.authenticated(m.body(m.OFFLINE, r.me, boot, conn))
+        return m.wire(r.macs, m.OFFLINE, r.me, boot, conn)
 
     def peer_status(self, wire, peer, clock):
-        """A message on ``peer``'s status topic (any bytes): its heartbeat or its Last Will,
-        taken only when authentic, from ``peer`` and fresh (see the rules above)."""
+        """A message on ``peer``'s status topic (any bytes, or a memoryview read during the
+        call only): its heartbeat or its Last Will, taken only when authentic, from ``peer``
+        and fresh (see the rules above). Its tags, one per replica, end it: the tag for us is
+        checked over the bytes before them, then only the stamp is decoded (the status map
+        of a heartbeat, ~850 B, is the host's): nothing the size of the message is allocated."""
         r = self.replica
         assert 0 <= peer < r.stake.n and peer != r.me  # the driver names only peers
-        try:
-            msg = m.decode(wire)
-        except m.MessageError:
-            msg = None
-        if (msg is None or msg.sender != peer or not (msg.kind == m.HEARTBEAT
-                                                      or msg.kind == m.OFFLINE)
-                or not auth.check(msg.auth, r.me, r.macs[peer], msg.body)):
+        view = memoryview(wire)
+        end = len(view) - auth.TAG_BYTES * r.stake.n
+        msg = None
+        if 0 < end <= m.MESSAGE_BYTES_MAX and auth.check(view[end:], r.me, r.macs[peer],
+                                                          view[:end]):
+            try:
+                msg = m.decode_stamp(view[:end])
+            except m.MessageError:
+                pass
+        if msg is None or msg.sender != peer:
             self.counts["status_rejected"] += 1
             return
         stamp = fresh_stamp(self.stamps[peer], msg)

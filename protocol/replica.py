@@ -292,7 +292,7 @@ class Replica(ViewChanging, StateTransfer):
         self._emit(TO_ALL, wire)
 
     def _send(self, dest, kind, *fields):
-        self._emit(dest, self.authenticated(m.body(kind, self.me, *fields)))
+        self._emit(dest, m.wire(self.macs, kind, self.me, *fields))
 
     def _broadcast(self, kind, *fields):
         self._send(TO_ALL, kind, *fields)

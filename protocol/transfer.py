@@ -89,7 +89,16 @@ class StateTransfer:
     def on_fetch(self, msg):
         """Serve a part of a checkpoint we hold, and keep serving it (pinned) for _PIN_MS after
         each fetch even if our stable checkpoint moves on: a transfer of many pages under load
-        then finishes instead of starting over at every checkpoint."""
+        then finishes instead of starting over at every checkpoint. Serving changes nothing
+        but the pin, so a heap too fragmented for the chunk (two ~1 KB pieces: the bytes read,
+        the wire) drops the fetch, which its sender repeats, rather than restart us from
+        flash: that restart would make a second replica behind."""
+        try:
+            self._serve(msg)
+        except MemoryError:
+            self._drop("fetch: heap fragmented")
+
+    def _serve(self, msg):
         got = None
         held = self.own_checkpoints.get(msg.seq)
         if self.serving is not None and self.serving[0] == msg.seq:

@@ -290,3 +290,24 @@ def test_encode_reuses_one_buffer_on_micropython(micropython: Path, mp_lib: Path
     proc = run_mp(micropython, mp_lib, code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "True", str(len(cbor.encode(["x" * 5000]))), "True"]
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=23), st.integers(0, 30),
+       st.binary(max_size=8))
+def test_decode_uints_reads_only_the_head(ints: list[int], count: int, tail: bytes):
+    """decode_uints gives the first items of an array of uints as decode() does, from bytes
+    or a memoryview, whatever follows them (here: the rest of the array cut off, then
+    junk)."""
+    data = cbor2.dumps(ints)
+    head = data[:len(cbor2.dumps(ints[:count])) if count < len(ints) else len(data)]
+    for given_data in (head + tail, memoryview(head + tail)):
+        assert cbor.decode_uints(given_data, count) == (ints[:count], len(ints))
+
+
+@given(st.binary(max_size=40), st.integers(0, 8))
+def test_decode_uints_raises_only_decode_error(data: bytes, count: int):
+    try:
+        ints, length = cbor.decode_uints(memoryview(data), count)
+    except cbor.DecodeError:
+        return
+    assert all(type(i) is int and i >= 0 for i in ints) and len(ints) == min(count, length)

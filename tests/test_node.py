@@ -5,10 +5,12 @@ MemoryError always reaches the driver; the status keeps the newest checkpoints, 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import run_mp
 from edgebft.protocol import replica as rp
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.node import STATUS_INTERVAL_MS, Node
@@ -225,3 +227,53 @@ def test_a_primary_whose_will_came_with_the_broker_is_not_left_within_the_grace(
             tick_with_backups(nodes, clock)
             clock += 20
         assert me.replica.status == "view change", "silent past the grace: left"
+
+
+_MP_HEAP_PER_MESSAGE = r"""
+import gc, hashlib
+from edgebft.protocol import messages as m
+from edgebft.protocol import replica as rp
+from edgebft.protocol.node import Node, STATUS_INTERVAL_MS
+from edgebft.protocol.stake import Stake
+N = 4
+stake = Stake([1] * N)
+def keys(i):
+    return [hashlib.sha256(bytes([min(i, j), max(i, j)])).digest() for j in range(N)]
+nodes = [Node(rp.Replica(i, stake, keys(i), b"s" * 32), STATUS_INTERVAL_MS) for i in range(2)]
+def allocated(f, *args):
+    gc.collect(); gc.disable(); before = gc.mem_alloc()
+    out = f(*args)
+    used = gc.mem_alloc() - before
+    gc.enable()
+    return used, out
+heard = []
+for seq, entries in ((1, 2), (2, 48)):
+    status = {"key %d" % i: "v" * 24 for i in range(entries)}
+    buf = bytearray(nodes[1].status_wire(1, 1, seq, status))  # as the MQTT client holds it
+    used, _ = allocated(nodes[0].peer_status, memoryview(buf), 1, seq)
+    heard.append((len(buf), used, nodes[0].stamps[1]))
+print(heard[1][0] - heard[0][0], heard[1][1] - heard[0][1], heard[1][2])
+built = []
+for data in (b"d" * 10, b"d" * 1000):
+    used, wire = allocated(m.wire, nodes[0].replica.macs, m.CHUNK, 0, 5, b"x" * 32, 1, 0, 9, data)
+    assert wire == m.body(m.CHUNK, 0, 5, b"x" * 32, 1, 0, 9, data) + rp.auth.authenticator(
+        nodes[0].replica.macs, m.body(m.CHUNK, 0, 5, b"x" * 32, 1, 0, 9, data))
+    built.append((len(wire), used))
+print(built[1][0] - built[0][0], built[1][1] - built[0][1])
+"""
+
+
+def test_heartbeats_and_wires_take_heap_that_does_not_grow_with_them_on_micropython(
+        micropython: Path, mp_lib: Path) -> None:
+    """A node hears a heartbeat from the MQTT client's buffer (a memoryview): it checks the
+    tag and decodes the stamp, allocating nothing that grows with the status map (the
+    host's part, ~850 B on a node). A wire is allocated once, at its size: a 1 KB chunk
+    costs 1 KB more heap, not the 2-3 KB of a body copied and then joined with its tags."""
+    proc = run_mp(micropython, mp_lib, _MP_HEAP_PER_MESSAGE)
+    assert proc.returncode == 0, proc.stderr
+    heard, built = proc.stdout.splitlines()
+    grown, more_heap, stamp = heard.split(" ", 2)
+    assert int(grown) > 1000 and int(more_heap) < 64, heard
+    assert stamp == "(1, 1, 2)", "the larger heartbeat counted"
+    grown, more_heap = (int(x) for x in built.split())
+    assert grown > 980 and grown <= more_heap < grown + 64, built

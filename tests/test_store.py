@@ -309,3 +309,29 @@ def test_a_transfer_that_does_not_fit_the_flash_is_refused_and_resumes_with_room
     flash.capacity = 1 << 30
     _tick(net, 20, lambda: _transferred(behind))
     assert _transferred(behind)
+
+
+def test_a_source_out_of_heap_drops_the_fetch_and_the_transfer_still_completes() -> None:
+    """Serving a chunk changes nothing but a pin, so a source whose heap has no piece for it
+    (MemoryError reading the part) drops that FETCH and goes on, where a restart from flash
+    would put a second replica behind; the fetcher asks again and the transfer completes."""
+    net, cores = _busy_cluster(200)
+    behind = net.replicas[3]
+    _miss_puts(net, cores)
+    failures = [6]  # the first six reads of a part, at any source, find no heap
+    for source in net.replicas[:3]:
+        def read_at(name: str, offset: int, n: int, read: Any = source.state.flash.read_at
+                    ) -> bytes | None:
+            if failures[0] and not name.startswith("ck"):
+                failures[0] -= 1
+                raise MemoryError
+            return read(name, offset, n)
+        source.state.flash.read_at = read_at  # type: ignore[method-assign]
+    net.down.clear()
+    _tick(net, 40, lambda: _transferred(behind))
+    assert failures == [0]
+    assert sum(r.drops.get("fetch: heap fragmented", 0) for r in net.replicas[:3]) == 6
+    assert _transferred(behind)
+    _tick(net, 10)
+    assert behind.last_exec == net.replicas[0].last_exec
+    assert behind.state.ledger.total == net.replicas[0].state.ledger.total
