@@ -89,6 +89,7 @@ from . import auth, cbor
 from . import messages as m
 from .ledger import Ledger
 from .log import Log, Oplog, stake_of
+from .spill import Spill
 from .stake import Stake
 from .state import State
 from .transfer import StateTransfer
@@ -224,6 +225,7 @@ class Replica(ViewChanging, StateTransfer):
         self.pending = []         # primary: request wires waiting for a batch
         self.pending_ids = presized(_PENDING_MAX)  # client -> timestamp of its request in pending
         self.overflow = False     # primary: a request found the pending queue full
+        self.spill = Spill(self.state.flash, _REQUEST_BYTES_MAX)  # primary: T1 overflow
         self.waiting = presized(_WAITING_MAX)      # client -> timestamp seen, not executed (T1)
         self.waiting_wires = presized(_WAITING_MAX)  # client -> that request's wire
         self.vc_timeout = view_timeout_ms
@@ -483,8 +485,12 @@ class Replica(ViewChanging, StateTransfer):
         if self.pending_ids.get(client) == msg.timestamp:
             return
         if len(self.pending) >= _PENDING_MAX:
-            self._drop("pending full")
-            self.overflow = True  # it waits in the T1 table: _refill_pending takes it later
+            # It waits in the T1 table or, when that is full, on flash: _refill_pending takes
+            # it later. Dropped (the client sends it again) only when both are full.
+            if client in self.waiting or self.spill.push(wire):
+                self.overflow = True
+            else:
+                self._drop("pending full")
             return
         self.pending_ids[client] = msg.timestamp
         self.pending.append(wire)
@@ -514,10 +520,12 @@ class Replica(ViewChanging, StateTransfer):
             self._check_prepared(self.seq, i)
 
     def _refill_pending(self):
-        """Primary: queue the requests it saw while the queue was full (they wait in the T1
-        table, wire and all) as soon as there is room, rather than leave them to the clients'
-        retransmission (0.5 s and more later). Scans the table only after a request found the
-        queue full (self.overflow), not on every call."""
+        """Primary: queue the requests it saw while the queue was full as soon as there is
+        room, rather than leave them to the clients' retransmission (0.5 s and more later):
+        first those in the T1 table (wire and all), then those spilled to flash, oldest
+        first, each checked again and skipped when its client's request is queued already or
+        superseded. Runs only after a request found the queue full (self.overflow), not on
+        every call."""
         if not self.overflow:
             return
         for client in self.waiting:
@@ -527,7 +535,21 @@ class Replica(ViewChanging, StateTransfer):
             if self.pending_ids.get(client, -1) < timestamp:
                 self.pending_ids[client] = timestamp
                 self.pending.append(self.waiting_wires[client])
-        self.overflow = False
+        while len(self.pending) < _PENDING_MAX:
+            wire = self.spill.pop()
+            if wire is None:
+                self.overflow = False
+                return
+            try:
+                req = m.decode(wire)
+            except m.MessageError:
+                continue
+            client = req.sender
+            if (req.kind == m.REQUEST and self._authentic(req)
+                    and self.pending_ids.get(client, -1) < req.timestamp
+                    and self.waiting.get(client, -1) <= req.timestamp):
+                self.pending_ids[client] = req.timestamp
+                self.pending.append(wire)
 
     # ----------------------------------------------------------------- normal case
 

@@ -190,6 +190,7 @@ class ViewChanging:
         del self.pending[:]
         for client in list(self.pending_ids):
             del self.pending_ids[client]
+        self.spill.clear()
         for owner in self.acks:
             entry = self.acks[owner]
             for old in [v for v in entry if v < view]:

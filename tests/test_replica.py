@@ -105,6 +105,44 @@ def test_batches_form_while_the_pipeline_is_full_and_all_commit() -> None:
     assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
 
 
+def test_requests_beyond_the_primarys_tables_wait_on_flash_and_all_execute_once() -> None:
+    """80 clients at once: the primary queues 16 and holds 32 in its T1 table; the other 32
+    used to be dropped (each client had to send again). Now they wait on flash, in order."""
+    net = Net(pipeline_max=1, batch_max=4)
+    clients = [net.client(c) for c in range(80)]
+    wires = [c.request(["put", f"k{c.client}", c.client]) for c in clients]
+    for wire in wires:
+        net.submit(wire)
+    for wire in wires[-8:]:  # some clients send again: their copies on flash run once
+        net.submit(wire)
+    net.run()
+    primary = net.replicas[0]
+    assert "pending full" not in primary.drops
+    assert len(primary.spill) == 0 and primary.state.flash.size("Q") == -1
+    assert primary.counts["executed_requests"] == 80
+    for c in clients:
+        results = [c.on_reply(w) for w in net.replies.get(c.client, [])]
+        assert (True, [True, None]) in results
+    assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
+
+
+def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
+    from edgebft.protocol.flash import MemFlash
+    from edgebft.protocol.spill import NAME, RECORDS_MAX, Spill
+
+    flash = MemFlash()
+    spill = Spill(flash, 256)
+    for k in range(RECORDS_MAX):
+        assert spill.push(bytes([k % 256]) * (1 + k % 200))
+    assert not spill.push(b"x"), "bounded"
+    assert spill.pop() == b"\x00" and spill.pop() == b"\x01" * 2
+    flash.files[NAME] = flash.files[NAME][:-3]  # the last record cut short
+    for k in range(2, RECORDS_MAX - 1):
+        assert spill.pop() == bytes([k % 256]) * (1 + k % 200)
+    assert spill.pop() is None and len(spill) == 0 and flash.size(NAME) == -1
+    assert spill.push(b"\xff" * 256) and spill.pop() == b"\xff" * 256
+
+
 def test_one_silent_backup_does_not_stop_commits_and_checkpoints_become_stable() -> None:
     net = Net(k=2)
     net.down.add(3)

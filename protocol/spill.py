@@ -1,0 +1,71 @@
+# The primary's overflow of client requests, kept on flash: a FIFO of request wires.
+#
+# Rules:
+# - In RAM a primary queues at most _PENDING_MAX requests for a batch and holds at most
+#   _WAITING_MAX in its T1 table, wire and all (replica.py). A request that found both full
+#   was dropped, and its client sent it again 0.5 s or more later: at 64 closed-loop clients
+#   13% of requests needed a second send, and some timed out after a third. Spill keeps them
+#   on flash instead, in arrival order, and the primary takes them back as its queue drains.
+# - The file NAME holds records: a 2-byte big-endian length, then a wire of at most
+#   ``wire_bytes_max`` bytes. push() appends one; pop() reads the oldest. The file is deleted
+#   when it has been read to the end, and when the queue is cleared (a view change) or built
+#   (a restart: it is not state, and a power cut may have torn its last record).
+# - At most RECORDS_MAX records are held; then push() refuses, and the request is dropped as
+#   before (the flash a queue takes is bounded: RECORDS_MAX * (2 + wire_bytes_max) bytes).
+# - A wire was decoded and authenticated before it was pushed; the caller decodes and checks
+#   what pop() returns again all the same. A record whose length is out of bounds or that is
+#   cut short (a flash that lost data, an append that failed) ends the queue.
+# - RAM: three ints.
+NAME = "Q"
+RECORDS_MAX = 256
+
+
+class Spill:
+    """A FIFO of byte strings (1 to ``wire_bytes_max`` bytes) in one file on ``flash``."""
+
+    def __init__(self, flash, wire_bytes_max):
+        assert 0 < wire_bytes_max < 1 << 16
+        self.flash = flash
+        self.wire_bytes_max = wire_bytes_max
+        self.offset = 0  # where the oldest record held starts
+        self.end = 0     # bytes appended since the file was last deleted
+        self.held = 0    # records pushed and not popped
+        flash.delete(NAME)
+
+    def __len__(self):
+        return self.held
+
+    def push(self, wire):
+        """Append ``wire``; False (and nothing written) when RECORDS_MAX are held."""
+        n = len(wire)
+        assert 0 < n <= self.wire_bytes_max
+        if self.held >= RECORDS_MAX:
+            return False
+        self.end += 2 + n  # first: clear() deletes what a failed append left
+        self.flash.append(NAME, bytes((n >> 8, n & 0xFF)) + wire)
+        self.held += 1
+        return True
+
+    def pop(self):
+        """The oldest wire held, or None when none is (or the file lost it)."""
+        if not self.held:
+            return None
+        head = self.flash.read_at(NAME, self.offset, 2)
+        n = head[0] << 8 | head[1] if head is not None and len(head) == 2 else 0
+        wire = self.flash.read_at(NAME, self.offset + 2, n) if n <= self.wire_bytes_max else None
+        if not wire or len(wire) != n:
+            self.clear()
+            return None
+        self.offset += 2 + n
+        self.held -= 1
+        if not self.held:
+            self.clear()
+        return wire
+
+    def clear(self):
+        """Forget every record and delete the file."""
+        if self.end:
+            self.flash.delete(NAME)
+        self.offset = 0
+        self.end = 0
+        self.held = 0
