@@ -127,11 +127,10 @@ def route(out, send_all, send_replica, send_client):
 CHECKPOINT_INTERVAL = 8
 _PENDING_MAX = const(16)          # primary: requests waiting for a batch (then clients retry)
 # Requests seen and not executed (view-change timer, T1), one per client: the primary's
-# overflow beyond _PENDING_MAX waits here too, so a client beyond it loses its request and
-# retransmits 0.5 s later. At 64 clients (10,000 keys) 13% of requests need a second send
-# (p90 609 ms). 64 made it 2.6% (p90 215 ms), but the wires it holds at 64 clients took the
-# heap a node under faults needed: bench --nemesis crash,broker-restart,oom restarted nodes on
-# MemoryError 8 or 9 times a run instead of 2 or 3, with 5 or 6 view changes instead of 2.
+# overflow beyond _PENDING_MAX waits here too, and beyond this table on flash (spill.py).
+# Holding 64 here in RAM instead took the heap a node under faults needed: bench --nemesis
+# crash,broker-restart,oom restarted nodes on MemoryError 8 or 9 times a run instead of 2 or
+# 3, with 5 or 6 view changes instead of 2.
 _WAITING_MAX = const(32)
 _REQUEST_BYTES_MAX = const(256)   # a request wire (a batch holds at least one)
 _BODY_BYTES_MAX = const(4096)     # batch bodies kept until stable (re-proposed in a new view)
