@@ -6,6 +6,10 @@ QSTRS_IN_FIVE_POOLS qstrs they fit in five pools; one more allocates a sixth of 
 running node interns QSTRS_AT_RUNTIME more than the import, so the import's budget is the
 difference.
 
+Then a ledger page of PAGE_ENTRIES entries (10,000 keys over 256 pages hold ~39 each): the
+bytes and microseconds decoding it from flash and encoding it back take, the work of a
+request's page misses.
+
 Then, for each checkpoint interval K: the bytes one Replica allocates when built (its
 preallocated log, oplog and tables), and the most its live state (log, checkpoints, bodies,
 reply cache) grows above that while four replicas in one MicroPython process commit requests
@@ -32,6 +36,24 @@ QSTRS_IN_FIVE_POOLS = 620  # pools of 20, 40, 80, 160 and 320 entries (measured)
 # per node with 617 qstrs at import and at 89-90 KB with 618.
 QSTRS_AT_RUNTIME = 3
 QSTRS_BUDGET = QSTRS_IN_FIVE_POOLS - QSTRS_AT_RUNTIME
+
+PAGE_ENTRIES = 40
+PAGE_SCRIPT = r'''
+import gc, sys, time
+from edgebft.firmware.store import Flash
+from edgebft.protocol.pagestore import PageStore
+store = PageStore(Flash("page-flash"), "L", 1)
+page = {"key%d" % (i * 256 + 7): [i, "v%d" % i] for i in range(int(sys.argv[1]))}
+data = bytes(store.encode_page(page))
+def cost(f, *args):
+    gc.collect(); gc.disable(); before = gc.mem_alloc(); f(*args)
+    allocated = gc.mem_alloc() - before; gc.enable(); gc.collect()
+    t = time.ticks_us()
+    for _ in range(200):
+        f(*args)
+    return allocated, time.ticks_diff(time.ticks_us(), t) // 200
+print(len(data), *cost(store.decode_page, 0, data, False), *cost(store.encode_page, page))
+'''
 
 IMPORT_SCRIPT = r'''
 import gc, micropython, os, sys, uctypes, vfs
@@ -110,6 +132,14 @@ def main() -> int:
         print(f"importing the runtime: {heap} B of heap, {qstrs} qstrs in {pools} pools "
               f"({verdict}: five pools hold {QSTRS_IN_FIVE_POOLS}, a running node interns "
               f"{QSTRS_AT_RUNTIME} more, so the import may take {QSTRS_BUDGET})")
+        page_script = Path(tmp) / "bench_page_mp.py"
+        page_script.write_text(PAGE_SCRIPT)
+        done = subprocess.run([str(micropython), "-X", "heapsize=160k", str(page_script),
+                               str(PAGE_ENTRIES)], env={"MICROPYPATH": f"{lib}:.frozen"},
+                              capture_output=True, text=True, timeout=120, cwd=tmp, check=True)
+        size, dec_b, dec_us, enc_b, enc_us = done.stdout.split()
+        print(f"a page of {PAGE_ENTRIES} entries, {size} B: decoding allocates {dec_b} B in "
+              f"{dec_us} us, encoding {enc_b} B in {enc_us} us")
         script = Path(tmp) / "bench_memory_mp.py"
         script.write_text(SCRIPT)
         print(f"{'K':>4} {'built (B)':>10} {'live above (B)':>15} {'allocated (B/req)':>18} "
