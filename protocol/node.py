@@ -147,8 +147,8 @@ class Node:
         view = memoryview(wire)
         end = len(view) - auth.TAG_BYTES * r.stake.n
         msg = None
-        if 0 < end <= m.MESSAGE_BYTES_MAX and auth.check(view[end:], r.me, r.macs[peer],
-                                                          view[:end]):
+        if 0 < end and len(view) <= m.MESSAGE_BYTES_MAX and auth.check(
+                view[end:], r.me, r.macs[peer], view[:end]):
             try:
                 msg = m.decode_stamp(view[:end])
             except m.MessageError:

@@ -90,6 +90,15 @@ def test_requests_commit_and_execute_in_order_on_every_replica() -> None:
     assert {r.last_exec for r in net.replicas} == {5}
 
 
+def assert_every_put_accepted_and_replicas_agree(net: Net, clients: list[ClientCore]) -> None:
+    """Each client accepted the reply to its put, and every replica executed as far, to one
+    digest."""
+    for c in clients:
+        results = [c.on_reply(w) for w in net.replies.get(c.client, [])]
+        assert (True, [True, None]) in results
+    assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
+
+
 def test_batches_form_while_the_pipeline_is_full_and_all_commit() -> None:
     net = Net(pipeline_max=1, batch_max=4)
     clients = [net.client(c) for c in range(10)]
@@ -99,10 +108,7 @@ def test_batches_form_while_the_pipeline_is_full_and_all_commit() -> None:
     primary = net.replicas[0]
     assert primary.last_exec < 10, "requests should have been batched"
     assert primary.counts["executed_requests"] == 10
-    for c in clients:
-        results = [c.on_reply(w) for w in net.replies.get(c.client, [])]
-        assert (True, [True, None]) in results
-    assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
+    assert_every_put_accepted_and_replicas_agree(net, clients)
 
 
 def test_requests_beyond_the_primarys_tables_wait_on_flash_and_all_execute_once() -> None:
@@ -120,10 +126,7 @@ def test_requests_beyond_the_primarys_tables_wait_on_flash_and_all_execute_once(
     assert "pending full" not in primary.drops
     assert len(primary.spill) == 0 and primary.state.flash.size("Q") == -1
     assert primary.counts["executed_requests"] == 80
-    for c in clients:
-        results = [c.on_reply(w) for w in net.replies.get(c.client, [])]
-        assert (True, [True, None]) in results
-    assert len({(r.last_exec, r.ledger.digest) for r in net.replicas}) == 1
+    assert_every_put_accepted_and_replicas_agree(net, clients)
 
 
 def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
