@@ -113,13 +113,13 @@ class Fetch:
         state = self.state
         self.offset = 0
         self.part += 1
+        if self.full:
+            return  # every page, whatever the tags say
         while self.part < state.parts():
             store, i = state._store_page(self.part)
             s = 0 if store is state.ledger else 1
             assert self.target is not None and self.own is not None  # part 0 is in
             tag, own = self.target.at(s, i), self.own.at(s, i)
-            if self.full:
-                return
             if tag == 0:
                 if own != 0:
                     state.flash.write(state.stage_name(self.part), b"")

@@ -963,7 +963,7 @@ class Replica(ViewChanging, StateTransfer):
         header); rewrite the log first when it has grown past _PREPARED_LOG_BYTES_MAX."""
         if self.prepared_log_bytes > _PREPARED_LOG_BYTES_MAX:
             self._rewrite_prepared()
-        entry = cbor.encode([seq, digest, self.view])
+        entry = cbor.encode_transient([seq, digest, self.view])  # written at once
         self.state.flash.append(PREPARED_LOG, entry)
         self.prepared_log_bytes += len(entry)
 

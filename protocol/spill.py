@@ -50,12 +50,12 @@ class Spill:
         """The oldest wire held, or None when none is (or the file lost it)."""
         if not self.held:
             return None
-        head = self.flash.read_at(NAME, self.offset, 2)
-        n = head[0] << 8 | head[1] if head is not None and len(head) == 2 else 0
-        wire = self.flash.read_at(NAME, self.offset + 2, n) if n <= self.wire_bytes_max else None
-        if not wire or len(wire) != n:
+        record = self.flash.read_at(NAME, self.offset, 2 + self.wire_bytes_max) or b""
+        n = record[0] << 8 | record[1] if len(record) >= 2 else 0
+        if not 0 < n <= self.wire_bytes_max or len(record) < 2 + n:
             self.clear()
             return None
+        wire = record[2:2 + n]  # length and wire in one read
         self.offset += 2 + n
         self.held -= 1
         if not self.held:

@@ -66,11 +66,15 @@ class StateTransfer:
         assert seq > self.last_exec and self.me not in sources
         if not sources:
             sources = [j for j in range(self.stake.n) if j != self.me]
-        from . import fetch as fetching  # loaded by the first transfer: a smaller boot heap
-        self.transfer = Transfer(seq, digest, sources, True,
-                                  fetching.Fetch(self.state, seq, digest, self.fetch_full))
+        self.transfer = Transfer(seq, digest, sources, True, self._new_fetch(seq, digest))
         self.events.append(("fetch", seq, digest))
         self._fetch_next()
+
+    def _new_fetch(self, seq, digest):
+        """The Fetch that stages checkpoint (seq, digest); fetch.py is loaded by the first
+        transfer, not at boot: a node that loads its modules into its heap boots in less."""
+        from . import fetch
+        return fetch.Fetch(self.state, seq, digest, self.fetch_full)
 
     def _fetch_next(self):
         t = self.transfer
@@ -127,8 +131,7 @@ class StateTransfer:
             # its digest and its vouchers when complete).
             t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
             t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
-            from . import fetch as fetching  # loaded: a transfer runs
-            t.fetch = fetching.Fetch(self.state, msg.seq, msg.digest, self.fetch_full)
+            t.fetch = self._new_fetch(msg.seq, msg.digest)
         if t is None or msg.seq != t.seq or msg.digest != t.digest \
                 or t.fetch.want() != (msg.part, msg.offset):
             return

@@ -335,8 +335,9 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         if nemesis is not None:
             nemesis.heal()  # always healed before the end (Jepsen)
         workload.drain(DEADLINE_S + 1.0)
-        sensors.close()  # all load stops before convergence is judged: a sensor's next write
-        # would move some nodes' last executed sequence past the others' last status
+        # All load stops before convergence is judged: a sensor's next write would move some
+        # nodes' last executed sequence past the others' last status.
+        sensors.close()
         faults = nemesis.faults if nemesis is not None else []
         byzantine = sorted({f.node for f in faults if f.kind == "byzantine"})
         converged = observer.wait_converged(CONVERGE_TIMEOUT_S + (5.0 if nemesis else 0.0),
