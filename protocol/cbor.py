@@ -40,6 +40,7 @@ _UINT_END = 1 << 64  # ints must lie in [-_UINT_END, _UINT_END)
 # Empty at import (a board that loads our modules into its heap has no 2 KB to spare then);
 # it grows once, to the largest encoding, and stays that size.
 _scratch = bytearray() if SHARED_SCRATCH else None
+_at = [0] if SHARED_SCRATCH else None  # decode_item's offset cell
 
 _MT_UINT = const(0x00)
 _MT_NINT = const(0x20)
@@ -205,6 +206,19 @@ def decode_prefix(data, offset=0):
     return obj, at[0]
 
 
+def decode_item(data, offset):
+    """decode_prefix(data, offset)[0], for ``data`` of type bytes, allocating nothing but
+    the item itself on MicroPython (its offset cell is the module's: one thread). A page's
+    key and value lookups run this several times per request."""
+    if type(data) is not bytes:
+        raise DecodeError("not bytes")
+    if offset < 0 or offset > len(data):
+        raise DecodeError("offset outside the buffer")
+    at = _at if _at is not None else [0]
+    at[0] = offset
+    return _item(data, at, 0)
+
+
 def decode_uints(data, count):
     """Decode the first ``count`` items of the array that ``data`` starts with, which must be
     unsigned ints, and nothing after them: the fields a reader needs ahead of a large last
@@ -228,6 +242,49 @@ def decode_uints(data, count):
             raise DecodeError("not an unsigned int")
         ints.append(_item(data, at, 1))
     return ints, length
+
+
+def skip(b, at):
+    """The offset just past the item that starts at b[at], reading only heads: nothing is
+    allocated for the item's contents. For bytes decode() accepted once (a page read from
+    our own flash): nothing is checked beyond the heads, and bytes that are not CBOR raise
+    DecodeError or IndexError."""
+    ib = b[at]
+    mt = ib >> 5
+    ai = ib & 31
+    at += 1
+    if ai < 24:
+        n = ai
+    elif ai == 24:
+        n = b[at]
+        at += 1
+    elif ai == 25:
+        n = (b[at] << 8) | b[at + 1]
+        at += 2
+    elif ai == 26:
+        n = struct.unpack_from(">I", b, at)[0]
+        at += 4
+    elif ai == 27:
+        n = struct.unpack_from(">Q", b, at)[0]
+        at += 8
+    else:
+        raise DecodeError("indefinite length or reserved head")
+    if mt == 2 or mt == 3:
+        return at + n
+    if mt == 4 or mt == 5:
+        for _ in range(n if mt == 4 else 2 * n):
+            at = skip(b, at)
+    elif mt == 6:
+        raise DecodeError("tag")
+    return at
+
+
+def array_head(n):
+    """The head of an array of ``n`` items, as bytes (the first 1 to 9 bytes of its
+    encoding)."""
+    buf = bytearray()
+    _head(buf, _MT_ARRAY, n)
+    return bytes(buf)
 
 
 def _item(b, at, depth):

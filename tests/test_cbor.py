@@ -216,6 +216,23 @@ def test_decode_prefix_end_offset(value: object, head: bytes, tail: bytes):
     assert cbor.decode_prefix(data + tail) == (value, len(data))
 
 
+@given(VALUES, st.binary(max_size=8), st.binary(max_size=16))
+def test_skip_and_decode_item_find_the_item_decode_prefix_finds(value: object, head: bytes,
+                                                                 tail: bytes):
+    """skip() reads only heads, yet lands where decode_prefix ends; decode_item gives its
+    value. A page's entries are found and read with these two."""
+    assume(_depth(value) <= cbor._DEPTH_MAX)
+    data = head + cbor.encode(value) + tail
+    assert cbor.skip(data, len(head)) == cbor.decode_prefix(data, len(head))[1]
+    assert cbor.decode_item(data, len(head)) == value
+
+
+@pytest.mark.parametrize("n", [0, 23, 24, 255, 256, 65535, 65536])
+def test_array_head_is_cbor2s(n: int):
+    """An array of n zeros is array_head(n) then n zero bytes, as cbor2 encodes it."""
+    assert cbor2.dumps([0] * n) == cbor.array_head(n) + bytes(n)
+
+
 _MP_CONFORMANCE = """
 from edgebft.protocol import cbor
 def read(path):
