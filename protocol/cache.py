@@ -47,15 +47,21 @@ class Cache:
             e[0] = value
             self._use(e)
             return None
-        evicted = None
-        if len(self.entries) >= self.capacity:
-            victim = self._victim()
-            evicted = (victim, self.entries.pop(victim)[0])
+        evicted = self.evict() if len(self.entries) >= self.capacity else None
         self.clock += 1
         self.entries[key] = [value, self.clock, 1]
         assert len(self.entries) <= self.capacity
         assert evicted is None or evicted[0] not in self.entries
         return evicted
+
+    def evict(self, keep=None):
+        """Remove the entry the policy evicts next, ``keep`` aside, and return it as (key,
+        value); None when no other entry is cached. (A cache bounded in bytes by its caller
+        evicts this way to make room.)"""
+        victim = self._victim(keep)
+        if victim is None:
+            return None
+        return victim, self.entries.pop(victim)[0]
 
     def clear(self):
         self.entries = {}
@@ -70,16 +76,16 @@ class Cache:
         if self.policy != "fifo":
             e[1] = self.clock
 
-    def _victim(self):
-        """The key the policy evicts (entries compared in place: no tuple per entry)."""
+    def _victim(self, keep=None):
+        """The key the policy evicts, ``keep`` aside, or None when there is no other (entries
+        compared in place: no tuple per entry)."""
         entries = self.entries
         lfu = self.policy == "lfu"
         best = None
         b = None
         for k in entries:
             e = entries[k]
-            if b is None or (e[2] < b[2] or e[2] == b[2] and e[1] < b[1] if lfu
-                             else e[1] < b[1]):
+            if k != keep and (b is None or (e[2] < b[2] or e[2] == b[2] and e[1] < b[1] if lfu
+                                            else e[1] < b[1])):
                 best, b = k, e
-        assert best is not None  # called on a full cache only
         return best

@@ -207,10 +207,11 @@ def decode_prefix(data, offset=0):
 
 
 def decode_item(data, offset):
-    """decode_prefix(data, offset)[0], for ``data`` of type bytes, allocating nothing but
-    the item itself on MicroPython (its offset cell is the module's: one thread). A page's
-    key and value lookups run this several times per request."""
-    if type(data) is not bytes:
+    """decode_prefix(data, offset)[0], for ``data`` of type bytes or bytearray (byte
+    strings come back as bytes), allocating nothing but the item itself on MicroPython (its
+    offset cell is the module's: one thread). A page's key and value lookups run this
+    several times per request."""
+    if type(data) is not bytes and type(data) is not bytearray:
         raise DecodeError("not bytes")
     if offset < 0 or offset > len(data):
         raise DecodeError("offset outside the buffer")
@@ -357,7 +358,7 @@ def _item(b, at, depth):
             raise DecodeError("string longer than the buffer")
         at[0] = j
         if mt == 2:
-            return b[i:j]
+            return b[i:j] if type(b) is not bytearray else bytes(b[i:j])
         return _text(b[i:j])
     if mt == 6:
         raise DecodeError("tag")

@@ -10,9 +10,13 @@
 #   equal digests at a sequence mean equal histories, hence equal states, up to there.
 # - Keys, accounts, delegations and unbondings live in a PageStore (pagestore.py) on flash, as
 #   entries "k<key>", "a<account>", "d<validator>:<account>" and "u<n>": RAM holds its page
-#   cache, whatever their number. The store holds at most ENTRIES_MAX of them: beyond it an op
-#   that adds one fails ("store full"), the same on every replica. Values are at most
-#   VALUE_BYTES_MAX bytes of CBOR.
+#   cache, whatever their number. The store holds at most ENTRIES_MAX of them, and a page at
+#   most PAGE_ENTRIES_MAX: beyond either an op that adds one fails ("store full", "page
+#   full"), the same on every replica (both depend on the state alone). Values are at most
+#   VALUE_BYTES_MAX bytes of CBOR, so an entry encodes in at most ENTRY_BYTES_MAX bytes and a
+#   page never outgrows pagestore.PAGE_BYTES_MAX, however its entries are rewritten: keys a
+#   client grinds into one page fill that page only, and the updates of the entries already
+#   there (a victim's account) still execute.
 # - Ownership (issue 13): every op executes with the id of the client that sent it (its
 #   authenticator proved it). An account holds [balance, owner]: the client that opened it
 #   (["open", name]) or that genesis names. Only the owner spends from an account (transfer,
@@ -46,10 +50,16 @@ except ImportError:  # CPython
     const = int  # CPython: const(x) is x
 
 from . import cbor
+from .pagestore import PAGE_BYTES_MAX
 
 _READS = ("get", "balance", "account", "delegations", "validators")
 
 ENTRIES_MAX = 1 << 16
+# The encodings of an entry's key and value: at most 195 bytes, a "k" entry's (a name is
+# NAME_BYTES_MAX characters of up to 4 bytes: "k<name>" encodes in 131, its value in at
+# most VALUE_BYTES_MAX); an unbonding's encodes in at most 174, a delegation's in 156.
+ENTRY_BYTES_MAX = 200
+PAGE_ENTRIES_MAX = (PAGE_BYTES_MAX - 3) // ENTRY_BYTES_MAX  # 3: the head of a full page
 UNBONDING_CHECKPOINTS = 2  # an unbond stays slashable through the epoch it leaves and a K more
 NAME_BYTES_MAX = const(32)
 VALUE_BYTES_MAX = const(64)
@@ -140,14 +150,19 @@ class Ledger:
             return 0
         return entry[0]
 
-    def _has_room(self, *entries):
-        """Whether writing ``entries`` keeps the store within ENTRIES_MAX (an account of the
-        genesis range becomes an entry when first written)."""
+    def _room(self, *entries):
+        """None when writing ``entries`` keeps the store within ENTRIES_MAX and each new one's
+        page within PAGE_ENTRIES_MAX (an account of the genesis range becomes an entry when
+        first written); else the failed result, "page full" or "store full"."""
         new = 0
         for entry in entries:
             if self.store.get(entry) is None:
+                if self.store.entries_in_page(entry) >= PAGE_ENTRIES_MAX:
+                    return [False, "page full"]
                 new += 1
-        return self.store.count + new <= ENTRIES_MAX
+        if self.store.count + new > ENTRIES_MAX:
+            return [False, "store full"]
+        return None
 
     def _owned(self, name, client):
         """The [balance, owner] of ``name`` when ``client`` owns it, else a failed result
@@ -197,8 +212,9 @@ class Ledger:
     def _put(self, key, value):
         if len(cbor.encode(value)) > VALUE_BYTES_MAX:
             return [False, "value too large"]
-        if not self._has_room("k" + key):
-            return [False, "store full"]
+        refused = self._room("k" + key)
+        if refused:
+            return refused
         self.store.put("k" + key, value)
         return [True, None]
 
@@ -207,8 +223,9 @@ class Ledger:
             return [False, "bad open"]
         if self.account(name) is not None:
             return [False, "account exists"]
-        if not self._has_room("a" + name):
-            return [False, "store full"]
+        refused = self._room("a" + name)
+        if refused:
+            return refused
         self.store.put("a" + name, [0, client])
         return [True, None]
 
@@ -225,8 +242,9 @@ class Ledger:
             return [False, "no such account"]
         if src == dst:
             return [True, entry[0]]
-        if not self._has_room("a" + src, "a" + dst):
-            return [False, "store full"]
+        refused = self._room("a" + src, "a" + dst)
+        if refused:
+            return refused
         self._set_balance(src, entry, entry[0] - amount)
         self._set_balance(dst, target, target[0] + amount)
         return [True, entry[0] - amount]
@@ -243,8 +261,9 @@ class Ledger:
         if entry[0] < amount:
             return [False, "insufficient funds"]
         key = "d%d:%s" % (validator, name)
-        if not self._has_room(key, "a" + name):
-            return [False, "store full"]
+        refused = self._room(key, "a" + name)
+        if refused:
+            return refused
         self._set_balance(name, entry, entry[0] - amount)
         self.store.put(key, [self.delegation(validator, name) + amount,
                              self.slashes[validator]])
@@ -263,8 +282,9 @@ class Ledger:
         if sum(self.bonds) == amount:
             return [False, "last stake"]  # the set never becomes empty
         key = "u%d" % self.unbond_tail
-        if not self._has_room(key):
-            return [False, "store full"]
+        refused = self._room(key)
+        if refused:
+            return refused
         self.store.put("d%d:%s" % (validator, name),
                        [delegated - amount, self.slashes[validator]])
         self.bonds[validator] -= amount

@@ -21,8 +21,9 @@
 # - `tags` holds a 2-byte tag per page (0: empty, else SHA-256 of its bytes, 0 mapped to 1): a
 #   replica behind compares them with its own to fetch only the pages that differ. Tags are
 #   hints, never trusted: a transferred state is checked against the digest.
-# - RAM is bounded by the cache (`cache_pages` pages, policy of cache.py) and the tags
-#   (2 bytes per page), whatever the number of keys. A cached page is its bytes as on flash
+# - RAM is bounded by the cache and the tags (2 bytes per page), whatever the number of
+#   keys: at most `cache_pages` pages (policy of cache.py), and beyond `cache_bytes` bytes of
+#   them only the page in use (the ledger keeps a page within PAGE_BYTES_MAX). A cached page is its bytes as on flash
 #   and the offsets of its entries, never a decoded dict: a get decodes one value, found by
 #   a binary search over the keys at those offsets; a put or delete splices one entry into
 #   a new copy of the bytes, and the old entry's AdHash term is hashed from its bytes (a
@@ -40,7 +41,10 @@ from .cache import Cache
 
 SUM_BYTES = 256  # the digest: a sum modulo 2^2048
 _SUM_MOD = 1 << (8 * SUM_BYTES)
-PAGE_BYTES_MAX = 16384  # a page file larger than this is corrupt (a transferred one: refused)
+# A page file larger than this is corrupt (a transferred one: refused). The ledger keeps its
+# pages below it (ledger.PAGE_ENTRIES_MAX).
+PAGE_BYTES_MAX = 16384
+CACHE_BYTES = 8192  # the pages a store caches take at most this, or one page when larger
 _BATCH = 32  # names listed at a time: a flash holds thousands
 _ARRAY_OF_TWO = b"\x82"  # the head of an entry's encoding, [key, value]
 _COUNTERS = tuple(bytes((i,)) for i in range(SUM_BYTES // 32))  # block i hashes this first
@@ -118,38 +122,50 @@ class PageError(ValueError):
 class PageStore:
     """A map from keys (all str or all int) to CBOR values, in ``pages`` pages on ``flash``."""
 
-    def __init__(self, flash, name, pages, cache_pages=8, policy="lru"):
+    def __init__(self, flash, name, pages, cache_pages=8, policy="lru", cache_bytes=CACHE_BYTES):
         assert pages > 0
         self.flash = flash
         self.prefix = name + ".p"   # base pages
         self.vprefix = name + ".v"  # versions
         self.pages = pages
         self.cache = Cache(cache_pages, policy)  # page -> [bytes, entry offsets]
+        self.cache_bytes = cache_bytes
+        self.cached = 0        # bytes of the cached pages
         self.dirty = {}        # page -> True: changed since it was last written
         self.versions = {}     # version -> bytearray bitmap of the pages written in it
         self.version = 0       # the version writes go to
         self.total = 0         # AdHash of the entries
         self.count = 0         # number of entries
         self.tags = bytearray(2 * pages)
-        self._last_key = None  # page_of's memo
+        self._last_key = None  # page_of's memo: a key, its page and its encoding
         self._last_page = 0
+        self._last_encoding = b""
 
     # ----------------------------------------------------------------- names and pages
 
     def page_of(self, key):
         """The page of ``key``: the first 4 bytes of SHA-256 of its CBOR, big-endian, modulo
         the page count (reduced byte by byte: no int past 31 bits, none allocated on a
-        board). The last key asked is remembered: an operation reads then writes one key."""
+        board). The last key asked is remembered, and its encoding, which finds its entry:
+        an operation reads then writes one key."""
         if key == self._last_key:
             return self._last_page
-        d = hashlib.sha256(cbor.encode_transient(key)).digest()
+        encoding = cbor.encode(key)
+        d = hashlib.sha256(encoding).digest()
         n = self.pages
         i = 0
         for b in range(4):
             i = (i * 256 + d[b]) % n
         self._last_key = key
         self._last_page = i
+        self._last_encoding = encoding
         return i
+
+    def _find(self, page, key):
+        """_search(page's bytes, its offsets, key, key's encoding), for the key page_of() was
+        last asked."""
+        assert key == self._last_key
+        return _search(page[0], page[1], key, self._last_encoding)
 
     def name(self, i, version=None):
         if version is None:
@@ -192,17 +208,33 @@ class PageStore:
         return _offsets(i, data)
 
     def _page(self, i):
-        """Page i as the cache holds it: [bytes, offsets of its entries]. Our own pages were
-        verified when the store was opened (or written by this run): only their heads are
-        read here."""
+        """Page i as the cache holds it: [its bytes (a bytearray once changed), the offsets of
+        its entries]. Our own pages were verified when the store was opened (or written by
+        this run): only their heads are read here."""
         page = self.cache.get(i)
         if page is None:
             data = self.flash.read(self.file_at(i)) or b""
             page = [data, _offsets(i, data)]
-            evicted = self.cache.put(i, page)
-            if evicted is not None and evicted[0] in self.dirty:
-                self._write(evicted[0], evicted[1][0])
+            self.cached += len(data)
+            self._evicted(self.cache.put(i, page))
+            self._trim(i)
         return page
+
+    def _trim(self, keep):
+        """Evict pages other than ``keep`` while the cache holds over cache_bytes."""
+        while self.cached > self.cache_bytes and self._evicted(self.cache.evict(keep)):
+            pass
+
+    def _evicted(self, evicted):
+        """Account for the (page, [bytes, offsets]) the cache evicted, writing it if it is
+        dirty; False when ``evicted`` is None (nothing was)."""
+        if evicted is None:
+            return False
+        i, page = evicted
+        self.cached -= len(page[0])
+        if i in self.dirty:
+            self._write(i, page[0])
+        return True
 
     def _write(self, i, data):
         # Not atomic: the current version is above the stable checkpoint, and a restart
@@ -221,18 +253,23 @@ class PageStore:
 
     # ----------------------------------------------------------------- the map
 
+    def entries_in_page(self, key):
+        """The number of entries in ``key``'s page."""
+        return len(self._page(self.page_of(key))[1])
+
     def get(self, key):
-        data, offsets = self._page(self.page_of(key))
-        j = _search(data, offsets, key)
+        page = self._page(self.page_of(key))
+        j = self._find(page, key)
         if j < 0:
             return None
-        return cbor.decode_item(data, cbor.skip(data, offsets[j]))
+        data = page[0]
+        return cbor.decode_item(data, cbor.skip(data, page[1][j]))
 
     def put(self, key, value):
         i = self.page_of(key)
         page = self._page(i)
         data, offsets = page
-        j = _search(data, offsets, key)
+        j = self._find(page, key)
         entry = cbor.encode_transient([key, value])  # hashed and spliced at once
         new = _term(entry)
         if j < 0:
@@ -241,21 +278,28 @@ class PageStore:
         else:
             old = _term(_ARRAY_OF_TWO, _entry_bytes(data, offsets, j))
         self.total = add_term(self.total, new, old)
-        _splice(page, j, memoryview(entry)[1:])
-        self.dirty[i] = True
+        self._change(i, page, j, memoryview(entry)[1:])
 
     def delete(self, key):
         """Remove ``key`` (nothing when absent)."""
         i = self.page_of(key)
         page = self._page(i)
         data, offsets = page
-        j = _search(data, offsets, key)
+        j = self._find(page, key)
         if j >= 0:
             self.count -= 1
             self.total = add_term(self.total, 0,
                                   _term(_ARRAY_OF_TWO, _entry_bytes(data, offsets, j)))
-            _splice(page, j, None)
-            self.dirty[i] = True
+            self._change(i, page, j, None)
+
+    def _change(self, i, page, j, entry):
+        """_splice(page, j, entry) on cached page i, which becomes dirty; then trim the
+        cache to its budget."""
+        size = len(page[0])
+        _splice(page, j, entry)
+        self.cached += len(page[0]) - size
+        self.dirty[i] = True
+        self._trim(i)
 
     def flush(self):
         """Write every dirty page (to the current version)."""
@@ -289,6 +333,7 @@ class PageStore:
         """Drop the cache: the pages now hold ``count`` entries of digest ``total``, and the
         tags given (None: self.tags, which the caller keeps right)."""
         self.cache.clear()
+        self.cached = 0
         self.dirty = {}
         self.total = total
         self.count = count
@@ -386,16 +431,19 @@ def _entry_bytes(data, offsets, j):
     return memoryview(data)[offsets[j]:end]
 
 
-def _search(data, offsets, key):
-    """The index of ``key``'s entry, else -1 - (the index it would be inserted at): a
-    binary search that decodes log2(entries) keys."""
+def _search(data, offsets, key, encoding):
+    """The index of ``key``'s entry, else -1 - (the index it would be inserted at). Its
+    ``encoding`` is looked for at each entry's offset (an item's encoding is never a prefix
+    of another's), which allocates nothing; only a key that is absent is placed by a binary
+    search, which decodes log2(entries) keys."""
+    for j in range(len(offsets)):
+        if data.startswith(encoding, offsets[j]):
+            return j
     lo = 0
     hi = len(offsets)
     while lo < hi:
         mid = (lo + hi) >> 1
         k = cbor.decode_item(data, offsets[mid])
-        if k == key:
-            return mid
         if k < key:
             lo = mid + 1
         else:
@@ -407,11 +455,18 @@ def _splice(page, j, entry):
     """Change the page ``page`` ([bytes, offsets], changed in place) at j, an index as
     _search gives it: j >= 0 replaces entry j with ``entry`` (a key's and a value's
     encodings) or removes it (``entry`` None); j < 0 inserts ``entry`` before entry -1 - j.
-    The new bytes are built at their size and copied once; the offsets are shifted, not
-    read again."""
+    An entry rewritten at its size is written over in place (once the page is a bytearray);
+    otherwise a new bytearray is built at its size, and the offsets are shifted, not read
+    again."""
     data, offsets = page
     n = len(offsets)
     head_old = _head_bytes(data) if data else 0
+    if j >= 0 and entry is not None and type(data) is bytearray:
+        start = offsets[j]
+        end = offsets[j + 1] if j + 1 < n else len(data)
+        if end - start == len(entry):  # a value rewritten at its size: nothing moves
+            data[start:end] = entry
+            return
     if j >= 0:  # entries j + 1 .. move
         start = offsets[j]
         end = offsets[j + 1] if j + 1 < n else len(data)
@@ -443,5 +498,5 @@ def _splice(page, j, entry):
         moved.append(at)
     for k in range(after, n):
         moved.append(offsets[k] + at + size - end)
-    page[0] = bytes(out)
+    page[0] = out
     page[1] = moved

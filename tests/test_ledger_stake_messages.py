@@ -10,6 +10,7 @@ from conftest import new_ledger
 from edgebft.protocol import cbor
 from edgebft.protocol import ledger as ledger_module
 from edgebft.protocol import messages as m
+from edgebft.protocol.pagestore import PAGE_BYTES_MAX
 from edgebft.protocol.stake import Stake
 
 DIGEST = hashlib.sha256(b"d").digest()
@@ -50,6 +51,31 @@ def test_ledger_store_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ledger.execute(["put", "k0", 7], 1) == [True, None], "overwriting stays possible"
     assert ledger.execute(["open", "new"], 1) == [False, "store full"]
     assert ledger.execute(["transfer", "k1", "new", 1], 1) == [False, "no such account"]
+
+
+def test_keys_ground_into_one_page_fill_only_that_page() -> None:
+    """A client that grinds names into one page, each of the longest kind (32 four-byte
+    characters) with the largest value, fills that page to PAGE_ENTRIES_MAX entries: one
+    more is refused with "page full", the page's entries can still be rewritten at their
+    largest, other pages take new keys, and no page outgrows PAGE_BYTES_MAX."""
+    ledger = new_ledger()
+    store = ledger.store
+    biggest = b"x" * (ledger_module.VALUE_BYTES_MAX - 2)  # a byte string encodes with 2 more
+    names = (f"{chr(0x1D11E) * 28}{n:04d}" for n in range(10_000))
+    target = store.page_of("k" + next(names))
+    ground = [name for name in names if store.page_of("k" + name) == target]
+    for name in ground[:ledger_module.PAGE_ENTRIES_MAX]:
+        assert ledger.execute(["put", name, biggest], 1) == [True, None]
+    assert ledger.execute(["put", ground[-1], 1], 1) == [False, "page full"]
+    assert ledger.execute(["put", ground[0], biggest[:-1]], 1) == [True, None]
+    assert ledger.execute(["put", ground[1], biggest], 1) == [True, None]
+    other = next(f"n{n}" for n in range(1000) if store.page_of(f"kn{n}") != target)
+    assert ledger.execute(["put", other, biggest], 1) == [True, None]
+    store.flush()
+    size = len(store.flash.read(store.file_at(target)))
+    assert size <= PAGE_BYTES_MAX
+    assert size > 0.9 * PAGE_BYTES_MAX, "the page is nearly full"
+    assert store.entries_in_page("k" + ground[0]) == ledger_module.PAGE_ENTRIES_MAX
 
 
 def test_ledger_digest_chains_history() -> None:

@@ -49,34 +49,43 @@ class ReferenceCache:
             self.values[key] = value
             self._use(key)
             return None
-        evicted = None
-        if len(self.values) == self.capacity:
-            if self.policy == "fifo":
-                victim = next(iter(self.values))
-            elif self.policy == "lru":
-                victim = min(self.values, key=lambda k: self.last_use[k])
-            else:
-                victim = min(self.values, key=lambda k: (self.uses[k], self.last_use[k]))
-            evicted = (victim, self.values.pop(victim))
-            del self.uses[victim], self.last_use[victim]
+        evicted = self.evict() if len(self.values) == self.capacity else None
         self.values[key] = value
         self.uses[key] = 0
         self._use(key)
         return evicted
 
 
-ops = st.lists(st.tuples(st.booleans(), st.integers(0, 7), st.integers(0, 99)), max_size=200)
+    def evict(self, keep: int | None = None) -> tuple[int, int] | None:
+        others = [k for k in self.values if k != keep]
+        if not others:
+            return None
+        if self.policy == "fifo":
+            victim = others[0]
+        elif self.policy == "lru":
+            victim = min(others, key=lambda k: self.last_use[k])
+        else:
+            victim = min(others, key=lambda k: (self.uses[k], self.last_use[k]))
+        del self.uses[victim], self.last_use[victim]
+        return victim, self.values.pop(victim)
+
+
+# (kind, key, value): kind 0 gets key, 1 puts key -> value, 2 evicts with key kept
+ops = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 7), st.integers(0, 99)),
+               max_size=200)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 @given(capacity=st.integers(1, 5), script=ops)
 def test_each_cache_policy_evicts_as_its_reference_model(policy: str, capacity: int,
-                                                          script: list[tuple[bool, int, int]]
+                                                          script: list[tuple[int, int, int]]
                                                           ) -> None:
     cache, model = Cache(capacity, policy), ReferenceCache(capacity, policy)
-    for is_put, key, value in script:
-        if is_put:
+    for kind, key, value in script:
+        if kind == 1:
             assert cache.put(key, value) == model.put(key, value)
+        elif kind == 2:
+            assert cache.evict(key) == model.evict(key)
         else:
             assert cache.get(key) == model.get(key)
         assert len(cache) <= capacity
@@ -153,6 +162,9 @@ def _apply(store: PageStore, ops: list[tuple[str, int, Any]]) -> dict[str, Any]:
             store.delete(key)
             model.pop(key, None)
         assert store.get(key) == model.get(key)
+        cached = [len(page[0]) for _, page in store.cache.items()]
+        assert store.cached == sum(cached)
+        assert store.cached <= store.cache_bytes or len(cached) == 1, "the cache's budget"
     return model
 
 
@@ -162,13 +174,14 @@ def _page_bytes(store: PageStore) -> list[bytes]:
 
 
 @settings(max_examples=80, deadline=None)
-@given(_OPS, st.integers(1, 3))
+@given(_OPS, st.integers(1, 3), st.sampled_from((1, 200, 8192)))
 def test_spliced_pages_are_the_reference_encoding_of_their_entries(
-        ops: list[tuple[str, int, Any]], cache_pages: int) -> None:
+        ops: list[tuple[str, int, Any]], cache_pages: int, cache_bytes: int) -> None:
     """Puts, deletes and gets splice entries into a page's bytes in place: every page ends
     as cbor2's encoding of its entries, sorted and flat, and the digest and count are a
-    recomputation's."""
-    store = PageStore(MemFlash(), "T", 3, cache_pages)
+    recomputation's. The cache keeps to its budget in bytes (but for the page in use),
+    writing the dirty pages it evicts."""
+    store = PageStore(MemFlash(), "T", 3, cache_pages, cache_bytes=cache_bytes)
     model = _apply(store, ops)
     assert store.total == _from_scratch(model)
     assert store.count == len(model)
