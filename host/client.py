@@ -17,7 +17,7 @@ is made again, ordered (``ordered=True`` asks for that at once; ``reads`` counts
 returns the result, or raises:
 
 - Rejected: the ledger refused the operation (``reason``: "insufficient funds", "not owner",
-  "no such account", "value too large", "store full", ...); an operation that spends from an
+  "no such account", "value too large", "store full", "page full", ...); an operation that spends from an
   account this client does not own (transfer, stake, unstake) is refused so before it is sent
   (``sent`` False: the owner is read first, once per account);
 - UnknownKey (a KeyError): ``get`` of a key that holds no value;
