@@ -37,7 +37,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "run"
     done = subprocess.run([*EDGEBFT, "bench", "--rate", f"{RATE:g}", "--duration",
                            f"{DURATION_S:g}", "--nemesis", "crash", "--heap", HEAP,
-                           "--out", str(out)],
+                           "--cache-pages", "6", "--cache-policy", "lfu", "--out", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
     assert "Traceback" not in done.stderr
@@ -185,7 +185,8 @@ def test_help_lists_every_bench_option() -> None:
     done = subprocess.run([*EDGEBFT, "bench", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     for option in ("--clients", "--rate", "--duration", "--nemesis", "--nemesis-interval",
-                   "--out", "--nodes", "--broker", "--stake", "--heap", "--micropython"):
+                   "--out", "--nodes", "--broker", "--stake", "--heap", "--micropython",
+                   "--cache-pages", "--cache-policy"):
         assert option in done.stdout
 
 
@@ -197,6 +198,9 @@ def test_cpu_and_store_are_reported_per_node(run: Path) -> None:
     assert set(cpu) == {str(n) for n in range(summary["nodes"])}
     measured = [v for v in cpu.values() if v is not None]
     assert len(measured) >= summary["nodes"] - 1 and all(v > 0 for v in measured)
+    for node in range(summary["nodes"]):  # the page cache as --cache-pages/--cache-policy set
+        config = json.loads((run / "nodes" / f"node{node}" / "edgebft.json").read_text())
+        assert (config["store"]["cache_pages"], config["store"]["policy"]) == (6, "lfu")
     for state in summary["state"].values():
         assert state["state_keys"] > 16, "genesis accounts and the workload's keys"
         assert state["flash_bytes_written"] > 0 and state["flash_writes"] > 0

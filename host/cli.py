@@ -42,7 +42,10 @@ from edgebft.lab.summary_table import summary_table
 from edgebft.lab.workload import ACCOUNTS, FUNDED_ACCOUNTS, KEYS
 from edgebft.ledger_commands import COMMANDS as LEDGER_COMMANDS
 from edgebft.protocol.byzantine import BEHAVIOURS
+from edgebft.protocol.cache import POLICIES
+from edgebft.protocol.pagestore import CACHE_BYTES
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
+from edgebft.protocol.state import CACHE_PAGES
 from edgebft.sim.simulator import (
     SIM_BEHAVIOURS,
     SimError,
@@ -141,6 +144,15 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.be
                       "in turn, instead of once per kind."),
     click.option("--checkpoint-interval", default=CHECKPOINT_INTERVAL, show_default=True,
                  help="K: a checkpoint every K sequence numbers (window 2K)."),
+    click.option("--cache-pages", default=CACHE_PAGES, show_default=True,
+                 type=click.IntRange(min=1),
+                 help="Pages each node's ledger and client table cache in RAM (each at most "
+                      f"{CACHE_BYTES // 1024} KB; summary.json's state.cache_hit_rate gives "
+                      "the hit rate)."),
+    click.option("--cache-policy", default="lru", show_default=True,
+                 type=click.Choice(POLICIES),
+                 help="The page cache's eviction policy: lru (least recently used), lfu "
+                      "(least often used) or fifo (first in)."),
     click.option("--sensors", default=0, show_default=True, type=click.IntRange(min=0),
                  help="Sensor clients (firmware/sensor.py on the Unix port, 64 KB heap) that "
                       "write a reading every 0.5 s through the cluster beside the workload; "

@@ -17,9 +17,9 @@ is made again, ordered (``ordered=True`` asks for that at once; ``reads`` counts
 returns the result, or raises:
 
 - Rejected: the ledger refused the operation (``reason``: "insufficient funds", "not owner",
-  "no such account", "value too large", "store full", "page full", ...); an operation that spends from an
-  account this client does not own (transfer, stake, unstake) is refused so before it is sent
-  (``sent`` False: the owner is read first, once per account);
+  "no such account", "value too large", "store full", "page full", ...); an operation that
+  spends from an account this client does not own (transfer, stake, unstake) is refused so
+  before it is sent (``sent`` False: the owner is read first, once per account);
 - UnknownKey (a KeyError): ``get`` of a key that holds no value;
 - Timeout: no accepted reply within ``timeout_s`` (the cluster may be down or cut off). The
   request may still execute later; it executes at most once.

@@ -37,6 +37,7 @@ STABLE = "stable"
 _STAGE = "X."
 LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages
 CLIENT_PAGES = 64
+CACHE_PAGES = 4  # pages each store caches
 _META_BYTES_MAX = 1024  # a record's meta (a record adds 2 bytes of tag per page)
 # A record's tags are read from flash this many bytes at a time, never whole: 2 bytes a page
 # make 2 KB and more for a large ledger, and a node that had 30 KB free in pieces ran out of
@@ -68,7 +69,7 @@ class State:
     """Both page stores of one replica on ``flash`` (protocol/flash.py's interface)."""
 
     def __init__(self, flash, interval, ledger_pages=LEDGER_PAGES, client_pages=CLIENT_PAGES,
-                 cache_pages=4, policy="lru"):
+                 cache_pages=CACHE_PAGES, policy="lru"):
         self.flash = flash
         self.interval = interval  # K: versions are multiples of it
         self.ledger = PageStore(flash, "L", ledger_pages, cache_pages, policy)

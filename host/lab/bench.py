@@ -49,6 +49,7 @@ from edgebft.lab.workload import (
 )
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
+from edgebft.protocol.state import CACHE_PAGES
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
@@ -89,6 +90,8 @@ class BenchOptions:
     acl: bool | None = None  # broker identities and ACL (broker_auth); None: on for mosquitto
     tls: bool = False  # the broker speaks TLS only, with the cluster's own CA (broker_tls)
     sensors: int = 0  # sensor clients (firmware/sensor.py) writing through the cluster
+    cache_pages: int = CACHE_PAGES  # pages each store of a node caches
+    cache_policy: str = "lru"  # their eviction policy (protocol/cache.py's POLICIES)
     extra: dict[str, Any] = field(default_factory=dict)
     command: str = "bench"  # names the run folder family: runs/<command>/
 
@@ -153,7 +156,8 @@ def node_config(i: int, cluster: str, stake: Stake, broker: Broker,
         "node": i, "cluster": cluster, "stake": stake.weights,
         "broker": login.device_entry(broker.host, broker.port),
         "genesis": genesis(), "checkpoint_interval": options.checkpoint_interval,
-        "store": {"ledger_pages": ledger_pages(options.keys + options.accounts)},
+        "store": {"ledger_pages": ledger_pages(options.keys + options.accounts),
+                  "cache_pages": options.cache_pages, "policy": options.cache_policy},
         "wifi": None, **key_row, **options.extra,
     }
 
