@@ -22,8 +22,9 @@
 #   replica behind compares them with its own to fetch only the pages that differ. Tags are
 #   hints, never trusted: a transferred state is checked against the digest.
 # - RAM is bounded by the cache and the tags (2 bytes per page), whatever the number of
-#   keys: at most `cache_pages` pages (policy of cache.py), and beyond `cache_bytes` bytes of
-#   them only the page in use (the ledger keeps a page within PAGE_BYTES_MAX). A cached page is its bytes as on flash
+#   keys: at most `cache_pages` pages (policy of cache.py) in at most `cache_bytes` of heap,
+#   or only the page in use when it takes more (the ledger keeps a page within
+#   PAGE_BYTES_MAX). A cached page is its bytes as on flash
 #   and the offsets of its entries, never a decoded dict: a get decodes one value, found by
 #   a binary search over the keys at those offsets; a put or delete splices one entry into
 #   a new copy of the bytes, and the old entry's AdHash term is hashed from its bytes (a
@@ -44,7 +45,12 @@ _SUM_MOD = 1 << (8 * SUM_BYTES)
 # A page file larger than this is corrupt (a transferred one: refused). The ledger keeps its
 # pages below it (ledger.PAGE_ENTRIES_MAX).
 PAGE_BYTES_MAX = 16384
-CACHE_BYTES = 8192  # the pages a store caches take at most this, or one page when larger
+# The pages a store caches take at most this much heap (a cached page takes its length and
+# PAGE_OVERHEAD_BYTES: its cache entry, its [bytes, offsets] and the offsets, measured on the
+# Unix port), or one page when larger. With 64 pages cached per store, a node at 160 KB ran
+# out of heap.
+CACHE_BYTES = 4096
+PAGE_OVERHEAD_BYTES = 128
 _BATCH = 32  # names listed at a time: a flash holds thousands
 _ARRAY_OF_TWO = b"\x82"  # the head of an entry's encoding, [key, value]
 _COUNTERS = tuple(bytes((i,)) for i in range(SUM_BYTES // 32))  # block i hashes this first
@@ -130,7 +136,7 @@ class PageStore:
         self.pages = pages
         self.cache = Cache(cache_pages, policy)  # page -> [bytes, entry offsets]
         self.cache_bytes = cache_bytes
-        self.cached = 0        # bytes of the cached pages
+        self.cached = 0        # heap of the cached pages: their lengths and overheads
         self.dirty = {}        # page -> True: changed since it was last written
         self.versions = {}     # version -> bytearray bitmap of the pages written in it
         self.version = 0       # the version writes go to
@@ -215,7 +221,7 @@ class PageStore:
         if page is None:
             data = self.flash.read(self.file_at(i)) or b""
             page = [data, _offsets(i, data)]
-            self.cached += len(data)
+            self.cached += len(data) + PAGE_OVERHEAD_BYTES
             self._evicted(self.cache.put(i, page))
             self._trim(i)
         return page
@@ -231,7 +237,7 @@ class PageStore:
         if evicted is None:
             return False
         i, page = evicted
-        self.cached -= len(page[0])
+        self.cached -= len(page[0]) + PAGE_OVERHEAD_BYTES
         if i in self.dirty:
             self._write(i, page[0])
         return True
