@@ -147,8 +147,8 @@ RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.be
     click.option("--cache-pages", default=CACHE_PAGES, show_default=True,
                  type=click.IntRange(min=1),
                  help="Pages each node's ledger and client table cache in RAM, in at most "
-                      f"{CACHE_BYTES // 1024} KB of heap each (summary.json's "
-                      "state.cache_hit_rate gives the hit rate)."),
+                      f"{CACHE_BYTES} bytes of heap each (summary.json's state.cache_hit_rate "
+                      "gives the hit rate)."),
     click.option("--cache-policy", default="lru", show_default=True,
                  type=click.Choice(POLICIES),
                  help="The page cache's eviction policy: lru (least recently used), lfu "

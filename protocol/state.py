@@ -31,7 +31,7 @@
 import hashlib
 
 from . import cbor
-from .pagestore import PageStore, delete_all, sum_bytes
+from .pagestore import CACHE_BYTES, PageStore, delete_all, sum_bytes
 
 STABLE = "stable"
 _STAGE = "X."
@@ -69,11 +69,11 @@ class State:
     """Both page stores of one replica on ``flash`` (protocol/flash.py's interface)."""
 
     def __init__(self, flash, interval, ledger_pages=LEDGER_PAGES, client_pages=CLIENT_PAGES,
-                 cache_pages=CACHE_PAGES, policy="lru"):
+                 cache_pages=CACHE_PAGES, policy="lru", cache_bytes=CACHE_BYTES):
         self.flash = flash
         self.interval = interval  # K: versions are multiples of it
-        self.ledger = PageStore(flash, "L", ledger_pages, cache_pages, policy)
-        self.clients = PageStore(flash, "C", client_pages, cache_pages, policy)
+        self.ledger = PageStore(flash, "L", ledger_pages, cache_pages, policy, cache_bytes)
+        self.clients = PageStore(flash, "C", client_pages, cache_pages, policy, cache_bytes)
         self.stores = (self.ledger, self.clients)
         self.h = -1        # the stable checkpoint (-1: none yet)
         self.records = []  # the checkpoints >= h whose records are on flash, and the pinned one
