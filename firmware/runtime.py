@@ -87,7 +87,8 @@ class Runtime:
                   "batch_max": config.get("batch_max", 16),
                   "pipeline_max": config.get("pipeline_max", 4),
                   "view_timeout_ms": config.get("view_timeout_ms", 1000),
-X
+                  # State's options: page counts, cache_pages, policy ("lru", "lfu", "fifo"),
+                  # cache_bytes
                   "store": config.get("store"), "flash": store.Flash()}
         # Boots counted in flash (this one included): a host tells a node that booted again (a
         # reset, a crash, a watchdog) from one that merely went quiet, whatever its uptime.
