@@ -157,7 +157,8 @@ class Ledger:
         new = 0
         for entry in entries:
             if self.store.get(entry) is None:
-                if self.store.entries_in_page(entry) >= PAGE_ENTRIES_MAX:
+                # counting every entry of the op in this page: two may share it
+                if self.store.entries_in_page(entry) + len(entries) > PAGE_ENTRIES_MAX:
                     return [False, "page full"]
                 new += 1
         if self.store.count + new > ENTRIES_MAX:

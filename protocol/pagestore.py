@@ -24,13 +24,13 @@
 # - RAM is bounded by the cache and the tags (2 bytes per page), whatever the number of
 #   keys: at most `cache_pages` pages (policy of cache.py) in at most `cache_bytes` of heap,
 #   or only the page in use when it takes more (the ledger keeps a page within
-#   PAGE_BYTES_MAX). A cached page is its bytes as on flash
-#   and the offsets of its entries, never a decoded dict: a get decodes one value, found by
-#   a binary search over the keys at those offsets; a put or delete splices one entry into
-#   a new copy of the bytes, and the old entry's AdHash term is hashed from its bytes (a
-#   page's entries are canonical encodings, so they are the bytes entry_hash hashes). A
-#   dict of a 40-entry page was 3.4 KB of heap for 372 bytes on flash, and decoding one
-#   and encoding it back cost a page miss 330 us and 22 KB of allocation on the Unix port.
+#   PAGE_BYTES_MAX). A cached page is its bytes as on flash and the offsets of its entries,
+#   never a decoded dict: a get finds its key's encoding at one of the offsets and decodes
+#   one value; a put or delete splices one entry into the bytes (in place when the entry
+#   keeps its size), and the old entry's AdHash term is hashed from its bytes (a page's
+#   entries are canonical encodings, so they are the bytes entry_hash hashes). A dict of a
+#   40-entry page was 3.4 KB of heap for 372 bytes on flash, and decoding one and encoding
+#   it back cost a page miss 330 us and 22 KB of allocation on the Unix port.
 #   Pages written since the last flush are dirty; flush() writes them (the state flushes
 #   at each checkpoint), and evicting one writes it first, so a page changed by many
 #   batches of an interval is written once.
@@ -194,7 +194,7 @@ class PageStore:
         page of this store: canonical CBOR (so each entry's bytes are what entry_hash
         hashes), keys of one type sorted and each in this page, within the size bound."""
         if not data:
-            return array("H")
+            return array("I")
         if len(data) > PAGE_BYTES_MAX:
             raise PageError("page %d: %d bytes" % (i, len(data)))
         try:
@@ -399,9 +399,9 @@ class PageStore:
 
 
 def _offsets(i, data):
-    """The offsets of the entries of page i's bytes, read from their heads (an array("H"):
-    2 bytes an entry); PageError if the heads do not add up to one array of entries."""
-    offsets = array("H")
+    """The offsets of the entries of page i's bytes, read from their heads (an array("I"):
+    4 bytes an entry); PageError if the heads do not add up to one array of entries."""
+    offsets = array("I")
     if not data:
         return offsets
     if data[0] >> 5 != 4 or data[0] & 31 > 27:
@@ -487,7 +487,7 @@ def _splice(page, j, entry):
         n_new = n + 1
     if n_new == 0:
         page[0] = b""
-        page[1] = array("H")
+        page[1] = array("I")
         return
     head = cbor.array_head(2 * n_new)
     size = 0 if entry is None else len(entry)
@@ -499,7 +499,7 @@ def _splice(page, j, entry):
     if entry is not None:
         out[at:at + size] = entry
     out[at + size:] = mv[end:]
-    moved = array("H")
+    moved = array("I")
     for k in range(j):
         moved.append(offsets[k] + len(head) - head_old)
     if entry is not None:

@@ -78,6 +78,26 @@ def test_keys_ground_into_one_page_fill_only_that_page() -> None:
     assert store.entries_in_page("k" + ground[0]) == ledger_module.PAGE_ENTRIES_MAX
 
 
+def test_an_op_that_adds_two_entries_to_a_page_counts_both() -> None:
+    """A transfer between two genesis-range accounts not yet written adds both to the store:
+    into a page one short of full it is refused, so no page ever holds more than
+    PAGE_ENTRIES_MAX entries."""
+    ledger = new_ledger({"acct*": [1000, 50]})
+    store = ledger.store
+    pages: dict[int, list[int]] = {}
+    for n in range(1000):
+        pages.setdefault(store.page_of(f"aacct{n}"), []).append(n)
+    target, (src, dst) = next((p, ns[:2]) for p, ns in pages.items() if len(ns) >= 2)
+    filler = (f"f{n}" for n in range(100_000) if store.page_of(f"kf{n}") == target)
+    while store.entries_in_page(f"aacct{src}") < ledger_module.PAGE_ENTRIES_MAX - 1:
+        assert ledger.execute(["put", next(filler), 0], 1) == [True, None]
+    assert ledger.execute(["transfer", f"acct{src}", f"acct{dst}", 1], src) \
+        == [False, "page full"]
+    assert ledger.balance(f"acct{dst}") == 50, "nothing moved"
+    assert ledger.execute(["put", next(filler), 0], 1) == [True, None], "one more fits"
+    assert store.entries_in_page(f"aacct{src}") == ledger_module.PAGE_ENTRIES_MAX
+
+
 def test_ledger_digest_chains_history() -> None:
     a, b = new_ledger(), new_ledger()
     da = a.commit_batch(1, DIGEST, [[0, 1, [True, None]]])
