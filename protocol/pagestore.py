@@ -311,8 +311,9 @@ class PageStore:
 
     def flush(self):
         """Write every dirty page (to the current version)."""
-        for i in list(self.dirty):
-            self._write(i, self.cache.get(i)[0])
+        for i, page in self.cache.items():
+            if i in self.dirty:  # every dirty page is cached: eviction writes it
+                self._write(i, page[0])
 
     # ----------------------------------------------------------------- versions
 

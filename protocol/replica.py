@@ -460,7 +460,7 @@ class Replica(ViewChanging, StateTransfer):
             # matching replies over 2/3 of stake, and otherwise asks again, ordered.
             self._send_reply(msg.sender, msg.timestamp, self.ledger.read(op[1]))
             return
-        cached = self.clients.get(msg.sender)
+        cached = self._client_entry(msg.sender)
         if cached is not None and msg.timestamp <= cached[0]:
             if msg.timestamp == cached[0]:
                 self._send_reply(msg.sender, cached[0], cached[1])
@@ -684,7 +684,7 @@ class Replica(ViewChanging, StateTransfer):
             return
         self.accused.append(offender)
         client = REPLICA_CLIENT_BASE + self.me
-        cached = self.clients.get(client)
+        cached = self._client_entry(client)
         self.accuse_ts = max(self.accuse_ts, cached[0] if cached is not None else 0) + 1
         body = m.body(m.REQUEST, client, self.accuse_ts, ["accuse", sorted(self.accused)])
         wire = self.authenticated(body)
@@ -746,7 +746,7 @@ class Replica(ViewChanging, StateTransfer):
                 self.waiting_wires.pop(req.sender, None)
             if self.pending_ids.get(req.sender, -1) <= req.timestamp:
                 self.pending_ids.pop(req.sender, None)
-            cached = self.clients.get(req.sender)
+            cached = self._client_entry(req.sender)
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
             replica = req.sender - REPLICA_CLIENT_BASE
@@ -798,6 +798,11 @@ class Replica(ViewChanging, StateTransfer):
         self.accused = []
         self.contra = {}
         self.events.append(("epoch", ledger.epoch, ledger.since, ledger.validators))
+
+    def _client_entry(self, client):
+        """[timestamp, result] of ``client``'s last executed request, or None."""
+        entry = self.clients.get(client)
+        return entry if type(entry) is list else None
 
     def _send_reply(self, client, timestamp, result):
         body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
