@@ -43,9 +43,8 @@ from edgebft.lab.workload import ACCOUNTS, FUNDED_ACCOUNTS, KEYS
 from edgebft.ledger_commands import COMMANDS as LEDGER_COMMANDS
 from edgebft.protocol.byzantine import BEHAVIOURS
 from edgebft.protocol.cache import POLICIES
-from edgebft.protocol.pagestore import CACHE_BYTES
+from edgebft.protocol.pagestore import CACHE_BYTES, CACHE_PAGES
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
-from edgebft.protocol.state import CACHE_PAGES
 from edgebft.sim.simulator import (
     SIM_BEHAVIOURS,
     SimError,

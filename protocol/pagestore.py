@@ -52,6 +52,7 @@ PAGE_BYTES_MAX = 16384
 # where 4 (the default, 1.5 KB) did not. A node with more heap may be given more
 # ("store": {"cache_bytes": N} in edgebft.json).
 CACHE_BYTES = 1536
+CACHE_PAGES = 4  # pages a store caches, by default
 PAGE_OVERHEAD_BYTES = 128
 _BATCH = 32  # names listed at a time: a flash holds thousands
 _ARRAY_OF_TWO = b"\x82"  # the head of an entry's encoding, [key, value]
@@ -130,7 +131,8 @@ class PageError(ValueError):
 class PageStore:
     """A map from keys (all str or all int) to CBOR values, in ``pages`` pages on ``flash``."""
 
-    def __init__(self, flash, name, pages, cache_pages=8, policy="lru", cache_bytes=CACHE_BYTES):
+    def __init__(self, flash, name, pages, cache_pages=CACHE_PAGES, policy="lru",
+                 cache_bytes=CACHE_BYTES):
         assert pages > 0
         self.flash = flash
         self.prefix = name + ".p"   # base pages
@@ -284,7 +286,7 @@ class PageStore:
             self.count += 1
             old = 0
         else:
-            old = _term(_ARRAY_OF_TWO, _entry_bytes(data, offsets, j))
+            old = _entry_term(data, offsets, j)
         self.total = add_term(self.total, new, old)
         self._change(i, page, j, memoryview(entry)[1:])
 
@@ -296,8 +298,7 @@ class PageStore:
         j = self._find(page, key)
         if j >= 0:
             self.count -= 1
-            self.total = add_term(self.total, 0,
-                                  _term(_ARRAY_OF_TWO, _entry_bytes(data, offsets, j)))
+            self.total = add_term(self.total, 0, _entry_term(data, offsets, j))
             self._change(i, page, j, None)
 
     def _change(self, i, page, j, entry):
@@ -390,7 +391,7 @@ class PageStore:
         offsets = self.check_page(i, data)
         total = 0
         for j in range(len(offsets)):
-            total += _term(_ARRAY_OF_TWO, _entry_bytes(data, offsets, j))
+            total += _entry_term(data, offsets, j)
         return total, len(offsets), page_tag(data)
 
 
@@ -434,10 +435,14 @@ def _head_count(data):
     return int.from_bytes(data[1:size], "big")
 
 
-def _entry_bytes(data, offsets, j):
-    """Entry j's bytes (its key's and value's encodings), a memoryview of the page."""
-    end = offsets[j + 1] if j + 1 < len(offsets) else len(data)
-    return memoryview(data)[offsets[j]:end]
+def _entry_end(data, offsets, j):
+    """The offset just past entry j."""
+    return offsets[j + 1] if j + 1 < len(offsets) else len(data)
+
+
+def _entry_term(data, offsets, j):
+    """entry_hash of entry j, hashed from its bytes (its key's and value's encodings)."""
+    return _term(_ARRAY_OF_TWO, memoryview(data)[offsets[j]:_entry_end(data, offsets, j)])
 
 
 def _search(data, offsets, key, encoding):
@@ -470,15 +475,12 @@ def _splice(page, j, entry):
     data, offsets = page
     n = len(offsets)
     head_old = _head_bytes(data) if data else 0
-    if j >= 0 and entry is not None and type(data) is bytearray:
-        start = offsets[j]
-        end = offsets[j + 1] if j + 1 < n else len(data)
-        if end - start == len(entry):  # a value rewritten at its size: nothing moves
-            data[start:end] = entry
-            return
     if j >= 0:  # entries j + 1 .. move
         start = offsets[j]
-        end = offsets[j + 1] if j + 1 < n else len(data)
+        end = _entry_end(data, offsets, j)
+        if entry is not None and end - start == len(entry) and type(data) is bytearray:
+            data[start:end] = entry  # a value rewritten at its size: nothing moves
+            return
         after = j + 1
         n_new = n if entry is not None else n - 1
     else:  # entries j .. move

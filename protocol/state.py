@@ -31,13 +31,12 @@
 import hashlib
 
 from . import cbor
-from .pagestore import CACHE_BYTES, PageStore, delete_all, sum_bytes
+from .pagestore import CACHE_BYTES, CACHE_PAGES, PageStore, delete_all, sum_bytes
 
 STABLE = "stable"
 _STAGE = "X."
 LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages
 CLIENT_PAGES = 64
-CACHE_PAGES = 4  # pages each store caches
 _META_BYTES_MAX = 1024  # a record's meta (a record adds 2 bytes of tag per page)
 # A record's tags are read from flash this many bytes at a time, never whole: 2 bytes a page
 # make 2 KB and more for a large ledger, and a node that had 30 KB free in pieces ran out of

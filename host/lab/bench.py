@@ -47,9 +47,9 @@ from edgebft.lab.workload import (
     Workload,
     genesis,
 )
+from edgebft.protocol.pagestore import CACHE_PAGES
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
-from edgebft.protocol.state import CACHE_PAGES
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
 STARTUP_TIMEOUT_S = 20.0
