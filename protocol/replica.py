@@ -26,7 +26,9 @@
 #   writes them (nothing above the stable checkpoint survives a restart, so a page needs to
 #   reach flash only before the record that names it); a checkpoint writes its record (its digest
 #   covers both stores' incremental digests, so taking it reads no page); a stable checkpoint
-#   is committed on flash, and only it survives a restart.
+#   is committed on flash, and only it survives a restart. A request from a client the
+#   table has no room for (a page of it holds CLIENT_PAGE_ENTRIES_MAX others) executes as
+#   [False, "client table full"] and is not recorded, the same on every replica.
 # - A replica that lags executes a sequence number on a commit certificate (matching
 #   commits over 2/3 of stake in its view) plus a batch that hashes to the certified digest,
 #   even without its own prepare: the certificate proves correct replicas prepared it.
@@ -91,7 +93,7 @@ from .ledger import Ledger
 from .log import Log, Oplog, stake_of
 from .spill import Spill
 from .stake import Stake
-from .state import State
+from .state import CLIENT_PAGE_ENTRIES_MAX, State
 from .transfer import StateTransfer
 from .viewchange import NORMAL, VIEW_CHANGE, ViewChanging
 
@@ -750,8 +752,12 @@ class Replica(ViewChanging, StateTransfer):
             if cached is not None and req.timestamp <= cached[0]:
                 continue  # executed before: exactly once
             replica = req.sender - REPLICA_CLIENT_BASE
-            result = self.ledger.execute(req.op, req.sender, replica)
-            self.clients.put(req.sender, [req.timestamp, result])
+            if cached is None and replica < 0 and \
+                    self.clients.entries_in_page(req.sender) >= CLIENT_PAGE_ENTRIES_MAX:
+                result = [False, "client table full"]  # not executed, so not recorded
+            else:
+                result = self.ledger.execute(req.op, req.sender, replica)
+                self.clients.put(req.sender, [req.timestamp, result])
             if replica < 0:
                 self._send_reply(req.sender, req.timestamp, result)
             results.append([req.sender, req.timestamp, result])

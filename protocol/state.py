@@ -37,6 +37,14 @@ STABLE = "stable"
 _STAGE = "X."
 LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages
 CLIENT_PAGES = 64
+# The client table is placed by runs of CLIENTS_PER_PAGE ids (pagestore.py): clients 0 .. 31
+# share page 0, and so on, wrapping around the pages. A page holds at most
+# CLIENT_PAGE_ENTRIES_MAX clients (replicas' own ids aside), so with the default pages the
+# table serves 4,096 ids in sequence; a new client whose page is full is refused
+# ("client table full", replica.py). An entry is [timestamp, result], under 250 bytes for
+# every op's result on a cluster of up to 12 replicas, so a page stays within PAGE_BYTES_MAX.
+CLIENTS_PER_PAGE = 32
+CLIENT_PAGE_ENTRIES_MAX = 64
 _META_BYTES_MAX = 1024  # a record's meta (a record adds 2 bytes of tag per page)
 # A record's tags are read from flash this many bytes at a time, never whole: 2 bytes a page
 # make 2 KB and more for a large ledger, and a node that had 30 KB free in pieces ran out of
@@ -74,7 +82,8 @@ class State:
         self.flash = flash
         self.interval = interval  # K: versions are multiples of it
         self.ledger = PageStore(flash, "L", ledger_pages, cache_pages, policy, cache_bytes)
-        self.clients = PageStore(flash, "C", client_pages, cache_pages, policy, cache_bytes)
+        self.clients = PageStore(flash, "C", client_pages, cache_pages, policy, cache_bytes,
+                                 CLIENTS_PER_PAGE)
         self.stores = (self.ledger, self.clients)
         self.h = -1        # the stable checkpoint (-1: none yet)
         self.records = []  # the checkpoints >= h whose records are on flash, and the pinned one

@@ -4,6 +4,7 @@ state transfer of a large state (protocol/cache.py, pagestore.py, state.py)."""
 from __future__ import annotations
 
 import random
+from array import array
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from conftest import run_mp
 from edgebft.protocol import replica as rp
 from edgebft.protocol.cache import Cache
 from edgebft.protocol.flash import MemFlash
-from edgebft.protocol.pagestore import PAGE_OVERHEAD_BYTES, PageStore, entry_hash
+from edgebft.protocol.pagestore import PAGE_OVERHEAD_BYTES, PageError, PageStore, entry_hash
+from edgebft.protocol.state import CLIENT_PAGE_ENTRIES_MAX, State
 
 POLICIES = ("lru", "lfu", "fifo")
 
@@ -338,9 +340,9 @@ def test_a_replica_behind_fetches_only_the_pages_that_differ() -> None:
 
 
 def test_1024_clients_each_execute_exactly_once() -> None:
-    """Every client's last timestamp and reply is kept (on flash, no cap): after 1,024 clients
-    each ran one put, a retransmission of the first client's request is answered from the
-    client table and does not execute again."""
+    """Every client's last timestamp and reply is kept (on flash): after 1,024 clients each
+    ran one put, a retransmission of the first client's request is answered from the client
+    table and does not execute again."""
     net = Net(n=4, k=4)
     cores = [net.client(c) for c in range(1024)]
     wires = []
@@ -360,6 +362,49 @@ def test_1024_clients_each_execute_exactly_once() -> None:
     accepted = [cores[0].on_reply(w) for w in net.replies.get(0, [])]
     assert any(ok for ok, _ in accepted), "the cached reply comes back"
     assert net.replicas[0].clients.get(0)[1] == [True, None]
+
+
+def test_client_ids_in_sequence_share_pages_and_a_page_refuses_what_is_not_its_own() -> None:
+    """The client table is placed by runs: ids 0 .. 31 in page 0, 32 .. 63 in page 1, wrapping
+    around; a page holding a str key or an id of another run fails verification."""
+    store = State(MemFlash(), 4).clients
+    assert [store.page_of(c) for c in (0, 31, 32, 63, 64 * 32 - 1, 64 * 32, 0xF000 + 3)] \
+        == [0, 0, 1, 1, 63, 0, 0]
+    assert store.check_page(1, cbor2.dumps([32, [1, [True, None]], 63, [2, [True, 5]]])) \
+        == array("I", [1, 8])
+    for misfit in ([0, [1, None]], ["a", [1, None]], [-32, [1, None]]):
+        with pytest.raises(PageError):
+            store.check_page(1, cbor2.dumps(misfit))
+
+
+def test_a_client_whose_page_is_full_is_refused_and_the_others_go_on() -> None:
+    """With one client page, the first CLIENT_PAGE_ENTRIES_MAX clients are recorded; the next
+    one's put does not execute, on any replica, and it is told why; a recorded client's next
+    request still executes, and so does a replica's own (an accusation must never be
+    refused)."""
+    net = Net(n=4, k=4, store={"client_pages": 1})
+    cores = [net.client(c) for c in range(CLIENT_PAGE_ENTRIES_MAX + 1)]
+    for start in range(0, len(cores), 16):
+        for core in cores[start:start + 16]:
+            net.submit(core.request(["put", f"c{core.client}", core.client]))
+        net.run()
+    late = cores[-1]
+    results = [late.on_reply(w) for w in net.replies.get(late.client, [])]
+    assert (True, [False, "client table full"]) in results
+    net.submit(cores[0].request(["put", "c0", "again"]))
+    net.run()
+    for r in net.replicas:
+        assert r.clients.count == CLIENT_PAGE_ENTRIES_MAX
+        assert r.clients.get(late.client) is None and r.ledger.get(f"c{late.client}") is None
+        assert r.ledger.get("c0") == "again" and r.ledger.get("c1") == 1
+    digests = {r.ledger.digest for r in net.replicas}
+    assert len(digests) == 1, "refused the same way everywhere"
+    net.replicas[1]._equivocation(0, 1)  # replica 1 accuses its primary: a request of its own
+    net.run()
+    for _ in range(3):  # replica 1 left the view: it executes on the others' commits
+        net.tick(net.now + 1000)
+        net.run()
+    assert all(r.clients.get(rp.REPLICA_CLIENT_BASE + 1) is not None for r in net.replicas)
 
 
 def test_lying_tags_fail_the_check_and_a_full_fetch_recovers() -> None:
