@@ -219,7 +219,7 @@ class PageStore:
         last = None
         for j in range(0, len(flat), 2):
             k = flat[j]
-            if type(k) is not int and (self.span or type(k) is not str):
+            if type(k) not in (int, str) or self.span and (type(k) is not int or k < 0):
                 raise PageError("page %d: bad entry" % i)
             if last is not None and (type(k) is not type(last) or not last < k):
                 raise PageError("page %d: entries out of order" % i)
