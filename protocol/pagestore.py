@@ -19,22 +19,27 @@
 #   checkpoint and the ones above it stay readable (and servable) while execution goes on.
 #   fold(h) makes the versions <= h the new base (renames, oldest first, so it can be redone
 #   after a power cut); discard(h) deletes the versions above h.
-# - Incremental digest: `total` is the sum of entry_hash(k, v) over all entries modulo 2^2048
-#   (AdHash, Bellare and Micciancio 1997). A put changes it by one subtraction and one addition,
-#   so a checkpoint never reads the state. The modulus is wide because a narrow AdHash falls to
-#   Wagner's generalized birthday attack (mod 2^256 in about 2^31 hashes): a Byzantine replica
-#   serving a state transfer must not find another multiset with the same sum.
-# - `tags` holds a 2-byte tag per page (0: empty, else SHA-256 of its bytes, 0 mapped to 1): a
-#   replica behind compares them with its own to fetch only the pages that differ. Tags are
-#   hints, never trusted: a transferred state is checked against the digest.
+# - Incremental digest: `total` is the sum of page_term(bytes) over the pages modulo 2^2048
+#   (AdHash, Bellare and Micciancio 1997, over pages: a page's bytes are the canonical
+#   encoding of its entries, so equal entries give equal pages and equal sums). A page's term
+#   leaves the total when the page first changes after it was last written, and comes back,
+#   of its new bytes, when it is written (flush() or eviction): so the total is the digest
+#   whenever no page is dirty (a checkpoint flushes first), a checkpoint never reads the
+#   state, and a page that many requests of an interval change while cached (the client
+#   table's: every request writes one) is hashed twice per interval, not twice per request.
+#   The modulus is wide because a narrow AdHash falls to Wagner's generalized birthday
+#   attack (mod 2^256 in about 2^31 hashes): a Byzantine replica serving a state transfer
+#   must not find another multiset with the same sum.
+# - `tags` holds a 2-byte tag per page (0: empty, else the first two bytes of its term, 0
+#   mapped to 1): a replica behind compares them with its own to fetch only the pages that
+#   differ. Tags are hints, never trusted: a transferred state is checked against the digest.
 # - RAM is bounded by the cache and the tags (2 bytes per page), whatever the number of
 #   keys: at most `cache_pages` pages (policy of cache.py) in at most `cache_bytes` of heap,
 #   or only the page in use when it takes more (the ledger keeps a page within
 #   PAGE_BYTES_MAX). A cached page is its bytes as on flash and the offsets of its entries,
 #   never a decoded dict: a get finds its key's encoding at one of the offsets and decodes
 #   one value; a put or delete splices one entry into the bytes (in place when the entry
-#   keeps its size), and the old entry's AdHash term is hashed from its bytes (a page's
-#   entries are canonical encodings, so they are the bytes entry_hash hashes). A dict of a
+#   keeps its size). A dict of a
 #   40-entry page was 3.4 KB of heap for 372 bytes on flash, and decoding one and encoding
 #   it back cost a page miss 330 us and 22 KB of allocation on the Unix port.
 #   Pages written since the last flush are dirty; flush() writes them (the state flushes
@@ -61,9 +66,8 @@ CACHE_BYTES = 1536
 CACHE_PAGES = 4  # pages a store caches, by default
 PAGE_OVERHEAD_BYTES = 128
 _BATCH = 32  # names listed at a time: a flash holds thousands
-_ARRAY_OF_TWO = b"\x82"  # the head of an entry's encoding, [key, value]
 _COUNTERS = tuple(bytes((i,)) for i in range(SUM_BYTES // 32))  # block i hashes this first
-# entry_hash's blocks, read into an int at once; one buffer where there is one thread
+# page_term's blocks, read into an int at once; one buffer where there is one thread
 _HASH_SCRATCH = bytearray(SUM_BYTES) if cbor.SHARED_SCRATCH else None
 
 
@@ -77,23 +81,19 @@ def delete_all(flash, prefix):
             flash.delete(name)
 
 
-def entry_hash(key, value):
-    """The AdHash term of one entry: SHA-256 in counter mode over its CBOR, 2048 bits (this
-    runs twice for every write a request makes)."""
-    return _term(cbor.encode_transient([key, value]))
-
-
-def _term(*pieces):
-    """entry_hash of the entry whose encoding is the concatenation of ``pieces`` (bytes,
-    bytearrays or memoryviews): each 32-byte block is hashed from its counter byte then the
-    pieces, into one buffer, with no copy of the encoding per block."""
+def page_term(data):
+    """(AdHash term, tag) of a page's bytes: (0, 0) for an empty page; else the term is
+    SHA-256 in counter mode over the bytes, 2048 bits (block i hashes byte i then the bytes,
+    into one buffer, read as a big-endian int), and the tag its first two bytes (0 read as
+    1)."""
+    if not data:
+        return 0, 0
     out = _HASH_SCRATCH or bytearray(SUM_BYTES)
     for i in range(SUM_BYTES // 32):
         block = hashlib.sha256(_COUNTERS[i])
-        for piece in pieces:
-            block.update(piece)
+        block.update(data)
         out[32 * i:32 * i + 32] = block.digest()
-    return int.from_bytes(out, "big")
+    return int.from_bytes(out, "big"), (out[0] << 8 | out[1]) or 1
 
 
 def add_term(total, new, old):
@@ -110,14 +110,6 @@ def add_term(total, new, old):
 def sum_bytes(total):
     """The digest's bytes of a sum of entry hashes (reduced modulo 2^2048)."""
     return (total % _SUM_MOD).to_bytes(SUM_BYTES, "big")
-
-
-def page_tag(data):
-    """The tag of a page's bytes (0 for an empty page)."""
-    if not data:
-        return 0
-    d = hashlib.sha256(data).digest()
-    return (d[0] << 8 | d[1]) or 1
 
 
 def set_tag(tags, i, tag):
@@ -148,10 +140,10 @@ class PageStore:
         self.cache = Cache(cache_pages, policy)  # page -> [bytes, entry offsets]
         self.cache_bytes = cache_bytes
         self.cached = 0        # heap of the cached pages: their lengths and overheads
-        self.dirty = {}        # page -> True: changed since it was last written
+        self.dirty = {}        # page -> True: changed since it was last written (term out)
         self.versions = {}     # version -> bytearray bitmap of the pages written in it
         self.version = 0       # the version writes go to
-        self.total = 0         # AdHash of the entries
+        self.total = 0         # AdHash of the pages that are not dirty
         self.count = 0         # number of entries
         self.tags = bytearray(2 * pages)
         self._last_key = None  # page_of's memo: a key, its page and its encoding
@@ -204,8 +196,8 @@ class PageStore:
 
     def check_page(self, i, data):
         """The offsets of the entries of page i's bytes; PageError unless they are a valid
-        page of this store: canonical CBOR (so each entry's bytes are what entry_hash
-        hashes), keys of one type sorted and each in this page, within the size bound."""
+        page of this store: canonical CBOR (so equal entries make equal bytes, hence equal
+        terms), keys of one type sorted and each in this page, within the size bound."""
         if not data:
             return array("I")
         if len(data) > PAGE_BYTES_MAX:
@@ -262,7 +254,9 @@ class PageStore:
         # deletes what it finds of it (State.open); a page is read back only by this run.
         self.flash.write(self.name(i, self.version), data, False)
         self.mark(i, self.version)
-        set_tag(self.tags, i, page_tag(data))
+        term, tag = page_term(data)
+        self.total = add_term(self.total, term, 0)
+        set_tag(self.tags, i, tag)
         self.dirty.pop(i, None)
 
     def mark(self, i, version):
@@ -289,36 +283,30 @@ class PageStore:
     def put(self, key, value):
         i = self.page_of(key)
         page = self._page(i)
-        data, offsets = page
         j = self._find(page, key)
-        entry = cbor.encode_transient([key, value])  # hashed and spliced at once
-        new = _term(entry)
         if j < 0:
             self.count += 1
-            old = 0
-        else:
-            old = _entry_term(data, offsets, j)
-        self.total = add_term(self.total, new, old)
-        self._change(i, page, j, memoryview(entry)[1:])
+        # [key, value]'s encoding less its array head: the key's and the value's
+        self._change(i, page, j, memoryview(cbor.encode_transient([key, value]))[1:])
 
     def delete(self, key):
         """Remove ``key`` (nothing when absent)."""
         i = self.page_of(key)
         page = self._page(i)
-        data, offsets = page
         j = self._find(page, key)
         if j >= 0:
             self.count -= 1
-            self.total = add_term(self.total, 0, _entry_term(data, offsets, j))
             self._change(i, page, j, None)
 
     def _change(self, i, page, j, entry):
-        """_splice(page, j, entry) on cached page i, which becomes dirty; then trim the
-        cache to its budget."""
+        """_splice(page, j, entry) on cached page i, which becomes dirty (its term leaves
+        the total, until it is written); then trim the cache to its budget."""
+        if i not in self.dirty:
+            self.total = add_term(self.total, 0, page_term(page[0])[0])
+            self.dirty[i] = True
         size = len(page[0])
         _splice(page, j, entry)
         self.cached += len(page[0]) - size
-        self.dirty[i] = True
         self._trim(i)
 
     def flush(self):
@@ -398,12 +386,10 @@ class PageStore:
         return total % _SUM_MOD, count, tags
 
     def page_sum(self, i, data):
-        """(sum of entry hashes, entries, tag) of page i's bytes; PageError if invalid."""
-        offsets = self.check_page(i, data)
-        total = 0
-        for j in range(len(offsets)):
-            total += _entry_term(data, offsets, j)
-        return total, len(offsets), page_tag(data)
+        """(term, entries, tag) of page i's bytes; PageError if invalid."""
+        entries = len(self.check_page(i, data))
+        term, tag = page_term(data)
+        return term, entries, tag
 
 
 # ----------------------------------------------------------------- a page's bytes
@@ -449,11 +435,6 @@ def _head_count(data):
 def _entry_end(data, offsets, j):
     """The offset just past entry j."""
     return offsets[j + 1] if j + 1 < len(offsets) else len(data)
-
-
-def _entry_term(data, offsets, j):
-    """entry_hash of entry j, hashed from its bytes (its key's and value's encodings)."""
-    return _term(_ARRAY_OF_TWO, memoryview(data)[offsets[j]:_entry_end(data, offsets, j)])
 
 
 def _search(data, offsets, key, encoding):

@@ -78,5 +78,7 @@ def new_ledger(genesis: dict[str, int] | None = None,
 
 
 def ledger_state(ledger) -> tuple[object, ...]:  # ledger: edgebft.protocol.ledger.Ledger
-    """Everything a checkpoint covers of a ledger: its small state and its store's digest."""
+    """Everything a checkpoint covers of a ledger: its small state and its store's digest
+    (written first, as a checkpoint does: the digest counts the pages as written)."""
+    ledger.store.flush()
     return (ledger.small_state(), ledger.store.total, ledger.store.count)

@@ -263,6 +263,8 @@ def test_digests_cover_the_validator_set_and_the_delegations() -> None:
     a.execute(["stake", "a", 0, 1], ALICE)
     b.execute(["stake", "a", 1, 1], ALICE)
     assert a.small_state() != b.small_state(), "the bonds"
+    a.store.flush()
+    b.store.flush()
     assert a.store.total != b.store.total, "the delegation entries"
 
 
