@@ -232,6 +232,26 @@ def test_pre_prepare_from_a_backup_and_a_tampered_batch_are_rejected() -> None:
     assert backup.out == []
 
 
+def test_a_batch_is_checked_unless_it_carries_the_very_request_held() -> None:
+    """A backup that holds a client's request (checked when it came) takes a batch carrying
+    those exact bytes without checking them again; a batch carrying another request of that
+    client, one byte off, is still checked, and refused."""
+    net = Net()
+    alice = net.client(3)
+    request = alice.request(["put", "k", 1])
+    backup = net.replicas[1]
+    backup.receive(request, 0)
+    assert backup.waiting_wires[3] == request
+    at = len(request) - 4 * auth.TAG_BYTES - 1  # the last body byte: the value put
+    tampered = [request[:at] + bytes([request[at] ^ 1]) + request[at + 1:]]
+    primary = net.replicas[0]
+    for seq, batch in ((1, tampered), (1, [request])):
+        backup.receive(primary.authenticated(
+            m.body(m.PRE_PREPARE, 0, 0, seq, rp.batch_digest(batch), batch)), 0)
+    assert backup.drops == {"bad batch": 1}
+    assert backup.log.accepted(backup.log.find(1))
+
+
 def test_a_restored_replica_that_may_not_vote_executes_on_commits_that_came_first() -> None:
     """A restored replica may not vote up to h + window (RC3), so it never prepares what
     follows; it executes on the others' commit certificate. Here the commits reach it before
