@@ -39,9 +39,9 @@
 #   PAGE_BYTES_MAX). A cached page is its bytes as on flash and the offsets of its entries,
 #   never a decoded dict: a get finds its key's encoding at one of the offsets and decodes
 #   one value; a put or delete splices one entry into the bytes (in place when the entry
-#   keeps its size). A dict of a
-#   40-entry page was 3.4 KB of heap for 372 bytes on flash, and decoding one and encoding
-#   it back cost a page miss 330 us and 22 KB of allocation on the Unix port.
+#   keeps its size). A dict of a 40-entry page was 3.4 KB of heap for 372 bytes on flash,
+#   and decoding one and encoding it back cost a page miss 330 us and 22 KB of allocation on
+#   the Unix port.
 #   Pages written since the last flush are dirty; flush() writes them (the state flushes
 #   at each checkpoint), and evicting one writes it first, so a page changed by many
 #   batches of an interval is written once.
