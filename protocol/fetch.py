@@ -7,7 +7,7 @@
 # check reads) and transfer.py's (one transfer at a time, resumed, fetched whole after a
 # failed check).
 from . import cbor
-from .pagestore import PAGE_BYTES_MAX, PageError, marked, page_term, set_tag, sum_bytes
+from .pagestore import PAGE_BYTES_MAX, PageError, marked, page_tag, set_tag, sum_bytes
 from .state import (_FLASH_RESERVE_BYTES, _META_BYTES_MAX, _TAG_WINDOW, StateError,
                     _record_name, _store_digest, meta_digest)
 
@@ -163,7 +163,7 @@ class Fetch:
             if marked(self.staged, part):
                 store, i = state._store_page(part)
                 name = state.stage_name(part)
-                set_tag(store.tags, i, page_term(state.flash.read(name))[1])
+                set_tag(store.tags, i, page_tag(state.flash.read(name)))
                 state.flash.rename(name, store.name(i, seq))
                 store.mark(i, seq)
         state.flash.write(_record_name(seq), (cbor.encode(meta), state.ledger.tags,

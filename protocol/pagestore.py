@@ -83,17 +83,29 @@ def delete_all(flash, prefix):
 
 def page_term(data):
     """(AdHash term, tag) of a page's bytes: (0, 0) for an empty page; else the term is
-    SHA-256 in counter mode over the bytes, 2048 bits (block i hashes byte i then the bytes,
-    into one buffer, read as a big-endian int), and the tag its first two bytes (0 read as
-    1)."""
+    SHA-256 in counter mode over the bytes, 2048 bits (block i is _block(i, data), into one
+    buffer, read as a big-endian int), and the tag its first two bytes (0 read as 1)."""
     if not data:
         return 0, 0
     out = _HASH_SCRATCH or bytearray(SUM_BYTES)
     for i in range(SUM_BYTES // 32):
-        block = hashlib.sha256(_COUNTERS[i])
-        block.update(data)
-        out[32 * i:32 * i + 32] = block.digest()
+        out[32 * i:32 * i + 32] = _block(i, data)
     return int.from_bytes(out, "big"), (out[0] << 8 | out[1]) or 1
+
+
+def page_tag(data):
+    """page_term(data)'s tag, from its first block alone (one hash, not eight)."""
+    if not data:
+        return 0
+    d = _block(0, data)
+    return (d[0] << 8 | d[1]) or 1
+
+
+def _block(i, data):
+    """Block i of a page's term: SHA-256 of byte i then the page's bytes."""
+    block = hashlib.sha256(_COUNTERS[i])
+    block.update(data)
+    return block.digest()
 
 
 def add_term(total, new, old):
@@ -432,11 +444,6 @@ def _head_count(data):
     return int.from_bytes(data[1:size], "big")
 
 
-def _entry_end(data, offsets, j):
-    """The offset just past entry j."""
-    return offsets[j + 1] if j + 1 < len(offsets) else len(data)
-
-
 def _search(data, offsets, key, encoding):
     """The index of ``key``'s entry, else -1 - (the index it would be inserted at). Its
     ``encoding`` is looked for at each entry's offset (an item's encoding is never a prefix
@@ -469,7 +476,7 @@ def _splice(page, j, entry):
     head_old = _head_bytes(data) if data else 0
     if j >= 0:  # entries j + 1 .. move
         start = offsets[j]
-        end = _entry_end(data, offsets, j)
+        end = offsets[j + 1] if j + 1 < n else len(data)
         if entry is not None and end - start == len(entry) and type(data) is bytearray:
             data[start:end] = entry  # a value rewritten at its size: nothing moves
             return
