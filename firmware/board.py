@@ -97,6 +97,22 @@ class Watchdog:
             self.wdt.feed()
 
 
+class Clock:
+    """Milliseconds since it was made, never wrapping: time.ticks_ms wraps (after ~12 days on
+    an ESP32, ticks_diff only spans half that), so now() adds up the ticks between calls, and
+    must be called at least once per few days."""
+
+    def __init__(self):
+        self.ticks = time.ticks_ms()
+        self.ms = 0
+
+    def now(self):
+        t = time.ticks_ms()
+        self.ms += time.ticks_diff(t, self.ticks)
+        self.ticks = t
+        return self.ms
+
+
 class Led:
     """The status LED of ``spec`` ({"pin", "kind": "gpio" or "ws2812"}, or None). ``state`` is
     the state shown last (the status reports it)."""

@@ -22,7 +22,6 @@
 import gc
 import json
 import sys
-import time
 
 import asyncio
 from binascii import unhexlify
@@ -99,8 +98,7 @@ class Runtime:
             replica = rp.Replica(*args, **kwargs)
         else:
             replica = rp.Replica.restore(saved, *args, **kwargs)
-        self.ticks = time.ticks_ms()
-        self.clock_ms = 0  # ms since boot, never wrapping (ticks_ms wraps after ~12 days)
+        self.clock = board.Clock().now  # ms since boot, never wrapping
         # "detector": Detector's keyword arguments (threshold as phi * 100, window, min_std_ms,
         # pause_ms).
         self.node = Node(replica, self.status_interval_ms, config.get("detector"))
@@ -130,13 +128,6 @@ class Runtime:
         self.conn += 1
         self.status_seq = 0
         return self.topic_status, self.node.will_wire(self.boots, self.conn), True, 0
-
-    def clock(self):
-        """Monotonic ms since boot."""
-        t = time.ticks_ms()
-        self.clock_ms += time.ticks_diff(t, self.ticks)
-        self.ticks = t
-        return self.clock_ms
 
     def sender(self, topic):
         """The replica the last level of ``topic`` names, or -1 when it names none of the

@@ -5,8 +5,9 @@
 # - Its configuration (sensor.json) is a client identity (edgebft client new: cluster, client
 #   id, broker and login, stake, the keys it shares with each replica) plus "sensor":
 #   {"key": ledger key, "period_ms": ms between readings}.
-# - One request at a time: ["put", key, [n, reading]] each period, sent again every
-#   _RETRANSMIT_MS until replies that match carry more than 1/3 of stake (protocol/client.py);
+# - One request at a time: ["put", key, [n, reading]] each period, sent again when its
+#   retransmission timer says (protocol/client.py: from the round trips measured, doubling)
+#   until replies that match carry more than 1/3 of stake;
 #   one still unaccepted when the next period comes is given up (counted "late") for the next
 #   reading, which the ledger takes whole.
 # - Timestamps must grow across reboots, and a board has no clock at boot: the sensor reserves
@@ -26,14 +27,13 @@ try:
 except ImportError:  # CPython
     const = int
 
-from edgebft.firmware import store
+from edgebft.firmware import board, store
 from edgebft.firmware.mqtt import MQTTClient, MQTTError, login_of
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 
 CONFIG_PATH = "sensor.json"
 TIMESTAMP_PATH = "timestamp"
-_RETRANSMIT_MS = const(500)
 _TIMESTAMP_BLOCK = const(1000000)
 _PACKET_BYTES = const(1024)  # a request out, a reply in
 
@@ -66,9 +66,10 @@ class Sensor:
                                rx_chunk=_PACKET_BYTES, tx_max=_PACKET_BYTES)
         self.accepted = False
         self.late = 0
+        self.clock = board.Clock().now
 
     def on_message(self, topic, payload, retain):
-        ok, _result = self.core.on_reply(bytes(payload))
+        ok, _result = self.core.on_reply(bytes(payload), self.clock())
         if ok:
             self.accepted = True
 
@@ -86,19 +87,19 @@ class Sensor:
         n = 0
         while True:
             n += 1
-            started = time.ticks_ms()
+            started = self.clock()
             self.accepted = False
             wire = self.request(n)
-            sent = None
-            while not self.accepted and time.ticks_diff(time.ticks_ms(), started) < self.period_ms:
-                if sent is None or time.ticks_diff(time.ticks_ms(), sent) >= _RETRANSMIT_MS:
+            while not self.accepted and self.clock() - started < self.period_ms:
+                now = self.clock()
+                if self.core.sends == 0 or self.core.retransmit_due(now):
+                    self.core.sent(now)
                     try:
                         self.mqtt.publish(self.topic_req, wire)
                     except MQTTError:
                         pass  # not connected: the next retransmission tries again
-                    sent = time.ticks_ms()
                 await asyncio.sleep_ms(2)
-            took = time.ticks_diff(time.ticks_ms(), started)
+            took = self.clock() - started
             wire = None
             gc.collect()
             if self.accepted:

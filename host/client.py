@@ -7,8 +7,9 @@
         print(ledger.get("greeting"))
 
 Every write is one ordered request: authenticated with the client's keys (one tag per replica),
-published to every replica through the broker, sent again every RETRANSMIT_S until replies
-that match carry more than 1/3 of the stake (protocol/client.py: at least one correct replica
+published to every replica through the broker, sent again when ClientCore's retransmission
+timer says (from the round trips measured, doubling per retransmission) until replies that
+match carry more than 1/3 of the stake (protocol/client.py: at least one correct replica
 vouches for the result). Reads (get, balance, account, delegations, validators) are
 read-only requests first (PBFT's optimisation: every replica answers from its executed state,
 one round trip, accepted on matching replies over 2/3 of stake); when the replies disagree (a
@@ -61,7 +62,6 @@ from edgebft.protocol.client import ClientCore
 from edgebft.protocol.ledger import NAME_BYTES_MAX, VALUE_BYTES_MAX, is_amount, is_name
 from edgebft.protocol.stake import Stake
 
-RETRANSMIT_S = 0.5
 READ_WAIT_S = 0.2  # a read-only request's chance before it is asked again, ordered
 TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5.0
@@ -379,9 +379,13 @@ class Client:
                 wire = self._core.request(op)
             deadline = time.monotonic() + self.timeout_s
             while True:
+                with self._core_lock:
+                    now_ms = time.monotonic() * 1000.0
+                    self._core.sent(now_ms)
+                    wait_s = (self._core.next_send_ms - now_ms) / 1000.0
                 self._mqtt.publish(self._req, wire)
                 left = deadline - time.monotonic()
-                if self._done.wait(max(0.0, min(RETRANSMIT_S, left))):
+                if self._done.wait(max(0.0, min(wait_s, left))):
                     break
                 if time.monotonic() >= deadline:
                     with self._core_lock:
@@ -402,7 +406,7 @@ class Client:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         with self._core_lock:
-            accepted, result = self._core.on_reply(msg.payload)
+            accepted, result = self._core.on_reply(msg.payload, time.monotonic() * 1000.0)
             undecided = self._core.read_only and self._core.undecided()
         if accepted:
             self._result = result if isinstance(result, list) and len(result) == 2 else (

@@ -3,7 +3,8 @@
 Each logical client (``edgebft.protocol.client.ClientCore``, one client id) keeps at most one
 request outstanding: it publishes on ``ebft/<c>/req/<client>``, collects replies on
 ``ebft/<c>/rep/<client>`` and accepts a result once matching authentic replies carry more than
-1/3 of stake. It retransmits after ``retransmit_s`` (doubling).
+1/3 of stake. It sends it again when ClientCore's retransmission timer says (from the round
+trips that client measured, doubling per retransmission).
 
 Two ways to load the cluster, with one dispatcher: requests wait in a backlog, each with its
 *intended* send time, and an idle client id takes the oldest one and sends it.
@@ -39,7 +40,6 @@ from edgebft.lab.broker import PLAIN, RECONNECT_MAX_S, RECONNECT_MIN_S, Login
 from edgebft.protocol.client import ClientCore
 from edgebft.protocol.stake import Stake
 
-RETRANSMIT_S = 0.5
 DEADLINE_S = 2.0  # DESIGN.md section 8: availability counts requests within a 2 s deadline
 ACCOUNTS = 16  # accounts the transfers go to, by default
 FUNDED_ACCOUNTS = 1024  # genesis funds acct0 .. acct1023, acct<c> owned by client c
@@ -127,9 +127,6 @@ class _Outstanding:
     op: list[Any]
     intended: float  # monotonic
     sent: float  # monotonic
-    next_send: float
-    backoff: float
-    sends: int = 1
 
 
 @dataclass
@@ -148,7 +145,6 @@ class Workload:
     accounts: int = ACCOUNTS  # accounts the transfers spread over
     mix: Mix = Mix()
     ops: Callable[[int, int], list[Any]] | None = None  # (client, i) -> op; None: operation()
-    retransmit_s: float = RETRANSMIT_S
     deadline_s: float = DEADLINE_S
     login: Login = PLAIN  # the host's identity on a broker with ACLs; TLS on one with TLS
     outcomes: list[Outcome] = field(default_factory=list)
@@ -254,9 +250,10 @@ class Workload:
             op = (self.ops(c, self._issued[c]) if self.ops is not None
                   else operation(c, self._issued[c], self.keyspace, self.accounts, self.mix))
             self._issued[c] += 1
-            self._outstanding[c] = _Outstanding(op, self._backlog.popleft(), now,
-                                                now + self.retransmit_s, self.retransmit_s)
-            self._mqtt.publish(self._topic("req", c), self._cores[c].request(op))
+            self._outstanding[c] = _Outstanding(op, self._backlog.popleft(), now)
+            core = self._cores[c]
+            self._mqtt.publish(self._topic("req", c), core.request(op))
+            core.sent(now * 1000.0)
 
     def _finish(self, c: int, outcome: str, now: float, result: Any = None) -> None:
         pending = self._outstanding.pop(c)
@@ -266,7 +263,7 @@ class Workload:
                    and result[0] is False else None)
         self.outcomes.append(Outcome(c, core.timestamp, pending.op[0], outcome,
                                      self._wall(pending.intended), self._wall(pending.sent),
-                                     self._wall(end), pending.sends, core.view, refused))
+                                     self._wall(end), core.sends, core.view, refused))
         self._idle.append(c)
         if self._issuing and self.rate is None:
             self._backlog.append(now)
@@ -280,9 +277,9 @@ class Workload:
         with self._lock:
             if c not in self._outstanding:
                 return
-            accepted, result = self._cores[c].on_reply(msg.payload)
+            now = time.monotonic()
+            accepted, result = self._cores[c].on_reply(msg.payload, now * 1000.0)
             if accepted:
-                now = time.monotonic()
                 late = now - self._outstanding[c].intended >= self.deadline_s
                 self._finish(c, "timeout" if late else "ok", now, result)
 
@@ -301,12 +298,9 @@ class Workload:
                 for c, pending in list(self._outstanding.items()):
                     if now - pending.intended >= self.deadline_s:
                         self._finish(c, "timeout", now)
-                    elif now >= pending.next_send:
-                        pending.backoff *= 2
-                        pending.next_send = now + pending.backoff
-                        pending.sends += 1
-                        self._mqtt.publish(self._topic("req", c),
-                                           self._cores[c].request_wire(pending.op))
+                    elif (core := self._cores[c]).retransmit_due(now * 1000.0):
+                        self._mqtt.publish(self._topic("req", c), core.request_wire(pending.op))
+                        core.sent(now * 1000.0)
                 if self.rate is not None:
                     self._schedule(now)
                 self._dispatch(now)

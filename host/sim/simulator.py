@@ -73,8 +73,6 @@ TWINS = "twins"
 SIM_BEHAVIOURS = BEHAVIOURS + (TWINS,)  # what a Byzantine replica may do in the simulator
 
 LATENCY_MS = (1, 20)             # one MQTT hop on WiFi is ~10 ms (DESIGN.md section 8)
-RETRANSMIT_MS = 500              # host/lab/workload.py's RETRANSMIT_S
-RETRANSMIT_MS_MAX = 4_000        # doubling stops here, so a healed cluster is retried soon
 FAULT_GAP_MS = (100, 1_000)      # between the starts of two faults
 FAULT_LENGTH_MS = (200, 2_500)   # crash, partition, loss and delay windows
 REBOOT_DOWN_MS = (0, 200)        # a power cycle: down briefly, then restore from flash
@@ -389,14 +387,14 @@ _EVENT_NAMES = {_DELIVER: "delivery", _REPLY: "reply", _TICK: "tick", _RETRANSMI
 
 
 class _Client:
-    """One closed-loop client: a ClientCore, its outstanding op and its retransmission timer."""
+    """One closed-loop client: a ClientCore (its retransmission timer too) and its outstanding
+    op."""
 
-    __slots__ = ("core", "op", "backoff_ms", "issued", "think_ms")
+    __slots__ = ("core", "op", "issued", "think_ms")
 
     def __init__(self, core: ClientCore, think_ms: int) -> None:
         self.core = core
         self.op: list[Any] | None = None
-        self.backoff_ms = RETRANSMIT_MS
         self.issued = 0
         self.think_ms = think_ms
 
@@ -698,24 +696,27 @@ class Simulation:
         else:
             client.op = operation(c, client.issued)
         client.issued += 1
-        client.backoff_ms = RETRANSMIT_MS
         wire = client.core.request(client.op)
         self.history.append(("invoke", self.now, c, client.core.timestamp, client.op))
-        self._client_broadcast(wire)
-        self._push(self.now + client.backoff_ms, _RETRANSMIT, c, client.core.timestamp)
+        self._client_send(c, wire)
 
     def _on_retransmit(self, c: int, timestamp: int) -> None:
         client = self.clients[c]
         if client.op is None or client.core.timestamp != timestamp:
             return
-        self._client_broadcast(client.core.request_wire(client.op))
-        client.backoff_ms = min(2 * client.backoff_ms, RETRANSMIT_MS_MAX)
-        self._push(self.now + client.backoff_ms, _RETRANSMIT, c, timestamp)
+        self._client_send(c, client.core.request_wire(client.op))
+
+    def _client_send(self, c: int, wire: bytes) -> None:
+        """Client c's outstanding request to every replica, and its retransmission timer."""
+        core = self.clients[c].core
+        self._client_broadcast(wire)
+        core.sent(self.now)
+        self._push(core.next_send_ms, _RETRANSMIT, c, core.timestamp)
 
     def _on_reply(self, c: int, wire: bytes) -> None:
         client = self.clients[c]
         self.delivered += 1
-        accepted, result = client.core.on_reply(wire)
+        accepted, result = client.core.on_reply(wire, self.now)
         if not accepted:
             return
         assert client.op is not None

@@ -1,0 +1,113 @@
+"""The client core's retransmission timer (protocol/client.py; RFC 6298 with Karn's rule),
+driven by the replies of real replicas: every client (the host's, the bench's workload, the
+sensor firmware, the simulator's) sends again only when it says."""
+
+from __future__ import annotations
+
+import hashlib
+
+from edgebft.protocol import replica as rp
+from edgebft.protocol.client import RETRANSMIT_MAX_MS, RETRANSMIT_MIN_MS, ClientCore
+from edgebft.protocol.stake import Stake
+
+N = 4
+STAKE = Stake([1] * N)
+SECRETS = [hashlib.sha256(b"client %d" % i).digest() for i in range(N)]
+CLIENT = 5
+
+
+def keys_for(i: int) -> list[bytes]:
+    return [hashlib.sha256(b"client %d %d" % (min(i, j), max(i, j))).digest() for j in range(N)]
+
+
+def cluster() -> tuple[list[rp.Replica], ClientCore]:
+    rs = [rp.Replica(i, STAKE, keys_for(i), SECRETS[i]) for i in range(N)]
+    return rs, ClientCore(CLIENT, STAKE, [rp.client_key(SECRETS[i], CLIENT) for i in range(N)])
+
+
+def replies_to(rs: list[rp.Replica], wire: bytes) -> list[bytes]:
+    """Run the request ``wire`` through the normal case; the replies the client gets."""
+    queue = [(i, wire) for i in range(N)]
+    replies = []
+    while queue:
+        to, wire = queue.pop(0)
+        r = rs[to]
+        r.receive(wire, 0)
+        for dest, out in r.out:
+            if dest == rp.TO_ALL:
+                queue.extend((j, out) for j in range(N) if j != to)
+            elif rp.is_client(dest):
+                replies.append(out)
+            else:
+                queue.append((dest, out))
+        del r.out[:]
+    return replies
+
+
+def round_trip(rs: list[rp.Replica], client: ClientCore, i: int, sends_ms: list[int],
+               reply_ms: int) -> None:
+    """Put number ``i``, sent at each of ``sends_ms`` and answered at ``reply_ms``."""
+    wire = client.request(["put", "k", i])
+    for at in sends_ms:
+        assert at == sends_ms[0] or client.retransmit_due(at)
+        client.sent(at)
+    accepted = [client.on_reply(w, reply_ms)[0] for w in replies_to(rs, wire)]
+    assert accepted.count(True) == 1
+
+
+def test_before_any_round_trip_it_waits_the_floor_then_doubles_up_to_the_cap() -> None:
+    rs, client = cluster()
+    client.request(["put", "k", 1])
+    assert not client.retransmit_due(10_000), "nothing sent yet"
+    client.sent(0)
+    assert not client.retransmit_due(RETRANSMIT_MIN_MS - 1)
+    assert client.retransmit_due(RETRANSMIT_MIN_MS)
+    waits = []
+    at = 0
+    for _ in range(6):
+        at = client.next_send_ms
+        client.sent(at)
+        waits.append(client.next_send_ms - at)
+    assert waits == [1000, 2000, 4000, 4000, 4000, 4000]
+    assert RETRANSMIT_MAX_MS == 4000
+
+
+def test_one_send_gives_a_sample_and_the_timeout_follows_the_round_trips() -> None:
+    rs, client = cluster()
+    round_trip(rs, client, 1, [0], 300)
+    assert (client.srtt_ms, client.rttvar_ms) == (300, 150)
+    assert client.timeout_ms() == 300 + 4 * 150
+    client.request(["put", "k", 2])
+    client.sent(1000)
+    assert not client.retransmit_due(1899) and client.retransmit_due(1900)
+    for i in range(3, 40):  # a queue that holds every request 1.2 s: no retransmission
+        round_trip(rs, client, i, [i * 2000], i * 2000 + 1200)
+    assert 1200 <= client.timeout_ms() < 1400
+    for i in range(40, 80):  # an idle cluster again: back to the floor
+        round_trip(rs, client, i, [i * 2000], i * 2000 + 5)
+    assert client.timeout_ms() == RETRANSMIT_MIN_MS
+
+
+def test_a_request_sent_again_gives_no_sample_karn() -> None:
+    rs, client = cluster()
+    round_trip(rs, client, 1, [0], 200)
+    before = (client.srtt_ms, client.rttvar_ms)
+    assert client.timeout_ms() == 600
+    round_trip(rs, client, 2, [1000, 1600], 1610)  # 610 ms or 10 ms: which send it answers
+    assert (client.srtt_ms, client.rttvar_ms) == before
+
+
+def test_no_sample_without_a_time_and_none_due_once_accepted() -> None:
+    rs, client = cluster()
+    wire = client.request(["put", "k", 1])
+    client.sent(0)
+    for w in replies_to(rs, wire):
+        client.on_reply(w)
+    assert client.accepted and client.srtt_ms == 0
+    assert not client.retransmit_due(60_000)
+
+
+def test_a_round_trip_past_the_cap_is_capped() -> None:
+    rs, client = cluster()
+    round_trip(rs, client, 1, [0], 9000)
+    assert client.timeout_ms() == RETRANSMIT_MAX_MS
