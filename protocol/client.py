@@ -12,12 +12,14 @@
 # - Retransmission (RFC 6298's timer, with Karn's rule): the caller publishes the outstanding
 #   request, calls sent(now_ms), and publishes it again once retransmit_due(now_ms). The
 #   timeout is the smoothed round trip plus four times its variation, within
-#   [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS], doubled at each retransmission of one request
-#   (up to RETRANSMIT_MAX_MS); only a request accepted after one send gives a sample (a reply
-#   to a retransmitted one may answer either send). A fixed 500 ms made a loaded cluster
-#   collapse: at 256 closed-loop clients the queue held requests past 500 ms, clients sent
-#   most requests two or three times, and every copy cost each replica a decode, a MAC and a
-#   page of its client table (measured: 241 req/s, 19% past the 2 s deadline).
+#   [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; each retransmission doubles it (up to
+#   RETRANSMIT_MAX_MS), and it stays backed off for the requests that follow until one is
+#   accepted after a single send: only such a request gives a sample (a reply to a
+#   retransmitted one may answer either send), so without the kept backoff a client whose
+#   every request waits past the floor would never measure one. A fixed 500 ms made a loaded
+#   cluster collapse: at 256 closed-loop clients the queue held requests past 500 ms, clients
+#   sent most requests two or three times, and every copy cost each replica a decode, a MAC
+#   and a page of its client table (measured: 241 req/s, 19% past the 2 s deadline).
 # - Times are ms from one monotonic clock of the caller's (never wrapping: a board's ticks_ms
 #   wraps), ints or floats.
 from . import auth, cbor
@@ -25,7 +27,6 @@ from . import messages as m
 
 RETRANSMIT_MIN_MS = 500   # the timeout's floor, and its value before a round trip is measured
 RETRANSMIT_MAX_MS = 4000  # doubling stops here, so a cluster back from a fault is retried soon
-_BACKOFF_MAX = 3          # doublings that can still stay below RETRANSMIT_MAX_MS
 
 
 class ClientCore:
@@ -46,6 +47,7 @@ class ClientCore:
         self.view = 0    # highest view seen in an authentic reply
         self.srtt_ms = 0     # smoothed round trip (0: none measured yet) ...
         self.rttvar_ms = 0   # ... and its variation (RFC 6298)
+        self.rto_ms = RETRANSMIT_MIN_MS  # the timeout: SRTT + 4 RTTVAR, or backed off
         self.sends = 0       # of the outstanding request
         self.first_sent_ms = 0
         self.next_send_ms = 0  # when retransmit_due() becomes true
@@ -87,22 +89,16 @@ class ClientCore:
         """The wire bytes of the outstanding request (for retransmission)."""
         return m.wire(self.macs, m.REQUEST, self.client, self.timestamp, op)
 
-    def timeout_ms(self):
-        """The retransmission timeout before backoff: SRTT + 4 RTTVAR, within
-        [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; RETRANSMIT_MIN_MS until a round trip is
-        measured."""
-        if not self.srtt_ms:
-            return RETRANSMIT_MIN_MS
-        return min(max(self.srtt_ms + 4 * self.rttvar_ms, RETRANSMIT_MIN_MS), RETRANSMIT_MAX_MS)
-
     def sent(self, now_ms):
-        """The outstanding request was published at ``now_ms`` (its first send, or again):
-        the next is due after the timeout, doubled per send before this one."""
+        """The outstanding request was published at ``now_ms`` (its first send, or again); a
+        send again backs the timeout off (doubles it), for this request and the ones after
+        it until a round trip is measured."""
         if self.sends == 0:
             self.first_sent_ms = now_ms
+        else:
+            self.rto_ms = min(2 * self.rto_ms, RETRANSMIT_MAX_MS)
         self.sends += 1
-        wait = self.timeout_ms() * (1 << min(self.sends - 1, _BACKOFF_MAX))
-        self.next_send_ms = now_ms + min(wait, RETRANSMIT_MAX_MS)
+        self.next_send_ms = now_ms + self.rto_ms
 
     def retransmit_due(self, now_ms):
         """Should the outstanding request be published again at ``now_ms``?"""
@@ -116,6 +112,8 @@ class ClientCore:
         else:
             self.rttvar_ms = (3 * self.rttvar_ms + abs(self.srtt_ms - rtt_ms)) // 4
             self.srtt_ms = (7 * self.srtt_ms + rtt_ms) // 8
+        self.rto_ms = min(max(self.srtt_ms + 4 * self.rttvar_ms, RETRANSMIT_MIN_MS),
+                          RETRANSMIT_MAX_MS)
 
     def on_reply(self, wire, now_ms=None):
         """Handle one reply, which came at ``now_ms`` (None: take no round-trip sample);

@@ -68,7 +68,7 @@ def test_before_any_round_trip_it_waits_the_floor_then_doubles_up_to_the_cap() -
         at = client.next_send_ms
         client.sent(at)
         waits.append(client.next_send_ms - at)
-    assert waits == [1000, 2000, 4000, 4000, 4000, 4000]
+    assert waits == [1000, 2000, 4000, 4000, 4000, 4000], "doubled per send, up to the cap"
     assert RETRANSMIT_MAX_MS == 4000
 
 
@@ -76,25 +76,31 @@ def test_one_send_gives_a_sample_and_the_timeout_follows_the_round_trips() -> No
     rs, client = cluster()
     round_trip(rs, client, 1, [0], 300)
     assert (client.srtt_ms, client.rttvar_ms) == (300, 150)
-    assert client.timeout_ms() == 300 + 4 * 150
+    assert client.rto_ms == 300 + 4 * 150
     client.request(["put", "k", 2])
     client.sent(1000)
     assert not client.retransmit_due(1899) and client.retransmit_due(1900)
     for i in range(3, 40):  # a queue that holds every request 1.2 s: no retransmission
         round_trip(rs, client, i, [i * 2000], i * 2000 + 1200)
-    assert 1200 <= client.timeout_ms() < 1400
+    assert 1200 <= client.rto_ms < 1400
     for i in range(40, 80):  # an idle cluster again: back to the floor
         round_trip(rs, client, i, [i * 2000], i * 2000 + 5)
-    assert client.timeout_ms() == RETRANSMIT_MIN_MS
+    assert client.rto_ms == RETRANSMIT_MIN_MS
 
 
 def test_a_request_sent_again_gives_no_sample_karn() -> None:
     rs, client = cluster()
     round_trip(rs, client, 1, [0], 200)
     before = (client.srtt_ms, client.rttvar_ms)
-    assert client.timeout_ms() == 600
+    assert client.rto_ms == 600
     round_trip(rs, client, 2, [1000, 1600], 1610)  # 610 ms or 10 ms: which send it answers
     assert (client.srtt_ms, client.rttvar_ms) == before
+    assert client.rto_ms == 1200, "backed off, and kept for the next request"
+    client.request(["put", "k", 3])
+    client.sent(2000)
+    assert client.next_send_ms == 3200
+    round_trip(rs, client, 4, [4000], 4100)  # one send: a sample, and the timeout from it
+    assert client.rto_ms == max(client.srtt_ms + 4 * client.rttvar_ms, RETRANSMIT_MIN_MS) < 1200
 
 
 def test_no_sample_without_a_time_and_none_due_once_accepted() -> None:
@@ -110,4 +116,4 @@ def test_no_sample_without_a_time_and_none_due_once_accepted() -> None:
 def test_a_round_trip_past_the_cap_is_capped() -> None:
     rs, client = cluster()
     round_trip(rs, client, 1, [0], 9000)
-    assert client.timeout_ms() == RETRANSMIT_MAX_MS
+    assert client.rto_ms == RETRANSMIT_MAX_MS
