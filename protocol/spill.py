@@ -1,19 +1,19 @@
 # The primary's overflow of client requests, kept on flash: a FIFO of request wires.
 #
 # Rules:
-# - In RAM a primary queues at most _PENDING_MAX requests for a batch and holds at most
-#   _WAITING_MAX in its T1 table, wire and all (replica.py). A request that found both full
-#   was dropped, and its client sent it again 0.5 s or more later: at 64 closed-loop clients
-#   13% of requests needed a second send, and some timed out after a third. Spill keeps them
-#   on flash instead, in arrival order, and the primary takes them back as its queue drains.
+# - In RAM a primary queues at most _PENDING_MAX requests for a batch (replica.py). The rest
+#   wait here, in arrival order, and the primary takes them back as its queue drains; while
+#   any wait here, a new request goes behind them (never ahead). Dropped, a request came
+#   again only when its client sent it again, 0.5 s or more later: at 64 closed-loop clients
+#   13% of requests needed a second send, and some timed out after a third.
 # - The file NAME holds records: a 2-byte big-endian length, then a wire of at most
 #   ``wire_bytes_max`` bytes. push() appends one; pop() reads the oldest. The file is deleted
 #   when it has been read to the end, and when the queue is cleared (a view change) or built
 #   (a restart: it is not state, and a power cut may have torn its last record).
 # - At most RECORDS_MAX records are held; then push() refuses, and the request is dropped as
 #   before (the flash a queue takes is bounded: RECORDS_MAX * (2 + wire_bytes_max) bytes).
-# - A wire was decoded and authenticated before it was pushed; the caller decodes and checks
-#   what pop() returns again all the same. A record whose length is out of bounds or that is
+# - A wire was decoded and authenticated before it was pushed; the caller checks what pop()
+#   returns again all the same (replica._refill_pending). A record whose length is out of bounds or that is
 #   cut short (a flash that lost data, an append that failed) ends the queue.
 # - RAM: three ints.
 NAME = "Q"

@@ -129,6 +129,36 @@ def test_requests_beyond_the_primarys_tables_wait_on_flash_and_all_execute_once(
     assert_every_put_accepted_and_replicas_agree(net, clients)
 
 
+def test_the_primarys_queue_is_first_come_first_served() -> None:
+    """80 clients at once, and each of clients 0-7 sends its next request the moment its first
+    executes: those go behind every request that came before them (waiting on flash), not
+    ahead. Filled from the T1 table first, the queue gave them its free slots at once, and
+    at 256 clients the requests beyond the table starved past the deadline."""
+    net = Net(pipeline_max=1, batch_max=4)
+    clients = [net.client(c) for c in range(80)]
+    for c in clients:
+        net.submit(c.request(["put", f"k{c.client}", 1]))
+    primary = net.replicas[0]
+    answered: list[tuple[int, int]] = []  # (client, its request's number), as the primary replies
+    while net.queue:
+        to, wire = net.queue.pop(0)
+        assert isinstance(to, int)
+        net.replicas[to].receive(wire, net.now)
+        if to == 0:
+            for dest, out in primary.out:
+                if rp.is_client(dest):
+                    c = m.decode(out).client
+                    answered.append((c, clients[c].timestamp))
+                    if c < 8 and clients[c].timestamp == 1:
+                        net.submit(clients[c].request(["put", f"k{c}", 2]))
+        net._collect(to)
+    firsts = [i for i, (_, n) in enumerate(answered) if n == 1]
+    seconds = [i for i, (_, n) in enumerate(answered) if n == 2]
+    assert len(firsts) == 80 and len(seconds) == 8
+    assert max(firsts) < min(seconds), "a later request passed one that waited"
+    assert primary.counts["executed_requests"] == 88
+
+
 def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
     from edgebft.protocol.flash import MemFlash
     from edgebft.protocol.spill import NAME, RECORDS_MAX, Spill
