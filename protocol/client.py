@@ -16,8 +16,7 @@
 #   RETRANSMIT_MAX_MS), and it stays backed off for the requests that follow until one is
 #   accepted after a single send: only such a request gives a sample (a reply to a
 #   retransmitted one may answer either send), so without the kept backoff a client whose
-#   every request waits past the floor would never measure one. A request given up
-#   (abandon(), or a new request() before it was accepted) drops its backoff instead. A fixed 500 ms made a loaded
+#   every request waits past the floor would never measure one. A fixed 500 ms made a loaded
 #   cluster collapse: at 256 closed-loop clients the queue held requests past 500 ms, clients
 #   sent most requests two or three times, and every copy cost each replica a decode, a MAC
 #   and a page of its client table (measured: 241 req/s, 19% past the 2 s deadline).
@@ -54,9 +53,7 @@ class ClientCore:
         self.next_send_ms = 0  # when retransmit_due() becomes true
 
     def request(self, op):
-        """Start a new request for ``op`` (abandoning one still outstanding); return its wire
-        bytes."""
-        self.abandon()
+        """Start a new request for ``op``; return its wire bytes."""
         self.timestamp += 1
         self.votes = {}
         self.accepted = False
@@ -103,15 +100,6 @@ class ClientCore:
         self.sends += 1
         self.next_send_ms = now_ms + self.rto_ms
 
-    def abandon(self):
-        """Give up the outstanding request, if any: replies to it are ignored from now on. A
-        timeout backed off for it goes back to the estimate: sends that went unanswered to the
-        end measured no queue (most likely a fault: a broker restarting, a primary down), and
-        a backed-off first retransmission would slow the recovery after it."""
-        if not self.accepted and self.sends > 1:
-            self.rto_ms = self._estimate()
-        self.accepted = True
-
     def retransmit_due(self, now_ms):
         """Should the outstanding request be published again at ``now_ms``?"""
         return not self.accepted and self.sends > 0 and now_ms >= self.next_send_ms
@@ -124,14 +112,8 @@ class ClientCore:
         else:
             self.rttvar_ms = (3 * self.rttvar_ms + abs(self.srtt_ms - rtt_ms)) // 4
             self.srtt_ms = (7 * self.srtt_ms + rtt_ms) // 8
-        self.rto_ms = self._estimate()
-
-    def _estimate(self):
-        """SRTT + 4 RTTVAR within [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; the floor until a
-        round trip is measured."""
-        if not self.srtt_ms:
-            return RETRANSMIT_MIN_MS
-        return min(max(self.srtt_ms + 4 * self.rttvar_ms, RETRANSMIT_MIN_MS), RETRANSMIT_MAX_MS)
+        self.rto_ms = min(max(self.srtt_ms + 4 * self.rttvar_ms, RETRANSMIT_MIN_MS),
+                          RETRANSMIT_MAX_MS)
 
     def on_reply(self, wire, now_ms=None):
         """Handle one reply, which came at ``now_ms`` (None: take no round-trip sample);
