@@ -12,21 +12,28 @@
 # - Retransmission (RFC 6298's timer, with Karn's rule): the caller publishes the outstanding
 #   request, calls sent(now_ms), and publishes it again once retransmit_due(now_ms). The
 #   timeout is the smoothed round trip plus four times its variation, within
-#   [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; each retransmission doubles it (up to
-#   RETRANSMIT_MAX_MS), and it stays backed off for the requests that follow until one is
-#   accepted after a single send: only such a request gives a sample (a reply to a
-#   retransmitted one may answer either send), so without the kept backoff a client whose
-#   every request waits past the floor would never measure one. A fixed 500 ms made a loaded
-#   cluster collapse: at 256 closed-loop clients the queue held requests past 500 ms, clients
-#   sent most requests two or three times, and every copy cost each replica a decode, a MAC
-#   and a page of its client table (measured: 241 req/s, 19% past the 2 s deadline).
+#   [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]. Each retransmission doubles it, up to the larger
+#   of that estimate, twice the smoothed round trip and RETRANSMIT_BACKOFF_MS; it stays backed
+#   off for the requests that follow until one is accepted after a single send: only such a
+#   request gives a sample (a reply to a retransmitted one may answer either send), so
+#   without the kept backoff a client whose every request waits past the floor would never
+#   measure one. A fixed 500 ms made a loaded cluster collapse: at 256 closed-loop clients
+#   the queue held requests past 500 ms, clients sent most requests two or three times, and
+#   every copy cost each replica a decode, a MAC and a page of its client table (measured:
+#   241 req/s, 19% past the 2 s deadline).
 # - Times are ms from one monotonic clock of the caller's (never wrapping: a board's ticks_ms
 #   wraps), ints or floats.
 from . import auth, cbor
 from . import messages as m
 
 RETRANSMIT_MIN_MS = 500   # the timeout's floor, and its value before a round trip is measured
-RETRANSMIT_MAX_MS = 4000  # doubling stops here, so a cluster back from a fault is retried soon
+RETRANSMIT_MAX_MS = 4000  # the estimate's ceiling
+# Backing off doubles the timeout up to twice the smoothed round trip, or this: enough for
+# a reply to come after one send to a queue that holds requests ~0.5-1 s (so a round trip
+# is measured), and short enough that a cluster back from a fault (a broker restarting, a
+# view change) is retried soon. Backed off up to RETRANSMIT_MAX_MS, the bench lost a whole
+# deadline of requests more after a broker restart (recovery 1.5-1.7 s instead of 1.1 s).
+RETRANSMIT_BACKOFF_MS = 1000
 
 
 class ClientCore:
@@ -96,7 +103,8 @@ class ClientCore:
         if self.sends == 0:
             self.first_sent_ms = now_ms
         else:
-            self.rto_ms = min(2 * self.rto_ms, RETRANSMIT_MAX_MS)
+            self.rto_ms = min(2 * self.rto_ms, max(self._estimate(), 2 * self.srtt_ms,
+                                                   RETRANSMIT_BACKOFF_MS))
         self.sends += 1
         self.next_send_ms = now_ms + self.rto_ms
 
@@ -112,8 +120,14 @@ class ClientCore:
         else:
             self.rttvar_ms = (3 * self.rttvar_ms + abs(self.srtt_ms - rtt_ms)) // 4
             self.srtt_ms = (7 * self.srtt_ms + rtt_ms) // 8
-        self.rto_ms = min(max(self.srtt_ms + 4 * self.rttvar_ms, RETRANSMIT_MIN_MS),
-                          RETRANSMIT_MAX_MS)
+        self.rto_ms = self._estimate()
+
+    def _estimate(self):
+        """SRTT + 4 RTTVAR within [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; the floor until a
+        round trip is measured."""
+        if not self.srtt_ms:
+            return RETRANSMIT_MIN_MS
+        return min(max(self.srtt_ms + 4 * self.rttvar_ms, RETRANSMIT_MIN_MS), RETRANSMIT_MAX_MS)
 
     def on_reply(self, wire, now_ms=None):
         """Handle one reply, which came at ``now_ms`` (None: take no round-trip sample);

@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 
 from edgebft.protocol import replica as rp
-from edgebft.protocol.client import RETRANSMIT_MAX_MS, RETRANSMIT_MIN_MS, ClientCore
+from edgebft.protocol.client import (RETRANSMIT_BACKOFF_MS, RETRANSMIT_MAX_MS,
+                                     RETRANSMIT_MIN_MS, ClientCore)
 from edgebft.protocol.stake import Stake
 
 N = 4
@@ -55,7 +56,7 @@ def round_trip(rs: list[rp.Replica], client: ClientCore, i: int, sends_ms: list[
     assert accepted.count(True) == 1
 
 
-def test_before_any_round_trip_it_waits_the_floor_then_doubles_up_to_the_cap() -> None:
+def test_before_any_round_trip_it_waits_the_floor_then_backs_off_to_a_second() -> None:
     rs, client = cluster()
     client.request(["put", "k", 1])
     assert not client.retransmit_due(10_000), "nothing sent yet"
@@ -63,13 +64,29 @@ def test_before_any_round_trip_it_waits_the_floor_then_doubles_up_to_the_cap() -
     assert not client.retransmit_due(RETRANSMIT_MIN_MS - 1)
     assert client.retransmit_due(RETRANSMIT_MIN_MS)
     waits = []
-    at = 0
-    for _ in range(6):
+    for _ in range(4):
         at = client.next_send_ms
         client.sent(at)
         waits.append(client.next_send_ms - at)
-    assert waits == [1000, 2000, 4000, 4000, 4000, 4000], "doubled per send, up to the cap"
-    assert RETRANSMIT_MAX_MS == 4000
+    assert waits == [RETRANSMIT_BACKOFF_MS] * 4 == [1000] * 4, "doubled once, then capped"
+
+
+def test_backing_off_goes_up_to_twice_the_round_trip_or_the_estimate() -> None:
+    rs, client = cluster()
+    round_trip(rs, client, 1, [0], 700)  # srtt 700, rttvar 350
+    assert client.rto_ms == 700 + 4 * 350
+    client.request(["put", "k", 2])
+    client.sent(1000)
+    client.sent(client.next_send_ms)
+    assert client.rto_ms == 2100, "the estimate: above twice the round trip and 1 s"
+    for i in range(3, 60):  # steady 900 ms round trips: the variation fades
+        round_trip(rs, client, i, [i * 5000], i * 5000 + 900)
+    estimate, twice = client.rto_ms, 2 * client.srtt_ms
+    assert 880 <= client.srtt_ms <= 900 and RETRANSMIT_BACKOFF_MS < twice < 2 * estimate
+    client.request(["put", "k", 60])
+    client.sent(400_000)
+    client.sent(client.next_send_ms)
+    assert client.rto_ms == twice, "doubled, up to twice the round trip"
 
 
 def test_one_send_gives_a_sample_and_the_timeout_follows_the_round_trips() -> None:
@@ -95,12 +112,12 @@ def test_a_request_sent_again_gives_no_sample_karn() -> None:
     assert client.rto_ms == 600
     round_trip(rs, client, 2, [1000, 1600], 1610)  # 610 ms or 10 ms: which send it answers
     assert (client.srtt_ms, client.rttvar_ms) == before
-    assert client.rto_ms == 1200, "backed off, and kept for the next request"
+    assert client.rto_ms == 1000, "backed off, and kept for the next request"
     client.request(["put", "k", 3])
     client.sent(2000)
-    assert client.next_send_ms == 3200
+    assert client.next_send_ms == 3000
     round_trip(rs, client, 4, [4000], 4100)  # one send: a sample, and the timeout from it
-    assert client.rto_ms == max(client.srtt_ms + 4 * client.rttvar_ms, RETRANSMIT_MIN_MS) < 1200
+    assert client.rto_ms == max(client.srtt_ms + 4 * client.rttvar_ms, RETRANSMIT_MIN_MS) < 1000
 
 
 def test_no_sample_without_a_time_and_none_due_once_accepted() -> None:
