@@ -7,8 +7,12 @@ from __future__ import annotations
 import hashlib
 
 from edgebft.protocol import replica as rp
-from edgebft.protocol.client import (RETRANSMIT_BACKOFF_MS, RETRANSMIT_MAX_MS,
-                                     RETRANSMIT_MIN_MS, ClientCore)
+from edgebft.protocol.client import (
+    RETRANSMIT_BACKOFF_MS,
+    RETRANSMIT_MAX_MS,
+    RETRANSMIT_MIN_MS,
+    ClientCore,
+)
 from edgebft.protocol.stake import Stake
 
 N = 4
