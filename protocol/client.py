@@ -17,10 +17,13 @@
 #   off for the requests that follow until one is accepted after a single send: only such a
 #   request gives a sample (a reply to a retransmitted one may answer either send), so
 #   without the kept backoff a client whose every request waits past the floor would never
-#   measure one. A fixed 500 ms made a loaded cluster collapse: at 256 closed-loop clients
-#   the queue held requests past 500 ms, clients sent most requests two or three times, and
-#   every copy cost each replica a decode, a MAC and a page of its client table (measured:
-#   241 req/s, 19% past the 2 s deadline).
+#   measure one. A request given up (abandon(), or a new request() before it was accepted)
+#   drops its backoff instead: sends unanswered to the end measured no queue but a fault (a
+#   broker restarting, a primary down), and a backed-off first retransmission slows the
+#   recovery after it. A fixed 500 ms made a loaded cluster collapse: at 256 closed-loop
+#   clients the queue held requests past 500 ms, clients sent most requests two or three
+#   times, and every copy cost each replica a decode, a MAC and a page of its client table
+#   (measured: 241 req/s, 19% past the 2 s deadline).
 # - Times are ms from one monotonic clock of the caller's (never wrapping: a board's ticks_ms
 #   wraps), ints or floats.
 from . import auth, cbor
@@ -60,7 +63,9 @@ class ClientCore:
         self.next_send_ms = 0  # when retransmit_due() becomes true
 
     def request(self, op):
-        """Start a new request for ``op``; return its wire bytes."""
+        """Start a new request for ``op`` (abandoning one still outstanding); return its wire
+        bytes."""
+        self.abandon()
         self.timestamp += 1
         self.votes = {}
         self.accepted = False
@@ -107,6 +112,15 @@ class ClientCore:
                                                    RETRANSMIT_BACKOFF_MS))
         self.sends += 1
         self.next_send_ms = now_ms + self.rto_ms
+
+    def abandon(self):
+        """Give up the outstanding request, if any: replies to it are ignored from now on. A
+        timeout backed off for it goes back to the estimate: sends that went unanswered to the
+        end measured no queue (most likely a fault: a broker restarting, a primary down), and
+        a backed-off first retransmission would slow the recovery after it."""
+        if not self.accepted and self.sends > 1:
+            self.rto_ms = self._estimate()
+        self.accepted = True
 
     def retransmit_due(self, now_ms):
         """Should the outstanding request be published again at ``now_ms``?"""

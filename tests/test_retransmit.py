@@ -138,3 +138,22 @@ def test_a_round_trip_past_the_cap_is_capped() -> None:
     rs, client = cluster()
     round_trip(rs, client, 1, [0], 9000)
     assert client.rto_ms == RETRANSMIT_MAX_MS
+
+
+def test_a_request_given_up_drops_its_backoff() -> None:
+    """Sends unanswered to the end measured no queue (a broker restarting, a primary down):
+    the next request's first retransmission comes at the estimate, not backed off."""
+    rs, client = cluster()
+    round_trip(rs, client, 1, [0], 200)
+    assert client.rto_ms == 600
+    client.request(["put", "k", 2])
+    for at in (1000, 1600, 2600):
+        client.sent(at)
+    assert client.rto_ms == RETRANSMIT_BACKOFF_MS
+    client.request(["put", "k", 3])  # the workload's deadline passed: a new request
+    assert client.rto_ms == 600
+    client.sent(5000)
+    client.sent(5600)
+    client.abandon()  # the host client's timeout
+    assert client.accepted and client.rto_ms == 600
+    assert not client.retransmit_due(99_000)
