@@ -362,7 +362,7 @@ class Client:
                 self._done.wait(READ_WAIT_S)
                 with self._core_lock:
                     decided = self._core.accepted and self._done.is_set()
-                    self._core.abandon()  # replies still to come are ignored
+                    self._core.accepted = True  # replies still to come are ignored
                 if decided:
                     ok, value = self._result
                     if ok:
@@ -389,7 +389,7 @@ class Client:
                     break
                 if time.monotonic() >= deadline:
                     with self._core_lock:
-                        self._core.abandon()  # late replies to it are ignored
+                        self._core.accepted = True  # late replies to it are ignored
                     raise Timeout(f"{op[0]}: no accepted reply within {self.timeout_s:g} s "
                                   "(is the cluster up?); it may still execute, at most once")
             ok, value = self._result

@@ -12,18 +12,18 @@
 # - Retransmission (RFC 6298's timer, with Karn's rule): the caller publishes the outstanding
 #   request, calls sent(now_ms), and publishes it again once retransmit_due(now_ms). The
 #   timeout is the smoothed round trip plus four times its variation, within
-#   [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]. Each retransmission doubles it, up to the larger
-#   of that estimate, twice the smoothed round trip and RETRANSMIT_BACKOFF_MS; it stays backed
-#   off for the requests that follow until one is accepted after a single send: only such a
-#   request gives a sample (a reply to a retransmitted one may answer either send), so
-#   without the kept backoff a client whose every request waits past the floor would never
-#   measure one. A request given up (abandon(), or a new request() before it was accepted)
-#   drops its backoff instead: sends unanswered to the end measured no queue but a fault (a
-#   broker restarting, a primary down), and a backed-off first retransmission slows the
-#   recovery after it. A fixed 500 ms made a loaded cluster collapse: at 256 closed-loop
-#   clients the queue held requests past 500 ms, clients sent most requests two or three
-#   times, and every copy cost each replica a decode, a MAC and a page of its client table
-#   (measured: 241 req/s, 19% past the 2 s deadline).
+#   [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; each retransmission of a request doubles it, up
+#   to the larger of that estimate, twice the smoothed round trip and RETRANSMIT_BACKOFF_MS.
+#   Only a request accepted after one send gives a sample (a reply to a retransmitted one
+#   may answer either send). Each request starts from the estimate: a backoff kept for the
+#   requests after (RFC 6298 5.7) made the first retransmission after a fault come later
+#   than the replicas' view-change timer (1 s: T1 fires when nothing executes for that
+#   long), and a request lost to a restarted primary cost a view change (bench --nemesis
+#   crash,broker-restart,oom: 4-5 view changes a run instead of 2-3). A fixed 500 ms made a
+#   loaded cluster collapse: at 256 closed-loop clients the queue held requests past 500 ms,
+#   clients sent most requests two or three times, and every copy cost each replica a
+#   decode, a MAC and a page of its client table (measured: 241 req/s, 19% past the 2 s
+#   deadline).
 # - Times are ms from one monotonic clock of the caller's (never wrapping: a board's ticks_ms
 #   wraps), ints or floats.
 from . import auth, cbor
@@ -31,11 +31,10 @@ from . import messages as m
 
 RETRANSMIT_MIN_MS = 500   # the timeout's floor, and its value before a round trip is measured
 RETRANSMIT_MAX_MS = 4000  # the estimate's ceiling
-# Backing off doubles the timeout up to twice the smoothed round trip, or this: enough for
-# a reply to come after one send to a queue that holds requests ~0.5-1 s (so a round trip
-# is measured), and short enough that a cluster back from a fault (a broker restarting, a
-# view change) is retried soon. Backed off up to RETRANSMIT_MAX_MS, the bench lost a whole
-# deadline of requests more after a broker restart (recovery 1.5-1.7 s instead of 1.1 s).
+# Backing off doubles a request's timeout up to twice the smoothed round trip, or this:
+# short enough that a cluster back from a fault (a broker restarting) is retried soon. Backed
+# off up to RETRANSMIT_MAX_MS, the bench lost a whole deadline of requests more after a broker
+# restart (recovery 1.5-1.7 s instead of 1.1 s).
 RETRANSMIT_BACKOFF_MS = 1000
 
 
@@ -57,15 +56,13 @@ class ClientCore:
         self.view = 0    # highest view seen in an authentic reply
         self.srtt_ms = 0     # smoothed round trip (0: none measured yet) ...
         self.rttvar_ms = 0   # ... and its variation (RFC 6298)
-        self.rto_ms = RETRANSMIT_MIN_MS  # the timeout: SRTT + 4 RTTVAR, or backed off
+        self.rto_ms = RETRANSMIT_MIN_MS  # the outstanding request's timeout (backed off)
         self.sends = 0       # of the outstanding request
         self.first_sent_ms = 0
         self.next_send_ms = 0  # when retransmit_due() becomes true
 
     def request(self, op):
-        """Start a new request for ``op`` (abandoning one still outstanding); return its wire
-        bytes."""
-        self.abandon()
+        """Start a new request for ``op``; return its wire bytes."""
         self.timestamp += 1
         self.votes = {}
         self.accepted = False
@@ -102,25 +99,16 @@ class ClientCore:
         return m.wire(self.macs, m.REQUEST, self.client, self.timestamp, op)
 
     def sent(self, now_ms):
-        """The outstanding request was published at ``now_ms`` (its first send, or again); a
-        send again backs the timeout off (doubles it), for this request and the ones after
-        it until a round trip is measured."""
+        """The outstanding request was published at ``now_ms``: its first send (the timeout is
+        the estimate), or again (the timeout doubles)."""
         if self.sends == 0:
             self.first_sent_ms = now_ms
+            self.rto_ms = self.estimate_ms()
         else:
-            self.rto_ms = min(2 * self.rto_ms, max(self._estimate(), 2 * self.srtt_ms,
+            self.rto_ms = min(2 * self.rto_ms, max(self.estimate_ms(), 2 * self.srtt_ms,
                                                    RETRANSMIT_BACKOFF_MS))
         self.sends += 1
         self.next_send_ms = now_ms + self.rto_ms
-
-    def abandon(self):
-        """Give up the outstanding request, if any: replies to it are ignored from now on. A
-        timeout backed off for it goes back to the estimate: sends that went unanswered to the
-        end measured no queue (most likely a fault: a broker restarting, a primary down), and
-        a backed-off first retransmission would slow the recovery after it."""
-        if not self.accepted and self.sends > 1:
-            self.rto_ms = self._estimate()
-        self.accepted = True
 
     def retransmit_due(self, now_ms):
         """Should the outstanding request be published again at ``now_ms``?"""
@@ -134,9 +122,8 @@ class ClientCore:
         else:
             self.rttvar_ms = (3 * self.rttvar_ms + abs(self.srtt_ms - rtt_ms)) // 4
             self.srtt_ms = (7 * self.srtt_ms + rtt_ms) // 8
-        self.rto_ms = self._estimate()
 
-    def _estimate(self):
+    def estimate_ms(self):
         """SRTT + 4 RTTVAR within [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; the floor until a
         round trip is measured."""
         if not self.srtt_ms:
