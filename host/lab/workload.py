@@ -182,18 +182,9 @@ class Workload:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         """Subscribe to the replies on every connection: a broker that restarted, or a
-        reconnection with a clean session, has forgotten the subscription. Then send every
-        outstanding request again: a send while the link was down was lost, and a timer
-        backed off through the outage would wait up to RETRANSMIT_MAX_MS more."""
-        if reason.is_failure:
-            return
-        client.subscribe(f"ebft/{self.cluster}/rep/+", qos=0)
-        with self._lock:
-            now_ms = time.monotonic() * 1000.0
-            for c, pending in self._outstanding.items():
-                core = self._cores[c]
-                client.publish(self._topic("req", c), core.request_wire(pending.op))
-                core.sent(now_ms)
+        reconnection with a clean session, has forgotten the subscription."""
+        if not reason.is_failure:
+            client.subscribe(f"ebft/{self.cluster}/rep/+", qos=0)
 
     def _topic(self, kind: str, client: int) -> str:
         return f"ebft/{self.cluster}/{kind}/{client}"
