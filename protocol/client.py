@@ -15,10 +15,7 @@
 #   [RETRANSMIT_MIN_MS, RETRANSMIT_MAX_MS]; each retransmission of a request doubles it, up
 #   to the larger of that estimate, twice the smoothed round trip and RETRANSMIT_BACKOFF_MS.
 #   Only a request accepted after one send gives a sample (a reply to a retransmitted one
-#   may answer either send), but for the first: before any, the time since the first send is
-#   taken (an upper bound). Else a client whose every request waits past the floor (1,024
-#   closed-loop clients) never measures one and sends every request two or three times
-#   (measured: 168 req/s with no first sample, 320 with a kept backoff instead). Each request starts from the estimate: a backoff kept for the
+#   may answer either send). Each request starts from the estimate: a backoff kept for the
 #   requests after (RFC 6298 5.7) made the first retransmission after a fault come later
 #   than the replicas' view-change timer (1 s: T1 fires when nothing executes for that
 #   long), and a request lost to a restarted primary cost a view change (bench --nemesis
@@ -153,9 +150,7 @@ class ClientCore:
         matching = [r for r in self.votes if self.votes[r] == encoded]
         if self._decides(self.stake.of(matching)):
             self.accepted = True
-            if now_ms is not None and (self.sends == 1 or self.sends and not self.srtt_ms):
-                # Karn: one send, one round trip; until one is measured, the time since the
-                # first send bounds the round trip from above
+            if now_ms is not None and self.sends == 1:  # Karn: one send, one round trip
                 self._measured(now_ms - self.first_sent_ms)
             return True, msg.result
         return False, None
