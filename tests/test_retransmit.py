@@ -4,64 +4,43 @@ sensor firmware, the simulator's) sends again only when it says."""
 
 from __future__ import annotations
 
-import hashlib
+from test_replica import Net
 
-from edgebft.protocol import replica as rp
 from edgebft.protocol.client import (
     RETRANSMIT_BACKOFF_MS,
     RETRANSMIT_MAX_MS,
     RETRANSMIT_MIN_MS,
     ClientCore,
 )
-from edgebft.protocol.stake import Stake
 
-N = 4
-STAKE = Stake([1] * N)
-SECRETS = [hashlib.sha256(b"client %d" % i).digest() for i in range(N)]
 CLIENT = 5
 
 
-def keys_for(i: int) -> list[bytes]:
-    return [hashlib.sha256(b"client %d %d" % (min(i, j), max(i, j))).digest() for j in range(N)]
+def cluster() -> tuple[Net, ClientCore]:
+    net = Net()
+    return net, net.client(CLIENT)
 
 
-def cluster() -> tuple[list[rp.Replica], ClientCore]:
-    rs = [rp.Replica(i, STAKE, keys_for(i), SECRETS[i]) for i in range(N)]
-    return rs, ClientCore(CLIENT, STAKE, [rp.client_key(SECRETS[i], CLIENT) for i in range(N)])
-
-
-def replies_to(rs: list[rp.Replica], wire: bytes) -> list[bytes]:
+def replies_to(net: Net, wire: bytes) -> list[bytes]:
     """Run the request ``wire`` through the normal case; the replies the client gets."""
-    queue = [(i, wire) for i in range(N)]
-    replies = []
-    while queue:
-        to, wire = queue.pop(0)
-        r = rs[to]
-        r.receive(wire, 0)
-        for dest, out in r.out:
-            if dest == rp.TO_ALL:
-                queue.extend((j, out) for j in range(N) if j != to)
-            elif rp.is_client(dest):
-                replies.append(out)
-            else:
-                queue.append((dest, out))
-        del r.out[:]
-    return replies
+    net.submit(wire)
+    net.run()
+    return net.replies.pop(CLIENT, [])
 
 
-def round_trip(rs: list[rp.Replica], client: ClientCore, i: int, sends_ms: list[int],
+def round_trip(net: Net, client: ClientCore, i: int, sends_ms: list[int],
                reply_ms: int) -> None:
     """Put number ``i``, sent at each of ``sends_ms`` and answered at ``reply_ms``."""
     wire = client.request(["put", "k", i])
     for at in sends_ms:
         assert at == sends_ms[0] or client.retransmit_due(at)
         client.sent(at)
-    accepted = [client.on_reply(w, reply_ms)[0] for w in replies_to(rs, wire)]
+    accepted = [client.on_reply(w, reply_ms)[0] for w in replies_to(net, wire)]
     assert accepted.count(True) == 1
 
 
 def test_before_any_round_trip_it_waits_the_floor_then_backs_off_to_a_second() -> None:
-    rs, client = cluster()
+    net, client = cluster()
     client.request(["put", "k", 1])
     assert not client.retransmit_due(10_000), "nothing sent yet"
     client.sent(0)
@@ -76,15 +55,15 @@ def test_before_any_round_trip_it_waits_the_floor_then_backs_off_to_a_second() -
 
 
 def test_backing_off_goes_up_to_twice_the_round_trip_or_the_estimate() -> None:
-    rs, client = cluster()
-    round_trip(rs, client, 1, [0], 700)  # srtt 700, rttvar 350
+    net, client = cluster()
+    round_trip(net, client, 1, [0], 700)  # srtt 700, rttvar 350
     assert client.estimate_ms() == 700 + 4 * 350
     client.request(["put", "k", 2])
     client.sent(1000)
     client.sent(client.next_send_ms)
     assert client.rto_ms == 2100, "the estimate: above twice the round trip and 1 s"
     for i in range(3, 60):  # steady 900 ms round trips: the variation fades
-        round_trip(rs, client, i, [i * 5000], i * 5000 + 900)
+        round_trip(net, client, i, [i * 5000], i * 5000 + 900)
     estimate, twice = client.estimate_ms(), 2 * client.srtt_ms
     assert 880 <= client.srtt_ms <= 900 and RETRANSMIT_BACKOFF_MS < twice < 2 * estimate
     client.request(["put", "k", 60])
@@ -94,27 +73,27 @@ def test_backing_off_goes_up_to_twice_the_round_trip_or_the_estimate() -> None:
 
 
 def test_one_send_gives_a_sample_and_the_timeout_follows_the_round_trips() -> None:
-    rs, client = cluster()
-    round_trip(rs, client, 1, [0], 300)
+    net, client = cluster()
+    round_trip(net, client, 1, [0], 300)
     assert (client.srtt_ms, client.rttvar_ms) == (300, 150)
     assert client.estimate_ms() == 300 + 4 * 150
     client.request(["put", "k", 2])
     client.sent(1000)
     assert not client.retransmit_due(1899) and client.retransmit_due(1900)
     for i in range(3, 40):  # a queue that holds every request 1.2 s: no retransmission
-        round_trip(rs, client, i, [i * 2000], i * 2000 + 1200)
+        round_trip(net, client, i, [i * 2000], i * 2000 + 1200)
     assert 1200 <= client.estimate_ms() < 1400
     for i in range(40, 80):  # an idle cluster again: back to the floor
-        round_trip(rs, client, i, [i * 2000], i * 2000 + 5)
+        round_trip(net, client, i, [i * 2000], i * 2000 + 5)
     assert client.estimate_ms() == RETRANSMIT_MIN_MS
 
 
 def test_a_request_sent_again_gives_no_sample_karn() -> None:
-    rs, client = cluster()
-    round_trip(rs, client, 1, [0], 200)
+    net, client = cluster()
+    round_trip(net, client, 1, [0], 200)
     before = (client.srtt_ms, client.rttvar_ms)
     assert client.estimate_ms() == 600
-    round_trip(rs, client, 2, [1000, 1600], 1610)  # 610 ms or 10 ms: which send it answers
+    round_trip(net, client, 2, [1000, 1600], 1610)  # 610 ms or 10 ms: which send it answers
     assert (client.srtt_ms, client.rttvar_ms) == before
     assert client.rto_ms == 1000, "backed off"
     client.request(["put", "k", 3])
@@ -123,17 +102,17 @@ def test_a_request_sent_again_gives_no_sample_karn() -> None:
 
 
 def test_no_sample_without_a_time_and_none_due_once_accepted() -> None:
-    rs, client = cluster()
+    net, client = cluster()
     wire = client.request(["put", "k", 1])
     client.sent(0)
-    for w in replies_to(rs, wire):
+    for w in replies_to(net, wire):
         client.on_reply(w)
     assert client.accepted and client.srtt_ms == 0
     assert not client.retransmit_due(60_000)
 
 
 def test_a_round_trip_past_the_cap_is_capped() -> None:
-    rs, client = cluster()
-    round_trip(rs, client, 1, [0], 9000)
+    net, client = cluster()
+    round_trip(net, client, 1, [0], 9000)
     assert client.estimate_ms() == RETRANSMIT_MAX_MS
 
