@@ -82,29 +82,32 @@ def delete_all(flash, prefix):
 
 
 def page_term(data):
-    """(AdHash term, tag) of a page's bytes: (0, 0) for an empty page; else the term is
-    SHA-256 in counter mode over the bytes, 2048 bits (block i is _block(i, data), into one
-    buffer, read as a big-endian int), and the tag its first two bytes (0 read as 1)."""
+    """(AdHash term, tag) of a page's bytes: (0, 0) for an empty page; else the term is the
+    page's SHA-256 digest expanded to 2048 bits in counter mode (block i is _block(i, digest),
+    into one buffer, read as a big-endian int), and the tag its first two bytes (0 read as 1).
+    The page is hashed once: hashed eight times (once per block), a term of a 300-1,200 byte
+    page took 23-40 us on the Unix port instead of 8-10 (1.6 terms per request per replica)."""
     if not data:
         return 0, 0
+    digest = hashlib.sha256(data).digest()
     out = _HASH_SCRATCH or bytearray(SUM_BYTES)
     for i in range(SUM_BYTES // 32):
-        out[32 * i:32 * i + 32] = _block(i, data)
+        out[32 * i:32 * i + 32] = _block(i, digest)
     return int.from_bytes(out, "big"), (out[0] << 8 | out[1]) or 1
 
 
 def page_tag(data):
-    """page_term(data)'s tag, from its first block alone (one hash, not eight)."""
+    """page_term(data)'s tag, from its first block alone."""
     if not data:
         return 0
-    d = _block(0, data)
+    d = _block(0, hashlib.sha256(data).digest())
     return (d[0] << 8 | d[1]) or 1
 
 
-def _block(i, data):
-    """Block i of a page's term: SHA-256 of byte i then the page's bytes."""
+def _block(i, digest):
+    """Block i of a term: SHA-256 of byte i then the page's digest."""
     block = hashlib.sha256(_COUNTERS[i])
-    block.update(data)
+    block.update(digest)
     return block.digest()
 
 

@@ -118,13 +118,13 @@ def test_policies_differ_on_one_trace_and_hits_are_counted() -> None:
 
 def _from_scratch(store: PageStore, model: dict[Any, Any]) -> int:
     """The digest of ``model``'s entries placed in ``store``'s pages, computed anew: each
-    page the canonical flat array of its sorted entries, hashed in counter mode."""
+    page the canonical flat array of its sorted entries, its digest expanded in counter mode."""
     total = 0
     for i in range(store.pages):
         flat = [x for k in sorted(model) if store.page_of(k) == i for x in (k, model[k])]
         if flat:
-            data = cbor2.dumps(flat)
-            blocks = b"".join(hashlib.sha256(bytes([c]) + data).digest() for c in range(8))
+            digest = hashlib.sha256(cbor2.dumps(flat)).digest()
+            blocks = b"".join(hashlib.sha256(bytes([c]) + digest).digest() for c in range(8))
             total += int.from_bytes(blocks, "big")
     return total % (1 << 2048)
 
