@@ -527,24 +527,16 @@ class Replica(ViewChanging, StateTransfer):
 
     def _refill_pending(self):
         """Primary: move the requests spilled to flash into the queue, oldest first, while it
-        has room. Each is checked again: one byte for byte the request held from its client
-        (_held) was authenticated when it came, any other is decoded and authenticated; it is
-        skipped when its client's request is queued already or superseded."""
+        has room. Each is checked again (_checked_request); it is skipped when its client's
+        request is queued already or superseded."""
         while len(self.pending) < _PENDING_MAX:
             wire = self.spill.pop()
             if wire is None:
                 return
-            fields = self._held(wire)
-            if fields is not None:
-                client, timestamp = fields[2], fields[3]
-            else:
-                try:
-                    req = m.decode(wire)
-                except m.MessageError:
-                    continue
-                if req.kind != m.REQUEST or not self._authentic(req):
-                    continue
-                client, timestamp = req.sender, req.timestamp
+            checked = self._checked_request(wire)
+            if checked is None:
+                continue
+            client, timestamp = checked
             if (self.pending_ids.get(client, -1) < timestamp
                     and self.waiting.get(client, -1) <= timestamp):
                 self.pending_ids[client] = timestamp
@@ -617,26 +609,28 @@ class Replica(ViewChanging, StateTransfer):
         if len(batch) > self.batch_max:
             return False
         for wire in batch:
-            if self._held(wire) is not None:
-                continue
-            try:
-                req = m.decode(wire)
-            except m.MessageError:
-                return False
-            if req.kind != m.REQUEST or not self._authentic(req):
+            if self._checked_request(wire) is None:
                 return False
         return True
 
-    def _held(self, wire):
-        """[version, kind, client, timestamp] of ``wire`` when it is byte for byte the request
-        we hold from its client (authenticated when it came), else None. A batch that carries
-        it need not decode and check it again (a backup gets most requests from their clients
-        before the pre-prepare that orders them), nor does the primary's spill."""
+    def _checked_request(self, wire):
+        """(client, timestamp) of the authentic REQUEST ``wire``, else None. One byte for byte
+        the request we hold from its client was authenticated when it came: it is not decoded
+        and checked again (a backup gets most requests from their clients before the
+        pre-prepare that orders them; the primary's spill holds what it held)."""
         try:
-            fields = cbor.decode_uints(wire, 4)[0]
+            fields = cbor.decode_uints(wire, 4)[0]  # [version, kind, client, timestamp]
         except cbor.DecodeError:
+            fields = ()
+        if len(fields) == 4 and self.waiting_wires.get(fields[2]) == wire:
+            return fields[2], fields[3]
+        try:
+            req = m.decode(wire)
+        except m.MessageError:
             return None
-        return fields if len(fields) == 4 and self.waiting_wires.get(fields[2]) == wire else None
+        if req.kind != m.REQUEST or not self._authentic(req):
+            return None
+        return req.sender, req.timestamp
 
     def on_prepare(self, msg):
         if self.ignore_phase(msg):
