@@ -191,13 +191,19 @@ def test_help_lists_every_bench_option() -> None:
 
 
 def test_cpu_and_store_are_reported_per_node(run: Path) -> None:
-    """Each node's CPU per commit (None only for the one the nemesis restarted), and its store
-    as its last status gave it: the workload's entries on flash, bytes written, a hit rate."""
+    """Each node's CPU per commit and the kernel's part of it (None only for the one the
+    nemesis restarted), and its store as its last status gave it: the workload's entries on
+    flash, bytes written, a hit rate."""
     summary, _ = load(run)
     cpu = summary["cpu_ms_per_commit"]
     assert set(cpu) == {str(n) for n in range(summary["nodes"])}
     measured = [v for v in cpu.values() if v is not None]
     assert len(measured) >= summary["nodes"] - 1 and all(v > 0 for v in measured)
+    system = summary["cpu_sys_ms_per_commit"]  # the kernel's part of the same time
+    assert set(system) == set(cpu)
+    for node, total in cpu.items():
+        assert (system[node] is None) == (total is None)
+        assert total is None or 0 <= system[node] < total
     for node in range(summary["nodes"]):  # the page cache as --cache-pages/--cache-policy set
         config = json.loads((run / "nodes" / f"node{node}" / "edgebft.json").read_text())
         assert (config["store"]["cache_pages"], config["store"]["policy"]) == (6, "lfu")

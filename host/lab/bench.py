@@ -350,9 +350,12 @@ def run_bench(options: BenchOptions, progress: Progress | None = None) -> dict[s
         summary = summarize(options, broker.describe(), workload.outcomes, observer,
                             issuing_s, converged, faults, tx.sent)
         summary["nodes_alive_at_end"] = [cluster.alive(i) for i in range(options.nodes)]
+        cpu_after = [cluster.cpu_s(i) if cluster.pid(i) == pids[i] else None
+                     for i in range(options.nodes)]
         summary["cpu_ms_per_commit"] = cpu_ms_per_commit(
-            cpu_before, [cluster.cpu_s(i) if cluster.pid(i) == pids[i] else None
-                         for i in range(options.nodes)], summary["committed"])
+            cpu_before, cpu_after, summary["committed"], lambda t: t[0] + t[1])
+        summary["cpu_sys_ms_per_commit"] = cpu_ms_per_commit(
+            cpu_before, cpu_after, summary["committed"], lambda t: t[1])
         summary["byzantine_nodes"] = byzantine
     if sensor_logs:
         summary["sensors"] = sensors_summary(sensor_logs)
@@ -474,11 +477,12 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
     }
 
 
-def cpu_ms_per_commit(before: list[float | None], after: list[float | None],
-                      committed: int) -> dict[str, float | None]:
-    """Per node: the CPU its process used over the load, in ms per committed request (what
-    predicts a board's capacity); None for a node that restarted or ran no /proc."""
-    return {str(i): round((a - b) * 1000 / committed, 3)
+def cpu_ms_per_commit(before: list[tuple[float, float] | None],
+                      after: list[tuple[float, float] | None], committed: int,
+                      part: Callable[[tuple[float, float]], float]) -> dict[str, float | None]:
+    """Per node: the CPU its process used over the load, ``part`` of its (user, system)
+    seconds, in ms per committed request; None for a node that restarted or ran no /proc."""
+    return {str(i): round((part(a) - part(b)) * 1000 / committed, 3)
             if a is not None and b is not None and committed else None
             for i, (b, a) in enumerate(zip(before, after, strict=True))}
 

@@ -114,8 +114,8 @@ class EmulatedCluster:
         proc = self._procs[self._check_index(i)]
         return proc.pid if proc is not None else None
 
-    def cpu_s(self, i: int) -> float | None:
-        """CPU seconds (user + system) node ``i``'s current process has used, from
+    def cpu_s(self, i: int) -> tuple[float, float] | None:
+        """CPU seconds node ``i``'s current process has used, (user, system), from
         /proc/<pid>/stat; None when it is not running or the system has no /proc."""
         pid = self.pid(i)
         if pid is None or not self.alive(i):
@@ -124,7 +124,8 @@ class EmulatedCluster:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
     def start(self) -> None:
         """Start every node that is not running."""
