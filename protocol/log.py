@@ -177,7 +177,6 @@ class Oplog:
         self.q_view = array("q", [0] * (2 * window))
         self.body_digest = [None] * window
         self.body = [None] * window
-        self.body_bytes = 0
 
     def _slot(self, seq):
         """The index of ``seq``, resetting a slot that held an older sequence number."""
@@ -189,10 +188,6 @@ class Oplog:
         return i
 
     def _free(self, i):
-        batch = self.body[i]
-        if batch is not None:
-            for wire in batch:
-                self.body_bytes -= len(wire)
         self.p_digest[i] = None
         self.q_digest[2 * i] = None
         self.q_digest[2 * i + 1] = None
@@ -226,13 +221,8 @@ class Oplog:
         i = self._slot(seq)
         if self.body_digest[i] == digest:
             return
-        if self.body[i] is not None:
-            for wire in self.body[i]:
-                self.body_bytes -= len(wire)
         self.body_digest[i] = digest
         self.body[i] = batch
-        for wire in batch:
-            self.body_bytes += len(wire)
 
     def body_of(self, seq, digest):
         """The batch of (seq, digest) if held, else None."""
