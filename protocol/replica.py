@@ -155,6 +155,16 @@ def batch_digest(batch):
     return hashlib.sha256(cbor.encode(batch)).digest()
 
 
+def _request_head(wire):
+    """(client, timestamp) that a request ``wire`` starts with, [version, kind, client,
+    timestamp, ...], decoded but not checked; None when its head is not a request's."""
+    try:
+        fields = cbor.decode_uints(wire, 4)[0]
+    except cbor.DecodeError:
+        return None
+    return (fields[2], fields[3]) if len(fields) == 4 and fields[1] == m.REQUEST else None
+
+
 def presized(n):
     """An empty dict whose table already holds ``n`` entries. MicroPython never shrinks a
     dict's table on delete, so a long-lived table allocated once at start does not grow
@@ -527,20 +537,31 @@ class Replica(ViewChanging, StateTransfer):
 
     def _refill_pending(self):
         """Primary: move the requests spilled to flash into the queue, oldest first, while it
-        has room. Each is checked again (_checked_request); it is skipped when its client's
-        request is queued already or superseded."""
+        has room. A request is skipped, before its MAC is checked, when its head says that its
+        client's request is queued already, superseded or executed: most are copies a client
+        sent again while the original waited, spilled behind it. (Queued again, they took
+        whole batches: 256 application clients got 2,641 "pending full" drops and 2.6% of
+        requests timed out.) The others are checked again (_checked_request)."""
         while len(self.pending) < _PENDING_MAX:
             wire = self.spill.pop()
             if wire is None:
                 return
-            checked = self._checked_request(wire)
-            if checked is None:
+            head = _request_head(wire)
+            if head is None or not self._queueable(*head):
                 continue
-            client, timestamp = checked
-            if (self.pending_ids.get(client, -1) < timestamp
-                    and self.waiting.get(client, -1) <= timestamp):
-                self.pending_ids[client] = timestamp
+            checked = self._checked_request(wire)
+            if checked is not None:
+                self.pending_ids[checked[0]] = checked[1]
                 self.pending.append(wire)
+
+    def _queueable(self, client, timestamp):
+        """Is ``client``'s request ``timestamp`` neither queued, nor superseded by one we
+        have seen, nor executed?"""
+        if (self.pending_ids.get(client, -1) >= timestamp
+                or self.waiting.get(client, -1) > timestamp):
+            return False
+        cached = self._client_entry(client)
+        return cached is None or timestamp > cached[0]
 
     # ----------------------------------------------------------------- normal case
 
@@ -618,12 +639,9 @@ class Replica(ViewChanging, StateTransfer):
         the request we hold from its client was authenticated when it came: it is not decoded
         and checked again (a backup gets most requests from their clients before the
         pre-prepare that orders them; the primary's spill holds what it held)."""
-        try:
-            fields = cbor.decode_uints(wire, 4)[0]  # [version, kind, client, timestamp]
-        except cbor.DecodeError:
-            fields = ()
-        if len(fields) == 4 and self.waiting_wires.get(fields[2]) == wire:
-            return fields[2], fields[3]
+        head = _request_head(wire)
+        if head is not None and self.waiting_wires.get(head[0]) == wire:
+            return head
         try:
             req = m.decode(wire)
         except m.MessageError:

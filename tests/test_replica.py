@@ -159,6 +159,30 @@ def test_the_primarys_queue_is_first_come_first_served() -> None:
     assert primary.counts["executed_requests"] == 88
 
 
+def test_copies_spilled_behind_their_originals_are_not_ordered_again() -> None:
+    """40 clients send a request and, before anything executes, the same request again (a
+    retransmission): the primary queues 16, spills the other 24 and then their 24 copies
+    behind them. Each copy pops after its original executed, and is skipped on its head
+    alone; queued again, as before, the copies took 6 more batches of 4."""
+    net = Net(pipeline_max=1, batch_max=4)
+    clients = [net.client(c) for c in range(40)]
+    wires = [c.request(["put", f"k{c.client}", 1]) for c in clients]
+    for wire in wires + wires:
+        net.submit(wire)
+    primary = net.replicas[0]
+    ordered = 0
+    while net.queue:
+        to, wire = net.queue.pop(0)
+        net.replicas[to].receive(wire, net.now)
+        if to == 0:
+            ordered += sum(len(m.decode(out).batch) for dest, out in primary.out
+                           if dest == rp.TO_ALL and m.decode(out).kind == m.PRE_PREPARE)
+        net._collect(to)
+    assert primary.counts["executed_requests"] == 40
+    assert ordered == 40, "a copy was ordered again"
+    assert {c.client for c in clients} <= set(net.replies)
+
+
 def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
     from edgebft.protocol.flash import MemFlash
     from edgebft.protocol.spill import NAME, RECORDS_MAX, Spill
@@ -174,6 +198,27 @@ def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
         assert spill.pop() == bytes([k % 256]) * (1 + k % 200)
     assert spill.pop() is None and len(spill) == 0 and flash.size(NAME) == -1
     assert spill.push(b"\xff" * 256) and spill.pop() == b"\xff" * 256
+
+
+def test_a_spill_the_flash_has_no_room_for_drops_the_request_and_clears() -> None:
+    from edgebft.protocol.flash import MemFlash
+    from edgebft.protocol.spill import NAME, Spill
+
+    class FullFlash(MemFlash):
+        """A flash whose appends fail (no space left) past 100 bytes a file."""
+
+        def append(self, name: str, data: bytes) -> None:
+            if self.size(name) + len(data) > 100:
+                self.files[name] += bytes(data[:5])  # what a failing write may leave
+                raise OSError(28, "no space left on device")
+            super().append(name, data)
+
+    flash = FullFlash()
+    spill = Spill(flash, 256)
+    assert spill.push(b"a" * 40) and spill.push(b"b" * 40)
+    assert not spill.push(b"c" * 40), "dropped, not raised"
+    assert len(spill) == 0 and flash.size(NAME) == -1, "cleared, torn record and all"
+    assert spill.push(b"d" * 40) and spill.pop() == b"d" * 40
 
 
 def test_one_silent_backup_does_not_stop_commits_and_checkpoints_become_stable() -> None:
