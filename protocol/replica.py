@@ -539,9 +539,9 @@ class Replica(ViewChanging, StateTransfer):
         """Primary: move the requests spilled to flash into the queue, oldest first, while it
         has room. A request is skipped, before its MAC is checked, when its head says that its
         client's request is queued already, superseded or executed: most are copies a client
-        sent again while the original waited, spilled behind it. (Queued again, they took
-        whole batches: 256 application clients got 2,641 "pending full" drops and 2.6% of
-        requests timed out.) The others are checked again (_checked_request)."""
+        sent again while the original waited, spilled behind it, which were otherwise
+        authenticated and ordered again once the original had executed. The others are
+        checked again (_checked_request)."""
         while len(self.pending) < _PENDING_MAX:
             wire = self.spill.pop()
             if wire is None:
