@@ -12,16 +12,17 @@
 #   (a restart: it is not state, and a power cut may have torn its last record).
 # - At most RECORDS_MAX records are held; then push() refuses, and the request is dropped as
 #   before (the flash a queue takes is bounded: RECORDS_MAX * (2 + wire_bytes_max) bytes,
-#   132 KB for requests of 256 bytes, about 50 KB for the usual 100). A client's copies
-#   (retransmissions while its request waits) are records too, skipped when popped
-#   (replica._refill_pending). The bound is a trade, measured in 20 s runs over 10,000 keys:
-#   256 application clients writing (about the cluster's capacity) filled 256 records with
-#   copies, and the primary dropped 2,008-2,641 fresh requests (2.6-6% timed out); 512 and
-#   1,024 records dropped none and none timed out. But 1,024 closed-loop bench clients (twice
-#   the capacity) committed 255 req/s with 256 records, 156 with 512 and 88 with 1,024: a
-#   deeper queue holds more requests whose clients have given up, and they are ordered all
-#   the same. Dropping records older than 1-2 s when popped did not help either (1,024
-#   clients: 183-231 req/s; 256 clients: 270 timeouts, their copies came back stale too).
+#   66 KB for requests of 256 bytes). A client's copies (retransmissions while its request
+#   waits) are records too, skipped when popped (replica._refill_pending). The bound is a
+#   trade, measured in 20 s runs over 10,000 keys: 1,024 closed-loop bench clients (twice the
+#   cluster's capacity) committed 228-255 req/s with 256 records, 115-156 with 512 and 88 with
+#   1,024, since a deeper queue holds more requests whose clients have given up, and they are
+#   ordered all the same; but 256 application clients writing (about the capacity) fill 256
+#   records with copies, the primary drops ~2,000 fresh requests a run and 2.6-6% of requests
+#   time out, where 512 records dropped none and none timed out. Dropping records older than
+#   1-2 s when popped made both worse (1,024 clients: 183-231 req/s; 256 clients: 270
+#   timeouts, as their copies came back stale too). Keeping copies out of the queue (knowing
+#   which clients it holds) is the way to have both.
 # - An append the flash fails (full) drops the request and clears the queue: a record torn
 #   at the end would end it at the next pop anyway.
 # - A wire was decoded and authenticated before it was pushed; the caller checks what pop()
@@ -29,7 +30,7 @@
 #   cut short (a flash that lost data, an append that failed) ends the queue.
 # - RAM: three ints.
 NAME = "Q"
-RECORDS_MAX = 512
+RECORDS_MAX = 256
 
 
 class Spill:
