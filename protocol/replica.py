@@ -507,13 +507,9 @@ class Replica(ViewChanging, StateTransfer):
         if len(self.pending) < _PENDING_MAX and not len(self.spill):
             self.pending_ids[client] = msg.timestamp
             self.pending.append(wire)
-        else:  # behind every request that came before it
-            key = (msg.timestamp ^ client << 20) & 0xFFFFFFFF or 1
-            if self.spill.holds(key):
-                return  # a copy of one that waits there
-            if not self.spill.push(wire, key):
-                self._drop("pending full")  # the client sends it again
-                return
+        elif not self.spill.push(wire):  # behind every request that came before it
+            self._drop("pending full")  # the client sends it again
+            return
         self._cut_batches()
 
     def _cut_batches(self):

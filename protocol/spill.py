@@ -12,28 +12,25 @@
 #   (a restart: it is not state, and a power cut may have torn its last record).
 # - At most RECORDS_MAX records are held; then push() refuses, and the request is dropped as
 #   before (the flash a queue takes is bounded: RECORDS_MAX * (2 + wire_bytes_max) bytes,
-#   66 KB for requests of 256 bytes).
-# - Copies stay out. A client sends its request again while it waits here, and those copies,
-#   spilled too, filled the queue: 256 application clients writing (about the cluster's
-#   capacity) got ~2,000 fresh requests dropped a 20 s run and 2.6-6% timed out. A deeper
-#   queue took them (512 records: none) but lost past capacity, holding more requests whose
-#   clients had given up (1,024 closed-loop clients: 115-156 req/s with 512 records, 88 with
-#   1,024, against 228-255 with 256), and so did dropping records older than 1-2 s. So each
-#   record has a key (the caller's, a nonzero 32-bit int naming the request), and holds(key)
-#   tells whether a record with it is held, from a ring of the held records' keys in RAM
-#   (4 bytes a record, searched in C): with it, 256 application clients got 5,823 requests
-#   committed and none timed out, and 1,024 bench clients 256 req/s. Two requests whose keys
-#   collide in the queue at once (about RECORDS_MAX in 2^32) cost the later one a
-#   retransmission.
+#   66 KB for requests of 256 bytes). A client's copies (retransmissions while its request
+#   waits) are records too, skipped when popped (replica._refill_pending). The bound is a
+#   trade, measured in 20 s runs over 10,000 keys: 1,024 closed-loop bench clients (twice the
+#   cluster's capacity) committed 228-255 req/s with 256 records, 115-156 with 512 and 88 with
+#   1,024, since a deeper queue holds more requests whose clients have given up, and they are
+#   ordered all the same; but 256 application clients writing (about the capacity) fill 256
+#   records with copies, the primary drops ~2,000 fresh requests a run and 2.6-6% of requests
+#   time out, where 512 records dropped none and none timed out. Dropping records older than
+#   1-2 s when popped made both worse (1,024 clients: 183-231 req/s; 256 clients: 270
+#   timeouts, as their copies came back stale too). Keeping copies out of the queue (knowing
+#   which clients it holds) is the way to have both.
 # - An append the flash fails (full) drops the request and clears the queue: a record torn
 #   at the end would end it at the next pop anyway.
 # - A wire was decoded and authenticated before it was pushed; the caller checks what pop()
 #   returns again all the same (replica._refill_pending). A record whose length is out of bounds or that is
 #   cut short (a flash that lost data, an append that failed) ends the queue.
-# - RAM: four ints and the keys (4 * RECORDS_MAX bytes).
+# - RAM: three ints.
 NAME = "Q"
 RECORDS_MAX = 256
-_FREE = bytes(4)
 
 
 class Spill:
@@ -46,21 +43,13 @@ class Spill:
         self.offset = 0  # where the oldest record held starts
         self.end = 0     # bytes appended since the file was last deleted
         self.held = 0    # records pushed and not popped
-        self.first = 0   # the oldest record's slot in keys
-        self.keys = bytearray(4 * RECORDS_MAX)  # slot (first + k) % RECORDS_MAX: record k's
         flash.delete(NAME)
 
     def __len__(self):
         return self.held
 
-    def holds(self, key):
-        """Is a record of ``key`` held?"""
-        return key.to_bytes(4, "big") in self.keys
-
-    def push(self, wire, key):
-        """Append ``wire`` under ``key`` (nonzero, < 2^32); False (and nothing written) when
-        RECORDS_MAX are held."""
-        assert 0 < key < 1 << 32
+    def push(self, wire):
+        """Append ``wire``; False (and nothing written) when RECORDS_MAX are held."""
         n = len(wire)
         assert 0 < n <= self.wire_bytes_max
         if self.held >= RECORDS_MAX:
@@ -71,8 +60,6 @@ class Spill:
         except OSError:
             self.clear()
             return False
-        slot = 4 * ((self.first + self.held) % RECORDS_MAX)
-        self.keys[slot:slot + 4] = key.to_bytes(4, "big")
         self.held += 1
         return True
 
@@ -87,7 +74,6 @@ class Spill:
             return None
         wire = record[2:2 + n]  # length and wire in one read
         self.offset += 2 + n
-        self._free_first()
         self.held -= 1
         if not self.held:
             self.clear()
@@ -97,14 +83,6 @@ class Spill:
         """Forget every record and delete the file."""
         if self.end:
             self.flash.delete(NAME)
-        while self.held:
-            self._free_first()
-            self.held -= 1
         self.offset = 0
         self.end = 0
-        self.first = 0
-
-    def _free_first(self):
-        slot = 4 * self.first
-        self.keys[slot:slot + 4] = _FREE
-        self.first = (self.first + 1) % RECORDS_MAX
+        self.held = 0
