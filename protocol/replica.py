@@ -549,7 +549,7 @@ class Replica(ViewChanging, StateTransfer):
             head = _request_head(wire)
             if head is None or not self._queueable(*head):
                 continue
-            checked = self._checked_request(wire)
+            checked = self._checked_request(wire, head)
             if checked is not None:
                 self.pending_ids[checked[0]] = checked[1]
                 self.pending.append(wire)
@@ -630,16 +630,16 @@ class Replica(ViewChanging, StateTransfer):
         if len(batch) > self.batch_max:
             return False
         for wire in batch:
-            if self._checked_request(wire) is None:
+            if self._checked_request(wire, _request_head(wire)) is None:
                 return False
         return True
 
-    def _checked_request(self, wire):
-        """(client, timestamp) of the authentic REQUEST ``wire``, else None. One byte for byte
-        the request we hold from its client was authenticated when it came: it is not decoded
-        and checked again (a backup gets most requests from their clients before the
-        pre-prepare that orders them; the primary's spill holds what it held)."""
-        head = _request_head(wire)
+    def _checked_request(self, wire, head):
+        """(client, timestamp) of the authentic REQUEST ``wire``, whose _request_head() the
+        caller read, else None. One byte for byte the request we hold from its client was
+        authenticated when it came: it is not decoded and checked again (a backup gets most
+        requests from their clients before the pre-prepare that orders them; the primary's
+        spill holds what it held)."""
         if head is not None and self.waiting_wires.get(head[0]) == wire:
             return head
         try:

@@ -13,20 +13,13 @@
 # - At most RECORDS_MAX records are held; then push() refuses, and the request is dropped as
 #   before (the flash a queue takes is bounded: RECORDS_MAX * (2 + wire_bytes_max) bytes,
 #   66 KB for requests of 256 bytes). A client's copies (retransmissions while its request
-#   waits) are records too, skipped when popped (replica._refill_pending). The bound is a
-#   trade, measured in 20 s runs over 10,000 keys: 1,024 closed-loop bench clients (twice the
-#   cluster's capacity) committed 228-255 req/s with 256 records, 115-156 with 512 and 88 with
-#   1,024, since a deeper queue holds more requests whose clients have given up, and they are
-#   ordered all the same; but 256 application clients writing (about the capacity) fill 256
-#   records with copies, the primary drops ~2,000 fresh requests a run and 2.6-6% of requests
-#   time out, where 512 records dropped none and none timed out. Dropping records older than
-#   1-2 s when popped made both worse (1,024 clients: 183-231 req/s; 256 clients: 270
-#   timeouts, as their copies came back stale too). Keeping copies out of the queue would
-#   give both: a ring of the held records' request keys in RAM (1 KB, searched in C) got 256
-#   application clients 5,823 requests committed and no timeout, and 1,024 bench clients
-#   256 req/s. It was taken out again: under --nemesis crash,broker-restart,oom, 192-256
-#   requests timed out around the broker restart in four runs (128 in the runs without it)
-#   and the cluster took 1.2-3.2 s to recover from it (1.1 s), for a reason not found yet.
+#   waits) are records too, skipped when popped (replica._refill_pending). The bound trades
+#   capacity for overload (20 s runs over 10,000 keys): 256 application clients that all
+#   write fill 256 records with copies and 2.6-6% of their requests time out (none at 512
+#   records), but past capacity a deeper queue holds more requests whose clients gave up, and
+#   they are ordered all the same (1,024 closed-loop clients: 228-255 req/s at 256 records,
+#   115-156 at 512, 88 at 1,024). Keeping copies out of the queue gave both, but lost more
+#   requests at a broker restart, for a cause not found (commits dc6441b and 92d7092).
 # - An append the flash fails (full) drops the request and clears the queue: a record torn
 #   at the end would end it at the next pop anyway.
 # - A wire was decoded and authenticated before it was pushed; the caller checks what pop()
