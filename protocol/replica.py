@@ -268,6 +268,7 @@ class Replica(ViewChanging, StateTransfer):
         self.heard = [-1 << 62] * stake.n  # replica -> when we last got a message from it
         self.behind = False       # saw a message of a higher view
         self.ticks = 0            # retransmission periods so far
+        self.handed_on = -1       # last_exec when we last handed on what waits (T1)
         self.dirty = True         # durable() changed since the caller last saved it
         self.out = []
         self.events = []
@@ -936,6 +937,8 @@ class Replica(ViewChanging, StateTransfer):
         if self.transfer is not None:
             self._retransmit_fetch()
             return
+        if stuck and self.waiting and self.status == NORMAL and not self.missing:
+            self._hand_on_waiting()
         if self.status == VIEW_CHANGE:
             self._multicast(self.vc_wires[self.me])
         elif not (self.behind or stuck and (self.waiting or self.missing or self.live_slots())
@@ -945,6 +948,28 @@ class Replica(ViewChanging, StateTransfer):
         missing = sorted(self.missing)[:_CATCH_UP_MAX]
         self._broadcast(m.STATUS, self.view, self.status == VIEW_CHANGE, self.h, self.last_exec,
                         missing)
+
+    def _hand_on_waiting(self):
+        """T1 while nothing executes: the requests we wait for reach the primary's queue
+        again. A primary with nothing queued queues them (one it dropped when its queue was
+        full, "pending full", waits in its T1 table still); a backup forwards them to the
+        primary, once per stall. Before, a request dropped that way whose client then gave
+        up (or crashed) left every replica waiting for it, and once the load stopped the
+        first view timeout replaced a correct primary (a view change 3 s after 256
+        application clients stopped)."""
+        if self.is_primary():
+            if self.pending or len(self.spill):
+                return
+            for client in self.waiting:
+                timestamp = self.waiting[client]
+                if len(self.pending) < _PENDING_MAX and self._queueable(client, timestamp):
+                    self.pending_ids[client] = timestamp
+                    self.pending.append(self.waiting_wires[client])
+            self._cut_batches()
+        elif self.handed_on != self.last_exec:
+            self.handed_on = self.last_exec
+            for wire in self.waiting_wires.values():
+                self.out.append((self.primary(), wire))
 
     def on_status(self, msg):
         """RT2: answer a replica that is behind with what it lacks."""

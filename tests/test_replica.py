@@ -183,6 +183,52 @@ def test_copies_spilled_behind_their_originals_are_not_ordered_again() -> None:
     assert {c.client for c in clients} <= set(net.replies)
 
 
+def test_a_request_only_the_backups_got_reaches_the_primary_without_a_view_change() -> None:
+    """A client's request reaches the backups and not the primary (lost), and the client
+    gives up. Once nothing executes, each backup forwards what it waits for to the primary
+    (T1), which orders it: no view change replaces a correct primary at the view timeout."""
+    net = Net()
+    wire = net.client(5).request(["put", "k", 1])
+    net.submit(wire)
+    net.run(dropped=lambda to, msg: to == 0 and msg.kind == m.REQUEST)
+    assert [r.last_exec for r in net.replicas] == [0, 0, 0, 0]
+    for now in range(100, 3000, 100):
+        net.tick(now)
+        net.run()
+    assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 1)] * 4
+    assert all(r.ledger.read(["get", "k"]) == [True, 1] for r in net.replicas)
+
+
+def test_a_request_the_primary_dropped_when_full_is_ordered_once_the_load_stops() -> None:
+    """The primary's spill has no room (its flash is full): of 21 requests at once, it
+    batches one, queues 16 and drops 4 ("pending full"), which its T1 table still holds.
+    Their clients give up. Once the queue has drained and nothing executes, the primary
+    queues what its T1 table holds: the 4 execute, and no view timeout replaces it."""
+    from edgebft.protocol.flash import MemFlash
+    from edgebft.protocol.spill import NAME, Spill
+
+    class FullFlash(MemFlash):
+        """A flash with no room for the spill's file."""
+
+        def append(self, name: str, data: bytes) -> None:
+            if name == NAME:
+                raise OSError(28, "no space left on device")
+            super().append(name, data)
+
+    net = Net(pipeline_max=1, batch_max=4)
+    primary = net.replicas[0]
+    primary.spill = Spill(FullFlash(), 256)
+    for c in range(21):
+        net.submit(net.client(c).request(["put", f"k{c}", c]))
+    net.run()
+    assert primary.drops["pending full"] == 4
+    assert [r.counts["executed_requests"] for r in net.replicas] == [17] * 4
+    for now in range(100, 3000, 100):
+        net.tick(now)
+        net.run()
+    assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 21)] * 4
+
+
 def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
     from edgebft.protocol.flash import MemFlash
     from edgebft.protocol.spill import NAME, RECORDS_MAX, Spill
