@@ -11,12 +11,15 @@
 # - Memory is allocated once here (about 40 bytes a slot, plus the digests and batches it
 #   refers to); a 100 KB heap cannot afford an object per slot (about 300 bytes each on a
 #   64-bit port).
+import hashlib
 from array import array
 
 try:
     from micropython import const
 except ImportError:  # CPython
     const = int  # CPython: const(x) is x
+
+from . import cbor
 
 _ACCEPTED = const(1)   # the pre-prepare is here (digest and batch are the primary's)
 _PREPARED = const(2)
@@ -163,12 +166,23 @@ class Oplog:
 
     For seq (slot seq % window): P, the digest and view it last prepared in; Q, up to two
     (digest, view) it sent a pre-prepare or prepare for, newest first; and the batch body of
-    one digest, kept until the sequence number is stable (re-proposal after a view change).
-    Preallocated parallel arrays, like Log; digests are shared with the messages they came in.
+    one digest, kept until the sequence number is stable (re-proposal after a view change,
+    BATCH answers to laggers). Preallocated parallel arrays, like Log; digests are shared with
+    the messages they came in.
+
+    Bodies are on ``flash``, not in RAM: slot i's in file "O<i>", its canonical CBOR (the
+    bytes the digest hashes), written over when the slot is reused; only its digest is in
+    RAM. A body read back is checked against its digest, so a torn or stale file reads as
+    no body (the replica then fetches it as any batch it lacks). Held in RAM, the bodies of
+    a window took its budget of 4 KB of requests (batches of at most 341 bytes at K = 8),
+    and bigger batches were not worth their heap; on flash, a node at 64 clients batches
+    twice as much (see replica.py). Nothing here survives a restart (a new Oplog holds no
+    digest), so a write need not be atomic; one the flash fails keeps no body.
     """
 
-    def __init__(self, window):
+    def __init__(self, window, flash):
         self.window = window
+        self.flash = flash
         zeros = [0] * window
         self.seqs = array("Q", zeros)
         self.p_digest = [None] * window
@@ -176,7 +190,6 @@ class Oplog:
         self.q_digest = [None] * (2 * window)
         self.q_view = array("q", [0] * (2 * window))
         self.body_digest = [None] * window
-        self.body = [None] * window
 
     def _slot(self, seq):
         """The index of ``seq``, resetting a slot that held an older sequence number."""
@@ -192,7 +205,6 @@ class Oplog:
         self.q_digest[2 * i] = None
         self.q_digest[2 * i + 1] = None
         self.body_digest[i] = None
-        self.body[i] = None
         self.seqs[i] = 0
 
     def collect(self, h):
@@ -218,18 +230,26 @@ class Oplog:
         self.q_view[k] = view
 
     def keep_body(self, seq, digest, batch):
+        """Write ``batch``, whose digest is ``digest``, as seq's body."""
         i = self._slot(seq)
         if self.body_digest[i] == digest:
             return
+        self.body_digest[i] = None  # until the file holds it
+        try:
+            self.flash.write("O%d" % i, cbor.encode_transient(batch), False)
+        except OSError:
+            return
         self.body_digest[i] = digest
-        self.body[i] = batch
 
     def body_of(self, seq, digest):
         """The batch of (seq, digest) if held, else None."""
         i = seq % self.window
         if self.seqs[i] != seq or self.body_digest[i] != digest:
             return None
-        return self.body[i]
+        data = self.flash.read("O%d" % i)
+        if data is None or hashlib.sha256(data).digest() != digest:
+            return None
+        return cbor.decode(data)
 
     def entries(self, h):
         """P and Q lists for a VIEW-CHANGE: [[seq, digest, view]...] for h < seq, ascending.

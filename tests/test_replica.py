@@ -229,6 +229,33 @@ def test_a_request_the_primary_dropped_when_full_is_ordered_once_the_load_stops(
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 21)] * 4
 
 
+def test_batch_bodies_wait_on_flash_and_a_torn_one_reads_as_none() -> None:
+    """The oplog keeps a body as the file of its slot, the bytes its digest hashes, and
+    nothing of it in RAM but the digest; a file cut short, or one a flash refused to write,
+    reads back as no body (the replica fetches it then, as any batch it lacks)."""
+    from edgebft.protocol import cbor
+    from edgebft.protocol.flash import MemFlash
+    from edgebft.protocol.log import Oplog
+
+    class RefusingFlash(MemFlash):
+        def write(self, name: str, data: bytes, atomic: bool = True) -> None:
+            raise OSError(28, "no space left on device")
+
+    flash = MemFlash()
+    oplog = Oplog(8, flash)
+    batch = [b"request one", b"request two"]
+    digest = rp.batch_digest(batch)
+    oplog.keep_body(11, digest, batch)
+    assert flash.files["O3"] == cbor.encode(batch)
+    assert oplog.body_of(11, digest) == batch
+    assert oplog.body_of(11, bytes(32)) is None and oplog.body_of(3, digest) is None
+    flash.files["O3"] = flash.files["O3"][:-1]
+    assert oplog.body_of(11, digest) is None, "torn"
+    full = Oplog(8, RefusingFlash())
+    full.keep_body(11, digest, batch)
+    assert full.body_of(11, digest) is None
+
+
 def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
     from edgebft.protocol.flash import MemFlash
     from edgebft.protocol.spill import NAME, RECORDS_MAX, Spill
