@@ -242,7 +242,7 @@ class Replica(ViewChanging, StateTransfer):
         self.h = 0                # last stable checkpoint
         self.last_exec = 0
         self.log = Log(self.window, stake.n)
-        self.oplog = Oplog(self.window, self.state.flash)  # P, Q and batch bodies across views, seq > h
+        self.oplog = Oplog(self.window, self.state.flash)  # P, Q and bodies across views, seq > h
         self.state.flash.delete(PREPARED_LOG)  # built afresh (restore reads it first)
         self.prepared_log_bytes = 0
         self.checkpoints = {}     # seq -> {replica: digest}, h < seq <= h + window
