@@ -973,8 +973,12 @@ class Replica(ViewChanging, StateTransfer):
             self._cut_batches()
         elif self.handed_on != self.last_exec:
             self.handed_on = self.last_exec
-            for wire in self.waiting_wires.values():
-                self.out.append((self.primary(), wire))
+            self._forward_waiting()
+
+    def _forward_waiting(self):
+        """T1: a backup forwards the requests it waits for to the primary."""
+        for wire in self.waiting_wires.values():
+            self.out.append((self.primary(), wire))
 
     def on_status(self, msg):
         """RT2: answer a replica that is behind with what it lacks."""

@@ -432,8 +432,7 @@ class ViewChanging:
             self.vc_deadline = self.now + self.vc_timeout
         self.events.append(("view", self.view))
         if not self.is_primary():
-            for client in self.waiting_wires:  # T1: hand the new primary what still waits
-                self.out.append((self.primary(), self.waiting_wires[client]))
+            self._forward_waiting()  # T1: hand the new primary what still waits
         seq = low
         for digest in chosen:
             seq += 1
