@@ -22,6 +22,13 @@
 #   on a nearly full heap those holes made a 1 KB page encoding fail with 30 KB free. A page
 #   bound for flash is written from the scratch itself (encode_transient). Not on CPython,
 #   where host threads may encode at once.
+# - Frames (MicroPython): a call whose locals and stack need more than 11 slots (88 bytes on
+#   a 64-bit port, 44 on an ESP32) takes its frame from the heap, and that block counts
+#   towards the collector's threshold though it is freed on return. The functions called
+#   per item (_item, _array, skip, _enc) stay within 11 (tests/test_frames.py): at 16
+#   clients they ran ~180 times per request per replica, ~30 KB of frames, more than
+#   everything the replica allocates and keeps. Hence loops by index, not by for (an
+#   iterator takes four slots), and the rare cases in helpers of their own.
 
 import struct
 
@@ -129,35 +136,22 @@ def _enc(buf, obj, depth):
         _head(buf, _MT_BYTES, len(obj))
         buf += obj
     elif t is str:
-        try:
-            b = obj.encode()
-        except UnicodeError:  # CPython: lone surrogates
-            raise EncodeError("str not encodable as UTF-8") from None
-        _head(buf, _MT_TEXT, len(b))
-        buf += b
+        obj = _utf8(obj)
+        _head(buf, _MT_TEXT, len(obj))
+        buf += obj
     elif t is list or t is tuple:
         if depth >= _DEPTH_MAX:
             raise EncodeError("nested deeper than _DEPTH_MAX")
         _head(buf, _MT_ARRAY, len(obj))
-        for x in obj:
-            _enc(buf, x, depth + 1)
+        depth += 1
+        t = 0
+        while t < len(obj):
+            _enc(buf, obj[t], depth)
+            t += 1
     elif t is dict:
         if depth >= _DEPTH_MAX:
             raise EncodeError("nested deeper than _DEPTH_MAX")
-        pairs = []
-        for k, v in obj.items():
-            tk = type(k)
-            if tk is not int and tk is not str and tk is not bytes:
-                raise EncodeError("dict key not int, str or bytes")
-            kb = bytearray()
-            _enc(kb, k, depth + 1)
-            pairs.append((bytes(kb), v))
-        # Distinct keys of these types have distinct encodings: the order is strict.
-        pairs.sort(key=_key0)
-        _head(buf, _MT_MAP, len(pairs))
-        for kb, v in pairs:
-            buf += kb
-            _enc(buf, v, depth + 1)
+        _enc_map(buf, obj, depth)
     elif obj is True:
         buf.append(_TRUE)
     elif obj is False:
@@ -166,6 +160,30 @@ def _enc(buf, obj, depth):
         buf.append(_NULL)
     else:
         raise EncodeError("unsupported type " + t.__name__)
+
+
+def _utf8(s):
+    try:
+        return s.encode()
+    except UnicodeError:  # CPython: lone surrogates
+        raise EncodeError("str not encodable as UTF-8") from None
+
+
+def _enc_map(buf, obj, depth):
+    pairs = []
+    for k, v in obj.items():
+        tk = type(k)
+        if tk is not int and tk is not str and tk is not bytes:
+            raise EncodeError("dict key not int, str or bytes")
+        kb = bytearray()
+        _enc(kb, k, depth + 1)
+        pairs.append((bytes(kb), v))
+    # Distinct keys of these types have distinct encodings: the order is strict.
+    pairs.sort(key=_key0)
+    _head(buf, _MT_MAP, len(pairs))
+    for kb, v in pairs:
+        buf += kb
+        _enc(buf, v, depth + 1)
 
 
 def decode(data):
@@ -250,31 +268,32 @@ def skip(b, at):
     allocated for the item's contents. For bytes decode() accepted once (a page read from
     our own flash): nothing is checked beyond the heads, and bytes that are not CBOR raise
     DecodeError or IndexError."""
-    ib = b[at]
-    mt = ib >> 5
-    ai = ib & 31
+    mt = b[at] >> 5
+    n = b[at] & 31
     at += 1
-    if ai < 24:
-        n = ai
-    elif ai == 24:
-        n = b[at]
-        at += 1
-    elif ai == 25:
-        n = (b[at] << 8) | b[at + 1]
-        at += 2
-    elif ai == 26:
-        n = struct.unpack_from(">I", b, at)[0]
-        at += 4
-    elif ai == 27:
-        n = struct.unpack_from(">Q", b, at)[0]
-        at += 8
-    else:
-        raise DecodeError("indefinite length or reserved head")
+    if n >= 24:
+        if n == 24:
+            n = b[at]
+            at += 1
+        elif n == 25:
+            n = (b[at] << 8) | b[at + 1]
+            at += 2
+        elif n == 26:
+            n = struct.unpack_from(">I", b, at)[0]
+            at += 4
+        elif n == 27:
+            n = struct.unpack_from(">Q", b, at)[0]
+            at += 8
+        else:
+            raise DecodeError("indefinite length or reserved head")
     if mt == 2 or mt == 3:
         return at + n
     if mt == 4 or mt == 5:
-        for _ in range(n if mt == 4 else 2 * n):
+        if mt == 5:
+            n *= 2
+        while n:
             at = skip(b, at)
+            n -= 1
     elif mt == 6:
         raise DecodeError("tag")
     return at
@@ -294,90 +313,96 @@ def _item(b, at, depth):
     # against len(b) before it is used. The offset lives in the one-cell list ``at``, not
     # in a returned (value, offset) pair: on MicroPython that pair was a tuple allocated per
     # item, a third of what decoding a page of 40 entries allocated.
-    end = len(b)
     i = at[0]
-    if i >= end:
+    if i >= len(b):
         raise DecodeError("truncated")
     ib = b[i]
-    i += 1
     if ib < 24:  # fast path: small uint, the commonest item in our messages
-        at[0] = i
+        at[0] = i + 1
         return ib
-    mt = ib >> 5
-    ai = ib & 31
-    if mt == 7:
-        at[0] = i
-        if ai == 20:
+    if ib >> 5 == 7:
+        at[0] = i + 1
+        if ib == _FALSE:
             return False
-        if ai == 21:
+        if ib == _TRUE:
             return True
-        if ai == 22:
+        if ib == _NULL:
             return None
         raise DecodeError("float, break or simple value other than false/true/null")
-    if ai < 24:
-        n = ai
-    elif ai == 24:
-        if i >= end:
-            raise DecodeError("truncated head")
-        n = b[i]
+    n = ib & 31
+    if n < 24:
         i += 1
-        if n < 24:
-            raise DecodeError("non-shortest head")
-    elif ai == 25:
-        if i + 2 > end:
-            raise DecodeError("truncated head")
-        n = (b[i] << 8) | b[i + 1]
-        i += 2
-        if n < 0x100:
-            raise DecodeError("non-shortest head")
-    elif ai == 26:
-        if i + 4 > end:
-            raise DecodeError("truncated head")
-        n = struct.unpack_from(">I", b, i)[0]
-        i += 4
-        if n < 0x10000:
-            raise DecodeError("non-shortest head")
-    elif ai == 27:
-        if i + 8 > end:
-            raise DecodeError("truncated head")
-        n = struct.unpack_from(">Q", b, i)[0]
-        i += 8
-        if n < 0x100000000:
-            raise DecodeError("non-shortest head")
     else:
-        raise DecodeError("indefinite length or reserved head")
-    if mt == 0:
+        n = _argument(b, i, n)
+        i = at[0] = i + 1 + (1 << (ib & 31) - 24)
+    ib >>= 5  # the major type
+    if ib == 0:
         at[0] = i
         return n
-    if mt == 1:
+    if ib == 1:
         at[0] = i
         return -1 - n
-    if mt == 2 or mt == 3:
-        j = i + n
-        if j > end:
+    if ib == 2 or ib == 3:
+        n += i
+        if n > len(b):
             raise DecodeError("string longer than the buffer")
-        at[0] = j
-        if mt == 2:
-            return b[i:j] if type(b) is not bytearray else bytes(b[i:j])
-        return _text(b[i:j])
-    if mt == 6:
+        at[0] = n
+        if ib == 3:
+            return _text(b[i:n])
+        return b[i:n] if type(b) is not bytearray else bytes(b[i:n])
+    if ib == 6:
         raise DecodeError("tag")
     if depth >= _DEPTH_MAX:
         raise DecodeError("nested deeper than _DEPTH_MAX")
     at[0] = i
-    if mt == 4:
-        if n > end - i:  # every item takes at least one byte
-            raise DecodeError("array longer than the buffer")
-        out = [None] * n  # at its size: a list grown by append leaves its old arrays behind
-        for k in range(n):
-            out[k] = _item(b, at, depth + 1)
-        return out
+    depth += 1  # the items'
+    if ib == 4:
+        return _array(b, at, n, depth)
     return _map(b, at, n, depth)
 
 
+def _argument(b, i, ai):
+    # The argument of the long head at b[i] (additional info ai >= 24: 1, 2, 4 or 8 bytes
+    # follow), checked to be in the shortest form.
+    if ai > 27:
+        raise DecodeError("indefinite length or reserved head")
+    if i + 1 + (1 << ai - 24) > len(b):
+        raise DecodeError("truncated head")
+    if ai == 24:
+        ai = b[i + 1]
+        if ai < 24:
+            raise DecodeError("non-shortest head")
+    elif ai == 25:
+        ai = (b[i + 1] << 8) | b[i + 2]
+        if ai < 0x100:
+            raise DecodeError("non-shortest head")
+    elif ai == 26:
+        ai = struct.unpack_from(">I", b, i + 1)[0]
+        if ai < 0x10000:
+            raise DecodeError("non-shortest head")
+    else:
+        ai = struct.unpack_from(">Q", b, i + 1)[0]
+        if ai < 0x100000000:
+            raise DecodeError("non-shortest head")
+    return ai
+
+
+def _array(b, at, n, depth):
+    # n items at b[at[0]:], each at ``depth``.
+    if n > len(b) - at[0]:  # every item takes at least one byte
+        raise DecodeError("array longer than the buffer")
+    out = [None] * n  # at its size: a list grown by append leaves its old arrays behind
+    i = 0
+    while i < n:
+        out[i] = _item(b, at, depth)
+        i += 1
+    return out
+
+
 def _map(b, at, n, depth):
-    # A map of n pairs at b[at[0]:]; keys must be int/str/bytes (major types 0-3, lead byte
-    # < 0x80) and their encodings strictly increasing, which also rules out duplicates.
+    # A map of n pairs at b[at[0]:], its keys and values at ``depth``; keys must be
+    # int/str/bytes (major types 0-3, lead byte < 0x80) and their encodings strictly
+    # increasing, which also rules out duplicates.
     end = len(b)
     if 2 * n > end - at[0]:
         raise DecodeError("map longer than the buffer")
@@ -389,12 +414,12 @@ def _map(b, at, n, depth):
             raise DecodeError("truncated")
         if b[k0] >= 0x80:
             raise DecodeError("map key not int, str or bytes")
-        k = _item(b, at, depth + 1)
+        k = _item(b, at, depth)
         kb = b[k0:at[0]]
         if kb <= prev:
             raise DecodeError("map keys unsorted or duplicated")
         prev = kb
-        out[k] = _item(b, at, depth + 1)
+        out[k] = _item(b, at, depth)
     return out
 
 
