@@ -9,6 +9,8 @@
 #   fixed offsets: slot j = auth[j * TAG_BYTES:(j + 1) * TAG_BYTES], made with K_ij.
 # - Checking peer input never raises: a short or malformed authenticator is a failed check.
 #   Tags are compared in constant time.
+# - Frames: authenticator() and check() run for every message; they stay within the 11 slots
+#   of a frame MicroPython keeps on the C stack (cbor.py's header; tests/test_frames.py).
 
 import hashlib
 
@@ -55,14 +57,15 @@ class Mac:
 
 
 def authenticator(macs, msg):
-    """Return one tag per receiver: slot j is macs[j].tag(msg), TAG_BYTES * len(macs) bytes."""
-    out = bytearray(TAG_BYTES * len(macs))
-    o = 0
-    for mac in macs:
-        d = mac.digest(msg)
-        for i in range(TAG_BYTES):
-            out[o + i] = d[i]
-        o += TAG_BYTES
+    """Return one tag per receiver: slot j is macs[j].tag(msg), TAG_BYTES * len(macs) bytes.
+    Each digest is copied whole into its slot and the next slot overwrites its tail: no
+    slice is allocated per receiver."""
+    out = bytearray(TAG_BYTES * (len(macs) - 1) + DIGEST_BYTES)
+    j = 0
+    while j < len(macs):  # by index: a for loop's iterator would put the frame on the heap
+        out[TAG_BYTES * j:TAG_BYTES * j + DIGEST_BYTES] = macs[j].digest(msg)
+        j += 1
+    out[TAG_BYTES * j:] = b""
     return bytes(out)
 
 
@@ -71,13 +74,14 @@ def check(auth, j, mac, msg):
 
     Never raises for a short authenticator or a negative slot: that is a failed check.
     """
-    o = j * TAG_BYTES
-    if j < 0 or len(auth) < o + TAG_BYTES:
+    if j < 0 or len(auth) < TAG_BYTES * (j + 1):
         return False
     d = mac.digest(msg)
     acc = 0
-    for i in range(TAG_BYTES):
-        acc |= auth[o + i] ^ d[i]
+    i = 0
+    while i < TAG_BYTES:
+        acc |= auth[TAG_BYTES * j + i] ^ d[i]
+        i += 1
     return acc == 0
 
 

@@ -121,6 +121,21 @@ def _check(kind_of_field, value):
 
 def decode(wire):
     """Parse ``wire`` into a Message; raise MessageError when it is not a valid message."""
+    msg, fields = _framed(wire)
+    spec = _FIELDS[msg.kind]
+    k = len(spec)
+    while k:  # the fields from the last, popped: no iterator, no index arithmetic (frame)
+        k -= 2
+        value = fields.pop()
+        if not _check(spec[k + 1], value):
+            raise MessageError("type %d: bad field %s" % (msg.kind, spec[k]))
+        setattr(msg, spec[k], value)
+    return msg
+
+
+def _framed(wire):
+    """(a Message of ``wire``'s kind, sender, body and tags; the fields of its body), its
+    version, kind, sender and field count checked (not the fields themselves)."""
     if len(wire) > MESSAGE_BYTES_MAX:
         raise MessageError("oversized message: %d bytes" % len(wire))
     try:
@@ -141,13 +156,7 @@ def decode(wire):
     if len(fields) != 3 + len(spec) // 2:
         raise MessageError("type %d: %d fields, want %d" % (kind, len(fields),
                                                            3 + len(spec) // 2))
-    msg = Message(kind, sender, bytes(wire[:end]), bytes(wire[end:]))
-    for k in range(0, len(spec), 2):
-        value = fields[3 + k // 2]
-        if not _check(spec[k + 1], value):
-            raise MessageError("type %d: bad field %s" % (kind, spec[k]))
-        setattr(msg, spec[k], value)
-    return msg
+    return Message(kind, sender, bytes(wire[:end]), bytes(wire[end:])), fields
 
 
 def decode_stamp(body):
