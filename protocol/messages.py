@@ -124,12 +124,13 @@ def decode(wire):
     msg, fields = _framed(wire)
     spec = _FIELDS[msg.kind]
     k = len(spec)
-    while k:  # the fields from the last, popped: no iterator, no index arithmetic (frame)
+    i = len(fields)
+    while k:  # from the last field, by index: a for loop's iterator would not fit the frame
         k -= 2
-        value = fields.pop()
-        if not _check(spec[k + 1], value):
+        i -= 1
+        if not _check(spec[k + 1], fields[i]):
             raise MessageError("type %d: bad field %s" % (msg.kind, spec[k]))
-        setattr(msg, spec[k], value)
+        setattr(msg, spec[k], fields[i])
     return msg
 
 
