@@ -79,16 +79,24 @@ class MessageError(ValueError):
 class Message:
     """A decoded message. ``kind`` and ``sender`` always; the type's fields as attributes.
 
-    ``body`` is the exact body bytes the authenticator covers; ``auth`` the trailing tag bytes.
+    ``wire`` is the whole message as received (bytes); ``body`` is a memoryview of its body
+    bytes, which the authenticator covers, and ``auth`` one of the trailing tag bytes: no
+    copy of either is made (a PRE-PREPARE's body is ~700 bytes, allocated once per message
+    as one piece where the heap may have none). A decoded stamp has no wire.
     Treat instances as immutable, except that a handler may set a field it has consumed to
     None, to free the heap early.
     """
 
-    def __init__(self, kind, sender, body, auth):
+    def __init__(self, kind, sender, wire, end):
         self.kind = kind
         self.sender = sender
-        self.body = body
-        self.auth = auth
+        self.wire = wire
+        if wire is None:
+            self.body = self.auth = None
+        else:
+            view = memoryview(wire)
+            self.body = view[:end]
+            self.auth = view[end:]
 
     if TYPE_CHECKING:  # the fields decode() sets, by type: any name, to a type checker
         def __getattr__(self, name):
@@ -139,6 +147,8 @@ def _framed(wire):
     version, kind, sender and field count checked (not the fields themselves)."""
     if len(wire) > MESSAGE_BYTES_MAX:
         raise MessageError("oversized message: %d bytes" % len(wire))
+    if type(wire) is not bytes:
+        wire = bytes(wire)
     try:
         fields, end = cbor.decode_prefix(wire, 0)
     except cbor.DecodeError as e:
@@ -157,13 +167,13 @@ def _framed(wire):
     if len(fields) != 3 + len(spec) // 2:
         raise MessageError("type %d: %d fields, want %d" % (kind, len(fields),
                                                            3 + len(spec) // 2))
-    return Message(kind, sender, bytes(wire[:end]), bytes(wire[end:])), fields
+    return Message(kind, sender, wire, end), fields
 
 
 def decode_stamp(body):
     """The HEARTBEAT or OFFLINE whose body is ``body`` (bytes or a memoryview), decoded up to
-    its stamp: a Message with kind, sender, boot, conn and, for a HEARTBEAT, seq (body and
-    auth None). A heartbeat's status map, which its peers do not need, is not decoded (nor
+    its stamp: a Message with kind, sender, boot, conn and, for a HEARTBEAT, seq (wire, body
+    and auth None). A heartbeat's status map, which its peers do not need, is not decoded (nor
     checked: the host's decode() does that). Raise MessageError for anything else."""
     try:
         fields, length = cbor.decode_uints(body, 6)  # [v, kind, sender, boot, conn, seq]
@@ -172,7 +182,7 @@ def decode_stamp(body):
     if length < 5 or fields[0] != VERSION or not (fields[1] == HEARTBEAT and length == 7
                                                    or fields[1] == OFFLINE and length == 5):
         raise MessageError("not a HEARTBEAT or OFFLINE")
-    msg = Message(fields[1], fields[2], None, None)
+    msg = Message(fields[1], fields[2], None, 0)
     spec = _FIELDS[fields[1]]
     for k in range(3, len(fields)):  # boot, conn, seq: the stamp
         setattr(msg, spec[2 * (k - 3)], fields[k])

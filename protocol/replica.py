@@ -494,11 +494,11 @@ class Replica(ViewChanging, StateTransfer):
             else:
                 self._drop("old request")
             return
-        if len(msg.body) + len(msg.auth) > _REQUEST_BYTES_MAX:
+        if len(msg.wire) > _REQUEST_BYTES_MAX:
             self._drop("request too large")
             return
         client = msg.sender
-        wire = msg.body + msg.auth  # one copy, shared by the waiting and pending tables
+        wire = msg.wire  # shared by the waiting and pending tables
         if client in self.waiting or len(self.waiting) < _WAITING_MAX:
             self.waiting[client] = msg.timestamp  # one outstanding request per client
             self.waiting_wires[client] = wire

@@ -228,7 +228,7 @@ class ViewChanging:
         change = ViewChange(msg.sender, msg.view, msg.h, msg.c, msg.p, msg.q, digest,
                                self.vc_digests)
         self.vc_views[msg.sender] = msg.view
-        self.vc_wires[msg.sender] = msg.body + msg.auth
+        self.vc_wires[msg.sender] = msg.wire
         msg.p = msg.q = None  # the ViewChange holds them: free the heap before we act on it
         if msg.view > self.view or self.status == VIEW_CHANGE:
             self.vcs[msg.sender] = change  # needed to decide or check the new view

@@ -1,0 +1,66 @@
+"""The functions a node runs per CBOR item or per message keep their frames off the heap.
+
+MicroPython takes a call's frame from the heap when its state (locals and value stack, a
+slot each, plus 3 slots per nested exception handler) is more than 11 slots: 88 bytes on
+the 64-bit Unix port, 44 on an ESP32 (py/objfun.c, VM_MAX_STATE_ON_STACK). The block is
+freed on return, but it counts towards the collector's threshold like any allocation, so a
+function called per item makes the node collect as if it allocated its frame every time. At
+16 clients, cbor's _item, _enc and skip ran ~180 times per request per replica with heap
+frames: ~30 KB counted per request, more than the replica's real allocations.
+
+The sizes are read off the compiler's own listing (``micropython -v -v``), of the sources
+as a node compiles them.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SLOT_BYTES = 8  # 64-bit port
+STACK_FRAME_BYTES = 11 * SLOT_BYTES
+EXCEPTION_HANDLER_BYTES = 3 * SLOT_BYTES
+
+# module -> the functions that run per CBOR item, per message or per received packet
+HOT = {
+    "protocol/cbor.py": ["_item", "_array", "_argument", "skip", "_enc", "_head"],
+    "protocol/messages.py": ["decode", "_check", "wire"],
+    "protocol/auth.py": ["digest", "check", "authenticator"],
+}
+
+_LISTING = re.compile(r"code block '([^']+)'.*?\(N_STATE (\d+)\)\s*\(N_EXC_STACK (\d+)\)",
+                      re.S)
+
+
+def frame_bytes(micropython: Path, source: Path) -> dict[str, list[int]]:
+    """Each function of ``source`` -> the state bytes of its frame (one per definition)."""
+    done = subprocess.run([str(micropython), "-v", "-v", "-c",
+                           f"compile(open({str(source)!r}).read(), 'm', 'exec')"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    out: dict[str, list[int]] = {}
+    for name, state, handlers in _LISTING.findall(done.stdout):
+        out.setdefault(name, []).append(
+            int(state) * SLOT_BYTES + int(handlers) * EXCEPTION_HANDLER_BYTES)
+    return out
+
+
+@pytest.mark.parametrize("module", sorted(HOT))
+def test_hot_functions_keep_their_frames_on_the_c_stack(micropython, module):
+    sizes = frame_bytes(micropython, REPO / module)
+    for name in HOT[module]:
+        assert name in sizes, f"{module}: no function {name}"
+        assert max(sizes[name]) <= STACK_FRAME_BYTES, (
+            f"{module}:{name} needs a {max(sizes[name])}-byte frame: a heap frame per call")
+
+
+def test_the_listing_shows_a_frame_that_goes_to_the_heap(micropython):
+    # The reader itself: a function known to need more (a loop's iterator takes 4 slots, a
+    # handler 3) is read as over the bound, so the test above can fail.
+    sizes = frame_bytes(micropython, REPO / "protocol/cbor.py")
+    assert max(sizes["_map"]) > STACK_FRAME_BYTES
+    assert max(sizes["_text"]) == 8 * SLOT_BYTES + EXCEPTION_HANDLER_BYTES
