@@ -51,7 +51,7 @@ _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around 
 # 160 KB with it; at 128 KB a node's state transfer check ran out of heap now and then with
 # every policy tried (17-20 KB free, in pieces). "gc_threshold_bytes" overrides it.
 _GC_THRESHOLD_MIN_BYTES = const(4096)
-_GC_RESERVE_BYTES = const(16384)
+_GC_RESERVE_BYTES = const(24576)
 _ERROR_LOG_MS = const(10000)
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "fetch", "transferred", "restored",
                      "epoch", "store_error")
