@@ -19,6 +19,9 @@ from edgebft.firmware import store
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bool, bytearray, getattr, int, len, list, str, tuple, type
+
 try:
     from micropython import const
 except ImportError:  # CPython

@@ -49,6 +49,9 @@ from binascii import unhexlify
 from random import getrandbits
 from time import ticks_diff, ticks_ms
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bool, bytearray, int, isinstance, len, max, memoryview, min, range, str, type
+
 TYPE_CHECKING = False  # True only to a type checker (tools/typecheck.sh)
 if TYPE_CHECKING:
     from typing import Any

@@ -26,6 +26,9 @@ import sys
 import asyncio
 from binascii import unhexlify
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytes, int, len, list, max, range
+
 try:
     from micropython import const
 except ImportError:  # CPython

@@ -12,6 +12,9 @@
 #   writes; this module writes exactly when asked, and Flash counts what it writes.
 import os
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import int, len, str, sum, tuple, type
+
 STATE_PATH = "state.cbor"
 STATE_DIR = "state"
 _TMP = ".tmp"

@@ -10,9 +10,12 @@
 # - Checking peer input never raises: a short or malformed authenticator is a failed check.
 #   Tags are compared in constant time.
 # - Frames: authenticator() and check() run for every message; they stay within the 11 slots
-#   of a frame MicroPython keeps on the C stack (cbor.py's header; tests/test_frames.py).
+#   of a frame MicroPython keeps on the C stack (cbor.py's header; tests/test_hot_paths.py).
 
 import hashlib
+
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytearray, bytes, int, len, range, str, type
 
 try:
     from micropython import const

@@ -10,6 +10,10 @@
 #   dict order), so every port evicts the same entries.
 # - counts = [hits, misses] of get()s, for the hit rate the status and the bench report.
 # - Memory: one 3-slot list per entry; eviction scans the entries (capacity is small).
+
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import len
+
 POLICIES = ("lru", "lfu", "fifo")
 
 

@@ -45,6 +45,9 @@
 # (Akka's): phi reaches 8 at y = 5.23, so a regular stream is suspected mean + pause +
 # 5.23 * min_std_ms after its last heartbeat. min_std_ms 100 and pause 0: a 500 ms stream is
 # suspected after ~1 s, and a node stalled up to ~520 ms (a collection, a busy host) is not.
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytearray, int, min, range, type
+
 try:
     from micropython import const
 except ImportError:  # CPython (a function here would cost heap on MicroPython, int does not)

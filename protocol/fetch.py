@@ -11,6 +11,9 @@ from .pagestore import PAGE_BYTES_MAX, PageError, marked, page_tag, set_tag, sum
 from .state import (_FLASH_RESERVE_BYTES, _META_BYTES_MAX, _TAG_WINDOW, StateError,
                     _record_name, _store_digest, meta_digest)
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytearray, len, range, str
+
 
 def _rollback(state, meta, start):
     """Forget everything executed after the stable checkpoint, whose record's meta and

@@ -22,6 +22,10 @@
 # cut() never undoes an operation made before the last sent(): its owner calls sent() when a
 # message leaves, and a node that died before an operation never sent what came after it (a
 # replica writes its P entries ahead of its COMMITs, replica.py).
+
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytes, len, min, sum, tuple, type
+
 JOURNAL_MAX = 64
 
 

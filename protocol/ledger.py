@@ -44,6 +44,9 @@
 import hashlib
 import struct
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import int, len, list, range, sorted, str, sum, tuple, type
+
 try:
     from micropython import const
 except ImportError:  # CPython

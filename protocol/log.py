@@ -14,6 +14,9 @@
 import hashlib
 from array import array
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytearray, int, range, sorted
+
 try:
     from micropython import const
 except ImportError:  # CPython

@@ -9,6 +9,9 @@
 #   any input. It does not check MACs: that needs keys and is the replica's job.
 from . import auth, cbor
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytes, int, len, list, memoryview, range, setattr, str, type
+
 try:
     from micropython import const
 except ImportError:  # CPython

@@ -45,6 +45,9 @@
 # - counts: "stalls" (ticks that found a stall), "suspicions" (view changes the detector
 #   started) and "errors": the simulator's seeds and the status report them.
 # - Memory: fixed; `checkpoints` keeps the newest _CHECKPOINTS_KEPT executed [seq, digest].
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import int, len, memoryview, range, type
+
 try:
     from micropython import const
 except ImportError:  # CPython

@@ -51,6 +51,10 @@ from array import array
 from . import cbor
 from .cache import Cache
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import (bytearray, bytes, int, len, list, max, memoryview, range, sorted, str, tuple,
+                      type)
+
 SUM_BYTES = 256  # the digest: a sum modulo 2^2048
 _SUM_MOD = 1 << (8 * SUM_BYTES)
 # A page file larger than this is corrupt (a transferred one: refused). The ledger keeps its

@@ -82,6 +82,9 @@
 #   correct primary, at most the window's from any).
 import hashlib
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytes, int, len, list, max, min, range, sorted, sum, tuple, type
+
 try:
     from micropython import const
 except ImportError:  # CPython

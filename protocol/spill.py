@@ -26,6 +26,10 @@
 #   returns again all the same (replica._refill_pending). A record whose length is out of bounds or that is
 #   cut short (a flash that lost data, an append that failed) ends the queue.
 # - RAM: three ints.
+
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytes, len
+
 NAME = "Q"
 RECORDS_MAX = 256
 

@@ -35,6 +35,9 @@
 # an existing set starts at new_validator_priority(P) (spec "New Validator", the "-C*P" rule);
 # Stake(weights, priorities) takes carried-over priorities for that use.
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import abs, int, len, list, max, min, range, sum, type
+
 
 def _quo(a, b):
     """Go's integer division for b > 0: the quotient truncated toward zero."""

@@ -33,6 +33,9 @@ import hashlib
 from . import cbor
 from .pagestore import CACHE_BYTES, CACHE_PAGES, PageStore, delete_all, sum_bytes
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import int, len, list, min, range, set, sorted, type
+
 STABLE = "stable"
 _STAGE = "X."
 LEDGER_PAGES = 256  # a page holds ~1/256 of the keys: give a large ledger more pages

@@ -16,6 +16,9 @@
 #   skip pages may have lied.
 # - A served checkpoint stays readable (pinned) for _PIN_MS after each fetch, even when our
 #   stable checkpoint moves on: a long transfer under load finishes instead of restarting.
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import int, len, list, range
+
 try:
     from micropython import const
 except ImportError:  # CPython

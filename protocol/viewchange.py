@@ -16,6 +16,9 @@
 #   and VIEW_CHANGE only through Replica._to (its transition table).
 import hashlib
 
+# Bound as globals, not found as builtins: see cbor.py's header.
+from builtins import bytes, int, len, list, max, min, range, sorted, type
+
 try:
     from micropython import const
 except ImportError:  # CPython

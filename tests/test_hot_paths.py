@@ -1,4 +1,4 @@
-"""The functions a node runs per CBOR item or per message keep their frames off the heap.
+"""What a node runs per CBOR item or per message: frames off the heap, builtins as globals.
 
 MicroPython takes a call's frame from the heap when its state (locals and value stack, a
 slot each, plus 3 slots per nested exception handler) is more than 11 slots: 88 bytes on
@@ -14,6 +14,8 @@ as a node compiles them.
 
 from __future__ import annotations
 
+import ast
+import builtins
 import re
 import subprocess
 from pathlib import Path
@@ -64,3 +66,49 @@ def test_the_listing_shows_a_frame_that_goes_to_the_heap(micropython):
     sizes = frame_bytes(micropython, REPO / "protocol/cbor.py")
     assert max(sizes["_map"]) > STACK_FRAME_BYTES
     assert max(sizes["_text"]) == 8 * SLOT_BYTES + EXCEPTION_HANDLER_BYTES
+
+
+# The modules a node runs per message; each binds the builtins it uses as globals (cbor.py's
+# header: a name missing from a module's globals probes its table before the builtins).
+NODE_MODULES = [
+    "protocol/auth.py", "protocol/cache.py", "protocol/cbor.py", "protocol/detector.py",
+    "protocol/fetch.py", "protocol/flash.py", "protocol/ledger.py", "protocol/log.py",
+    "protocol/messages.py", "protocol/node.py", "protocol/pagestore.py", "protocol/replica.py",
+    "protocol/spill.py", "protocol/stake.py", "protocol/state.py", "protocol/transfer.py",
+    "protocol/viewchange.py", "firmware/faults.py", "firmware/mqtt.py", "firmware/runtime.py",
+    "firmware/store.py",
+]
+# Builtins a node calls only at start-up, to log or on an error path: left to the builtins.
+RARE = {"print", "open", "classmethod", "property", "repr", "callable", "eval"}
+
+
+def unbound_builtins(source: str) -> set[str]:
+    """The builtin functions and types ``source`` uses without binding them as globals
+    (exception classes and RARE aside)."""
+    tree = ast.parse(source)
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.alias):
+            bound.add(node.asname or node.name.split(".")[0])
+    return {node.id for node in ast.walk(tree)
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+            and node.id in BUILTINS and node.id not in bound and node.id not in RARE
+            and not (isinstance(getattr(builtins, node.id), type)
+                     and issubclass(getattr(builtins, node.id), BaseException))}
+
+
+BUILTINS = set(dir(builtins))
+
+
+@pytest.mark.parametrize("module", NODE_MODULES)
+def test_node_modules_bind_the_builtins_they_use(module):
+    assert unbound_builtins((REPO / module).read_text()) == set()
+
+
+def test_a_builtin_left_unbound_is_found():
+    assert unbound_builtins("def f(x):\n    return len(x) + int(x)\n") == {"len", "int"}
+    assert unbound_builtins("from builtins import len\n\ndef f(x):\n    return len(x)\n") == set()
