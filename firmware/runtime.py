@@ -46,13 +46,19 @@ from edgebft.protocol.stake import Stake
 CONFIG_PATH = "edgebft.json"
 BOOTS_PATH = "boots"
 _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around a message
-# Collect once the heap left free at boot but a 16 KB reserve has been allocated (at least
+# Collect once the heap left free at boot but a 24 KB reserve has been allocated (at least
 # 4 KB): each collection marks the whole live heap (~100 KB), so collecting often costs what
 # a board cannot spare. Measured at the default 160 KB heap, over 10,000 keys: 1 client ~185,
 # ~215 and ~305 req/s and 16 clients ~330, ~360 and ~415 req/s collecting after a quarter,
 # half and all but 16 KB of the free heap. The fault lab (four faults in 14 s) runs clean at
 # 160 KB with it; at 128 KB a node's state transfer check ran out of heap now and then with
-# every policy tried (17-20 KB free, in pieces). "gc_threshold_bytes" overrides it.
+# every policy tried (17-20 KB free, in pieces). The reserve was 16 KB while cbor's per-item
+# functions took their frames from the heap, which counts them as allocated (cbor.py's
+# header). Without those, the heap filled further between collections, and at 64 clients
+# 16 KB ran nodes out of heap in pieces (11 and 12 restarts in 2 runs of 6, a ~700-byte wire
+# failing with 25-36 KB free); 24 KB: none in 8 runs; 32 KB: none, and 5-10% slower.
+# Without a threshold (collecting only when the heap is full): 59-175 req/s, restarts in
+# every run. "gc_threshold_bytes" overrides it.
 _GC_THRESHOLD_MIN_BYTES = const(4096)
 _GC_RESERVE_BYTES = const(24576)
 _ERROR_LOG_MS = const(10000)
