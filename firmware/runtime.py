@@ -171,7 +171,12 @@ class Runtime:
                 self.drain()
                 return
         # a request, or a replica's message: .../from/<j> or .../to/<me>/from/<j>
-        node.message(bytes(payload), j, self.clock())  # MemoryError: main() restarts us
+        try:
+            wire = bytes(payload)
+        except MemoryError:  # no piece for the copy: the message is lost, as on the network
+            node.drop("no heap to receive")
+            return
+        node.message(wire, j, self.clock())  # MemoryError: main() restarts us
         self.drain()
 
     def send_all(self, wire):

@@ -38,7 +38,8 @@
 #   others for, alone in a higher view. Checked after every heartbeat and tick, in each view.
 # - No input stops a node: an exception the replica raises on a message (other than
 #   MemoryError, which is the heap's and not the input's: the runtime restarts the node from
-#   flash; the replica handles it only where it had changed nothing, serving a FETCH) drops
+#   flash; the replica handles it only where it had changed nothing: serving a FETCH, or
+#   building a wire to send, which is then lost as the network may lose it) drops
 #   that message, is counted in "errors" and kept in `error` (its type and text) for the
 #   status. The simulator turns this off (contain=False): there an exception is a bug to
 #   report, not an input to survive.

@@ -229,6 +229,35 @@ def test_a_request_the_primary_dropped_when_full_is_ordered_once_the_load_stops(
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 21)] * 4
 
 
+def test_a_message_the_heap_has_no_piece_for_is_lost_not_fatal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary's heap has no piece for the wire of its first PRE-PREPARE (on a board:
+    ~700 bytes in one piece, where a fragmented heap had 20-30 KB free in smaller ones). The
+    message is lost, as the network may lose it, and counted; nothing else changes, and the
+    replicas' retransmission brings the batch: every request executes, in view 0."""
+    wire = m.wire
+    refused: list[int] = []
+
+    def wire_or_no_heap(macs: list, kind: int, sender: int, *fields: object) -> bytes:
+        if kind == m.PRE_PREPARE and not refused:
+            refused.append(fields[1])  # its sequence number
+            raise MemoryError("memory allocation failed, allocating 744 bytes")
+        return wire(macs, kind, sender, *fields)
+
+    monkeypatch.setattr(m, "wire", wire_or_no_heap)
+    net = Net()
+    for c in range(3):
+        net.submit(net.client(c).request(["put", f"k{c}", c]))
+    net.run()
+    primary = net.replicas[0]
+    assert refused == [1] and primary.drops == {"no heap to send": 1}
+    assert [r.counts["executed_requests"] for r in net.replicas[1:]] == [0, 0, 0]
+    for now in range(100, 1000, 100):
+        net.tick(now)
+        net.run()
+    assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 3)] * 4
+
+
 def test_batch_bodies_wait_on_flash_and_a_torn_one_reads_as_none() -> None:
     """The oplog keeps a body as the file of its slot, the bytes its digest hashes, and
     nothing of it in RAM but the digest; a file cut short, or one a flash refused to write,
