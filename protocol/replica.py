@@ -1015,8 +1015,8 @@ class Replica(ViewChanging, StateTransfer):
         if self.status == VIEW_CHANGE or alone and not msg.limbo:
             return
         for seq in msg.missing:
-            if type(seq) is int:
-                self._send_batch(j, seq)
+            if type(seq) is int and not self._send_batch(j, seq):
+                return
         top = min(self.last_exec, msg.last_exec + _CATCH_UP_MAX)
         for seq in range(max(msg.last_exec, self.h) + 1, self.h + self.window + 1):
             i = self.log.find(seq)
@@ -1025,7 +1025,8 @@ class Replica(ViewChanging, StateTransfer):
             d = self.log.digests[i]
             if self.log.committed(i) and seq <= top:
                 self._send(j, m.COMMIT, self.view, seq, d)
-                self._send_batch(j, seq)
+                if not self._send_batch(j, seq):
+                    return
             elif alone:
                 continue
             elif self.log.voted(self.log.prepares, i, self.me) and self._may_vote(seq):
@@ -1074,12 +1075,20 @@ class Replica(ViewChanging, StateTransfer):
         self._rewrite_prepared()
 
     def _send_batch(self, dest, seq):
+        """Send replica ``dest`` the BATCH of ``seq`` if we hold its body. False when the heap
+        had no piece to read the body back into (counted): the caller stops answering, and
+        the replica behind asks again with its next STATUS."""
         i = self.log.find(seq)
         if i < 0 or self.log.digests[i] is None:
-            return
-        body = self.oplog.body_of(seq, self.log.digests[i])
+            return True
+        try:
+            body = self.oplog.body_of(seq, self.log.digests[i])
+        except MemoryError:
+            self._drop("no heap to send")
+            return False
         if body is not None:
             self._send(dest, m.BATCH, seq, self.log.digests[i], body)
+        return True
 
     def on_batch(self, msg):
         i = self.log.find(msg.seq)

@@ -258,6 +258,37 @@ def test_a_message_the_heap_has_no_piece_for_is_lost_not_fatal(
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 3)] * 4
 
 
+def test_an_answer_to_a_status_the_heap_cannot_read_back_stops_and_comes_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica 3 misses two batches. Answering its STATUS, the others read the bodies back
+    from flash; the first read finds no piece of heap (on a board: ~700 bytes with 20-30
+    KB free in smaller ones). That answer stops there, counted, and nothing else changes:
+    the next STATUS brings the batches, and replica 3 executes them."""
+    from edgebft.protocol.log import Oplog
+
+    body_of = Oplog.body_of
+    refused: list[int] = []
+
+    def body_or_no_heap(oplog: Oplog, seq: int, digest: bytes) -> list | None:
+        if not refused:
+            refused.append(seq)
+            raise MemoryError("memory allocation failed, allocating 676 bytes")
+        return body_of(oplog, seq, digest)
+
+    net = Net()
+    net.down.add(3)
+    for c in range(2):
+        net.call(net.client(c), ["put", f"k{c}", c])
+    net.down.discard(3)
+    monkeypatch.setattr(Oplog, "body_of", body_or_no_heap)
+    for now in range(100, 3000, 100):  # an idle replica's STATUS comes every second
+        net.tick(now)
+        net.run()
+    assert len(refused) == 1
+    assert sum(r.drops.get("no heap to send", 0) for r in net.replicas) == 1
+    assert [(r.view, r.last_exec) for r in net.replicas] == [(0, 2)] * 4
+
+
 def test_batch_bodies_wait_on_flash_and_a_torn_one_reads_as_none() -> None:
     """The oplog keeps a body as the file of its slot, the bytes its digest hashes, and
     nothing of it in RAM but the digest; a file cut short, or one a flash refused to write,
