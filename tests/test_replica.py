@@ -229,28 +229,34 @@ def test_a_request_the_primary_dropped_when_full_is_ordered_once_the_load_stops(
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 21)] * 4
 
 
+def no_heap_once(function: Callable, when: Callable[..., bool],
+                 refused: list[tuple]) -> Callable:
+    """``function``, except that its first call for which ``when(*args)`` holds raises the
+    MemoryError of a heap with no piece big enough (its arguments go to ``refused``)."""
+    def wrapped(*args: object) -> object:
+        if not refused and when(*args):
+            refused.append(args)
+            raise MemoryError("memory allocation failed, allocating 744 bytes")
+        return function(*args)
+    return wrapped
+
+
 def test_a_message_the_heap_has_no_piece_for_is_lost_not_fatal(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The primary's heap has no piece for the wire of its first PRE-PREPARE (on a board:
     ~700 bytes in one piece, where a fragmented heap had 20-30 KB free in smaller ones). The
     message is lost, as the network may lose it, and counted; nothing else changes, and the
     replicas' retransmission brings the batch: every request executes, in view 0."""
-    wire = m.wire
-    refused: list[int] = []
-
-    def wire_or_no_heap(macs: list, kind: int, sender: int, *fields: object) -> bytes:
-        if kind == m.PRE_PREPARE and not refused:
-            refused.append(fields[1])  # its sequence number
-            raise MemoryError("memory allocation failed, allocating 744 bytes")
-        return wire(macs, kind, sender, *fields)
-
-    monkeypatch.setattr(m, "wire", wire_or_no_heap)
+    refused: list[tuple] = []
+    monkeypatch.setattr(m, "wire", no_heap_once(
+        m.wire, lambda macs, kind, sender, *fields: kind == m.PRE_PREPARE, refused))
     net = Net()
     for c in range(3):
         net.submit(net.client(c).request(["put", f"k{c}", c]))
     net.run()
     primary = net.replicas[0]
-    assert refused == [1] and primary.drops == {"no heap to send": 1}
+    assert [call[4] for call in refused] == [1]  # its sequence number
+    assert primary.drops == {"no heap to send": 1}
     assert [r.counts["executed_requests"] for r in net.replicas[1:]] == [0, 0, 0]
     for now in range(100, 1000, 100):
         net.tick(now)
@@ -266,21 +272,13 @@ def test_an_answer_to_a_status_the_heap_cannot_read_back_stops_and_comes_again(
     the next STATUS brings the batches, and replica 3 executes them."""
     from edgebft.protocol.log import Oplog
 
-    body_of = Oplog.body_of
-    refused: list[int] = []
-
-    def body_or_no_heap(oplog: Oplog, seq: int, digest: bytes) -> list | None:
-        if not refused:
-            refused.append(seq)
-            raise MemoryError("memory allocation failed, allocating 676 bytes")
-        return body_of(oplog, seq, digest)
-
+    refused: list[tuple] = []
     net = Net()
     net.down.add(3)
     for c in range(2):
         net.call(net.client(c), ["put", f"k{c}", c])
     net.down.discard(3)
-    monkeypatch.setattr(Oplog, "body_of", body_or_no_heap)
+    monkeypatch.setattr(Oplog, "body_of", no_heap_once(Oplog.body_of, lambda *_: True, refused))
     for now in range(100, 3000, 100):  # an idle replica's STATUS comes every second
         net.tick(now)
         net.run()
