@@ -154,10 +154,10 @@ def _enc(buf, obj, depth):
             raise EncodeError("nested deeper than _DEPTH_MAX")
         _head(buf, _MT_ARRAY, len(obj))
         depth += 1
-        t = 0
-        while t < len(obj):
-            _enc(buf, obj[t], depth)
-            t += 1
+        i = 0
+        while i < len(obj):
+            _enc(buf, obj[i], depth)
+            i += 1
     elif t is dict:
         if depth >= _DEPTH_MAX:
             raise EncodeError("nested deeper than _DEPTH_MAX")

@@ -84,8 +84,8 @@ class Message:
 
     ``wire`` is the whole message as received (bytes); ``body`` is a memoryview of its body
     bytes, which the authenticator covers, and ``auth`` one of the trailing tag bytes: no
-    copy of either is made (a PRE-PREPARE's body is ~700 bytes, allocated once per message
-    as one piece where the heap may have none). A decoded stamp has no wire.
+    copy of either is made (copying a PRE-PREPARE's body took ~700 bytes in one piece per
+    message, which a fragmented heap may lack). A decoded stamp has no wire.
     Treat instances as immutable, except that a handler may set a field it has consumed to
     None, to free the heap early.
     """
