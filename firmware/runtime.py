@@ -46,7 +46,7 @@ from edgebft.protocol.stake import Stake
 CONFIG_PATH = "edgebft.json"
 BOOTS_PATH = "boots"
 _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around a message
-# Collect once the heap left free at boot but a 24 KB reserve has been allocated (at least
+# Collect once the heap left free at boot but a 32 KB reserve has been allocated (at least
 # 4 KB): each collection marks the whole live heap (~100 KB), so collecting often costs what
 # a board cannot spare. Measured at the default 160 KB heap, over 10,000 keys: 1 client ~185,
 # ~215 and ~305 req/s and 16 clients ~330, ~360 and ~415 req/s collecting after a quarter,
@@ -54,13 +54,14 @@ _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around 
 # 160 KB with it; at 128 KB a node's state transfer check ran out of heap now and then with
 # every policy tried (17-20 KB free, in pieces). The reserve was 16 KB while cbor's per-item
 # functions took their frames from the heap, which counts them as allocated (cbor.py's
-# header). Without those, the heap filled further between collections, and at 64 clients
-# 16 KB ran nodes out of heap in pieces (11 and 12 restarts in 2 runs of 6, a ~700-byte wire
-# failing with 25-36 KB free); 24 KB: none in 8 runs; 32 KB: none, and 5-10% slower.
-# Without a threshold (collecting only when the heap is full): 59-175 req/s, restarts in
-# every run. "gc_threshold_bytes" overrides it.
+# header). Without those, the heap fills further between collections, and pieces of 0.5-1 KB
+# go missing with 17-36 KB free: at 64 clients 16 KB ran nodes out of heap in 2 runs of 6;
+# at 256 clients 24 KB did (13 restarts and 11 view changes in a run, 454 req/s against 773
+# before); 32 KB ran 3 runs at 256 and 3 at 64 clients without one (760-769 and 813 req/s),
+# 40 KB too, slower (675 at 256). Without a threshold (collecting only when the heap is
+# full): 59-175 req/s, restarts in every run. "gc_threshold_bytes" overrides it.
 _GC_THRESHOLD_MIN_BYTES = const(4096)
-_GC_RESERVE_BYTES = const(24576)
+_GC_RESERVE_BYTES = const(32768)
 _ERROR_LOG_MS = const(10000)
 _PUBLISHED_EVENTS = ("equivocation", "view_change", "view", "fetch", "transferred", "restored",
                      "epoch", "store_error")
