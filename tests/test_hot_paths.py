@@ -80,6 +80,7 @@ NODE_MODULES = [
 ]
 # Builtins a node calls only at start-up, to log or on an error path: left to the builtins.
 RARE = {"print", "open", "classmethod", "property", "repr", "callable", "eval"}
+BUILTINS = set(dir(builtins))
 
 
 def unbound_builtins(source: str) -> set[str]:
@@ -100,8 +101,6 @@ def unbound_builtins(source: str) -> set[str]:
             and not (isinstance(getattr(builtins, node.id), type)
                      and issubclass(getattr(builtins, node.id), BaseException))}
 
-
-BUILTINS = set(dir(builtins))
 
 
 @pytest.mark.parametrize("module", NODE_MODULES)
