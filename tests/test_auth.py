@@ -106,3 +106,38 @@ def test_micropython_matches_cpython(micropython: Path, mp_lib: Path, key: bytes
         "True",
         "False",
     ]
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.binary(max_size=80)), max_size=40), MSGS)
+def test_mac_table_holds_the_last_key_put_per_slot(puts: list[tuple[int, bytes]], msg: bytes):
+    """Against a model: a dict of the last key put for each slot (id % slots)."""
+    table = auth.MacTable(8)
+    model: dict[int, tuple[int, bytes]] = {}
+    for x, key in puts:
+        table.put(x, key)
+        model[x % 8] = (x, key)
+    assert not table.holds(-1)  # the mark of an empty slot is no id
+    for x in range(300):
+        held = model.get(x % 8)
+        if held is None or held[0] != x:
+            assert not table.holds(x)
+        else:
+            mac = table.mac(x)
+            assert mac.digest(msg) == _hmac(held[1], msg)
+            assert mac.tag(msg) == _hmac(held[1], msg)[: auth.TAG_BYTES]
+
+
+def test_mac_table_on_micropython(micropython: Path, mp_lib: Path):
+    code = (
+        "from edgebft.protocol import auth\n"
+        "t = auth.MacTable(4)\n"
+        "t.put(3, b'k3')\n"
+        "t.put(5, bytes(range(70)))\n"
+        "t.put(9, b'k9')\n"  # 9 % 4 == 5 % 4: replaces 5
+        f"msg = {FIXED_MSG!r}\n"
+        "print(t.mac(3).digest(msg).hex(), t.mac(9).digest(msg).hex(), t.holds(5), t.holds(7))\n"
+    )
+    proc = run_mp(micropython, mp_lib, code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [
+        _hmac(b"k3", FIXED_MSG).hex(), _hmac(b"k9", FIXED_MSG).hex(), "False", "False"]
