@@ -780,25 +780,27 @@ class Replica(ViewChanging, StateTransfer):
         results = []
         self.state.begin(seq)
         for wire in log.batches[i]:
-            req = m.decode(wire)  # validated when the pre-prepare was accepted
-            if self.waiting.get(req.sender, -1) <= req.timestamp:
-                self.waiting.pop(req.sender, None)
-                self.waiting_wires.pop(req.sender, None)
-            if self.pending_ids.get(req.sender, -1) <= req.timestamp:
-                self.pending_ids.pop(req.sender, None)
-            cached = self._client_entry(req.sender)
-            if cached is not None and req.timestamp <= cached[0]:
+            req = m.request_fields(wire)  # validated when the pre-prepare was accepted
+            client = req[2]
+            timestamp = req[3]
+            if self.waiting.get(client, -1) <= timestamp:
+                self.waiting.pop(client, None)
+                self.waiting_wires.pop(client, None)
+            if self.pending_ids.get(client, -1) <= timestamp:
+                self.pending_ids.pop(client, None)
+            cached = self._client_entry(client)
+            if cached is not None and timestamp <= cached[0]:
                 continue  # executed before: exactly once
-            replica = req.sender - REPLICA_CLIENT_BASE
+            replica = client - REPLICA_CLIENT_BASE
             if cached is None and replica < 0 and \
-                    self.clients.entries_in_page(req.sender) >= CLIENT_PAGE_ENTRIES_MAX:
+                    self.clients.entries_in_page(client) >= CLIENT_PAGE_ENTRIES_MAX:
                 result = [False, "client table full"]  # not executed, so not recorded
             else:
-                result = self.ledger.execute(req.op, req.sender, replica)
-                self.clients.put(req.sender, [req.timestamp, result])
+                result = self.ledger.execute(req[4], client, replica)
+                self.clients.put(client, [timestamp, result])
             if replica < 0:
-                self._send_reply(req.sender, req.timestamp, result)
-            results.append([req.sender, req.timestamp, result])
+                self._send_reply(client, timestamp, result)
+            results.append([client, timestamp, result])
         self.counts["executed_requests"] += len(results)
         log.mark_executed(i)
         self.missing.pop(seq, None)

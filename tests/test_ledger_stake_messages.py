@@ -146,3 +146,11 @@ def test_message_round_trip_and_field_checks() -> None:
             m.decode(wire)
 
 
+
+
+def test_request_fields_are_what_decode_reads() -> None:
+    wire = m.body(m.REQUEST, 7, 12, ["put", "k", [1, "x"]]) + b"T" * 32
+    msg = m.decode(wire)
+    fields = m.request_fields(wire)
+    assert fields == [m.VERSION, m.REQUEST, 7, 12, ["put", "k", [1, "x"]]]
+    assert (fields[2], fields[3], fields[4]) == (msg.sender, msg.timestamp, msg.op)
