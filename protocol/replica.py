@@ -851,8 +851,15 @@ class Replica(ViewChanging, StateTransfer):
         return entry if type(entry) is list else None
 
     def _send_reply(self, client, timestamp, result):
-        body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
-        self._emit(to_client(client), body + self._client_mac(client).tag(body))
+        """Reply to ``client``. A reply the heap has no piece for is lost, as _send's messages
+        are: the client asks again, and the reply comes from its entry in the client table."""
+        try:
+            body = m.body(m.REPLY, self.me, self.view, client, timestamp, result)
+            wire = body + self._client_mac(client).tag(body)
+        except MemoryError:
+            self._drop("no heap to send")
+            return
+        self._emit(to_client(client), wire)
 
     # ----------------------------------------------------------------- checkpoints
 

@@ -264,6 +264,31 @@ def test_a_message_the_heap_has_no_piece_for_is_lost_not_fatal(
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 3)] * 4
 
 
+def test_a_reply_the_heap_has_no_piece_for_is_lost_and_sent_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica 0 executes a request but finds no heap for its reply. The request stays
+    executed, the reply is lost and counted; the client's retransmission gets it from the
+    client table, and the client accepts a result."""
+    refused: list[tuple] = []
+    monkeypatch.setattr(m, "body", no_heap_once(
+        m.body, lambda kind, sender, *fields: kind == m.REPLY and sender == 0, refused))
+    net = Net()
+    alice = net.client(5)
+    request = alice.request(["transfer", "a", "b", 3])
+    net.submit(request)
+    net.run()
+    assert len(refused) == 1
+    assert net.replicas[0].drops == {"no heap to send": 1}
+    assert [r.counts["executed_requests"] for r in net.replicas] == [1] * 4
+    assert len(net.replies.pop(5)) == 3  # replicas 1 to 3
+    net.submit(request)  # the client's retransmission
+    net.run()
+    replies = net.replies.pop(5)
+    assert len(replies) == 4
+    assert [r.counts["executed_requests"] for r in net.replicas] == [1] * 4  # exactly once
+    assert any(alice.on_reply(wire)[0] for wire in replies)
+
+
 def test_an_answer_to_a_status_the_heap_cannot_read_back_stops_and_comes_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Replica 3 misses two batches. Answering its STATUS, the others read the bodies back
