@@ -475,17 +475,24 @@ def _splice(page, j, entry):
     """Change the page ``page`` ([bytes, offsets], changed in place) at j, an index as
     _search gives it: j >= 0 replaces entry j with ``entry`` (a key's and a value's
     encodings) or removes it (``entry`` None); j < 0 inserts ``entry`` before entry -1 - j.
-    An entry rewritten at its size is written over in place (once the page is a bytearray);
-    otherwise a new bytearray is built at its size, and the offsets are shifted, not read
-    again."""
+    An entry rewritten in a page that is a bytearray (changed since it was read) is written
+    in place: the bytearray grows or shrinks within its block where it can (MicroPython keeps
+    what it shrank by as room to grow), and the offsets after it shift in place (a client's
+    entry, [timestamp, result], changes size with most requests, and its page, ~480 bytes,
+    was built again each time). Otherwise a new bytearray is built at its size, and the
+    offsets are shifted, not read again."""
     data, offsets = page
     n = len(offsets)
     head_old = _head_bytes(data) if data else 0
     if j >= 0:  # entries j + 1 .. move
         start = offsets[j]
         end = offsets[j + 1] if j + 1 < n else len(data)
-        if entry is not None and end - start == len(entry) and type(data) is bytearray:
-            data[start:end] = entry  # a value rewritten at its size: nothing moves
+        if entry is not None and type(data) is bytearray:
+            data[start:end] = entry
+            shift = len(entry) - (end - start)
+            if shift:
+                for k in range(j + 1, n):
+                    offsets[k] += shift
             return
         after = j + 1
         n_new = n if entry is not None else n - 1
