@@ -13,10 +13,9 @@
 #   of a frame MicroPython keeps on the C stack (cbor.py's header; tests/test_hot_paths.py).
 
 import hashlib
-from array import array
 
 # Bound as globals, not found as builtins: see cbor.py's header.
-from builtins import bytearray, bytes, int, len, memoryview, range, str, type
+from builtins import bytearray, bytes, int, len, range, str, type
 
 try:
     from micropython import const
@@ -38,9 +37,9 @@ class Mac:
     __slots__ = ("_ipad", "_opad")
 
     def __init__(self, key):
-        """Args: key: bytes-like of any length; keys longer than a block are hashed (RFC
-        2104). The pads are XORed as two 512-bit ints: a few C calls, not a loop of 64
-        bytecodes (a replica makes a client's Mac for each request and reply)."""
+        """Args: key: bytes of any length; keys longer than a block are hashed (RFC 2104).
+        The pads are XORed as two 512-bit ints: a few C calls, not a loop of 64 bytecodes
+        (a replica derives a client's Mac whenever its cache of them misses)."""
         if len(key) > _BLOCK_BYTES:
             key = hashlib.sha256(key).digest()
         k = int.from_bytes(key, "big") << (8 * (_BLOCK_BYTES - len(key)))  # zero-padded
@@ -58,44 +57,6 @@ class Mac:
     def tag(self, msg):
         """Return the truncated HMAC: the first TAG_BYTES bytes of digest(msg)."""
         return self.digest(msg)[:TAG_BYTES]
-
-
-class KeyTable:
-    """The HMAC keys of many ids (a replica's clients, derived from its client secret) in one
-    buffer of ``slots`` slots of DIGEST_BYTES, direct-mapped: id x may only be in slot
-    x % slots, so ids issued in sequence (client ids) share no slot until there are more than
-    ``slots`` of them, and a lookup is one comparison. Why keys and not Macs: a Mac took ~340
-    bytes of heap in a dict (its object, its two pads, its entry), so a replica kept 16 and
-    cleared them when full, and at 64 clients nearly every request and reply derived its key
-    again (~1.2 KB allocated; 3 KB per request per replica, a sixth of all it allocated). A
-    slot here is 36 bytes, allocated once: each heap byte a node holds for good is one it does
-    not have between collections (bench at 64 clients: 64 slots of pads, 8.4 KB, made it 7%
-    slower though it allocated 15% less).
-
-    Invariant: ids[s] is the id whose key is in slot s, or -1 (an empty slot)."""
-
-    def __init__(self, slots):
-        assert slots > 0
-        self.slots = slots
-        self.ids = array("i", [-1] * slots)
-        self.keys = bytearray(DIGEST_BYTES * slots)
-
-    def holds(self, x):
-        """Does the table hold id ``x``? (Never a negative one: -1 marks an empty slot.)"""
-        return x >= 0 and self.ids[x % self.slots] == x
-
-    def mac(self, x):
-        """A Mac with the key of id ``x``, which the table holds."""
-        s = x % self.slots
-        assert self.ids[s] == x
-        return Mac(memoryview(self.keys)[DIGEST_BYTES * s:DIGEST_BYTES * s + DIGEST_BYTES])
-
-    def put(self, x, key):
-        """Hold ``key`` (DIGEST_BYTES) for id ``x`` (>= 0), in place of its slot's id."""
-        assert x >= 0 and len(key) == DIGEST_BYTES
-        s = x % self.slots
-        self.keys[DIGEST_BYTES * s:DIGEST_BYTES * s + DIGEST_BYTES] = key
-        self.ids[s] = x
 
 
 def authenticator(macs, msg):

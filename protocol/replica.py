@@ -152,9 +152,7 @@ _IDLE_STATUS_TICKS = const(10)    # an idle replica's STATUS period, in retransm
 _CATCH_UP_MAX = const(8)          # sequence numbers answered per STATUS
 _HEARD_MS = const(500)            # a replica heard from within this long is in reach
 _PRE_PREPARE_OVERHEAD_BYTES = const(128)
-# Clients whose keys a replica keeps (auth.KeyTable: 36 bytes a slot, 2.3 KB): as many as the
-# clients of a 64-client bench, issued in sequence, so none of them misses.
-_CLIENT_KEY_SLOTS = const(64)
+_MACS_CLIENT_MAX = const(16)
 PREPARED_LOG = "P"                # the P entries written ahead (see the header)
 _PREPARED_LOG_BYTES_MAX = const(4096)
 REPLICA_CLIENT_BASE = 0xF000  # replica i's own client id (its accusations) is this + i
@@ -217,7 +215,7 @@ class Replica(ViewChanging, StateTransfer):
         # key whenever its cache of client MACs misses (at 64 clients, at most requests), and
         # building this Mac again each time allocated 672 of a miss's 1,888 bytes
         self.secret_mac = auth.Mac(client_secret)
-        self.client_keys = auth.KeyTable(_CLIENT_KEY_SLOTS)
+        self.client_macs = presized(_MACS_CLIENT_MAX)
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()
@@ -339,10 +337,14 @@ class Replica(ViewChanging, StateTransfer):
         self._send(TO_ALL, kind, *fields)
 
     def _client_mac(self, client):
-        keys = self.client_keys
-        if not keys.holds(client):
-            keys.put(client, self.secret_mac.digest(_client_label(client)))  # client_key
-        return keys.mac(client)
+        mac = self.client_macs.get(client)
+        if mac is None:
+            if len(self.client_macs) >= _MACS_CLIENT_MAX:
+                for c in list(self.client_macs):
+                    del self.client_macs[c]
+            mac = auth.Mac(self.secret_mac.digest(_client_label(client)))  # client_key
+            self.client_macs[client] = mac
+        return mac
 
     def _authentic(self, msg):
         if msg.kind == m.REQUEST:
