@@ -178,7 +178,9 @@ def request_fields(wire):
     accepted (a batch's, checked when its pre-prepare was): no Message is made. A Message's
     attributes go into a table that grows by steps as they are set, ~600 bytes per decode,
     most of it left as garbage at once; this is decoded once per request per replica."""
-    return cbor.decode_prefix(wire, 0)[0]
+    fields = cbor.decode_prefix(wire, 0)[0]
+    assert type(fields) is list
+    return fields
 
 
 def decode_stamp(body):
