@@ -147,15 +147,13 @@ def decode(wire):
 
 def _framed(wire):
     """(a Message of ``wire``'s kind, sender, body and tags; the fields of its body), its
-    version, kind, sender and field count checked (not the fields themselves)."""
+    version, kind, sender and field count checked (not the fields themselves). Runs per
+    message: its frame stays within 11 slots (cbor.py's header), the rarer work in helpers."""
     if len(wire) > MESSAGE_BYTES_MAX:
         raise MessageError("oversized message: %d bytes" % len(wire))
     if type(wire) is not bytes:
         wire = bytes(wire)
-    try:
-        fields, end = cbor.decode_prefix(wire, 0)
-    except cbor.DecodeError as e:
-        raise MessageError("bad CBOR: %s" % e)
+    fields, end = _body_of(wire)
     if type(fields) is not list or len(fields) < 3:
         raise MessageError("not a message array")
     if fields[0] != VERSION:
@@ -164,13 +162,25 @@ def _framed(wire):
     spec = _FIELDS.get(kind) if type(kind) is int else None
     if spec is None:
         raise MessageError("unknown message type %r" % (kind,))
-    sender = fields[2]
-    if type(sender) is not int or not 0 <= sender <= _ID_MAX:
-        raise MessageError("bad sender %r" % (sender,))
+    if type(fields[2]) is not int or not 0 <= fields[2] <= _ID_MAX:
+        raise MessageError("bad sender %r" % (fields[2],))
     if len(fields) != 3 + len(spec) // 2:
-        raise MessageError("type %d: %d fields, want %d" % (kind, len(fields),
-                                                           3 + len(spec) // 2))
-    return Message(kind, sender, wire, end), fields
+        raise _field_count_error(kind, fields, spec)
+    return Message(kind, fields[2], wire, end), fields
+
+
+def _body_of(wire):
+    """(the CBOR item ``wire`` starts with, the offset past it); MessageError if none. (Not
+    ``except ... as e``: naming the exception takes a second handler's slots, and the frame
+    of this per-message call to the heap.)"""
+    try:
+        return cbor.decode_prefix(wire, 0)
+    except cbor.DecodeError:
+        raise MessageError("bad CBOR")
+
+
+def _field_count_error(kind, fields, spec):
+    return MessageError("type %d: %d fields, want %d" % (kind, len(fields), 3 + len(spec) // 2))
 
 
 def request_fields(wire):

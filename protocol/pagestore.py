@@ -291,42 +291,45 @@ class PageStore:
         """The number of entries in ``key``'s page."""
         return len(self._page(self.page_of(key))[1])
 
+    # get, put and _change run per operation; like cbor's per-item functions (cbor.py's
+    # header) they keep their frames within 11 slots, the deeper expressions in helpers.
+
     def get(self, key):
         page = self._page(self.page_of(key))
         j = self._find(page, key)
-        if j < 0:
-            return None
-        data = page[0]
-        return cbor.decode_item(data, cbor.skip(data, page[1][j]))
+        return None if j < 0 else _value(page, j)
 
     def put(self, key, value):
-        i = self.page_of(key)
-        page = self._page(i)
+        page = self._page(self.page_of(key))
         j = self._find(page, key)
         if j < 0:
             self.count += 1
-        # [key, value]'s encoding less its array head: the key's and the value's
-        self._change(i, page, j, memoryview(cbor.encode_transient([key, value]))[1:])
+        entry = _entry(key, value)
+        self._change(page, j, entry)
 
     def delete(self, key):
         """Remove ``key`` (nothing when absent)."""
-        i = self.page_of(key)
-        page = self._page(i)
+        page = self._page(self.page_of(key))
         j = self._find(page, key)
         if j >= 0:
             self.count -= 1
-            self._change(i, page, j, None)
+            self._change(page, j, None)
 
-    def _change(self, i, page, j, entry):
-        """_splice(page, j, entry) on cached page i, which becomes dirty (its term leaves
-        the total, until it is written); then trim the cache to its budget."""
+    def _change(self, page, j, entry):
+        """_splice(page, j, entry) on the cached page of the key page_of() was last asked
+        (as _find), which becomes dirty (its term leaves the total, until it is written);
+        then trim the cache to its budget."""
+        i = self._last_page
         if i not in self.dirty:
-            self.total = add_term(self.total, 0, page_term(page[0])[0])
-            self.dirty[i] = True
+            self._make_dirty(i, page)
         size = len(page[0])
         _splice(page, j, entry)
         self.cached += len(page[0]) - size
         self._trim(i)
+
+    def _make_dirty(self, i, page):
+        self.total = add_term(self.total, 0, page_term(page[0])[0])
+        self.dirty[i] = True
 
     def flush(self):
         """Write every dirty page (to the current version)."""
@@ -424,17 +427,25 @@ def _offsets(i, data):
         return offsets
     if data[0] >> 5 != 4 or data[0] & 31 > 27:
         raise PageError("page %d: not a list of entries" % i)
-    at = _head_bytes(data)
-    end = len(data)
-    try:
-        while at < end:
-            offsets.append(at)
-            at = cbor.skip(data, cbor.skip(data, at))
-    except (IndexError, ValueError) as e:
-        raise PageError("page %d: %s" % (i, e))
-    if at != end or _head_count(data) != 2 * len(offsets):
+    if not _read_heads(data, offsets) or _head_count(data) != 2 * len(offsets):
         raise PageError("page %d: not a list of entries" % i)
     return offsets
+
+
+def _read_heads(data, offsets):
+    """Append the offset of each entry of a page's ``data`` to ``offsets``; False unless
+    their heads are whole and end where ``data`` does. (Apart from _offsets, and without
+    ``except ... as``, which takes a second handler's slots: a page read per operation keeps
+    its frames within 11 slots, cbor.py's header.)"""
+    at = _head_bytes(data)
+    try:
+        while at < len(data):
+            offsets.append(at)
+            at = cbor.skip(data, at)  # the key
+            at = cbor.skip(data, at)  # the value
+    except (IndexError, ValueError):
+        return False
+    return at == len(data)
 
 
 def _head_bytes(data):
@@ -451,14 +462,33 @@ def _head_count(data):
     return int.from_bytes(data[1:size], "big")
 
 
+def _value(page, j):
+    """The value of entry j of ``page`` ([bytes, offsets]), decoded."""
+    data = page[0]
+    return cbor.decode_item(data, cbor.skip(data, page[1][j]))
+
+
+def _entry(key, value):
+    """The encoding of entry (key, value): [key, value]'s less its array head (in cbor's
+    scratch: valid until the next encoding)."""
+    return memoryview(cbor.encode_transient([key, value]))[1:]
+
+
 def _search(data, offsets, key, encoding):
     """The index of ``key``'s entry, else -1 - (the index it would be inserted at). Its
     ``encoding`` is looked for at each entry's offset (an item's encoding is never a prefix
     of another's), which allocates nothing; only a key that is absent is placed by a binary
     search, which decodes log2(entries) keys."""
-    for j in range(len(offsets)):
+    j = 0
+    while j < len(offsets):  # no range(): its counters would take the frame over 11 slots
         if data.startswith(encoding, offsets[j]):
             return j
+        j += 1
+    return -1 - _insertion_point(data, offsets, key)
+
+
+def _insertion_point(data, offsets, key):
+    """The index at which absent ``key`` goes among the sorted entries."""
     lo = 0
     hi = len(offsets)
     while lo < hi:
@@ -468,7 +498,7 @@ def _search(data, offsets, key, encoding):
             lo = mid + 1
         else:
             hi = mid
-    return -1 - lo
+    return lo
 
 
 def _splice(page, j, entry):
@@ -476,24 +506,37 @@ def _splice(page, j, entry):
     _search gives it: j >= 0 replaces entry j with ``entry`` (a key's and a value's
     encodings) or removes it (``entry`` None); j < 0 inserts ``entry`` before entry -1 - j.
     An entry rewritten in a page that is a bytearray (changed since it was read) is written
-    in place: the bytearray grows or shrinks within its block where it can (MicroPython keeps
-    what it shrank by as room to grow), and the offsets after it shift in place (a client's
-    entry, [timestamp, result], changes size with most requests, and its page, ~480 bytes,
-    was built again each time). Otherwise a new bytearray is built at its size, and the
-    offsets are shifted, not read again."""
+    in place (_rewrite); otherwise a new bytearray is built at its size (_rebuild)."""
+    if j >= 0 and entry is not None and type(page[0]) is bytearray:
+        _rewrite(page[0], page[1], j, entry)
+    else:
+        _rebuild(page, j, entry)
+
+
+def _rewrite(data, offsets, j, entry):
+    """Write ``entry`` over entry j of a page's bytearray ``data`` in place, and shift the
+    offsets after it in place: the bytearray grows or shrinks within its block where it can
+    (MicroPython keeps what it shrank by as room to grow). A client's entry, [timestamp,
+    result], changes size with most requests, and its page, ~480 bytes, was built again each
+    time."""
+    end = offsets[j + 1] if j + 1 < len(offsets) else len(data)
+    shift = len(entry) - (end - offsets[j])
+    data[offsets[j]:end] = entry
+    j += 1
+    while shift and j < len(offsets):
+        offsets[j] += shift
+        j += 1
+
+
+def _rebuild(page, j, entry):
+    """_splice() by building the page's bytes again, at their new size; the offsets are
+    shifted, not read again."""
     data, offsets = page
     n = len(offsets)
     head_old = _head_bytes(data) if data else 0
     if j >= 0:  # entries j + 1 .. move
         start = offsets[j]
         end = offsets[j + 1] if j + 1 < n else len(data)
-        if entry is not None and type(data) is bytearray:
-            data[start:end] = entry
-            shift = len(entry) - (end - start)
-            if shift:
-                for k in range(j + 1, n):
-                    offsets[k] += shift
-            return
         after = j + 1
         n_new = n if entry is not None else n - 1
     else:  # entries j .. move

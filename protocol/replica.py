@@ -116,15 +116,27 @@ def is_client(dest):
 def route(out, send_all, send_replica, send_client):
     """Empty the outbox ``out``, handing each wire to its destination's sender:
     send_all(wire), send_replica(j, wire) or send_client(c, wire). The one decoder of
-    destinations (to_client() encodes a client's)."""
-    for dest, wire in out:
+    destinations (to_client() encodes a client's). Runs per message: by index, not a for
+    loop, whose iterator would take its frame to the heap (cbor.py's header)."""
+    i = 0
+    while i < len(out):
+        dest = out[i][0]
         if dest == TO_ALL:
-            send_all(wire)
+            send_all(out[i][1])
         elif dest >= 0:
-            send_replica(dest, wire)
+            send_replica(dest, out[i][1])
         else:
-            send_client(_CLIENT_BASE - dest, wire)
+            send_client(_CLIENT_BASE - dest, out[i][1])
+        i += 1
     del out[:]
+
+
+def _decoded(wire):
+    """m.decode(wire), or None when it is no valid message."""
+    try:
+        return m.decode(wire)
+    except m.MessageError:
+        return None
 
 # K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
 # (a window of 64) runs out of heap during a view change, and so does K = 16 now and then
@@ -399,9 +411,8 @@ class Replica(ViewChanging, StateTransfer):
         """Handle one message from the network (any bytes)."""
         self.now = now_ms
         self.counts["rx"] += 1
-        try:
-            msg = m.decode(wire)
-        except m.MessageError:
+        msg = _decoded(wire)
+        if msg is None:
             self._drop("malformed")
             return
         if not self._authentic(msg):
@@ -491,19 +502,7 @@ class Replica(ViewChanging, StateTransfer):
     # ----------------------------------------------------------------- requests
 
     def on_request(self, msg):
-        op = msg.op
-        if type(op) is list and len(op) == 2 and op[0] == "read":
-            # PBFT's read-only optimisation (TOCS 2002, 5.1.3): answered at once from the
-            # executed state, not ordered, touching no client table; the client accepts only
-            # matching replies over 2/3 of stake, and otherwise asks again, ordered.
-            self._send_reply(msg.sender, msg.timestamp, self.ledger.read(op[1]))
-            return
-        cached = self._client_entry(msg.sender)
-        if cached is not None and msg.timestamp <= cached[0]:
-            if msg.timestamp == cached[0]:
-                self._send_reply(msg.sender, cached[0], cached[1])
-            else:
-                self._drop("old request")
+        if self._answered(msg):
             return
         if len(msg.wire) > _REQUEST_BYTES_MAX:
             self._drop("request too large")
@@ -529,6 +528,26 @@ class Replica(ViewChanging, StateTransfer):
             return
         self._cut_batches()
 
+    def _answered(self, msg):
+        """Answer the request ``msg`` at once if it asks no ordering: a read, or one executed
+        before (its reply again, or a drop for an older one). True when it is done with."""
+        op = msg.op
+        if type(op) is list and len(op) == 2 and op[0] == "read":
+            # PBFT's read-only optimisation (TOCS 2002, 5.1.3): answered at once from the
+            # executed state, not ordered, touching no client table; the client accepts only
+            # matching replies over 2/3 of stake, and otherwise asks again, ordered.
+            op = self.ledger.read(op[1])  # its result
+            self._send_reply(msg.sender, msg.timestamp, op)
+            return True
+        cached = self._client_entry(msg.sender)
+        if cached is None or msg.timestamp > cached[0]:
+            return False
+        if msg.timestamp == cached[0]:
+            self._send_reply(msg.sender, cached[0], cached[1])
+        else:
+            self._drop("old request")
+        return True
+
     def _cut_batches(self):
         """Primary: turn pending requests into pre-prepares while the pipeline has room."""
         if not self.is_primary() or self.status == VIEW_CHANGE:
@@ -536,21 +555,27 @@ class Replica(ViewChanging, StateTransfer):
         self._refill_pending()
         while (self.pending and self.seq - self.last_exec < self.pipeline_max
                and self.seq + 1 <= self.h + self.window and self._may_vote(self.seq + 1)):
-            count = 0
-            size = 0
-            while count < min(self.batch_max, len(self.pending)):
-                size += len(self.pending[count])
-                if size > self.batch_bytes_max and count:
-                    break
-                count += 1
-            batch = self.pending[:count]
-            del self.pending[:count]
-            self.seq += 1
-            digest = batch_digest(batch)
-            i = self.log.claim(self.seq)
-            self._accept(i, self.seq, digest, batch)
-            self._broadcast(m.PRE_PREPARE, self.view, self.seq, digest, batch)
-            self._check_prepared(self.seq, i)
+            self._cut_batch()
+
+    def _cut_batch(self):
+        """Primary: the next sequence number's pre-prepare, of the pending requests that fit
+        a batch. (Apart from _cut_batches, which every replica runs per execution: a frame
+        over 11 slots is taken from the heap at each call, cbor.py's header.)"""
+        count = 0
+        size = 0
+        while count < min(self.batch_max, len(self.pending)):
+            size += len(self.pending[count])
+            if size > self.batch_bytes_max and count:
+                break
+            count += 1
+        batch = self.pending[:count]
+        del self.pending[:count]
+        self.seq += 1
+        digest = batch_digest(batch)
+        i = self.log.claim(self.seq)
+        self._accept(i, self.seq, digest, batch)
+        self._broadcast(m.PRE_PREPARE, self.view, self.seq, digest, batch)
+        self._check_prepared(self.seq, i)
 
     def _refill_pending(self):
         """Primary: move the requests spilled to flash into the queue, oldest first, while it
@@ -659,11 +684,8 @@ class Replica(ViewChanging, StateTransfer):
         spill holds what it held)."""
         if head is not None and self.waiting_wires.get(head[0]) == wire:
             return head
-        try:
-            req = m.decode(wire)
-        except m.MessageError:
-            return None
-        if req.kind != m.REQUEST or not self._authentic(req):
+        req = _decoded(wire)
+        if req is None or req.kind != m.REQUEST or not self._authentic(req):
             return None
         return req.sender, req.timestamp
 

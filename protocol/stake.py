@@ -151,6 +151,12 @@ class Stake:
             if self._recent_view[k] == view:
                 return self._recent[k]
             return self._run(list(self._start), view + 1)
+        return self._advance(view)
+
+    def _advance(self, view):
+        """primary(view) for a view above every one asked before: runs up to it. Apart from
+        primary(), which runs per message and so keeps its frame within the 11 slots
+        MicroPython keeps on the C stack (cbor.py's header)."""
         prio = self._prio
         powers = self._powers
         total = self.total
