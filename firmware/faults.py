@@ -166,9 +166,13 @@ class Faults:
         return 2 if self.dup_permille and _chance(self.dup_permille) else 1
 
     def hold(self, now_ms, topic, wire):
-        """Queue an outbound message when a delay is in force; True if it was taken."""
+        """Queue an outbound message when a delay is in force; True if it was taken. (Runs per
+        message sent: the rest is in _hold, and this frame stays within 11 slots.)"""
         if not self.delay_ms and not self.jitter_ms:
             return False
+        return self._hold(now_ms, topic, wire)
+
+    def _hold(self, now_ms, topic, wire):
         cost = len(wire) + _ENTRY_BYTES
         if len(self.delayed) >= _DELAYED_MAX or self.delayed_bytes + cost > _DELAYED_BYTES_MAX:
             self.dropped += 1

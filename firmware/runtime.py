@@ -73,6 +73,14 @@ def load_config(path=CONFIG_PATH):
         return json.load(f)
 
 
+def _copied(payload):
+    """bytes(payload), or None when the heap has no piece for it."""
+    try:
+        return bytes(payload)
+    except MemoryError:
+        return None
+
+
 class Runtime:
     """One node attached to the broker named in its configuration, on a board (its ``led``
     and ``watchdog``, the boot's ``reset_cause``; ``restarts`` in place before this one:
@@ -149,35 +157,51 @@ class Runtime:
         return j if j < self.node.replica.stake.n else -1
 
     def on_message(self, topic, payload, retain):
+        # Runs per message: this and the helpers it calls for the common cases keep their
+        # frames within 11 slots (protocol/cbor.py's header), off the heap.
         if topic == self.topic_all:
             return  # our own broadcast, echoed by the broker
         if topic == self.topic_ctl:
-            command = self.faults.on_control(bytes(payload))
-            self.node.skew_ms = self.faults.skew_ms
-            self.mqtt.publish(self.topic_event, cbor.encode(["control", command or "rejected"]))
+            self.on_control(payload)
             return
-        node = self.node
         j = None  # a client's request
         if not topic.startswith(self.topic_req):
-            j = self.sender(topic)
+            j = self.peer_of(topic, payload)
             if j < 0:
-                node.drop("bad topic")
                 return
-            if j == self.me or self.faults.drop(j):
-                return  # our own status, echoed; or a fault's loss
-            if topic.startswith("status", len(self.prefix)):  # .../status/<j>
-                # a retained one too: it starts the clock of a peer silent since before we
-                # subscribed
-                node.peer_status(payload, j, self.clock())
-                self.drain()
-                return
-        # a request, or a replica's message: .../from/<j> or .../to/<me>/from/<j>
-        try:
-            wire = bytes(payload)
-        except MemoryError:  # no piece for the copy: the message is lost, as on the network
-            node.drop("no heap to receive")
+        self.deliver(payload, j)  # a request, or a replica's: .../from/<j>, .../to/<me>/from/<j>
+
+    def on_control(self, payload):
+        command = self.faults.on_control(bytes(payload))
+        self.node.skew_ms = self.faults.skew_ms
+        self.mqtt.publish(self.topic_event, cbor.encode(["control", command or "rejected"]))
+
+    def peer_of(self, topic, payload):
+        """The replica whose protocol message came on ``topic``; -1 when nothing is left to
+        do with it: a topic that names no replica of the cluster (dropped), our own status
+        echoed, a fault's loss, or a status (handed to the node here)."""
+        j = self.sender(topic)
+        if j < 0:
+            self.node.drop("bad topic")
+            return -1
+        if j == self.me or self.faults.drop(j):
+            return -1
+        if topic.startswith("status", len(self.prefix)):  # .../status/<j>
+            # a retained one too: it starts the clock of a peer silent since before we
+            # subscribed
+            self.node.peer_status(payload, j, self.clock())
+            self.drain()
+            return -1
+        return j
+
+    def deliver(self, payload, j):
+        """Hand a request (``j`` None) or replica j's message to the node, then publish what
+        it outputs."""
+        wire = _copied(payload)
+        if wire is None:  # no piece for the copy: the message is lost, as on the network
+            self.node.drop("no heap to receive")
             return
-        node.message(wire, j, self.clock())  # MemoryError: main() restarts us
+        self.node.message(wire, j, self.clock())  # MemoryError: main() restarts us
         self.drain()
 
     def send_all(self, wire):
@@ -217,14 +241,18 @@ class Runtime:
             store.save(r.durable())
         self.faults.misbehave(r)
         rp.route(r.out, *self.senders)
-        for event in r.events:
-            if event[0] in _PUBLISHED_EVENTS:
+        if r.events:  # (helpers: drain runs per message, and a for loop over events would
+            self.publish_events(r.events, _PUBLISHED_EVENTS)  # take its frame to the heap)
+        if self.node.detector.events:
+            self.publish_events(self.node.detector.events, None)
+
+    def publish_events(self, events, kinds):
+        """Publish the events whose kind is in ``kinds`` (None: every one), then forget them
+        all."""
+        for event in events:
+            if kinds is None or event[0] in kinds:
                 self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
-        del r.events[:]
-        d = self.node.detector
-        for event in d.events:
-            self.mqtt.publish(self.topic_event, cbor.encode(list(event)))
-        del d.events[:]
+        del events[:]
 
     def status(self):
         """The status map published on ebft/c/status/i (CBOR, canonical): the node's, and

@@ -40,6 +40,8 @@ HOT = {
                             "_checked_request", "_cut_batches"],
     "protocol/pagestore.py": ["get", "put", "delete", "_change", "_search", "_value", "_entry",
                               "_splice", "_rewrite", "_offsets"],
+    "firmware/runtime.py": ["on_message", "peer_of", "deliver", "_copied", "drain"],
+    "firmware/faults.py": ["hold"],
 }
 
 _LISTING = re.compile(r"code block '([^']+)'.*?\(N_STATE (\d+)\)\s*\(N_EXC_STACK (\d+)\)",
