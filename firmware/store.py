@@ -72,6 +72,7 @@ class Flash:
         except OSError:
             pass  # there already
         self.root = root
+        self.folder = root + "/"  # one concatenation a path, not two
         self.writes = 0
         self.bytes_written = 0
         torn = [entry[0] for entry in os.ilistdir(root) if entry[0].endswith(_TMP)]
@@ -79,7 +80,7 @@ class Flash:
             self.delete(name)  # a write a power cut interrupted
 
     def _path(self, name):
-        return self.root + "/" + name
+        return self.folder + name
 
     def read(self, name):
         return load(self._path(name))
