@@ -138,6 +138,7 @@ def _decoded(wire):
     except m.MessageError:
         return None
 
+
 # K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
 # (a window of 64) runs out of heap during a view change, and so does K = 16 now and then
 # under repeated primary crashes; K = 8 does not (tools/bench_memory.py: bytes per K).
