@@ -132,11 +132,14 @@ def route(out, send_all, send_replica, send_client):
 
 
 def _decoded(wire):
-    """m.decode(wire), or None when it is no valid message."""
+    """m.decode(wire); None when it is no valid message, False when the heap has no piece
+    for its decoding (a fragmented heap: the message is lost, as the network may lose it)."""
     try:
         return m.decode(wire)
     except m.MessageError:
         return None
+    except MemoryError:
+        return False
 
 
 # K. PBFT-NOTES suggests 32; measured on the 64-bit Unix port at -X heapsize=100k, K = 32
@@ -413,8 +416,8 @@ class Replica(ViewChanging, StateTransfer):
         self.now = now_ms
         self.counts["rx"] += 1
         msg = _decoded(wire)
-        if msg is None:
-            self._drop("malformed")
+        if not msg:
+            self._drop("malformed" if msg is None else "no heap to receive")
             return
         if not self._authentic(msg):
             self._drop("unauthentic")
@@ -686,7 +689,7 @@ class Replica(ViewChanging, StateTransfer):
         if head is not None and self.waiting_wires.get(head[0]) == wire:
             return head
         req = _decoded(wire)
-        if req is None or req.kind != m.REQUEST or not self._authentic(req):
+        if not req or req.kind != m.REQUEST or not self._authentic(req):
             return None
         return req.sender, req.timestamp
 

@@ -264,6 +264,37 @@ def test_a_message_the_heap_has_no_piece_for_is_lost_not_fatal(
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 3)] * 4
 
 
+def test_a_message_the_heap_cannot_decode_is_lost_not_fatal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding the first PREPARE that replica 2 receives finds no heap (measured: a ~1 KB
+    list with 20 KB free in pieces, under omission at 256 clients). The message is lost and
+    counted, not raised out of receive(); the other prepares make the quorum, and every
+    request executes in view 0 on every replica."""
+    refused: list[tuple] = []
+    net = Net()
+    target = net.replicas[2]
+    receive = target.receive
+    inside: list[bool] = []
+
+    def receive_at_2(wire: bytes, now_ms: int) -> None:
+        inside.append(True)
+        try:
+            receive(wire, now_ms)
+        finally:
+            inside.pop()
+
+    decode = m.decode
+    monkeypatch.setattr(target, "receive", receive_at_2)
+    monkeypatch.setattr(m, "decode", no_heap_once(
+        decode, lambda wire: bool(inside) and decode(wire).kind == m.PREPARE, refused))
+    for c in range(3):
+        net.submit(net.client(c).request(["put", f"k{c}", c]))
+    net.run()
+    assert len(refused) == 1
+    assert target.drops == {"no heap to receive": 1}
+    assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 3)] * 4
+
+
 def test_a_reply_the_heap_has_no_piece_for_is_lost_and_sent_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Replica 0 executes a request but finds no heap for its reply. The request stays
