@@ -166,7 +166,7 @@ class Runtime:
             return
         j = None  # a client's request
         if not topic.startswith(self.topic_req):
-            j = self.peer_of(topic, payload)
+            j = self.sender_to_deliver(topic, payload)
             if j < 0:
                 return
         self.deliver(payload, j)  # a request, or a replica's: .../from/<j>, .../to/<me>/from/<j>
@@ -176,9 +176,9 @@ class Runtime:
         self.node.skew_ms = self.faults.skew_ms
         self.mqtt.publish(self.topic_event, cbor.encode(["control", command or "rejected"]))
 
-    def peer_of(self, topic, payload):
-        """The replica whose protocol message came on ``topic``; -1 when nothing is left to
-        do with it: a topic that names no replica of the cluster (dropped), our own status
+    def sender_to_deliver(self, topic, payload):
+        """The replica whose protocol message on ``topic`` is left for deliver(); -1 when
+        nothing is left to do with it: a topic that names no replica of the cluster (dropped), our own status
         echoed, a fault's loss, or a status (handed to the node here)."""
         j = self.sender(topic)
         if j < 0:

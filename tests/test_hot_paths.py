@@ -40,7 +40,7 @@ HOT = {
                             "_checked_request", "_cut_batches"],
     "protocol/pagestore.py": ["get", "put", "delete", "_change", "_search", "_value", "_entry",
                               "_splice", "_rewrite", "_offsets"],
-    "firmware/runtime.py": ["on_message", "peer_of", "deliver", "_copied", "drain"],
+    "firmware/runtime.py": ["on_message", "sender_to_deliver", "deliver", "_copied", "drain"],
     "firmware/faults.py": ["hold"],
 }
 
