@@ -181,6 +181,19 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], expect
     assert not (tmp_path / "r").exists(), "nothing was started"
 
 
+def test_a_second_run_into_a_used_folder_is_refused_and_the_first_kept(run: Path) -> None:
+    """The second run's nodes would restore the first run's flash under fresh keys (before
+    this check, such a run committed nothing)."""
+    before = (run / "summary.json").read_bytes()
+    done = subprocess.run([*EDGEBFT, "bench", "--duration", "1", "--out", str(run)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"edgebft: error: --out {run}: the folder is not empty; a cluster starts in a fresh one "
+        "(its nodes' flash would be another cluster's)"]
+    assert (run / "summary.json").read_bytes() == before
+
+
 def test_help_lists_every_bench_option() -> None:
     done = subprocess.run([*EDGEBFT, "bench", "--help"], capture_output=True, text=True)
     assert done.returncode == 0

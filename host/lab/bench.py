@@ -129,6 +129,9 @@ class BenchOptions:
             parse_nemesis(self.nemesis)
         except NemesisError as e:
             raise BenchError(str(e)) from None
+        if self.out is not None and Path(self.out).is_dir() and any(Path(self.out).iterdir()):
+            raise BenchError(f"--out {self.out}: the folder is not empty; a cluster starts in a "
+                             "fresh one (its nodes' flash would be another cluster's)")
 
 
 def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:

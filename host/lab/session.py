@@ -147,11 +147,8 @@ def up(nodes: int = 4, broker: str = "auto", out: Path | None = None,
     identities and an ACL on the broker (BenchOptions.acl); ``tls``: the broker speaks TLS
     only (BenchOptions.tls)."""
     options = BenchOptions(command="lab", nodes=nodes, broker=broker, heap=heap,
-                           micropython=micropython, keys=keys, acl=acl, tls=tls)
+                           micropython=micropython, keys=keys, acl=acl, tls=tls, out=out)
     options.check()
-    if out is not None and Path(out).is_dir() and any(Path(out).iterdir()):
-        raise LabError(f"--out {out}: the folder is not empty; a cluster starts in a fresh one "
-                       "(its nodes' flash would be another cluster's)")
     weights = stake or [1] * nodes
     if len(weights) != nodes:
         raise LabError(f"--stake lists {len(weights)} values for {nodes} nodes")
