@@ -208,7 +208,7 @@ def client_key(client_secret, client):
 
 
 def _client_label(client):
-    return ("client:%d" % client).encode()
+    return b"client:%d" % client  # bytes: a str is first looked for among the interned ones
 
 
 class Replica(ViewChanging, StateTransfer):

@@ -207,9 +207,10 @@ def test_spliced_pages_are_the_reference_encoding_of_their_entries(
 
 
 _MP_PAGES = """
+from edgebft.firmware.store import Flash
 from edgebft.protocol.flash import MemFlash
 from edgebft.protocol.pagestore import PageStore
-store = PageStore(MemFlash(), "T", 3, 2)
+store = PageStore({flash}, "T", 3, 2)
 for kind, n, value in {ops!r}:
     key = "key%d" % n
     if kind == "put":
@@ -221,9 +222,12 @@ print([(store.flash.read(store.file_at(i)) or b"").hex() for i in range(3)], sto
 """
 
 
-def test_pages_spliced_on_micropython_are_cpythons(micropython: Path, mp_lib: Path) -> None:
+@pytest.mark.parametrize("flash", ["MemFlash()", "Flash({folder!r})"])
+def test_pages_spliced_on_micropython_are_cpythons(micropython: Path, mp_lib: Path,
+                                                   tmp_path: Path, flash: str) -> None:
     """The same operations leave the same page bytes and digest on MicroPython (arrays of
-    offsets, memoryview slices) as on CPython."""
+    offsets, memoryview slices, and with a device's Flash, page buffers read into again as
+    pages of other sizes come and go) as on CPython."""
     rng = random.Random(7)
     ops = [(rng.choice(("put", "put", "delete")), rng.randrange(50),
             rng.choice((rng.randrange(10**9), "v" * rng.randrange(40), [1, b"x"], None)))
@@ -231,7 +235,8 @@ def test_pages_spliced_on_micropython_are_cpythons(micropython: Path, mp_lib: Pa
     store = PageStore(MemFlash(), "T", 3, 2)
     _apply(store, ops)
     expected = [data.hex() for data in _page_bytes(store)]
-    proc = run_mp(micropython, mp_lib, _MP_PAGES.format(ops=ops))
+    flash = flash.format(folder=str(tmp_path / "state"))
+    proc = run_mp(micropython, mp_lib, _MP_PAGES.format(ops=ops, flash=flash))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{expected!r} {store.total}"
 
