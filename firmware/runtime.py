@@ -123,7 +123,8 @@ class Runtime:
         broker = config["broker"]
         self.mqtt = MQTTClient(
             "ebft-%s-%d" % (cluster, self.me), broker["host"], broker.get("port", 1883),
-            keepalive=config.get("keepalive_s", 10), **login_of(broker), will=self.will, on_message=self.on_message,
+            keepalive=config.get("keepalive_s", 10), **login_of(broker), will=self.will,
+            on_message=self.on_message,
             max_packet=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             rx_chunk=messages.MESSAGE_BYTES_MAX + _MQTT_HEADER_BYTES_MAX,
             tx_max=messages.MESSAGE_BYTES_MAX)
@@ -178,8 +179,9 @@ class Runtime:
 
     def sender_to_deliver(self, topic, payload):
         """The replica whose protocol message on ``topic`` is left for deliver(); -1 when
-        nothing is left to do with it: a topic that names no replica of the cluster (dropped), our own status
-        echoed, a fault's loss, or a status (handed to the node here)."""
+        nothing is left to do with it: a topic that names no replica of the cluster
+        (dropped), our own status echoed, a fault's loss, or a status (handed to the node
+        here)."""
         j = self.sender(topic)
         if j < 0:
             self.node.drop("bad topic")
@@ -362,7 +364,8 @@ def main():
         config = None
         try:
             asyncio.run(node.run())
-        except MemoryError as e:  # run() dropped the broker link on its way out (peers get our Will)
+        except MemoryError as e:
+            # run() dropped the broker link on its way out (peers get our Will)
             gc.collect()  # what was free, in pieces too small: the heap's fragmentation
             print("out of memory (%d bytes free after collection): restarting from flash"
                   % gc.mem_free())

@@ -47,9 +47,9 @@
 #   batches of an interval is written once.
 # - A page's bytes are a bytearray, changed in place and recycled: a page read from flash
 #   is read into the buffer of the last page evicted (`_spare`, which nothing else
-#   references), so reading one takes no new block while it fits the old. On a 64-client bench over
-#   10,000 keys most operations read a page (~480 bytes); fresh blocks of that size were
-#   where nodes under omission at 256 clients ran out of contiguous heap.
+#   references), so reading one takes no new block while it fits the old. On a 64-client
+#   bench over 10,000 keys most operations read a page (~480 bytes); fresh blocks of that
+#   size were where nodes under omission at 256 clients ran out of contiguous heap.
 import hashlib
 from array import array
 

@@ -23,8 +23,9 @@
 # - An append the flash fails (full) drops the request and clears the queue: a record torn
 #   at the end would end it at the next pop anyway.
 # - A wire was decoded and authenticated before it was pushed; the caller checks what pop()
-#   returns again all the same (replica._refill_pending). A record whose length is out of bounds or that is
-#   cut short (a flash that lost data, an append that failed) ends the queue.
+#   returns again all the same (replica._refill_pending). A record whose length is out of
+#   bounds or that is cut short (a flash that lost data, an append that failed) ends the
+#   queue.
 # - RAM: three ints.
 
 # Bound as globals, not found as builtins: see cbor.py's header.
