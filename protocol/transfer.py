@@ -167,6 +167,7 @@ class StateTransfer:
         for client in list(self.waiting):
             del self.waiting[client]
             del self.waiting_wires[client]
+        self._forget_executed()
         if self.status == NORMAL:
             self.vc_deadline = None  # T1 runs while requests wait: none do now
         self.events.append(("transferred", seq, digest))

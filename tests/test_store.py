@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from test_replica import Net
 
 from conftest import run_mp
+from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.cache import Cache
 from edgebft.protocol.flash import MemFlash
@@ -355,6 +356,30 @@ def test_a_replica_behind_fetches_only_the_pages_that_differ() -> None:
     assert behind.state.ledger.total == net.replicas[0].state.ledger.total
     assert behind.ledger.get("key5") == -5 and behind.ledger.get("key599")[0] == 599
 
+
+
+def test_a_primary_caught_up_by_transfer_forgets_the_requests_it_executed() -> None:
+    """The primary misses every PREPARE and COMMIT while 48 clients write: the backups
+    execute, and it catches up by state transfer. The requests the transferred state
+    executed leave its queue and its pending ids (only execution took them out: they stayed
+    until a view change, and the table grew with them)."""
+    net = Net(n=4, k=4)
+    primary = net.replicas[0]
+    for turn in range(4):  # 12 new clients a turn: each sends one request
+        for c in range(12 * turn, 12 * turn + 12):
+            net.submit(net.client(c).request(["put", f"k{c}", turn]))
+        net.run(dropped=lambda to, msg: to == 0 and msg.kind in (m.PREPARE, m.COMMIT))
+    assert any(e[0] == "transferred" for e in primary.events)
+    assert primary.last_exec < net.replicas[1].last_exec, "it is still behind the others"
+
+    def executed(client: int, timestamp: int) -> bool:
+        entry = primary.clients.get(client)
+        return entry is not None and timestamp <= entry[0]
+
+    assert primary.pending_ids, "requests are still queued and in flight"
+    assert not [c for c, t in primary.pending_ids.items() if executed(c, t)]
+    assert not [w for w in primary.pending if executed(*rp._request_head(w))]
+    assert any(executed(c, 1) for c in range(48)), "the transfer executed some of them"
 
 def test_1024_clients_each_execute_exactly_once() -> None:
     """Every client's last timestamp and reply is kept (on flash): after 1,024 clients each
