@@ -13,7 +13,7 @@
 import os
 
 # Bound as globals, not found as builtins: see cbor.py's header.
-from builtins import bytes, int, len, str, sum, tuple, type
+from builtins import bytearray, bytes, int, len, str, sum, tuple, type
 
 STATE_PATH = "state.cbor"
 STATE_DIR = "state"
@@ -90,16 +90,18 @@ class Flash:
             with open(self._path(name), "rb") as f:
                 size = f.seek(0, 2)
                 f.seek(0)
-                if len(buf) > size:
+                if not buf:
+                    buf = bytearray(size)  # one block, not a zeroed copy and a reallocation
+                elif len(buf) > size:
                     buf[size:] = b""
                 elif len(buf) < size:
                     buf.extend(bytes(size - len(buf)))
                 got = f.readinto(buf)
         except OSError:
-            return False
+            return None
         if got < size:  # the file shrank under us: what was read
             buf[got:] = b""
-        return True
+        return buf
 
     def read_at(self, name, offset, n):
         try:

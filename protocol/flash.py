@@ -10,10 +10,10 @@
 #   of a version above the stable checkpoint, state transfer staging). A non-atomic write
 #   skips the temporary file and rename: half the filesystem work on the hot path.
 # - read() of a missing name gives None; size() of one gives -1; delete() of one does nothing.
-#   read_into(name, buf) fills the bytearray ``buf`` with name's bytes instead, resized to
-#   their length (a shrunk bytearray keeps its block: a buffer read into again and again
-#   takes no new heap while what it holds fits); it returns False, buf untouched, for a
-#   missing name.
+#   read_into(name, buf) gives name's bytes in a bytearray instead: ``buf`` resized to their
+#   length (a shrunk bytearray keeps its block: a buffer read into again and again takes no
+#   new heap while what it holds fits), or a new one when ``buf`` is empty; None, buf
+#   untouched, for a missing name.
 # - names(prefix, limit) lists at most limit names that start with prefix (a list in RAM:
 #   a flash holds thousands of pages).
 # - writes and bytes_written count every write and append: flash wears out.
@@ -50,9 +50,9 @@ class MemFlash:
     def read_into(self, name, buf):
         data = self.files.get(name)
         if data is None:
-            return False
+            return None
         buf[:] = data
-        return True
+        return buf
 
     def read_at(self, name, offset, n):
         data = self.files.get(name)

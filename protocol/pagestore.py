@@ -251,10 +251,10 @@ class PageStore:
         run): only their heads are read here."""
         page = self.cache.get(i)
         if page is None:
-            data = self._spare or bytearray()
+            data = self.flash.read_into(self.file_at(i), self._spare or bytearray())
             self._spare = None
-            if not self.flash.read_into(self.file_at(i), data):
-                data[0:] = b""  # no file: an empty page
+            if data is None:
+                data = bytearray()  # no file: an empty page
             page = [data, _offsets(i, data)]
             self.cached += len(data) + PAGE_OVERHEAD_BYTES
             self._evicted(self.cache.put(i, page))
