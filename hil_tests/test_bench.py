@@ -189,7 +189,7 @@ def test_a_second_run_into_a_used_folder_is_refused_and_the_first_kept(run: Path
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"edgebft: error: --out {run}: the folder is not empty; a cluster starts in a fresh one "
+        f"edgebft: error: --out {run}: the folder holds a run; a cluster starts in a fresh one "
         "(its nodes' flash would be another cluster's)"]
     assert (run / "summary.json").read_bytes() == before
 

@@ -222,7 +222,7 @@ def test_bad_input_is_one_line(cluster: lab.LabCluster) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"edgebft: error: --out {cluster.path}: the folder is not empty; a cluster starts in a "
+        f"edgebft: error: --out {cluster.path}: the folder holds a run; a cluster starts in a "
         "fresh one (its nodes' flash would be another cluster's)"]
     gone = cluster.path.parent / "gone"  # a cluster whose broker no longer runs
     gone.mkdir()

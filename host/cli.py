@@ -168,8 +168,8 @@ def run_options(command: Callable[..., None]) -> Callable[..., None]:
 
 def out_option(command: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
     return click.option("--out", type=click.Path(path_type=Path), default=None,
-                        help=f"Run folder, new or empty (default: a fresh folder under "
-                             f"./runs/{command}/).")
+                        help=f"Run folder, not one that holds a run (default: a fresh "
+                             f"folder under ./runs/{command}/).")
 
 
 @cli.command()

@@ -129,9 +129,18 @@ class BenchOptions:
             parse_nemesis(self.nemesis)
         except NemesisError as e:
             raise BenchError(str(e)) from None
-        if self.out is not None and Path(self.out).is_dir() and any(Path(self.out).iterdir()):
-            raise BenchError(f"--out {self.out}: the folder is not empty; a cluster starts in a "
+        if self.out is not None and holds_run(Path(self.out)):
+            raise BenchError(f"--out {self.out}: the folder holds a run; a cluster starts in a "
                              "fresh one (its nodes' flash would be another cluster's)")
+
+
+def holds_run(folder: Path) -> bool:
+    """Does ``folder`` hold a run whose nodes ran (their flash) or whose results were written?
+    A run there again would restore that flash under fresh keys (it committed nothing) and
+    overwrite those results. What a start that failed before its nodes ran left (their
+    images, logs saying why) is no run: the same --out may be used again."""
+    return ((folder / "summary.json").exists() or (folder / "events.jsonl").exists()
+            or any((folder / "nodes").glob("*/state*")))
 
 
 def new_run_dir(kind: str, base: Path = Path("runs")) -> Path:
