@@ -621,8 +621,7 @@ class Replica(ViewChanging, StateTransfer):
         """Primary, after a state transfer: drop the queued requests that the new state
         executed, and the ids of those queued or in flight. Only _execute takes a client out
         of pending_ids: the ids of the requests a transfer executed stayed until a view
-        change, and the table grew with them (field test, omission at 256 clients: rehashed
-        to 73 slots, 1,168 bytes in one piece, on a heap in pieces)."""
+        change, and the table grew with them."""
         keep = []
         for wire in self.pending:
             head = _request_head(wire)
