@@ -5,7 +5,9 @@
 #   the policy that joins them); this module only moves bytes between MQTT topics and the
 #   node, publishes what it outputs, applies injected faults and reports status.
 # - Topics (DESIGN.md section 2), cluster c, node i:
-#     ebft/c/from/i            broadcast by i; every node subscribes ebft/c/from/+
+#     ebft/c/from/i            broadcast by i; every node subscribes each peer's (not
+#                              from/+: MQTT 3.1.1 has no "no local", and the broker would
+#                              send a node each of its own broadcasts back)
 #     ebft/c/to/j/from/i       point to point
 #     ebft/c/req/<client>      requests (every replica subscribes ebft/c/req/+)
 #     ebft/c/rep/<client>      replies
@@ -160,8 +162,6 @@ class Runtime:
     def on_message(self, topic, payload, retain):
         # Runs per message: this and the helpers it calls for the common cases keep their
         # frames within 11 slots (protocol/cbor.py's header), off the heap.
-        if topic == self.topic_all:
-            return  # our own broadcast, echoed by the broker
         if topic == self.topic_ctl:
             self.on_control(payload)
             return
@@ -329,8 +329,9 @@ class Runtime:
         # subscription not acknowledged in time (a broker that is slow to start) is retried.
         link = asyncio.create_task(self.mqtt.run())
         await asyncio.sleep_ms(0)  # let the link task start
-        for topic in ("from/+", "req/+", "to/%d/from/+" % self.me, "ctl/%d" % self.me,
-                      "status/+"):
+        peers = ["from/%d" % j for j in range(self.node.replica.stake.n) if j != self.me]
+        for topic in peers + ["req/+", "to/%d/from/+" % self.me, "ctl/%d" % self.me,
+                              "status/+"]:
             await self.mqtt.subscribe_retrying(self.prefix + topic)
         print("edgebft node %d up: %d replicas, broker %s:%d%s" % (
             self.me, self.node.replica.stake.n, self.mqtt.host, self.mqtt.port,

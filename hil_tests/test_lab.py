@@ -183,6 +183,27 @@ def test_forged_and_replayed_control_commands_only_count(cluster: lab.LabCluster
     cluster.save()
 
 
+def test_a_node_is_not_sent_its_own_broadcasts(cluster: lab.LabCluster) -> None:
+    """MQTT 3.1.1 has no "no local": subscribed to from/+, a node was sent each of its own
+    broadcasts back, read them and dropped them. It subscribes to its peers' topics only, so
+    300 publishes on node 0's broadcast topic reach the other three, not node 0."""
+    cluster_ref[:] = [cluster]
+    before = lab.status(cluster)
+    b = cluster.state["broker"]
+    client = cluster.login().client()
+    client.connect(b["host"], b["port"])
+    client.loop_start()
+    for _ in range(300):
+        client.publish(f"ebft/{cluster.state['cluster']}/from/0", b"not a message",
+                       qos=1).wait_for_publish(5)
+    client.loop_stop()
+    client.disconnect()
+    snap = wait_for(lambda s: s[1]["mqtt_rx"] >= before[1]["mqtt_rx"] + 300)
+    grew = {n: snap[n]["mqtt_rx"] - before[n]["mqtt_rx"] for n in (0, 1)}
+    assert grew[1] >= 300, grew
+    assert grew[1] - grew[0] >= 280, f"node 0 was sent its own topic's messages: {grew}"
+
+
 def test_kill_shows_offline_and_heal_restarts_from_flash(cluster: lab.LabCluster) -> None:
     cluster_ref[:] = [cluster]
     cli("inject", "crash", "2", "--dir", str(cluster.path))

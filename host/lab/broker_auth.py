@@ -8,7 +8,8 @@ broker can no longer write into the cluster's traffic at all (issue 12).
 Identities of cluster ``c`` (topics under ``ebft/c/``, protocol/SPEC.md):
 
 - ``node<i>``: publishes ``from/i``, ``to/+/from/i``, ``status/i``, ``event/i`` and ``rep/+``;
-  reads ``from/+``, ``to/i/from/+``, ``req/+``, ``status/+`` and ``ctl/i``;
+  reads ``from/+`` (it subscribes to each peer's ``from/j``), ``to/i/from/+``, ``req/+``,
+  ``status/+`` and ``ctl/i``;
 - ``host``: the lab's own tools (control commands, the observer, the workload, which speaks
   for many client ids on one connection): reads and writes every topic of the cluster;
 - ``<k>`` (a client id, decimal): publishes ``req/k`` and reads ``rep/k`` only (mosquitto's
