@@ -931,6 +931,7 @@ class Replica(ViewChanging, StateTransfer):
     def on_checkpoint(self, msg):
         if msg.seq <= self.h or msg.seq % self.K:
             return
+        self._count_vote(msg)
         if msg.seq > self.h + self.window:
             # Beyond the window: keep only each replica's newest (bounded by n); when over
             # 1/3 of stake agree on one, we are behind for good and fetch its state (N7).
@@ -1019,6 +1020,10 @@ class Replica(ViewChanging, StateTransfer):
                   or self.ticks % _IDLE_STATUS_TICKS == 0):
             return
         self.behind = False
+        self._send_status()
+
+    def _send_status(self):
+        """Multicast STATUS: where we are, and the batches we miss (RT1)."""
         missing = sorted(self.missing)[:_CATCH_UP_MAX]
         self._broadcast(m.STATUS, self.view, self.status == VIEW_CHANGE, self.h, self.last_exec,
                         missing)

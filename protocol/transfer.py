@@ -16,6 +16,15 @@
 #   skip pages may have lied.
 # - A served checkpoint stays readable (pinned) for _PIN_MS after each fetch, even when our
 #   stable checkpoint moves on: a long transfer under load finishes instead of restarting.
+# - A source is asked again, or the next one is, only after _PATIENCE_TICKS retransmission
+#   ticks without a chunk: under load a chunk's round trip outlasts a tick, and a source
+#   asked for a checkpoint it no longer holds offers its stable one, which starts the
+#   transfer over.
+# - A checkpoint is installed only when replicas with over 1/3 of stake vouch for it (N7).
+#   A transfer moved to a source's newer checkpoint counts the source (the offer is its
+#   authenticated claim), asks every replica for its checkpoint votes (a STATUS), and counts
+#   each CHECKPOINT for it that arrives while it runs: a vote broadcast before the move came
+#   when that checkpoint was beyond our window, where only each replica's newest is kept.
 # Bound as globals, not found as builtins: see cbor.py's header.
 from builtins import int, len, list, range
 
@@ -30,12 +39,14 @@ from .viewchange import NORMAL, VIEW_CHANGE
 
 _CHUNK_BYTES = const(1024)  # state transfer chunk
 _PIN_MS = const(1000)       # a checkpoint served stays readable this long after a fetch
+_PATIENCE_TICKS = const(3)  # ticks without a chunk before a FETCH is sent again
 
 
 class Transfer:
     """A state transfer under way: checkpoint (seq, digest), the replicas asked in turn
     (``sources``, the one asked now at ``source`` modulo their number), whether the
-    checkpoint was vouched for when it started, and the Fetch staging it."""
+    checkpoint was vouched for when it started, the replicas that vouched for it since
+    (``voters``), and the Fetch staging it."""
 
     def __init__(self, seq, digest, sources, vouched, fetch):
         assert sources
@@ -44,8 +55,10 @@ class Transfer:
         self.sources = sources
         self.source = 0
         self.vouched = vouched
+        self.voters = []
         self.fetch = fetch
         self.mark = -1  # fetch.bytes at the last retransmission tick
+        self.stalls = 0  # retransmission ticks since fetch.bytes last moved
 
 
 class StateTransfer:
@@ -86,12 +99,19 @@ class StateTransfer:
         part, offset = want
         self._send(t.sources[t.source % len(t.sources)], m.FETCH, t.seq, t.digest, part, offset)
 
-    def _vouched(self, seq, digest):
-        """Do replicas with over 1/3 of stake report checkpoint (seq, digest)?"""
-        votes = self.checkpoints.get(seq, {})
-        holders = [j for j in range(self.stake.n)
-                   if votes.get(j) == digest or self.ahead.get(j) == (seq, digest)]
+    def _vouched(self, t):
+        """Do replicas with over 1/3 of stake report transfer t's checkpoint?"""
+        votes = self.checkpoints.get(t.seq, {})
+        holders = [j for j in range(self.stake.n) if j in t.voters or votes.get(j) == t.digest
+                   or self.ahead.get(j) == (t.seq, t.digest)]
         return self.stake.is_weak(self.stake.of(holders))
+
+    def _count_vote(self, msg):
+        """A CHECKPOINT for the checkpoint we fetch vouches for it."""
+        t = self.transfer
+        if t is not None and msg.seq == t.seq and msg.digest == t.digest \
+                and msg.sender not in t.voters:
+            t.voters.append(msg.sender)
 
     def on_fetch(self, msg):
         """Serve a part of a checkpoint we hold, and keep serving it (pinned) for _PIN_MS after
@@ -133,8 +153,10 @@ class StateTransfer:
             # A newer stable checkpoint offered instead: fetch that one (it is checked against
             # its digest and its vouchers when complete).
             t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
+            t.voters = [msg.sender]
             t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
             t.fetch = self._new_fetch(msg.seq, msg.digest)
+            self._send_status()  # the others' votes for it
         if t is None or msg.seq != t.seq or msg.digest != t.digest \
                 or t.fetch.want() != (msg.part, msg.offset):
             return
@@ -146,7 +168,7 @@ class StateTransfer:
             self._fetch_next()
             return
         self.transfer = None
-        if t.seq <= self.last_exec or not (t.vouched or self._vouched(t.seq, t.digest)):
+        if t.seq <= self.last_exec or not (t.vouched or self._vouched(t)):
             self.state.clear_stage()
             self._drop("state not vouched for")
             return
@@ -179,13 +201,18 @@ class StateTransfer:
             self._after_view_change_input()  # a new view may have waited for this state
 
     def _retransmit_fetch(self):
-        """RT1 during a transfer: no chunk since the last tick, so ask the next source."""
+        """RT1 during a transfer: no chunk for _PATIENCE_TICKS ticks, so ask the next source."""
         t = self.transfer
         assert t is not None  # called during a transfer only
-        if t.fetch.bytes == t.mark:
+        if t.fetch.bytes != t.mark:
+            t.mark = t.fetch.bytes
+            t.stalls = 0
+            return
+        t.stalls += 1
+        if t.stalls >= _PATIENCE_TICKS:
+            t.stalls = 0
             t.source += 1
             self._fetch_next()
-        t.mark = t.fetch.bytes
 
     def _release_served(self, now_ms):
         """Unpin the checkpoint we serve once nobody fetched it for _PIN_MS."""
