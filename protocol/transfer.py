@@ -16,15 +16,17 @@
 #   skip pages may have lied.
 # - A served checkpoint stays readable (pinned) for _PIN_MS after each fetch, even when our
 #   stable checkpoint moves on: a long transfer under load finishes instead of restarting.
-# - A source is asked again, or the next one is, only after _PATIENCE_TICKS retransmission
-#   ticks without a chunk: under load a chunk's round trip outlasts a tick, and a source
-#   asked for a checkpoint it no longer holds offers its stable one, which starts the
-#   transfer over.
+# - A source is asked again after _PATIENCE_TICKS retransmission ticks without a chunk, and
+#   the next source after twice that: under load a chunk's round trip outlasts a tick, and
+#   another source may no longer hold the checkpoint (it offers its stable one: the
+#   transfer starts over).
 # - A checkpoint is installed only when replicas with over 1/3 of stake vouch for it (N7).
-#   A transfer moved to a source's newer checkpoint counts the source (the offer is its
-#   authenticated claim), asks every replica for its checkpoint votes (a STATUS), and counts
-#   each CHECKPOINT for it that arrives while it runs: a vote broadcast before the move came
-#   when that checkpoint was beyond our window, where only each replica's newest is kept.
+#   When a source offers its stable checkpoint instead of the one asked for, the transfer
+#   moves to the newest checkpoint such replicas report, or else to the offer: then it
+#   counts the source (the offer is its authenticated claim), asks every replica for its
+#   checkpoint votes (a STATUS), and counts each CHECKPOINT for it that arrives while it
+#   runs (a vote broadcast before came when that checkpoint was beyond our window, where
+#   only each replica's newest is kept).
 # Bound as globals, not found as builtins: see cbor.py's header.
 from builtins import int, len, list, range
 
@@ -39,7 +41,7 @@ from .viewchange import NORMAL, VIEW_CHANGE
 
 _CHUNK_BYTES = const(1024)  # state transfer chunk
 _PIN_MS = const(1000)       # a checkpoint served stays readable this long after a fetch
-_PATIENCE_TICKS = const(3)  # ticks without a chunk before a FETCH is sent again
+_PATIENCE_TICKS = const(3)  # ticks without a chunk before the FETCH is sent again
 
 
 class Transfer:
@@ -106,6 +108,25 @@ class StateTransfer:
                    or self.ahead.get(j) == (t.seq, t.digest)]
         return self.stake.is_weak(self.stake.of(holders))
 
+    def _newest_vouched(self):
+        """(seq, digest, reporters) of the newest checkpoint beyond our window that replicas
+        with over 1/3 of stake report as their newest; None when there is none."""
+        best = None
+        for j in self.ahead:
+            seq, digest = self.ahead[j]
+            if best is None or seq > best[0]:
+                agree = [k for k in self.ahead if self.ahead[k] == (seq, digest)]
+                if self.stake.is_weak(self.stake.of(agree)):
+                    best = (seq, digest, agree)
+        return best
+
+    def _move_transfer(self, t, seq, digest, vouched, sources):
+        """Fetch checkpoint (seq, digest) instead, from ``sources`` first."""
+        t.seq, t.digest, t.vouched, t.source, t.stalls = seq, digest, vouched, 0, 0
+        t.voters = []
+        t.sources = sources + [j for j in t.sources if j not in sources]
+        t.fetch = self._new_fetch(seq, digest)
+
     def _count_vote(self, msg):
         """A CHECKPOINT for the checkpoint we fetch vouches for it."""
         t = self.transfer
@@ -150,13 +171,20 @@ class StateTransfer:
         t = self.transfer
         if t is not None and msg.part == 0 and msg.offset == 0 and msg.seq > t.seq \
                 and msg.seq > self.last_exec:
-            # A newer stable checkpoint offered instead: fetch that one (it is checked against
-            # its digest and its vouchers when complete).
-            t.seq, t.digest, t.vouched, t.source = msg.seq, msg.digest, False, 0
-            t.voters = [msg.sender]
-            t.sources = [msg.sender] + [j for j in t.sources if j != msg.sender]
-            t.fetch = self._new_fetch(msg.seq, msg.digest)
-            self._send_status()  # the others' votes for it
+            # The checkpoint we fetch is gone at the source, which offers its stable one
+            # instead. Fetch the newest that replicas with over 1/3 of stake report, when it
+            # is no older: vouched for, and its reporters hold it. Else take the offer, which
+            # is checked against its digest and its vouchers when complete.
+            newest = self._newest_vouched()
+            if newest is not None and newest[0] >= msg.seq:
+                self._move_transfer(t, newest[0], newest[1], True, newest[2])
+            else:
+                self._move_transfer(t, msg.seq, msg.digest, False, [msg.sender])
+                t.voters.append(msg.sender)
+                self._send_status()  # the others' votes for it
+            if t.seq != msg.seq or t.digest != msg.digest:
+                self._fetch_next()
+                return
         if t is None or msg.seq != t.seq or msg.digest != t.digest \
                 or t.fetch.want() != (msg.part, msg.offset):
             return
@@ -201,7 +229,8 @@ class StateTransfer:
             self._after_view_change_input()  # a new view may have waited for this state
 
     def _retransmit_fetch(self):
-        """RT1 during a transfer: no chunk for _PATIENCE_TICKS ticks, so ask the next source."""
+        """RT1 during a transfer: no chunk for _PATIENCE_TICKS ticks, so ask the source again;
+        for twice as long, so ask the next one."""
         t = self.transfer
         assert t is not None  # called during a transfer only
         if t.fetch.bytes != t.mark:
@@ -209,9 +238,10 @@ class StateTransfer:
             t.stalls = 0
             return
         t.stalls += 1
-        if t.stalls >= _PATIENCE_TICKS:
-            t.stalls = 0
-            t.source += 1
+        if t.stalls % _PATIENCE_TICKS == 0:
+            if t.stalls >= 2 * _PATIENCE_TICKS:
+                t.stalls = 0
+                t.source += 1
             self._fetch_next()
 
     def _release_served(self, now_ms):
