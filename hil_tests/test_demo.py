@@ -42,6 +42,10 @@ def check_healthy_run(summary: dict, nodes: int) -> None:
     assert all(0 < b < HEAP_BYTES for b in summary["heap_peak_bytes"].values())
     assert all(summary["nodes_alive_at_end"])
     assert len(set(summary["last_executed"].values())) == 1
+    assert summary["heap_restarts"] == {str(i): 0 for i in range(nodes)}, "none ran out of heap"
+    assert sorted(summary["drops"]) == [str(i) for i in range(nodes)]
+    assert all(isinstance(why, str) and k > 0
+               for drops in summary["drops"].values() for why, k in drops.items())
 
 
 @pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")

@@ -473,6 +473,9 @@ def summarize(options: BenchOptions, broker: str, outcomes: list[Outcome], obser
         "keys": options.keys,
         "state": {str(n): state_summary(s) for n, s in sorted(statuses.items())},
         "state_transfer_ms": transfer_ms(observer.events),
+        "drops": {str(n): dict(sorted((s.get("drops") or {}).items()))
+                  for n, s in sorted(statuses.items())},
+        "heap_restarts": {str(n): s.get("restarts") for n, s in sorted(statuses.items())},
         "messages_sent": messages_sent,
         "msgs_per_commit": round(messages_sent / len(ok), 2) if ok else None,
         "view_changes": max((s.get("view", 0) for s in statuses.values()), default=0),

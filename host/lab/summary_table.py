@@ -45,6 +45,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("state", " ".join(f"{n}:{s['state_keys']} entries, "
                            f"{s['flash_bytes_written']} B written, hit rate "
                            f"{s['cache_hit_rate']};" for n, s in summary["state"].items())),
+        ("drops", "; ".join(f"{n}: " + (", ".join(f"{why} {k}" for why, k in d.items()) or "-")
+                            for n, d in summary["drops"].items())),
+        ("heap restarts", " ".join(f"{n}:{k}" for n, k in summary["heap_restarts"].items())),
         ("report", summary.get("report", "-")),
     ]
     sensors = summary.get("sensors")
