@@ -16,10 +16,10 @@
 #   skip pages may have lied.
 # - A served checkpoint stays readable (pinned) for _PIN_MS after each fetch, even when our
 #   stable checkpoint moves on: a long transfer under load finishes instead of restarting.
-# - A source is asked again after _PATIENCE_TICKS retransmission ticks without a chunk, and
-#   the next source after twice that: under load a chunk's round trip outlasts a tick, and
-#   another source may no longer hold the checkpoint (it offers its stable one: the
-#   transfer starts over).
+# - A source that sent no chunk since the last retransmission tick is asked again, and the
+#   next source only after _PATIENCE_TICKS such ticks: under load a chunk's round trip may
+#   outlast a tick, and another source may no longer hold the checkpoint (it offers its
+#   stable one: the transfer starts over).
 # - A checkpoint is installed only when replicas with over 1/3 of stake vouch for it (N7).
 #   When a source offers its stable checkpoint instead of the one asked for, the transfer
 #   moves to the newest checkpoint such replicas report, or else to the offer: then it
@@ -41,7 +41,7 @@ from .viewchange import NORMAL, VIEW_CHANGE
 
 _CHUNK_BYTES = const(1024)  # state transfer chunk
 _PIN_MS = const(1000)       # a checkpoint served stays readable this long after a fetch
-_PATIENCE_TICKS = const(3)  # ticks without a chunk before the FETCH is sent again
+_PATIENCE_TICKS = const(3)  # ticks without a chunk before the next source is asked
 
 
 class Transfer:
@@ -229,8 +229,8 @@ class StateTransfer:
             self._after_view_change_input()  # a new view may have waited for this state
 
     def _retransmit_fetch(self):
-        """RT1 during a transfer: no chunk for _PATIENCE_TICKS ticks, so ask the source again;
-        for twice as long, so ask the next one."""
+        """RT1 during a transfer: no chunk since the last tick, so ask the source again; none
+        for _PATIENCE_TICKS ticks, so ask the next one."""
         t = self.transfer
         assert t is not None  # called during a transfer only
         if t.fetch.bytes != t.mark:
@@ -238,11 +238,10 @@ class StateTransfer:
             t.stalls = 0
             return
         t.stalls += 1
-        if t.stalls % _PATIENCE_TICKS == 0:
-            if t.stalls >= 2 * _PATIENCE_TICKS:
-                t.stalls = 0
-                t.source += 1
-            self._fetch_next()
+        if t.stalls >= _PATIENCE_TICKS:
+            t.stalls = 0
+            t.source += 1
+        self._fetch_next()
 
     def _release_served(self, now_ms):
         """Unpin the checkpoint we serve once nobody fetched it for _PIN_MS."""
