@@ -5,7 +5,7 @@
 #   the policy that joins them); this module only moves bytes between MQTT topics and the
 #   node, publishes what it outputs, applies injected faults and reports status.
 # - Topics (DESIGN.md section 2), cluster c, node i:
-#     ebft/c/from/i            broadcast by i; every node subscribes each peer's (not
+#     ebft/c/from/i            broadcast by i; every node subscribes to each peer's (not
 #                              from/+: MQTT 3.1.1 has no "no local", and the broker would
 #                              send a node each of its own broadcasts back)
 #     ebft/c/to/j/from/i       point to point

@@ -47,8 +47,9 @@ _PATIENCE_TICKS = const(3)  # ticks without a chunk before the next source is as
 class Transfer:
     """A state transfer under way: checkpoint (seq, digest), the replicas asked in turn
     (``sources``, the one asked now at ``source`` modulo their number), whether the
-    checkpoint was vouched for when it started, the replicas that vouched for it since
-    (``voters``), and the Fetch staging it."""
+    checkpoint was vouched for when the transfer started or moved to it, the replicas that
+    vouched for it since (``voters``, at most one entry per replica), and the Fetch staging
+    it."""
 
     def __init__(self, seq, digest, sources, vouched, fetch):
         assert sources
