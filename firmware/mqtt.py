@@ -81,7 +81,7 @@ _CONNECT_TIMEOUT_MS = const(5000)  # TCP connect plus CONNACK; WiFi hops are ~10
 _ACK_TIMEOUT_MS = const(10000)  # SUBACK
 _CTL_RESERVE = const(64)  # tx buffer bytes kept free of QoS0 data for PUBACK and PINGREQ
 _Q1_MAX = const(32)  # QoS1 publishes awaiting PUBACK
-_SUBS_MAX = const(36)  # a node subscribes to each of its (at most 31) peers' broadcasts, and 4 more
+_SUBS_MAX = const(36)  # each of a node's (at most 31) peers' broadcasts, and 4 more topics
 _TOPICS_MAX = const(8)  # encoded-topic cache entries: a node publishes on ~6 topics of its own;
 #   a reply topic per client would fill a larger cache with what is used once (64 clients: ~3 KB)
 
