@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from edgebft.lab.bench import NODES_MAX
 from edgebft.lab.broker import find_mosquitto
+from edgebft.protocol import log
 
 EDGEBFT = [sys.executable, "-m", "edgebft"]
 HEAP_BYTES = 160 * 1024  # HEAP_DEFAULT: README, "Memory", says why it is no longer 100 KB
@@ -86,6 +88,14 @@ def _fails_cleanly(args: list[str], env: dict[str, str] | None = None) -> str:
 def test_too_few_nodes_is_a_one_line_error(tmp_path: Path) -> None:
     line = _fails_cleanly(["demo", "--nodes", "2", "--out", str(tmp_path / "r")])
     assert "at least 4" in line
+
+
+def test_too_many_nodes_is_a_one_line_error(tmp_path: Path) -> None:
+    """The host refuses what a node's log would assert on (protocol/log.py) at boot."""
+    assert NODES_MAX == log._REPLICAS_MAX
+    line = _fails_cleanly(["demo", "--nodes", "33", "--out", str(tmp_path / "r")])
+    assert "at most 32" in line
+    assert not (tmp_path / "r").exists(), "refused before anything was built"
 
 
 def test_unreachable_broker_is_a_one_line_error(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ TLS_HELP = ("The broker speaks TLS only (edgebft.lab.broker_tls): a CA made for 
 
 
 RUN_OPTIONS = [  # the options of edgebft demo and edgebft bench (edgebft.lab.bench.BenchOptions)
-    click.option("--nodes", default=4, show_default=True, help="Replicas to run (at least 4)."),
+    click.option("--nodes", default=4, show_default=True, help="Replicas to run (4 to 32)."),
     click.option("--duration", "duration_s", default=10.0, show_default=True, type=Seconds(),
                  help="Client load for this long (seconds; or 10s, 500ms, 1m)."),
     click.option("--broker", default="auto", show_default=True,
@@ -261,7 +261,7 @@ DIR_OPTION = click.option("--dir", "run_dir", type=click.Path(path_type=Path), d
 
 
 @cluster.command("up")
-@click.option("--nodes", default=4, show_default=True, help="Replicas (at least 4).")
+@click.option("--nodes", default=4, show_default=True, help="Replicas (4 to 32).")
 @click.option("--stake", default=None, metavar="W1,W2,...",
               help="Stake per node (default: equal).")
 @click.option("--broker", default="auto", show_default=True,

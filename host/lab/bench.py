@@ -52,6 +52,7 @@ from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
+NODES_MAX = 32  # protocol/log.py's _REPLICAS_MAX: a slot's votes are bits of one word
 STARTUP_TIMEOUT_S = 20.0
 CONVERGE_TIMEOUT_S = 5.0
 CLIENTS_DEFAULT = 4
@@ -100,6 +101,9 @@ class BenchOptions:
         if self.nodes < NODES_MIN:
             raise BenchError(f"--nodes {self.nodes}: PBFT needs at least {NODES_MIN} replicas "
                              "(n = 3f+1 with f >= 1); use --nodes 4 or more")
+        if self.nodes > NODES_MAX:
+            raise BenchError(f"--nodes {self.nodes}: a cluster has at most {NODES_MAX} replicas "
+                             "(a slot's votes are bits of one 32-bit word)")
         if self.duration_s <= 0:
             raise BenchError("--duration must be positive")
         if self.clients < 1:
