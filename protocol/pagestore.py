@@ -251,10 +251,12 @@ class PageStore:
         run): only their heads are read here."""
         page = self.cache.get(i)
         if page is None:
-            data = self.flash.read_into(self.file_at(i), self._spare or bytearray())
+            spare = self._spare or bytearray()
             self._spare = None
-            if data is None:
-                data = bytearray()  # no file: an empty page
+            data = self.flash.read_into(self.file_at(i), spare)
+            if data is None:  # no file: an empty page, in the spare buffer
+                spare[0:] = b""
+                data = spare
             page = [data, _offsets(i, data)]
             self.cached += len(data) + PAGE_OVERHEAD_BYTES
             self._evicted(self.cache.put(i, page))

@@ -273,7 +273,7 @@ class Replica(ViewChanging, StateTransfer):
         # most _PENDING_MAX + pipeline_max * batch_max, its table sized for that at start (at
         # 256 clients it grew to 59 and 73 slots, 944 and 1,168 bytes in one piece, when
         # the heap had none: a restart)
-        self.pending_ids = presized(_PENDING_MAX + pipeline_max * batch_max)
+        self.pending_ids = presized(self._pending_ids_max())
         self.spill = Spill(self.state.flash, _REQUEST_BYTES_MAX)  # primary: T1 overflow
         self.waiting = presized(_WAITING_MAX)      # client -> timestamp seen, not executed (T1)
         self.waiting_wires = presized(_WAITING_MAX)  # client -> that request's wire
@@ -936,7 +936,7 @@ class Replica(ViewChanging, StateTransfer):
             # Beyond the window: keep only each replica's newest (bounded by n); when over
             # 1/3 of stake agree on one, we are behind for good and fetch its state (N7).
             self.ahead[msg.sender] = (msg.seq, msg.digest)
-            agree = [j for j in self.ahead if self.ahead[j] == (msg.seq, msg.digest)]
+            agree = self._reporting(msg.seq, msg.digest)
             if self.transfer is None and self.stake.is_weak(self.stake.of(agree)):
                 self._start_transfer(msg.seq, msg.digest, agree)
             return
@@ -946,6 +946,14 @@ class Replica(ViewChanging, StateTransfer):
         votes[msg.sender] = msg.digest
         self._check_stable(msg.seq)
         self._maybe_fetch_state(msg.seq, msg.digest)
+
+    def _pending_ids_max(self):
+        """pending_ids' bound: the requests queued and those in the batches in flight."""
+        return _PENDING_MAX + self.pipeline_max * self.batch_max
+
+    def _reporting(self, seq, digest):
+        """The replicas whose newest checkpoint beyond our window is (seq, digest)."""
+        return [j for j in self.ahead if self.ahead[j] == (seq, digest)]
 
     def _backed(self, seq, votes, digest):
         """How far the replicas whose vote in ``votes`` (replica -> digest) is ``digest`` back
@@ -1221,7 +1229,7 @@ class Replica(ViewChanging, StateTransfer):
             assert self.h <= seq <= self.h + self.window
         assert len(self.vcs) <= self.stake.n and len(self.ahead) <= self.stake.n
         assert len(self.pending) <= _PENDING_MAX
-        assert len(self.pending_ids) <= _PENDING_MAX + self.pipeline_max * self.batch_max
+        assert len(self.pending_ids) <= self._pending_ids_max()
         assert len(self.waiting) <= _WAITING_MAX
         assert len(self.waiting_wires) == len(self.waiting)
         if self.is_primary() and self.status == NORMAL:

@@ -116,15 +116,16 @@ class StateTransfer:
         for j in self.ahead:
             seq, digest = self.ahead[j]
             if best is None or seq > best[0]:
-                agree = [k for k in self.ahead if self.ahead[k] == (seq, digest)]
+                agree = self._reporting(seq, digest)
                 if self.stake.is_weak(self.stake.of(agree)):
                     best = (seq, digest, agree)
         return best
 
     def _move_transfer(self, t, seq, digest, vouched, sources):
-        """Fetch checkpoint (seq, digest) instead, from ``sources`` first."""
+        """Fetch checkpoint (seq, digest) instead, from ``sources`` (which vouch for it)
+        first."""
         t.seq, t.digest, t.vouched, t.source, t.stalls = seq, digest, vouched, 0, 0
-        t.voters = []
+        t.voters = list(sources)
         t.sources = sources + [j for j in t.sources if j not in sources]
         t.fetch = self._new_fetch(seq, digest)
 
@@ -181,7 +182,6 @@ class StateTransfer:
                 self._move_transfer(t, newest[0], newest[1], True, newest[2])
             else:
                 self._move_transfer(t, msg.seq, msg.digest, False, [msg.sender])
-                t.voters.append(msg.sender)
                 self._send_status()  # the others' votes for it
             if t.seq != msg.seq or t.digest != msg.digest:
                 self._fetch_next()
