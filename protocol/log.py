@@ -179,8 +179,12 @@ class Oplog:
     no body (the replica then fetches it as any batch it lacks). Held in RAM, the bodies of
     a window took its budget of 4 KB of requests (batches of at most 341 bytes at K = 8),
     and bigger batches were not worth their heap; on flash, a node at 64 clients batches
-    twice as much (see replica.py). Nothing here survives a restart (a new Oplog holds no
-    digest), so a write need not be atomic; one the flash fails keeps no body.
+    twice as much (see replica.py). A write need not be atomic; one the flash fails keeps
+    no body. Across a restart only the P entries written ahead come back (replica.py), and
+    with each the body its slot's file holds, when that file hashes to the P digest
+    (reclaim_body): the batches a cluster executed before all its replicas restarted are
+    then still there to re-propose, where before every replica missed them and nothing
+    executed again.
     """
 
     def __init__(self, window, flash):
@@ -242,6 +246,12 @@ class Oplog:
             self.flash.write("O%d" % i, cbor.encode_transient(batch), False)
         except OSError:
             return
+        self.body_digest[i] = digest
+
+    def reclaim_body(self, seq, digest):
+        """After a restart: the body of (seq, digest), a P entry put back, is slot seq's file
+        if that file hashes to ``digest`` (body_of checks it when read)."""
+        i = self._slot(seq)
         self.body_digest[i] = digest
 
     def body_of(self, seq, digest):

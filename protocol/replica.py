@@ -1143,6 +1143,7 @@ class Replica(ViewChanging, StateTransfer):
                     and 0 <= entry[2] <= self.view):
                 self.oplog.prepared(entry[0], entry[1], entry[2])
                 self.oplog.voted(entry[0], entry[1], entry[2])
+                self.oplog.reclaim_body(entry[0], entry[1])
         self._rewrite_prepared()
 
     def _send_batch(self, dest, seq):

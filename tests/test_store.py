@@ -314,19 +314,90 @@ def test_a_power_cut_never_undoes_what_a_sent_message_followed() -> None:
     assert flash.files == {"a": b"1", "P": b"entry", "b": b""}, "b torn, c undone, no more"
 
 
+def _restart(net: Net, i: int) -> None:
+    """Replica i restarts from its flash and durable() (a crash, or a MemoryError)."""
+    r = net.replicas[i]
+    net.replicas[i] = rp.Replica.restore(r.durable(), i, net.stake, net.keys.pairwise[i],
+                                         net.keys.client_secrets[i], checkpoint_interval=4,
+                                         genesis={"a": [100, 7], "b": [0, 8]},
+                                         flash=r.state.flash)
+
+
+def test_batches_executed_before_every_replica_restarts_are_re_proposed_from_flash() -> None:
+    """Every replica restarts after executing 3 batches past its last checkpoint: each comes
+    back at that checkpoint, and the batches' P entries come back from the log written ahead.
+    Their bodies must too, from the oplog's files: the cluster sat in a new view with every
+    replica missing them, executing nothing, and a put its client saw accepted was gone (an
+    emulated cluster whose 4 nodes ran out of heap under 256 clients and a lossy node)."""
+    net, cores = _busy_cluster(40)
+    for n in range(6):
+        net.submit(cores[n % len(cores)].request(["put", f"x{n}", n]))
+        net.run()
+    assert {(r.h, r.last_exec) for r in net.replicas} == {(24, 27)}
+    assert (True, [True, None]) in [cores[5].on_reply(w) for w in net.replies.pop(5)]
+    for i in range(4):
+        _restart(net, i)
+    assert {r.last_exec for r in net.replicas} == {24}
+    net.submit(cores[0].request(["put", "later", 1]))
+    net.run()
+    _tick(net, 100, lambda: all(r.ledger.get("later") == 1 for r in net.replicas))
+    assert [r.missing for r in net.replicas] == [{}] * 4
+    assert all(r.ledger.get("later") == 1 for r in net.replicas), "executing again"
+    assert all(r.ledger.get("x5") == 5 for r in net.replicas), "the accepted put is kept"
+    assert len({r.state.ledger.total for r in net.replicas}) == 1
+
+
+def test_a_transfer_whose_vouchers_restarted_behind_it_ends_once_they_execute_it_again() -> None:
+    """Replicas 0 and 1 vouch for checkpoint 24 to replica 2, which lags and starts fetching
+    it; then 0, 1 and 3 restart and come back at 20, their last stable checkpoint, so no
+    source holds 24 ("fetch of a state not held"), and replica 1 stays down. The other two
+    must re-execute 21-27 from their flash in a new view with replica 2 (3 of 4 are needed),
+    which gets 24 and goes on with them. The field signature of the stall: every node at one
+    stable checkpoint, one fetching the next, 256 clients timing out."""
+    net, cores = _busy_cluster(40)
+
+    def cut_off(to: int, msg: m.Message) -> bool:
+        return msg.kind == m.CHECKPOINT or to == 2
+
+    net.down.add(2)
+    for n in range(6):  # 21-27, with every checkpoint vote lost: 24 is stable nowhere
+        net.submit(cores[n % len(cores)].request(["put", f"x{n}", n]))
+        net.run(dropped=cut_off)
+    net.down.clear()
+    for _ in range(2):  # replica 2 hears nothing: it is "stuck", so close votes make it fetch
+        net.tick(net.now + 200)
+        net.run(dropped=cut_off)
+    for i in (0, 1):
+        net.replicas[i]._send(2, m.CHECKPOINT, 24, net.replicas[i].own_checkpoints[24])
+        net._collect(i)
+    net.run(dropped=lambda to, msg: to == 2 and msg.kind != m.CHECKPOINT)
+    lagging = net.replicas[2]
+    assert lagging.transfer is not None and lagging.transfer.seq == 24
+    for i in (0, 1, 3):
+        _restart(net, i)
+    assert [r.h for r in net.replicas] == [20] * 4
+    net.down.add(1)
+    _tick(net, 5)
+    assert lagging.transfer is not None and "fetch of a state not held" in net.replicas[0].drops
+    net.submit(cores[0].request(["put", "later", 1]))
+    net.run()
+    _tick(net, 100, lambda: lagging.ledger.get("later") == 1)
+    up = [net.replicas[i] for i in (0, 2, 3)]
+    assert all(r.ledger.get("later") == 1 for r in up), [(r.h, r.last_exec) for r in up]
+    assert all(r.ledger.get("x5") == 5 for r in up)
+    assert len({r.state.ledger.total for r in up}) == 1
+
+
 def test_a_corrupt_page_fails_verification_and_the_replica_recovers_by_transfer() -> None:
     net, cores = _busy_cluster(40)
-    r = net.replicas[3]
-    flash = r.state.flash
+    flash = net.replicas[3].state.flash
     page = next(name for name in sorted(flash.files) if name.startswith("L.p"))
     flash.files[page] = flash.files[page][:-1] + b"\x00"
-    restored = rp.Replica.restore(r.durable(), 3, net.stake, net.keys.pairwise[3],
-                                  net.keys.client_secrets[3], checkpoint_interval=4,
-                                  genesis={"a": [100, 7], "b": [0, 8]}, flash=flash)
+    _restart(net, 3)
+    restored = net.replicas[3]
     assert restored.state.error and "verification" in restored.state.error
     assert ("store_error", restored.state.error) in restored.events
     assert restored.h == 0 and restored.ledger.get("key0") is None, "back to genesis"
-    net.replicas[3] = restored
     for n in range(24):  # the others go on; checkpoints beyond its window make it fetch
         net.submit(cores[n % len(cores)].request(["put", f"later{n}", n]))
         net.run()
