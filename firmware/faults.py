@@ -204,7 +204,7 @@ class Faults:
 
 def _exhaust():
     """Fill the heap until an allocation fails: the MemoryError a leak or a fragmented heap
-    ends in, raised to the runtime, which restarts the node in place (runtime.main)."""
+    ends in, raised to the runtime, which restarts the node in place (runtime.run_lives)."""
     hog = []
     while True:
         hog.append(bytearray(1024))

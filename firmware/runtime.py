@@ -132,6 +132,8 @@ class Runtime:
             tx_max=messages.MESSAGE_BYTES_MAX)
         self.senders = (self.send_all, self.send_to, self.send_reply)  # bound once: route()
         self.heap_peak = 0
+        # Bytes allocated between collections: run_lives sets it unless the config does.
+        self.gc_threshold = config.get("gc_threshold_bytes") or 0
         self.led = led
         self.reset_cause = reset_cause
         self.restarts = restarts    # in-place restarts after a MemoryError (main())
@@ -269,6 +271,7 @@ class Runtime:
         status["heap_used"] = used
         status["heap_free"] = gc.mem_free()
         status["heap_peak"] = self.heap_peak
+        status["gc_threshold"] = self.gc_threshold
         status["mqtt_rx"] = self.mqtt.rx_msgs
         status["mqtt_tx"] = self.mqtt.tx_msgs
         status["mqtt_dropped"] = self.mqtt.tx_dropped
@@ -342,35 +345,50 @@ class Runtime:
 
 
 def main():
-    """Run the node for good. A MemoryError anywhere (a heap too fragmented for one more
-    allocation) restarts it in place, as a board's reset would but in the same process (the
-    modules stay loaded): every object of the old node is dropped, and the node is restored
-    from flash like after a crash (a new boot for its peers; ``restarts`` in its
-    status counts these)."""
-    restarts = 0
+    """Run the node for good (run_lives), on the board that main.py booted."""
     config = load_config()
     led = board.Led(config.get("led"))
     if config.get("wifi") and board.ON_BOARD:
         from edgebft.firmware import wifi
         wifi.connect(config["wifi"], led)
     watchdog = board.Watchdog(config.get("watchdog_ms", 0))
+    config = None
     cause = board.reset_cause()
+    run_lives(lambda restarts: Runtime(load_config(), led, watchdog, cause, restarts))
+
+
+def run_lives(build):
+    """Run node after node for good: ``build(restarts)`` makes one (a Runtime, restored from
+    flash after the first), and each runs until a MemoryError anywhere (a heap too fragmented
+    for one more allocation, in building it too). Then the node restarts in place, as a
+    board's reset would but in the same process (the modules stay loaded): every object of
+    the old node is dropped, and the next is restored from flash like after a crash (a new
+    boot for its peers; ``restarts`` in its status counts these)."""
+    restarts = 0
     while True:
-        gc.threshold(_GC_THRESHOLD_MIN_BYTES)
-        config = config or load_config()  # read again only for a restart
-        node = Runtime(config, led, watchdog, cause, restarts)
-        gc.collect()
-        gc.threshold(config.get("gc_threshold_bytes") or
-                     max(_GC_THRESHOLD_MIN_BYTES, gc.mem_free() - _GC_RESERVE_BYTES))
-        config = None
-        try:
-            asyncio.run(node.run())
-        except MemoryError as e:
-            # run() dropped the broker link on its way out (peers get our Will)
-            gc.collect()  # what was free, in pieces too small: the heap's fragmentation
-            print("out of memory (%d bytes free after collection): restarting from flash"
-                  % gc.mem_free())
-            sys.print_exception(e)
-        node = None
+        _live(build, restarts)
         asyncio.new_event_loop()  # the old node's tasks go with the old loop
         restarts += 1
+
+
+def _live(build, restarts):
+    """One life of a node, built and run in its own frame, which is gone before the next
+    is built: the collector scans a frame's value stack whole, stale slots included, and a
+    slot left from running the old node can keep all of it alive (seen on the Unix port in
+    a loop that built and ran a node in one frame). Running out of heap while building is
+    a restart too: when main() built the node outside its handler, that MemoryError ended
+    the process (a node gone for good, in a restore under 256 clients)."""
+    gc.threshold(_GC_THRESHOLD_MIN_BYTES)
+    try:
+        node = build(restarts)
+        gc.collect()
+        node.gc_threshold = node.gc_threshold or max(_GC_THRESHOLD_MIN_BYTES,
+                                                     gc.mem_free() - _GC_RESERVE_BYTES)
+        gc.threshold(node.gc_threshold)
+        asyncio.run(node.run())
+    except MemoryError as e:
+        # run() dropped the broker link on its way out (peers get our Will)
+        gc.collect()  # what was free, in pieces too small: the heap's fragmentation
+        print("out of memory (%d bytes free after collection): restarting from flash"
+              % gc.mem_free())
+        sys.print_exception(e)

@@ -92,8 +92,8 @@ def test_status_watch_redraws_until_interrupted(cluster: lab.LabCluster) -> None
 
 NODE_GAUGES = ("edgebft_online", "edgebft_view", "edgebft_seq", "edgebft_last_executed",
                "edgebft_stable_checkpoint", "edgebft_heap_used_bytes", "edgebft_heap_free_bytes",
-               "edgebft_heap_peak_bytes", "edgebft_rx_messages", "edgebft_tx_messages",
-               "edgebft_executed_requests", "edgebft_boots", "edgebft_transfer_bytes",
+               "edgebft_heap_peak_bytes", "edgebft_gc_threshold_bytes", "edgebft_rx_messages",
+               "edgebft_tx_messages", "edgebft_executed_requests", "edgebft_boots", "edgebft_transfer_bytes",
                "edgebft_message_errors", "edgebft_stalls", "edgebft_suspicions",
                "edgebft_status_rejected",
                "edgebft_state_entries", "edgebft_state_clients", "edgebft_cache_hits",
@@ -122,6 +122,7 @@ def test_metrics_endpoint_serves_every_nodes_gauges(cluster: lab.LabCluster) -> 
         heap = value["edgebft_heap_used_bytes"][n] + value["edgebft_heap_free_bytes"][n]
         assert 0 < value["edgebft_heap_used_bytes"][n] <= value["edgebft_heap_peak_bytes"][n]
         assert heap <= 160 * 1024, "within the -X heapsize=160k heap"
+        assert 4096 <= value["edgebft_gc_threshold_bytes"][n] < heap
         assert value["edgebft_rx_messages"][n] > 0 and value["edgebft_tx_messages"][n] > 0
         assert value["edgebft_boots"][n] >= 1
         assert value["edgebft_state_entries"][n] >= 16, "the genesis accounts at least"

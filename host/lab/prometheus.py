@@ -42,6 +42,8 @@ GAUGES = (
     ("heap_used", "edgebft_heap_used_bytes", "MicroPython heap in use after a collection."),
     ("heap_free", "edgebft_heap_free_bytes", "MicroPython heap free after a collection."),
     ("heap_peak", "edgebft_heap_peak_bytes", "The highest heap_used since boot."),
+    ("gc_threshold", "edgebft_gc_threshold_bytes",
+     "Bytes the node allocates between garbage collections (set when it starts)."),
     ("rx", "edgebft_rx_messages", "Protocol messages received since boot."),
     ("tx", "edgebft_tx_messages", "Protocol messages sent since boot."),
     ("executed_requests", "edgebft_executed_requests", "Client requests executed since boot."),
