@@ -94,8 +94,8 @@ NODE_GAUGES = ("edgebft_online", "edgebft_view", "edgebft_seq", "edgebft_last_ex
                "edgebft_stable_checkpoint", "edgebft_heap_used_bytes", "edgebft_heap_free_bytes",
                "edgebft_heap_peak_bytes", "edgebft_gc_threshold_bytes", "edgebft_rx_messages",
                "edgebft_tx_messages", "edgebft_executed_requests", "edgebft_boots",
-               "edgebft_transfer_bytes", "edgebft_message_errors", "edgebft_stalls", "edgebft_suspicions",
-               "edgebft_status_rejected",
+               "edgebft_transfer_bytes", "edgebft_message_errors", "edgebft_stalls",
+               "edgebft_suspicions", "edgebft_status_rejected",
                "edgebft_state_entries", "edgebft_state_clients", "edgebft_cache_hits",
                "edgebft_cache_misses", "edgebft_flash_writes", "edgebft_flash_bytes_written")
 
