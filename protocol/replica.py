@@ -152,10 +152,17 @@ _PENDING_MAX = const(16)          # primary: requests waiting for a batch (then 
 # any, a new request goes behind them. Refilling the queue from this table first (as it
 # was) let the clients in it take every free slot again at once, and the others starved:
 # at 256 closed-loop clients 20% of requests, sent once, passed the 2 s deadline unanswered.
-# Holding 64 here in RAM instead took the heap a node under faults needed: bench --nemesis
-# crash,broker-restart,oom restarted nodes on MemoryError 8 or 9 times a run instead of 2 or
-# 3, with 5 or 6 view changes instead of 2.
-_WAITING_MAX = const(32)
+# Each entry holds its request's wire (~230 bytes) until it executes: under load these are
+# the node's most numerous medium-lived blocks, strewn among garbage. 64 took the heap a node
+# under faults needed (bench --nemesis crash,broker-restart,oom: 8 or 9 MemoryError restarts
+# a run instead of 2 or 3). 32 still fragmented it at 256 clients (bench --clients 256 --keys
+# 10000, 30 s: 4-11 restarts a run, 7-11 view changes, 324-436 req/s, not live in 2 of 2
+# runs, with at most 352 bytes free in one piece of 27 KB free); 8 gave 585-840 req/s with no
+# restart or view change in 5 runs, and the same at 64 clients (625-715 req/s either way).
+# The table is T1's sample of the requests a replica waits for: fewer entries watch fewer
+# clients at once, but an entry stays until its request executes, so a request the primary
+# leaves out holds its entry and its timer runs out.
+_WAITING_MAX = const(8)
 _REQUEST_BYTES_MAX = const(256)   # a request wire (a batch holds at least one)
 # The request bytes a batch holds. Bodies in RAM took a budget of 4 KB for the window (341
 # bytes a batch). On flash (bench --clients 64 --keys 10000, tmpfs, 160 KB heap, 3 runs each):

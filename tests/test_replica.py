@@ -199,11 +199,14 @@ def test_a_request_only_the_backups_got_reaches_the_primary_without_a_view_chang
     assert all(r.ledger.read(["get", "k"]) == [True, 1] for r in net.replicas)
 
 
-def test_a_request_the_primary_dropped_when_full_is_ordered_once_the_load_stops() -> None:
+def test_a_request_dropped_when_the_primary_is_full_executes_when_sent_again() -> None:
     """The primary's spill has no room (its flash is full): of 21 requests at once, it
-    batches one, queues 16 and drops 4 ("pending full"), which its T1 table still holds.
-    Their clients give up. Once the queue has drained and nothing executes, the primary
-    queues what its T1 table holds: the 4 execute, and no view timeout replaces it."""
+    batches one, queues 16 and drops 4 ("pending full"). T1 tables watch the first 8
+    requests seen (fewer than the queue holds), so no replica waits for the 4: while their
+    clients stay silent, no view timeout replaces the primary. Sent again, they execute.
+    (When T1 tables held 32 requests, the 4 sat in them, and the primary queued them itself
+    once nothing executed: replicas waiting for requests whose clients had given up was a
+    view change 3 s after the load stopped.)"""
     from edgebft.protocol.flash import MemFlash
     from edgebft.protocol.spill import NAME, Spill
 
@@ -218,14 +221,20 @@ def test_a_request_the_primary_dropped_when_full_is_ordered_once_the_load_stops(
     net = Net(pipeline_max=1, batch_max=4)
     primary = net.replicas[0]
     primary.spill = Spill(FullFlash(), 256)
-    for c in range(21):
-        net.submit(net.client(c).request(["put", f"k{c}", c]))
+    clients = [net.client(c) for c in range(21)]
+    for c in clients:
+        net.submit(c.request(["put", f"k{c.client}", c.client]))
     net.run()
     assert primary.drops["pending full"] == 4
     assert [r.counts["executed_requests"] for r in net.replicas] == [17] * 4
     for now in range(100, 3000, 100):
         net.tick(now)
         net.run()
+    assert [(r.view, r.counts["executed_requests"], len(r.waiting)) for r in net.replicas] \
+        == [(0, 17, 0)] * 4
+    for c in clients[17:]:
+        net.submit(c.request_wire(["put", f"k{c.client}", c.client]))
+    net.run()
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 21)] * 4
 
 
