@@ -46,10 +46,13 @@
 #   at each checkpoint), and evicting one writes it first, so a page changed by many
 #   batches of an interval is written once.
 # - A page's bytes are a bytearray, changed in place and recycled: a page read from flash
-#   is read into the buffer of the last page evicted (`_spare`, which nothing else
-#   references), so reading one takes no new block while it fits the old. On a 64-client
-#   bench over 10,000 keys most operations read a page (~480 bytes); fresh blocks of that
-#   size were where nodes under omission at 256 clients ran out of contiguous heap.
+#   is read into the buffer of a page evicted before (`_spares`, at most _SPARES_MAX, which
+#   nothing else references), so reading one takes no new block while it fits the old. On
+#   a 64-client bench over 10,000 keys most operations read a page (~480 bytes); fresh
+#   blocks of that size were where nodes under omission at 256 clients ran out of
+#   contiguous heap. With one spare, a page that fitted the cache without an eviction left
+#   the next read none, and an eviction of two pages threw a buffer away: client-table
+#   reads at 256 clients still took fresh blocks, the most frequent out-of-heap restart.
 import hashlib
 from array import array
 
@@ -73,6 +76,7 @@ PAGE_BYTES_MAX = 16384
 # ("store": {"cache_bytes": N} in edgebft.json).
 CACHE_BYTES = 1536
 CACHE_PAGES = 4  # pages a store caches, by default
+_SPARES_MAX = 2  # buffers of evicted pages kept for the next reads
 PAGE_OVERHEAD_BYTES = 128
 _BATCH = 32  # names listed at a time: a flash holds thousands
 _COUNTERS = tuple(bytes((i,)) for i in range(SUM_BYTES // 32))  # block i hashes this first
@@ -170,7 +174,7 @@ class PageStore:
         self.total = 0         # AdHash of the pages that are not dirty
         self.count = 0         # number of entries
         self.tags = bytearray(2 * pages)
-        self._spare = None     # a bytearray no page holds any more, for the next read
+        self._spares = []      # bytearrays no page holds any more, for the next reads
         self._last_key = None  # page_of's memo: a key, its page and its encoding
         self._last_page = 0
         self._last_encoding = b""
@@ -251,8 +255,7 @@ class PageStore:
         run): only their heads are read here."""
         page = self.cache.get(i)
         if page is None:
-            spare = self._spare or bytearray()
-            self._spare = None
+            spare = self._spares.pop() if self._spares else bytearray()
             data = self.flash.read_into(self.file_at(i), spare)
             if data is None:  # no file: an empty page, in the spare buffer
                 spare[0:] = b""
@@ -277,7 +280,8 @@ class PageStore:
         self.cached -= len(page[0]) + PAGE_OVERHEAD_BYTES
         if i in self.dirty:
             self._write(i, page[0])
-        self._spare = page[0]
+        if len(self._spares) < _SPARES_MAX and len(page[0]) <= self.cache_bytes:
+            self._spares.append(page[0])
         return True
 
     def _write(self, i, data):
