@@ -339,9 +339,14 @@ class Runtime:
         print("edgebft node %d up: %d replicas, broker %s:%d%s" % (
             self.me, self.node.replica.stake.n, self.mqtt.host, self.mqtt.port,
             " over TLS" if self.mqtt.tls else ""))
-        asyncio.create_task(self.report())
-        asyncio.create_task(self.timers())
-        await link
+        # Whichever of the three ends, by an exception (a MemoryError: main restarts the
+        # node), ends the node. Started and left alone, a timers task that ran out of heap
+        # died by itself ("Task exception wasn't retrieved"): the node went on with no ticks
+        # (no retransmission, no view-change timer), and asyncio's context for that message
+        # held the dead task, so the whole node, into the next life, whose restore then ran
+        # out of heap at every try.
+        await asyncio.gather(link, asyncio.create_task(self.report()),
+                             asyncio.create_task(self.timers()))
 
 
 def main():

@@ -85,8 +85,15 @@ class Sensor:
         return self.core.request(["put", self.key, [n, reading(n)]])
 
     async def run(self):
+        """The broker link and the writes, until either ends by an exception: a link task
+        left alone would die by itself ("Task exception wasn't retrieved") while the writes
+        went on without it."""
         link = asyncio.create_task(self.mqtt.run())
         await asyncio.sleep_ms(0)
+        await asyncio.gather(link, asyncio.create_task(self.writes()))
+
+    async def writes(self):
+        """Write a reading every period_ms, each until accepted or the period is over."""
         await self.mqtt.subscribe_retrying(self.topic_rep)
         n = 0
         while True:
@@ -112,7 +119,6 @@ class Sensor:
                 self.late += 1
                 print("sensor %s #%d late" % (self.key, n))
             await asyncio.sleep_ms(max(0, self.period_ms - took))
-        await link
 
 
 def main():
