@@ -136,7 +136,7 @@ class Runtime:
         self.gc_threshold = config.get("gc_threshold_bytes") or 0
         self.led = led
         self.reset_cause = reset_cause
-        self.restarts = restarts    # in-place restarts after a MemoryError (main())
+        self.restarts = restarts    # in-place restarts after a MemoryError (run_lives)
         self.watchdog = watchdog
         self.stable = False         # ran board.STABLE_MS (its boot did not crash)
         self.conn = 0               # connection attempts to the broker in this boot
