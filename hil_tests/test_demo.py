@@ -92,7 +92,7 @@ def test_too_few_nodes_is_a_one_line_error(tmp_path: Path) -> None:
 
 def test_too_many_nodes_is_a_one_line_error(tmp_path: Path) -> None:
     """The host refuses what a node's log would assert on (protocol/log.py) at boot."""
-    assert NODES_MAX == log._REPLICAS_MAX
+    assert NODES_MAX == log.REPLICAS_MAX
     line = _fails_cleanly(["demo", "--nodes", "33", "--out", str(tmp_path / "r")])
     assert "at most 32" in line
     assert not (tmp_path / "r").exists(), "refused before anything was built"

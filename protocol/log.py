@@ -29,7 +29,7 @@ _PREPARED = const(2)
 _COMMITTED = const(4)
 _EXECUTED = const(8)
 
-_REPLICAS_MAX = const(32)
+REPLICAS_MAX = const(32)  # a slot's votes are bits of one word (the host refuses more)
 
 
 def stake_of(mask, weights):
@@ -49,7 +49,7 @@ class Log:
 
     def __init__(self, window, n):
         assert window > 0
-        assert 0 < n <= _REPLICAS_MAX
+        assert 0 < n <= REPLICAS_MAX
         self.window = window
         zeros = [0] * window
         self.seqs = array("Q", zeros)

@@ -47,12 +47,13 @@ from edgebft.lab.workload import (
     Workload,
     genesis,
 )
+from edgebft.protocol.log import REPLICAS_MAX
 from edgebft.protocol.pagestore import CACHE_PAGES
 from edgebft.protocol.replica import CHECKPOINT_INTERVAL
 from edgebft.protocol.stake import Stake
 
 NODES_MIN = 4  # n = 3f+1 with f >= 1
-NODES_MAX = 32  # protocol/log.py's _REPLICAS_MAX: a slot's votes are bits of one word
+NODES_MAX = REPLICAS_MAX  # a slot's votes are bits of one word (protocol/log.py)
 STARTUP_TIMEOUT_S = 20.0
 CONVERGE_TIMEOUT_S = 5.0
 CLIENTS_DEFAULT = 4
