@@ -1,5 +1,5 @@
 # State transfer, receiving side: the Fetch that stages a checkpoint's parts on flash, the
-# record tags it goes by, and its install(), which checks the staged state and switches to it.
+# record tags it goes by, its check() of the staged state, and install(), which switches to it.
 # Loaded only when a replica first fetches a state (transfer.py): a node that loads its
 # modules into its heap (a board without ROMFS) boots in less.
 #
@@ -131,17 +131,17 @@ class Fetch:
                 return
             self.part += 1
 
-    def install(self):
-        """Switch to the checkpoint this Fetch staged (complete), if the pages (staged, else ours
-        as of h) match its record (whose digest take() checked). Returns the record's meta;
-        StateError (the stage cleared) when they do not. The check reads only the staged
-        pages and ours they replace: our digest as of h, less what those held, plus what the
-        staged ones hold (open() verified ours)."""
+    def check(self):
+        """The record's meta, if the pages this Fetch staged (complete), else ours as of h,
+        match it (take() checked the record against the digest); StateError (the stage
+        cleared) when they do not. Reads only, so a MemoryError (a heap too fragmented for a
+        page) leaves the stage and our state as they were: the caller checks again later.
+        The check reads only the staged pages and ours they replace: our digest as of h,
+        less what those held, plus what the staged ones hold (open() verified ours)."""
         state = self.state
-        seq = self.seq
         try:
-            meta = state.read_meta(seq, state.stage_name(0))[0]
-            own_meta, own_start = state.read_meta(state.h)
+            meta = state.read_meta(self.seq, state.stage_name(0))[0]
+            own_meta = state.read_meta(state.h)[0]
             for s in range(2):
                 store = state.stores[s]
                 base = 1 + s * state.ledger.pages
@@ -158,6 +158,15 @@ class Fetch:
         except (PageError, StateError, ValueError, TypeError) as e:
             state.clear_stage()
             raise StateError(str(e))
+        return meta
+
+    def install(self, meta):
+        """Switch to the checkpoint this Fetch staged, whose record's ``meta`` check()
+        returned. A power cut or MemoryError from here on leaves a commit record that the
+        restore goes by: our state as of h, or the new one whole."""
+        state = self.state
+        seq = self.seq
+        own_meta, own_start = state.read_meta(state.h)
         # Our tags as of h, then the staged pages' own (the record's tags are not trusted).
         _rollback(state, own_meta, own_start)
         own_meta = None
@@ -176,4 +185,3 @@ class Fetch:
         state.stable(seq)
         for s in range(2):
             state.stores[s].reset(*_store_digest(meta, s))
-        return meta

@@ -7,7 +7,8 @@
 # - A mixin of replica.Replica (its fields and helpers; TigerBeetle peels its replica the same
 #   way): these methods read and write the replica's state, and nothing else calls them.
 # - One transfer at a time (self.transfer, a Transfer, or None). Its checkpoint is above h;
-#   it ends when complete and verified (_install_state), when the replica executes past it
+#   it ends when complete and verified (_install_state; a check that finds no heap is
+#   tried again at the next tick, with the stage kept), when the replica executes past it
 #   (replica._mark_stable drops it), or it moves to a newer checkpoint a source offers.
 # - The parts come from flash (state.State.read_part) in chunks of _CHUNK_BYTES, and go to a
 #   staging area on flash (state.Fetch): RAM holds one chunk, whatever the size of the state.
@@ -196,17 +197,31 @@ class StateTransfer:
         if t.fetch.want() is not None:
             self._fetch_next()
             return
-        self.transfer = None
+        self._finish_transfer(t)
+
+    def _finish_transfer(self, t):
+        """Install transfer t's checkpoint, staged whole, once vouched for and checked. A
+        heap with no piece for the check (a page read, its entries) keeps the transfer, to
+        be checked again at the next retransmission tick: the check changes nothing, and a
+        restart from flash would start the transfer over (a replica behind under 256
+        clients fetched, ran out of heap checking, restarted, and fetched again)."""
         if t.seq <= self.last_exec or not (t.vouched or self._vouched(t)):
+            self.transfer = None
             self.state.clear_stage()
             self._drop("state not vouched for")
             return
         try:
-            meta = t.fetch.install()
+            meta = t.fetch.check()
+        except MemoryError:
+            self._drop("no heap to check the transferred state")
+            return
         except StateError:
+            self.transfer = None
             self.fetch_full = True  # the tags we went by may have lied: take every page
             self._drop("transferred state does not verify")
             return
+        self.transfer = None
+        t.fetch.install(meta)
         self.fetch_full = False
         self.counts["transfer_bytes"] += t.fetch.bytes
         self._install_state(t.seq, t.digest, meta)
@@ -231,9 +246,13 @@ class StateTransfer:
 
     def _retransmit_fetch(self):
         """RT1 during a transfer: no chunk since the last tick, so ask the source again; none
-        for _PATIENCE_TICKS ticks, so ask the next one."""
+        for _PATIENCE_TICKS ticks, so ask the next one. A transfer staged whole whose check
+        found no heap is checked again."""
         t = self.transfer
         assert t is not None  # called during a transfer only
+        if t.fetch.want() is None:
+            self._finish_transfer(t)
+            return
         if t.fetch.bytes != t.mark:
             t.mark = t.fetch.bytes
             t.stalls = 0

@@ -617,6 +617,37 @@ def test_a_source_out_of_heap_drops_the_fetch_and_the_transfer_still_completes()
     assert behind.state.ledger.total == net.replicas[0].state.ledger.total
 
 
+def test_a_fetcher_out_of_heap_checking_the_staged_state_checks_it_again_and_installs() -> None:
+    """The check of a transfer staged whole reads its pages, and changes nothing: a heap
+    with no piece for them (MemoryError reading a staged page) keeps the transfer and its
+    stage, and the next tick checks again, where a restart from flash started the transfer
+    over (a replica behind under 256 clients fetched, ran out of heap checking, restarted,
+    and fetched again)."""
+    net, cores = _busy_cluster(200)
+    behind = net.replicas[3]
+    _miss_puts(net, cores)
+    failures = [2]  # the fetcher's first two checks find no heap for a staged page
+
+    def read(name: str, read: Any = behind.state.flash.read) -> bytes | None:
+        if failures[0] and name.startswith("X.") and name != "X.0":
+            failures[0] -= 1
+            raise MemoryError
+        return read(name)
+    behind.state.flash.read = read  # type: ignore[method-assign]
+    net.down.clear()
+    _tick(net, 40, lambda: behind.drops.get("no heap to check the transferred state") == 1)
+    t = behind.transfer
+    assert t is not None and t.fetch.want() is None, "the transfer is staged and kept"
+    staged = t.fetch.bytes
+    _tick(net, 40, lambda: _transferred(behind))
+    assert failures == [0] and behind.drops["no heap to check the transferred state"] == 2
+    assert _transferred(behind)
+    assert behind.counts["transfer_bytes"] == staged, "nothing was fetched again"
+    _tick(net, 10)
+    assert behind.last_exec == net.replicas[0].last_exec
+    assert behind.state.ledger.total == net.replicas[0].state.ledger.total
+
+
 @pytest.mark.parametrize("votes_lost", [False, True])
 def test_a_transfer_moved_to_a_newer_checkpoint_is_vouched_for_and_installed(
         votes_lost: bool) -> None:
