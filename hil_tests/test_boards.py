@@ -17,6 +17,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -386,6 +387,47 @@ def test_a_virtual_board_is_confined_to_its_flash_folder(tmp_path: Path) -> None
         board.terminate()
         board.wait(10)
     assert not link.exists() and not link.is_symlink(), "the link goes with the board"
+
+
+def _processes_in(folder: Path) -> list[int]:
+    """The pids of the processes whose working folder is ``folder`` (a board's interpreter)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cwd").resolve() == folder.resolve():
+                found.append(int(pid))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])
+def test_a_virtual_board_stops_at_a_signal_whatever_it_is_doing(tmp_path: Path,
+                                                                 signum: int) -> None:
+    """A board soft-reset over and over from its port (a new interpreter every few ms) and
+    signalled at moments spread over a second: it ends with status 0 each time, its
+    interpreter with it. (A handler that raised could land inside Popen.poll() with its lock
+    held: the board then never ended.)"""
+    for n in range(6):
+        board, port = start_virtual_board(tmp_path, n)
+        flash = tmp_path / f"flash{n}"
+        fd = os.open(port, os.O_RDWR | os.O_NOCTTY)
+        try:
+            assert _processes_in(flash), "its interpreter runs in its flash folder"
+            deadline = time.monotonic() + 0.2 * n
+            shown = b""
+            while time.monotonic() < deadline:
+                os.write(fd, b"\x04")  # Ctrl-D at the REPL: a soft reset, a new interpreter
+                while select.select([fd], [], [], 0.005)[0]:
+                    shown += os.read(fd, 4096)
+            assert n == 0 or b"soft reboot" in shown
+            board.send_signal(signum)
+            assert board.wait(10) == 0
+        finally:
+            os.close(fd)
+            if board.poll() is None:
+                board.kill()
+        assert _processes_in(flash) == []
 
 
 def test_required_modules_are_every_builtin_the_node_imports() -> None:

@@ -12,7 +12,6 @@ does not fit).
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import threading
 from dataclasses import asdict
@@ -89,14 +88,11 @@ def virtual_board(flash_dir: Path, port_file: Path | None, link: Path | None, he
     Prints the port, which deploy, provision, monitor and mpremote open like a board's USB
     serial port; it boots main.py from FLASH, falls to the REPL when that is interrupted or
     crashes, and boots again after a reset."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         virtual.serve(flash_dir.resolve(), port_file, heap, romfs, link)
     except MicroPythonNotFound as e:
         click.echo(f"edgebft: error: {e}", err=True)
         sys.exit(EXIT_USAGE)
-    except KeyboardInterrupt:
-        pass
     finally:
         if link is not None and link.is_symlink():
             link.unlink()

@@ -44,6 +44,17 @@ ROMFS_IMAGE = "romfs.img"  # the ROMFS partition, in the flash folder (--romfs)
 ROMFS_BYTES = 0x20000      # as the boards' romfs partition (boards/*.json)
 BOOT = str(Path(__file__).with_name("virtual_boot.py"))
 
+# Set by SIGTERM or SIGINT: the relay stops the interpreter at its next turn (within one
+# select timeout) and serve() returns. The handler raises nothing: an exception raised from
+# it could land inside Popen.poll() between taking its wait lock and the try that releases
+# it, and the Popen.wait() after it never returned (a board that ignored SIGTERM, seen once
+# in CI).
+_stopping: list[bool] = []
+
+
+def _stop(signum: int, frame: object) -> None:
+    _stopping.append(True)
+
 
 def _boot(micropython: str, flash: Path, heap: str, slave: int, script: bool,
           romfs: bool) -> subprocess.Popen[bytes]:
@@ -64,7 +75,10 @@ def _boot(micropython: str, flash: Path, heap: str, slave: int, script: bool,
 
 def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False,
           link: Path | None = None) -> None:
-    """Run the board until killed (see the module docstring). Raises MicroPythonNotFound."""
+    """Run the board until SIGTERM or SIGINT (see the module docstring), then return, its
+    interpreter stopped. Raises MicroPythonNotFound."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     micropython = str(find_micropython())
     if romfs and not (flash / ROMFS_IMAGE).exists():
         (flash / ROMFS_IMAGE).write_bytes(b"\xff" * ROMFS_BYTES)  # erased flash
@@ -80,7 +94,7 @@ def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False,
     print(port, flush=True)
     script = True  # what a boot runs: main.py when the flash has one, else the REPL
     typed = b""    # what the port sent from Ctrl-C on, while main.py was ending: the REPL's
-    while True:
+    while not _stopping:
         script, typed = _run_once(micropython, flash, heap, romfs, port_master, script, typed)
 
 
@@ -88,7 +102,7 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master
               script: bool, typed: bytes) -> tuple[bool, bytes]:
     """One boot, relayed between the port and the interpreter until it ends; what the next
     boot runs (``script``) and the bytes it inherits (``typed``). The board stopped (SIGTERM,
-    Ctrl-C) stops the interpreter too: it runs in a session of its own."""
+    SIGINT) stops the interpreter too: it runs in a session of its own."""
     board_master, board_slave = os.openpty()
     tty.setraw(board_slave)
     running_main = script and (flash / "main.py").exists()
@@ -99,7 +113,7 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master
     typed = b""
     interrupted = False
     try:
-        while proc.poll() is None:
+        while proc.poll() is None and not _stopping:
             ready, _, _ = select.select([port_master, board_master], [], [], 0.05)
             if port_master in ready:
                 data = os.read(port_master, 4096)
@@ -116,9 +130,10 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master
                 except OSError:  # the interpreter is gone
                     break
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill(proc)
         raise
+    if _stopping:
+        _kill(proc)
     code = proc.wait()
     os.close(board_master)
     # main.py reset the board (machine.soft_reset: exit 0), or the REPL was soft-reset
@@ -127,6 +142,16 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master
     if script:
         os.write(port_master, REBOOT_BANNER)
     return script, typed
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the interpreter and its session (romboot's child), and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # gone already
+        pass
+    proc.wait()
+
 
 if __name__ == "__main__":
     from edgebft.board_commands import virtual_board
