@@ -108,7 +108,7 @@ def test_a_paused_replica_stalls_and_does_not_time_its_peers_out() -> None:
     assert not [e for e in sim.history if e[0] == "view_change"]
 
 
-@pytest.mark.parametrize("seed", [4, 125, 221, 239, 241])
+@pytest.mark.parametrize("seed", [59, 147, 221, 241, 249])
 def test_a_replica_alone_in_a_view_change_converges_once_the_load_stops(seed: int) -> None:
     """Seeds that leave one replica in a view change the others never joined (found first
     by the convergence check, not live: one replica at 28 of 30 for good; it rebooted in it,
@@ -117,7 +117,7 @@ def test_a_replica_alone_in_a_view_change_converges_once_the_load_stops(seed: in
     schedule: 59, 129, 188, 190 and 394 were these until stuck replicas handed on the
     requests they waited for (T1), which spared them the view changes that led there, and
     155 and 176 until a fetcher waited three ticks without a chunk before asking again, 237
-    until batch bodies outlived a restart."""
+    until batch bodies outlived a restart, 4, 125 and 239 until chunks were 512 bytes."""
     sim = Simulation(seed, ALL_FAULTS)
     result = sim.run()
     assert result.ok, result.reasons
