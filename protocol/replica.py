@@ -178,6 +178,12 @@ _PRE_PREPARE_OVERHEAD_BYTES = const(128)
 _MACS_CLIENT_MAX = const(16)
 PREPARED_LOG = "P"                # the P entries written ahead (see the header)
 _PREPARED_LOG_BYTES_MAX = const(4096)
+# The outbox's capacity, allocated with the replica: what one input outputs when it executes
+# pipeline_max batches of batch_max requests (a reply each) with their votes. A list keeps
+# its capacity when emptied (route's del out[:]), so the outbox grew once a life, under load:
+# at 256 clients its step from 64 to 128 entries wanted a 1 KB block the heap did not have
+# (an out-of-heap restart in _send_reply).
+_OUTBOX_PRESIZED = const(128)
 REPLICA_CLIENT_BASE = 0xF000  # replica i's own client id (its accusations) is this + i
 
 
@@ -306,7 +312,8 @@ class Replica(ViewChanging, StateTransfer):
         self.ticks = 0            # retransmission periods so far
         self.handed_on = -1       # last_exec when we last handed on what waits (T1)
         self.dirty = True         # durable() changed since the caller last saved it
-        self.out = []
+        self.out = [None] * _OUTBOX_PRESIZED  # (destination, wire), emptied by route()
+        del self.out[:]
         self.events = []
         self.drops = {}
         self.counts = {"rx": 0, "tx": 0, "executed_requests": 0, "view_changes": 0,

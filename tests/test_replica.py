@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from conftest import run_mp
 from edgebft.devices.keys import generate_keys
 from edgebft.protocol import auth
 from edgebft.protocol import messages as m
@@ -271,6 +273,41 @@ def test_a_message_the_heap_has_no_piece_for_is_lost_not_fatal(
         net.tick(now)
         net.run()
     assert [(r.view, r.counts["executed_requests"]) for r in net.replicas] == [(0, 3)] * 4
+
+
+_MP_OUTBOX = r"""
+import gc, hashlib
+from edgebft.protocol import replica as rp
+from edgebft.protocol.stake import Stake
+keys = [hashlib.sha256(bytes([j])).digest() for j in range(4)]
+r = rp.Replica(0, Stake([1] * 4), keys, b"s" * 32)
+def fill(n):
+    i = 0
+    while i < n:
+        r.out.append(None)
+        i += 1
+used = []
+for n in (0, {entries}, {entries}):  # the harness's first use, a fresh outbox, one emptied
+    gc.collect(); gc.disable(); before = gc.mem_alloc()
+    fill(n)
+    used.append(gc.mem_alloc() - before)
+    gc.enable()
+    del r.out[:]  # as route() empties it
+print(used[1:])
+"""
+
+
+def test_the_outbox_takes_a_full_pipeline_of_replies_without_growing(
+        micropython: Path, mp_lib: Path) -> None:
+    """One input that executes pipeline_max batches of batch_max requests outputs a reply
+    each, and their votes: the outbox holds that many without allocating, on MicroPython,
+    fresh and once emptied. Grown under load instead, its step to 128 entries wanted a 1 KB
+    block that a heap fragmented by 256 clients did not have (an out-of-heap restart)."""
+    replica = rp.Replica(0, Stake([1] * 4), [b"k" * 32] * 4, b"s" * 32)
+    assert rp._OUTBOX_PRESIZED >= replica.pipeline_max * replica.batch_max + 16
+    proc = run_mp(micropython, mp_lib, _MP_OUTBOX.format(entries=rp._OUTBOX_PRESIZED))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[0, 0]"
 
 
 def test_a_message_the_heap_cannot_decode_is_lost_not_fatal(
