@@ -312,7 +312,7 @@ class Replica(ViewChanging, StateTransfer):
         self.ticks = 0            # retransmission periods so far
         self.handed_on = -1       # last_exec when we last handed on what waits (T1)
         self.dirty = True         # durable() changed since the caller last saved it
-        self.out = [None] * _OUTBOX_PRESIZED  # (destination, wire), emptied by route()
+        self.out = [(TO_ALL, b"")] * _OUTBOX_PRESIZED  # (destination, wire); route() empties it
         del self.out[:]
         self.events = []
         self.drops = {}
