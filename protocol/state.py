@@ -21,9 +21,10 @@
 #   transfer) stages what it fetches on flash, fetches only the pages whose tags differ from
 #   its own stable ones (all of them after a failed check), and its check() reads the staged
 #   pages (nothing else changes) before install() switches to the new state: only once the
-#   record matches the vouched digest and the pages match the record's digests. A checkpoint being served stays readable while the
-#   stable checkpoint moves on (pin(): its versions are not folded and its record is kept, for
-#   at most _PINNED_VERSIONS_MAX versions), so a transfer under load can finish.
+#   record matches the vouched digest and the pages match the record's digests. A checkpoint
+#   being served stays readable while the stable checkpoint moves on (pin(): its versions are
+#   not folded and its record is kept, for at most _PINNED_VERSIONS_MAX versions), so a
+#   transfer under load can finish.
 # - Flash writes per checkpoint interval: the pages its batches changed, each once (when the
 #   cache evicts it, or at the checkpoint) and the record; per stable checkpoint: the commit
 #   record and renames. A version above h is not trusted after a restart (open() deletes it),

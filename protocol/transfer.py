@@ -42,8 +42,8 @@ from .viewchange import NORMAL, VIEW_CHANGE
 
 # A state transfer chunk. Each takes two blocks of its size at either end (the part read and
 # the wire at the source; the received copy and its decoded data at the fetcher), and a
-# fetcher is a node behind, often with the most fragmented heap: at 256 clients one with
-# 1 KB chunks dropped 48 of them ("no heap to receive") and never finished. 512 bytes:
+# fetcher is a node behind, often with the most fragmented heap: at 256 clients one fetching
+# 1 KB chunks dropped 48 messages it had no heap to receive and never finished. 512 bytes:
 # tools/bench_transfer.py 10000 caught up in 4.98 s against 5.01 s with 1 KB (the time is
 # the restart and the check, not the chunks' round trips).
 _CHUNK_BYTES = const(512)
