@@ -140,12 +140,16 @@ class State:
         size = self.flash.size(name)
         if size < 0:
             raise StateError("no record of checkpoint %d" % seq)
+        # The meta is what the tags leave: read that, not _META_BYTES_MAX (a 1 KB block that
+        # a fetcher's fragmented heap lacked at 256 clients, for a meta of ~580 bytes).
+        size -= len(self.ledger.tags) + len(self.clients.tags)
+        if not 0 < size <= _META_BYTES_MAX:
+            raise StateError("bad record of checkpoint %d" % seq)
         try:
-            meta, end = cbor.decode_prefix(self.flash.read_at(name, 0, _META_BYTES_MAX), 0)
+            meta, end = cbor.decode_prefix(self.flash.read_at(name, 0, size), 0)
         except cbor.DecodeError as e:
             raise StateError("bad record of checkpoint %d: %s" % (seq, e))
-        if type(meta) is not list or len(meta) != 6 or meta[0] != seq \
-                or size != end + len(self.ledger.tags) + len(self.clients.tags):
+        if type(meta) is not list or len(meta) != 6 or meta[0] != seq or end != size:
             raise StateError("bad record of checkpoint %d" % seq)
         return meta, end
 
