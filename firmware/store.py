@@ -13,11 +13,24 @@
 import os
 
 # Bound as globals, not found as builtins: see cbor.py's header.
-from builtins import bytearray, bytes, int, len, str, sum, tuple, type
+from builtins import bytearray, bytes, int, len, memoryview, min, str, sum, tuple, type
 
 STATE_PATH = "state.cbor"
 STATE_DIR = "state"
 _TMP = ".tmp"
+_ZEROS_BYTES = 256
+_ZEROS = bytes(_ZEROS_BYTES)
+
+
+def _lengthen(buf, size):
+    """Lengthen bytearray ``buf`` to ``size`` bytes with zeros copied from one static
+    block through memoryviews (32-byte objects), not a temporary bytes of the difference:
+    a page read into a spare buffer shorter than the page took one (418-458 bytes), an
+    out-of-heap restart in a fragmented heap. Within the capacity a shrunk bytearray kept,
+    nothing else is allocated."""
+    zeros = memoryview(_ZEROS)
+    while len(buf) < size:
+        buf.extend(zeros[:min(_ZEROS_BYTES, size - len(buf))])
 
 
 def load(path=STATE_PATH):
@@ -95,7 +108,7 @@ class Flash:
                 elif len(buf) > size:
                     buf[size:] = b""
                 elif len(buf) < size:
-                    buf.extend(bytes(size - len(buf)))
+                    _lengthen(buf, size)
                 got = f.readinto(buf)
         except OSError:
             return None

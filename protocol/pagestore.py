@@ -280,9 +280,13 @@ class PageStore:
         self.cached -= len(page[0]) + PAGE_OVERHEAD_BYTES
         if i in self.dirty:
             self._write(i, page[0])
-        if len(self._spares) < _SPARES_MAX and len(page[0]) <= self.cache_bytes:
-            self._spares.append(page[0])
+        self._recycle(page[0])
         return True
+
+    def _recycle(self, data):
+        """Keep the bytearray of a page no longer cached as a spare, while there is room."""
+        if len(self._spares) < _SPARES_MAX and len(data) <= self.cache_bytes:
+            self._spares.append(data)
 
     def _write(self, i, data):
         # Not atomic: the current version is above the stable checkpoint, and a restart
@@ -378,7 +382,11 @@ class PageStore:
 
     def reset(self, total, count, tags=None):
         """Drop the cache: the pages now hold ``count`` entries of digest ``total``, and the
-        tags given (None: self.tags, which the caller keeps right)."""
+        tags given (None: self.tags, which the caller keeps right). The cached pages'
+        bytearrays become spares: after a state transfer installed, reads found none and
+        each took a fresh block, where nodes at 256 clients ran out of contiguous heap."""
+        for _, page in self.cache.items():
+            self._recycle(page[0])
         self.cache.clear()
         self.cached = 0
         self.dirty = {}
