@@ -13,24 +13,12 @@
 import os
 
 # Bound as globals, not found as builtins: see cbor.py's header.
-from builtins import bytearray, bytes, int, len, memoryview, min, str, sum, tuple, type
+from builtins import bytearray, bytes, int, len, memoryview, str, sum, tuple, type
 
 STATE_PATH = "state.cbor"
 STATE_DIR = "state"
 _TMP = ".tmp"
 _ZEROS_BYTES = 256
-_ZEROS = bytes(_ZEROS_BYTES)
-
-
-def _lengthen(buf, size):
-    """Lengthen bytearray ``buf`` to ``size`` bytes with zeros copied from one static
-    block through memoryviews (32-byte objects), not a temporary bytes of the difference:
-    a page read into a spare buffer shorter than the page took one (418-458 bytes), an
-    out-of-heap restart in a fragmented heap. Within the capacity a shrunk bytearray kept,
-    nothing else is allocated."""
-    zeros = memoryview(_ZEROS)
-    while len(buf) < size:
-        buf.extend(zeros[:min(_ZEROS_BYTES, size - len(buf))])
 
 
 def load(path=STATE_PATH):
@@ -88,6 +76,7 @@ class Flash:
         self.folder = root + "/"  # one concatenation a path, not two
         self.writes = 0
         self.bytes_written = 0
+        self._zeros = memoryview(bytes(_ZEROS_BYTES))  # _lengthen's: a Flash's, not the module's
         torn = [entry[0] for entry in os.ilistdir(root) if entry[0].endswith(_TMP)]
         for name in torn:
             self.delete(name)  # a write a power cut interrupted
@@ -108,13 +97,24 @@ class Flash:
                 elif len(buf) > size:
                     buf[size:] = b""
                 elif len(buf) < size:
-                    _lengthen(buf, size)
+                    self._lengthen(buf, size)
                 got = f.readinto(buf)
         except OSError:
             return None
         if got < size:  # the file shrank under us: what was read
             buf[got:] = b""
         return buf
+
+    def _lengthen(self, buf, size):
+        """Lengthen bytearray ``buf`` to ``size`` bytes with zeros copied through slices of
+        one memoryview (32-byte objects), not a temporary bytes of the difference: a page
+        read into a spare buffer shorter than the page took one (418-458 bytes), an
+        out-of-heap restart in a fragmented heap. Within the capacity a shrunk bytearray
+        kept, nothing else is allocated. (The zeros are the Flash's: a sensor imports this
+        module for load_int() with its 64 KB heap, and ran out of it with 256 more bytes.)"""
+        while len(buf) < size:
+            n = size - len(buf)
+            buf.extend(self._zeros[:n if n < _ZEROS_BYTES else _ZEROS_BYTES])
 
     def read_at(self, name, offset, n):
         try:
