@@ -61,10 +61,10 @@ _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around 
 # at 256 clients 24 KB did (13 restarts and 11 view changes in a run, 454 req/s against 773
 # before); 32 KB ran 2 runs at 256 and 3 at 64 clients without one (760-769 and 687-813
 # req/s), 40 KB too, slower (675 at 256). Measured again once the outbox was presized and
-# records read by their size: at 64 clients 24 KB gave 2-5 restarts in each of 3 runs and
-# 485-605 req/s, against none and 721-852 at 32 KB, alternated. Without a threshold (collecting
-# only when the heap is full): 59-175 req/s, restarts in every run. "gc_threshold_bytes"
-# overrides it.
+# page reads took no temporary: at 64 clients 24 KB gave 1-2 restarts in each of 3 runs and
+# 395-714 req/s, against none and 784-837 at 32 KB, alternated. Without a threshold
+# (collecting only when the heap is full): 59-175 req/s, restarts in every run.
+# "gc_threshold_bytes" overrides it.
 _GC_THRESHOLD_MIN_BYTES = const(4096)
 _GC_RESERVE_BYTES = const(32768)
 _ERROR_LOG_MS = const(10000)
