@@ -244,9 +244,10 @@ class Replica(ViewChanging, StateTransfer):
         # key whenever its cache of client MACs misses (at 64 clients, at most requests), and
         # building this Mac again each time allocated 672 of a miss's 1,888 bytes
         self.secret_mac = auth.Mac(client_secret)
-        # client c's Mac, when cached, is in slot c % _MACS_CLIENT_MAX (_client_mac)
+        # the Macs of the clients heard from last, in slots rekeyed in turn (_client_mac)
         self.client_macs = [auth.Mac(b"") for _ in range(_MACS_CLIENT_MAX)]
         self.client_mac_of = [None] * _MACS_CLIENT_MAX  # the client each slot's Mac is for
+        self.client_mac_next = 0  # the slot the next client's Mac goes to
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()
@@ -373,15 +374,16 @@ class Replica(ViewChanging, StateTransfer):
         self._send(TO_ALL, kind, *fields)
 
     def _client_mac(self, client):
-        """The Mac of the key we share with ``client``, valid until the next call: slots
-        direct-mapped by client id, a slot rekeyed in place when another client's Mac is
-        asked of it (a cluster's clients have ids in sequence, so up to _MACS_CLIENT_MAX
-        of them hit)."""
-        slot = client % _MACS_CLIENT_MAX
+        """The Mac of the key we share with ``client``, valid until the next call: the
+        slot that holds it, else the next slot in turn (FIFO), rekeyed in place."""
+        of = self.client_mac_of
+        if client in of:  # a scan in C, like index()
+            return self.client_macs[of.index(client)]
+        slot = self.client_mac_next
+        self.client_mac_next = (slot + 1) % _MACS_CLIENT_MAX
         mac = self.client_macs[slot]
-        if self.client_mac_of[slot] != client:
-            mac.rekey(self.secret_mac.digest(_client_label(client)))  # client_key
-            self.client_mac_of[slot] = client
+        mac.rekey(self.secret_mac.digest(_client_label(client)))  # client_key
+        of[slot] = client
         return mac
 
     def _authentic(self, msg):

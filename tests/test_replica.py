@@ -346,10 +346,10 @@ def test_a_client_mac_derived_leaves_nothing_on_the_heap(
     assert len(kept) == 200 and max(kept) <= 0
 
 
-def test_client_macs_hit_their_slot_and_are_rekeyed_when_another_client_takes_it() -> None:
-    """Clients 0..15 hit their slots once derived; client 17 takes client 1's slot (one
-    derivation) and client 1 takes it back (another, its Mac rekeyed in place again);
-    every tag is made with the client's own key."""
+def test_client_macs_hit_their_slot_and_are_rekeyed_in_turn() -> None:
+    """Clients 0..15 hit their slots once derived; client 17 takes the first slot in turn,
+    client 0's (one derivation), and client 0 the next, client 1's (another): each slot
+    rekeyed in place, every tag is made with the client's own key."""
     replica = rp.Replica(0, Stake([1] * 4), [b"k" * 32] * 4, b"s" * 32)
     derived: list[bytes] = []
     secret = replica.secret_mac
@@ -361,10 +361,10 @@ def test_client_macs_hit_their_slot_and_are_rekeyed_when_another_client_takes_it
 
     replica.secret_mac = Counting()  # type: ignore[assignment]
     body = b"body"
-    for client in list(range(16)) * 3 + [17, 1, 1]:
+    for client in [*range(16), 15, 3, 0, 17, 0, 0, 1, 17]:
         want = auth.Mac(rp.client_key(b"s" * 32, client)).tag(body)
         assert replica._client_mac(client).tag(body) == want
-    assert derived == [rp._client_label(c) for c in [*range(16), 17, 1]]
+    assert derived == [rp._client_label(c) for c in [*range(16), 17, 0, 1]]
 
 
 def test_a_message_the_heap_cannot_decode_is_lost_not_fatal(
