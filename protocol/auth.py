@@ -32,28 +32,19 @@ _OPAD = int.from_bytes(b"\x5c" * _BLOCK_BYTES, "big")
 
 
 class Mac:
-    """HMAC-SHA256 with one key, which rekey() replaces in place."""
+    """HMAC-SHA256 with one key."""
 
     __slots__ = ("_ipad", "_opad")
 
     def __init__(self, key):
-        """Args: key: bytes of any length (see rekey)."""
-        self._ipad = bytearray(_BLOCK_BYTES)
-        self._opad = bytearray(_BLOCK_BYTES)
-        self.rekey(key)
-
-    def rekey(self, key):
-        """Make this the Mac of ``key`` (bytes of any length; keys longer than a block are
-        hashed, RFC 2104), in the pads' own buffers: a replica's slots of client Macs are
-        rekeyed as clients come and go, and nothing of a client's Mac outlives its use
-        (cached as objects, they were ~240 bytes a client, allocated at every miss and
-        left across the heap until the cache was cleared). The pads are XORed as two
-        512-bit ints: a few C calls, not a loop of 64 bytecodes."""
+        """Args: key: bytes of any length; keys longer than a block are hashed (RFC 2104).
+        The pads are XORed as two 512-bit ints: a few C calls, not a loop of 64 bytecodes
+        (a replica derives a client's Mac whenever its cache of them misses)."""
         if len(key) > _BLOCK_BYTES:
             key = hashlib.sha256(key).digest()
         k = int.from_bytes(key, "big") << (8 * (_BLOCK_BYTES - len(key)))  # zero-padded
-        self._ipad[:] = (k ^ _IPAD).to_bytes(_BLOCK_BYTES, "big")
-        self._opad[:] = (k ^ _OPAD).to_bytes(_BLOCK_BYTES, "big")
+        self._ipad = (k ^ _IPAD).to_bytes(_BLOCK_BYTES, "big")
+        self._opad = (k ^ _OPAD).to_bytes(_BLOCK_BYTES, "big")
 
     def digest(self, msg):
         """Return HMAC-SHA256(key, msg), DIGEST_BYTES bytes; ``msg`` is any bytes-like."""

@@ -244,10 +244,7 @@ class Replica(ViewChanging, StateTransfer):
         # key whenever its cache of client MACs misses (at 64 clients, at most requests), and
         # building this Mac again each time allocated 672 of a miss's 1,888 bytes
         self.secret_mac = auth.Mac(client_secret)
-        # the Macs of the clients heard from last, in slots rekeyed in turn (_client_mac)
-        self.client_macs = [auth.Mac(b"") for _ in range(_MACS_CLIENT_MAX)]
-        self.client_mac_of = [None] * _MACS_CLIENT_MAX  # the client each slot's Mac is for
-        self.client_mac_next = 0  # the slot the next client's Mac goes to
+        self.client_macs = presized(_MACS_CLIENT_MAX)
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()
@@ -374,16 +371,13 @@ class Replica(ViewChanging, StateTransfer):
         self._send(TO_ALL, kind, *fields)
 
     def _client_mac(self, client):
-        """The Mac of the key we share with ``client``, valid until the next call: the
-        slot that holds it, else the next slot in turn (FIFO), rekeyed in place."""
-        of = self.client_mac_of
-        if client in of:  # a scan in C, like index()
-            return self.client_macs[of.index(client)]
-        slot = self.client_mac_next
-        self.client_mac_next = (slot + 1) % _MACS_CLIENT_MAX
-        mac = self.client_macs[slot]
-        mac.rekey(self.secret_mac.digest(_client_label(client)))  # client_key
-        of[slot] = client
+        mac = self.client_macs.get(client)
+        if mac is None:
+            if len(self.client_macs) >= _MACS_CLIENT_MAX:
+                for c in list(self.client_macs):
+                    del self.client_macs[c]
+            mac = auth.Mac(self.secret_mac.digest(_client_label(client)))  # client_key
+            self.client_macs[client] = mac
         return mac
 
     def _authentic(self, msg):

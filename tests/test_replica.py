@@ -310,63 +310,6 @@ def test_the_outbox_takes_a_full_pipeline_of_replies_without_growing(
     assert proc.stdout.strip() == "[0, 0]"
 
 
-_MP_CLIENT_MACS = r"""
-import gc, hashlib
-from edgebft.protocol import replica as rp
-from edgebft.protocol.stake import Stake
-keys = [hashlib.sha256(bytes([j])).digest() for j in range(4)]
-r = rp.Replica(0, Stake([1] * 4), keys, b"s" * 32)
-body = b"a request body"
-def live_after(client):
-    gc.collect()
-    before = gc.mem_alloc()
-    tag = r._client_mac(client).tag(body)
-    gc.collect()
-    return gc.mem_alloc() - before, tag
-kept = []
-for client in range(200):  # ids in sequence, round robin over more than the slots
-    missed, tag = live_after(client)  # derives the client's Mac
-    hit, _ = live_after(client)       # finds it: holds the tag alone
-    kept.append(missed - hit)
-    assert tag == rp.auth.Mac(rp.client_key(b"s" * 32, client)).tag(body)
-print(kept)
-"""
-
-
-def test_a_client_mac_derived_leaves_nothing_on_the_heap(
-        micropython: Path, mp_lib: Path) -> None:
-    """On MicroPython, a replica derives the Macs of 200 clients in turn (its slots hold
-    16): each is right, and none leaves anything allocated once used. Cached as objects in
-    a dict cleared when full, each miss left ~240 bytes (a Mac and its two pads) wherever
-    the heap had room, until the next clear: at 64 clients, 30 such pads were among the
-    small objects in the shredded top of a node's heap when it ran out of it."""
-    proc = run_mp(micropython, mp_lib, _MP_CLIENT_MACS)
-    assert proc.returncode == 0, proc.stderr
-    kept = [int(x) for x in proc.stdout.strip()[1:-1].split(",")]
-    assert len(kept) == 200 and max(kept) <= 0
-
-
-def test_client_macs_hit_their_slot_and_are_rekeyed_in_turn() -> None:
-    """Clients 0..15 hit their slots once derived; client 17 takes the first slot in turn,
-    client 0's (one derivation), and client 0 the next, client 1's (another): each slot
-    rekeyed in place, every tag is made with the client's own key."""
-    replica = rp.Replica(0, Stake([1] * 4), [b"k" * 32] * 4, b"s" * 32)
-    derived: list[bytes] = []
-    secret = replica.secret_mac
-
-    class Counting:
-        def digest(self, label: bytes) -> bytes:
-            derived.append(label)
-            return secret.digest(label)
-
-    replica.secret_mac = Counting()  # type: ignore[assignment]
-    body = b"body"
-    for client in [*range(16), 15, 3, 0, 17, 0, 0, 1, 17]:
-        want = auth.Mac(rp.client_key(b"s" * 32, client)).tag(body)
-        assert replica._client_mac(client).tag(body) == want
-    assert derived == [rp._client_label(c) for c in [*range(16), 17, 0, 1]]
-
-
 def test_a_message_the_heap_cannot_decode_is_lost_not_fatal(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding the first PREPARE that replica 2 receives finds no heap (measured: a ~1 KB
