@@ -76,7 +76,10 @@ class Flash:
         self.folder = root + "/"  # one concatenation a path, not two
         self.writes = 0
         self.bytes_written = 0
-        self._zeros = memoryview(bytes(_ZEROS_BYTES))  # _lengthen's: a Flash's, not the module's
+        # _lengthen's zeros: a Flash's, not the module's (a sensor imports this module for
+        # load_int() in a 64 KB heap, and 256 bytes more there kept its MQTT client from
+        # starting)
+        self._zeros = memoryview(bytes(_ZEROS_BYTES))
         torn = [entry[0] for entry in os.ilistdir(root) if entry[0].endswith(_TMP)]
         for name in torn:
             self.delete(name)  # a write a power cut interrupted
@@ -110,8 +113,7 @@ class Flash:
         one memoryview (32-byte objects), not a temporary bytes of the difference: a page
         read into a spare buffer shorter than the page took one (418-458 bytes), an
         out-of-heap restart in a fragmented heap. Within the capacity a shrunk bytearray
-        kept, nothing else is allocated. (The zeros are the Flash's: a sensor imports this
-        module for load_int() with its 64 KB heap, and ran out of it with 256 more bytes.)"""
+        kept, nothing else is allocated."""
         while len(buf) < size:
             n = size - len(buf)
             buf.extend(self._zeros[:n if n < _ZEROS_BYTES else _ZEROS_BYTES])
