@@ -371,11 +371,14 @@ class Replica(ViewChanging, StateTransfer):
         self._send(TO_ALL, kind, *fields)
 
     def _client_mac(self, client):
+        """Client ``client``'s Mac, from the cache of _MACS_CLIENT_MAX, which drops one entry
+        when full (popitem: on MicroPython the first of its table, so in no order of use).
+        Emptied when full, as it was, the cache missed at almost every one of a request's 2.8
+        lookups (arrival, its batch, its reply) at 64 clients; a derivation allocates ~1.2 KB."""
         mac = self.client_macs.get(client)
         if mac is None:
             if len(self.client_macs) >= _MACS_CLIENT_MAX:
-                for c in list(self.client_macs):
-                    del self.client_macs[c]
+                self.client_macs.popitem()
             mac = auth.Mac(self.secret_mac.digest(_client_label(client)))  # client_key
             self.client_macs[client] = mac
         return mac
