@@ -310,31 +310,6 @@ def test_the_outbox_takes_a_full_pipeline_of_replies_without_growing(
     assert proc.stdout.strip() == "[0, 0]"
 
 
-_MP_CLIENT_MACS = r"""
-from edgebft.protocol import auth
-from edgebft.protocol import replica as rp
-from edgebft.protocol.stake import Stake
-r = rp.Replica(0, Stake([1] * 4), [b"k" * 32] * 4, b"s" * 32)
-macs = [r._client_mac(c) for c in range({clients})]
-kept = [c for c in range({clients}) if c in r.client_macs]
-right = [m.digest(b"m") == auth.Mac(rp.client_key(b"s" * 32, c)).digest(b"m")
-         for c, m in enumerate(macs)]
-print(len(kept), kept[-1], all(right), r._client_mac(kept[0]) is macs[kept[0]])
-"""
-
-
-def test_a_full_cache_of_client_macs_drops_one_entry_for_the_next(
-        micropython: Path, mp_lib: Path) -> None:
-    """A replica looks up a client's Mac 2.8 times a request (its arrival, its batch, its
-    reply). Full, the cache makes room for one more by dropping one entry, on MicroPython: the
-    others stay and hit. Emptied when full, as it was, it held 1 entry after the 17th client
-    and missed at almost every lookup at 64 clients. Each Mac is the client's key's."""
-    clients = rp._MACS_CLIENT_MAX + 1
-    proc = run_mp(micropython, mp_lib, _MP_CLIENT_MACS.format(clients=clients))
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == [str(rp._MACS_CLIENT_MAX), str(clients - 1), "True", "True"]
-
-
 def test_a_message_the_heap_cannot_decode_is_lost_not_fatal(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding the first PREPARE that replica 2 receives finds no heap (measured: a ~1 KB
