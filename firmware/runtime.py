@@ -108,7 +108,6 @@ class Runtime:
         self.topic_event = "%sevent/%d" % (self.prefix, self.me)
         self.topic_ctl = "%sctl/%d" % (self.prefix, self.me)
         self.topic_req = "%sreq/" % self.prefix
-        self.prefix_bytes = self.prefix.encode()  # a reply's topic is made as bytes (send_reply)
         self.faults = Faults(self.me, unhexlify(config["control_key"]))
         self.status_interval_ms = config.get("status_interval_ms", STATUS_INTERVAL_MS)
         args = (self.me, Stake(config["stake"]), [unhexlify(k) for k in config["keys"]],
@@ -229,9 +228,7 @@ class Runtime:
             self.send("%sto/%d/from/%d" % (self.prefix, j, self.me), wire)
 
     def send_reply(self, client, wire):
-        """Publish a reply on its client's topic, made as bytes: a str is first looked for
-        among the interned strings (~1,000 of them on a node), once a reply."""
-        self.send(b"%srep/%d" % (self.prefix_bytes, client), wire)
+        self.send("%srep/%d" % (self.prefix, client), wire)
 
     def send(self, topic, wire):
         """Publish, unless a delay fault holds the message back (faults.due releases it)."""
