@@ -1,10 +1,11 @@
 """Heap a node's code and a replica take on the MicroPython Unix port.
 
 First the node's code: the heap and the interned strings (qstrs) that importing the runtime
-from a ROMFS image takes, as on a node. MicroPython's qstr pools double in size: with at most
-QSTRS_IN_FIVE_POOLS qstrs they fit in five pools; one more allocates a sixth of ~7 KB. A
-running node interns QSTRS_AT_RUNTIME more than the import, so the import's budget is the
-difference.
+from a ROMFS image takes, as on a node. MicroPython's qstr pools double in size (the first
+holds QSTR_FIRST_POOL_ENTRIES), and each entry takes ~11 bytes whether used or not: one qstr
+past the pools' room allocates a pool twice the last (the sixth, 640 entries, was ~7 KB).
+A running node interns QSTRS_AT_RUNTIME more than the import, so the import's room is the
+pools' less those.
 
 Then a ledger page of PAGE_ENTRIES entries (10,000 keys over 256 pages hold ~39 each): the
 bytes allocated and the microseconds taken by a get that misses the page cache (reading the
@@ -34,11 +35,16 @@ from pathlib import Path
 from edgebft.devices.image import build_lib, build_rom
 from edgebft.devices.micropython import find_micropython
 
-QSTRS_IN_FIVE_POOLS = 620  # pools of 20, 40, 80, 160 and 320 entries (measured)
+QSTR_FIRST_POOL_ENTRIES = 20  # pools of 20, 40, 80, 160 ... entries (measured)
+QSTR_ENTRY_BYTES = 11  # measured: the sixth pool, 640 entries, a 7,104-byte block
 # Measured: with names added to the runtime, `edgebft demo --nemesis none` peaked at 82-83 KB
-# per node with 617 qstrs at import and at 89-90 KB with 618.
+# per node with 617 qstrs at import and at 89-90 KB with 618 (five pools hold 620).
 QSTRS_AT_RUNTIME = 3
-QSTRS_BUDGET = QSTRS_IN_FIVE_POOLS - QSTRS_AT_RUNTIME
+
+
+def qstr_room(pools: int) -> int:
+    """The qstrs ``pools`` pools hold."""
+    return QSTR_FIRST_POOL_ENTRIES * (2 ** pools - 1)
 
 PAGE_ENTRIES = 40
 PAGE_SCRIPT = r'''
@@ -141,10 +147,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         lib = build_lib(Path(tmp) / "lib")
         heap, qstrs, pools = import_cost(lib, Path(tmp))
-        verdict = "fits" if qstrs <= QSTRS_BUDGET else "OVER: a sixth pool, ~7 KB more"
+        room = qstr_room(pools) - QSTRS_AT_RUNTIME - qstrs
+        next_pool = QSTR_FIRST_POOL_ENTRIES * 2 ** pools
         print(f"importing the runtime: {heap} B of heap, {qstrs} qstrs in {pools} pools "
-              f"({verdict}: five pools hold {QSTRS_IN_FIVE_POOLS}, a running node interns "
-              f"{QSTRS_AT_RUNTIME} more, so the import may take {QSTRS_BUDGET})")
+              f"(they hold {qstr_room(pools)}; a running node interns {QSTRS_AT_RUNTIME} more: "
+              f"room for {room} before pool {pools + 1}, {next_pool} entries, "
+              f"~{next_pool * QSTR_ENTRY_BYTES // 1024} KB)")
         page_script = Path(tmp) / "bench_page_mp.py"
         page_script.write_text(PAGE_SCRIPT)
         done = subprocess.run([str(micropython), "-X", "heapsize=160k", str(page_script),
