@@ -51,10 +51,10 @@ _MQTT_HEADER_BYTES_MAX = const(128)  # fixed header, topic and packet id around 
 # The MQTT client's read buffer (with a header's room) and transmit batch buffer. A message up
 # to MESSAGE_BYTES_MAX still passes: bigger than these, it gets a bytearray of its own, as
 # none did in 30 s of 64 clients with three primary crashes (a pre-prepare, the largest
-# message in common use, is at most ~810 bytes). Both are allocated while the node is built,
-# so each byte comes out of the GC threshold: with 2 KB each (MESSAGE_BYTES_MAX), 64 clients
-# over 10,000 keys got 794-848 req/s against 823-868 with a 1 KB transmit buffer, and that
-# 774-825 against 820-875 with a 1 KB read buffer too (alternated, 3 runs each).
+# message in common use, is at most ~810 bytes). At 2 KB each (MESSAGE_BYTES_MAX) they held
+# 2.2 KB more of the heap for good. Measured against 2 KB, alternated, over 10,000 keys: at
+# 256 clients, 1 out-of-heap restart in 6 runs against 8 in 3 of 6 (and 1 of 6 not converged);
+# at 64 clients, 778-907 req/s against 811-883, no difference at this noise.
 _MQTT_BUFFER_BYTES = const(1024)
 # Collect once the heap left free at boot but a 32 KB reserve has been allocated (at least
 # 4 KB): each collection marks the whole live heap (~100 KB), so collecting often costs what
