@@ -177,7 +177,8 @@ _HEARD_MS = const(500)            # a replica heard from within this long is in 
 _PRE_PREPARE_OVERHEAD_BYTES = const(128)
 # Client Macs cached, emptied when full. Dropping one entry instead (popitem) hit more at
 # 64 clients (~1.6% faster) but kept Macs of any age strewn over the heap: at 256 clients
-# 1-2 out-of-heap restarts and 4-9 view changes a run, 368-466 req/s against 781-858.
+# 368-466 req/s with 1-4 out-of-heap restarts and 4-9 view changes a run (3 runs), where the
+# build before it got 781-858 with at most one restart and no view change.
 _MACS_CLIENT_MAX = const(16)
 PREPARED_LOG = "P"                # the P entries written ahead (see the header)
 _PREPARED_LOG_BYTES_MAX = const(4096)
