@@ -228,6 +228,11 @@ class Runtime:
             self.send("%sto/%d/from/%d" % (self.prefix, j, self.me), wire)
 
     def send_reply(self, client, wire):
+        """Publish a reply on its client's topic. A str, as every topic of ours: made as bytes
+        (no interned-string lookup), it was looked up among the MQTT client's cached str
+        topics, and this MicroPython prints "Warning: Comparison between bytes and str" for
+        each such comparison; on a virtual board, whose console nobody reads, the node then
+        blocked on its console and stopped (hil_tests/test_scenarios.py, 3 runs of 3)."""
         self.send("%srep/%d" % (self.prefix, client), wire)
 
     def send(self, topic, wire):
