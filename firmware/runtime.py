@@ -231,8 +231,9 @@ class Runtime:
         """Publish a reply on its client's topic. A str, as every topic of ours: made as bytes
         (no interned-string lookup), it was looked up among the MQTT client's cached str
         topics, and this MicroPython prints "Warning: Comparison between bytes and str" for
-        each such comparison; on a virtual board, whose console nobody reads, the node then
-        blocked on its console and stopped (hil_tests/test_scenarios.py, 3 runs of 3)."""
+        each such comparison. On virtual boards, whose consoles are serial ports that the
+        scenarios do not read, two nodes then stopped reporting after 3.5 and 7.5 s and fell
+        behind (hil_tests/test_scenarios.py failed 3 runs of 3)."""
         self.send("%srep/%d" % (self.prefix, client), wire)
 
     def send(self, topic, wire):
