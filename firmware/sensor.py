@@ -51,9 +51,8 @@ class Sensor:
         me = config["client"]
         # The MQTT client first, once the imports' and the configuration's garbage is gone:
         # its attribute table is one 944-byte block. Built after the client core and the
-        # timestamp file, it found no piece that large in a 64 KB heap in runs whose broker
-        # login and ports made the configuration a little larger (demo --sensors 2 in
-        # hil_tests/test_sensor.py failed so, 4 runs of 4, with the collection before it).
+        # timestamp file, it now and then found no piece that large in a 64 KB heap
+        # (demo --sensors 2 in hil_tests/test_sensor.py failed so, 4 runs of 4 in a row).
         gc.collect()
         broker = config["broker"]
         self.mqtt = MQTTClient("ebft-%s-sensor%d" % (config["cluster"], me), broker["host"],
