@@ -24,6 +24,7 @@ Run: .venv/bin/python tools/gc_mark_replay.py [NODE] [WAIT_S]
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -152,8 +153,8 @@ def record(node: int, wait_s: float, out: Path) -> None:
         script = out / "replay_gdb.py"
         script.write_text(GDB_SCRIPT)
         subprocess.run(["gdb", "-p", pid[0], "-batch", "-x", str(script)], check=True,
-                       capture_output=True, timeout=120, env={"REPLAY_OUT": str(out),
-                                                              "PATH": "/usr/bin:/bin"})
+                       capture_output=True, timeout=120,
+                       env={**os.environ, "REPLAY_OUT": str(out)})
     finally:
         bench.wait()
 
