@@ -294,6 +294,8 @@ class Runtime:
         status["boots"] = self.boots
         status["restarts"] = self.restarts
         status["reset_cause"] = self.reset_cause
+        # Shown first: a fault injected since the last tick is already in "faults" below.
+        self.led.show(self.led_state(), clock)
         status["led"] = self.led.state
         status["status_skipped"] = self.status_skipped
         status["faults"] = self.faults.describe()
