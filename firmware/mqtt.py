@@ -7,7 +7,8 @@
 #   jittered), re-subscribes and resends every QoS1 publish not yet acknowledged (DUP set).
 # - Receive path: the reader reads as much as the socket has into one preallocated buffer of
 #   rx_chunk bytes and parses every complete packet in it. on_message(topic, payload, retain)
-#   gets a memoryview into that buffer: it is valid only during the call, so a callback that
+#   gets the topic as bytes (not checked to be UTF-8: it is compared, not decoded) and the
+#   payload as a memoryview into that buffer: it is valid only during the call, so a callback that
 #   keeps the payload must copy it (bytes(payload)). A packet bigger than rx_chunk (rare:
 #   state transfer) is read into a bytearray of its own; one bigger than max_packet, or one
 #   the heap has no room for, is skipped as it streams past (counted in rx_dropped).
@@ -27,11 +28,13 @@
 #   packets are kept (at most _Q1_MAX, and max_packet bytes) until their PUBACK; they go out
 #   after the QoS0 batch of the same turn, so order holds within each QoS only.
 # - Everything is bounded: max_packet (receive, one outgoing packet, unacked QoS1 bytes,
-#   queued big QoS0 bytes), tx_max (QoS0 batch), _Q1_MAX, _SUBS_MAX, _TOPICS_MAX.
-# - Allocation on the hot path: one str (topic) and one memoryview (payload) per received
+#   queued big QoS0 bytes), tx_max (QoS0 batch), _Q1_MAX, _SUBS_MAX.
+# - Allocation on the hot path: one bytes (topic) and one memoryview (payload) per received
 #   message; per read, a memoryview and asyncio's readinto generator and I/O-queue entry; none
-#   per published QoS0 message once its topic is known (topics are cached as bytes, up to
-#   _TOPICS_MAX). No asyncio.Lock: `async with` allocates ~400 B; _draining guards instead.
+#   per published QoS0 message whose topic is bytes (a str topic is encoded per publish).
+#   Topics are bytes, not str, because a new str is first looked for among the interned
+#   strings (~1,000 with a node's code: ~1.5 us on the Unix port).
+# - No asyncio.Lock: `async with` allocates ~400 B; _draining guards instead.
 # - Errors: MQTTError for protocol and usage errors (args[0] is the CONNACK return code when
 #   the broker refuses us); OSError from the socket. Both mean "reconnect" inside run().
 #   An exception raised by on_message is not ours: run() closes the connection and re-raises.
@@ -50,7 +53,8 @@ from random import getrandbits
 from time import ticks_diff, ticks_ms
 
 # Bound as globals, not found as builtins: see cbor.py's header.
-from builtins import bool, bytearray, int, isinstance, len, max, memoryview, min, range, str, type
+from builtins import (bool, bytearray, bytes, int, isinstance, len, max, memoryview, min, range,
+                      str, type)
 
 TYPE_CHECKING = False  # True only to a type checker (tools/typecheck.sh)
 if TYPE_CHECKING:
@@ -82,8 +86,6 @@ _ACK_TIMEOUT_MS = const(10000)  # SUBACK
 _CTL_RESERVE = const(64)  # tx buffer bytes kept free of QoS0 data for PUBACK and PINGREQ
 _Q1_MAX = const(32)  # QoS1 publishes awaiting PUBACK
 _SUBS_MAX = const(36)  # each of a node's (at most 31) peers' broadcasts, and 4 more topics
-_TOPICS_MAX = const(8)  # encoded-topic cache entries: a node publishes on ~6 topics of its own;
-#   a reply topic per client would fill a larger cache with what is used once (64 clients: ~3 KB)
 
 try:
     _IPPROTO_TCP = socket.IPPROTO_TCP
@@ -144,7 +146,7 @@ class MQTTClient:
         #     client_id: str, unique per broker (a second connection takes the first one over).
         #     will: (topic, payload, retain, qos) that the broker publishes if we vanish, or
         #         a function returning one, called at each connection attempt.
-        #     on_message: on_message(topic: str, payload: memoryview, retain: bool).
+        #     on_message: on_message(topic: bytes, payload: memoryview, retain: bool).
         #     max_packet: the largest packet accepted either way (larger incoming ones are
         #         skipped); it is a bound, not an allocation.
         #     rx_chunk: read buffer bytes (preallocated). A packet larger than this, up to
@@ -179,7 +181,6 @@ class MQTTClient:
         self._q1_bytes = 0
         self._subs = []  # [topic, qos, state]; state: 0 waiting, 1 granted, 0x80 refused
         self._sub_pids = {}  # SUBSCRIBE pid -> its entry in _subs
-        self._topics = {}
         self._pid = 0
         self._sock = None
         # asyncio's Stream: readinto and out_buf are MicroPython's, not in the stubs
@@ -274,11 +275,7 @@ class MQTTClient:
         #     batch buffer is full while the socket still has a backlog; in tx_dropped).
         # Raises:
         #     MQTTError: bad qos, a packet larger than max_packet, too many unacked QoS1.
-        t = self._topics.get(topic)
-        if t is None:
-            t = _as_bytes(topic)
-            if len(self._topics) < _TOPICS_MAX:
-                self._topics[topic] = t
+        t = _as_bytes(topic)
         if isinstance(payload, str):
             payload = payload.encode()
         rl = 2 + len(t) + len(payload) + (2 if qos else 0)
@@ -862,11 +859,7 @@ class MQTTClient:
             if qos:
                 self._ctl(_PUBACK, buf[p] << 8 | buf[p + 1])
                 p += 2
-            try:
-                topic = str(mv[s + 2:topic_end], "utf-8")
-            except UnicodeError:  # MQTT topics are UTF-8; a broker that says otherwise lies
-                self.rx_dropped += 1
-                return
+            topic = bytes(mv[s + 2:topic_end])
             self.rx_msgs += 1
             if self.on_message is not None:
                 self.on_message(topic, mv[p:e], bool(b0 & 1))

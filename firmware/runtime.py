@@ -99,12 +99,13 @@ class Runtime:
     def __init__(self, config, led, watchdog, reset_cause="power-on", restarts=0):
         self.me = config["node"]
         cluster = config["cluster"]
-        self.prefix = "ebft/%s/" % cluster
-        self.topic_all = "%sfrom/%d" % (self.prefix, self.me)
-        self.topic_status = "%sstatus/%d" % (self.prefix, self.me)
-        self.topic_event = "%sevent/%d" % (self.prefix, self.me)
-        self.topic_ctl = "%sctl/%d" % (self.prefix, self.me)
-        self.topic_req = "%sreq/" % self.prefix
+        # Topics are bytes, as the MQTT client hands them to on_message (mqtt.py's header)
+        self.prefix = b"ebft/%s/" % cluster.encode()
+        self.topic_all = b"%sfrom/%d" % (self.prefix, self.me)
+        self.topic_status = b"%sstatus/%d" % (self.prefix, self.me)
+        self.topic_event = b"%sevent/%d" % (self.prefix, self.me)
+        self.topic_ctl = b"%sctl/%d" % (self.prefix, self.me)
+        self.topic_req = b"%sreq/" % self.prefix
         self.faults = Faults(self.me, unhexlify(config["control_key"]))
         self.status_interval_ms = config.get("status_interval_ms", STATUS_INTERVAL_MS)
         args = (self.me, Stake(config["stake"]), [unhexlify(k) for k in config["keys"]],
@@ -163,7 +164,7 @@ class Runtime:
     def sender(self, topic):
         """The replica the last level of ``topic`` names, or -1 when it names none of the
         cluster's (digits only: no sign, no spaces)."""
-        tail = topic[topic.rfind("/") + 1:]
+        tail = topic[topic.rfind(b"/") + 1:]
         if not 0 < len(tail) <= 3 or not tail.isdigit():
             return -1
         j = int(tail)
@@ -198,7 +199,7 @@ class Runtime:
             return -1
         if j == self.me or self.faults.drop(j):
             return -1
-        if topic.startswith("status", len(self.prefix)):  # .../status/<j>
+        if topic.startswith(b"status", len(self.prefix)):  # .../status/<j>
             # a retained one too: it starts the clock of a peer silent since before we
             # subscribed
             self.node.peer_status(payload, j, self.clock())
@@ -223,16 +224,11 @@ class Runtime:
 
     def send_to(self, j, wire):
         if not self.faults.drop(j):
-            self.send("%sto/%d/from/%d" % (self.prefix, j, self.me), wire)
+            self.send(b"%sto/%d/from/%d" % (self.prefix, j, self.me), wire)
 
     def send_reply(self, client, wire):
-        """Publish a reply on its client's topic. A str, as every topic of ours: made as bytes
-        (no interned-string lookup), it was looked up among the MQTT client's cached str
-        topics, and this MicroPython prints "Warning: Comparison between bytes and str" for
-        each such comparison. On virtual boards, whose consoles are serial ports that the
-        scenarios do not read, two nodes then stopped reporting after 3.5 and 7.5 s and fell
-        behind (hil_tests/test_scenarios.py failed 3 runs of 3)."""
-        self.send("%srep/%d" % (self.prefix, client), wire)
+        """Publish a reply on its client's topic."""
+        self.send(b"%srep/%d" % (self.prefix, client), wire)
 
     def send(self, topic, wire):
         """Publish, unless a delay fault holds the message back (faults.due releases it)."""
@@ -348,9 +344,9 @@ class Runtime:
         # subscription not acknowledged in time (a broker that is slow to start) is retried.
         link = asyncio.create_task(self.mqtt.run())
         await asyncio.sleep_ms(0)  # let the link task start
-        peers = ["from/%d" % j for j in range(self.node.replica.stake.n) if j != self.me]
-        for topic in peers + ["req/+", "to/%d/from/+" % self.me, "ctl/%d" % self.me,
-                              "status/+"]:
+        peers = [b"from/%d" % j for j in range(self.node.replica.stake.n) if j != self.me]
+        for topic in peers + [b"req/+", b"to/%d/from/+" % self.me, b"ctl/%d" % self.me,
+                              b"status/+"]:
             await self.mqtt.subscribe_retrying(self.prefix + topic)
         print("edgebft node %d up: %d replicas, broker %s:%d%s" % (
             self.me, self.node.replica.stake.n, self.mqtt.host, self.mqtt.port,

@@ -59,9 +59,9 @@ class Sensor:
                                broker.get("port", 1883), keepalive=30, **login_of(broker),
                                on_message=self.on_message, max_packet=_PACKET_BYTES,
                                rx_chunk=_PACKET_BYTES, tx_max=_PACKET_BYTES)
-        prefix = "ebft/%s/" % config["cluster"]
-        self.topic_req = "%sreq/%d" % (prefix, me)
-        self.topic_rep = "%srep/%d" % (prefix, me)
+        prefix = b"ebft/%s/" % config["cluster"].encode()
+        self.topic_req = b"%sreq/%d" % (prefix, me)
+        self.topic_rep = b"%srep/%d" % (prefix, me)
         self.key = config["sensor"]["key"]
         self.period_ms = config["sensor"]["period_ms"]
         first = max(store.load_int(TIMESTAMP_PATH), int(time.time()) * 1000000)

@@ -65,6 +65,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[lab.LabC
         for i in range(up.nodes):
             log = (up.path / "logs" / f"node{i}.log").read_text()
             assert "Traceback" not in log and "MemoryError" not in log, log
+            # e.g. "Comparison between bytes and str": topics are bytes throughout
+            assert "Warning" not in log, log
 
 
 def test_a_flood_on_every_topic_under_load(cluster: lab.LabCluster) -> None:

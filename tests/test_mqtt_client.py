@@ -97,6 +97,7 @@ P = CFG["prefix"]
 seq = [0, 0, 0, True]  # count, next expected, first ticks, in order
 
 def on_message(topic, payload, retain):
+    topic = str(topic, "utf-8")  # the client hands topics on as bytes
     if topic.startswith(P + "/echo"):
         c.publish(P + "/back" + topic[-1], payload, False, int(topic[-1]))
     elif topic == P + "/seq":
