@@ -192,14 +192,19 @@ class Faults:
             from edgebft.protocol.byzantine import misbehave
             misbehave(replica, self.byzantine, getrandbits, self.colluders, self.sent)
 
-    def due(self, now_ms):
-        """Pop the delayed messages that are due: [(topic, wire)...]."""
-        out = []
-        while self.delayed and self.delayed[0][0] <= now_ms:
-            entry = self.delayed.pop(0)
+    def release(self, now_ms, publish):
+        """Hand the delayed messages that are due to ``publish(topic, wire)``, in due order,
+        while it takes them (True). One it refuses (the MQTT client's batch buffer full
+        behind a backlog, or the link down; the client counts it in tx_dropped) stays held,
+        with those after it, for the next call: a delay fault delays what it held, and the
+        burst a delay releases at once is not lost to a full buffer."""
+        delayed = self.delayed
+        while delayed and delayed[0][0] <= now_ms:
+            entry = delayed[0]
+            if not publish(entry[1], entry[2]):
+                return
+            delayed.pop(0)
             self.delayed_bytes -= len(entry[2]) + _ENTRY_BYTES
-            out.append((entry[1], entry[2]))
-        return out
 
 
 def _exhaust():

@@ -319,8 +319,7 @@ class Runtime:
             self.node.tick(clock, self.mqtt.connected)
             self.drain()
             self.log_errors()
-            for topic, wire in self.faults.due(clock):
-                self.mqtt.publish(topic, wire)
+            self.faults.release(clock, self.mqtt.publish)
             self.watchdog.feed()
             self.led.show(self.led_state(), clock)
             if not self.stable and clock >= board.STABLE_MS:

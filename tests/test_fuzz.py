@@ -259,7 +259,7 @@ def test_control_commands_never_raise_nor_leave_a_fault_that_does(raw: bytes, ar
                 faults.drop(j)
             faults.copies()
             faults.hold(0, "t", b"wire")
-            faults.due(10**7)
+            faults.release(10**7, lambda topic, wire: True)
             cbor.encode(faults.describe())  # the status carries it
             r = replicas()[0]
             r.out.append((rp.TO_ALL, WIRES[1][1]))
