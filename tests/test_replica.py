@@ -560,6 +560,38 @@ def test_a_batch_is_checked_unless_it_carries_the_very_request_held() -> None:
     assert backup.log.accepted(backup.log.find(1))
 
 
+def test_a_backup_whose_t1_is_full_leaves_other_requests_unchecked() -> None:
+    """A backup whose table of watched requests (T1) is full, and does not hold a client,
+    does nothing with that client's request: it is passed over before its MAC is checked
+    (a forged one is not even counted unauthentic, where a backup with room counts it). A
+    read, or an executed request sent again, is still checked and answered."""
+    net = Net()
+    alice = net.client(7)
+    executed = alice.request(["put", "x", 1])
+    net.submit(executed)
+    net.run()
+    assert net.replicas[1].ledger.get("x") == 1
+    backup, roomy = net.replicas[1], net.replicas[2]
+    for c in range(8):
+        backup.receive(net.client(100 + c).request(["put", "k", c]), 0)
+    assert len(backup.waiting) == 8, "T1 holds at most 8 (_WAITING_MAX)"
+    def forged(wire: bytes) -> bytes:  # the last body byte changed: every tag is wrong
+        at = len(wire) - 4 * auth.TAG_BYTES - 1
+        return wire[:at] + bytes([wire[at] ^ 1]) + wire[at + 1:]
+
+    request = forged(net.client(50).request(["put", "k", 9]))
+    for r in (backup, roomy):
+        r.receive(request, 0)
+    assert "unauthentic" not in backup.drops and 50 not in backup.waiting
+    assert roomy.drops == {"unauthentic": 1}
+    del backup.out[:]
+    backup.receive(executed, 0)  # executed: answered again
+    backup.receive(alice.read(["get", "x"]), 0)
+    assert [rp.is_client(dest) for dest, _ in backup.out] == [True, True]
+    backup.receive(forged(alice.read(["get", "x"])), 0)
+    assert backup.drops == {"unauthentic": 1}, "a read is checked"
+
+
 def test_a_restored_replica_that_may_not_vote_executes_on_commits_that_came_first() -> None:
     """A restored replica may not vote up to h + window (RC3), so it never prepares what
     follows; it executes on the others' commit certificate. Here the commits reach it before
