@@ -8,8 +8,8 @@
 # - Receive path: the reader reads as much as the socket has into one preallocated buffer of
 #   rx_chunk bytes and parses every complete packet in it. on_message(topic, payload, retain)
 #   gets the topic as bytes (not checked to be UTF-8: it is compared, not decoded) and the
-#   payload as a memoryview into that buffer: it is valid only during the call, so a callback that
-#   keeps the payload must copy it (bytes(payload)). A packet bigger than rx_chunk (rare:
+#   payload as a memoryview into that buffer: it is valid only during the call, so a callback
+#   that keeps the payload must copy it (bytes(payload)). A packet bigger than rx_chunk (rare:
 #   state transfer) is read into a bytearray of its own; one bigger than max_packet, or one
 #   the heap has no room for, is skipped as it streams past (counted in rx_dropped).
 # - Why not one max_packet buffer: consensus messages are a few hundred bytes, so 16 KB held

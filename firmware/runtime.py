@@ -234,7 +234,7 @@ class Runtime:
         self.send(b"%srep/%d" % (self.prefix, client), wire)
 
     def send(self, topic, wire):
-        """Publish, unless a delay fault holds the message back (faults.due releases it)."""
+        """Publish, unless a delay fault holds the message back (Faults.release sends it)."""
         if not self.faults.hold(self.clock(), topic, wire):
             for _ in range(self.faults.copies()):
                 self.mqtt.publish(topic, wire)

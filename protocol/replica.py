@@ -562,9 +562,9 @@ class Replica(ViewChanging, StateTransfer):
         self._cut_batches()
 
     def _unwatched(self, msg):
-        """Is the request ``msg`` one that on_request would leave alone? A backup's, in a
-        normal view, whose client T1's table does not hold while the table is full, asking
-        to be ordered (no read, not executed before). It is passed over before its MAC is
+        """Is the request ``msg`` one that on_request would leave alone? At a backup in a
+        normal view whose T1 table is full and does not hold its client, one that asks to
+        be ordered (no read, not executed before). It is passed over before its MAC is
         checked, the costliest part of taking it (the client's Mac derived, an HMAC): at 64
         clients that is most requests a backup receives."""
         return (len(self.waiting) >= _WAITING_MAX and msg.sender not in self.waiting
