@@ -628,8 +628,9 @@ class Replica(ViewChanging, StateTransfer):
         has room. A request is skipped, before its MAC is checked, when its head says that its
         client's request is queued already, superseded or executed: most are copies a client
         sent again while the original waited, spilled behind it, which were otherwise
-        authenticated and ordered again once the original had executed. The others are
-        checked again (_checked_request)."""
+        authenticated and ordered again once the original had executed. The others were
+        authenticated before they were spilled, and the spill returns a record only when its
+        CRC matches (spill.py): they are not checked again."""
         while len(self.pending) < _PENDING_MAX:
             wire = self.spill.pop()
             if wire is None:
@@ -637,10 +638,8 @@ class Replica(ViewChanging, StateTransfer):
             head = _request_head(wire)
             if head is None or not self._queueable(*head):
                 continue
-            checked = self._checked_request(wire, head)
-            if checked is not None:
-                self.pending_ids[checked[0]] = checked[1]
-                self.pending.append(wire)
+            self.pending_ids[head[0]] = head[1]
+            self.pending.append(wire)
 
     def _queueable(self, client, timestamp):
         """Is ``client``'s request ``timestamp`` neither queued, nor superseded by one we

@@ -433,6 +433,25 @@ def test_a_spilled_record_that_flash_lost_ends_the_queue() -> None:
     assert spill.push(b"\xff" * 256) and spill.pop() == b"\xff" * 256
 
 
+def test_a_spilled_record_whose_bytes_changed_on_flash_ends_the_queue() -> None:
+    """The primary takes a spilled request back without checking its MAC again: the spill
+    returns a record only if its CRC-32 still matches, so a byte changed on flash ends the
+    queue instead of reaching a batch."""
+    from edgebft.protocol.flash import MemFlash
+    from edgebft.protocol.spill import NAME, Spill
+
+    flash = MemFlash()
+    spill = Spill(flash, 256)
+    for k in range(3):
+        assert spill.push(bytes([k + 1]) * 10)
+    assert spill.pop() == b"\x01" * 10
+    data = bytearray(flash.files[NAME])
+    data[16 + 6 + 3] ^= 0x40  # a byte of the second record's wire (records of 16 bytes)
+    flash.files[NAME] = bytes(data)
+    assert spill.pop() is None and len(spill) == 0 and flash.size(NAME) == -1
+    assert spill.push(b"\x07" * 5) and spill.pop() == b"\x07" * 5
+
+
 def test_a_spill_the_flash_has_no_room_for_drops_the_request_and_clears() -> None:
     from edgebft.protocol.flash import MemFlash
     from edgebft.protocol.spill import NAME, Spill
