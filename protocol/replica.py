@@ -545,7 +545,7 @@ class Replica(ViewChanging, StateTransfer):
             return
         client = msg.sender
         wire = msg.wire  # shared by the waiting and pending tables
-        if client in self.waiting or len(self.waiting) < _WAITING_MAX:
+        if self._watches(client):
             self.waiting[client] = msg.timestamp  # one outstanding request per client
             self.waiting_wires[client] = wire
         if self.vc_deadline is None and self.status == NORMAL and client in self.waiting:
@@ -570,9 +570,13 @@ class Replica(ViewChanging, StateTransfer):
         be ordered (no read, not executed before). It is passed over before its MAC is
         checked, the costliest part of taking it (the client's Mac derived, an HMAC): at 64
         clients that is most requests a backup receives."""
-        return (len(self.waiting) >= _WAITING_MAX and msg.sender not in self.waiting
-                and self.status == NORMAL and not self.is_primary() and not _is_read(msg.op)
+        return (not self._watches(msg.sender) and self.status == NORMAL
+                and not self.is_primary() and not _is_read(msg.op)
                 and not self._executed(msg.sender, msg.timestamp))
+
+    def _watches(self, client):
+        """Does T1's table hold ``client``'s request, or have room for it?"""
+        return client in self.waiting or len(self.waiting) < _WAITING_MAX
 
     def _answered(self, msg):
         """Answer the request ``msg`` at once if it asks no ordering: a read, or one executed

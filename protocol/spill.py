@@ -73,7 +73,7 @@ class Spill:
         return True
 
     def pop(self):
-        """The oldest wire held, or None when none is (or the file lost it)."""
+        """The oldest wire held, or None when none is (or the file lost or changed it)."""
         if not self.held:
             return None
         record = self.flash.read_at(NAME, self.offset, _HEAD_BYTES + self.wire_bytes_max) or b""

@@ -594,6 +594,7 @@ def test_a_backup_whose_t1_is_full_leaves_other_requests_unchecked() -> None:
     for c in range(8):
         backup.receive(net.client(100 + c).request(["put", "k", c]), 0)
     assert len(backup.waiting) == 8, "T1 holds at most 8 (_WAITING_MAX)"
+
     def forged(wire: bytes) -> bytes:  # the last body byte changed: every tag is wrong
         at = len(wire) - 4 * auth.TAG_BYTES - 1
         return wire[:at] + bytes([wire[at] ^ 1]) + wire[at + 1:]
