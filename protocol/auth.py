@@ -4,7 +4,8 @@
 # Rules:
 # - Portable: MicroPython and CPython, imports only hashlib. MicroPython has no hmac module and
 #   its sha256 objects have no copy(), so a Mac keeps the two padded key blocks and hashes them
-#   again for every message (4 compression blocks for a short message).
+#   again for every message (4 compression blocks for a short message). A Mac's pads are
+#   bytearrays that rekey() rewrites: a new key allocates nothing.
 # - A tag is the HMAC truncated to TAG_BYTES. An authenticator holds one tag per receiver at
 #   fixed offsets: slot j = auth[j * TAG_BYTES:(j + 1) * TAG_BYTES], made with K_ij.
 # - Checking peer input never raises: a short or malformed authenticator is a failed check.
@@ -27,24 +28,41 @@ except ImportError:
 TAG_BYTES = const(8)
 DIGEST_BYTES = const(32)
 _BLOCK_BYTES = const(64)  # SHA-256 block size, the B of RFC 2104
-_IPAD = int.from_bytes(b"\x36" * _BLOCK_BYTES, "big")
-_OPAD = int.from_bytes(b"\x5c" * _BLOCK_BYTES, "big")
+_IPAD = b"\x36" * _BLOCK_BYTES
+_OPAD = b"\x5c" * _BLOCK_BYTES
 
 
 class Mac:
-    """HMAC-SHA256 with one key."""
+    """HMAC-SHA256 with one key, which rekey() replaces in place."""
 
     __slots__ = ("_ipad", "_opad")
 
     def __init__(self, key):
-        """Args: key: bytes of any length; keys longer than a block are hashed (RFC 2104).
-        The pads are XORed as two 512-bit ints: a few C calls, not a loop of 64 bytecodes
-        (a replica derives a client's Mac whenever its cache of them misses)."""
+        """Args: key: bytes of any length (see rekey)."""
+        self._ipad = bytearray(_IPAD)
+        self._opad = bytearray(_OPAD)
+        self.rekey(key)
+
+    def rekey(self, key):
+        """Make ``key`` the Mac's key: bytes of any length, hashed when longer than a block
+        (RFC 2104). The two pads are rewritten in place, so a key of at most a block
+        allocates nothing: a replica rekeys the Macs of its client-Mac cache instead of
+        building new ones. A byte loop, 3.9 us for a 32-byte key on the Unix port, where
+        XORing the key as a 512-bit int took 1.7 us but allocated 672 bytes a Mac: two
+        Macs per request at 64 clients were a third of a node's allocations, so of its
+        collections."""
         if len(key) > _BLOCK_BYTES:
             key = hashlib.sha256(key).digest()
-        k = int.from_bytes(key, "big") << (8 * (_BLOCK_BYTES - len(key)))  # zero-padded
-        self._ipad = (k ^ _IPAD).to_bytes(_BLOCK_BYTES, "big")
-        self._opad = (k ^ _OPAD).to_bytes(_BLOCK_BYTES, "big")
+        ipad = self._ipad
+        opad = self._opad
+        ipad[:] = _IPAD
+        opad[:] = _OPAD
+        i = 0
+        while i < len(key):  # by index: a for loop's iterator would be allocated
+            b = key[i]
+            ipad[i] = b ^ 0x36
+            opad[i] = b ^ 0x5C
+            i += 1
 
     def digest(self, msg):
         """Return HMAC-SHA256(key, msg), DIGEST_BYTES bytes; ``msg`` is any bytes-like."""

@@ -30,6 +30,15 @@ def test_digest_matches_hmac(key: bytes, msg: bytes):
     assert len(mac.tag(msg)) == auth.TAG_BYTES == 8
 
 
+@given(st.lists(KEYS, min_size=1, max_size=4), MSGS)
+def test_a_rekeyed_mac_is_the_mac_of_its_last_key(keys: list[bytes], msg: bytes):
+    """A key shorter than the one before must leave none of the old key in the pads."""
+    mac = auth.Mac(keys[0])
+    for key in keys[1:]:
+        mac.rekey(key)
+    assert mac.digest(msg) == _hmac(keys[-1], msg)
+
+
 def test_rfc4231_case_2():
     mac = auth.Mac(b"Jefe")
     assert mac.digest(b"what do ya want for nothing?").hex() == (
@@ -95,14 +104,23 @@ def test_micropython_matches_cpython(micropython: Path, mp_lib: Path, key: bytes
         "a = auth.authenticator([mac, auth.Mac(b'x')], msg)\n"
         "print(mac.digest(msg).hex(), a.hex(), auth.derive(key, 'client/7').hex(),\n"
         "      auth.check(a, 0, mac, msg), auth.check(a[:12], 1, mac, msg))\n"
+        "import gc\n"
+        "other = auth.Mac(bytes(range(64)))\n"
+        "gc.collect(); gc.disable(); before = gc.mem_alloc()\n"
+        "other.rekey(key)\n"
+        "print(gc.mem_alloc() - before, other.digest(msg) == mac.digest(msg))\n"
     )
     proc = run_mp(micropython, mp_lib, code)
     assert proc.returncode == 0, proc.stderr
     expected_auth = _hmac(key, FIXED_MSG)[:8] + _hmac(b"x", FIXED_MSG)[:8]
-    assert proc.stdout.split() == [
+    out = proc.stdout.split()
+    assert out[:5] == [
         _hmac(key, FIXED_MSG).hex(),
         expected_auth.hex(),
         _hmac(key, b"client/7").hex(),
         "True",
         "False",
     ]
+    # rekey allocates nothing for a key of at most a block (a longer one is hashed first)
+    assert (out[5] == "0") == (len(key) <= 64)
+    assert out[6] == "True"

@@ -34,10 +34,10 @@ EXCEPTION_HANDLER_BYTES = 3 * SLOT_BYTES
 HOT = {
     "protocol/cbor.py": ["_item", "_array", "_argument", "skip", "_enc", "_head"],
     "protocol/messages.py": ["decode", "_framed", "_body_of", "_check", "wire"],
-    "protocol/auth.py": ["digest", "check", "authenticator"],
+    "protocol/auth.py": ["digest", "rekey", "check", "authenticator"],
     "protocol/stake.py": ["primary"],
     "protocol/replica.py": ["route", "_decoded", "receive", "on_request", "_answered",
-                            "_checked_request", "_cut_batches"],
+                            "_checked_request", "_cut_batches", "_client_mac"],
     "protocol/pagestore.py": ["get", "put", "delete", "_change", "_search", "_value", "_entry",
                               "_splice", "_rewrite", "_offsets"],
     "firmware/runtime.py": ["on_message", "sender_to_deliver", "deliver", "_copied", "drain"],
