@@ -259,8 +259,9 @@ class Replica(ViewChanging, StateTransfer):
         # building this Mac again each time allocated 672 of a miss's 1,888 bytes
         self.secret_mac = auth.Mac(client_secret)
         self.client_macs = presized(_MACS_CLIENT_MAX)
-        self.spare_macs = [None] * _MACS_CLIENT_MAX  # Macs emptied from client_macs
-        del self.spare_macs[:]  # a list keeps its capacity: it never grows in steps
+        # Macs emptied from client_macs; a list keeps its capacity: it never grows in steps
+        self.spare_macs = [self.secret_mac] * _MACS_CLIENT_MAX
+        del self.spare_macs[:]
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()
