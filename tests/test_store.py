@@ -12,11 +12,13 @@ from typing import Any
 
 import cbor2
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_replica import Net
 
 from conftest import run_mp
+from edgebft.cipher import aes
 from edgebft.protocol import messages as m
 from edgebft.protocol import replica as rp
 from edgebft.protocol.cache import Cache
@@ -27,6 +29,8 @@ from edgebft.protocol.pagestore import (
     PageError,
     PageStore,
     add_term,
+    page_tag,
+    page_term,
 )
 from edgebft.protocol.state import CLIENT_PAGE_ENTRIES_MAX, State
 
@@ -245,15 +249,57 @@ def test_a_term_added_or_removed_allocates_one_2048_bit_int(
 
 def _from_scratch(store: PageStore, model: dict[Any, Any]) -> int:
     """The digest of ``model``'s entries placed in ``store``'s pages, computed anew: each
-    page the canonical flat array of its sorted entries, its digest expanded in counter mode."""
+    page the canonical flat array of its sorted entries, its digest expanded to 2048 bits by
+    the keystream of AES-256-CTR keyed with it, from counter 0 (cryptography's CTR mode)."""
     total = 0
     for i in range(store.pages):
         flat = [x for k in sorted(model) if store.page_of(k) == i for x in (k, model[k])]
         if flat:
             digest = hashlib.sha256(cbor2.dumps(flat)).digest()
-            blocks = b"".join(hashlib.sha256(bytes([c]) + digest).digest() for c in range(8))
-            total += int.from_bytes(blocks, "big")
+            ctr = Cipher(algorithms.AES(digest), modes.CTR(bytes(16))).encryptor()
+            total += int.from_bytes(ctr.update(bytes(256)), "big")
     return total % (1 << 2048)
+
+
+_PAGES = [b"", b"\x82\x61k\x01", cbor2.dumps([f"kk{i}" for i in range(80)]),
+          bytes(range(256)) * 4]
+
+_MP_TERMS = """
+from edgebft.protocol.pagestore import page_tag, page_term
+for page in {pages!r}:
+    term, tag = page_term(page)
+    print(term, tag, page_tag(page))
+"""
+
+
+def test_micropython_terms_equal_cpython_and_the_aes_ctr_keystream(
+        micropython: Path, mp_lib: Path) -> None:
+    """A board's cryptolib and the host's cipher (edgebft.cipher, on cryptography) give the
+    same terms and tags, and both are AES-256-CTR's keystream under the page's digest."""
+    proc = run_mp(micropython, mp_lib, _MP_TERMS.format(pages=_PAGES))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for page, line in zip(_PAGES, lines, strict=True):
+        term, tag = page_term(page)
+        assert line.split() == [str(term), str(tag), str(page_tag(page))]
+        if page:
+            key = hashlib.sha256(page).digest()
+            stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(
+                bytes(256))
+            assert term == int.from_bytes(stream, "big")
+            assert tag == page_tag(page) == ((stream[0] << 8 | stream[1]) or 1)
+        else:
+            assert (term, tag) == (0, 0)
+
+
+def test_the_host_cipher_refuses_what_cryptolib_would_not_do_here() -> None:
+    with pytest.raises(ValueError, match="only ECB"):
+        aes(bytes(32), 2)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        aes(bytes(32), 1).encrypt(bytes(15))
+    out = bytearray(32)
+    assert aes(bytes(32), 1).encrypt(bytes(32), out) is out
+    assert bytes(out) == aes(bytes(32), 1).encrypt(bytes(32))
 
 
 @settings(max_examples=60, deadline=None)
