@@ -36,9 +36,9 @@ BAUD = 115200
 # The built-in modules the node imports (firmware/, protocol/): a board whose firmware lacks
 # one is refused before anything is written. Those a configuration asks for of a chip come on
 # top (chip_modules; firmware/board.py does without them on the Unix port).
-REQUIRED_MODULES = ("array", "asyncio", "binascii", "builtins", "errno", "gc", "hashlib", "json",
-                    "machine", "micropython", "os", "random", "select", "socket", "ssl",
-                    "struct", "sys", "time")
+REQUIRED_MODULES = ("array", "asyncio", "binascii", "builtins", "cryptolib", "errno", "gc",
+                    "hashlib", "json", "machine", "micropython", "os", "random", "select",
+                    "socket", "ssl", "struct", "sys", "time")
 ROMFS_CHUNK = 2048        # bytes of image per exec (base64 on the wire; heap on the board)
 ROMFS_ERASE_MAX = 32768   # bytes erased per call (each call blocks the board's REPL)
 
