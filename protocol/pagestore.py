@@ -113,7 +113,7 @@ def page_term(data):
     if not data:
         return 0, 0
     out = _HASH_SCRATCH or bytearray(SUM_BYTES)
-    aes(hashlib.sha256(data).digest(), _AES_ECB).encrypt(_COUNTER_BLOCKS, out)
+    _cipher(data).encrypt(_COUNTER_BLOCKS, out)
     return int.from_bytes(out, "big"), (out[0] << 8 | out[1]) or 1
 
 
@@ -121,8 +121,13 @@ def page_tag(data):
     """page_term(data)'s tag, from its first block alone."""
     if not data:
         return 0
-    d = aes(hashlib.sha256(data).digest(), _AES_ECB).encrypt(_COUNTER_0)
+    d = _cipher(data).encrypt(_COUNTER_0)
     return (d[0] << 8 | d[1]) or 1
+
+
+def _cipher(data):
+    """AES-256 keyed with the SHA-256 digest of a page's bytes: what expands it to a term."""
+    return aes(hashlib.sha256(data).digest(), _AES_ECB)
 
 
 def add_term(total, new, old):

@@ -231,6 +231,15 @@ def presized(n):
     return d
 
 
+def presized_list(n, filler):
+    """An empty list whose capacity already holds ``n`` items (``filler``: one of their type,
+    for the type checker): MicroPython keeps a list's capacity when it is emptied, so it
+    never grows in steps later, as presized() for a dict."""
+    items = [filler] * n
+    del items[:]
+    return items
+
+
 def client_key(client_secret, client):
     """The key client ``client`` shares with the replica whose client secret is given."""
     return auth.derive(client_secret, _client_label(client))
@@ -261,9 +270,8 @@ class Replica(ViewChanging, StateTransfer):
         # building this Mac again each time allocated 672 of a miss's 1,888 bytes
         self.secret_mac = auth.Mac(client_secret)
         self.client_macs = presized(_MACS_CLIENT_MAX)
-        # Macs emptied from client_macs; a list keeps its capacity: it never grows in steps
-        self.spare_macs = [self.secret_mac] * _MACS_CLIENT_MAX
-        del self.spare_macs[:]
+        # the Macs emptied from client_macs, rekeyed for its next misses
+        self.spare_macs = presized_list(_MACS_CLIENT_MAX, self.secret_mac)
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()
@@ -331,8 +339,8 @@ class Replica(ViewChanging, StateTransfer):
         self.ticks = 0            # retransmission periods so far
         self.handed_on = -1       # last_exec when we last handed on what waits (T1)
         self.dirty = True         # durable() changed since the caller last saved it
-        self.out = [(TO_ALL, b"")] * _OUTBOX_PRESIZED  # (destination, wire); route() empties it
-        del self.out[:]
+        # (destination, wire); route() empties it
+        self.out = presized_list(_OUTBOX_PRESIZED, (TO_ALL, b""))
         self.events = []
         self.drops = {}
         self.counts = {"rx": 0, "tx": 0, "executed_requests": 0, "view_changes": 0,
@@ -756,16 +764,16 @@ class Replica(ViewChanging, StateTransfer):
         if len(batch) > self.batch_max:
             return False
         for wire in batch:
-            if self._checked_request(wire, _request_head(wire)) is None:
+            if self._checked_request(wire) is None:
                 return False
         return True
 
-    def _checked_request(self, wire, head):
-        """(client, timestamp) of the authentic REQUEST ``wire``, whose _request_head() the
-        caller read, else None. One byte for byte the request we hold from its client was
-        authenticated when it came: it is not decoded and checked again (a backup gets most
-        requests from their clients before the pre-prepare that orders them; the primary's
-        spill holds what it held)."""
+    def _checked_request(self, wire):
+        """(client, timestamp) of the authentic REQUEST ``wire`` (a batch's), else None. One
+        byte for byte the request we hold from its client was authenticated when it came: it
+        is not decoded and checked again (a backup gets most requests from their clients
+        before the pre-prepare that orders them)."""
+        head = _request_head(wire)
         if head is not None and self.waiting_wires.get(head[0]) == wire:
             return head
         req = _decoded(wire)
