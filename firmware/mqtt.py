@@ -116,8 +116,27 @@ def _put_str(buf, i, b):
     n = len(b)
     buf[i] = n >> 8
     buf[i + 1] = n & 0xFF
-    buf[i + 2:i + 2 + n] = b
-    return i + 2 + n
+    return _put_bytes(buf, i + 2, b)
+
+
+def _put_bytes(buf, i, b):
+    n = len(b)
+    buf[i:i + n] = b
+    return i + n
+
+
+def _packet_size(t, payload, pid_bytes):
+    """The bytes of a PUBLISH of topic ``t`` and ``payload``, ``pid_bytes`` of packet id."""
+    rl = 2 + len(t) + pid_bytes + len(payload)
+    return 1 + _varint_len(rl) + rl
+
+
+def _put_publish(buf, i, b0, t, payload):
+    """Write a PUBLISH without packet id (QoS0) at buf[i]; the offset past it."""
+    buf[i] = b0
+    i = _put_varint(buf, i + 1, len(t) + len(payload) + 2)
+    i = _put_str(buf, i, t)
+    return _put_bytes(buf, i, payload)
 
 
 def _as_bytes(x):
@@ -275,27 +294,32 @@ class MQTTClient:
         #     batch buffer is full while the socket still has a backlog; in tx_dropped).
         # Raises:
         #     MQTTError: bad qos, a packet larger than max_packet, too many unacked QoS1.
+        # Runs per message sent: this, _queue0 and _put_publish keep their frames within 11
+        # slots (protocol/cbor.py's header), off the heap; QoS1 and a full buffer go aside.
+        if qos:
+            return self._publish1(topic, payload, retain, qos)
+        if not self._queue0(_PUBLISH | 1 if retain else _PUBLISH, _as_bytes(topic),
+                            _as_bytes(payload)):
+            self.tx_dropped += 1
+            return False
+        if not self._in_rx:  # else the reader writes at the end of its batch
+            self._tx_ev.set()
+        return True
+
+    def _publish1(self, topic, payload, retain, qos):
+        if qos != 1:
+            raise MQTTError("qos")
         t = _as_bytes(topic)
-        if isinstance(payload, str):
-            payload = payload.encode()
-        rl = 2 + len(t) + len(payload) + (2 if qos else 0)
-        size = 1 + _varint_len(rl) + rl
+        payload = _as_bytes(payload)
+        size = _packet_size(t, payload, 2)
         if size > self._qmax:
             raise MQTTError("too big")
-        b0 = _PUBLISH | (1 if retain else 0)
-        if qos == 0:
-            if not self._queue0(b0, rl, size, t, payload):
-                self.tx_dropped += 1
-                return False
-        elif qos == 1:
-            if len(self._q1) >= _Q1_MAX or self._q1_bytes + size > self._qmax:
-                raise MQTTError("qos1 full")
-            pid = self._next_pid()
-            self._q1.append([pid, self._packet(b0 | 2, rl, size, t, pid, payload)])
-            self._q1_bytes += size
-        else:
-            raise MQTTError("qos")
-        if not self._in_rx:  # else the reader writes at the end of its batch
+        if len(self._q1) >= _Q1_MAX or self._q1_bytes + size > self._qmax:
+            raise MQTTError("qos1 full")
+        pid = self._next_pid()
+        self._q1.append([pid, self._packet(_PUBLISH | 2 | (1 if retain else 0), t, payload, pid)])
+        self._q1_bytes += size
+        if not self._in_rx:
             self._tx_ev.set()
         return True
 
@@ -627,19 +651,32 @@ class MQTTClient:
             if self._pid not in self._sub_pids and not [e for e in self._q1 if e[0] == self._pid]:
                 return self._pid
 
-    def _queue0(self, b0, rl, size, t, payload):
-        # A QoS0 packet into the batch buffer, or, when it is big for that, into its own
-        # bytearray (rare: state transfer); big ones keep their place via the offset.
+    def _queue0(self, b0, t, payload):
+        # A QoS0 packet into the batch buffer; False when it is dropped.
+        if not self._fits0(_packet_size(t, payload, 0)):
+            return self._queue0_aside(b0, t, payload)
+        self._tlen = _put_publish(self._tbuf, self._tlen, b0, t, payload)
+        self._tq += 1
+        return True
+
+    def _fits0(self, size):
+        # Does a QoS0 packet of ``size`` bytes go into the batch buffer as it is?
+        if size > self._qmax:
+            raise MQTTError("too big")
+        return self.connected and self._tlen + size <= self._tmax - _CTL_RESERVE
+
+    def _queue0_aside(self, b0, t, payload):
+        # The batch buffer lacks room: spill it to the stream first, or, for a packet that
+        # is big for it, a bytearray of its own (rare: state transfer); big ones keep their
+        # place via the offset.
         if not self.connected:
             return False
-        i = self._tlen
-        if i + size > self._tmax - _CTL_RESERVE and self._spill():
-            i = 0
-        if i + size <= self._tmax - _CTL_RESERVE:
-            self._tlen = self._put_publish(self._tbuf, i, b0, rl, t, 0, payload)
+        size = _packet_size(t, payload, 0)
+        if self._spill() and self._fits0(size):
+            self._tlen = _put_publish(self._tbuf, 0, b0, t, payload)
         elif size > self._tmax // 4 and self._big_bytes + size <= self._qmax:
             try:
-                self._big.append((i, self._packet(b0, rl, size, t, 0, payload)))
+                self._big.append((self._tlen, self._packet(b0, t, payload, 0)))
             except MemoryError:
                 return False
             self._big_bytes += size
@@ -663,27 +700,24 @@ class MQTTClient:
             self._tx_ev.set()
         return True
 
-    def _packet(self, b0, rl, size, t, pid, payload):
+    def _packet(self, b0, t, payload, pid):
+        # A PUBLISH (with packet id ``pid`` unless 0) in a bytearray of its own.
+        size = _packet_size(t, payload, 2 if pid else 0)
         try:
             pkt = bytearray(size)
         except MemoryError:
             if not pid:
                 raise
             raise MQTTError("no memory")
-        n = self._put_publish(pkt, 0, b0, rl, t, pid, payload)
-        assert n == size
+        if not pid:
+            _put_publish(pkt, 0, b0, t, payload)
+            return pkt
+        pkt[0] = b0
+        i = _put_str(pkt, _put_varint(pkt, 1, len(t) + len(payload) + 4), t)
+        pkt[i] = pid >> 8
+        pkt[i + 1] = pid & 0xFF
+        _put_bytes(pkt, i + 2, payload)
         return pkt
-
-    def _put_publish(self, buf, i, b0, rl, t, pid, payload):
-        buf[i] = b0
-        i = _put_str(buf, _put_varint(buf, i + 1, rl), t)
-        if pid:
-            buf[i] = pid >> 8
-            buf[i + 1] = pid & 0xFF
-            i += 2
-        n = len(payload)
-        buf[i:i + n] = payload
-        return i + n
 
     def _ctl(self, b0, pid):
         # A 2- or 4-byte control packet (PINGREQ, PUBACK) into the reserved tail of the buffer.
@@ -778,7 +812,7 @@ class MQTTClient:
             self._big_n += n
             if self._big_n == len(big):
                 self._big_rx = None
-                self._dispatch(big, memoryview(big), self._big_s, len(big))
+                self._dispatch(big[0], memoryview(big)[self._big_s:])
             return
         i = 0
         end = self._rlen + n
@@ -815,7 +849,7 @@ class MQTTClient:
                 return 0
             if end - i < total:
                 break
-            self._dispatch(buf, mv, j - i, total, i)
+            self._dispatch(buf[i], mv[j:i + total])
             i += total
         if i >= end:
             return 0
@@ -842,29 +876,32 @@ class MQTTClient:
         self._big_n = end - i
         self._big_s = j - i
 
-    def _dispatch(self, buf, mv, s, e, i=0):
-        # One packet: buf[i] is its first byte, buf[i + s:i + e] its variable part.
-        b0 = buf[i]
-        s += i
-        e += i
+    def _dispatch(self, b0, v):
+        # One packet: b0 its first byte, v (a memoryview) its variable part. Runs per message
+        # received: this and _on_publish keep their frames within 11 slots (protocol/cbor.py's
+        # header), off the heap; the other packet types in _on_control.
+        if b0 & 0xF0 == _PUBLISH:
+            self._on_publish(b0, v)
+        else:
+            self._on_control(b0, v)
+
+    def _on_publish(self, b0, v):
+        # QoS is b0's bits 1-2: 0 or 1 here (b0 & 2 is the packet id's bytes)
+        if len(v) < 2 or b0 & 4:
+            raise MQTTError("bad pub")
+        p = 2 + (v[0] << 8 | v[1])  # where the topic ends
+        if p + (b0 & 2) > len(v):
+            raise MQTTError("bad pub")
+        if b0 & 2:
+            self._ctl(_PUBACK, v[p] << 8 | v[p + 1])
+        self.rx_msgs += 1
+        if self.on_message is not None:
+            self.on_message(bytes(v[2:p]), v[p + (b0 & 2):], bool(b0 & 1))
+
+    def _on_control(self, b0, v):
         t = b0 & 0xF0
-        if t == _PUBLISH:
-            qos = (b0 >> 1) & 3
-            if e - s < 2 or qos > 1:
-                raise MQTTError("bad pub")
-            p = s + 2 + (buf[s] << 8 | buf[s + 1])
-            if p + (2 if qos else 0) > e:
-                raise MQTTError("bad pub")
-            topic_end = p
-            if qos:
-                self._ctl(_PUBACK, buf[p] << 8 | buf[p + 1])
-                p += 2
-            topic = bytes(mv[s + 2:topic_end])
-            self.rx_msgs += 1
-            if self.on_message is not None:
-                self.on_message(topic, mv[p:e], bool(b0 & 1))
-        elif t == _PUBACK and e - s >= 2:
-            pid = buf[s] << 8 | buf[s + 1]
+        if t == _PUBACK and len(v) >= 2:
+            pid = v[0] << 8 | v[1]
             q = self._q1
             for k in range(len(q)):
                 if q[k][0] == pid:
@@ -873,14 +910,14 @@ class MQTTClient:
                     if k < self._q1_sent:
                         self._q1_sent -= 1
                     break
-        elif t == _SUBACK and e - s >= 3:
-            sub = self._sub_pids.pop(buf[s] << 8 | buf[s + 1], None)
+        elif t == _SUBACK and len(v) >= 3:
+            sub = self._sub_pids.pop(v[0] << 8 | v[1], None)
             if sub is not None:
-                sub[2] = 0x80 if buf[s + 2] & 0x80 else 1
+                sub[2] = 0x80 if v[2] & 0x80 else 1
                 self._ack_ev.set()
         elif t == _PINGRESP:
             self._ping_ms = -1
-        elif t == _CONNACK and e - s >= 2 and self._connack < 0:
-            self._connack = buf[s + 1]
+        elif t == _CONNACK and len(v) >= 2 and self._connack < 0:
+            self._connack = v[1]
         else:
             raise MQTTError("bad packet", b0)

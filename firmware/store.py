@@ -35,13 +35,59 @@ def load(path=STATE_PATH):
 
 
 def _put(path, data):
-    """Write ``data`` (bytes, or a tuple of byte strings written in turn) to ``path``."""
-    with open(path, "wb") as f:
+    """Write ``data`` (bytes, or a tuple of byte strings written in turn) to ``path``. Runs
+    per page written: no ``with``, and no for loop in _write_to, keep the frames within 11
+    slots (protocol/cbor.py's header), off the heap."""
+    _write_to(open(path, "wb"), data)
+
+
+def _write_to(f, data):
+    """Write ``data`` as _put takes it to open file ``f``, then close it."""
+    try:
         if type(data) is tuple:
-            for piece in data:
-                f.write(piece)
+            _write_pieces(f, data)
         else:
             f.write(data)
+    finally:
+        f.close()
+
+
+def _write_pieces(f, pieces):
+    for piece in pieces:
+        f.write(piece)
+
+
+def _opened(path):
+    """``path`` open for reading; None when it cannot be (no such file)."""
+    try:
+        return open(path, "rb")
+    except OSError:
+        return None
+
+
+def _file_size(f):
+    """The size of open file ``f``, which is then read from its start; -1 when unknown."""
+    try:
+        size = f.seek(0, 2)
+        f.seek(0)
+        return size
+    except OSError:
+        return -1
+
+
+def _read_all(f, buf):
+    """Read open file ``f`` into bytearray ``buf``, cut to what was read (the file shrank
+    under us); None when reading fails."""
+    try:
+        return _cut(buf, f.readinto(buf))
+    except OSError:
+        return None
+
+
+def _cut(buf, n):
+    if n < len(buf):
+        buf[n:] = b""
+    return buf
 
 
 def save(data, path=STATE_PATH):
@@ -91,21 +137,24 @@ class Flash:
         return load(self._path(name))
 
     def read_into(self, name, buf):
-        try:
-            with open(self._path(name), "rb") as f:
-                size = f.seek(0, 2)
-                f.seek(0)
-                if not buf:
-                    buf = bytearray(size)  # one block, not a zeroed copy and a reallocation
-                elif len(buf) > size:
-                    buf[size:] = b""
-                elif len(buf) < size:
-                    self._lengthen(buf, size)
-                got = f.readinto(buf)
-        except OSError:
+        # Runs per page read: this and its helpers keep their frames within 11 slots
+        # (protocol/cbor.py's header), off the heap: no ``with``, each try in a helper.
+        f = _opened(self._path(name))
+        if f is None:
             return None
-        if got < size:  # the file shrank under us: what was read
-            buf[got:] = b""
+        size = _file_size(f)
+        if size >= 0:
+            buf = _read_all(f, self._sized(buf, size))
+        f.close()
+        return buf if size >= 0 else None
+
+    def _sized(self, buf, size):
+        if not buf:
+            return bytearray(size)  # one block, not a zeroed copy and a reallocation
+        if len(buf) > size:
+            buf[size:] = b""
+        elif len(buf) < size:
+            self._lengthen(buf, size)
         return buf
 
     def _lengthen(self, buf, size):

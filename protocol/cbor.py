@@ -266,7 +266,9 @@ def decode_uints(data, count):
     length = data[0] & 31
     ints = []
     at = [1]
-    for _ in range(min(count, length)):
+    count = min(count, length)
+    while count:  # no range(): its counters would take the frame over 11 slots (above)
+        count -= 1
         if at[0] >= len(data) or data[at[0]] >> 5:
             raise DecodeError("not an unsigned int")
         ints.append(_item(data, at, 1))

@@ -196,22 +196,32 @@ class Ledger:
             return [True, self.balance(op[1])]
         if name == "account" and len(op) == 2 and is_name(op[1]):
             return [True, self.account(op[1])]
-        if name == "transfer" and len(op) == 4:
-            return self._transfer(client, op[1], op[2], op[3])
+        if len(op) == 4:  # in a helper: here the three operands would take this frame, run
+            return self._execute3(name, client, op)  # per request, over 11 slots (cbor.py)
         if name == "open" and len(op) == 2:
             return self._open(client, op[1])
-        if name == "stake" and len(op) == 4:
-            return self._stake(client, op[1], op[2], op[3])
-        if name == "unstake" and len(op) == 4:
-            return self._unstake(client, op[1], op[2], op[3])
         if name == "delegations" and len(op) == 2 and is_name(op[1]):
-            held = [[v, self.delegation(v, op[1])] for v in range(len(self.bonds))]
-            return [True, [d for d in held if d[1]]]
+            return [True, self._delegations(op[1])]
         if name == "validators" and len(op) == 1:
             return [True, [self.epoch, self.validators, self.bonds]]
         if name == "accuse" and len(op) == 2 and replica >= 0:
             return self._accuse(replica, op[1])
         return [False, "bad op"]
+
+    def _execute3(self, name, client, op):
+        """execute() of an op with three operands."""
+        if name == "transfer":
+            return self._transfer(client, op[1], op[2], op[3])
+        if name == "stake":
+            return self._stake(client, op[1], op[2], op[3])
+        if name == "unstake":
+            return self._unstake(client, op[1], op[2], op[3])
+        return [False, "bad op"]
+
+    def _delegations(self, name):
+        """[validator, amount] of each non-zero delegation of account ``name``."""
+        held = [[v, self.delegation(v, name)] for v in range(len(self.bonds))]
+        return [d for d in held if d[1]]
 
     def _put(self, key, value):
         if len(cbor.encode(value)) > VALUE_BYTES_MAX:

@@ -65,8 +65,8 @@ from . import cbor
 from .cache import Cache
 
 # Bound as globals, not found as builtins: see cbor.py's header.
-from builtins import (bytearray, bytes, int, len, list, max, memoryview, range, sorted, str, tuple,
-                      type)
+from builtins import (bytearray, bytes, int, iter, len, list, max, memoryview, next, range, sorted,
+                      str, tuple, type)
 
 SUM_BYTES = 256  # the digest: a sum modulo 2^2048
 _SUM_MOD = 1 << (8 * SUM_BYTES)
@@ -228,12 +228,16 @@ class PageStore:
         return "%s%d.%d" % (self.vprefix, version, i)
 
     def file_at(self, i, seq=None):
-        """The file of page i as of checkpoint ``seq`` (None: the newest version)."""
+        """The file of page i as of checkpoint ``seq`` (None: the newest version). Runs per
+        page read: no for loop (its iterator takes four slots), so its frame stays within 11
+        slots (cbor.py's header), off the heap."""
         best = -1
-        for v in self.versions:
-            bits = self.versions[v]
-            if v > best and (seq is None or v <= seq) and marked(bits, i):
+        versions = iter(self.versions)
+        v = next(versions, -1)  # versions are never negative
+        while v >= 0:
+            if v > best and (seq is None or v <= seq) and marked(self.versions[v], i):
                 best = v
+            v = next(versions, -1)
         return self.name(i) if best < 0 else self.name(i, best)
 
     def check_page(self, i, data):
@@ -469,19 +473,26 @@ def _offsets(i, data):
     return offsets
 
 
+_TRUNCATED = (IndexError, ValueError)  # what cbor.skip raises for heads cut short
+
+
 def _read_heads(data, offsets):
     """Append the offset of each entry of a page's ``data`` to ``offsets``; False unless
-    their heads are whole and end where ``data`` does. (Apart from _offsets, and without
-    ``except ... as``, which takes a second handler's slots: a page read per operation keeps
-    its frames within 11 slots, cbor.py's header.)"""
-    at = _head_bytes(data)
+    their heads are whole and end where ``data`` does. (Apart from _offsets, the loop apart
+    from the handler, and without ``except ... as``, which takes a second handler's slots: a
+    page read per operation keeps its frames within 11 slots, cbor.py's header.)"""
     try:
-        while at < len(data):
-            offsets.append(at)
-            at = cbor.skip(data, at)  # the key
-            at = cbor.skip(data, at)  # the value
-    except (IndexError, ValueError):
+        return _append_heads(data, offsets)
+    except _TRUNCATED:
         return False
+
+
+def _append_heads(data, offsets):
+    at = _head_bytes(data)
+    while at < len(data):
+        offsets.append(at)
+        at = cbor.skip(data, at)  # the key
+        at = cbor.skip(data, at)  # the value
     return at == len(data)
 
 
@@ -530,8 +541,7 @@ def _insertion_point(data, offsets, key):
     hi = len(offsets)
     while lo < hi:
         mid = (lo + hi) >> 1
-        k = cbor.decode_item(data, offsets[mid])
-        if k < key:
+        if cbor.decode_item(data, offsets[mid]) < key:
             lo = mid + 1
         else:
             hi = mid

@@ -865,7 +865,7 @@ class Replica(ViewChanging, StateTransfer):
         log = self.log
         if log.committed(i) or log.digests[i] is None:
             return
-        if not self.vstake.is_quorum(log.stake(log.commits, i, self.vstake.weights)):
+        if not self._commit_quorum(i):
             return
         if log.batches[i] is None:
             body = self.oplog.body_of(seq, log.digests[i])
@@ -876,6 +876,11 @@ class Replica(ViewChanging, StateTransfer):
             log.attach(i, body)
         log.mark_committed(i)
         self._execute_ready()
+
+    def _commit_quorum(self, i):
+        """Do slot i's commits hold a quorum of the view's stake? (Apart from
+        _check_committed, run per commit: its frame stays within 11 slots, cbor.py's header.)"""
+        return self.vstake.is_quorum(self.log.stake(self.log.commits, i, self.vstake.weights))
 
     # ----------------------------------------------------------------- execution
 

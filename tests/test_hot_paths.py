@@ -32,16 +32,25 @@ EXCEPTION_HANDLER_BYTES = 3 * SLOT_BYTES
 # operation (a heap frame each: at 64 clients ~30 of them per request per replica, ~4 KB
 # counted towards the next collection, went with these)
 HOT = {
-    "protocol/cbor.py": ["_item", "_array", "_argument", "skip", "_enc", "_head"],
+    "protocol/cbor.py": ["_item", "_array", "_argument", "skip", "_enc", "_head", "decode_uints"],
     "protocol/messages.py": ["decode", "_framed", "_body_of", "_check", "wire"],
     "protocol/auth.py": ["digest", "rekey", "check", "authenticator"],
     "protocol/stake.py": ["primary"],
     "protocol/replica.py": ["route", "_decoded", "receive", "on_request", "_answered",
-                            "_checked_request", "_cut_batches", "_client_mac"],
+                            "_checked_request", "_cut_batches", "_client_mac",
+                            "_check_committed", "_commit_quorum"],
+    "protocol/ledger.py": ["execute", "_execute3", "get", "_put"],
+    "protocol/cache.py": ["get", "put", "evict", "_victim", "_before"],
     "protocol/pagestore.py": ["get", "put", "delete", "_change", "_search", "_value", "_entry",
-                              "_splice", "_rewrite", "_offsets"],
+                              "_splice", "_rewrite", "_offsets", "file_at", "_read_heads",
+                              "_append_heads", "_insertion_point"],
     "firmware/runtime.py": ["on_message", "sender_to_deliver", "deliver", "_copied", "drain"],
     "firmware/faults.py": ["hold"],
+    "firmware/mqtt.py": ["publish", "_queue0", "_fits0", "_put_publish", "_put_str",
+                         "_put_bytes", "_put_varint", "_packet_size", "_dispatch",
+                         "_on_publish"],
+    "firmware/store.py": ["read_into", "_opened", "_file_size", "_read_all", "_cut", "_put",
+                          "_write_to", "write"],
 }
 
 _LISTING = re.compile(r"code block '([^']+)'.*?\(N_STATE (\d+)\)\s*\(N_EXC_STACK (\d+)\)",
