@@ -13,6 +13,7 @@ import pytest
 
 from edgebft.devices.image import build_image
 from edgebft.devices.micropython import find_micropython
+from edgebft.devices.virtual_board import HEAP
 
 
 @pytest.fixture
@@ -25,7 +26,9 @@ def boot(folder: Path, safe_after: int | None) -> subprocess.CompletedProcess[st
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEBFT_")}
     if safe_after is not None:
         env["EDGEBFT_SAFE_AFTER"] = str(safe_after)
-    return subprocess.run([str(find_micropython()), "-X", "heapsize=160k", "main.py"],
+    # no ROMFS here: the modules' bytecode loads into the heap, as on stock firmware, whose
+    # virtual board has this heap
+    return subprocess.run([str(find_micropython()), "-X", f"heapsize={HEAP}", "main.py"],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=60)
 
 
