@@ -1,8 +1,9 @@
 """MicroPython's ``cryptolib.aes`` on CPython, for the protocol modules run there.
 
 protocol/pagestore.py expands a page's SHA-256 digest with AES-256 (its state digest's
-terms). A board and the Unix port have ``cryptolib``; CPython does not, so the simulator, the
-tests and the host's tools get this, backed by the cryptography package. Only what the
+terms) and protocol/auth.py derives client keys with it. A board and the Unix port have
+``cryptolib``; CPython does not, so the simulator, the tests and the host's tools get this
+(protocol/auth.py imports it), backed by the cryptography package. Only what the
 protocol uses: ECB encryption of whole blocks, into a buffer or returned.
 """
 

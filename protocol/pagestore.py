@@ -56,12 +56,8 @@
 import hashlib
 from array import array
 
-try:
-    from cryptolib import aes  # MicroPython: the Unix and ESP32 ports have it
-except ImportError:  # CPython (the simulator, the tests, the host's tools): the same cipher
-    from edgebft.cipher import aes  # pyright: ignore[reportMissingImports]  # host only
-
 from . import cbor
+from .auth import AES_ECB, aes
 from .cache import Cache
 
 # Bound as globals, not found as builtins: see cbor.py's header.
@@ -84,7 +80,6 @@ CACHE_PAGES = 4  # pages a store caches, by default
 _SPARES_MAX = 2  # buffers of evicted pages kept for the next reads
 PAGE_OVERHEAD_BYTES = 128
 _BATCH = 32  # names listed at a time: a flash holds thousands
-_AES_ECB = 1  # cryptolib.MODE_ECB
 # The AES blocks a term encrypts: block i is i as 16 big-endian bytes (counter mode)
 _COUNTER_BLOCKS = bytes(b for i in range(SUM_BYTES // 16) for b in i.to_bytes(16, "big"))
 _COUNTER_0 = _COUNTER_BLOCKS[:16]
@@ -127,7 +122,7 @@ def page_tag(data):
 
 def _cipher(data):
     """AES-256 keyed with the SHA-256 digest of a page's bytes: what expands it to a term."""
-    return aes(hashlib.sha256(data).digest(), _AES_ECB)
+    return aes(hashlib.sha256(data).digest(), AES_ECB)
 
 
 def add_term(total, new, old):
