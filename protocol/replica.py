@@ -266,7 +266,7 @@ class Replica(ViewChanging, StateTransfer):
         self.client_keys = auth.ClientKeys(client_secret)
         self.client_macs = presized(_MACS_CLIENT_MAX)
         # the Macs emptied from client_macs, rekeyed for its next misses
-        self.spare_macs = presized_list(_MACS_CLIENT_MAX, self.client_keys)
+        self.spare_macs = presized_list(_MACS_CLIENT_MAX, self.macs[0])
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()

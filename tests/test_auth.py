@@ -7,10 +7,9 @@ import hmac
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given
 from hypothesis import strategies as st
-
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from conftest import run_mp
 from edgebft.protocol import auth, replica
