@@ -216,15 +216,22 @@ class Node:
 
     def _note_events(self):
         """Keep the checkpoints the replica executed since (its events stay for the driver,
-        which may call this again before it empties them: each checkpoint is kept once)."""
-        r = self.replica
+        which may call this again before it empties them: each checkpoint is kept once).
+        Runs per message: by index, as a for loop's iterator would take its frame over 11
+        slots (cbor.py's header), to the heap."""
+        events = self.replica.events
+        i = 0
+        while i < len(events):
+            self._note(events[i])
+            i += 1
+
+    def _note(self, event):
         kept = self.checkpoints
-        for event in r.events:
-            if (event[0] == "executed" and event[1] % r.K == 0
-                    and (not kept or event[1] > kept[-1][0])):
-                self.checkpoints.append([event[1], event[2]])
-                if len(self.checkpoints) > _CHECKPOINTS_KEPT:
-                    self.checkpoints.pop(0)
+        if (event[0] == "executed" and event[1] % self.replica.K == 0
+                and (not kept or event[1] > kept[-1][0])):
+            kept.append([event[1], event[2]])
+            if len(kept) > _CHECKPOINTS_KEPT:
+                kept.pop(0)
 
     def status(self, clock):
         """The protocol's part of the node's status map (the driver adds its own: heap,

@@ -40,6 +40,7 @@ HOT = {
                             "_checked_request", "_cut_batches", "_client_mac",
                             "_check_committed", "_commit_quorum"],
     "protocol/ledger.py": ["execute", "_execute3", "get", "_put"],
+    "protocol/node.py": ["_note_events", "_note"],
     "protocol/cache.py": ["get", "put", "evict", "_victim", "_before"],
     "protocol/pagestore.py": ["get", "put", "delete", "_change", "_search", "_value", "_entry",
                               "_splice", "_rewrite", "_offsets", "file_at", "_read_heads",
