@@ -175,18 +175,6 @@ _IDLE_STATUS_TICKS = const(10)    # an idle replica's STATUS period, in retransm
 _CATCH_UP_MAX = const(8)          # sequence numbers answered per STATUS
 _HEARD_MS = const(500)            # a replica heard from within this long is in reach
 _PRE_PREPARE_OVERHEAD_BYTES = const(128)
-# Client Macs cached, emptied when full; the Macs emptied are rekeyed for the next misses
-# (auth.Mac.rekey), so the cache allocates its Macs once a life. Dropping one entry instead
-# (popitem), when each miss built a new Mac, hit more at 64 clients (~1.6% faster) but kept
-# Macs of any age strewn over the heap: at 256 clients 368-466 req/s with 1-4 out-of-heap
-# restarts and 4-9 view changes a run (3 runs), where the build before it got 781-858 with
-# at most one restart and no view change. At 64 clients a replica derives ~2 Macs per request
-# all the same (bench --clients 64 --keys 10000, 20 s: 40,800 derivations on each node for
-# 20,518 requests), but 48 entries ran nodes out of heap 23-32 times a run (188-211 req/s
-# against 810-899). Rekeying took a node's allocations from 19.5 to 18.2 KB per request
-# (measured with collections only at each status, 24 MB heap), and at 256 clients gave no
-# out-of-heap restart in 4 runs against 2 in 4 without it.
-_MACS_CLIENT_MAX = const(16)
 PREPARED_LOG = "P"                # the P entries written ahead (see the header)
 _PREPARED_LOG_BYTES_MAX = const(4096)
 # The outbox's capacity, allocated with the replica: what one input outputs when it executes
@@ -261,12 +249,8 @@ class Replica(ViewChanging, StateTransfer):
         self.sets = [(0, stake)]  # (since, Stake) for the sets of the window, oldest first
         self.vstake = stake       # the set the current view runs under
         self.macs = [auth.Mac(k) for k in keys]
-        # derives a client's key whenever the cache of client MACs misses (at 64 clients,
-        # at most requests)
         self.client_keys = auth.ClientKeys(client_secret)
-        self.client_macs = presized(_MACS_CLIENT_MAX)
-        # the Macs emptied from client_macs, rekeyed for its next misses
-        self.spare_macs = presized_list(_MACS_CLIENT_MAX, self.macs[0])
+        self.client_mac = auth.Mac(b"")  # rekeyed per use: _client_mac
         if flash is None:  # tests and tools; a node always brings its flash (and its RAM)
             from .flash import MemFlash
             flash = MemFlash()
@@ -393,23 +377,13 @@ class Replica(ViewChanging, StateTransfer):
         self._send(TO_ALL, kind, *fields)
 
     def _client_mac(self, client):
-        """Client ``client``'s Mac, used at once: a later miss may rekey it for another."""
-        mac = self.client_macs.get(client)
-        if mac is None:
-            if len(self.client_macs) >= _MACS_CLIENT_MAX:
-                self._empty_client_macs()
-            key = self.client_keys.derive(client)  # client_key
-            if self.spare_macs:
-                mac = self.spare_macs.pop()
-                mac.rekey(key)
-            else:
-                mac = auth.Mac(key)
-            self.client_macs[client] = mac
+        """Client ``client``'s Mac, used at once: the next call rekeys it for another. Not
+        cached: a key derives in 0.5 us (auth.ClientKeys) and a rekey takes 4.8 us, where a
+        cache of 16 Macs held 4.3 KB of heap and, at 64 clients, missed at almost every
+        request (40,800 derivations on each node for 20,518 requests in 20 s)."""
+        mac = self.client_mac
+        mac.rekey(self.client_keys.derive(client))
         return mac
-
-    def _empty_client_macs(self):
-        for c in list(self.client_macs):
-            self.spare_macs.append(self.client_macs.pop(c))
 
     def _authentic(self, msg):
         if msg.kind == m.REQUEST:
