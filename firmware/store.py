@@ -143,10 +143,9 @@ class Flash:
         if f is None:
             return None
         size = _file_size(f)
-        if size >= 0:
-            buf = _read_all(f, self._sized(buf, size))
+        buf = None if size < 0 else _read_all(f, self._sized(buf, size))
         f.close()
-        return buf if size >= 0 else None
+        return buf
 
     def _sized(self, buf, size):
         if not buf:

@@ -56,8 +56,7 @@ class Mac:
     def rekey(self, key):
         """Make ``key`` the Mac's key: bytes of any length, hashed when longer than a block
         (RFC 2104). The two pads are rewritten in place, so a key of at most a block
-        allocates nothing: a replica rekeys the Macs of its client-Mac cache instead of
-        building new ones. A byte loop, 3.9 us for a 32-byte key on the Unix port, where
+        allocates nothing: a replica rekeys one Mac with each client's key as it needs it. A byte loop, 3.9 us for a 32-byte key on the Unix port, where
         XORing the key as a 512-bit int took 1.7 us but allocated 672 bytes a Mac: at 64
         clients, two Macs a request, 1.3 of the 19.5 KB a node allocated per request."""
         if len(key) > _BLOCK_BYTES:
@@ -129,9 +128,9 @@ class ClientKeys:
     """The keys a replica shares with its clients, derived from its 32-byte client secret S:
     client c's is AES-256-ECB with key S of the two blocks b"client" 0x00 j uint64_be(c), j =
     0 and 1 (32 bytes; protocol/SPEC.md). Per request a replica derives the key of its client
-    twice (its request, its reply) when its client-Mac cache misses, as at 64 clients: with
-    HMAC-SHA256 that was two hash objects and their digests each, ~900 bytes a request; here
-    one cipher object for good and nothing per derivation."""
+    twice (its request, its reply): with HMAC-SHA256 that was two hash objects and their
+    digests each, ~900 bytes a request; here one cipher object for good and nothing per
+    derivation."""
 
     __slots__ = ("_aes", "_blocks", "_key")
 

@@ -473,9 +473,9 @@ _TRUNCATED = (IndexError, ValueError)  # what cbor.skip raises for heads cut sho
 
 def _read_heads(data, offsets):
     """Append the offset of each entry of a page's ``data`` to ``offsets``; False unless
-    their heads are whole and end where ``data`` does. (Apart from _offsets, the loop apart
-    from the handler, and without ``except ... as``, which takes a second handler's slots: a
-    page read per operation keeps its frames within 11 slots, cbor.py's header.)"""
+    their heads are whole and end where ``data`` does. Runs per page read: the handler here,
+    the loop in _append_heads and no ``except ... as`` (a second handler's slots) keep the
+    frames within 11 slots (cbor.py's header)."""
     try:
         return _append_heads(data, offsets)
     except _TRUNCATED:
