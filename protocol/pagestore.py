@@ -158,6 +158,19 @@ def marked(bits, i):
     return bits[i >> 3] & (1 << (i & 7))
 
 
+def marked_pages(bits):
+    """The pages whose bits are set in a version's bitmap, ascending. A version marks a few
+    of a large store's pages: a byte at a time, not a test per page (fold() over 1,024
+    pages was 1,024 calls of marked())."""
+    pages = []
+    for k in range(len(bits)):
+        if bits[k]:
+            for i in range(8 * k, 8 * k + 8):
+                if marked(bits, i):
+                    pages.append(i)
+    return pages
+
+
 class PageError(ValueError):
     """A page file that is not a valid page of its store."""
 
@@ -376,20 +389,16 @@ class PageStore:
         for v in sorted(self.versions):
             if v > h:
                 break
-            bits = self.versions.pop(v)
-            for i in range(self.pages):
-                if marked(bits, i):
-                    self.flash.rename(self.name(i, v), self.name(i))
+            for i in marked_pages(self.versions.pop(v)):
+                self.flash.rename(self.name(i, v), self.name(i))
 
     def discard(self, h, total, count):
         """Forget everything written after checkpoint h, whose digest and entry count the
         caller gives (and then h's tags, into self.tags): the state becomes that of h."""
         for v in list(self.versions):
             if v > h:
-                bits = self.versions.pop(v)
-                for i in range(self.pages):
-                    if marked(bits, i):
-                        self.flash.delete(self.name(i, v))
+                for i in marked_pages(self.versions.pop(v)):
+                    self.flash.delete(self.name(i, v))
         self.reset(total, count)
 
     def reset(self, total, count, tags=None):

@@ -29,6 +29,7 @@ from edgebft.protocol.pagestore import (
     PageError,
     PageStore,
     add_term,
+    marked_pages,
     page_tag,
     page_term,
 )
@@ -209,6 +210,14 @@ def test_a_page_read_into_a_shrunk_buffer_takes_no_block_of_its_size(
     proc = run_mp(micropython, mp_lib, _MP_LENGTHEN.format(folder=str(tmp_path / "state")))
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) < 128
+
+
+@given(st.sets(st.integers(0, 1023), min_size=1))
+def test_marked_pages_lists_the_set_bits_of_a_version_bitmap(pages: set[int]) -> None:
+    store = PageStore(MemFlash(), "L", 1024)
+    for i in pages:
+        store.mark(i, 3)
+    assert marked_pages(store.versions[3]) == sorted(pages)
 
 
 _SUMS = st.integers(0, (1 << 2048) - 1)
