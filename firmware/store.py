@@ -93,7 +93,7 @@ def _cut(buf, n):
 
 def save(data, path=STATE_PATH):
     """Replace ``path`` (str or bytes) with ``data`` (as _put takes it), atomically."""
-    tmp = path + (_TMP_BYTES if type(path) is bytes else _TMP)
+    tmp = path + _TMP_BYTES if type(path) is bytes else path + _TMP
     _put(tmp, data)
     os.rename(tmp, path)
 
