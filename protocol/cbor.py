@@ -129,7 +129,9 @@ def _key0(pair):
 def _enc(buf, obj, depth):
     t = type(obj)
     if t is int:
-        if obj >= 0:
+        if 0 <= obj < 24:
+            buf.append(obj)  # a small uint, the commonest item: its head alone, no call
+        elif obj >= 0:
             if obj >= _UINT_END:
                 raise EncodeError("int above 2**64 - 1")
             _head(buf, _MT_UINT, obj)
