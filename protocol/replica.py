@@ -186,6 +186,10 @@ _OUTBOX_PRESIZED = const(128)
 REPLICA_CLIENT_BASE = 0xF000  # replica i's own client id (its accusations) is this + i
 
 
+# The encoding's start of a read's op, ["read", the read]: an array of two, then "read".
+_READ_HEAD = b"\x82\x64read"
+
+
 def _is_read(op):
     """Is ``op`` a read-only request's (["read", the read])?"""
     return type(op) is list and len(op) == 2 and op[0] == "read"
@@ -438,11 +442,11 @@ class Replica(ViewChanging, StateTransfer):
         """Handle one message from the network (any bytes)."""
         self.now = now_ms
         self.counts["rx"] += 1
+        if self._unwatched(wire):
+            return
         msg = _decoded(wire)
         if not msg:
             self._drop("malformed" if msg is None else "no heap to receive")
-            return
-        if msg.kind == m.REQUEST and self._unwatched(msg):
             return
         if not self._authentic(msg):
             self._drop("unauthentic")
@@ -557,15 +561,20 @@ class Replica(ViewChanging, StateTransfer):
             return
         self._cut_batches()
 
-    def _unwatched(self, msg):
-        """Is the request ``msg`` one that on_request would leave alone? At a backup in a
-        normal view whose T1 table is full and does not hold its client, one that asks to
-        be ordered (no read, not executed before). It is passed over before its MAC is
-        checked, the costliest part of taking it (the client's Mac derived, an HMAC): at 64
-        clients that is most requests a backup receives."""
-        return (not self._watches(msg.sender) and self.status == NORMAL
-                and not self.is_primary() and not _is_read(msg.op)
-                and not self._executed(msg.sender, msg.timestamp))
+    def _unwatched(self, wire):
+        """Is ``wire`` a request that on_request would leave alone? At a backup in a normal
+        view whose T1 table is full and does not hold its client, one that asks to be ordered
+        (no read, not executed before). It is passed over before it is decoded or its MAC
+        checked: at 64 clients that is most requests a backup receives, and reading its head
+        alone took 2.6 us where decoding it took 13.9 (Unix port). Whatever follows the head
+        is left unread, so a malformed one is passed over too, uncounted. Any wire that
+        holds a read's op head (_READ_HEAD) anywhere is taken as a possible read and goes the
+        whole way: passing over is only ever a saving."""
+        if self.status != NORMAL or len(self.waiting) < _WAITING_MAX or self.is_primary():
+            return False
+        head = _request_head(wire)
+        return (head is not None and head[0] not in self.waiting
+                and wire.find(_READ_HEAD) < 0 and not self._executed(head[0], head[1]))
 
     def _watches(self, client):
         """Does T1's table hold ``client``'s request, or have room for it?"""

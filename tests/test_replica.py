@@ -604,6 +604,16 @@ def test_a_backup_whose_t1_is_full_leaves_other_requests_unchecked() -> None:
         r.receive(request, 0)
     assert "unauthentic" not in backup.drops and 50 not in backup.waiting
     assert roomy.drops == {"unauthentic": 1}
+    # Passed over on its head alone: what follows it is not even decoded ...
+    garbled = request[:-4 * auth.TAG_BYTES - 2] + b"\xff" + request[-4 * auth.TAG_BYTES - 1:]
+    backup.receive(garbled, 0)
+    assert "malformed" not in backup.drops
+    roomy.receive(garbled, 0)
+    assert roomy.drops == {"unauthentic": 1, "malformed": 1}
+    # ... unless a read's op head is anywhere in it: then it is decoded and checked
+    backup.receive(forged(net.client(51).request(["put", "k", ["read", 9]])), 0)
+    assert backup.drops == {"unauthentic": 1}
+    del backup.drops["unauthentic"]
     del backup.out[:]
     backup.receive(executed, 0)  # executed: answered again
     backup.receive(alice.read(["get", "x"]), 0)
