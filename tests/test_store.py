@@ -217,7 +217,7 @@ def test_marked_pages_lists_the_set_bits_of_a_version_bitmap(pages: set[int]) ->
     store = PageStore(MemFlash(), "L", 1024)
     for i in pages:
         store.mark(i, 3)
-    assert marked_pages(store.versions[3]) == sorted(pages)
+    assert list(marked_pages(store.versions[3])) == sorted(pages)
 
 
 _SUMS = st.integers(0, (1 << 2048) - 1)
