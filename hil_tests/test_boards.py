@@ -389,6 +389,41 @@ def test_a_virtual_board_is_confined_to_its_flash_folder(tmp_path: Path) -> None
     assert not link.exists() and not link.is_symlink(), "the link goes with the board"
 
 
+def test_a_virtual_board_never_waits_for_a_reader_of_its_console(tmp_path: Path) -> None:
+    """A program that prints ~450 KB with nothing on the port runs on to its end, as on a
+    board (a UART sends whether anyone listens); a reader that comes later gets what the
+    pseudo-terminal held (the oldest) and the relay's backlog (the newest), the rest lost.
+    The relay used to block on the full pseudo-terminal, and the interpreter with it at its
+    next print."""
+    flash = tmp_path / "flash0"
+    flash.mkdir()
+    (flash / "main.py").write_text(
+        "for i in range(8000):\n"
+        "    print('line %d of the console, long enough to fill a buffer' % i)\n"
+        "open('done.txt', 'w').write('done')\n"
+        "import time\n"
+        "while True:\n"
+        "    time.sleep(1)\n")
+    board, port = start_virtual_board(tmp_path, 0)
+    try:
+        deadline = time.monotonic() + 30
+        while not (flash / "done.txt").exists():
+            assert time.monotonic() < deadline, "the board stood still for lack of a reader"
+            time.sleep(0.1)
+        fd = os.open(port, os.O_RDWR | os.O_NOCTTY)
+        try:
+            shown = b""
+            while select.select([fd], [], [], 0.5)[0]:
+                shown += os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        assert shown.endswith(b"line 7999 of the console, long enough to fill a buffer\n")
+        assert b"line 4000 " not in shown, "what neither the port nor the backlog held is lost"
+    finally:
+        board.terminate()
+        board.wait(10)
+
+
 def _processes_in(folder: Path) -> list[int]:
     """The pids of the processes whose working folder is ``folder`` (a board's interpreter)."""
     found = []

@@ -10,7 +10,9 @@ stock firmware it boots ``main.py`` from its flash when there is one; main.py in
 (Ctrl-C from the port) or crashed leaves it at the REPL; a reset from main.py
 (``machine.soft_reset``: the Unix port has no ``machine.reset``) or a soft reset at the REPL
 (Ctrl-D) boots it again in the same flash, after "MPY: soft reboot". Both ends of its pseudo-
-terminals are raw (no CR/LF translation), or the raw REPL's framing breaks. With ``--romfs`` it
+terminals are raw (no CR/LF translation), or the raw REPL's framing breaks. Like a board, it
+never waits for its console to be read: output the port does not take waits in a bounded
+backlog (CONSOLE_BACKLOG_BYTES, the newest kept) and the rest is lost. With ``--romfs`` it
 is a board whose firmware was built with ROMFS: a 128 KiB ``romfs`` partition (``romfs.img`` in
 the flash folder, mapped writable by edgebft.devices.romboot), ``vfs.rom_ioctl`` over it and
 /rom mounted at boot (edgebft.devices.virtual_boot), so ``edgebft deploy`` and mpremote's
@@ -42,6 +44,12 @@ HEAP = "320k"
 REBOOT_BANNER = b"MPY: soft reboot\r\n"
 ROMFS_IMAGE = "romfs.img"  # the ROMFS partition, in the flash folder (--romfs)
 ROMFS_BYTES = 0x20000      # as the boards' romfs partition (boards/*.json)
+# Console output the port has not taken yet, kept at most this much (the newest). A board's
+# UART sends whether anyone listens or not, and its USB console drops what no host reads: a
+# board never waits for a reader. The relay wrote to the port blocking, so with nothing
+# reading it the pseudo-terminal filled, the relay stopped, and so did the interpreter at
+# its next print: a node that logged much with no monitor attached stood still.
+CONSOLE_BACKLOG_BYTES = 64 * 1024
 BOOT = str(Path(__file__).with_name("virtual_boot.py"))
 
 # Set by SIGTERM or SIGINT: the relay stops the interpreter at its next turn (within one
@@ -84,6 +92,7 @@ def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False,
         (flash / ROMFS_IMAGE).write_bytes(b"\xff" * ROMFS_BYTES)  # erased flash
     port_master, port_slave = os.openpty()
     tty.setraw(port_slave)
+    os.set_blocking(port_master, False)  # output nobody reads is dropped, never waited on
     port = os.ttyname(port_slave)
     if link is not None:
         if link.is_symlink():
@@ -94,11 +103,35 @@ def serve(flash: Path, port_file: Path | None, heap: str, romfs: bool = False,
     print(port, flush=True)
     script = True  # what a boot runs: main.py when the flash has one, else the REPL
     typed = b""    # what the port sent from Ctrl-C on, while main.py was ending: the REPL's
+    console = Console(port_master)
     while not _stopping:
-        script, typed = _run_once(micropython, flash, heap, romfs, port_master, script, typed)
+        script, typed = _run_once(micropython, flash, heap, romfs, console, script, typed)
 
 
-def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master: int,
+class Console:
+    """The board's side of its port: output goes out as fast as the port takes it, and what
+    it has not taken waits here, the newest CONSOLE_BACKLOG_BYTES of it (the rest is lost, as
+    a UART's output with nobody listening). ``fd`` is the port's master end, non-blocking."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.backlog = b""
+
+    def put(self, data: bytes) -> None:
+        """Send ``data`` after the backlog, keeping what the port does not take."""
+        self.backlog = (self.backlog + data)[-CONSOLE_BACKLOG_BYTES:]
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the port takes of the backlog now."""
+        try:
+            while self.backlog:
+                self.backlog = self.backlog[os.write(self.fd, self.backlog):]
+        except BlockingIOError:
+            pass  # the port is full: the rest waits (select() tells when it has room)
+
+
+def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, console: Console,
               script: bool, typed: bytes) -> tuple[bool, bytes]:
     """One boot, relayed between the port and the interpreter until it ends; what the next
     boot runs (``script``) and the bytes it inherits (``typed``). The board stopped (SIGTERM,
@@ -113,8 +146,12 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master
     typed = b""
     interrupted = False
     try:
+        port_master = console.fd
         while proc.poll() is None and not _stopping:
-            ready, _, _ = select.select([port_master, board_master], [], [], 0.05)
+            waiting = [port_master] if console.backlog else []
+            ready, writable, _ = select.select([port_master, board_master], waiting, [], 0.05)
+            if writable:
+                console.flush()
             if port_master in ready:
                 data = os.read(port_master, 4096)
                 if running_main and not interrupted and b"\x03" in data:
@@ -126,7 +163,7 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master
                     os.write(board_master, data)
             if board_master in ready:
                 try:
-                    os.write(port_master, os.read(board_master, 4096))
+                    console.put(os.read(board_master, 4096))
                 except OSError:  # the interpreter is gone
                     break
     except BaseException:
@@ -140,7 +177,7 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, port_master
     # (Ctrl-D): boot again. main.py interrupted or crashed: the REPL, as on a board.
     script = not running_main or (code == 0 and not interrupted)
     if script:
-        os.write(port_master, REBOOT_BANNER)
+        console.put(REBOOT_BANNER)
     return script, typed
 
 
