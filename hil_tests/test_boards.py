@@ -424,6 +424,29 @@ def test_a_virtual_board_never_waits_for_a_reader_of_its_console(tmp_path: Path)
         board.wait(10)
 
 
+def test_a_virtual_board_whose_main_py_ends_sits_at_its_repl(tmp_path: Path) -> None:
+    """main.py that returns (a node in safe mode) leaves the board at its REPL, as a board
+    does, where it used to be taken for a reset and booted again, over and over."""
+    flash = tmp_path / "flash0"
+    flash.mkdir()
+    (flash / "main.py").write_text("print('main ran')\n")
+    board, port = start_virtual_board(tmp_path, 0)
+    fd = os.open(port, os.O_RDWR | os.O_NOCTTY)
+    try:
+        time.sleep(1)  # time for many boots, were it booting again
+        os.write(fd, b"print(6 * 7)\r")
+        shown = b""
+        deadline = time.monotonic() + 5  # a board booting over and over never goes quiet
+        while time.monotonic() < deadline and select.select([fd], [], [], 1)[0]:
+            shown += os.read(fd, 4096)
+        assert shown.count(b"main ran") <= 1 and b"soft reboot" not in shown, shown
+        assert b"42" in shown, shown
+    finally:
+        os.close(fd)
+        board.terminate()
+        board.wait(10)
+
+
 def _processes_in(folder: Path) -> list[int]:
     """The pids of the processes whose working folder is ``folder`` (a board's interpreter)."""
     found = []

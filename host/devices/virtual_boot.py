@@ -18,8 +18,9 @@ never on CPython.
   - ``rom_ioctl(4, 0, offset, data)``: write ``data`` at ``offset``; ``rom_ioctl(5, 0)``: done;
   - ``rom_ioctl(6, 0)``: the block size.
 
-Then, with ``$EDGEBFT_BOOT`` set to ``main``, it runs main.py, as a board boots; otherwise the
-REPL follows (``micropython -i``).
+Then, with ``$EDGEBFT_BOOT`` set to ``main``, it runs main.py, as a board boots, and exits with
+MAIN_ENDED if main.py returns (the relay then boots the REPL, where a board would sit);
+otherwise the REPL follows (``micropython -i``).
 """
 
 import os
@@ -28,6 +29,7 @@ import sys
 import uctypes
 import vfs as _vfs
 
+MAIN_ENDED = 3  # exit status when main.py returned (virtual_board.MAIN_ENDED)
 BLOCK_BYTES = 4096
 _ERASED = b"\xff" * BLOCK_BYTES
 _MIN_WRITE = 4
@@ -88,4 +90,7 @@ if _partition is not None:
         pass  # an erased partition, or no ROMFS image in it: nothing to mount, as on a board
 
 if os.getenv("EDGEBFT_BOOT") == "main":
-    import main  # noqa: F401  (runs the board's main.py)
+    import main  # noqa: F401  (runs the board's main.py; machine.soft_reset exits with 0)
+    # main.py ended (a node in safe mode, a script that is done): a board then sits at its
+    # REPL, so the relay boots the REPL next, where an exit with 0 would boot main.py again
+    sys.exit(MAIN_ENDED)
