@@ -570,6 +570,8 @@ class Replica(ViewChanging, StateTransfer):
         is left unread, so a malformed one is passed over too, uncounted. Any wire that
         holds a read's op head (_READ_HEAD) anywhere is taken as a possible read and goes the
         whole way: passing over is only ever a saving."""
+        if len(wire) < 3 or wire[2] != m.REQUEST:  # array head, version, kind: a byte each
+            return False  # not a request: no head to decode (most messages a backup gets)
         if self.status != NORMAL or len(self.waiting) < _WAITING_MAX or self.is_primary():
             return False
         head = _request_head(wire)
