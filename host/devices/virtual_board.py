@@ -175,8 +175,7 @@ def _run_once(micropython: str, flash: Path, heap: str, romfs: bool, console: Co
     os.close(board_master)
     # main.py reset the board (machine.soft_reset: exit 0), or the REPL was soft-reset
     # (Ctrl-D): boot again. main.py interrupted, crashed or ended (virtual_boot's
-    # MAIN_ENDED): the REPL,
-    # as on a board.
+    # MAIN_ENDED): the REPL, as on a board.
     script = not running_main or (code == 0 and not interrupted)
     if script:
         console.put(REBOOT_BANNER)

@@ -29,7 +29,7 @@ import sys
 import uctypes
 import vfs as _vfs
 
-MAIN_ENDED = 3  # exit status when main.py returned (virtual_board.MAIN_ENDED)
+MAIN_ENDED = 3  # exit status when main.py returned: not 0, which the relay takes for a reset
 BLOCK_BYTES = 4096
 _ERASED = b"\xff" * BLOCK_BYTES
 _MIN_WRITE = 4
