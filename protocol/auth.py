@@ -56,9 +56,10 @@ class Mac:
     def rekey(self, key):
         """Make ``key`` the Mac's key: bytes of any length, hashed when longer than a block
         (RFC 2104). The two pads are rewritten in place, so a key of at most a block
-        allocates nothing: a replica rekeys one Mac with each client's key as it needs it. A byte loop, 3.9 us for a 32-byte key on the Unix port, where
-        XORing the key as a 512-bit int took 1.7 us but allocated 672 bytes a Mac: at 64
-        clients, two Macs a request, 1.3 of the 19.5 KB a node allocated per request."""
+        allocates nothing: a replica rekeys one Mac with each client's key as it needs it.
+        A byte loop, 3.9 us for a 32-byte key on the Unix port, where XORing the key as a
+        512-bit int took 1.7 us but allocated 672 bytes a Mac: at 64 clients, two Macs a
+        request, 1.3 of the 19.5 KB a node allocated per request."""
         if len(key) > _BLOCK_BYTES:
             key = hashlib.sha256(key).digest()
         ipad = self._ipad
