@@ -297,17 +297,16 @@ class MQTTClient:
         # Runs per message sent: this, _queue0 and _put_publish keep their frames within 11
         # slots (protocol/cbor.py's header), off the heap; QoS1 and a full buffer go aside.
         if qos:
-            self._queue1(topic, payload, retain, qos)
-        elif not self._queue0(_PUBLISH | 1 if retain else _PUBLISH, _as_bytes(topic),
-                              _as_bytes(payload)):
+            return self._publish1(topic, payload, retain, qos)
+        if not self._queue0(_PUBLISH | 1 if retain else _PUBLISH, _as_bytes(topic),
+                            _as_bytes(payload)):
             self.tx_dropped += 1
             return False
         if not self._in_rx:  # else the reader writes at the end of its batch
             self._tx_ev.set()
         return True
 
-    def _queue1(self, topic, payload, retain, qos):
-        # A QoS1 packet, kept until its PUBACK.
+    def _publish1(self, topic, payload, retain, qos):
         if qos != 1:
             raise MQTTError("qos")
         t = _as_bytes(topic)
@@ -320,6 +319,9 @@ class MQTTClient:
         pid = self._next_pid()
         self._q1.append([pid, self._packet(_PUBLISH | 2 | (1 if retain else 0), t, payload, pid)])
         self._q1_bytes += size
+        if not self._in_rx:
+            self._tx_ev.set()
+        return True
 
     async def flush(self):
         # Write everything queued (one write) and wait until the socket has taken it.
